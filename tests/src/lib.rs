@@ -1,1 +1,6 @@
+//! Harnesses for agentvm's integration tests: test guests, their builders, and helpers to run the
+//! `agentvm` binary against them.
 
+pub mod agentvm;
+pub mod elf;
+pub mod probe;
