@@ -1,1 +1,14 @@
-pub fn x(){}
+//! agentvm's VMM: a KVM microVM built from rust-vmm crates.
+//!
+//! [`vmm::boot`] turns a [`config::VmConfig`] into a running VM; [`vmm::Vmm::wait`] blocks until it
+//! ends and says why ([`exit::VmOutcome`]).
+
+pub mod artefacts;
+pub mod config;
+pub mod device_manager;
+pub mod exit;
+pub mod host;
+pub mod kernel;
+pub mod memory;
+pub mod vmm;
+pub mod vstate;

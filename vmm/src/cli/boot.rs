@@ -1,0 +1,71 @@
+//! `agentvm boot`: a raw boot with the serial console on stdout.
+
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+
+use super::signals::SignalForwarder;
+use super::{signal_exit_code, MachineArgs};
+use vmm::config::VmConfig;
+use vmm::exit::VmOutcome;
+
+/// Kernel command line for a Linux guest on agentvm's machine model: serial console on COM1, reset
+/// through the keyboard controller (the only reset line the VMM has), an immediate reboot on panic
+/// (so a panic ends the VMM instead of hanging), no PCI or ACPI to probe.
+pub const LINUX_BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd nomodeset";
+
+#[derive(Args)]
+pub struct BootArgs {
+    /// Kernel: an x86-64 ELF (vmlinux, or a freestanding test guest) or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initial ramdisk.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Extra kernel command-line arguments, after the base line.
+    #[arg(long, default_value = "")]
+    cmdline: String,
+    /// Do not prepend the base Linux command line.
+    #[arg(long)]
+    no_base_cmdline: bool,
+    #[command(flatten)]
+    machine: MachineArgs,
+}
+
+pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
+    let limit = args.machine.time_limit()?;
+    vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
+    let cmdline = if args.no_base_cmdline {
+        args.cmdline.clone()
+    } else {
+        format!("{LINUX_BASE_CMDLINE} {}", args.cmdline)
+    };
+    let config = VmConfig {
+        vcpus: args.machine.vcpus as u8,
+        mem_mib: args.machine.mem_mib,
+        kernel: args.kernel,
+        initrd: args.initrd,
+        cmdline,
+    };
+    let console: Box<dyn Write + Send> = match &args.machine.console {
+        Some(path) => Box::new(LineWriter::new(File::create(path).map_err(|e| {
+            format!("cannot create console file {}: {e}", path.display())
+        })?)),
+        None => Box::new(std::io::stdout()),
+    };
+    let vm = vmm::vmm::boot(&config, console).map_err(|e| e.to_string())?;
+    let _signals = SignalForwarder::start(vm.event_sender())
+        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    match vm.wait(limit) {
+        VmOutcome::GuestReset => Ok(ExitCode::SUCCESS),
+        VmOutcome::Signalled(sig) => {
+            eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
+            Ok(signal_exit_code(sig))
+        }
+        other => Err(other.to_string()),
+    }
+}

@@ -1,0 +1,100 @@
+//! The `agentvm` command line.
+
+mod boot;
+mod console;
+mod kernel_cmd;
+mod nested;
+mod run;
+mod signals;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Exit status for failures of agentvm itself (bad input, VMM or guest failure), as `docker run`
+/// uses 125, so that they are not mistaken for the guest command's own exit codes.
+pub const EXIT_AGENTVM_FAILURE: u8 = 125;
+
+#[derive(Parser)]
+#[command(
+    name = "agentvm",
+    version,
+    about = "KVM microVM sandboxes for running untrusted agent code"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Boot a microVM, run a command in it, stream its output and exit with its exit code.
+    Run(run::RunArgs),
+    /// Boot a kernel without the guest agent and stream its serial console (for custom kernels and
+    /// test guests). Ends when the guest resets itself.
+    Boot(boot::BootArgs),
+    /// Manage guest kernels and initramfs images.
+    Kernel {
+        #[command(subcommand)]
+        command: kernel_cmd::KernelCommand,
+    },
+}
+
+/// Machine shape shared by `run` and `boot`.
+#[derive(Args, Clone, Debug)]
+pub struct MachineArgs {
+    /// Number of vCPUs (1..=16).
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u64,
+    /// Guest memory in MiB.
+    #[arg(long = "mem-mib", default_value_t = 256)]
+    pub mem_mib: u64,
+    /// Write the guest's serial console (kernel and agent log) to this file.
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Stop the VM after this many seconds (0 = no limit).
+    #[arg(long, default_value_t = 0.0)]
+    pub timeout: f64,
+}
+
+impl MachineArgs {
+    pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
+        if !self.timeout.is_finite() || self.timeout < 0.0 {
+            return Err(format!("--timeout must be a number of seconds >= 0, got {}", self.timeout));
+        }
+        Ok((self.timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.timeout)))
+    }
+}
+
+pub fn main() -> ExitCode {
+    init_logging();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Run(args) => run::run(args),
+        Command::Boot(args) => boot::boot(args),
+        Command::Kernel { command } => kernel_cmd::run(command),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("agentvm: error: {message}");
+            ExitCode::from(EXIT_AGENTVM_FAILURE)
+        }
+    }
+}
+
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .try_init();
+}
+
+/// Exit status of agentvm itself when a signal stopped it (shell convention 128 + n).
+pub fn signal_exit_code(sig: i32) -> ExitCode {
+    ExitCode::from((128 + sig.clamp(1, 127)) as u8)
+}

@@ -1,0 +1,262 @@
+//! Creates the guest's devices, puts them on the port-I/O and MMIO buses, wires their interrupts
+//! (irqfd) and queue notifications (ioeventfd) into KVM, and runs the device event loop.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use devices::legacy::{
+    CallbackTrigger, EventFdTrigger, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
+    SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN,
+};
+use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::rng::Rng;
+use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::exit::VmmEvent;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("cannot create an eventfd for {what}: {source}")]
+    EventFd { what: &'static str, source: std::io::Error },
+    #[error("cannot register {what} with KVM: {source}")]
+    Kvm { what: String, source: kvm_ioctls::Error },
+    #[error("cannot place {what} on the I/O bus: {source}")]
+    Bus { what: String, source: vm_device::bus::Error },
+    #[error("cannot create the {what} device: {reason}")]
+    Create { what: &'static str, reason: String },
+    #[error("no free GSI for another virtio-mmio device (max {0})")]
+    OutOfIrqs(u32),
+    #[error("cannot start the device event loop: {0}")]
+    EventLoop(String),
+}
+
+type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
+
+pub struct DeviceManager {
+    io: Arc<IoManager>,
+    serial: Arc<Mutex<Serial>>,
+    event_manager: Option<EventManager<Subscriber>>,
+    event_loop: Option<EventLoop>,
+    cmdline_args: Vec<String>,
+}
+
+impl DeviceManager {
+    pub fn new(
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        console: Box<dyn Write + Send>,
+        events: Sender<VmmEvent>,
+    ) -> Result<Self, DeviceError> {
+        let mut io = IoManager::new();
+        let mut event_manager = EventManager::<Subscriber>::new()
+            .map_err(|e| DeviceError::EventLoop(format!("{e:?}")))?;
+
+        let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+            what: "the serial interrupt",
+            source,
+        })?;
+        vm.register_irqfd(&serial_irq, SERIAL_COM1_IRQ)
+            .map_err(|source| DeviceError::Kvm {
+                what: "the serial irqfd".into(),
+                source,
+            })?;
+        let serial = Arc::new(Mutex::new(Serial::new(
+            EventFdTrigger::new(serial_irq),
+            console,
+        )));
+        io.register_pio(
+            PioRange::new(PioAddress(SERIAL_COM1_BASE), SERIAL_PORT_LEN).map_err(|source| {
+                DeviceError::Bus {
+                    what: "COM1".into(),
+                    source,
+                }
+            })?,
+            serial.clone(),
+        )
+        .map_err(|source| DeviceError::Bus {
+            what: "COM1".into(),
+            source,
+        })?;
+
+        let i8042 = I8042::new(CallbackTrigger::new(move || {
+            let _ = events.send(VmmEvent::GuestReset);
+        }));
+        io.register_pio(
+            PioRange::new(PioAddress(I8042_PORT_BASE), I8042_PORT_LEN).map_err(|source| {
+                DeviceError::Bus {
+                    what: "i8042".into(),
+                    source,
+                }
+            })?,
+            Arc::new(Mutex::new(i8042)),
+        )
+        .map_err(|source| DeviceError::Bus {
+            what: "i8042".into(),
+            source,
+        })?;
+
+        let mut manager = Self {
+            io: Arc::new(IoManager::new()),
+            serial,
+            event_manager: None,
+            event_loop: None,
+            cmdline_args: Vec::new(),
+        };
+
+        let rng = Arc::new(Mutex::new(Rng::new().map_err(|e| DeviceError::Create {
+            what: "virtio-rng",
+            reason: e.to_string(),
+        })?));
+        event_manager.add_subscriber(rng.clone());
+        manager.add_virtio_mmio(vm, mem, &mut io, rng, "virtio-rng")?;
+
+        manager.io = Arc::new(io);
+        manager.event_manager = Some(event_manager);
+        Ok(manager)
+    }
+
+    /// Puts a virtio device behind the next virtio-mmio slot: bus registration, ioeventfds for its
+    /// queues, irqfd for its interrupt, and the kernel command-line declaration.
+    fn add_virtio_mmio<D>(
+        &mut self,
+        vm: &VmFd,
+        mem: &GuestMemoryMmap,
+        io: &mut IoManager,
+        device: Arc<Mutex<D>>,
+        name: &'static str,
+    ) -> Result<(), DeviceError>
+    where
+        D: devices::virtio::VirtioDevice + Send + 'static,
+    {
+        let slot = self.cmdline_args.len() as u64;
+        let gsi = arch::layout::IRQ_BASE + slot as u32;
+        if gsi > arch::layout::IRQ_MAX {
+            return Err(DeviceError::OutOfIrqs(arch::layout::IRQ_MAX));
+        }
+        let base = arch::layout::VIRTIO_MMIO_BASE + slot * arch::layout::VIRTIO_MMIO_SIZE;
+        let transport =
+            MmioTransport::new(mem.clone(), device).map_err(|e| DeviceError::Create {
+                what: name,
+                reason: e.to_string(),
+            })?;
+        for (queue, evt) in transport.queue_notify_events() {
+            vm.register_ioevent(
+                evt,
+                &IoEventAddress::Mmio(base + QUEUE_NOTIFY_OFFSET),
+                queue,
+            )
+            .map_err(|source| DeviceError::Kvm {
+                what: format!("{name} queue {queue} ioeventfd"),
+                source,
+            })?;
+        }
+        vm.register_irqfd(transport.interrupt_event(), gsi)
+            .map_err(|source| DeviceError::Kvm {
+                what: format!("{name} irqfd"),
+                source,
+            })?;
+        let range = MmioRange::new(MmioAddress(base), arch::layout::VIRTIO_MMIO_SIZE).map_err(
+            |source| DeviceError::Bus {
+                what: name.into(),
+                source,
+            },
+        )?;
+        io.register_mmio(range, Arc::new(Mutex::new(transport)))
+            .map_err(|source| DeviceError::Bus {
+                what: name.into(),
+                source,
+            })?;
+        self.cmdline_args.push(kernel_cmdline_device(base, gsi));
+        Ok(())
+    }
+
+    /// Kernel command-line arguments that declare the virtio-mmio devices (no ACPI/DT here).
+    pub fn cmdline_device_args(&self) -> Vec<String> {
+        self.cmdline_args.clone()
+    }
+
+    pub fn io_manager(&self) -> Arc<IoManager> {
+        self.io.clone()
+    }
+
+    pub fn start_event_loop(&mut self) -> Result<(), DeviceError> {
+        if let Some(em) = self.event_manager.take() {
+            self.event_loop = Some(EventLoop::start(em)?);
+        }
+        Ok(())
+    }
+
+    pub fn shutdown(&mut self) {
+        if let Some(event_loop) = self.event_loop.take() {
+            event_loop.stop();
+        }
+        if let Ok(mut serial) = self.serial.lock() {
+            let _ = serial.flush();
+        }
+    }
+}
+
+/// The device thread: one epoll loop (event-manager) for every device's queue eventfds.
+struct EventLoop {
+    exit: Arc<EventFd>,
+    handle: JoinHandle<()>,
+}
+
+/// Wakes the loop so it can see the stop flag.
+struct ExitSubscriber {
+    evt: Arc<EventFd>,
+    stopped: Arc<AtomicBool>,
+}
+
+impl MutEventSubscriber for ExitSubscriber {
+    fn process(&mut self, _events: Events, _ops: &mut EventOps) {
+        let _ = self.evt.read();
+        self.stopped.store(true, Ordering::Release);
+    }
+
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(self.evt.as_ref(), EventSet::IN)) {
+            tracing::error!("device event loop cannot watch its exit event: {e:?}");
+        }
+    }
+}
+
+impl EventLoop {
+    fn start(mut em: EventManager<Subscriber>) -> Result<Self, DeviceError> {
+        let exit = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+            what: "the device loop exit",
+            source,
+        })?);
+        let stopped = Arc::new(AtomicBool::new(false));
+        em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
+            evt: exit.clone(),
+            stopped: stopped.clone(),
+        })));
+        let handle = std::thread::Builder::new()
+            .name("devices".into())
+            .spawn(move || {
+                while !stopped.load(Ordering::Acquire) {
+                    if let Err(e) = em.run() {
+                        tracing::error!("device event loop failed: {e:?}");
+                        break;
+                    }
+                }
+            })
+            .map_err(|e| DeviceError::EventLoop(e.to_string()))?;
+        Ok(Self { exit, handle })
+    }
+
+    fn stop(self) {
+        let _ = self.exit.write(1);
+        let _ = self.handle.join();
+    }
+}

@@ -1,0 +1,157 @@
+//! Why a VM stopped, in words a user can act on.
+
+use std::fmt;
+
+/// Events that end (or may end) the VM; all of them arrive on one channel the VMM waits on.
+#[derive(Debug)]
+pub enum VmmEvent {
+    /// The guest pulsed the reset line (i8042 0xFE): Linux `reboot`/`poweroff` with `reboot=k`, a
+    /// panic with `panic=-1`, or a test guest ending itself.
+    GuestReset,
+    VcpuStopped { index: u8, outcome: VcpuStop },
+    /// SIGINT/SIGTERM to the VMM process.
+    Signal(i32),
+}
+
+/// Why one vCPU stopped running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VcpuStop {
+    /// Teardown asked it to.
+    Requested,
+    Shutdown { rip: Option<u64> },
+    Halted { rip: Option<u64> },
+    FailEntry { reason: u64, rip: Option<u64> },
+    InternalError { suberror: u32, rip: Option<u64> },
+    SystemEvent { kind: u32, rip: Option<u64> },
+    Unexpected { exit: String, rip: Option<u64> },
+    RunFailed { error: String, rip: Option<u64> },
+}
+
+struct Rip(Option<u64>);
+
+impl fmt::Display for Rip {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(rip) => write!(f, "guest RIP {rip:#x}"),
+            None => f.write_str("guest RIP unknown"),
+        }
+    }
+}
+
+impl fmt::Display for VcpuStop {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VcpuStop::Requested => f.write_str("stopped by the VMM"),
+            VcpuStop::Shutdown { rip } => write!(
+                f,
+                "guest triple fault / shutdown (KVM_EXIT_SHUTDOWN) at {}",
+                Rip(*rip)
+            ),
+            VcpuStop::Halted { rip } => write!(f, "guest halted (KVM_EXIT_HLT) at {}", Rip(*rip)),
+            VcpuStop::FailEntry { reason, rip } => write!(
+                f,
+                "KVM could not enter the guest (KVM_EXIT_FAIL_ENTRY, hardware reason {reason:#x}) at {}",
+                Rip(*rip)
+            ),
+            VcpuStop::InternalError { suberror, rip } => {
+                let what = match suberror {
+                    1 => "emulation failure",
+                    2 => "simultaneous exceptions",
+                    3 => "delivery event failure",
+                    _ => "internal error",
+                };
+                write!(
+                    f,
+                    "KVM {what} (KVM_EXIT_INTERNAL_ERROR, suberror {suberror}) at {}",
+                    Rip(*rip)
+                )
+            }
+            VcpuStop::SystemEvent { kind, rip } => {
+                let what = match kind {
+                    1 => "shutdown",
+                    2 => "reset",
+                    3 => "crash",
+                    _ => "event",
+                };
+                write!(
+                    f,
+                    "guest system {what} (KVM_EXIT_SYSTEM_EVENT type {kind}) at {}",
+                    Rip(*rip)
+                )
+            }
+            VcpuStop::Unexpected { exit, rip } => {
+                write!(f, "unhandled KVM exit {exit} at {}", Rip(*rip))
+            }
+            VcpuStop::RunFailed { error, rip } => {
+                write!(f, "KVM_RUN failed: {error} at {}", Rip(*rip))
+            }
+        }
+    }
+}
+
+/// How a whole VM run ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest reset itself through the keyboard controller: the normal way a guest ends.
+    GuestReset,
+    /// The VMM was asked to stop by a signal.
+    Signalled(i32),
+    /// The run's wall-clock limit passed.
+    TimedOut(std::time::Duration),
+    /// A vCPU hit something the VMM cannot handle.
+    VcpuFailed { index: u8, stop: VcpuStop },
+}
+
+impl VmOutcome {
+    pub fn is_clean(&self) -> bool {
+        matches!(self, VmOutcome::GuestReset)
+    }
+}
+
+impl fmt::Display for VmOutcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmOutcome::GuestReset => f.write_str("guest reset the VM (reboot/poweroff)"),
+            VmOutcome::Signalled(sig) => write!(f, "stopped by signal {}", signal_name(*sig)),
+            VmOutcome::TimedOut(limit) => {
+                write!(f, "stopped: the {:.1} s time limit passed", limit.as_secs_f64())
+            }
+            VmOutcome::VcpuFailed { index, stop } => write!(f, "vCPU {index}: {stop}"),
+        }
+    }
+}
+
+pub fn signal_name(sig: i32) -> String {
+    match sig {
+        libc::SIGINT => "SIGINT".into(),
+        libc::SIGTERM => "SIGTERM".into(),
+        libc::SIGHUP => "SIGHUP".into(),
+        libc::SIGKILL => "SIGKILL".into(),
+        other => format!("{other}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_exit_and_rip() {
+        let msg = VmOutcome::VcpuFailed {
+            index: 0,
+            stop: VcpuStop::Shutdown {
+                rip: Some(0x20_0123),
+            },
+        }
+        .to_string();
+        assert!(msg.contains("triple fault"), "{msg}");
+        assert!(msg.contains("0x200123"), "{msg}");
+        let emu = VcpuStop::InternalError {
+            suberror: 1,
+            rip: Some(0xffff_ffff_8100_0000),
+        }
+        .to_string();
+        assert!(emu.contains("emulation failure") && emu.contains("0xffffffff81000000"));
+        assert_eq!(VmOutcome::Signalled(libc::SIGTERM).to_string(), "stopped by signal SIGTERM");
+    }
+}

@@ -1,0 +1,292 @@
+//! Building a VM from a [`VmConfig`], running it, and tearing it down.
+
+use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError, Sender};
+use std::sync::{Arc, OnceLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use linux_loader::cmdline::Cmdline;
+use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vmm_sys_util::signal::Killable;
+
+use crate::config::{ConfigError, VmConfig};
+use crate::device_manager::{DeviceError, DeviceManager};
+use crate::exit::{VcpuStop, VmOutcome, VmmEvent};
+use crate::kernel::{self, KernelError};
+use crate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{kick_signal, Vcpu};
+use crate::vstate::vm::{Vm, VmError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Host(#[from] crate::host::HostError),
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    #[error("kernel command line: {0}")]
+    Cmdline(String),
+    #[error("boot setup: {0}")]
+    Arch(#[from] arch::Error),
+    #[error("cannot create vCPU {index}: {source}")]
+    CreateVcpu { index: u8, source: kvm_ioctls::Error },
+    #[error("cannot start vCPU thread {index}: {source}")]
+    SpawnVcpu { index: u8, source: std::io::Error },
+}
+
+/// Milestones of one boot, for `agentvm bench` and the boot-path profile.
+#[derive(Debug, Clone, Copy)]
+pub struct BootTimings {
+    pub build_start: Instant,
+    pub kvm_ready: Instant,
+    pub kernel_loaded: Instant,
+    pub vcpus_started: Instant,
+    /// When the first vCPU entered KVM_RUN (None if none has yet).
+    pub first_kvm_run: Option<Instant>,
+}
+
+/// A running VM. Dropping it stops and joins every thread it started.
+pub struct Vmm {
+    // Field order matters for drop: threads are stopped in `Drop` before the VM fd and the
+    // memory mapping go away.
+    vcpu_threads: Vec<JoinHandle<()>>,
+    stop: Arc<AtomicBool>,
+    events_tx: Sender<VmmEvent>,
+    events_rx: Receiver<VmmEvent>,
+    devices: DeviceManager,
+    timings: BootTimings,
+    first_run: Arc<OnceLock<Instant>>,
+    _vm: Vm,
+    _mem: GuestMemoryMmap,
+}
+
+/// Boots the VM described by `config`; guest console output goes to `console`.
+pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, VmmError> {
+    let build_start = Instant::now();
+    config.validate()?;
+    crate::host::check_kvm_access()?;
+    let format = kernel::detect_format(&config.kernel)?;
+    if format.is_linux() {
+        crate::host::check_can_run_linux()?;
+    }
+
+    let vm = Vm::new()?;
+    let mem_bytes = config.mem_mib << 20;
+    let mem = memory::create_guest_memory(mem_bytes)?;
+    vm.register_memory(&mem)?;
+    let kvm_ready = Instant::now();
+
+    let (events_tx, events_rx) = channel();
+    let mut devices = DeviceManager::new(vm.fd(), &mem, console, events_tx.clone())?;
+
+    let loaded = kernel::load_kernel(&mem, &config.kernel, format, config.mem_mib)?;
+    let initrd = match &config.initrd {
+        Some(path) => Some(kernel::load_initrd(&mem, path, loaded.end)?),
+        None => None,
+    };
+    let cmdline = build_cmdline(&config.cmdline, devices.cmdline_device_args())?;
+    let cmdline_addr = GuestAddress(arch::layout::CMDLINE_START);
+    linux_loader::loader::load_cmdline(&mem, cmdline_addr, &cmdline)
+        .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+    let cmdline_size = cmdline
+        .as_cstring()
+        .map_err(|e| VmmError::Cmdline(e.to_string()))?
+        .as_bytes_with_nul()
+        .len();
+    arch::write_boot_params(
+        &mem,
+        cmdline_addr,
+        cmdline_size,
+        initrd,
+        loaded.setup_header,
+    )?;
+    arch::setup_mptable(&mem, config.vcpus)?;
+    let kernel_loaded = Instant::now();
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let first_run = Arc::new(OnceLock::new());
+    let io = devices.io_manager();
+    let zero_page = GuestAddress(arch::layout::ZERO_PAGE_START);
+    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    for index in 0..config.vcpus {
+        let fd = vm
+            .fd()
+            .create_vcpu(index as u64)
+            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+        arch::configure_vcpu(
+            vm.kvm(),
+            &fd,
+            &mem,
+            index,
+            config.vcpus,
+            loaded.entry,
+            zero_page,
+        )?;
+        vcpus.push(Vcpu::new(
+            index,
+            fd,
+            io.clone(),
+            events_tx.clone(),
+            stop.clone(),
+            first_run.clone(),
+        ));
+    }
+    devices.start_event_loop()?;
+
+    let mut vmm = Vmm {
+        vcpu_threads: Vec::with_capacity(vcpus.len()),
+        stop,
+        events_tx,
+        events_rx,
+        devices,
+        timings: BootTimings {
+            build_start,
+            kvm_ready,
+            kernel_loaded,
+            vcpus_started: kernel_loaded,
+            first_kvm_run: None,
+        },
+        first_run,
+        _vm: vm,
+        _mem: mem,
+    };
+    for vcpu in vcpus {
+        let index = vmm.vcpu_threads.len() as u8;
+        let handle = vcpu
+            .spawn()
+            .map_err(|source| VmmError::SpawnVcpu { index, source })?;
+        vmm.vcpu_threads.push(handle);
+    }
+    vmm.timings.vcpus_started = Instant::now();
+    Ok(vmm)
+}
+
+fn build_cmdline(base: &str, device_args: Vec<String>) -> Result<Cmdline, VmmError> {
+    let mut cmdline = Cmdline::new(arch::layout::CMDLINE_MAX_SIZE)
+        .map_err(|e| VmmError::Cmdline(e.to_string()))?;
+    let base = base.trim();
+    if !base.is_empty() {
+        cmdline
+            .insert_str(base)
+            .map_err(|e| VmmError::Cmdline(format!("{e} (in {base:?})")))?;
+    }
+    for arg in device_args {
+        cmdline
+            .insert_str(&arg)
+            .map_err(|e| VmmError::Cmdline(format!("{e} (adding {arg:?})")))?;
+    }
+    Ok(cmdline)
+}
+
+impl Vmm {
+    /// Lets other parts of the process (signal handling, API, timers) end the VM.
+    pub fn event_sender(&self) -> Sender<VmmEvent> {
+        self.events_tx.clone()
+    }
+
+    pub fn timings(&self) -> BootTimings {
+        BootTimings {
+            first_kvm_run: self.first_run.get().copied(),
+            ..self.timings
+        }
+    }
+
+    /// Blocks until the guest ends, a vCPU fails, a stop is requested or `limit` (wall clock from
+    /// now) passes; then tears down.
+    pub fn wait(mut self, limit: Option<Duration>) -> VmOutcome {
+        let deadline = limit.map(|l| (Instant::now() + l, l));
+        let outcome = loop {
+            let event = match deadline {
+                Some((at, limit)) => {
+                    let left = at.saturating_duration_since(Instant::now());
+                    match self.events_rx.recv_timeout(left) {
+                        Ok(event) => event,
+                        Err(RecvTimeoutError::Timeout) => break VmOutcome::TimedOut(limit),
+                        Err(RecvTimeoutError::Disconnected) => break VmOutcome::Signalled(0),
+                    }
+                }
+                None => match self.events_rx.recv() {
+                    Ok(event) => event,
+                    // Unreachable while `self` holds a sender; kept total rather than panicking.
+                    Err(_) => break VmOutcome::Signalled(0),
+                },
+            };
+            match event {
+                VmmEvent::GuestReset => break VmOutcome::GuestReset,
+                VmmEvent::Signal(sig) => break VmOutcome::Signalled(sig),
+                VmmEvent::VcpuStopped {
+                    outcome: VcpuStop::Requested,
+                    ..
+                } => continue,
+                VmmEvent::VcpuStopped { index, outcome } => {
+                    break VmOutcome::VcpuFailed {
+                        index,
+                        stop: outcome,
+                    }
+                }
+            }
+        };
+        self.shutdown();
+        outcome
+    }
+
+    /// Stops every vCPU (kicking each out of KVM_RUN until it notices) and the device threads,
+    /// then flushes the console. Idempotent.
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        for handle in self.vcpu_threads.drain(..) {
+            // A kick can land just before the thread re-enters KVM_RUN; repeat until it is out.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !handle.is_finished() && Instant::now() < deadline {
+                let _ = handle.kill(kick_signal());
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            if handle.is_finished() {
+                let _ = handle.join();
+            } else {
+                tracing::error!("a vCPU thread did not stop within 5 s; leaving it detached");
+            }
+        }
+        self.devices.shutdown();
+    }
+}
+
+impl Drop for Vmm {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_gets_device_args_appended() {
+        let c = build_cmdline(
+            "console=ttyS0 quiet",
+            vec!["virtio_mmio.device=4K@0xd0000000:5".into()],
+        )
+        .unwrap();
+        assert_eq!(
+            c.as_cstring().unwrap().to_str().unwrap(),
+            "console=ttyS0 quiet virtio_mmio.device=4K@0xd0000000:5"
+        );
+    }
+
+    #[test]
+    fn overlong_cmdline_is_a_clear_error() {
+        let long = "x".repeat(4096);
+        let err = build_cmdline(&long, vec![]).unwrap_err();
+        assert!(err.to_string().starts_with("kernel command line"), "{err}");
+    }
+}
