@@ -192,7 +192,10 @@ mod tests {
         let a = parse_output(GOOD).unwrap();
         assert_eq!(a.version, "6.1.0-56-cloud-amd64");
         assert_eq!(a.kernel, Path::new("/c/6.1.0-56-cloud-amd64/vmlinux"));
-        assert_eq!(a.initrd, Path::new("/c/6.1.0-56-cloud-amd64/initramfs.cpio"));
+        assert_eq!(
+            a.initrd,
+            Path::new("/c/6.1.0-56-cloud-amd64/initramfs.cpio")
+        );
         assert_eq!(a.vmlinuz, Path::new("/c/6.1.0-56-cloud-amd64/vmlinuz"));
         assert_eq!(a.pkg_dir, Path::new("/c/6.1.0-56-cloud-amd64/pkg"));
         assert_eq!(a.busybox, Path::new("/c/6.1.0-56-cloud-amd64/busybox"));
@@ -232,7 +235,10 @@ mod tests {
             parse_output(&GOOD.replace("busybox=/c/", "busybox=c/")),
             Err(ArtefactError::RelativePath { key: "busybox", .. })
         ));
-        assert!(matches!(parse_output(""), Err(ArtefactError::MissingKey(_))));
+        assert!(matches!(
+            parse_output(""),
+            Err(ArtefactError::MissingKey(_))
+        ));
     }
 
     #[test]
@@ -243,7 +249,8 @@ mod tests {
     }
 
     fn scratch(tag: &str) -> PathBuf {
-        let dir = std::env::temp_dir().join(format!("agentvm-artefacts-{tag}-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("agentvm-artefacts-{tag}-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         dir
@@ -251,11 +258,17 @@ mod tests {
 
     #[test]
     fn missing_script_tells_the_user_what_to_do() {
-        let err = prepare_with_script(Path::new("/nonexistent/kernels/prepare.sh"), PrepareMode::Ensure)
-            .unwrap_err();
+        let err = prepare_with_script(
+            Path::new("/nonexistent/kernels/prepare.sh"),
+            PrepareMode::Ensure,
+        )
+        .unwrap_err();
         assert!(matches!(err, ArtefactError::ScriptMissing { .. }));
         let message = err.to_string();
-        assert!(message.contains("--kernel") && message.contains("--initrd"), "{message}");
+        assert!(
+            message.contains("--kernel") && message.contains("--initrd"),
+            "{message}"
+        );
     }
 
     #[test]
@@ -267,12 +280,11 @@ mod tests {
         fs::create_dir(dir.join("pkg")).unwrap();
         let script = dir.join("prepare.sh");
         let d = dir.display();
-        // Echoes its arguments to stderr (inherited) and prints the contract lines.
+        // Prints the contract lines, but only when given --print.
         fs::write(
             &script,
             format!(
-                "echo \"fake prepare $*\" >&2\n\
-                 [ \"$1\" = --print ] || exit 9\n\
+                "[ \"$1\" = --print ] || exit 9\n\
                  printf 'version=v1\\nkernel={d}/vmlinux\\ninitrd={d}/initramfs.cpio\\n'\n\
                  printf 'vmlinuz={d}/vmlinuz\\npkg={d}/pkg\\nbusybox={d}/busybox\\n'\n"
             ),

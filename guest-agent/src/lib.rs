@@ -1,0 +1,13 @@
+//! The agentvm guest agent: PID 1 inside the guest (see `main.rs`), and the console protocol the
+//! host shares with it.
+//!
+//! Everything the agent does is here as a library so it can be tested as an ordinary host
+//! process; only the PID-1 sequencing lives in the binary.
+
+pub mod cmdline;
+pub mod console;
+pub mod console_protocol;
+pub mod exec;
+pub mod modules;
+pub mod mounts;
+pub mod power;
