@@ -3,12 +3,15 @@
 # uncompressed ELF vmlinux inside it, and the whole extracted package for the nested test host), a
 # static busybox, and the guest initramfs with the guest agent as /init.
 #
-# Usage: kernels/prepare.sh [--print | --force] [--verify]
-#   (no flag)  make sure the artefacts for the current Debian kernel exist and are intact, rebuild the
-#              guest agent (cargo, no-op when fresh) and repack the initramfs if the agent changed
+# Usage: kernels/prepare.sh [--print | --update | --force] [--verify]
+#   (no flag)  make sure the last prepared kernel (or, the first time, the current Debian kernel)
+#              is intact, rebuild the guest agent (cargo, a no-op when fresh) and repack the
+#              initramfs if the agent changed
 #   --print    only check the last prepared artefacts and print them; prepare them if they are
 #              missing or damaged (no apt look-up, no cargo build when the cache is good)
-#   --force    download and rebuild everything for the current kernel
+#   --update   as without a flag, but ask apt for the current Debian kernel first (apt-cache
+#              rebuilds its cache on every call on hosts that keep none, ~1.5 s, hence not default)
+#   --force    download and rebuild everything for the current Debian kernel
 #   --verify   hash every cached file instead of trusting unchanged size+mtime+inode
 # Environment: AGENTVM_CACHE overrides the cache root (default ${XDG_CACHE_HOME:-$HOME/.cache}/agentvm);
 #   AGENTVM_GUEST_AGENT names a prebuilt static agent binary to use instead of building one.
@@ -40,8 +43,8 @@ MODE=ensure
 FULL_VERIFY=0
 while (($#)); do
 	case $1 in
-	--print | --force)
-		[[ $MODE == ensure ]] || die "--print and --force exclude each other"
+	--print | --update | --force)
+		[[ $MODE == ensure ]] || die "--print, --update and --force exclude each other"
 		MODE=${1#--}
 		;;
 	--verify) FULL_VERIFY=1 ;;
@@ -251,7 +254,7 @@ write_manifest() {
 # ---------------------------------------------------------------------------------------------
 # kernel stage: download, extract, vmlinux, busybox, modules.dep
 
-KVER= KPKG= KPKG_VERSION=
+KVER="" KPKG="" KPKG_VERSION=""
 
 # Reads the versioned image package the meta package currently points at, e.g.
 # "Depends: linux-image-6.1.0-56-cloud-amd64 (= 6.1.192-2)".
@@ -412,7 +415,7 @@ build_kernel_stage() {
 # ---------------------------------------------------------------------------------------------
 # guest agent
 
-AGENT_BIN= AGENT_SHA=
+AGENT_BIN="" AGENT_SHA=""
 
 build_agent() {
 	if [[ -n ${AGENTVM_GUEST_AGENT:-} ]]; then
@@ -424,7 +427,9 @@ build_agent() {
 		AGENT_BIN=$target_dir/x86_64-unknown-linux-gnu/release/agentvm-guest-agent
 		if command -v cargo >/dev/null 2>&1; then
 			[[ -f $AGENT_BIN ]] || say "building the guest agent (cargo build -p guest-agent --release)"
-			(cd "$REPO" && cargo build --quiet -p guest-agent --release >&2) || die "building the guest agent failed"
+			# Not --quiet: when another build holds cargo's lock, its "Blocking waiting" line
+			# explains the wait.
+			(cd "$REPO" && cargo build -p guest-agent --release >&2) || die "building the guest agent failed"
 		elif [[ -f $AGENT_BIN ]]; then
 			say "cargo is not on PATH; using the existing $AGENT_BIN"
 		else
@@ -450,20 +455,20 @@ ORDER=()
 visit_module() {
 	local mod=$1 dep
 	case ${VISIT[$mod]:-} in
-	done) return 0 ;;
+	"done") return 0 ;;
 	active) die "module dependency cycle through $mod" ;;
 	esac
 	if [[ -z ${DEP_PATH[$mod]+set} ]]; then
 		[[ -n ${BUILTIN[$mod]:-} ]] || die "module $mod is neither in modules.dep nor built into $KVER"
 		say "module $mod is built into the kernel"
-		VISIT[$mod]=done
+		VISIT[$mod]="done"
 		return 0
 	fi
 	VISIT[$mod]=active
 	for dep in ${DEP_LIST[$mod]}; do
 		visit_module "$(modname "$dep")"
 	done
-	VISIT[$mod]=done
+	VISIT[$mod]="done"
 	ORDER+=("$mod")
 }
 
@@ -581,17 +586,30 @@ if [[ $MODE == print ]]; then
 	MODE=ensure
 fi
 
-command -v dpkg-deb >/dev/null 2>&1 || die "dpkg-deb not found: kernels/prepare.sh needs a Debian-based host (apt, dpkg)"
-if ! resolve_version; then
-	newest_valid_cache || die "cannot find the current $META_PKG with apt and no usable cached kernel exists in $CACHE_ROOT"
-	say "warning: apt cannot resolve $META_PKG; using the cached kernel $KVER"
+KERNEL_OK=0
+if [[ $MODE == ensure ]]; then
+	KVER=$(cat "$CACHE_ROOT/current" 2>/dev/null || true)
+	if [[ -n $KVER && $KVER != */* ]] && kernel_stage_valid "$CACHE_ROOT/$KVER" "$KVER"; then
+		KPKG=${MF[kernel_package]:-}
+		KPKG_VERSION=${MF[kernel_package_version]:-}
+		KERNEL_OK=1
+	else
+		KVER=
+	fi
+fi
+if [[ -z $KVER ]]; then
+	command -v dpkg-deb >/dev/null 2>&1 || die "dpkg-deb not found: kernels/prepare.sh needs a Debian-based host (apt, dpkg)"
+	if ! resolve_version; then
+		newest_valid_cache || die "cannot find the current $META_PKG with apt and no usable cached kernel exists in $CACHE_ROOT"
+		say "warning: apt cannot resolve $META_PKG; using the cached kernel $KVER"
+	fi
 fi
 DIR=$CACHE_ROOT/$KVER
 
 if [[ $MODE == force ]]; then
 	say "--force: rebuilding everything for $KVER"
 	build_kernel_stage "$DIR"
-elif ! kernel_stage_valid "$DIR" "$KVER"; then
+elif ((KERNEL_OK == 0)) && ! kernel_stage_valid "$DIR" "$KVER"; then
 	if [[ -e $DIR ]]; then say "cached kernel $KVER is not usable ($REASON); rebuilding it"; fi
 	build_kernel_stage "$DIR"
 fi

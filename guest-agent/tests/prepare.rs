@@ -223,8 +223,8 @@ fn prepare_script_end_to_end() {
     let original = fs::read(&initramfs).unwrap();
     let before = identity(&initramfs);
 
-    // Second run and --print: pure cache hits.
-    for args in [&[][..], &["--print"][..]] {
+    // Later runs, with and without asking apt again: pure cache hits.
+    for args in [&[][..], &["--print"][..], &["--update"][..]] {
         let again = prepare(&cache, args);
         assert_eq!(again.stdout, first.stdout);
         assert!(

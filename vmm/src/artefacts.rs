@@ -29,13 +29,16 @@ pub struct Artefacts {
 /// How much work `prepare.sh` may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum PrepareMode {
-    /// Make sure everything is current: resolve the kernel with apt, rebuild the guest agent with
-    /// cargo (a no-op when fresh) and repack the initramfs if the agent changed.
+    /// Check the last prepared kernel (the first time: download the current Debian one), rebuild
+    /// the guest agent with cargo (a no-op when fresh, but it waits for cargo's build lock) and
+    /// repack the initramfs if the agent changed.
     #[default]
     Ensure,
     /// `--print`: use the last prepared artefacts if they are intact (no apt, no cargo); prepare
     /// them only if they are missing or damaged.
     Cached,
+    /// `--update`: as `Ensure`, but ask apt for the current Debian kernel first (~1.5 s).
+    Update,
     /// `--force`: download and rebuild everything.
     Force,
 }
@@ -45,6 +48,7 @@ impl PrepareMode {
         match self {
             Self::Ensure => None,
             Self::Cached => Some("--print"),
+            Self::Update => Some("--update"),
             Self::Force => Some("--force"),
         }
     }
