@@ -4,3 +4,4 @@
 pub mod agentvm;
 pub mod elf;
 pub mod probe;
+pub mod nested;
