@@ -14,6 +14,9 @@ pub struct VmConfig {
     /// The whole kernel command line except the virtio-mmio device declarations, which the VMM
     /// appends itself.
     pub cmdline: String,
+    /// Boot a Linux kernel even where this host's KVM cannot run it (only for measuring the
+    /// VMM's own start-up up to the first guest entry).
+    pub skip_linux_host_check: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -91,7 +94,10 @@ mod tests {
 
     #[test]
     fn memory_bounds() {
-        assert_eq!(validate_mem_mib(8, Some(1024)), Err(ConfigError::MemTooSmall(8)));
+        assert_eq!(
+            validate_mem_mib(8, Some(1024)),
+            Err(ConfigError::MemTooSmall(8))
+        );
         assert!(validate_mem_mib(256, Some(1024)).is_ok());
         assert_eq!(
             validate_mem_mib(2048, Some(1024)),

@@ -11,8 +11,8 @@ use devices::legacy::{
     CallbackTrigger, EventFdTrigger, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
     SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN,
 };
-use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::rng::Rng;
+use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
@@ -26,11 +26,20 @@ use crate::exit::VmmEvent;
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
     #[error("cannot create an eventfd for {what}: {source}")]
-    EventFd { what: &'static str, source: std::io::Error },
+    EventFd {
+        what: &'static str,
+        source: std::io::Error,
+    },
     #[error("cannot register {what} with KVM: {source}")]
-    Kvm { what: String, source: kvm_ioctls::Error },
+    Kvm {
+        what: String,
+        source: kvm_ioctls::Error,
+    },
     #[error("cannot place {what} on the I/O bus: {source}")]
-    Bus { what: String, source: vm_device::bus::Error },
+    Bus {
+        what: String,
+        source: vm_device::bus::Error,
+    },
     #[error("cannot create the {what} device: {reason}")]
     Create { what: &'static str, reason: String },
     #[error("no free GSI for another virtio-mmio device (max {0})")]
@@ -232,10 +241,12 @@ impl MutEventSubscriber for ExitSubscriber {
 
 impl EventLoop {
     fn start(mut em: EventManager<Subscriber>) -> Result<Self, DeviceError> {
-        let exit = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
-            what: "the device loop exit",
-            source,
-        })?);
+        let exit = Arc::new(
+            EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
+                what: "the device loop exit",
+                source,
+            })?,
+        );
         let stopped = Arc::new(AtomicBool::new(false));
         em.add_subscriber(Arc::new(Mutex::new(ExitSubscriber {
             evt: exit.clone(),

@@ -8,9 +8,14 @@ pub enum VmmEvent {
     /// The guest pulsed the reset line (i8042 0xFE): Linux `reboot`/`poweroff` with `reboot=k`, a
     /// panic with `panic=-1`, or a test guest ending itself.
     GuestReset,
-    VcpuStopped { index: u8, outcome: VcpuStop },
+    VcpuStopped {
+        index: u8,
+        outcome: VcpuStop,
+    },
     /// SIGINT/SIGTERM to the VMM process.
     Signal(i32),
+    /// A vCPU entered KVM_RUN for the first time (sent once per VM).
+    FirstKvmRun,
 }
 
 /// Why one vCPU stopped running.
@@ -18,13 +23,32 @@ pub enum VmmEvent {
 pub enum VcpuStop {
     /// Teardown asked it to.
     Requested,
-    Shutdown { rip: Option<u64> },
-    Halted { rip: Option<u64> },
-    FailEntry { reason: u64, rip: Option<u64> },
-    InternalError { suberror: u32, rip: Option<u64> },
-    SystemEvent { kind: u32, rip: Option<u64> },
-    Unexpected { exit: String, rip: Option<u64> },
-    RunFailed { error: String, rip: Option<u64> },
+    Shutdown {
+        rip: Option<u64>,
+    },
+    Halted {
+        rip: Option<u64>,
+    },
+    FailEntry {
+        reason: u64,
+        rip: Option<u64>,
+    },
+    InternalError {
+        suberror: u32,
+        rip: Option<u64>,
+    },
+    SystemEvent {
+        kind: u32,
+        rip: Option<u64>,
+    },
+    Unexpected {
+        exit: String,
+        rip: Option<u64>,
+    },
+    RunFailed {
+        error: String,
+        rip: Option<u64>,
+    },
 }
 
 struct Rip(Option<u64>);
@@ -98,6 +122,8 @@ pub enum VmOutcome {
     Signalled(i32),
     /// The run's wall-clock limit passed.
     TimedOut(std::time::Duration),
+    /// The caller asked to stop as soon as the guest was entered (boot-path benchmark).
+    StoppedAtFirstRun,
     /// A vCPU hit something the VMM cannot handle.
     VcpuFailed { index: u8, stop: VcpuStop },
 }
@@ -113,8 +139,15 @@ impl fmt::Display for VmOutcome {
         match self {
             VmOutcome::GuestReset => f.write_str("guest reset the VM (reboot/poweroff)"),
             VmOutcome::Signalled(sig) => write!(f, "stopped by signal {}", signal_name(*sig)),
+            VmOutcome::StoppedAtFirstRun => {
+                f.write_str("stopped at the first guest entry, as asked")
+            }
             VmOutcome::TimedOut(limit) => {
-                write!(f, "stopped: the {:.1} s time limit passed", limit.as_secs_f64())
+                write!(
+                    f,
+                    "stopped: the {:.1} s time limit passed",
+                    limit.as_secs_f64()
+                )
             }
             VmOutcome::VcpuFailed { index, stop } => write!(f, "vCPU {index}: {stop}"),
         }
@@ -152,6 +185,9 @@ mod tests {
         }
         .to_string();
         assert!(emu.contains("emulation failure") && emu.contains("0xffffffff81000000"));
-        assert_eq!(VmOutcome::Signalled(libc::SIGTERM).to_string(), "stopped by signal SIGTERM");
+        assert_eq!(
+            VmOutcome::Signalled(libc::SIGTERM).to_string(),
+            "stopped by signal SIGTERM"
+        );
     }
 }

@@ -5,8 +5,8 @@ use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
 use linux_loader::loader::bootparam::setup_header;
-use linux_loader::loader::{bzimage::BzImage, elf::Elf, KernelLoader};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use linux_loader::loader::{bzimage::BzImage, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 /// Offset of the 64-bit entry point (`startup_64`) from the start of a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;
@@ -16,9 +16,15 @@ const XLF_KERNEL_64: u16 = 1 << 0;
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
     #[error("cannot open kernel {path}: {source}")]
-    Open { path: PathBuf, source: std::io::Error },
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("cannot read kernel {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{path} is not a kernel: neither an x86-64 ELF executable nor a bzImage")]
     NotAKernel { path: PathBuf },
     #[error("{path} is a 32-bit-only bzImage (no 64-bit entry point); use a 64-bit kernel")]
@@ -29,12 +35,28 @@ pub enum KernelError {
         mem_mib: u64,
         source: linux_loader::loader::Error,
     },
+    #[error("kernel {path}: {reason}")]
+    BadElf { path: PathBuf, reason: String },
+    #[error("cannot place kernel segment at {addr:#x} from {path} in {mem_mib} MiB of guest memory: {source}")]
+    Segment {
+        path: PathBuf,
+        addr: u64,
+        mem_mib: u64,
+        source: crate::image_map::MapError,
+    },
     #[error("cannot open initrd {path}: {source}")]
-    InitrdOpen { path: PathBuf, source: std::io::Error },
+    InitrdOpen {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("initrd {path} is empty")]
     InitrdEmpty { path: PathBuf },
     #[error("initrd {path} ({size} bytes) does not fit in guest memory: {reason}")]
-    InitrdFit { path: PathBuf, size: u64, reason: String },
+    InitrdFit {
+        path: PathBuf,
+        size: u64,
+        reason: String,
+    },
     #[error("cannot copy initrd {path} into guest memory: {reason}")]
     InitrdCopy { path: PathBuf, reason: String },
 }
@@ -42,13 +64,18 @@ pub enum KernelError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum KernelFormat {
     /// An ELF executable; `linux` tells whether its notes say it is a Linux kernel.
-    Elf { linux: bool },
+    Elf {
+        linux: bool,
+    },
     BzImage,
 }
 
 impl KernelFormat {
     pub fn is_linux(self) -> bool {
-        matches!(self, KernelFormat::BzImage | KernelFormat::Elf { linux: true })
+        matches!(
+            self,
+            KernelFormat::BzImage | KernelFormat::Elf { linux: true }
+        )
     }
 }
 
@@ -164,19 +191,12 @@ pub fn load_kernel(
         source,
     };
     match format {
-        KernelFormat::Elf { .. } => {
-            let result = Elf::load(mem, None, &mut file, highmem).map_err(load_error)?;
-            Ok(LoadedKernel {
-                entry: result.kernel_load,
-                end: GuestAddress(result.kernel_end),
-                setup_header: None,
-            })
-        }
+        KernelFormat::Elf { .. } => load_elf_mapped(mem, &mut file, path, mem_mib),
         KernelFormat::BzImage => {
             let result = BzImage::load(mem, None, &mut file, highmem).map_err(load_error)?;
-            let header = result.setup_header.ok_or_else(|| KernelError::NotAKernel {
-                path: path.into(),
-            })?;
+            let header = result
+                .setup_header
+                .ok_or_else(|| KernelError::NotAKernel { path: path.into() })?;
             if header.xloadflags & XLF_KERNEL_64 == 0 {
                 return Err(KernelError::No64BitEntry { path: path.into() });
             }
@@ -189,7 +209,120 @@ pub fn load_kernel(
     }
 }
 
-/// Copies the initrd to the highest place in low memory it fits above the kernel, as bootloaders do.
+/// One PT_LOAD program header.
+struct LoadSegment {
+    offset: u64,
+    paddr: u64,
+    filesz: u64,
+    memsz: u64,
+}
+
+/// Maps each PT_LOAD segment of an x86-64 ELF at its physical address (see `image_map` for why
+/// this does not use linux-loader's copying ELF loader). Enforces what linux-loader would: 64-bit
+/// little-endian x86-64 executable, segments at or above 1 MiB, inside guest memory.
+fn load_elf_mapped(
+    mem: &GuestMemoryMmap,
+    file: &mut File,
+    path: &Path,
+    mem_mib: u64,
+) -> Result<LoadedKernel, KernelError> {
+    let bad = |reason: String| KernelError::BadElf {
+        path: path.into(),
+        reason,
+    };
+    let read_err = |source| KernelError::Read {
+        path: path.into(),
+        source,
+    };
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).map_err(read_err)?;
+    file.read_exact(&mut ehdr).map_err(read_err)?;
+    let u16_at = |b: &[u8], o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
+    let u32_at = |b: &[u8], o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+    let u64_at = |b: &[u8], o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
+    const ET_EXEC: u16 = 2;
+    if u16_at(&ehdr, 16) != ET_EXEC {
+        return Err(bad("not an executable ELF (e_type is not ET_EXEC)".into()));
+    }
+    let entry = u64_at(&ehdr, 24);
+    let phoff = u64_at(&ehdr, 32);
+    let phentsize = u16_at(&ehdr, 54) as u64;
+    let phnum = u16_at(&ehdr, 56) as u64;
+    if phentsize < 56 || phnum == 0 || phnum > 64 {
+        return Err(bad(format!(
+            "implausible program header table ({phnum} entries of {phentsize} bytes)"
+        )));
+    }
+    let file_len = file.metadata().map_err(read_err)?.len();
+    let mut segments = Vec::new();
+    for i in 0..phnum {
+        let mut ph = [0u8; 56];
+        file.seek(SeekFrom::Start(phoff + i * phentsize))
+            .map_err(read_err)?;
+        file.read_exact(&mut ph).map_err(read_err)?;
+        const PT_LOAD: u32 = 1;
+        if u32_at(&ph, 0) != PT_LOAD {
+            continue;
+        }
+        let seg = LoadSegment {
+            offset: u64_at(&ph, 8),
+            paddr: u64_at(&ph, 24),
+            filesz: u64_at(&ph, 32),
+            memsz: u64_at(&ph, 40),
+        };
+        if seg.filesz > seg.memsz
+            || seg
+                .offset
+                .checked_add(seg.filesz)
+                .is_none_or(|e| e > file_len)
+        {
+            return Err(bad(format!(
+                "segment {i} claims bytes beyond the end of the file or more file than memory"
+            )));
+        }
+        if seg.paddr < arch::layout::HIMEM_START {
+            return Err(bad(format!(
+                "segment {i} would load at {:#x}, below 1 MiB",
+                seg.paddr
+            )));
+        }
+        segments.push(seg);
+    }
+    if segments.is_empty() {
+        return Err(bad("no loadable segments".into()));
+    }
+    let mut end = 0u64;
+    for seg in &segments {
+        let seg_end = seg.paddr.saturating_add(seg.memsz);
+        if !mem.address_in_range(GuestAddress(seg_end.saturating_sub(1))) {
+            return Err(KernelError::Segment {
+                path: path.into(),
+                addr: seg.paddr,
+                mem_mib,
+                source: crate::image_map::MapError::OutsideMemory {
+                    start: seg.paddr,
+                    end: seg_end,
+                },
+            });
+        }
+        crate::image_map::place(mem, file, seg.offset, GuestAddress(seg.paddr), seg.filesz)
+            .map_err(|source| KernelError::Segment {
+                path: path.into(),
+                addr: seg.paddr,
+                mem_mib,
+                source,
+            })?;
+        end = end.max(seg_end);
+    }
+    Ok(LoadedKernel {
+        entry: GuestAddress(entry),
+        end: GuestAddress(end),
+        setup_header: None,
+    })
+}
+
+/// Places the initrd at the highest place in low memory it fits above the kernel, as bootloaders
+/// do (mapped, not copied: see `image_map`).
 pub fn load_initrd(
     mem: &GuestMemoryMmap,
     path: &Path,
@@ -209,16 +342,19 @@ pub fn load_initrd(
     if size == 0 {
         return Err(KernelError::InitrdEmpty { path: path.into() });
     }
-    let addr = arch::initrd_load_addr_above(mem, size as usize, kernel_end).map_err(|e| KernelError::InitrdFit {
-        path: path.into(),
-        size,
-        reason: e.to_string(),
+    let addr = arch::initrd_load_addr_above(mem, size as usize, kernel_end).map_err(|e| {
+        KernelError::InitrdFit {
+            path: path.into(),
+            size,
+            reason: e.to_string(),
+        }
     })?;
-    mem.read_exact_volatile_from(addr, &mut file, size as usize)
-        .map_err(|e| KernelError::InitrdCopy {
+    crate::image_map::place(mem, &mut file, 0, addr, size).map_err(|e| {
+        KernelError::InitrdCopy {
             path: path.into(),
             reason: e.to_string(),
-        })?;
+        }
+    })?;
     Ok((addr, size as usize))
 }
 
@@ -307,7 +443,10 @@ mod tests {
         img[note + 8..note + 12].copy_from_slice(&1u32.to_le_bytes());
         img[note + 12..note + 18].copy_from_slice(b"Linux\0");
         let f = temp_file(&img);
-        assert_eq!(detect_format(&f.0).unwrap(), KernelFormat::Elf { linux: true });
+        assert_eq!(
+            detect_format(&f.0).unwrap(),
+            KernelFormat::Elf { linux: true }
+        );
     }
 
     #[test]

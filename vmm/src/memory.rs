@@ -28,10 +28,11 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryErro
     }
     // SAFETY: fd is a fresh, valid descriptor that nothing else owns.
     let file = unsafe { File::from_raw_fd(fd) };
-    file.set_len(mem_bytes).map_err(|source| MemoryError::Resize {
-        size: mem_bytes,
-        source,
-    })?;
+    file.set_len(mem_bytes)
+        .map_err(|source| MemoryError::Resize {
+            size: mem_bytes,
+            source,
+        })?;
     let file = std::sync::Arc::new(file);
     let mut offset = 0u64;
     let ranges: Vec<(GuestAddress, usize, Option<FileOffset>)> = regions
@@ -55,7 +56,10 @@ mod tests {
         let mem = create_guest_memory(64 << 20).unwrap();
         assert_eq!(mem.num_regions(), 1);
         mem.write_obj(0xdead_beefu32, GuestAddress(0x1000)).unwrap();
-        assert_eq!(mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(), 0xdead_beef);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xdead_beef
+        );
     }
 
     #[test]

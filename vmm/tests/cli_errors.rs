@@ -17,7 +17,11 @@ fn stderr(out: &Output) -> String {
 
 fn assert_clear_error(out: &Output, expected: &str) {
     let err = stderr(out);
-    assert!(!out.status.success(), "expected failure, got {:?}", out.status);
+    assert!(
+        !out.status.success(),
+        "expected failure, got {:?}",
+        out.status
+    );
     assert!(err.contains(expected), "stderr lacks {expected:?}:\n{err}");
     assert!(!err.contains("panicked"), "agentvm panicked:\n{err}");
     assert!(!err.contains("RUST_BACKTRACE"), "agentvm panicked:\n{err}");
@@ -95,7 +99,13 @@ fn missing_initrd_is_named() {
 #[test]
 fn bad_timeout_is_refused() {
     let path = temp_file("k3", b"x");
-    let out = agentvm(&["boot", "--kernel", path.to_str().unwrap(), "--timeout", "-5"]);
+    let out = agentvm(&[
+        "boot",
+        "--kernel",
+        path.to_str().unwrap(),
+        "--timeout",
+        "-5",
+    ]);
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("panicked"));
 }

@@ -32,6 +32,12 @@ pub struct BootArgs {
     /// Do not prepend the base Linux command line.
     #[arg(long)]
     no_base_cmdline: bool,
+    /// End the VM as soon as the guest is first entered (boot-path benchmark; works on any host).
+    #[arg(long, hide = true)]
+    stop_at_first_run: bool,
+    /// Write the boot's timings (JSON) to this file.
+    #[arg(long, hide = true, value_name = "FILE")]
+    report_timings: Option<PathBuf>,
     #[command(flatten)]
     machine: MachineArgs,
 }
@@ -50,18 +56,30 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         kernel: args.kernel,
         initrd: args.initrd,
         cmdline,
+        skip_linux_host_check: args.stop_at_first_run,
     };
     let console: Box<dyn Write + Send> = match &args.machine.console {
-        Some(path) => Box::new(LineWriter::new(File::create(path).map_err(|e| {
-            format!("cannot create console file {}: {e}", path.display())
-        })?)),
+        Some(path) => {
+            Box::new(LineWriter::new(File::create(path).map_err(|e| {
+                format!("cannot create console file {}: {e}", path.display())
+            })?))
+        }
         None => Box::new(std::io::stdout()),
     };
     let vm = vmm::vmm::boot(&config, console).map_err(|e| e.to_string())?;
     let _signals = SignalForwarder::start(vm.event_sender())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
-    match vm.wait(limit) {
-        VmOutcome::GuestReset => Ok(ExitCode::SUCCESS),
+    let timings = vm.timings_handle();
+    let outcome = if args.stop_at_first_run {
+        vm.wait_until_first_run(limit)
+    } else {
+        vm.wait(limit)
+    };
+    if let Some(path) = &args.report_timings {
+        super::timings::write_report(path, &timings.get(), None)?;
+    }
+    match outcome {
+        VmOutcome::GuestReset | VmOutcome::StoppedAtFirstRun => Ok(ExitCode::SUCCESS),
         VmOutcome::Signalled(sig) => {
             eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
             Ok(signal_exit_code(sig))

@@ -16,6 +16,10 @@ const PANIC_TEXT: &str = "Kernel panic - not syncing";
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct GuestReport {
     pub ready_boot_ns: Option<u64>,
+    /// Host CLOCK_MONOTONIC when the ready marker arrived.
+    pub ready_at_ns: Option<u64>,
+    /// Host CLOCK_MONOTONIC when the exit marker arrived.
+    pub exit_at_ns: Option<u64>,
     pub exec_started: bool,
     pub exit: Option<GuestExit>,
     pub errors: Vec<String>,
@@ -81,7 +85,10 @@ impl ConsoleView {
 }
 
 impl ConsoleDemux {
-    pub fn new(stdout: Box<dyn Write + Send>, log: Option<Box<dyn Write + Send>>) -> (Self, ConsoleView) {
+    pub fn new(
+        stdout: Box<dyn Write + Send>,
+        log: Option<Box<dyn Write + Send>>,
+    ) -> (Self, ConsoleView) {
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
         let report = Arc::new(Mutex::new(GuestReport::default()));
         let view = ConsoleView {
@@ -126,13 +133,21 @@ impl ConsoleDemux {
             return;
         };
         match marker {
-            Marker::Ready { boot_ns } => report.ready_boot_ns = Some(boot_ns),
+            Marker::Ready { boot_ns } => {
+                report.ready_boot_ns = Some(boot_ns);
+                report.ready_at_ns = Some(vmm::process_stats::monotonic_ns());
+            }
             Marker::ExecStart => {
                 report.exec_started = true;
                 self.mode = Mode::Output;
             }
-            Marker::Exit(ExitStatus::Code(code)) => report.exit = Some(GuestExit::Code(code.into())),
-            Marker::Exit(ExitStatus::Signal(sig)) => report.exit = Some(GuestExit::Signal(sig)),
+            Marker::Exit(status) => {
+                report.exit_at_ns = Some(vmm::process_stats::monotonic_ns());
+                report.exit = Some(match status {
+                    ExitStatus::Code(code) => GuestExit::Code(code.into()),
+                    ExitStatus::Signal(sig) => GuestExit::Signal(sig),
+                });
+            }
             Marker::Error(msg) => report.errors.push(msg),
             Marker::Poweroff => report.powered_off = true,
         }
@@ -250,7 +265,8 @@ mod tests {
     fn run(console: &[u8], chunk: usize) -> (Vec<u8>, Vec<u8>, ConsoleView) {
         let out = Shared::default();
         let log = Shared::default();
-        let (mut demux, view) = ConsoleDemux::new(Box::new(out.clone()), Some(Box::new(log.clone())));
+        let (mut demux, view) =
+            ConsoleDemux::new(Box::new(out.clone()), Some(Box::new(log.clone())));
         for piece in console.chunks(chunk) {
             demux.write_all(piece).unwrap();
         }
@@ -294,6 +310,20 @@ mod tests {
             Some("Kernel panic - not syncing: sysrq triggered crash")
         );
         assert_eq!(view.report().exit, None);
+    }
+
+    /// Byte for byte what Debian's kernel and the agent printed in the nested test host.
+    #[test]
+    fn real_guest_console_is_understood() {
+        let session = b"[    0.108500] ACPI BIOS Error (bug): A valid RSDP was not found (20220331/tbxfroot-210)\r\n[   17.614251] i8042: Can't read CTR while initializing i8042\r\nagentvm-agent: modules: 13 loaded, 0 failed, 13 total in 518.8 ms\n@@agentvm:ready boot_ns=33831665279\n@@agentvm:exec-start\nhello-from-l2\nnproc=1\n\n@@agentvm:exit code=7\n@@agentvm:poweroff\n[   34.455244] reboot: Restarting system\r\n";
+        for chunk in [1, 13, 4096] {
+            let (out, _, view) = run(session, chunk);
+            assert_eq!(out, b"hello-from-l2\nnproc=1\n", "chunk {chunk}");
+            let report = view.report();
+            assert_eq!(report.ready_boot_ns, Some(33831665279));
+            assert_eq!(report.exit, Some(GuestExit::Code(7)));
+            assert!(report.powered_off);
+        }
     }
 
     #[test]

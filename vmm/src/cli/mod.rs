@@ -6,6 +6,7 @@ mod kernel_cmd;
 mod nested;
 mod run;
 mod signals;
+mod timings;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -61,13 +62,17 @@ pub struct MachineArgs {
 impl MachineArgs {
     pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
         if !self.timeout.is_finite() || self.timeout < 0.0 {
-            return Err(format!("--timeout must be a number of seconds >= 0, got {}", self.timeout));
+            return Err(format!(
+                "--timeout must be a number of seconds >= 0, got {}",
+                self.timeout
+            ));
         }
         Ok((self.timeout > 0.0).then(|| std::time::Duration::from_secs_f64(self.timeout)))
     }
 }
 
 pub fn main() -> ExitCode {
+    timings::mark_process_start();
     init_logging();
     let cli = Cli::parse();
     let result = match cli.command {

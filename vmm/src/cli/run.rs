@@ -26,6 +26,9 @@ pub struct RunArgs {
     /// automatically when this host's KVM cannot run Linux guests.
     #[arg(long)]
     nested: bool,
+    /// Write the run's timings (JSON) to this file.
+    #[arg(long, hide = true, value_name = "FILE")]
+    report_timings: Option<PathBuf>,
     #[command(flatten)]
     machine: MachineArgs,
     /// The command and its arguments.
@@ -62,18 +65,29 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         kernel,
         initrd: Some(initrd),
         cmdline: format!("{LINUX_BASE_CMDLINE} quiet agentvm.cmd={encoded}"),
+        skip_linux_host_check: false,
     };
     let log: Option<Box<dyn Write + Send>> = match &args.machine.console {
-        Some(path) => Some(Box::new(LineWriter::new(File::create(path).map_err(|e| {
-            format!("cannot create console file {}: {e}", path.display())
-        })?))),
+        Some(path) => Some(Box::new(LineWriter::new(File::create(path).map_err(
+            |e| format!("cannot create console file {}: {e}", path.display()),
+        )?))),
         None => None,
     };
     let (demux, view) = ConsoleDemux::new(Box::new(std::io::stdout()), log);
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
     let _signals = SignalForwarder::start(vm.event_sender())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let timings = vm.timings_handle();
     let outcome = vm.wait(limit);
+    if let Some(path) = &args.report_timings {
+        let report = view.report();
+        let guest = super::timings::GuestMilestones {
+            agent_ready_ns: report.ready_at_ns,
+            result_ns: report.exit_at_ns,
+            agent_ready_guest_boottime_ns: report.ready_boot_ns,
+        };
+        super::timings::write_report(path, &timings.get(), Some(guest))?;
+    }
     interpret(outcome, &view)
 }
 

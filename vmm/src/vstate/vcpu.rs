@@ -4,7 +4,6 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once, OnceLock};
-use std::time::Instant;
 use std::thread::JoinHandle;
 
 use kvm_ioctls::{VcpuExit, VcpuFd};
@@ -12,6 +11,7 @@ use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
 use crate::exit::{VcpuStop, VmmEvent};
+use crate::process_stats::monotonic_ns;
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -37,7 +37,7 @@ pub struct Vcpu {
     events: Sender<VmmEvent>,
     stop: Arc<AtomicBool>,
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
-    first_run: Arc<OnceLock<Instant>>,
+    first_run: Arc<OnceLock<u64>>,
 }
 
 impl Vcpu {
@@ -47,7 +47,7 @@ impl Vcpu {
         io: Arc<IoManager>,
         events: Sender<VmmEvent>,
         stop: Arc<AtomicBool>,
-        first_run: Arc<OnceLock<Instant>>,
+        first_run: Arc<OnceLock<u64>>,
     ) -> Self {
         Self {
             index,
@@ -79,8 +79,8 @@ impl Vcpu {
             if self.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
-            if self.first_run.get().is_none() {
-                let _ = self.first_run.set(Instant::now());
+            if self.first_run.get().is_none() && self.first_run.set(monotonic_ns()).is_ok() {
+                let _ = self.events.send(VmmEvent::FirstKvmRun);
             }
             let ended = match self.fd.run() {
                 Ok(exit) => handle_exit(self.index, &self.io, exit),

@@ -25,7 +25,10 @@ pub enum VmError {
     #[error("KVM_CREATE_PIT2 failed: {0}")]
     Pit(kvm_ioctls::Error),
     #[error("cannot register guest memory slot {slot} with KVM: {source}")]
-    MemorySlot { slot: u32, source: kvm_ioctls::Error },
+    MemorySlot {
+        slot: u32,
+        source: kvm_ioctls::Error,
+    },
 }
 
 pub struct Vm {
@@ -54,7 +57,8 @@ impl Vm {
             }
         }
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
-        fd.set_tss_address(KVM_TSS_ADDRESS).map_err(VmError::SetTss)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(VmError::SetTss)?;
         fd.create_irq_chip().map_err(VmError::IrqChip)?;
         let pit = kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
