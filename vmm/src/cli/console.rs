@@ -40,7 +40,13 @@ enum Mode {
     Output,
 }
 
+/// The writer end, given to the serial device. vm-superio flushes after every byte it transmits,
+/// so `flush` here only pushes bytes out; the end of the stream is [`ConsoleView::finish`].
 pub struct ConsoleDemux {
+    state: Arc<Mutex<DemuxState>>,
+}
+
+struct DemuxState {
     mode: Mode,
     line: Vec<u8>,
     /// Output bytes held back because they might be the start of the exit marker.
@@ -54,11 +60,20 @@ pub struct ConsoleDemux {
 /// Read side of the demux, kept by the CLI after the writer moved into the VMM.
 #[derive(Clone)]
 pub struct ConsoleView {
+    state: Arc<Mutex<DemuxState>>,
     tail: Arc<Mutex<VecDeque<u8>>>,
     report: Arc<Mutex<GuestReport>>,
 }
 
 impl ConsoleView {
+    /// Ends the stream once the VM has stopped: output held back as a possible exit-marker start
+    /// was output after all, and an unfinished log line still belongs in the log.
+    pub fn finish(&self) {
+        if let Ok(mut state) = self.state.lock() {
+            state.finish();
+        }
+    }
+
     pub fn report(&self) -> GuestReport {
         self.report.lock().map(|r| r.clone()).unwrap_or_default()
     }
@@ -91,24 +106,25 @@ impl ConsoleDemux {
     ) -> (Self, ConsoleView) {
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_BYTES)));
         let report = Arc::new(Mutex::new(GuestReport::default()));
-        let view = ConsoleView {
+        let state = Arc::new(Mutex::new(DemuxState {
+            mode: Mode::Lines,
+            line: Vec::new(),
+            held: Vec::new(),
+            stdout,
+            log,
             tail: tail.clone(),
             report: report.clone(),
+        }));
+        let view = ConsoleView {
+            state: state.clone(),
+            tail,
+            report,
         };
-        (
-            Self {
-                mode: Mode::Lines,
-                line: Vec::new(),
-                held: Vec::new(),
-                stdout,
-                log,
-                tail,
-                report,
-            },
-            view,
-        )
+        (Self { state }, view)
     }
+}
 
+impl DemuxState {
     fn log(&mut self, bytes: &[u8]) {
         if let Some(log) = self.log.as_mut() {
             let _ = log.write_all(bytes);
@@ -218,31 +234,50 @@ fn longest_suffix_prefix(data: &[u8], pattern: &[u8]) -> usize {
         .unwrap_or(0)
 }
 
-impl Write for ConsoleDemux {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+impl DemuxState {
+    fn write(&mut self, buf: &[u8]) {
         if let Ok(mut tail) = self.tail.lock() {
             tail.extend(buf);
             let excess = tail.len().saturating_sub(TAIL_BYTES);
             tail.drain(..excess);
         }
         self.feed_lines(buf);
-        Ok(buf.len())
     }
 
     fn flush(&mut self) -> io::Result<()> {
+        if let Some(log) = self.log.as_mut() {
+            let _ = log.flush();
+        }
+        self.stdout.flush()
+    }
+
+    fn finish(&mut self) {
         if self.mode == Mode::Output && !self.held.is_empty() {
-            // The run is over without an exit marker: what was held back was output after all.
             let held = std::mem::take(&mut self.held);
             let _ = self.stdout.write_all(&held);
         }
         if !self.line.is_empty() {
             let line = std::mem::take(&mut self.line);
             self.log(&line);
+            self.on_line(&line);
         }
-        if let Some(log) = self.log.as_mut() {
-            let _ = log.flush();
+        let _ = self.flush();
+    }
+}
+
+impl Write for ConsoleDemux {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if let Ok(mut state) = self.state.lock() {
+            state.write(buf);
         }
-        self.stdout.flush()
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self.state.lock() {
+            Ok(mut state) => state.flush(),
+            Err(_) => Ok(()),
+        }
     }
 }
 
@@ -269,8 +304,10 @@ mod tests {
             ConsoleDemux::new(Box::new(out.clone()), Some(Box::new(log.clone())));
         for piece in console.chunks(chunk) {
             demux.write_all(piece).unwrap();
+            // vm-superio flushes after every transmitted byte.
+            demux.flush().unwrap();
         }
-        demux.flush().unwrap();
+        view.finish();
         let o = out.0.lock().unwrap().clone();
         let l = log.0.lock().unwrap().clone();
         (o, l, view)

@@ -79,6 +79,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let timings = vm.timings_handle();
     let outcome = vm.wait(limit);
+    view.finish();
     if let Some(path) = &args.report_timings {
         let report = view.report();
         let guest = super::timings::GuestMilestones {
