@@ -7,7 +7,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
 };
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, MPTABLE_START, PAGE_SIZE,
@@ -167,6 +167,23 @@ pub fn write_boot_params(
         mem,
     )
     .map_err(Error::BootParamsWrite)
+}
+
+/// Offset of `acpi_rsdp_addr` in the zero page (boot protocol 2.14+).
+pub const ACPI_RSDP_ADDR_OFFSET: usize = std::mem::offset_of!(boot_params, acpi_rsdp_addr);
+
+/// Stores the ACPI RSDP address in the zero page written by [`write_boot_params`] (call it
+/// after that). Linux's 64-bit entry copies the whole zero page and takes the RSDP from there
+/// before it falls back to scanning the BIOS area, so this is the primary way it finds the
+/// tables.
+pub fn set_acpi_rsdp(mem: &GuestMemoryMmap, rsdp: GuestAddress) -> Result<()> {
+    let addr = ZERO_PAGE_START + ACPI_RSDP_ADDR_OFFSET as u64;
+    mem.write_obj(rsdp.0, GuestAddress(addr))
+        .map_err(|source| Error::GuestMemoryWrite {
+            what: "zero page RSDP address",
+            addr,
+            source,
+        })
 }
 
 /// Where to load an initrd of `initrd_size` bytes: the highest page-aligned address at which it
@@ -468,6 +485,28 @@ mod tests {
                 None
             ),
             Err(Error::EmptyInitrd)
+        ));
+    }
+
+    #[test]
+    fn acpi_rsdp_address_lands_at_offset_0x70() {
+        assert_eq!(ACPI_RSDP_ADDR_OFFSET, 0x70);
+        let m = mem(64 << 20);
+        write_boot_params(&m, GuestAddress(CMDLINE_START), 12, None, None).unwrap();
+        set_acpi_rsdp(&m, GuestAddress(0xe_0000)).unwrap();
+        let back: boot_params = m.read_obj(GuestAddress(ZERO_PAGE_START)).unwrap();
+        assert_eq!({ back.acpi_rsdp_addr }, 0xe_0000);
+        assert_eq!({ back.hdr.cmd_line_ptr }, CMDLINE_START as u32, "rest kept");
+        let raw: u64 = m.read_obj(GuestAddress(ZERO_PAGE_START + 0x70)).unwrap();
+        assert_eq!(raw, 0xe_0000);
+    }
+
+    #[test]
+    fn acpi_rsdp_needs_the_zero_page_in_memory() {
+        let m = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        assert!(matches!(
+            set_acpi_rsdp(&m, GuestAddress(0xe_0000)),
+            Err(Error::GuestMemoryWrite { addr: 0x7070, .. })
         ));
     }
 

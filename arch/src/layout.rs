@@ -8,7 +8,8 @@
 //! 0x0000_0520  IDT (1 null entry)        0x0000_a000  PDPT
 //! 0x0000_7000  zero page (boot_params)   0x0000_b000  4 page directories (up to 0xf000)
 //! 0x0000_8ff0  initial stack pointer     0x0002_0000  kernel command line
-//! 0x0009_fc00  MP table (EBDA)           0x0010_0000  HIMEM_START: kernel / RAM
+//! 0x0009_fc00  MP table (EBDA)           0x000e_0000  ACPI tables (RSDP first)
+//! 0x0010_0000  HIMEM_START: kernel / RAM
 //! 0xd000_0000  MMIO gap (virtio-mmio, IOAPIC, LAPIC) up to 4 GiB, RAM continues above 4 GiB
 //! ```
 
@@ -40,6 +41,11 @@ pub const CMDLINE_MAX_SIZE: usize = 2048;
 pub const MPTABLE_START: u64 = 0x9fc00;
 /// End of conventional memory (legacy VGA/BIOS area follows, not RAM for the guest).
 pub const EBDA_END: u64 = 0xa0000;
+/// ACPI tables, RSDP first: without EFI, Linux scans `[0xe0000, 0x100000)` for the RSDP. Guest
+/// memory backs this range, but the e820 map leaves it out of RAM, like the firmware area it is.
+pub const ACPI_START: u64 = 0xe_0000;
+/// Exclusive end of the ACPI table area.
+pub const ACPI_END: u64 = HIMEM_START;
 /// First byte of high memory (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
 /// Start of the 32-bit MMIO hole. RAM that does not fit below it continues at 4 GiB.
@@ -174,6 +180,7 @@ mod tests {
             (PDE_START, PDE_START + PDE_PAGES * PAGE_SIZE),
             (CMDLINE_START, CMDLINE_START + CMDLINE_MAX_SIZE as u64),
             (MPTABLE_START, EBDA_END),
+            (ACPI_START, ACPI_END),
         ];
         areas.sort();
         for pair in areas.windows(2) {

@@ -1,12 +1,14 @@
 //! x86_64 boot-time setup for agentvm guests: the guest physical layout, the vCPU state for the
 //! Linux 64-bit boot protocol (long mode, identity-mapped page tables, boot MSRs, CPUID, LAPIC
-//! LINT pins) and the tables a Linux guest reads at boot (zero page with e820 map, MP table).
+//! LINT pins) and the tables a Linux guest reads at boot (zero page with e820 map, MP table, ACPI
+//! tables).
 //!
 //! The VMM creates the VM (with the in-kernel irqchip), the vCPUs and guest memory from
 //! [`layout::arch_memory_regions`], loads the kernel and command line, then calls
-//! [`boot_params::write_boot_params`], [`mptable::setup_mptable`] and [`configure_vcpu`] for
-//! every vCPU.
+//! [`boot_params::write_boot_params`], [`mptable::setup_mptable`], [`acpi::setup_acpi`] followed
+//! by [`boot_params::set_acpi_rsdp`], and [`configure_vcpu`] for every vCPU.
 
+pub mod acpi;
 pub mod boot_params;
 pub mod cpuid;
 pub mod gdt;
@@ -22,7 +24,8 @@ mod test_kvm;
 use kvm_ioctls::{Kvm, VcpuFd};
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
-pub use boot_params::{initrd_load_addr, initrd_load_addr_above, write_boot_params};
+pub use acpi::{setup_acpi, AcpiMmioDevice};
+pub use boot_params::{initrd_load_addr, initrd_load_addr_above, set_acpi_rsdp, write_boot_params};
 pub use layout::arch_memory_regions;
 pub use mptable::setup_mptable;
 
@@ -129,6 +132,43 @@ pub enum Error {
     /// An initrd of zero bytes was given.
     #[error("the initrd is empty")]
     EmptyInitrd,
+    /// A virtio-mmio window given to the DSDT is empty or does not end at or below 4 GiB (the
+    /// DSDT describes it with a 32-bit Memory32Fixed descriptor).
+    #[error("virtio-mmio device {index}: window at {base:#x} of {size:#x} bytes must be non-empty and end at or below 4 GiB")]
+    AcpiMmioRange {
+        /// Slot of the device.
+        index: usize,
+        /// Base address given.
+        base: u64,
+        /// Size given.
+        size: u64,
+    },
+    /// A virtio-mmio device's GSI is not a pin of the IOAPIC.
+    #[error("virtio-mmio device {index}: GSI {gsi} is beyond the IOAPIC's last pin {max}")]
+    AcpiGsi {
+        /// Slot of the device.
+        index: usize,
+        /// GSI given.
+        gsi: u32,
+        /// Last IOAPIC pin.
+        max: u32,
+    },
+    /// More virtio-mmio devices than the DSDT has names for.
+    #[error("{count} virtio-mmio devices given to the DSDT, at most {max} are supported")]
+    AcpiTooManyDevices {
+        /// Devices given.
+        count: usize,
+        /// Maximum.
+        max: usize,
+    },
+    /// The ACPI tables do not fit between ACPI_START and ACPI_END.
+    #[error("ACPI tables need {size} bytes, only {available} fit below 1 MiB")]
+    AcpiTablesTooLarge {
+        /// Bytes the tables need.
+        size: u64,
+        /// Bytes available.
+        available: u64,
+    },
     /// No page-aligned place below the MMIO gap can hold the initrd.
     #[error("initrd of {size} bytes does not fit in guest RAM between {floor:#x} and {end:#x}")]
     InitrdTooLarge {
