@@ -42,7 +42,9 @@ fn scenarios() -> Vec<Scenario> {
         ),
         l2_scenario(
             "panic",
-            "echo before-panic; echo c > /proc/sysrq-trigger; sleep 60; echo after-panic",
+            // The pause lets the agent forward "before-panic" to the console: the crash stops
+            // the guest kernel at once, with whatever is still in the pipe.
+            "echo before-panic; sleep 2; echo c > /proc/sysrq-trigger; sleep 60; echo after-panic",
             L2_TIMEOUT,
         ),
     ]

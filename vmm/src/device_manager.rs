@@ -56,6 +56,7 @@ pub struct DeviceManager {
     event_manager: Option<EventManager<Subscriber>>,
     event_loop: Option<EventLoop>,
     cmdline_args: Vec<String>,
+    acpi_devices: Vec<arch::AcpiMmioDevice>,
 }
 
 impl DeviceManager {
@@ -119,6 +120,7 @@ impl DeviceManager {
             event_manager: None,
             event_loop: None,
             cmdline_args: Vec::new(),
+            acpi_devices: Vec::new(),
         };
 
         let rng = Arc::new(Mutex::new(Rng::new().map_err(|e| DeviceError::Create {
@@ -184,13 +186,25 @@ impl DeviceManager {
                 what: name.into(),
                 source,
             })?;
+        // Both declarations: ACPI for kernels like Debian's (no command-line devices), the command
+        // line for minimal kernels built without ACPI.
         self.cmdline_args.push(kernel_cmdline_device(base, gsi));
+        self.acpi_devices.push(arch::AcpiMmioDevice {
+            base,
+            size: arch::layout::VIRTIO_MMIO_SIZE,
+            gsi,
+        });
         Ok(())
     }
 
     /// Kernel command-line arguments that declare the virtio-mmio devices (no ACPI/DT here).
     pub fn cmdline_device_args(&self) -> Vec<String> {
         self.cmdline_args.clone()
+    }
+
+    /// The virtio-mmio devices, for the ACPI DSDT.
+    pub fn acpi_devices(&self) -> &[arch::AcpiMmioDevice] {
+        &self.acpi_devices
     }
 
     pub fn io_manager(&self) -> Arc<IoManager> {

@@ -132,6 +132,10 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
         loaded.setup_header,
     )?;
     arch::setup_mptable(&mem, config.vcpus)?;
+    // After the zero page: ACPI is how Linux finds the virtio-mmio devices and the vCPUs (Debian's
+    // kernel has neither MP-table parsing nor command-line virtio-mmio devices built in).
+    let rsdp = arch::setup_acpi(&mem, config.vcpus, devices.acpi_devices())?;
+    arch::set_acpi_rsdp(&mem, rsdp)?;
     let kernel_loaded_ns = monotonic_ns();
 
     let stop = Arc::new(AtomicBool::new(false));

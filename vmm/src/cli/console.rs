@@ -196,18 +196,33 @@ impl DemuxState {
         }
     }
 
-    /// Passes command output through, holding back only a possible start of "\n@@agentvm:exit".
+    /// Passes command output through, holding back only a possible start of a marker line. Any
+    /// marker ends the output: the exit marker normally, the poweroff marker when the command
+    /// powered the guest off (or the agent was told to) before it finished.
     fn feed_output(&mut self, data: &[u8]) {
         self.held.extend_from_slice(data);
-        // The agent always writes "\n" before the exit marker.
-        let boundary_text = format!("\n{EXIT}");
-        let boundary = boundary_text.as_bytes();
+        let boundary = format!("\n{MARKER_PREFIX}");
+        let boundary = boundary.as_bytes();
         if let Some(at) = find(&self.held, boundary) {
+            // The agent writes one "\n" of its own before the exit marker; before any other
+            // marker the newline ended a line of output. Wait until the marker's name tells.
+            let after = &self.held[at + 1..];
+            let exit = EXIT.as_bytes();
+            let n = after.len().min(exit.len());
+            if after.len() < exit.len() && after[..n] == exit[..n] {
+                if at > 0 {
+                    let _ = self.stdout.write_all(&self.held[..at]);
+                    let _ = self.stdout.flush();
+                    self.held.drain(..at);
+                }
+                return;
+            }
+            let own_newline = after.starts_with(exit);
             let held = std::mem::take(&mut self.held);
-            let _ = self.stdout.write_all(&held[..at]);
+            let emit = if own_newline { at } else { at + 1 };
+            let _ = self.stdout.write_all(&held[..emit]);
             let _ = self.stdout.flush();
             self.mode = Mode::Lines;
-            // Skip the "\n" the agent always writes before the marker.
             self.feed_lines(&held[at + 1..]);
             return;
         }
@@ -360,6 +375,24 @@ mod tests {
             assert_eq!(report.ready_boot_ns, Some(33831665279));
             assert_eq!(report.exit, Some(GuestExit::Code(7)));
             assert!(report.powered_off);
+        }
+    }
+
+    #[test]
+    fn poweroff_during_the_command_ends_the_output() {
+        let session = b"@@agentvm:ready boot_ns=9\n@@agentvm:exec-start\nbefore-poweroff\nagentvm-agent: received SIGUSR2 (poweroff): powering off\n@@agentvm:poweroff\n[    9.6] reboot: Restarting system\r\n";
+        for chunk in [1, 5, 4096] {
+            let (out, log, view) = run(session, chunk);
+            assert_eq!(
+                out,
+                b"before-poweroff\nagentvm-agent: received SIGUSR2 (poweroff): powering off\n"
+            );
+            assert!(String::from_utf8(log)
+                .unwrap()
+                .contains("Restarting system"));
+            let report = view.report();
+            assert!(report.powered_off, "chunk {chunk}");
+            assert_eq!(report.exit, None);
         }
     }
 
