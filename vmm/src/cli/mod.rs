@@ -1,5 +1,6 @@
 //! The `agentvm` command line.
 
+mod bench;
 mod boot;
 mod console;
 mod kernel_cmd;
@@ -40,6 +41,11 @@ enum Command {
         #[command(subcommand)]
         command: kernel_cmd::KernelCommand,
     },
+    /// Benchmarks: boot times and memory of agentvm, beside QEMU microvm.
+    Bench {
+        #[command(subcommand)]
+        command: bench::BenchCommand,
+    },
 }
 
 /// Machine shape shared by `run` and `boot`.
@@ -79,6 +85,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Boot(args) => boot::boot(args),
         Command::Kernel { command } => kernel_cmd::run(command),
+        Command::Bench { command } => bench::run(command),
     };
     match result {
         Ok(code) => code,
