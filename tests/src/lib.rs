@@ -3,5 +3,5 @@
 
 pub mod agentvm;
 pub mod elf;
-pub mod probe;
 pub mod nested;
+pub mod probe;

@@ -22,13 +22,7 @@ pub struct Serial {
 impl Serial {
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
-            inner: vm_superio::Serial::new(
-                interrupt,
-                SinkWriter {
-                    out,
-                    failed: false,
-                },
-            ),
+            inner: vm_superio::Serial::new(interrupt, SinkWriter { out, failed: false }),
         }
     }
 
