@@ -12,9 +12,10 @@ pub fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// Resident memory of this process, split the way /proc reports it. Guest RAM is a memfd, so the
-/// pages the VMM or guest touched show up as `shmem`; `anon` is the VMM's own heap and stacks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+/// Resident memory of a process in KiB, split the way /proc reports it. Guest RAM is a memfd, so
+/// the pages the VMM touched show up as `shmem`; kernel and initrd pages are private file
+/// mappings (`file`, `anon` once the guest writes them); the rest of `anon` is the VMM's own.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Rss {
     pub total_kib: u64,
     pub anon_kib: u64,
@@ -22,26 +23,45 @@ pub struct Rss {
     pub shmem_kib: u64,
 }
 
+impl Rss {
+    /// Field-wise maximum: the peak of each figure over a series of samples.
+    pub fn max(self, other: Rss) -> Rss {
+        Rss {
+            total_kib: self.total_kib.max(other.total_kib),
+            anon_kib: self.anon_kib.max(other.anon_kib),
+            file_kib: self.file_kib.max(other.file_kib),
+            shmem_kib: self.shmem_kib.max(other.shmem_kib),
+        }
+    }
+}
+
+/// This process's memory.
 pub fn rss() -> Rss {
     let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    parse_rss(&status).unwrap_or_default()
+}
+
+/// The memory of process `pid`; `None` once it is gone (or /proc cannot be read).
+pub fn rss_of(pid: u32) -> Option<Rss> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     parse_rss(&status)
 }
 
-fn parse_rss(status: &str) -> Rss {
-    let field = |name: &str| -> u64 {
+fn parse_rss(status: &str) -> Option<Rss> {
+    let field = |name: &str| -> Option<u64> {
         status
             .lines()
             .find_map(|l| l.strip_prefix(name))
             .and_then(|v| v.split_whitespace().next())
             .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
     };
-    Rss {
-        total_kib: field("VmRSS:"),
-        anon_kib: field("RssAnon:"),
-        file_kib: field("RssFile:"),
-        shmem_kib: field("RssShmem:"),
-    }
+    // A zombie has no memory lines left: that is "gone", not "zero".
+    Some(Rss {
+        total_kib: field("VmRSS:")?,
+        anon_kib: field("RssAnon:").unwrap_or(0),
+        file_kib: field("RssFile:").unwrap_or(0),
+        shmem_kib: field("RssShmem:").unwrap_or(0),
+    })
 }
 
 #[cfg(test)]
@@ -52,7 +72,7 @@ mod tests {
     fn parses_proc_status() {
         let s = "Name:\tagentvm\nVmRSS:\t  5000 kB\nRssAnon:\t  3000 kB\nRssFile:\t  1500 kB\nRssShmem:\t   500 kB\n";
         assert_eq!(
-            parse_rss(s),
+            parse_rss(s).unwrap(),
             Rss {
                 total_kib: 5000,
                 anon_kib: 3000,
@@ -60,8 +80,10 @@ mod tests {
                 shmem_kib: 500
             }
         );
+        assert_eq!(parse_rss("Name:\tzombie\nState:\tZ (zombie)\n"), None);
         let me = rss();
         assert!(me.total_kib > 0 && me.anon_kib > 0);
+        assert_eq!(rss_of(u32::MAX), None);
     }
 
     #[test]

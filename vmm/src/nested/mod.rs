@@ -24,6 +24,12 @@ use std::path::{Component, Path, PathBuf};
 use std::time::{Duration, Instant};
 
 pub use error::NestedError;
+
+/// qemu-system-x86_64 from PATH, installed with apt-get (Debian's qemu-system-x86,
+/// non-interactive) when missing and `install` is set.
+pub fn locate_qemu(install: bool) -> Result<PathBuf, NestedError> {
+    qemu::locate(None, install)
+}
 pub use script::{L1_AGENTVM, L1_L2_INITRD, L1_L2_KERNEL};
 
 use initramfs::FileEntry;

@@ -3,7 +3,7 @@
 //! firmware QEMU microvm loads.
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use super::child::run_tool;
@@ -12,62 +12,14 @@ pub const L1_QEMU: &str = "/opt/qemu/bin/qemu-system-x86_64";
 pub const L1_QEMU_LIB: &str = "/opt/qemu/lib";
 pub const L1_QEMU_SHARE: &str = "/opt/qemu/share";
 
-const QEMU_BINARY: &str = "qemu-system-x86_64";
-const QEMU_PACKAGE: &str = "qemu-system-x86";
 /// microvm's default firmware (qboot) and the PVH option ROM; the others are optional.
 const FIRMWARE_REQUIRED: [&str; 2] = ["bios-microvm.bin", "pvh.bin"];
 const FIRMWARE_OPTIONAL: [&str; 3] = ["qboot.rom", "linuxboot_dma.bin", "linuxboot.bin"];
 const TOOL_LIMIT: Duration = Duration::from_secs(60);
 
-fn find_in_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
-        .map(|dir| dir.join(name))
-        .find(|p| p.is_file())
-}
-
-/// qemu-system-x86_64 from PATH, installed with apt-get (non-interactive) when missing.
+/// qemu-system-x86_64, installed with apt-get when missing (the nested test host's own lookup).
 pub fn locate_qemu() -> Result<PathBuf, String> {
-    if let Some(p) = find_in_path(QEMU_BINARY) {
-        return Ok(p);
-    }
-    let apt = find_in_path("apt-get").ok_or_else(|| {
-        format!("{QEMU_BINARY} is not on PATH and there is no apt-get to install {QEMU_PACKAGE}")
-    })?;
-    // Not through `run_tool`: killing apt or dpkg half-way (time limit, death of this process)
-    // can leave the package database broken; apt has its own network timeouts, and Ctrl-C
-    // reaches it as usual.
-    let apt_run = |args: &[&str]| -> Result<bool, String> {
-        eprintln!("bench: running apt-get {}", args.join(" "));
-        Command::new(&apt)
-            .args(args)
-            .env("DEBIAN_FRONTEND", "noninteractive")
-            .stdin(Stdio::null())
-            .stdout(std::io::stderr())
-            .stderr(std::io::stderr())
-            .status()
-            .map(|s| s.success())
-            .map_err(|e| format!("cannot run {}: {e}", apt.display()))
-    };
-    let install = [
-        "install",
-        "-y",
-        "-q",
-        "-o",
-        "Dpkg::Use-Pty=0",
-        "--no-install-recommends",
-        QEMU_PACKAGE,
-    ];
-    // Fresh containers ship no package lists: update once if the first install fails.
-    let installed = apt_run(&install)? || (apt_run(&["update", "-q"])? && apt_run(&install)?);
-    if !installed {
-        return Err(format!(
-            "{QEMU_BINARY} is not on PATH and 'apt-get install {QEMU_PACKAGE}' failed (needs \
-             root and access to Debian's archive)"
-        ));
-    }
-    find_in_path(QEMU_BINARY)
-        .ok_or_else(|| format!("{QEMU_PACKAGE} was installed but {QEMU_BINARY} is not on PATH"))
+    vmm::nested::locate_qemu(true).map_err(|e| e.to_string())
 }
 
 /// What `ldd` said about one dependency.
@@ -204,8 +156,8 @@ mod tests {
 
     #[test]
     fn installed_qemu_is_bundled_with_loader_libraries_and_firmware() {
-        let Some(qemu) = find_in_path(QEMU_BINARY) else {
-            eprintln!("skipping: {QEMU_BINARY} is not installed");
+        let Ok(qemu) = vmm::nested::locate_qemu(false) else {
+            eprintln!("skipping: qemu-system-x86_64 is not installed");
             return;
         };
         let files = bundle(&qemu).unwrap();

@@ -3,53 +3,9 @@
 
 use std::path::Path;
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
-/// Resident memory in KiB, split as /proc/<pid>/status reports it. For agentvm, guest RAM is a
-/// memfd and shows up as `shmem`, so `anon` is the VMM's own memory; QEMU's guest RAM is
-/// anonymous and shows up in `anon`.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RssKib {
-    pub total_kib: u64,
-    pub anon_kib: u64,
-    pub file_kib: u64,
-    pub shmem_kib: u64,
-}
-
-impl RssKib {
-    /// Field-wise maximum: the peak of each figure over a series of samples.
-    pub fn max(self, other: RssKib) -> RssKib {
-        RssKib {
-            total_kib: self.total_kib.max(other.total_kib),
-            anon_kib: self.anon_kib.max(other.anon_kib),
-            file_kib: self.file_kib.max(other.file_kib),
-            shmem_kib: self.shmem_kib.max(other.shmem_kib),
-        }
-    }
-}
-
-/// The memory of process `pid`; `None` once it is gone (or /proc cannot be read).
-pub fn rss_of(pid: u32) -> Option<RssKib> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    parse_status(&status)
-}
-
-fn parse_status(status: &str) -> Option<RssKib> {
-    let field = |name: &str| -> Option<u64> {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    };
-    // A zombie has no memory lines left: that is "gone", not "zero".
-    Some(RssKib {
-        total_kib: field("VmRSS:")?,
-        anon_kib: field("RssAnon:").unwrap_or(0),
-        file_kib: field("RssFile:").unwrap_or(0),
-        shmem_kib: field("RssShmem:").unwrap_or(0),
-    })
-}
+pub use vmm::process_stats::{rss_of, Rss as RssKib};
 
 /// The VMM's own milestones (CLOCK_MONOTONIC ns).
 #[derive(Debug, Clone, Copy, Deserialize)]
@@ -87,23 +43,6 @@ pub fn read_report(path: &Path) -> Result<TimingReport, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn parses_proc_status_and_treats_zombies_as_gone() {
-        let s = "Name:\tqemu\nVmRSS:\t  5000 kB\nRssAnon:\t  3000 kB\nRssFile:\t  1500 kB\nRssShmem:\t   500 kB\n";
-        assert_eq!(
-            parse_status(s),
-            Some(RssKib {
-                total_kib: 5000,
-                anon_kib: 3000,
-                file_kib: 1500,
-                shmem_kib: 500
-            })
-        );
-        assert_eq!(parse_status("Name:\tx\nState:\tZ (zombie)\n"), None);
-        let me = rss_of(std::process::id()).unwrap();
-        assert!(me.total_kib > 0);
-    }
 
     #[test]
     fn peak_is_fieldwise() {
