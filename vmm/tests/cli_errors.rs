@@ -27,12 +27,37 @@ fn assert_clear_error(out: &Output, expected: &str) {
     assert!(!err.contains("RUST_BACKTRACE"), "agentvm panicked:\n{err}");
 }
 
-fn temp_file(name: &str, contents: &[u8]) -> std::path::PathBuf {
+/// A file in a per-process temp directory, removed (with the directory once empty) on drop.
+struct TempFile(std::path::PathBuf);
+
+impl TempFile {
+    fn to_str(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl std::ops::Deref for TempFile {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+        if let Some(dir) = self.0.parent() {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
+fn temp_file(name: &str, contents: &[u8]) -> TempFile {
     let dir = std::env::temp_dir().join(format!("agentvm-cli-test-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let path = dir.join(name);
     std::fs::write(&path, contents).unwrap();
-    path
+    TempFile(path)
 }
 
 #[test]
@@ -45,7 +70,7 @@ fn missing_kernel_is_named() {
 #[test]
 fn a_text_file_is_not_a_kernel() {
     let path = temp_file("not-a-kernel", b"#!/bin/sh\necho hi\n");
-    let out = agentvm(&["boot", "--kernel", path.to_str().unwrap()]);
+    let out = agentvm(&["boot", "--kernel", path.to_str()]);
     // /dev/kvm is checked after the kernel's format on hosts without it; either error is clear,
     // but with /dev/kvm present the format error must come.
     let err = stderr(&out);
@@ -60,10 +85,10 @@ fn a_text_file_is_not_a_kernel() {
 fn zero_and_too_many_vcpus_are_refused() {
     let path = temp_file("k0", b"x");
     for n in ["0", "17", "300"] {
-        let out = agentvm(&["boot", "--kernel", path.to_str().unwrap(), "--vcpus", n]);
+        let out = agentvm(&["boot", "--kernel", path.to_str(), "--vcpus", n]);
         assert_clear_error(&out, "--vcpus must be between 1 and 16");
     }
-    let out = agentvm(&["boot", "--kernel", path.to_str().unwrap(), "--vcpus", "-1"]);
+    let out = agentvm(&["boot", "--kernel", path.to_str(), "--vcpus", "-1"]);
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("panicked"));
 }
@@ -71,15 +96,9 @@ fn zero_and_too_many_vcpus_are_refused() {
 #[test]
 fn memory_too_small_or_too_large_is_refused() {
     let path = temp_file("k1", b"x");
-    let out = agentvm(&["boot", "--kernel", path.to_str().unwrap(), "--mem-mib", "1"]);
+    let out = agentvm(&["boot", "--kernel", path.to_str(), "--mem-mib", "1"]);
     assert_clear_error(&out, "--mem-mib must be at least 16 MiB");
-    let out = agentvm(&[
-        "boot",
-        "--kernel",
-        path.to_str().unwrap(),
-        "--mem-mib",
-        "100000000",
-    ]);
+    let out = agentvm(&["boot", "--kernel", path.to_str(), "--mem-mib", "100000000"]);
     assert_clear_error(&out, "more than this host's");
 }
 
@@ -89,7 +108,7 @@ fn missing_initrd_is_named() {
     let out = agentvm(&[
         "boot",
         "--kernel",
-        path.to_str().unwrap(),
+        path.to_str(),
         "--initrd",
         "/nonexistent/initrd.cpio",
     ]);
@@ -99,13 +118,7 @@ fn missing_initrd_is_named() {
 #[test]
 fn bad_timeout_is_refused() {
     let path = temp_file("k3", b"x");
-    let out = agentvm(&[
-        "boot",
-        "--kernel",
-        path.to_str().unwrap(),
-        "--timeout",
-        "-5",
-    ]);
+    let out = agentvm(&["boot", "--kernel", path.to_str(), "--timeout", "-5"]);
     assert!(!out.status.success());
     assert!(!stderr(&out).contains("panicked"));
 }
@@ -122,4 +135,47 @@ fn run_kernel_without_initrd_is_a_usage_error() {
     let out = agentvm(&["run", "--kernel", "/x", "--", "true"]);
     assert!(!out.status.success());
     assert!(stderr(&out).contains("--initrd"), "{}", stderr(&out));
+}
+
+/// Only root can open /dev/kvm on these hosts (mode 0600): an unprivileged user must get the
+/// permission error, not a crash. Needs root to switch to `nobody`; skipped otherwise.
+#[test]
+fn no_permission_on_dev_kvm_is_explained() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let euid = unsafe { libc::geteuid() };
+    let runuser = std::path::Path::new("/usr/sbin/runuser");
+    if euid != 0 || !runuser.exists() || !std::path::Path::new("/dev/kvm").exists() {
+        eprintln!("skipping: needs root, runuser and /dev/kvm to test as an unprivileged user");
+        return;
+    }
+    let kernel = temp_file("k-perm", b"x");
+    // `nobody` must be able to reach the kernel file.
+    let dir = kernel.parent().unwrap();
+    std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(
+        &*kernel,
+        std::os::unix::fs::PermissionsExt::from_mode(0o644),
+    )
+    .unwrap();
+    let out = Command::new(runuser)
+        .args([
+            "-u",
+            "nobody",
+            "--",
+            env!("CARGO_BIN_EXE_agentvm"),
+            "boot",
+            "--kernel",
+        ])
+        .arg(&*kernel)
+        .env("AGENTVM_LOG", "off")
+        .output()
+        .expect("run agentvm as nobody");
+    if stderr(&out).contains("Permission denied") && !stderr(&out).contains("/dev/kvm") {
+        eprintln!(
+            "skipping: nobody cannot execute the test binary here: {}",
+            stderr(&out)
+        );
+        return;
+    }
+    assert_clear_error(&out, "no permission to open /dev/kvm");
 }
