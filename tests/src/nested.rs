@@ -67,7 +67,7 @@ pub fn run_scenarios(scenarios: &[Scenario]) -> Outcome {
         Ok(a) => a,
         Err(e) => return Outcome::Unavailable(format!("cannot prepare the guest artefacts: {e}")),
     };
-    let host = NestedHost::new(NestedInputs {
+    let mut host = NestedHost::new(NestedInputs {
         l1_kernel: artefacts.vmlinuz.clone(),
         pkg_dir: artefacts.pkg_dir.clone(),
         busybox: artefacts.busybox.clone(),
@@ -75,6 +75,9 @@ pub fn run_scenarios(scenarios: &[Scenario]) -> Outcome {
         l2_kernel: artefacts.kernel.clone(),
         l2_initrd: artefacts.initrd.clone(),
     });
+    // The distribution bzImage too, to boot it as an L2 kernel through the bzImage loader.
+    host.extra_files
+        .push((artefacts.vmlinuz.clone(), L1_L2_BZIMAGE.to_string()));
     match host.run(scenarios) {
         Ok(run) => {
             eprintln!(
@@ -112,12 +115,25 @@ pub fn sh_quote(s: &str) -> String {
 /// scenario's stderr, and appends the tail of the L2 serial console to stdout after
 /// [`L2_CONSOLE_MARKER`] (see [`split_l2_console`]) so failures can be diagnosed.
 pub fn l2_scenario(name: &str, guest_cmd: &str, timeout: Duration) -> Scenario {
+    l2_scenario_with_kernel(name, L1_L2_KERNEL, guest_cmd, timeout)
+}
+
+/// Where [`run_scenarios`] puts the distribution bzImage in L1.
+pub const L1_L2_BZIMAGE: &str = "/l2/vmlinuz";
+
+/// [`l2_scenario`] with another L2 kernel (a path inside L1).
+pub fn l2_scenario_with_kernel(
+    name: &str,
+    kernel: &str,
+    guest_cmd: &str,
+    timeout: Duration,
+) -> Scenario {
     let console = format!(
         "/tmp/{}.l2-console",
         name.replace(|c: char| !c.is_ascii_alphanumeric(), "_")
     );
     let script = format!(
-        "agentvm run --console {console} --kernel {L1_L2_KERNEL} --initrd {L1_L2_INITRD} \
+        "agentvm run --console {console} --kernel {kernel} --initrd {L1_L2_INITRD} \
          --vcpus 2 --mem-mib 256 -- sh -c {cmd}\n\
          rc=$?\n\
          echo\n\

@@ -10,7 +10,10 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use integration_tests::nested::{describe, l2_scenario, run_scenarios, split_l2_console, Outcome};
+use integration_tests::nested::{
+    describe, l2_scenario, l2_scenario_with_kernel, run_scenarios, split_l2_console, Outcome,
+    L1_L2_BZIMAGE,
+};
 use vmm::nested::Scenario;
 
 /// Generous: L2 runs at TCG speed, and the machine's two cores are shared.
@@ -38,6 +41,13 @@ fn scenarios() -> Vec<Scenario> {
         l2_scenario(
             "poweroff",
             "echo before-poweroff; poweroff; sleep 60; echo after-poweroff",
+            L2_TIMEOUT,
+        ),
+        // The distribution bzImage through the bzImage loader (64-bit entry after the decompressor).
+        l2_scenario_with_kernel(
+            "bzimage",
+            L1_L2_BZIMAGE,
+            "echo bzimage-kernel=$(uname -r); exit 4",
             L2_TIMEOUT,
         ),
         l2_scenario(
@@ -156,6 +166,17 @@ fn guest_poweroff_ends_the_vmm_cleanly() {
     assert!(out.contains("before-poweroff"), "{}", describe(r));
     assert!(!out.contains("after-poweroff"), "{}", describe(r));
     assert_eq!(r.exit_code, 0, "{}", describe(r));
+}
+
+#[test]
+fn a_bzimage_kernel_boots_too() {
+    let Some(r) = outcome().scenario("bzimage") else {
+        return;
+    };
+    assert!(!r.timed_out, "{}", describe(r));
+    let (out, _console) = split_l2_console(r);
+    assert!(out.starts_with("bzimage-kernel=6."), "{}", describe(r));
+    assert_eq!(r.exit_code, 4, "{}", describe(r));
 }
 
 #[test]
