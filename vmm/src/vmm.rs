@@ -87,8 +87,10 @@ pub struct Vmm {
     devices: DeviceManager,
     timings: BootTimings,
     first_run: Arc<OnceLock<u64>>,
-    _vm: Vm,
-    _mem: GuestMemoryMmap,
+    // Dropped only once every vCPU thread has been joined (see `shutdown`).
+    vm: Option<Vm>,
+    mem: Option<GuestMemoryMmap>,
+    threads_stuck: bool,
 }
 
 /// Boots the VM described by `config`; guest console output goes to `console`.
@@ -183,8 +185,9 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             rss_before_guest: process_stats::rss(),
         },
         first_run,
-        _vm: vm,
-        _mem: mem,
+        vm: Some(vm),
+        mem: Some(mem),
+        threads_stuck: false,
     };
     for vcpu in vcpus {
         let index = vmm.vcpu_threads.len() as u8;
@@ -298,6 +301,7 @@ impl Vmm {
                 let _ = handle.join();
             } else {
                 tracing::error!("a vCPU thread did not stop within 5 s; leaving it detached");
+                self.threads_stuck = true;
             }
         }
         self.devices.shutdown();
@@ -307,6 +311,12 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.shutdown();
+        if self.threads_stuck {
+            // A vCPU thread may still touch guest memory or the VM: leak both rather than unmap
+            // memory under it. The process is about to report the failure and exit anyway.
+            std::mem::forget(self.vm.take());
+            std::mem::forget(self.mem.take());
+        }
     }
 }
 
