@@ -11,6 +11,7 @@
 //! - [`DeviceEvents`] (events.rs): event-loop glue; a device that is also an
 //!   `event_manager::MutEventSubscriber` uses it to start watching its queue EventFds once activated.
 //! - [`rng`]: virtio-entropy, the first device.
+//! - [`vsock`]: virtio-vsock with a Unix socket backend (hybrid vsock).
 //!
 //! Wiring one device `i` (what the VMM does):
 //! ```text
@@ -31,6 +32,7 @@ mod events;
 mod interrupt;
 mod mmio;
 pub mod rng;
+pub mod vsock;
 
 pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
 pub use events::{DeviceEvents, ACTIVATE_TOKEN};

@@ -1,0 +1,461 @@
+//! The host side of hybrid vsock: Unix sockets.
+//!
+//! - Host-initiated: a host process connects to the listening socket at `uds_path` and writes
+//!   `CONNECT <port>\n`; the guest gets an OP_REQUEST to `port`, and when it answers with
+//!   OP_RESPONSE the host process reads `OK <hostport>\n` and the stream is open.
+//! - Guest-initiated: an OP_REQUEST to port P connects to `<uds_path>_P`; if nothing listens
+//!   there the guest gets OP_RST.
+//!
+//! Connections are keyed by (host port, guest port). All host sockets are non-blocking and
+//! watched by the event loop with exactly the interest each needs at the moment
+//! ([`Connection::interest`]), so a socket we cannot serve (no guest credit, no rx buffers)
+//! never wakes the loop.
+
+use std::collections::{HashMap, VecDeque};
+use std::io::{ErrorKind, Read};
+use std::os::unix::io::{AsRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+
+use event_manager::{EventOps, EventSet, Events};
+use tracing::{debug, warn};
+
+use super::connection::{Connection, Verdict};
+use super::packet::{Header, Op, HOST_CID, TYPE_STREAM};
+
+/// Most concurrent connections; further guest requests are reset, further host ones closed.
+pub const MAX_CONNECTIONS: usize = 1024;
+/// Most accepted host sockets still sending their `CONNECT` line.
+pub const MAX_HANDSHAKES: usize = 64;
+/// Most RSTs waiting for rx buffers; beyond that they are dropped (a guest flooding bad
+/// packets must not make us queue without bound).
+const MAX_CONTROL_PACKETS: usize = 1024;
+/// Longest accepted `CONNECT <port>\n` line.
+const MAX_CONNECT_LINE: usize = 32;
+/// Host ports are handed out from here (above what guests usually listen on).
+const FIRST_LOCAL_PORT: u32 = 1 << 30;
+
+/// Epoll token of the listening socket.
+pub const LISTENER_TOKEN: u32 = 8;
+/// Host socket tokens are `FD_TOKEN_BASE + fd`, which is unique among open sockets.
+pub const FD_TOKEN_BASE: u32 = 16;
+
+/// (host port, guest port).
+pub type ConnKey = (u32, u32);
+
+/// Errors creating the backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The listening socket could not be created.
+    #[error("cannot listen on {path}: {source}")]
+    Listen {
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+#[derive(Debug)]
+struct Handshake {
+    stream: UnixStream,
+    line: Vec<u8>,
+}
+
+/// Host sockets and connections of one vsock device.
+#[derive(Debug)]
+pub struct UnixBackend {
+    uds_path: PathBuf,
+    guest_cid: u64,
+    listener: UnixListener,
+    listener_registered: bool,
+    handshakes: HashMap<RawFd, Handshake>,
+    conns: HashMap<ConnKey, Connection>,
+    fd_keys: HashMap<RawFd, ConnKey>,
+    /// What the event loop currently watches for each host socket.
+    registered: HashMap<RawFd, EventSet>,
+    /// Sockets to unregister and then close.
+    closing: Vec<UnixStream>,
+    /// Connections that may have packets for the guest (possibly stale entries).
+    rx_ready: VecDeque<ConnKey>,
+    /// OP_RSTs for packets that match no connection.
+    control: VecDeque<Header>,
+    next_local_port: u32,
+}
+
+impl UnixBackend {
+    /// Listens on `uds_path` (which must not exist yet).
+    pub fn new(uds_path: &Path, guest_cid: u64) -> Result<Self, BackendError> {
+        let listen = || -> std::io::Result<UnixListener> {
+            let l = UnixListener::bind(uds_path)?;
+            l.set_nonblocking(true)?;
+            Ok(l)
+        };
+        let listener = listen().map_err(|source| BackendError::Listen {
+            path: uds_path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            uds_path: uds_path.to_path_buf(),
+            guest_cid,
+            listener,
+            listener_registered: false,
+            handshakes: HashMap::new(),
+            conns: HashMap::new(),
+            fd_keys: HashMap::new(),
+            registered: HashMap::new(),
+            closing: Vec::new(),
+            rx_ready: VecDeque::new(),
+            control: VecDeque::new(),
+            next_local_port: FIRST_LOCAL_PORT,
+        })
+    }
+
+    /// Number of open connections.
+    pub fn connection_count(&self) -> usize {
+        self.conns.len()
+    }
+
+    /// Drops every connection and pending handshake (device reset): host sockets get closed.
+    pub fn reset(&mut self) {
+        for (_, c) in self.conns.drain() {
+            self.closing.push(c.into_stream());
+        }
+        for (_, h) in self.handshakes.drain() {
+            self.closing.push(h.stream);
+        }
+        self.fd_keys.clear();
+        self.rx_ready.clear();
+        self.control.clear();
+    }
+
+    fn push_control(&mut self, hdr: Header) {
+        if self.control.len() >= MAX_CONTROL_PACKETS {
+            debug!("vsock: control queue full, dropping an RST");
+            return;
+        }
+        self.control.push_back(hdr);
+    }
+
+    /// A malformed packet from the guest: resets the connection it names, if any, else
+    /// answers it with an OP_RST.
+    pub fn on_bad_packet(&mut self, hdr: &Header) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if self.conns.contains_key(&key) {
+            self.remove(key, Verdict::Reset);
+        } else {
+            self.reset_guest_packet(hdr);
+        }
+    }
+
+    /// Replies OP_RST to a guest packet `hdr` that cannot be served.
+    fn reset_guest_packet(&mut self, hdr: &Header) {
+        if hdr.op == Op::Rst as u16 {
+            return;
+        }
+        self.push_control(Header {
+            src_cid: HOST_CID,
+            dst_cid: self.guest_cid,
+            src_port: hdr.dst_port,
+            dst_port: hdr.src_port,
+            len: 0,
+            type_: TYPE_STREAM,
+            op: Op::Rst as u16,
+            flags: 0,
+            buf_alloc: 0,
+            fwd_cnt: 0,
+        });
+    }
+
+    fn remove(&mut self, key: ConnKey, verdict: Verdict) {
+        if let Some(c) = self.conns.remove(&key) {
+            if verdict == Verdict::Reset {
+                let rst = c.rst_packet();
+                self.push_control(rst);
+            }
+            self.fd_keys.remove(&c.stream().as_raw_fd());
+            self.closing.push(c.into_stream());
+        }
+    }
+
+    fn after(&mut self, key: ConnKey, verdict: Verdict) {
+        match verdict {
+            Verdict::Keep => {
+                if self.conns.get(&key).is_some_and(Connection::has_rx_work) {
+                    self.rx_ready.push_back(key);
+                }
+            }
+            v => self.remove(key, v),
+        }
+    }
+
+    /// Handles a validated packet from the guest.
+    pub fn on_guest_packet(&mut self, hdr: &Header, op: Op, payload: &[u8]) {
+        let key = (hdr.dst_port, hdr.src_port);
+        if let Some(conn) = self.conns.get_mut(&key) {
+            let verdict = conn.on_guest_packet(hdr, op, payload);
+            self.after(key, verdict);
+            return;
+        }
+        match op {
+            Op::Request => self.guest_connect(hdr),
+            Op::Rst => {}
+            _ => self.reset_guest_packet(hdr),
+        }
+    }
+
+    fn guest_connect(&mut self, hdr: &Header) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            warn!("vsock: {MAX_CONNECTIONS} connections open, refusing guest request");
+            self.reset_guest_packet(hdr);
+            return;
+        }
+        let mut path = self.uds_path.clone().into_os_string();
+        path.push(format!("_{}", hdr.dst_port));
+        let connect = || -> std::io::Result<UnixStream> {
+            let s = UnixStream::connect(&path)?;
+            s.set_nonblocking(true)?;
+            Ok(s)
+        };
+        match connect() {
+            Ok(stream) => {
+                let key = (hdr.dst_port, hdr.src_port);
+                self.fd_keys.insert(stream.as_raw_fd(), key);
+                let conn = Connection::guest_initiated(stream, self.guest_cid, hdr);
+                self.conns.insert(key, conn);
+                self.rx_ready.push_back(key);
+            }
+            Err(e) => {
+                debug!("vsock: guest connect to port {} refused: {e}", hdr.dst_port);
+                self.reset_guest_packet(hdr);
+            }
+        }
+    }
+
+    /// Accepts pending host connections on the listening socket.
+    pub fn accept(&mut self) {
+        // Bounded so one event cannot keep the loop here; level-triggered epoll comes back.
+        for _ in 0..MAX_HANDSHAKES {
+            match self.listener.accept() {
+                Ok((stream, _)) => {
+                    if self.handshakes.len() >= MAX_HANDSHAKES {
+                        warn!("vsock: too many pending host connections, closing one");
+                        continue;
+                    }
+                    if let Err(e) = stream.set_nonblocking(true) {
+                        warn!("vsock: cannot make a host socket non-blocking: {e}");
+                        continue;
+                    }
+                    let handshake = Handshake {
+                        stream,
+                        line: Vec::new(),
+                    };
+                    self.handshakes
+                        .insert(handshake.stream.as_raw_fd(), handshake);
+                }
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Epoll reported host socket `fd` ready with `events`.
+    pub fn on_host_event(&mut self, fd: RawFd, events: EventSet) {
+        if self.handshakes.contains_key(&fd) {
+            self.read_handshake(fd);
+            return;
+        }
+        let Some(&key) = self.fd_keys.get(&fd) else {
+            return;
+        };
+        if let Some(conn) = self.conns.get_mut(&key) {
+            let verdict = conn.on_host_event(events);
+            self.after(key, verdict);
+        }
+    }
+
+    /// Reads the `CONNECT <port>\n` line byte by byte so no stream data after it is consumed.
+    fn read_handshake(&mut self, fd: RawFd) {
+        let Some(h) = self.handshakes.get_mut(&fd) else {
+            return;
+        };
+        let mut byte = [0u8; 1];
+        let port = loop {
+            match h.stream.read(&mut byte) {
+                Ok(1) if byte[0] == b'\n' => break parse_connect(&h.line),
+                Ok(1) if h.line.len() < MAX_CONNECT_LINE => h.line.push(byte[0]),
+                Ok(_) => break None,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+                Err(_) => break None,
+            }
+        };
+        let Some(h) = self.handshakes.remove(&fd) else {
+            return;
+        };
+        let Some(port) = port else {
+            debug!(
+                "vsock: bad handshake from host: {:?}",
+                String::from_utf8_lossy(&h.line)
+            );
+            self.closing.push(h.stream);
+            return;
+        };
+        if self.conns.len() >= MAX_CONNECTIONS {
+            warn!("vsock: {MAX_CONNECTIONS} connections open, closing host request");
+            self.closing.push(h.stream);
+            return;
+        }
+        let local = self.allocate_local_port(port);
+        let key = (local, port);
+        self.fd_keys.insert(fd, key);
+        self.conns.insert(
+            key,
+            Connection::host_initiated(h.stream, self.guest_cid, local, port),
+        );
+        self.rx_ready.push_back(key);
+    }
+
+    fn allocate_local_port(&mut self, peer: u32) -> u32 {
+        loop {
+            let p = self.next_local_port;
+            self.next_local_port = self.next_local_port.wrapping_add(1).max(FIRST_LOCAL_PORT);
+            if !self.conns.contains_key(&(p, peer)) {
+                return p;
+            }
+        }
+    }
+
+    /// Whether [`Self::next_rx_packet`] may produce something.
+    pub fn has_rx_work(&self) -> bool {
+        !self.control.is_empty() || !self.rx_ready.is_empty()
+    }
+
+    /// The next packet for the guest, with up to `buf.len()` payload bytes read into `buf`.
+    pub fn next_rx_packet(&mut self, buf: &mut [u8]) -> Option<Header> {
+        if let Some(hdr) = self.control.pop_front() {
+            return Some(hdr);
+        }
+        while let Some(key) = self.rx_ready.pop_front() {
+            let Some(conn) = self.conns.get_mut(&key) else {
+                continue;
+            };
+            let Some(pkt) = conn.next_rx_packet(buf) else {
+                continue;
+            };
+            if pkt.last {
+                self.remove(key, Verdict::Drop);
+            } else if conn.has_rx_work() && !self.rx_ready.contains(&key) {
+                self.rx_ready.push_back(key);
+            }
+            return Some(pkt.hdr);
+        }
+        None
+    }
+
+    /// Queues every connection that has rx work again (after a credit change or new rx
+    /// buffers nothing else would).
+    pub fn requeue_all(&mut self) {
+        for (key, conn) in &self.conns {
+            if conn.has_rx_work() && !self.rx_ready.contains(key) {
+                self.rx_ready.push_back(*key);
+            }
+        }
+    }
+
+    /// Brings the event loop's view of the host sockets in line: closes sockets that are done,
+    /// watches new ones, and sets each connection's interest.
+    pub fn sync(&mut self, ops: &mut EventOps) {
+        if !self.listener_registered {
+            let ev = Events::with_data(&self.listener, LISTENER_TOKEN, EventSet::IN);
+            match ops.add(ev) {
+                Ok(()) => self.listener_registered = true,
+                Err(e) => warn!("vsock: cannot watch the listening socket: {e}"),
+            }
+        }
+        for stream in self.closing.drain(..) {
+            let fd = stream.as_raw_fd();
+            if self.registered.remove(&fd).is_some() {
+                if let Err(e) = ops.remove(Events::empty_raw(fd)) {
+                    warn!("vsock: cannot stop watching a host socket: {e}");
+                }
+            }
+        }
+        let mut wanted: Vec<(RawFd, Option<EventSet>)> = self
+            .handshakes
+            .keys()
+            .map(|&fd| (fd, Some(EventSet::IN)))
+            .collect();
+        wanted.extend(
+            self.conns
+                .values()
+                .map(|c| (c.stream().as_raw_fd(), c.interest())),
+        );
+        for (fd, want) in wanted {
+            set_interest(ops, &mut self.registered, fd, want);
+        }
+    }
+}
+
+fn set_interest(
+    ops: &mut EventOps,
+    registered: &mut HashMap<RawFd, EventSet>,
+    fd: RawFd,
+    want: Option<EventSet>,
+) {
+    let Ok(token) = u32::try_from(fd).map(|f| f.saturating_add(FD_TOKEN_BASE)) else {
+        return;
+    };
+    let have = registered.get(&fd).copied();
+    if have == want {
+        return;
+    }
+    let result = match (have, want) {
+        (None, Some(set)) => ops.add(Events::with_data_raw(fd, token, set)),
+        (Some(_), Some(set)) => ops.modify(Events::with_data_raw(fd, token, set)),
+        (Some(_), None) => ops.remove(Events::empty_raw(fd)),
+        (None, None) => Ok(()),
+    };
+    match result {
+        Ok(()) => match want {
+            Some(set) => {
+                registered.insert(fd, set);
+            }
+            None => {
+                registered.remove(&fd);
+            }
+        },
+        Err(e) => warn!("vsock: cannot update interest of a host socket: {e}"),
+    }
+}
+
+fn parse_connect(line: &[u8]) -> Option<u32> {
+    let line = std::str::from_utf8(line).ok()?;
+    let line = line.strip_suffix('\r').unwrap_or(line);
+    let port = line.strip_prefix("CONNECT ")?;
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_connect;
+
+    #[test]
+    fn connect_lines() {
+        assert_eq!(parse_connect(b"CONNECT 52"), Some(52));
+        assert_eq!(parse_connect(b"CONNECT 4294967295\r"), Some(u32::MAX));
+        assert_eq!(parse_connect(b"CONNECT 4294967296"), None);
+        assert_eq!(parse_connect(b"CONNECT +5"), None);
+        assert_eq!(parse_connect(b"CONNECT "), None);
+        assert_eq!(parse_connect(b"connect 5"), None);
+        assert_eq!(parse_connect(b"CONNECT 5 6"), None);
+    }
+}
