@@ -11,6 +11,7 @@ use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
 use std::os::unix::net::UnixStream;
+use std::time::Instant;
 
 use event_manager::EventSet;
 
@@ -93,6 +94,8 @@ pub struct Connection {
 
     /// Epoll said the host socket has data (or EOF) we have not read yet.
     host_readable: bool,
+    /// When the OP_REQUEST of a host-initiated connection went to the guest.
+    requested_at: Option<Instant>,
     host_eof: bool,
     /// The host closed its socket entirely: no more events are useful, only reads of what is
     /// left.
@@ -160,6 +163,7 @@ impl Connection {
             rx_cnt: Wrapping(0),
             credit_request_sent: false,
             host_readable: false,
+            requested_at: None,
             host_eof: false,
             host_hup: false,
             guest_shutdown: 0,
@@ -174,6 +178,15 @@ impl Connection {
     /// Gives the host socket up (to be unregistered, then closed).
     pub fn into_stream(self) -> UnixStream {
         self.stream
+    }
+
+    /// When the guest was asked to accept this host-initiated connection, while it has not
+    /// answered.
+    pub fn awaiting_since(&self) -> Option<Instant> {
+        match self.state {
+            State::AwaitingResponse => self.requested_at,
+            State::Established => None,
+        }
     }
 
     /// Bytes we may still send the guest.
@@ -393,6 +406,7 @@ impl Connection {
     pub fn next_rx_packet(&mut self, buf: &mut [u8]) -> Option<RxPacket> {
         if self.owed.request {
             self.owed.request = false;
+            self.requested_at = Some(Instant::now());
             return Some(self.emit(Op::Request, 0, 0));
         }
         if self.owed.response {

@@ -66,7 +66,10 @@ pub struct Vsock {
     pub(super) wake: EventFd,
     pub(super) backend: UnixBackend,
     active: Option<Active>,
+    /// Payload of the tx packet being handled.
     payload: Vec<u8>,
+    /// Payload read from a host socket for the rx packet being built.
+    rx_buf: Vec<u8>,
 }
 
 impl Vsock {
@@ -84,6 +87,7 @@ impl Vsock {
             backend: UnixBackend::new(uds_path, guest_cid)?,
             active: None,
             payload: Vec::with_capacity(MAX_PAYLOAD),
+            rx_buf: vec![0; MAX_PAYLOAD],
         })
     }
 
@@ -95,6 +99,12 @@ impl Vsock {
     /// Features the driver accepted.
     pub fn acked_features(&self) -> u64 {
         self.acked_features
+    }
+
+    /// Changes how long the guest has to accept a host-initiated connection (default
+    /// [`REQUEST_TIMEOUT`](super::REQUEST_TIMEOUT)), checked every `tick`.
+    pub fn set_request_timeout(&mut self, timeout: std::time::Duration, tick: std::time::Duration) {
+        self.backend.set_request_timeout(timeout, tick);
     }
 
     /// Open connections.
@@ -192,8 +202,7 @@ impl Vsock {
                     continue;
                 }
                 let room = (capacity - HDR_LEN).min(MAX_PAYLOAD);
-                self.payload.resize(room, 0);
-                let Some(hdr) = self.backend.next_rx_packet(&mut self.payload) else {
+                let Some(hdr) = self.backend.next_rx_packet(&mut self.rx_buf[..room]) else {
                     queue.go_to_previous_position();
                     return Ok(());
                 };
@@ -202,7 +211,7 @@ impl Vsock {
                     bufs.write_at(mem, 0, &h.to_bytes())?;
                     bufs.write_at(mem, HDR_LEN, data)
                 };
-                if let Err(e) = write(&bufs, &hdr, &self.payload[..len]) {
+                if let Err(e) = write(&bufs, &hdr, &self.rx_buf[..len]) {
                     return Err(format!("rx buffer outside guest memory: {e}"));
                 }
                 queue

@@ -7,7 +7,7 @@ use event_manager::{EventOps, Events, MutEventSubscriber};
 use tracing::warn;
 
 use super::device::{Vsock, EVENT_QUEUE, RX_QUEUE, TX_QUEUE};
-use super::unix_backend::{FD_TOKEN_BASE, LISTENER_TOKEN};
+use super::unix_backend::{FD_TOKEN_BASE, LISTENER_TOKEN, TIMER_TOKEN};
 use crate::virtio::ACTIVATE_TOKEN;
 
 /// Epoll token of the reset wake-up EventFd.
@@ -52,6 +52,7 @@ impl MutEventSubscriber for Vsock {
                 self.events.drain_queue(EVQ);
             }
             LISTENER_TOKEN => self.backend.accept(),
+            TIMER_TOKEN => self.backend.on_timer(),
             token if token >= FD_TOKEN_BASE => {
                 if let Ok(fd) = RawFd::try_from(token - FD_TOKEN_BASE) {
                     self.backend.on_host_event(fd, events.event_set());

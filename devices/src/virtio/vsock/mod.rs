@@ -16,7 +16,7 @@ mod unix_backend;
 pub use connection::CONN_BUF_SIZE;
 pub use device::{Vsock, VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
 pub use packet::{Header, Op, PacketError, HDR_LEN, HOST_CID, MAX_PAYLOAD};
-pub use unix_backend::{BackendError, MAX_CONNECTIONS, MAX_HANDSHAKES};
+pub use unix_backend::{BackendError, MAX_CONNECTIONS, MAX_HANDSHAKES, REQUEST_TIMEOUT};
 
 #[cfg(test)]
 mod tests;

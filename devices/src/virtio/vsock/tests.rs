@@ -727,3 +727,77 @@ fn bad_handshakes_are_closed_and_reset_closes_everything() {
     assert_eq!(read_now(&mut host), None);
     assert_eq!(read_now(&mut pending), None);
 }
+
+#[test]
+fn host_data_sent_right_after_connect_waits_for_the_guest() {
+    let mut g = Guest::new();
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 33\nearly bytes").unwrap();
+    g.run();
+    g.post_rx(4, false);
+    let got = g.recv();
+    assert_eq!(
+        got.len(),
+        1,
+        "only the request before the guest answers: {got:?}"
+    );
+    let local = got[0].0.src_port;
+    g.send(pkt(Op::Response, 33, local), &[]);
+    assert_eq!(
+        read_now(&mut s).unwrap(),
+        format!("OK {local}\n").as_bytes()
+    );
+    g.post_rx(1, false);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].1, b"early bytes");
+}
+
+#[test]
+fn guest_refusing_a_host_connection_closes_the_host_socket() {
+    let mut g = Guest::new();
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 34\n").unwrap();
+    g.run();
+    g.post_rx(1, false);
+    let local = g.recv()[0].0.src_port;
+    g.send(pkt(Op::Rst, 34, local), &[]);
+    assert_eq!(read_now(&mut s), None, "no OK line, just EOF");
+    assert_eq!(g.conns(), 0);
+}
+
+#[test]
+fn unanswered_host_connections_time_out() {
+    let mut g = Guest::new();
+    g.dev.lock().unwrap().set_request_timeout(
+        std::time::Duration::from_millis(20),
+        std::time::Duration::from_millis(5),
+    );
+    let mut s = UnixStream::connect(&g.uds).unwrap();
+    s.write_all(b"CONNECT 35\n").unwrap();
+    g.run();
+    g.post_rx(2, false);
+    let req = g.recv()[0].0;
+    assert_eq!(req.op, Op::Request as u16);
+    // Waits for the timer's events (blocking epoll waits, no sleeps).
+    for _ in 0..1000 {
+        if g.conns() == 0 {
+            break;
+        }
+        g.manager.run_with_timeout(50).unwrap();
+    }
+    assert_eq!(g.conns(), 0, "the request never timed out");
+    g.run();
+    assert_eq!(read_now(&mut s), None);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0.op, got[0].0.src_port, got[0].0.dst_port),
+        (Op::Rst as u16, req.src_port, 35)
+    );
+    // The timer disarms once nothing waits: the loop goes quiet.
+    for _ in 0..10 {
+        g.manager.run_with_timeout(10).unwrap();
+    }
+    assert_eq!(g.manager.run_with_timeout(20).unwrap(), 0);
+}

@@ -16,9 +16,11 @@ use std::io::{ErrorKind, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events};
 use tracing::{debug, warn};
+use vmm_sys_util::timerfd::TimerFd;
 
 use super::connection::{Connection, Verdict};
 use super::packet::{Header, Op, HOST_CID, TYPE_STREAM};
@@ -35,8 +37,16 @@ const MAX_CONNECT_LINE: usize = 32;
 /// Host ports are handed out from here (above what guests usually listen on).
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
 
+/// How long the guest has to accept a host-initiated connection before the host socket is
+/// closed (and the guest sent an RST, so a late answer finds nothing).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often pending requests are checked while there are any.
+const REQUEST_TICK: Duration = Duration::from_millis(250);
+
 /// Epoll token of the listening socket.
 pub const LISTENER_TOKEN: u32 = 8;
+/// Epoll token of the request timer.
+pub const TIMER_TOKEN: u32 = 10;
 /// Host socket tokens are `FD_TOKEN_BASE + fd`, which is unique among open sockets.
 pub const FD_TOKEN_BASE: u32 = 16;
 
@@ -46,6 +56,9 @@ pub type ConnKey = (u32, u32);
 /// Errors creating the backend.
 #[derive(Debug, thiserror::Error)]
 pub enum BackendError {
+    /// The request timer could not be created.
+    #[error("cannot create a timerfd: {0}")]
+    Timer(#[source] std::io::Error),
     /// The listening socket could not be created.
     #[error("cannot listen on {path}: {source}")]
     Listen {
@@ -82,6 +95,13 @@ pub struct UnixBackend {
     /// OP_RSTs for packets that match no connection.
     control: VecDeque<Header>,
     next_local_port: u32,
+    /// Ticks while host-initiated requests wait for the guest. Only ever re-armed while
+    /// disarmed and disarmed from its own event, so a readiness epoll reported is never
+    /// cancelled before the (blocking) read of its count.
+    timer: TimerFd,
+    timer_registered: bool,
+    request_timeout: Duration,
+    tick: Duration,
 }
 
 impl UnixBackend {
@@ -109,7 +129,44 @@ impl UnixBackend {
             rx_ready: VecDeque::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
+            timer: TimerFd::new().map_err(|e| BackendError::Timer(e.into()))?,
+            timer_registered: false,
+            request_timeout: REQUEST_TIMEOUT,
+            tick: REQUEST_TICK,
         })
+    }
+
+    /// Changes how long the guest has to accept host-initiated connections, checked every
+    /// `tick`.
+    pub fn set_request_timeout(&mut self, timeout: Duration, tick: Duration) {
+        self.request_timeout = timeout;
+        self.tick = tick;
+    }
+
+    /// The request timer fired: resets host-initiated connections the guest left unanswered.
+    pub fn on_timer(&mut self) {
+        if let Err(e) = self.timer.wait() {
+            warn!("vsock: request timer read failed: {e}");
+        }
+        let now = Instant::now();
+        let expired: Vec<ConnKey> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| {
+                c.awaiting_since()
+                    .is_some_and(|t| now.duration_since(t) >= self.request_timeout)
+            })
+            .map(|(k, _)| *k)
+            .collect();
+        for key in expired {
+            debug!("vsock: guest did not answer a connection to port {}", key.1);
+            self.remove(key, Verdict::Reset);
+        }
+        if !self.conns.values().any(|c| c.awaiting_since().is_some()) {
+            if let Err(e) = self.timer.clear() {
+                warn!("vsock: cannot disarm the request timer: {e}");
+            }
+        }
     }
 
     /// Number of open connections.
@@ -376,6 +433,20 @@ impl UnixBackend {
             match ops.add(ev) {
                 Ok(()) => self.listener_registered = true,
                 Err(e) => warn!("vsock: cannot watch the listening socket: {e}"),
+            }
+        }
+        if !self.timer_registered {
+            let ev = Events::with_data(&self.timer, TIMER_TOKEN, EventSet::IN);
+            match ops.add(ev) {
+                Ok(()) => self.timer_registered = true,
+                Err(e) => warn!("vsock: cannot watch the request timer: {e}"),
+            }
+        }
+        let waiting = self.conns.values().any(|c| c.awaiting_since().is_some());
+        // An error from is_armed counts as armed: re-arming could cancel a pending tick.
+        if waiting && !self.timer.is_armed().unwrap_or(true) {
+            if let Err(e) = self.timer.reset(self.tick, Some(self.tick)) {
+                warn!("vsock: cannot arm the request timer: {e}");
             }
         }
         for stream in self.closing.drain(..) {
