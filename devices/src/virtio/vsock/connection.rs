@@ -7,6 +7,7 @@
 //! and stop reading the host socket while it is zero; towards the host our receive buffer is
 //! `tx_buf`, bounded by [`CONN_BUF_SIZE`], and a guest that overruns it is reset.
 
+use std::collections::VecDeque;
 use std::io::{self, ErrorKind, Read, Write};
 use std::net::Shutdown;
 use std::num::Wrapping;
@@ -75,10 +76,10 @@ pub struct Connection {
     pub peer_port: u32,
     owed: Owed,
 
-    /// Guest data waiting for the host socket, from `tx_head` on. The first `tx_uncounted`
-    /// bytes are the handshake's `OK` line, which is not guest data and earns no credit.
-    tx_buf: Vec<u8>,
-    tx_head: usize,
+    /// Guest data waiting for the host socket. A ring, so a host that drains slowly but never
+    /// completely cannot make it grow past what is pending. The first `tx_uncounted` bytes are
+    /// the handshake's `OK` line, which is not guest data and earns no credit.
+    tx_buf: VecDeque<u8>,
     tx_uncounted: usize,
     /// Guest payload bytes received, ever.
     recv_cnt: Wrapping<u32>,
@@ -152,8 +153,7 @@ impl Connection {
             local_port,
             peer_port,
             owed: Owed::default(),
-            tx_buf: Vec::new(),
-            tx_head: 0,
+            tx_buf: VecDeque::new(),
             tx_uncounted: 0,
             recv_cnt: Wrapping(0),
             fwd_cnt: Wrapping(0),
@@ -196,7 +196,7 @@ impl Connection {
     }
 
     fn tx_pending(&self) -> usize {
-        self.tx_buf.len() - self.tx_head
+        self.tx_buf.len()
     }
 
     fn update_peer_credit(&mut self, hdr: &Header) {
@@ -218,7 +218,7 @@ impl Connection {
                 self.state = State::Established;
                 let line = format!("OK {}\n", self.local_port);
                 self.tx_uncounted = line.len();
-                self.tx_buf.extend_from_slice(line.as_bytes());
+                self.tx_buf.extend(line.as_bytes());
                 self.flush_or_reset()
             }
             (Op::Request | Op::Response, _) | (_, State::AwaitingResponse) => Verdict::Reset,
@@ -258,11 +258,7 @@ impl Connection {
             self.fwd_cnt += Wrapping(written as u32);
         }
         if written < payload.len() {
-            if self.tx_head > 0 && self.tx_head == self.tx_buf.len() {
-                self.tx_buf.clear();
-                self.tx_head = 0;
-            }
-            self.tx_buf.extend_from_slice(&payload[written..]);
+            self.tx_buf.extend(&payload[written..]);
         }
         self.note_forwarded();
         self.finish_if_drained()
@@ -278,19 +274,18 @@ impl Connection {
 
     fn flush_tx(&mut self) -> io::Result<()> {
         while self.tx_pending() > 0 {
-            let n = write_some(&mut self.stream, &self.tx_buf[self.tx_head..])?;
+            let n = write_some(&mut self.stream, self.tx_buf.as_slices().0)?;
             if n == 0 {
                 break;
             }
-            self.tx_head += n;
+            self.tx_buf.drain(..n);
             let uncounted = n.min(self.tx_uncounted);
             self.tx_uncounted -= uncounted;
             self.fwd_cnt += Wrapping((n - uncounted) as u32);
         }
         if self.tx_pending() == 0 {
             // Keeps the buffer's memory bounded by what is pending, not by what ever was.
-            self.tx_buf = Vec::new();
-            self.tx_head = 0;
+            self.tx_buf = VecDeque::new();
         }
         self.note_forwarded();
         Ok(())
@@ -327,6 +322,10 @@ impl Connection {
         }
         if events.intersects(EventSet::HANG_UP | EventSet::ERROR) {
             self.host_hup = true;
+            if self.host_eof && self.state == State::Established {
+                // The guest already knows the host sends no more; now it receives none either.
+                self.owed.shutdown = Some(SHUTDOWN_SEND | SHUTDOWN_RCV);
+            }
             if self.flush_tx().is_err() || self.tx_pending() > 0 {
                 return Verdict::Reset;
             }

@@ -231,6 +231,14 @@ impl Guest {
         self.run();
     }
 
+    /// Tops the rx buffers the device has not used yet up to `n`.
+    fn ensure_rx(&mut self, n: u16) {
+        let outstanding = self.rxq.avail().idx().load().wrapping_sub(self.rx_seen);
+        if outstanding < n {
+            self.post_rx(usize::from(n - outstanding), false);
+        }
+    }
+
     /// Packets the device put in the rx queue since the last call.
     fn recv(&mut self) -> Vec<(Header, Vec<u8>)> {
         let mut out = Vec::new();
@@ -800,4 +808,94 @@ fn unanswered_host_connections_time_out() {
         g.manager.run_with_timeout(10).unwrap();
     }
     assert_eq!(g.manager.run_with_timeout(20).unwrap(), 0);
+}
+
+#[test]
+fn a_guest_within_credit_feeds_a_slow_host_without_loss_or_reset() {
+    let mut g = Guest::new();
+    let (mut host, local) = g.host_connect(11, GUEST_BUF);
+    const TOTAL: usize = 1536 * 1024;
+    let sent = pattern(4, TOTAL);
+    let mut got = Vec::new();
+    let (mut off, mut peer_alloc, mut peer_fwd) = (0usize, CONN_BUF_SIZE, 0u32);
+    host.set_nonblocking(true).unwrap();
+    let mut buf = vec![0u8; 10 * 1024];
+    for _ in 0..5000 {
+        if got.len() == TOTAL {
+            break;
+        }
+        // The guest sends what its credit allows, as a driver would.
+        let credit = peer_alloc as usize - (off as u32).wrapping_sub(peer_fwd) as usize;
+        let n = credit.min(16 * 1024).min(TOTAL - off);
+        if n > 0 {
+            g.send(pkt(Op::Rw, 11, local), &sent[off..off + n]);
+            off += n;
+        }
+        // The host reads a little each round, so the device's buffer never quite drains.
+        match host.read(&mut buf) {
+            Ok(k) => got.extend_from_slice(&buf[..k]),
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+            Err(e) => panic!("{e}"),
+        }
+        g.notify[TX_QUEUE].write(1).unwrap();
+        g.run();
+        g.ensure_rx(4);
+        for (h, _) in g.recv() {
+            assert_eq!(h.op, Op::CreditUpdate as u16, "{h:?}");
+            peer_alloc = h.buf_alloc;
+            peer_fwd = h.fwd_cnt;
+        }
+        // Host socket writability is what moves the device's buffer on.
+        if n == 0 {
+            g.manager.run_with_timeout(10).unwrap();
+        }
+    }
+    assert_eq!(
+        got.len(),
+        TOTAL,
+        "stalled: credit updates did not keep the guest going"
+    );
+    assert!(got == sent);
+    assert_eq!(g.conns(), 1);
+}
+
+#[test]
+fn host_half_close_then_full_close() {
+    let mut g = Guest::new();
+    let (host, local) = g.host_connect(12, GUEST_BUF);
+    host.shutdown(std::net::Shutdown::Write).unwrap();
+    g.run();
+    g.post_rx(2, false);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0.op, got[0].0.flags),
+        (Op::Shutdown as u16, SHUTDOWN_SEND)
+    );
+    // The other direction still works.
+    g.send(pkt(Op::Rw, 12, local), b"reply");
+    let mut host = host;
+    assert_eq!(read_now(&mut host).unwrap(), b"reply");
+    drop(host);
+    g.run();
+    g.post_rx(1, false);
+    let got = g.recv();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].0.op, got[0].0.flags),
+        (Op::Shutdown as u16, SHUTDOWN_SEND | SHUTDOWN_RCV)
+    );
+    g.send(pkt(Op::Rst, 12, local), &[]);
+    assert_eq!(g.conns(), 0);
+}
+
+#[test]
+fn dropping_the_device_removes_its_socket_path() {
+    let dir = TempDir::new();
+    let path = dir.0.join("d.sock");
+    let dev = Vsock::new(3, &path).unwrap();
+    assert!(path.exists());
+    drop(dev);
+    assert!(!path.exists());
+    Vsock::new(3, &path).unwrap();
 }

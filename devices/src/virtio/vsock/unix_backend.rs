@@ -270,12 +270,7 @@ impl UnixBackend {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", hdr.dst_port));
-        let connect = || -> std::io::Result<UnixStream> {
-            let s = UnixStream::connect(&path)?;
-            s.set_nonblocking(true)?;
-            Ok(s)
-        };
-        match connect() {
+        match connect_nonblocking(Path::new(&path)) {
             Ok(stream) => {
                 let key = (hdr.dst_port, hdr.src_port);
                 self.fd_keys.insert(stream.as_raw_fd(), key);
@@ -473,6 +468,15 @@ impl UnixBackend {
     }
 }
 
+impl Drop for UnixBackend {
+    fn drop(&mut self) {
+        // The path would make the next device on it fail to bind.
+        if let Err(e) = std::fs::remove_file(&self.uds_path) {
+            debug!("vsock: cannot remove {}: {e}", self.uds_path.display());
+        }
+    }
+}
+
 fn set_interest(
     ops: &mut EventOps,
     registered: &mut HashMap<RawFd, EventSet>,
@@ -505,6 +509,53 @@ fn set_interest(
     }
 }
 
+/// Connects to a Unix socket without ever waiting: std's connect blocks while the listener's
+/// backlog is full, and the event loop must not. For AF_UNIX a non-blocking connect either
+/// completes at once or fails (EAGAIN when the backlog is full); it is never in progress.
+fn connect_nonblocking(path: &Path) -> std::io::Result<UnixStream> {
+    // SAFETY: all-zero bytes are a valid sockaddr_un (a plain C struct of integers).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_encoded_bytes();
+    // One byte stays zero: the path must be NUL-terminated.
+    if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            ErrorKind::InvalidInput,
+            "socket path too long for sockaddr_un",
+        ));
+    }
+    for (dst, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = b as libc::c_char;
+    }
+    // SAFETY: socket(2) takes no pointers; the result is checked before use.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a freshly created socket nobody else owns; the stream closes it.
+    let stream = unsafe { <UnixStream as std::os::unix::io::FromRawFd>::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid, initialised sockaddr_un that outlives the call, and `len`
+    // is its size.
+    let ret = unsafe {
+        libc::connect(
+            fd,
+            (&addr as *const libc::sockaddr_un).cast::<libc::sockaddr>(),
+            len,
+        )
+    };
+    if ret < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
+}
+
 fn parse_connect(line: &[u8]) -> Option<u32> {
     let line = std::str::from_utf8(line).ok()?;
     let line = line.strip_suffix('\r').unwrap_or(line);
@@ -517,7 +568,7 @@ fn parse_connect(line: &[u8]) -> Option<u32> {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_connect;
+    use super::*;
 
     #[test]
     fn connect_lines() {
@@ -528,5 +579,30 @@ mod tests {
         assert_eq!(parse_connect(b"CONNECT "), None);
         assert_eq!(parse_connect(b"connect 5"), None);
         assert_eq!(parse_connect(b"CONNECT 5 6"), None);
+    }
+
+    #[test]
+    fn nonblocking_connect_reaches_listeners_and_reports_errors() {
+        let dir = std::env::temp_dir().join(format!("agentvm-vsock-nb-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("l");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut s = connect_nonblocking(&path).unwrap();
+        let (mut peer, _) = listener.accept().unwrap();
+        std::io::Write::write_all(&mut s, b"x").unwrap();
+        let mut b = [0u8; 1];
+        peer.read_exact(&mut b).unwrap();
+        assert_eq!(&b, b"x");
+        // Non-blocking from the start: nothing to read is WouldBlock, not a wait.
+        let err = s.read(&mut b).unwrap_err();
+        assert_eq!(err.kind(), ErrorKind::WouldBlock);
+
+        let missing = connect_nonblocking(&dir.join("none")).unwrap_err();
+        assert_eq!(missing.kind(), ErrorKind::NotFound);
+        let long = dir.join("x".repeat(200));
+        let too_long = connect_nonblocking(&long).unwrap_err();
+        assert_eq!(too_long.kind(), ErrorKind::InvalidInput);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
