@@ -366,13 +366,12 @@ impl Connection {
     /// Whether [`Self::next_rx_packet`] would produce something.
     pub fn has_rx_work(&self) -> bool {
         let o = &self.owed;
-        if o.request || o.response || o.credit_update || o.shutdown.is_some() {
+        if o.request || o.response || o.credit_update || o.credit_request || o.shutdown.is_some() {
             return true;
         }
-        if self.host_readable && self.wants_to_read() {
-            return self.peer_credit() > 0 || !self.credit_request_sent;
-        }
-        o.credit_request
+        self.host_readable
+            && self.wants_to_read()
+            && (self.peer_credit() > 0 || !self.credit_request_sent)
     }
 
     fn header(&self, op: Op, len: u32, flags: u32) -> Header {

@@ -899,3 +899,23 @@ fn dropping_the_device_removes_its_socket_path() {
     assert!(!path.exists());
     Vsock::new(3, &path).unwrap();
 }
+
+#[test]
+fn a_guest_that_never_takes_packets_cannot_grow_the_backlog() {
+    let mut g = Guest::new();
+    let (_host, local) = g.host_connect(13, GUEST_BUF);
+    // No rx buffers from here on.
+    for _ in 0..300 {
+        g.send(pkt(Op::CreditRequest, 13, local), &[]);
+    }
+    assert_eq!(g.dev.lock().unwrap().backend.rx_backlog(), 1);
+    for port in 0..1100 {
+        g.send(pkt(Op::Rw, 20_000 + port, 80), b"x");
+    }
+    let backlog = g.dev.lock().unwrap().backend.rx_backlog();
+    assert_eq!(backlog, super::unix_backend::MAX_CONTROL_PACKETS + 1);
+    // Packets still flow once the guest provides buffers, oldest first.
+    g.post_rx(2, false);
+    let got = g.recv();
+    assert_eq!((got[0].0.op, got[0].0.dst_port), (Op::Rst as u16, 20_000));
+}

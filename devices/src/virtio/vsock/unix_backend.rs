@@ -11,7 +11,7 @@
 //! ([`Connection::interest`]), so a socket we cannot serve (no guest credit, no rx buffers)
 //! never wakes the loop.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{ErrorKind, Read};
 use std::os::unix::io::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -31,7 +31,7 @@ pub const MAX_CONNECTIONS: usize = 1024;
 pub const MAX_HANDSHAKES: usize = 64;
 /// Most RSTs waiting for rx buffers; beyond that they are dropped (a guest flooding bad
 /// packets must not make us queue without bound).
-const MAX_CONTROL_PACKETS: usize = 1024;
+pub const MAX_CONTROL_PACKETS: usize = 1024;
 /// Longest accepted `CONNECT <port>\n` line.
 const MAX_CONNECT_LINE: usize = 32;
 /// Host ports are handed out from here (above what guests usually listen on).
@@ -90,8 +90,10 @@ pub struct UnixBackend {
     registered: HashMap<RawFd, EventSet>,
     /// Sockets to unregister and then close.
     closing: Vec<UnixStream>,
-    /// Connections that may have packets for the guest (possibly stale entries).
+    /// Connections that may have packets for the guest, each at most once (`rx_queued`), so a
+    /// guest that sends without ever taking packets cannot grow it.
     rx_ready: VecDeque<ConnKey>,
+    rx_queued: HashSet<ConnKey>,
     /// OP_RSTs for packets that match no connection.
     control: VecDeque<Header>,
     next_local_port: u32,
@@ -127,6 +129,7 @@ impl UnixBackend {
             registered: HashMap::new(),
             closing: Vec::new(),
             rx_ready: VecDeque::new(),
+            rx_queued: HashSet::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             timer: TimerFd::new().map_err(|e| BackendError::Timer(e.into()))?,
@@ -184,6 +187,7 @@ impl UnixBackend {
         }
         self.fd_keys.clear();
         self.rx_ready.clear();
+        self.rx_queued.clear();
         self.control.clear();
     }
 
@@ -236,11 +240,17 @@ impl UnixBackend {
         }
     }
 
+    fn enqueue(&mut self, key: ConnKey) {
+        if self.rx_queued.insert(key) {
+            self.rx_ready.push_back(key);
+        }
+    }
+
     fn after(&mut self, key: ConnKey, verdict: Verdict) {
         match verdict {
             Verdict::Keep => {
                 if self.conns.get(&key).is_some_and(Connection::has_rx_work) {
-                    self.rx_ready.push_back(key);
+                    self.enqueue(key);
                 }
             }
             v => self.remove(key, v),
@@ -276,7 +286,7 @@ impl UnixBackend {
                 self.fd_keys.insert(stream.as_raw_fd(), key);
                 let conn = Connection::guest_initiated(stream, self.guest_cid, hdr);
                 self.conns.insert(key, conn);
-                self.rx_ready.push_back(key);
+                self.enqueue(key);
             }
             Err(e) => {
                 debug!("vsock: guest connect to port {} refused: {e}", hdr.dst_port);
@@ -370,7 +380,7 @@ impl UnixBackend {
             key,
             Connection::host_initiated(h.stream, self.guest_cid, local, port),
         );
-        self.rx_ready.push_back(key);
+        self.enqueue(key);
     }
 
     fn allocate_local_port(&mut self, peer: u32) -> u32 {
@@ -381,6 +391,12 @@ impl UnixBackend {
                 return p;
             }
         }
+    }
+
+    /// Entries waiting for rx buffers (control packets plus queued connections).
+    #[cfg(test)]
+    pub fn rx_backlog(&self) -> usize {
+        self.control.len() + self.rx_ready.len()
     }
 
     /// Whether [`Self::next_rx_packet`] may produce something.
@@ -394,6 +410,7 @@ impl UnixBackend {
             return Some(hdr);
         }
         while let Some(key) = self.rx_ready.pop_front() {
+            self.rx_queued.remove(&key);
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
@@ -402,8 +419,8 @@ impl UnixBackend {
             };
             if pkt.last {
                 self.remove(key, Verdict::Drop);
-            } else if conn.has_rx_work() && !self.rx_ready.contains(&key) {
-                self.rx_ready.push_back(key);
+            } else if conn.has_rx_work() {
+                self.enqueue(key);
             }
             return Some(pkt.hdr);
         }
@@ -414,7 +431,7 @@ impl UnixBackend {
     /// buffers nothing else would).
     pub fn requeue_all(&mut self) {
         for (key, conn) in &self.conns {
-            if conn.has_rx_work() && !self.rx_ready.contains(key) {
+            if conn.has_rx_work() && self.rx_queued.insert(*key) {
                 self.rx_ready.push_back(*key);
             }
         }
