@@ -919,3 +919,121 @@ fn a_guest_that_never_takes_packets_cannot_grow_the_backlog() {
     let got = g.recv();
     assert_eq!((got[0].0.op, got[0].0.dst_port), (Op::Rst as u16, 20_000));
 }
+
+/// The path Linux takes: probe through the virtio-mmio transport (three queues, CID from config
+/// space), queue kicks through the transport's notify EventFds, then a host connection.
+#[test]
+fn works_behind_the_mmio_transport() {
+    use crate::virtio::MmioTransport;
+    use virtio_bindings::virtio_config::{
+        VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK,
+        VIRTIO_CONFIG_S_FEATURES_OK,
+    };
+    use virtio_bindings::virtio_mmio::*;
+    use vm_device::bus::MmioAddress;
+    use vm_device::MutDeviceMmio;
+
+    let mem: &'static GuestMemoryMmap = Box::leak(Box::new(guest_memory()));
+    let dir = TempDir::new();
+    let uds = dir.0.join("t.sock");
+    let dev = Arc::new(Mutex::new(Vsock::new(42, &uds).unwrap()));
+    let mut manager = Manager::new().unwrap();
+    manager.add_subscriber(dev.clone());
+    let mut t = MmioTransport::new(mem.clone(), dev.clone()).unwrap();
+    let read = |t: &mut MmioTransport, reg: u32| {
+        let mut d = [0u8; 4];
+        t.mmio_read(MmioAddress(0), u64::from(reg), &mut d);
+        u32::from_le_bytes(d)
+    };
+    let write = |t: &mut MmioTransport, reg: u32, v: u32| {
+        t.mmio_write(MmioAddress(0), u64::from(reg), &v.to_le_bytes());
+    };
+
+    assert_eq!(read(&mut t, VIRTIO_MMIO_DEVICE_ID), 19);
+    write(&mut t, VIRTIO_MMIO_STATUS, 0);
+    write(&mut t, VIRTIO_MMIO_STATUS, VIRTIO_CONFIG_S_ACKNOWLEDGE);
+    write(
+        &mut t,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
+    );
+    write(&mut t, VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    let high = read(&mut t, VIRTIO_MMIO_DEVICE_FEATURES);
+    assert_eq!(high, 1, "VERSION_1 only");
+    write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    write(&mut t, VIRTIO_MMIO_DRIVER_FEATURES, high);
+    write(
+        &mut t,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER | VIRTIO_CONFIG_S_FEATURES_OK,
+    );
+    let cid_low = read(&mut t, VIRTIO_MMIO_CONFIG);
+    let cid_high = read(&mut t, VIRTIO_MMIO_CONFIG + 4);
+    assert_eq!((cid_low, cid_high), (42, 0));
+
+    let vqs: Vec<_> = (0..3u64)
+        .map(|i| MockSplitQueue::create(mem, GuestAddress(0x10_000 * (i + 1)), QSIZE))
+        .collect();
+    for (i, vq) in vqs.iter().enumerate() {
+        write(&mut t, VIRTIO_MMIO_QUEUE_SEL, i as u32);
+        assert_eq!(read(&mut t, VIRTIO_MMIO_QUEUE_NUM_MAX), 256);
+        write(&mut t, VIRTIO_MMIO_QUEUE_NUM, u32::from(QSIZE));
+        for (low, addr) in [
+            (VIRTIO_MMIO_QUEUE_DESC_LOW, vq.desc_table_addr().0),
+            (VIRTIO_MMIO_QUEUE_AVAIL_LOW, vq.avail_addr().0),
+            (VIRTIO_MMIO_QUEUE_USED_LOW, vq.used_addr().0),
+        ] {
+            write(&mut t, low, addr as u32);
+            write(&mut t, low + 4, (addr >> 32) as u32);
+        }
+        write(&mut t, VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+    write(
+        &mut t,
+        VIRTIO_MMIO_STATUS,
+        VIRTIO_CONFIG_S_ACKNOWLEDGE
+            | VIRTIO_CONFIG_S_DRIVER
+            | VIRTIO_CONFIG_S_FEATURES_OK
+            | VIRTIO_CONFIG_S_DRIVER_OK,
+    );
+    assert!(dev.lock().unwrap().is_activated());
+    let settle = |m: &mut Manager| {
+        for _ in 0..64 {
+            if m.run_with_timeout(0).unwrap() == 0 {
+                return;
+            }
+        }
+        panic!("spinning");
+    };
+    settle(&mut manager);
+
+    let mut host = UnixStream::connect(&uds).unwrap();
+    host.write_all(b"CONNECT 1024\n").unwrap();
+    settle(&mut manager);
+    push_chain(
+        &vqs[RX_QUEUE],
+        0,
+        &[(RX_BUFS, 4096, VRING_DESC_F_WRITE as u16)],
+    );
+    // The kick arrives through the transport's notify EventFd, as KVM's ioeventfd delivers it.
+    t.queue_notify_events()[RX_QUEUE].1.write(1).unwrap();
+    settle(&mut manager);
+    assert_eq!(vqs[RX_QUEUE].used().idx().load(), 1);
+    let mut raw = [0u8; HDR_LEN];
+    mem.read_slice(&mut raw, GuestAddress(RX_BUFS)).unwrap();
+    let req = Header::from_bytes(&raw);
+    assert_eq!(
+        (req.op, req.dst_cid, req.dst_port),
+        (Op::Request as u16, 42, 1024)
+    );
+    assert_eq!(
+        read(&mut t, VIRTIO_MMIO_INTERRUPT_STATUS),
+        VIRTIO_MMIO_INT_VRING
+    );
+
+    // A driver reset closes the host side.
+    write(&mut t, VIRTIO_MMIO_STATUS, 0);
+    settle(&mut manager);
+    assert!(!dev.lock().unwrap().is_activated());
+    assert_eq!(read_now(&mut host), None);
+}
