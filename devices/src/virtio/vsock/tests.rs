@@ -1037,3 +1037,21 @@ fn works_behind_the_mmio_transport() {
     assert!(!dev.lock().unwrap().is_activated());
     assert_eq!(read_now(&mut host), None);
 }
+
+#[test]
+fn tx_packets_in_one_or_many_descriptors_are_accepted() {
+    let mut g = Guest::new();
+    let (mut host, local) = g.host_connect(14, GUEST_BUF);
+    // Header and payload in one buffer (Linux 6.2 and later).
+    let mut h = pkt(Op::Rw, 14, local);
+    h.len = 5;
+    let mut one = h.to_bytes().to_vec();
+    one.extend_from_slice(b"first");
+    g.send_raw(&[&one]);
+    // Header split, payload over three buffers.
+    h.len = 11;
+    let b = h.to_bytes();
+    g.send_raw(&[&b[..10], &b[10..], b"sec", b"ond-", b"part"]);
+    assert_eq!(read_now(&mut host).unwrap(), b"firstsecond-part");
+    assert_eq!(g.conns(), 1);
+}

@@ -109,6 +109,8 @@ pub struct UnixBackend {
 impl UnixBackend {
     /// Listens on `uds_path` (which must not exist yet).
     pub fn new(uds_path: &Path, guest_cid: u64) -> Result<Self, BackendError> {
+        // Created before binding: once the path exists, only Drop removes it.
+        let timer = TimerFd::new().map_err(|e| BackendError::Timer(e.into()))?;
         let listen = || -> std::io::Result<UnixListener> {
             let l = UnixListener::bind(uds_path)?;
             l.set_nonblocking(true)?;
@@ -132,7 +134,7 @@ impl UnixBackend {
             rx_queued: HashSet::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
-            timer: TimerFd::new().map_err(|e| BackendError::Timer(e.into()))?,
+            timer,
             timer_registered: false,
             request_timeout: REQUEST_TIMEOUT,
             tick: REQUEST_TICK,
