@@ -27,6 +27,8 @@ pub const TX_QUEUE: usize = 1;
 pub const EVENT_QUEUE: usize = 2;
 
 const QUEUE_SIZES: [u16; 3] = [QUEUE_SIZE; 3];
+/// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+const TRANSPORT_RESET_EVENT: u32 = 0;
 const AVAIL_FEATURES: u64 = 1 << VIRTIO_F_VERSION_1;
 
 /// Errors creating a vsock device.
@@ -66,6 +68,8 @@ pub struct Vsock {
     pub(super) wake: EventFd,
     pub(super) backend: UnixBackend,
     active: Option<Active>,
+    /// A transport reset event waits for an event queue buffer.
+    transport_reset_pending: bool,
     /// Payload of the tx packet being handled.
     payload: Vec<u8>,
     /// Payload read from a host socket for the rx packet being built.
@@ -86,6 +90,7 @@ impl Vsock {
             wake: EventFd::new(EFD_NONBLOCK).map_err(Error::EventFd)?,
             backend: UnixBackend::new(uds_path, guest_cid)?,
             active: None,
+            transport_reset_pending: false,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             rx_buf: vec![0; MAX_PAYLOAD],
         })
@@ -117,6 +122,53 @@ impl Vsock {
         active.broken = true;
         if let Err(e) = active.interrupt.signal_needs_reset() {
             error!("virtio-vsock: cannot raise interrupt: {e}");
+        }
+    }
+
+    /// Drops every connection (their host sockets close) and tells the driver with
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, so guest sockets fail instead of waiting for peers
+    /// that are gone; meant for after a snapshot restore. If the driver has no event buffer
+    /// yet the event goes out when it adds one.
+    pub fn transport_reset(&mut self) {
+        self.backend.reset();
+        if let Err(e) = self.wake.write(1) {
+            error!("virtio-vsock: cannot wake the event loop: {e}");
+        }
+        self.transport_reset_pending = true;
+        self.send_pending_event();
+    }
+
+    /// Delivers a pending transport reset event, if there is one and a buffer for it.
+    pub(super) fn send_pending_event(&mut self) {
+        if !self.transport_reset_pending {
+            return;
+        }
+        let Some(active) = self.active.as_mut().filter(|a| !a.broken) else {
+            return;
+        };
+        let mem = &active.mem;
+        let queue = &mut active.queues[EVENT_QUEUE];
+        let result = (|| -> Result<bool, String> {
+            let Some(chain) = queue.iter(mem).map_err(|e| e.to_string())?.next() else {
+                return Ok(false);
+            };
+            let head = chain.head_index();
+            let bufs = Buffers(chain.writable().map(|d| (d.addr(), d.len())).collect());
+            // struct virtio_vsock_event { le32 id; }, id 0 = TRANSPORT_RESET.
+            let event = TRANSPORT_RESET_EVENT.to_le_bytes();
+            let written = bufs.write_at(mem, 0, &event).map_err(|e| e.to_string())?;
+            queue
+                .add_used(mem, head, written as u32)
+                .map_err(|e| e.to_string())?;
+            Ok(written == event.len())
+        })();
+        match result {
+            Ok(false) => {}
+            Ok(true) => {
+                self.transport_reset_pending = false;
+                Self::notify_guest(active, EVENT_QUEUE);
+            }
+            Err(e) => Self::mark_broken(active, &format!("event queue unusable: {e}")),
         }
     }
 
@@ -299,6 +351,7 @@ impl VirtioDevice for Vsock {
 
     fn reset(&mut self) {
         self.active = None;
+        self.transport_reset_pending = false;
         self.acked_features = 0;
         self.backend.reset();
         if let Err(e) = self.wake.write(1) {

@@ -48,8 +48,9 @@ impl MutEventSubscriber for Vsock {
                 }
             }
             EVQ => {
-                // The event queue only holds buffers for events this device never sends.
-                self.events.drain_queue(EVQ);
+                if self.events.drain_queue(EVQ) {
+                    self.send_pending_event();
+                }
             }
             LISTENER_TOKEN => self.backend.accept(),
             TIMER_TOKEN => self.backend.on_timer(),

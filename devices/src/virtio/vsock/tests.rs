@@ -126,6 +126,7 @@ struct Guest {
     dev: Arc<Mutex<Vsock>>,
     rxq: MockSplitQueue<'static, GuestMemoryMmap>,
     txq: MockSplitQueue<'static, GuestMemoryMmap>,
+    evq: MockSplitQueue<'static, GuestMemoryMmap>,
     notify: Vec<Arc<EventFd>>,
     irq: Arc<Interrupt>,
     _dir: TempDir,
@@ -170,6 +171,7 @@ impl Guest {
             dev,
             rxq,
             txq,
+            evq,
             notify,
             irq,
             _dir: dir,
@@ -1053,5 +1055,40 @@ fn tx_packets_in_one_or_many_descriptors_are_accepted() {
     let b = h.to_bytes();
     g.send_raw(&[&b[..10], &b[10..], b"sec", b"ond-", b"part"]);
     assert_eq!(read_now(&mut host).unwrap(), b"firstsecond-part");
+    assert_eq!(g.conns(), 1);
+}
+
+#[test]
+fn transport_reset_drops_connections_and_tells_the_driver() {
+    let mut g = Guest::new();
+    let (mut host, _) = g.host_connect(15, GUEST_BUF);
+    // No event buffer yet: the event waits for one.
+    g.dev.lock().unwrap().transport_reset();
+    g.run();
+    assert_eq!(g.conns(), 0);
+    assert_eq!(read_now(&mut host), None);
+    assert_eq!(g.evq.used().idx().load(), 0);
+
+    g.mem
+        .write_slice(&[0xffu8; 8], GuestAddress(0x40_000))
+        .unwrap();
+    push_chain(&g.evq, 0, &[(0x40_000, 8, VRING_DESC_F_WRITE as u16)]);
+    g.notify[EVENT_QUEUE].write(1).unwrap();
+    g.run();
+    assert_eq!(g.evq.used().idx().load(), 1);
+    let elem = g.evq.used().ring().ref_at(0).unwrap().load();
+    assert_eq!((elem.id(), elem.len()), (0, 4));
+    let mut ev = [0u8; 8];
+    g.mem.read_slice(&mut ev, GuestAddress(0x40_000)).unwrap();
+    assert_eq!(ev, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff]);
+
+    // Only once: a second buffer stays unused.
+    push_chain(&g.evq, 1, &[(0x41_000, 8, VRING_DESC_F_WRITE as u16)]);
+    g.notify[EVENT_QUEUE].write(1).unwrap();
+    g.run();
+    assert_eq!(g.evq.used().idx().load(), 1);
+
+    // New connections work afterwards.
+    let (_host, _) = g.host_connect(16, GUEST_BUF);
     assert_eq!(g.conns(), 1);
 }
