@@ -94,6 +94,9 @@ pub struct UnixBackend {
     /// guest that sends without ever taking packets cannot grow it.
     rx_ready: VecDeque<ConnKey>,
     rx_queued: HashSet<ConnKey>,
+    /// Connections whose epoll interest may have changed since the last [`Self::sync`], so a
+    /// sync costs what changed, not what is open.
+    dirty: HashSet<ConnKey>,
     /// OP_RSTs for packets that match no connection.
     control: VecDeque<Header>,
     next_local_port: u32,
@@ -132,6 +135,7 @@ impl UnixBackend {
             closing: Vec::new(),
             rx_ready: VecDeque::new(),
             rx_queued: HashSet::new(),
+            dirty: HashSet::new(),
             control: VecDeque::new(),
             next_local_port: FIRST_LOCAL_PORT,
             timer,
@@ -190,6 +194,7 @@ impl UnixBackend {
         self.fd_keys.clear();
         self.rx_ready.clear();
         self.rx_queued.clear();
+        self.dirty.clear();
         self.control.clear();
     }
 
@@ -251,6 +256,7 @@ impl UnixBackend {
     fn after(&mut self, key: ConnKey, verdict: Verdict) {
         match verdict {
             Verdict::Keep => {
+                self.dirty.insert(key);
                 if self.conns.get(&key).is_some_and(Connection::has_rx_work) {
                     self.enqueue(key);
                 }
@@ -288,6 +294,7 @@ impl UnixBackend {
                 self.fd_keys.insert(stream.as_raw_fd(), key);
                 let conn = Connection::guest_initiated(stream, self.guest_cid, hdr);
                 self.conns.insert(key, conn);
+                self.dirty.insert(key);
                 self.enqueue(key);
             }
             Err(e) => {
@@ -382,6 +389,7 @@ impl UnixBackend {
             key,
             Connection::host_initiated(h.stream, self.guest_cid, local, port),
         );
+        self.dirty.insert(key);
         self.enqueue(key);
     }
 
@@ -416,6 +424,8 @@ impl UnixBackend {
             let Some(conn) = self.conns.get_mut(&key) else {
                 continue;
             };
+            // Reading the host socket changes what it should be watched for.
+            self.dirty.insert(key);
             let Some(pkt) = conn.next_rx_packet(buf) else {
                 continue;
             };
@@ -440,7 +450,7 @@ impl UnixBackend {
     }
 
     /// Brings the event loop's view of the host sockets in line: closes sockets that are done,
-    /// watches new ones, and sets each connection's interest.
+    /// watches new ones, and updates the interest of connections that changed.
     pub fn sync(&mut self, ops: &mut EventOps) {
         if !self.listener_registered {
             let ev = Events::with_data(&self.listener, LISTENER_TOKEN, EventSet::IN);
@@ -476,11 +486,11 @@ impl UnixBackend {
             .keys()
             .map(|&fd| (fd, Some(EventSet::IN)))
             .collect();
-        wanted.extend(
-            self.conns
-                .values()
-                .map(|c| (c.stream().as_raw_fd(), c.interest())),
-        );
+        for key in self.dirty.drain() {
+            if let Some(c) = self.conns.get(&key) {
+                wanted.push((c.stream().as_raw_fd(), c.interest()));
+            }
+        }
         for (fd, want) in wanted {
             set_interest(ops, &mut self.registered, fd, want);
         }
