@@ -344,22 +344,7 @@ pub fn setup_acpi(
 mod tests {
     use super::*;
     use crate::layout::{arch_memory_regions, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE};
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-    }
-
-    fn le16(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    fn le32(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
-    }
-
-    fn le64(b: &[u8], at: usize) -> u64 {
-        u64::from_le_bytes(b[at..at + 8].try_into().unwrap())
-    }
+    use crate::test_bytes::{le16, le32, le64, sum};
 
     /// A guest physical address space made of the image at `ACPI_START`.
     struct Image<'a>(&'a [u8]);

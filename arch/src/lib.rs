@@ -19,6 +19,8 @@ pub mod msrs;
 pub mod regs;
 
 #[cfg(test)]
+mod test_bytes;
+#[cfg(test)]
 mod test_kvm;
 
 use kvm_ioctls::{Kvm, VcpuFd};

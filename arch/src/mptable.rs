@@ -193,6 +193,7 @@ pub fn setup_mptable(mem: &GuestMemoryMmap, cpu_count: u8) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_bytes::{le16, le32, sum};
 
     #[derive(Debug, Default)]
     struct Parsed {
@@ -202,18 +203,6 @@ mod tests {
         intsrc: Vec<(u8, u16, u8, u8, u8, u8)>,
         lintsrc: Vec<(u8, u8, u8)>,
         lapic_addr: u32,
-    }
-
-    fn sum(bytes: &[u8]) -> u8 {
-        bytes.iter().fold(0u8, |a, b| a.wrapping_add(*b))
-    }
-
-    fn le16(b: &[u8], at: usize) -> u16 {
-        u16::from_le_bytes([b[at], b[at + 1]])
-    }
-
-    fn le32(b: &[u8], at: usize) -> u32 {
-        u32::from_le_bytes(b[at..at + 4].try_into().unwrap())
     }
 
     /// Parses the table as Linux's mpparse does, from memory read at `base` (the guest address
