@@ -54,6 +54,14 @@ pub enum Error {
     #[error("expected a Hello as the first frame, got frame kind {kind:#04x}: the peer does not speak the agentvm protocol")]
     NotHello { kind: u8 },
 
+    /// The first bytes from the peer are not even a plausible frame header.
+    #[error(
+        "the peer's first bytes ({}) are not a protocol frame: it does not speak the agentvm \
+         protocol, or a transport handshake line (vsock `OK <port>`) was left unread",
+        show_bytes(first_bytes)
+    )]
+    GarbageBeforeHello { first_bytes: [u8; 4] },
+
     #[error("peer's Hello has magic {found:02x?} instead of {expected:02x?}: the peer does not speak the agentvm protocol")]
     BadMagic { found: [u8; 4], expected: [u8; 4] },
 
@@ -93,4 +101,14 @@ impl Error {
                 | Error::Encode { .. }
         )
     }
+}
+
+/// Bytes as printable ASCII where possible, for errors about unexpected input.
+fn show_bytes(bytes: &[u8]) -> String {
+    let text: String = bytes
+        .iter()
+        .flat_map(|b| b.escape_ascii())
+        .map(char::from)
+        .collect();
+    format!("\"{text}\"")
 }

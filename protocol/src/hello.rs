@@ -190,14 +190,43 @@ pub fn handshake<R: Read, W: Write>(
     writer: &mut FrameWriter<W>,
     local: &Hello,
 ) -> Result<Negotiated, Error> {
-    writer.write_message(&Message::Hello(local.clone()))?;
-    writer.flush()?;
-    let frame = reader.read_frame()?.ok_or(Error::ClosedBeforeHello)?;
+    let sent = writer
+        .write_message(&Message::Hello(local.clone()))
+        .and_then(|()| writer.flush());
+    if let Err(e) = sent {
+        return Err(closed_before_hello(e));
+    }
+    let frame = match reader.read_frame() {
+        Ok(Some(frame)) => frame,
+        Ok(None) => return Err(Error::ClosedBeforeHello),
+        Err(Error::FrameTooLarge { len, .. }) => {
+            return Err(Error::GarbageBeforeHello {
+                first_bytes: len.to_le_bytes(),
+            })
+        }
+        Err(e) => return Err(closed_before_hello(e)),
+    };
     if frame.kind != kind::HELLO {
         return Err(Error::NotHello { kind: frame.kind });
     }
     match Message::from_frame(&frame)? {
         Message::Hello(peer) => local.negotiate(&peer),
         other => Err(Error::NotHello { kind: other.kind() }),
+    }
+}
+
+/// A peer that went away during the handshake shows up as a reset or a broken pipe, depending on
+/// timing; either way the clear diagnosis is that it closed before saying Hello.
+fn closed_before_hello(error: Error) -> Error {
+    match &error {
+        Error::Io(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::BrokenPipe | std::io::ErrorKind::ConnectionReset
+            ) =>
+        {
+            Error::ClosedBeforeHello
+        }
+        _ => error,
     }
 }
