@@ -85,8 +85,11 @@ mod bytes {
     use serde::{Deserializer, Serializer};
     use std::fmt;
 
-    pub fn serialize<S: Serializer>(data: &[u8], serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.serialize_bytes(data)
+    pub fn serialize<S: Serializer, T: AsRef<[u8]>>(
+        data: &T,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.serialize_bytes(data.as_ref())
     }
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u8>, D::Error> {
@@ -623,6 +626,45 @@ pub struct AfterRestore {
     pub realtime_ns: i64,
     #[serde(with = "bytes")]
     pub entropy: Vec<u8>,
+}
+
+/// [`Data`] with borrowed bytes: encodes identically, without copying `data` into a `Vec` first.
+#[derive(Serialize)]
+struct DataRef<'a> {
+    id: u64,
+    stream: Stream,
+    #[serde(serialize_with = "bytes::serialize")]
+    data: &'a [u8],
+}
+
+/// The wire bytes of `Data { id, stream, data }` (header included), straight from a borrowed
+/// buffer: the hot path of streaming output, which would otherwise copy each chunk twice.
+pub fn encode_data(id: u64, stream: Stream, data: &[u8]) -> Result<Vec<u8>, Error> {
+    let invalid = |reason: String| Error::InvalidMessage {
+        name: "Data",
+        reason,
+    };
+    if data.len() > MAX_CHUNK {
+        return Err(invalid(format!(
+            "{} bytes of data, more than the {MAX_CHUNK}-byte chunk limit",
+            data.len()
+        )));
+    }
+    if id == 0 {
+        return Err(invalid(
+            "request id 0 is reserved for connection errors".to_string(),
+        ));
+    }
+    let mut out = Vec::with_capacity(HEADER_LEN + 16 + data.len());
+    out.extend_from_slice(&[0, 0, 0, 0, kind::DATA]);
+    let mut out =
+        postcard::to_extend(&DataRef { id, stream, data }, out).map_err(|e| Error::Encode {
+            name: "Data",
+            reason: e.to_string(),
+        })?;
+    let len = (out.len() - HEADER_LEN) as u32;
+    out[..4].copy_from_slice(&len.to_le_bytes());
+    Ok(out)
 }
 
 macro_rules! messages {

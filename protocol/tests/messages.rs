@@ -630,3 +630,33 @@ fn random_bytes_never_panic() {
         }
     }
 }
+
+#[test]
+fn encode_data_matches_the_owned_encoding() {
+    for (id, stream, len) in [
+        (1, Stream::Stdout, 0),
+        (300, Stream::Stderr, 1),
+        (u64::MAX, Stream::Stdin, 127),
+        (7, Stream::Stdout, 128),
+        (8, Stream::Stdout, MAX_CHUNK),
+    ] {
+        let data: Vec<u8> = (0..len).map(|i| (i * 7) as u8).collect();
+        let owned = Message::Data(Data {
+            id,
+            stream,
+            data: data.clone(),
+        });
+        assert_eq!(
+            encode_data(id, stream, &data).unwrap(),
+            owned.encode().unwrap()
+        );
+    }
+    assert!(matches!(
+        encode_data(1, Stream::Stdout, &vec![0; MAX_CHUNK + 1]),
+        Err(Error::InvalidMessage { name: "Data", .. })
+    ));
+    assert!(matches!(
+        encode_data(0, Stream::Stdout, b"x"),
+        Err(Error::InvalidMessage { name: "Data", .. })
+    ));
+}
