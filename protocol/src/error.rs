@@ -62,6 +62,10 @@ pub enum Error {
     )]
     GarbageBeforeHello { first_bytes: [u8; 4] },
 
+    /// A Hello frame whose payload does not decode.
+    #[error("the peer's Hello is malformed ({reason}): it does not speak the agentvm protocol")]
+    BadHello { reason: String },
+
     #[error("peer's Hello has magic {found:02x?} instead of {expected:02x?}: the peer does not speak the agentvm protocol")]
     BadMagic { found: [u8; 4], expected: [u8; 4] },
 

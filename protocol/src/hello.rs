@@ -209,9 +209,13 @@ pub fn handshake<R: Read, W: Write>(
     if frame.kind != kind::HELLO {
         return Err(Error::NotHello { kind: frame.kind });
     }
-    match Message::from_frame(&frame)? {
-        Message::Hello(peer) => local.negotiate(&peer),
-        other => Err(Error::NotHello { kind: other.kind() }),
+    match Message::from_frame(&frame) {
+        Ok(Message::Hello(peer)) => local.negotiate(&peer),
+        Ok(other) => Err(Error::NotHello { kind: other.kind() }),
+        // Per-frame errors elsewhere, but without a Hello the connection has nothing to go on.
+        Err(e) => Err(Error::BadHello {
+            reason: e.to_string(),
+        }),
     }
 }
 

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::Error;
 use crate::frame::{Frame, HEADER_LEN, MAX_PAYLOAD};
-use crate::hello::Hello;
+use crate::hello::{Hello, Role};
 
 /// Largest `data` in one [`Data`] message. Bounded chunks keep one busy stream from holding the
 /// connection for long and make window accounting fine-grained.
@@ -838,6 +838,17 @@ impl Message {
         )
     }
 
+    /// Whether a peer in `role` may send this message; receivers answer a message from the
+    /// wrong side with an `ErrorMsg` of code `Protocol`.
+    pub fn sent_by(&self, role: Role) -> bool {
+        matches!(
+            (self.direction(), role),
+            (Direction::Both, _)
+                | (Direction::HostToGuest, Role::Host)
+                | (Direction::GuestToHost, Role::Guest)
+        )
+    }
+
     /// Protocol rules beyond what the types express, checked on both encode and decode.
     fn validate(&self) -> Result<(), String> {
         match self {
@@ -852,6 +863,10 @@ impl Message {
             {
                 Err("empty argv".to_string())
             }
+            Message::ProcLogs(ProcLogs {
+                stream: Stream::Stdin,
+                ..
+            }) => Err("a process log is Stdout or Stderr, not Stdin".to_string()),
             Message::Hello(_) | Message::ErrorMsg(_) => Ok(()),
             other if other.request_id() == Some(0) => {
                 Err("request id 0 is reserved for connection errors".to_string())

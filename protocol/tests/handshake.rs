@@ -171,6 +171,14 @@ fn broken_peers_give_clear_errors() {
     let err = host_sees(&Message::Hello(bad_magic).encode().unwrap());
     assert!(matches!(err, Error::BadMagic { found, .. } if &found == b"HTTP"));
 
+    let garbled = Frame {
+        kind: kind::HELLO,
+        payload: b"AGVM\xff".to_vec(),
+    };
+    let err = host_sees(&garbled.to_bytes().unwrap());
+    assert!(matches!(err, Error::BadHello { .. }), "{err}");
+    assert!(err.is_fatal());
+
     let hello = Message::Hello(Hello::new(Role::Guest, "g", Features::ALL))
         .encode()
         .unwrap();

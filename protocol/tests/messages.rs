@@ -468,6 +468,21 @@ fn protocol_rules_are_checked_on_both_sides() {
     .unwrap_err();
     assert!(matches!(err, Error::InvalidMessage { name: "Done", .. }));
 
+    let stdin_log = Message::ProcLogs(ProcLogs {
+        id: 1,
+        proc_id: 1,
+        stream: Stream::Stdin,
+        offset: 0,
+        follow: false,
+    });
+    assert!(matches!(
+        stdin_log.encode(),
+        Err(Error::InvalidMessage {
+            name: "ProcLogs",
+            ..
+        })
+    ));
+
     let empty_argv = Message::Exec(Exec {
         id: 1,
         spec: ProcessSpec::new(Command::Argv(Vec::new())),
@@ -549,6 +564,14 @@ fn directions_and_ids() {
         .direction(),
         Direction::GuestToHost
     );
+    for message in &samples {
+        let (host, guest) = (message.sent_by(Role::Host), message.sent_by(Role::Guest));
+        match message.direction() {
+            Direction::Both => assert!(host && guest),
+            Direction::HostToGuest => assert!(host && !guest),
+            Direction::GuestToHost => assert!(!host && guest),
+        }
+    }
     assert_eq!(
         Message::Window(Window {
             id: 1,
