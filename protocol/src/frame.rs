@@ -9,8 +9,8 @@ use crate::message::Message;
 /// Bytes before the payload: the length (u32 LE) and the kind.
 pub const HEADER_LEN: usize = 5;
 
-/// Largest payload either side sends or accepts. Large data travels as [`MAX_CHUNK`]-sized
-/// `Data` messages, so only a huge batch of control data could come near it.
+/// Largest payload either side sends or accepts. Large data travels as `Data` messages of at most
+/// [`MAX_CHUNK`](crate::MAX_CHUNK) bytes, so only a huge batch of control data could come near it.
 pub const MAX_PAYLOAD: usize = 1 << 20;
 
 /// One frame as it travels: its kind and its (still encoded) payload.

@@ -194,7 +194,17 @@ pub fn handshake<R: Read, W: Write>(
         .write_message(&Message::Hello(local.clone()))
         .and_then(|()| writer.flush());
     if let Err(e) = sent {
-        return Err(closed_before_hello(e));
+        let e = closed_before_hello(e);
+        if matches!(e, Error::ClosedBeforeHello) {
+            // A peer that refuses our version may say Hello and hang up before our Hello is
+            // written; its Hello, still readable, says why far better than the broken pipe.
+            if let Ok(Some(frame)) = reader.read_frame() {
+                if let Ok(Message::Hello(peer)) = Message::from_frame(&frame) {
+                    local.negotiate(&peer)?;
+                }
+            }
+        }
+        return Err(e);
     }
     let frame = match reader.read_frame() {
         Ok(Some(frame)) => frame,

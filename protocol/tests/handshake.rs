@@ -187,3 +187,20 @@ fn broken_peers_give_clear_errors() {
         Error::Truncated { .. }
     ));
 }
+
+#[test]
+fn a_peer_that_said_hello_and_left_is_still_diagnosed() {
+    let (a, mut b) = UnixStream::pair().unwrap();
+    let newer = hello_with_version(Role::Guest, "agent 9", Version { major: 9, minor: 0 });
+    b.write_all(&Message::Hello(newer).encode().unwrap())
+        .unwrap();
+    drop(b);
+    // The host's own Hello now hits a closed socket, but the peer's Hello explains it.
+    let err = run(a, Hello::new(Role::Host, "h", Features::ALL))
+        .0
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::VersionMismatch { peer, .. } if peer.major == 9),
+        "{err}"
+    );
+}
