@@ -875,7 +875,7 @@ impl Message {
         }
     }
 
-    /// The frame's payload.
+    /// This message as a frame (its kind and encoded payload).
     pub fn to_frame(&self) -> Result<Frame, Error> {
         let bytes = self.encode()?;
         Ok(Frame {
