@@ -17,6 +17,8 @@ pub struct VmConfig {
     /// Boot a Linux kernel even where this host's KVM cannot run it (only for measuring the
     /// VMM's own start-up up to the first guest entry).
     pub skip_linux_host_check: bool,
+    /// Read the VMM's memory use just before the first vCPU runs, for timing reports.
+    pub record_rss_before_guest: bool,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

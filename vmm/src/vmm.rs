@@ -57,8 +57,9 @@ pub struct BootTimings {
     pub vcpus_started_ns: u64,
     /// When the first vCPU entered KVM_RUN (None if none has yet).
     pub first_kvm_run_ns: Option<u64>,
-    /// VMM memory with the guest loaded but before any vCPU ran.
-    pub rss_before_guest: Rss,
+    /// VMM memory with the guest loaded but before any vCPU ran (only when
+    /// `VmConfig::record_rss_before_guest`: reading /proc costs start-up time).
+    pub rss_before_guest: Option<Rss>,
 }
 
 #[derive(Clone)]
@@ -182,7 +183,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             kernel_loaded_ns,
             vcpus_started_ns: kernel_loaded_ns,
             first_kvm_run_ns: None,
-            rss_before_guest: process_stats::rss(),
+            rss_before_guest: config.record_rss_before_guest.then(process_stats::rss),
         },
         first_run,
         vm: Some(vm),

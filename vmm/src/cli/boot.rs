@@ -57,6 +57,7 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         initrd: args.initrd,
         cmdline,
         skip_linux_host_check: args.stop_at_first_run,
+        record_rss_before_guest: args.report_timings.is_some(),
     };
     let console: Box<dyn Write + Send> = match &args.machine.console {
         Some(path) => {

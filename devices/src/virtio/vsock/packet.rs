@@ -222,28 +222,12 @@ impl Buffers {
     pub fn read_at(
         &self,
         mem: &GuestMemoryMmap,
-        mut skip: usize,
+        skip: usize,
         out: &mut [u8],
     ) -> Result<usize, GuestMemoryError> {
-        let mut done = 0;
-        for &(addr, len) in &self.0 {
-            let len = len as usize;
-            if skip >= len {
-                skip -= len;
-                continue;
-            }
-            let n = (len - skip).min(out.len() - done);
-            let start = addr
-                .checked_add(skip as u64)
-                .ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
-            mem.read_slice(&mut out[done..done + n], start)?;
-            done += n;
-            skip = 0;
-            if done == out.len() {
-                break;
-            }
-        }
-        Ok(done)
+        self.walk(skip, out.len(), |range, addr| {
+            mem.read_slice(&mut out[range], addr)
+        })
     }
 
     /// Copies `data` into the buffers starting `skip` bytes in, as much as fits. Returns the
@@ -251,26 +235,40 @@ impl Buffers {
     pub fn write_at(
         &self,
         mem: &GuestMemoryMmap,
-        mut skip: usize,
+        skip: usize,
         data: &[u8],
+    ) -> Result<usize, GuestMemoryError> {
+        self.walk(skip, data.len(), |range, addr| {
+            mem.write_slice(&data[range], addr)
+        })
+    }
+
+    /// Visits the guest pieces of bytes `skip..skip + want` of the buffers (clipped to their
+    /// capacity) in order: `copy(range within the caller's slice, guest address)`. Returns the
+    /// number of bytes visited.
+    fn walk(
+        &self,
+        mut skip: usize,
+        want: usize,
+        mut copy: impl FnMut(std::ops::Range<usize>, GuestAddress) -> Result<(), GuestMemoryError>,
     ) -> Result<usize, GuestMemoryError> {
         let mut done = 0;
         for &(addr, len) in &self.0 {
+            if done == want {
+                break;
+            }
             let len = len as usize;
             if skip >= len {
                 skip -= len;
                 continue;
             }
-            let n = (len - skip).min(data.len() - done);
+            let n = (len - skip).min(want - done);
             let start = addr
                 .checked_add(skip as u64)
                 .ok_or(GuestMemoryError::InvalidGuestAddress(addr))?;
-            mem.write_slice(&data[done..done + n], start)?;
+            copy(done..done + n, start)?;
             done += n;
             skip = 0;
-            if done == data.len() {
-                break;
-            }
         }
         Ok(done)
     }

@@ -31,6 +31,18 @@ const MAX_LINE: usize = 64 << 10;
 const READER_GRACE: Duration = Duration::from_secs(2);
 
 /// Makes the child die with this process, so a killed benchmark leaves no VMM behind.
+/// This agentvm binary (the benchmark spawns itself as the VMM) and a temporary directory for the
+/// runs' reports and logs, removed when dropped.
+pub fn self_and_workdir() -> Result<(std::path::PathBuf, tempfile::TempDir), String> {
+    let exe =
+        std::env::current_exe().map_err(|e| format!("cannot find the agentvm binary: {e}"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("agentvm-bench-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    Ok((exe, dir))
+}
+
 fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
     // async-signal-safe and touches no memory of the parent.

@@ -164,12 +164,7 @@ pub fn agentvm_runs(args: &GuestArgs) -> AgentvmRuns {
 }
 
 fn agentvm_runs_into(args: &GuestArgs, out: &mut AgentvmRuns) -> Result<(), String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the agentvm binary: {e}"))?;
-    let dir = tempfile::Builder::new()
-        .prefix("agentvm-bench-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let (exe, dir) = super::child::self_and_workdir()?;
     for i in 1..=args.runs {
         let report = dir.path().join(format!("run{i}.json"));
         let stderr_path = dir.path().join(format!("run{i}.stderr"));

@@ -44,12 +44,7 @@ pub fn run(
     runs: u32,
     warmup: u32,
 ) -> Result<Vec<LocalSample>, String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find the agentvm binary: {e}"))?;
-    let dir = tempfile::Builder::new()
-        .prefix("agentvm-bench-")
-        .tempdir()
-        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let (exe, dir) = super::child::self_and_workdir()?;
     let mut samples = Vec::with_capacity(runs as usize);
     for i in 0..warmup + runs {
         let sample = boot_once(&exe, kernel, initrd, dir.path(), i)?;

@@ -86,7 +86,7 @@ mod tests {
             kernel_loaded_ns: 13,
             vcpus_started_ns: 14,
             first_kvm_run_ns: Some(15),
-            rss_before_guest: rss,
+            rss_before_guest: Some(rss),
         };
         let guest = crate::cli::timings::GuestMilestones {
             agent_ready_ns: Some(20),
