@@ -21,3 +21,7 @@ pub use flow::{RecvWindow, SendWindow};
 pub use frame::{Frame, FrameDecoder, FrameReader, FrameWriter, HEADER_LEN, MAX_PAYLOAD};
 pub use hello::{handshake, Features, Hello, Negotiated, Role, Version, MAGIC, PROTOCOL_VERSION};
 pub use message::*;
+
+/// The vsock port the guest agent listens on; the host reaches it through the VMM's vsock Unix
+/// socket with `CONNECT 1024\n`.
+pub const AGENT_VSOCK_PORT: u32 = 1024;

@@ -19,7 +19,21 @@ pub struct VmConfig {
     pub skip_linux_host_check: bool,
     /// Read the VMM's memory use just before the first vCPU runs, for timing reports.
     pub record_rss_before_guest: bool,
+    /// A virtio-vsock device (the guest agent's channel), if any.
+    pub vsock: Option<VsockConfig>,
 }
+
+/// A virtio-vsock device whose host side is a Unix socket (Firecracker's hybrid vsock): the host
+/// connects to `uds_path` and sends `CONNECT <port>\n`; guest connections to port P go to
+/// `<uds_path>_P`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockConfig {
+    pub guest_cid: u64,
+    pub uds_path: PathBuf,
+}
+
+/// The CID guests get unless told otherwise (the first one not reserved).
+pub const DEFAULT_GUEST_CID: u64 = 3;
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ConfigError {
@@ -33,6 +47,18 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("initrd {0} does not exist")]
     InitrdMissing(PathBuf),
+    #[error("vsock guest CID {0} is reserved (must be 3..=4294967294)")]
+    VsockCid(u64),
+    #[error("vsock socket path {0} already exists (remove it, or pick another path)")]
+    VsockPathExists(PathBuf),
+    #[error("vsock socket path {path}: directory {dir} does not exist")]
+    VsockDirMissing { path: PathBuf, dir: PathBuf },
+    #[error("vsock socket path {path} is {len} bytes long; Unix socket paths (plus a `_<port>` suffix for guest connections) must stay under {max} bytes")]
+    VsockPathTooLong {
+        path: PathBuf,
+        len: usize,
+        max: usize,
+    },
 }
 
 impl VmConfig {
@@ -46,6 +72,42 @@ impl VmConfig {
             if !initrd.is_file() {
                 return Err(ConfigError::InitrdMissing(initrd.clone()));
             }
+        }
+        if let Some(vsock) = &self.vsock {
+            vsock.validate()?;
+        }
+        Ok(())
+    }
+}
+
+/// sun_path holds 108 bytes with the NUL; guest-initiated connections append `_<port>` (up to 11).
+const MAX_VSOCK_UDS_LEN: usize = 107 - 11;
+
+impl VsockConfig {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.guest_cid <= 2 || self.guest_cid >= u64::from(u32::MAX) {
+            return Err(ConfigError::VsockCid(self.guest_cid));
+        }
+        let len = self.uds_path.as_os_str().len();
+        if len > MAX_VSOCK_UDS_LEN {
+            return Err(ConfigError::VsockPathTooLong {
+                path: self.uds_path.clone(),
+                len,
+                max: MAX_VSOCK_UDS_LEN,
+            });
+        }
+        if self.uds_path.symlink_metadata().is_ok() {
+            return Err(ConfigError::VsockPathExists(self.uds_path.clone()));
+        }
+        let dir = match self.uds_path.parent() {
+            Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        if !dir.is_dir() {
+            return Err(ConfigError::VsockDirMissing {
+                path: self.uds_path.clone(),
+                dir,
+            });
         }
         Ok(())
     }
@@ -109,5 +171,41 @@ mod tests {
             })
         );
         assert!(host_mem_mib().unwrap() > 0);
+    }
+
+    #[test]
+    fn vsock_checks() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = VsockConfig {
+            guest_cid: DEFAULT_GUEST_CID,
+            uds_path: dir.path().join("v.sock"),
+        };
+        assert_eq!(ok.validate(), Ok(()));
+        for cid in [0, 1, 2, u64::from(u32::MAX), 1 << 40] {
+            let bad = VsockConfig {
+                guest_cid: cid,
+                ..ok.clone()
+            };
+            assert_eq!(bad.validate(), Err(ConfigError::VsockCid(cid)));
+        }
+        std::fs::write(&ok.uds_path, b"").unwrap();
+        assert_eq!(
+            ok.validate(),
+            Err(ConfigError::VsockPathExists(ok.uds_path.clone()))
+        );
+        let missing = VsockConfig {
+            uds_path: dir.path().join("nope/v.sock"),
+            ..ok.clone()
+        };
+        assert!(matches!(
+            missing.validate(),
+            Err(ConfigError::VsockDirMissing { .. })
+        ));
+        let long = VsockConfig {
+            uds_path: dir.path().join("x".repeat(120)),
+            ..ok.clone()
+        };
+        let err = long.validate().unwrap_err();
+        assert!(err.to_string().contains("must stay under"), "{err}");
     }
 }

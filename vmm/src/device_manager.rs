@@ -12,6 +12,7 @@ use devices::legacy::{
     SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN,
 };
 use devices::virtio::rng::Rng;
+use devices::virtio::vsock::Vsock;
 use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -21,6 +22,7 @@ use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use crate::config::VsockConfig;
 use crate::exit::VmmEvent;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,6 +67,7 @@ impl DeviceManager {
         mem: &GuestMemoryMmap,
         console: Box<dyn Write + Send>,
         events: Sender<VmmEvent>,
+        vsock: Option<&VsockConfig>,
     ) -> Result<Self, DeviceError> {
         let mut io = IoManager::new();
         let mut event_manager = EventManager::<Subscriber>::new()
@@ -129,6 +132,18 @@ impl DeviceManager {
         })?));
         event_manager.add_subscriber(rng.clone());
         manager.add_virtio_mmio(vm, mem, &mut io, rng, "virtio-rng")?;
+
+        if let Some(config) = vsock {
+            let device = Vsock::new(config.guest_cid, &config.uds_path).map_err(|e| {
+                DeviceError::Create {
+                    what: "virtio-vsock",
+                    reason: e.to_string(),
+                }
+            })?;
+            let device = Arc::new(Mutex::new(device));
+            event_manager.add_subscriber(device.clone());
+            manager.add_virtio_mmio(vm, mem, &mut io, device, "virtio-vsock")?;
+        }
 
         manager.io = Arc::new(io);
         manager.event_manager = Some(event_manager);

@@ -111,7 +111,13 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     let kvm_ready_ns = monotonic_ns();
 
     let (events_tx, events_rx) = channel();
-    let mut devices = DeviceManager::new(vm.fd(), &mem, console, events_tx.clone())?;
+    let mut devices = DeviceManager::new(
+        vm.fd(),
+        &mem,
+        console,
+        events_tx.clone(),
+        config.vsock.as_ref(),
+    )?;
 
     let loaded = kernel::load_kernel(&mem, &config.kernel, format, config.mem_mib)?;
     let initrd = match &config.initrd {

@@ -9,7 +9,7 @@ use clap::Args;
 
 use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
-use vmm::config::VmConfig;
+use vmm::config::{VmConfig, VsockConfig};
 use vmm::exit::VmOutcome;
 
 /// Kernel command line for a Linux guest on agentvm's machine model: serial console on COM1, reset
@@ -38,6 +38,13 @@ pub struct BootArgs {
     /// Write the boot's timings (JSON) to this file.
     #[arg(long, hide = true, value_name = "FILE")]
     report_timings: Option<PathBuf>,
+    /// Add a virtio-vsock device whose host side is this Unix socket (connect and send
+    /// `CONNECT <port>\n` to reach a guest port; guest connections to port P go to `<PATH>_P`).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: Option<PathBuf>,
+    /// The guest's vsock CID.
+    #[arg(long, default_value_t = vmm::config::DEFAULT_GUEST_CID, requires = "vsock_uds")]
+    vsock_cid: u64,
     #[command(flatten)]
     machine: MachineArgs,
 }
@@ -58,6 +65,10 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         cmdline,
         skip_linux_host_check: args.stop_at_first_run,
         record_rss_before_guest: args.report_timings.is_some(),
+        vsock: args.vsock_uds.map(|uds_path| VsockConfig {
+            guest_cid: args.vsock_cid,
+            uds_path,
+        }),
     };
     let console: Box<dyn Write + Send> = match &args.machine.console {
         Some(path) => {

@@ -67,6 +67,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         cmdline: format!("{LINUX_BASE_CMDLINE} quiet agentvm.cmd={encoded}"),
         skip_linux_host_check: false,
         record_rss_before_guest: args.report_timings.is_some(),
+        vsock: None,
     };
     let log: Option<Box<dyn Write + Send>> = match &args.machine.console {
         Some(path) => Some(Box::new(LineWriter::new(File::create(path).map_err(
