@@ -63,6 +63,14 @@ impl Outcome {
 /// Prepares the default artefacts, boots one L1 with the `agentvm` binary of this build, runs the
 /// scenarios, and prints the measured times.
 pub fn run_scenarios(scenarios: &[Scenario]) -> Outcome {
+    run_scenarios_with_files(scenarios, Vec::new())
+}
+
+/// [`run_scenarios`] with more files in L1: (host path, absolute L1 path).
+pub fn run_scenarios_with_files(
+    scenarios: &[Scenario],
+    extra_files: Vec<(std::path::PathBuf, String)>,
+) -> Outcome {
     let artefacts = match vmm::artefacts::prepare_default() {
         Ok(a) => a,
         Err(e) => return Outcome::Unavailable(format!("cannot prepare the guest artefacts: {e}")),
@@ -78,6 +86,7 @@ pub fn run_scenarios(scenarios: &[Scenario]) -> Outcome {
     // The distribution bzImage too, to boot it as an L2 kernel through the bzImage loader.
     host.extra_files
         .push((artefacts.vmlinuz.clone(), L1_L2_BZIMAGE.to_string()));
+    host.extra_files.extend(extra_files);
     match host.run(scenarios) {
         Ok(run) => {
             eprintln!(

@@ -16,6 +16,8 @@ pub enum VmmEvent {
     Signal(i32),
     /// A vCPU entered KVM_RUN for the first time (sent once per VM).
     FirstKvmRun,
+    /// The host is done with the VM (e.g. `agentvm run` after its command ended).
+    Stop,
 }
 
 /// Why one vCPU stopped running.
@@ -126,11 +128,13 @@ pub enum VmOutcome {
     StoppedAtFirstRun,
     /// A vCPU hit something the VMM cannot handle.
     VcpuFailed { index: u8, stop: VcpuStop },
+    /// The host asked for the VM to end ([`VmmEvent::Stop`]).
+    Stopped,
 }
 
 impl VmOutcome {
     pub fn is_clean(&self) -> bool {
-        matches!(self, VmOutcome::GuestReset)
+        matches!(self, VmOutcome::GuestReset | VmOutcome::Stopped)
     }
 }
 
@@ -138,6 +142,7 @@ impl fmt::Display for VmOutcome {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             VmOutcome::GuestReset => f.write_str("guest reset the VM (reboot/poweroff)"),
+            VmOutcome::Stopped => f.write_str("stopped by the host"),
             VmOutcome::Signalled(sig) => write!(f, "stopped by signal {}", signal_name(*sig)),
             VmOutcome::StoppedAtFirstRun => {
                 f.write_str("stopped at the first guest entry, as asked")

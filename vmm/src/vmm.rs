@@ -277,6 +277,7 @@ impl Vmm {
                 VmmEvent::FirstKvmRun if stop_at_first_run => break VmOutcome::StoppedAtFirstRun,
                 VmmEvent::FirstKvmRun => continue,
                 VmmEvent::Signal(sig) => break VmOutcome::Signalled(sig),
+                VmmEvent::Stop => break VmOutcome::Stopped,
                 VmmEvent::VcpuStopped {
                     outcome: VcpuStop::Requested,
                     ..

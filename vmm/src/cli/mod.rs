@@ -5,8 +5,11 @@ mod boot;
 mod console;
 mod kernel_cmd;
 mod nested;
+mod publish;
 mod run;
+mod session;
 mod signals;
+mod terminal;
 mod timings;
 
 use std::path::PathBuf;

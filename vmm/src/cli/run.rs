@@ -4,15 +4,20 @@ use std::fs::File;
 use std::io::{LineWriter, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Args;
 
 use super::boot::LINUX_BASE_CMDLINE;
-use super::console::{ConsoleDemux, ConsoleView, GuestExit};
+use super::console::{ConsoleDemux, ConsoleView};
+use super::publish::Publish;
+use super::session::{self, SessionError, SessionOptions};
 use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
-use vmm::config::VmConfig;
-use vmm::exit::VmOutcome;
+use agentvm_protocol::ExitStatus;
+use vmm::config::{VmConfig, VsockConfig};
+use vmm::exit::{VmOutcome, VmmEvent};
+use vmm::process_stats::monotonic_ns;
 
 #[derive(Args)]
 pub struct RunArgs {
@@ -26,6 +31,17 @@ pub struct RunArgs {
     /// automatically when this host's KVM cannot run Linux guests.
     #[arg(long)]
     nested: bool,
+    /// Keep stdin open and forward it to the command.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run the command on a terminal in the guest (with -i: the host terminal goes to raw mode
+    /// and its size follows the host window).
+    #[arg(short, long)]
+    tty: bool,
+    /// Forward a host port or Unix socket to a guest TCP port: GUEST, HOST:GUEST,
+    /// ADDR:HOST:GUEST or unix:PATH:GUEST (repeatable).
+    #[arg(short, long, value_name = "SPEC")]
+    publish: Vec<Publish>,
     /// Write the run's timings (JSON) to this file.
     #[arg(long, hide = true, value_name = "FILE")]
     report_timings: Option<PathBuf>,
@@ -35,6 +51,9 @@ pub struct RunArgs {
     #[arg(last = true, required = true, value_name = "CMD")]
     command: Vec<String>,
 }
+
+/// How long the guest agent gets to come up after the VM started.
+const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
@@ -48,6 +67,14 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         }
     };
     if args.nested || !vmm::host::can_run_linux() {
+        if args.interactive || args.tty || !args.publish.is_empty() {
+            return Err(
+                "-i, -t and --publish need a host whose KVM can run Linux guests; this one \
+                 cannot (nested on a PVM host), and the nested test host only runs \
+                 non-interactive commands"
+                    .into(),
+            );
+        }
         if !args.nested {
             eprintln!(
                 "agentvm: note: this host's KVM cannot run Linux guests (nested on a PVM host); \
@@ -57,17 +84,23 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         return super::nested::run_nested(&args.machine, &kernel, &initrd, &args.command, limit);
     }
 
-    let encoded = guest_agent::console_protocol::encode_cmd(&args.command)
-        .map_err(|e| format!("cannot pass the command to the guest: {e}"))?;
+    let run_dir = tempfile::Builder::new()
+        .prefix("agentvm-run-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a directory for the VM's sockets: {e}"))?;
+    let uds_path = run_dir.path().join("vsock.sock");
     let config = VmConfig {
         vcpus: args.machine.vcpus as u8,
         mem_mib: args.machine.mem_mib,
         kernel,
         initrd: Some(initrd),
-        cmdline: format!("{LINUX_BASE_CMDLINE} quiet agentvm.cmd={encoded}"),
+        cmdline: format!("{LINUX_BASE_CMDLINE} quiet"),
         skip_linux_host_check: false,
         record_rss_before_guest: args.report_timings.is_some(),
-        vsock: None,
+        vsock: Some(VsockConfig {
+            guest_cid: vmm::config::DEFAULT_GUEST_CID,
+            uds_path: uds_path.clone(),
+        }),
     };
     let log: Option<Box<dyn Write + Send>> = match &args.machine.console {
         Some(path) => Some(Box::new(LineWriter::new(File::create(path).map_err(
@@ -75,67 +108,92 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         )?))),
         None => None,
     };
-    let (demux, view) = ConsoleDemux::new(Box::new(std::io::stdout()), log);
+    let (demux, view) = ConsoleDemux::new(Box::new(std::io::sink()), log);
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
+    let stop = vm.event_sender();
     let _signals = SignalForwarder::start(vm.event_sender())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let timings = vm.timings_handle();
-    let outcome = vm.wait(limit);
+    let vm_thread = std::thread::Builder::new()
+        .name("vm".into())
+        .spawn(move || vm.wait(limit))
+        .map_err(|e| format!("cannot start the VM thread: {e}"))?;
+
+    let vm_running = || !vm_thread.is_finished();
+    let session =
+        session::connect(&uds_path, AGENT_CONNECT_TIMEOUT, &vm_running).and_then(|client| {
+            let agent_ready_ns = monotonic_ns();
+            let options = SessionOptions {
+                command: &args.command,
+                interactive: args.interactive,
+                tty: args.tty,
+                publish: &args.publish,
+            };
+            let status = session::run_session(&client, &options);
+            client.shutdown();
+            status.map(|s| (s, agent_ready_ns, monotonic_ns()))
+        });
+    let _ = stop.send(VmmEvent::Stop);
+    let outcome = vm_thread
+        .join()
+        .map_err(|_| "the VM thread panicked".to_string())?;
     view.finish();
-    if let Some(path) = &args.report_timings {
-        let report = view.report();
+    if let (Some(path), Ok((_, ready_ns, result_ns))) = (&args.report_timings, &session) {
         let guest = super::timings::GuestMilestones {
-            agent_ready_ns: report.ready_at_ns,
-            result_ns: report.exit_at_ns,
-            agent_ready_guest_boottime_ns: report.ready_boot_ns,
+            agent_ready_ns: Some(*ready_ns),
+            result_ns: Some(*result_ns),
+            agent_ready_guest_boottime_ns: view.report().ready_boot_ns,
         };
         super::timings::write_report(path, &timings.get(), Some(guest))?;
     }
-    interpret(outcome, &view)
+    interpret(outcome, session.map(|(status, _, _)| status), &view)
 }
 
-/// Turns how the VM ended plus what the agent reported into agentvm's exit status.
-fn interpret(outcome: VmOutcome, view: &ConsoleView) -> Result<ExitCode, String> {
+/// Turns how the VM ended plus how the session went into agentvm's exit status.
+fn interpret(
+    outcome: VmOutcome,
+    session: Result<ExitStatus, SessionError>,
+    view: &ConsoleView,
+) -> Result<ExitCode, String> {
     let report = view.report();
     for error in &report.errors {
         eprintln!("agentvm: guest agent: {error}");
     }
-    match outcome {
-        VmOutcome::Signalled(sig) => {
-            eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
+    if let VmOutcome::Signalled(sig) = outcome {
+        eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
+        return Ok(signal_exit_code(sig));
+    }
+    let console = |lines| format!("\n--- last guest console lines ---\n{}", view.tail(lines));
+    let failure = match session {
+        Ok(ExitStatus::Code(code)) => return Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(ExitStatus::Signal(sig)) => {
+            eprintln!("agentvm: the command was killed by signal {sig}");
             return Ok(signal_exit_code(sig));
         }
-        VmOutcome::GuestReset => {}
-        other => {
-            return Err(format!(
-                "{other}\n--- last guest console lines ---\n{}",
-                view.tail(20)
-            ))
-        }
-    }
+        Err(SessionError::Failed(message)) => Some(message),
+        Err(SessionError::VmEnded) => None,
+    };
+    // The VM ended (or the session broke) before the command reported an exit status.
     if let Some(panic) = view.kernel_panic() {
-        return Err(format!(
-            "the guest kernel panicked: {panic}\n--- last guest console lines ---\n{}",
-            view.tail(20)
-        ));
+        return Err(format!("the guest kernel panicked: {panic}{}", console(20)));
     }
-    match report.exit {
-        Some(GuestExit::Code(code)) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
-        Some(GuestExit::Signal(sig)) => {
-            eprintln!("agentvm: the command was killed by signal {sig}");
-            Ok(signal_exit_code(sig))
-        }
-        None if report.powered_off => {
+    match outcome {
+        VmOutcome::GuestReset if report.powered_off => {
             eprintln!("agentvm: the guest powered off before the command finished");
             Ok(ExitCode::SUCCESS)
         }
-        None if report.ready_boot_ns.is_none() => Err(format!(
-            "the guest reset before the guest agent came up\n--- last guest console lines ---\n{}",
-            view.tail(30)
+        VmOutcome::GuestReset if report.ready_boot_ns.is_none() => Err(format!(
+            "the guest reset before the guest agent came up{}",
+            console(30)
         )),
-        None => Err(format!(
-            "the guest reset without reporting the command's exit status\n--- last guest console lines ---\n{}",
-            view.tail(20)
+        VmOutcome::GuestReset => Err(format!(
+            "the guest reset before the command finished{}{}",
+            failure.map(|f| format!(" ({f})")).unwrap_or_default(),
+            console(20)
         )),
+        VmOutcome::Stopped => Err(failure
+            .unwrap_or_else(|| "the VM stopped before the command finished".into())
+            + &console(20)),
+        other => Err(format!("{other}{}", console(20))),
     }
 }

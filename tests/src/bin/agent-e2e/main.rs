@@ -1,0 +1,157 @@
+//! agent-e2e: the guest agent end to end with a real Linux guest, run inside the nested test host
+//! (see `tests/tests/agent_e2e.rs`). It boots guests with `agentvm boot --vsock-uds`, drives them
+//! with the host client library over vsock, and prints one line per check:
+//!
+//! ```text
+//! E2E <check> ok <detail>
+//! E2E <check> fail <why>
+//! ```
+//!
+//! (details on one line, newlines escaped as `\n`), then `E2E-DONE`. Each check is independent:
+//! one failing does not stop the others.
+
+mod checks;
+mod cli;
+mod vm;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use vm::{BootOptions, Guest};
+
+pub struct Args {
+    pub agentvm: PathBuf,
+    pub kernel: PathBuf,
+    pub initrd: PathBuf,
+    pub work_dir: PathBuf,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let (mut agentvm, mut kernel, mut initrd, mut work_dir) = (None, None, None, None);
+    while let Some(flag) = args.next() {
+        let value = args
+            .next()
+            .map(PathBuf::from)
+            .ok_or_else(|| format!("{flag} needs a value"))?;
+        match flag.as_str() {
+            "--agentvm" => agentvm = Some(value),
+            "--kernel" => kernel = Some(value),
+            "--initrd" => initrd = Some(value),
+            "--work" => work_dir = Some(value),
+            other => return Err(format!("unknown argument {other}")),
+        }
+    }
+    let need = |v: Option<PathBuf>, name: &str| v.ok_or_else(|| format!("{name} is required"));
+    Ok(Args {
+        agentvm: need(agentvm, "--agentvm")?,
+        kernel: need(kernel, "--kernel")?,
+        initrd: need(initrd, "--initrd")?,
+        work_dir: need(work_dir, "--work")?,
+    })
+}
+
+pub fn report(name: &str, result: Result<String, String>) {
+    let (verdict, detail) = match result {
+        Ok(d) => ("ok", d),
+        Err(d) => ("fail", d),
+    };
+    println!("E2E {name} {verdict} {}", detail.replace('\n', "\\n"));
+}
+
+/// Runs `check` and reports it with its duration.
+pub fn timed(name: &str, check: impl FnOnce() -> Result<String, String>) {
+    let start = Instant::now();
+    eprintln!("agent-e2e: {name} ...");
+    let result = check();
+    let secs = start.elapsed().as_secs_f64();
+    report(
+        name,
+        result
+            .map(|d| format!("{d} ({secs:.1} s)"))
+            .map_err(|d| format!("{d} ({secs:.1} s)")),
+    );
+}
+
+fn main() {
+    let args = match parse_args() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("agent-e2e: {e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = std::fs::create_dir_all(&args.work_dir) {
+        eprintln!("agent-e2e: cannot create {}: {e}", args.work_dir.display());
+        std::process::exit(2);
+    }
+    client_checks(&args);
+    cli::checks(&args);
+    version_mismatch(&args);
+    println!("E2E-DONE");
+}
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+fn client_checks(args: &Args) {
+    let mut guest = match Guest::boot(&BootOptions {
+        agentvm: &args.agentvm,
+        kernel: &args.kernel,
+        initrd: &args.initrd,
+        work_dir: &args.work_dir,
+        name: "main",
+        extra_cmdline: "",
+        mem_mib: 512,
+    }) {
+        Ok(g) => g,
+        Err(e) => return report("boot", Err(e)),
+    };
+    let start = Instant::now();
+    let client = match guest.connect(BOOT_TIMEOUT) {
+        Ok(c) => c.with_call_timeout(Duration::from_secs(120)),
+        Err(e) => {
+            return report(
+                "boot",
+                Err(format!("{e}\nconsole:\n{}", guest.console_tail(40))),
+            )
+        }
+    };
+    report(
+        "boot",
+        Ok(format!(
+            "agent {} answered after {:.1} s",
+            client.negotiated().peer.software_version,
+            start.elapsed().as_secs_f64()
+        )),
+    );
+    checks::run_all(&client, args);
+    timed("agent_gone", || checks::agent_gone(&client, &mut guest));
+}
+
+fn version_mismatch(args: &Args) {
+    timed("version_mismatch", || {
+        let mut guest = Guest::boot(&BootOptions {
+            agentvm: &args.agentvm,
+            kernel: &args.kernel,
+            initrd: &args.initrd,
+            work_dir: &args.work_dir,
+            name: "mismatch",
+            extra_cmdline: "agentvm.test_protocol_version=9.0",
+            mem_mib: 256,
+        })?;
+        match guest.connect(BOOT_TIMEOUT) {
+            Ok(_) => Err("the client accepted an agent speaking protocol v9.0".into()),
+            Err(e) => {
+                let text = e.to_string();
+                if text.contains("version mismatch") && text.contains("v9.0") {
+                    Ok(text)
+                } else {
+                    Err(format!(
+                        "unclear error: {text}\nconsole:\n{}",
+                        guest.console_tail(20)
+                    ))
+                }
+            }
+        }
+    });
+}
