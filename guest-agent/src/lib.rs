@@ -11,3 +11,4 @@ pub mod exec;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod server;
