@@ -11,6 +11,7 @@ use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
 use super::connection::ConnectionShared;
 use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
+use super::{exec, pty};
 
 /// Handler threads need little stack; 100 concurrent execs run four threads each.
 const HANDLER_STACK: usize = 256 * 1024;
@@ -22,13 +23,17 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
         }),
 
         // Services written elsewhere: each becomes a `start(...)` arm once it exists.
-        Message::Exec(m) => not_implemented(conn, m.id, "Exec"),
+        Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
+            exec::run_exec(ctx, m)
+        }),
         Message::ProcStart(m) => not_implemented(conn, m.id, "ProcStart"),
         Message::ProcList(m) => not_implemented(conn, m.id, "ProcList"),
         Message::ProcWait(m) => not_implemented(conn, m.id, "ProcWait"),
         Message::ProcKill(m) => not_implemented(conn, m.id, "ProcKill"),
         Message::ProcLogs(m) => not_implemented(conn, m.id, "ProcLogs"),
-        Message::PtyOpen(m) => not_implemented(conn, m.id, "PtyOpen"),
+        Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
+            pty::run_pty(ctx, m)
+        }),
         Message::WatchStart(m) => not_implemented(conn, m.id, "WatchStart"),
         Message::ReadFile(m) => not_implemented(conn, m.id, "ReadFile"),
         Message::WriteFile(m) => not_implemented(conn, m.id, "WriteFile"),

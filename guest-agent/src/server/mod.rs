@@ -6,15 +6,23 @@
 //! - `context.rs`: [`RequestContext`], the API handlers use (windowed output, buffered input,
 //!   close/kill/resize, the final message).
 //! - `registry.rs`, `writer.rs`: a connection's live requests and its shared frame writer.
+//! - `exec.rs`, `process_spec.rs`, `supervise.rs`, `input.rs`, `output.rs`: running processes
+//!   for `Exec`; `pty.rs` for `PtyOpen`.
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
 
 pub mod connection;
 pub mod context;
 mod dispatch;
+mod exec;
 mod fd;
+mod input;
+mod output;
+pub mod process_spec;
+mod pty;
 pub mod reaper;
 mod registry;
+mod supervise;
 pub mod unix_listener;
 mod writer;
 
@@ -55,7 +63,7 @@ impl Services {
 
     /// The services this agent implements, as advertised in its Hello.
     pub fn features(&self) -> Features {
-        Features::empty()
+        Features::EXEC | Features::PTY
     }
 }
 
