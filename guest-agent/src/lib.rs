@@ -11,4 +11,5 @@ pub mod exec;
 pub mod modules;
 pub mod mounts;
 pub mod power;
+pub mod server;
 pub mod vsock;

@@ -16,6 +16,7 @@ use guest_agent::exec::{run_command, ExecOptions, ExecOutcome};
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
 use guest_agent::power::{self, signal_name, SignalWatcher};
+use guest_agent::server::unix_listener::serve_unix_socket;
 
 const DEFAULT_HOSTNAME: &str = "agentvm";
 const HOSTNAME_PARAM: &str = "agentvm.hostname";
@@ -25,9 +26,18 @@ const HOME: &str = "/root";
 
 fn main() {
     if std::process::id() != 1 {
+        let args: Vec<OsString> = std::env::args_os().skip(1).collect();
+        if let [flag, path] = args.as_slice() {
+            if flag == "--listen-unix" {
+                let error = serve_unix_socket(Path::new(path));
+                eprintln!("agentvm-guest-agent: {error}");
+                std::process::exit(1);
+            }
+        }
         eprintln!(
             "agentvm-guest-agent: this is the agentvm guest's init and must run as PID 1; \
-             its logic is exercised on the host through the guest_agent library tests"
+             its logic is exercised on the host through the guest_agent library tests, and \
+             `agentvm-guest-agent --listen-unix PATH` serves the agent protocol on a Unix socket"
         );
         std::process::exit(2);
     }

@@ -1,0 +1,180 @@
+//! Routes each message the host sends: requests to a handler on a thread of its own, stream and
+//! control messages to the live request they name.
+//!
+//! Adding a service is one arm in [`dispatch`]: `start(conn, m.id, Some(Features::X), move |ctx|
+//! module::handler(ctx, m))`, plus its bit in [`Services::features`](super::Services::features).
+
+use std::sync::Arc;
+
+use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
+
+use super::connection::ConnectionShared;
+use super::context::{Control, RequestContext, RequestState};
+use super::registry::RegisterError;
+use super::{exec, pty};
+
+/// Handler threads need little stack; 100 concurrent execs run four threads each.
+const HANDLER_STACK: usize = 256 * 1024;
+
+pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
+    match message {
+        Message::Ping(m) => start(conn, m.id, None, move |ctx| {
+            ctx.finish(Message::Done(agentvm_protocol::Done { id: m.id }))
+        }),
+
+        // Services written elsewhere: each becomes a `start(...)` arm once it exists.
+        Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
+            exec::run_exec(ctx, m)
+        }),
+        Message::ProcStart(m) => not_implemented(conn, m.id, "ProcStart"),
+        Message::ProcList(m) => not_implemented(conn, m.id, "ProcList"),
+        Message::ProcWait(m) => not_implemented(conn, m.id, "ProcWait"),
+        Message::ProcKill(m) => not_implemented(conn, m.id, "ProcKill"),
+        Message::ProcLogs(m) => not_implemented(conn, m.id, "ProcLogs"),
+        Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
+            pty::run_pty(ctx, m)
+        }),
+        Message::WatchStart(m) => not_implemented(conn, m.id, "WatchStart"),
+        Message::ReadFile(m) => not_implemented(conn, m.id, "ReadFile"),
+        Message::WriteFile(m) => not_implemented(conn, m.id, "WriteFile"),
+        Message::ListDir(m) => not_implemented(conn, m.id, "ListDir"),
+        Message::StatPath(m) => not_implemented(conn, m.id, "StatPath"),
+        Message::MakeDir(m) => not_implemented(conn, m.id, "MakeDir"),
+        Message::RemovePath(m) => not_implemented(conn, m.id, "RemovePath"),
+        Message::Connect(m) => not_implemented(conn, m.id, "Connect"),
+        Message::AfterRestore(m) => not_implemented(conn, m.id, "AfterRestore"),
+
+        Message::Data(Data { id, stream, data }) => {
+            if stream != Stream::Stdin {
+                return wrong_stream(conn, id, stream, "Data");
+            }
+            if let Some(request) = conn.registry.get(id) {
+                if let Err(e) = request.push_input(data) {
+                    conn.send_error(0, ErrorCode::Protocol, e);
+                }
+            }
+        }
+        Message::Eof(Eof { id, stream }) => {
+            if stream != Stream::Stdin {
+                return wrong_stream(conn, id, stream, "Eof");
+            }
+            if let Some(request) = conn.registry.get(id) {
+                if let Err(e) = request.input_eof() {
+                    conn.send_error(0, ErrorCode::Protocol, e);
+                }
+            }
+        }
+        Message::Window(Window { id, stream, bytes }) => {
+            if stream == Stream::Stdin {
+                return wrong_stream(conn, id, stream, "Window");
+            }
+            if let Some(request) = conn.registry.get(id) {
+                if let Err(e) = request.grant(stream, bytes) {
+                    conn.send_error(0, ErrorCode::Protocol, format!("request {id}: {e}"));
+                }
+            }
+        }
+        Message::Close(m) => {
+            if let Some(request) = conn.registry.get(m.id) {
+                request.close();
+            }
+        }
+        Message::Kill(m) => control(conn, m.id, Control::Kill { signal: m.signal }),
+        Message::Resize(m) => control(
+            conn,
+            m.id,
+            Control::Resize {
+                rows: m.rows,
+                cols: m.cols,
+            },
+        ),
+
+        // Hello twice, or a message only the guest sends.
+        other => conn.send_error(
+            0,
+            ErrorCode::Protocol,
+            format!(
+                "the host may not send {} here (request {})",
+                other.name(),
+                other.request_id().unwrap_or(0)
+            ),
+        ),
+    }
+}
+
+/// Registers request `id` and runs `handler` on its own thread, after checking that the
+/// connection negotiated `feature` and that the id is free.
+fn start(
+    conn: &Arc<ConnectionShared>,
+    id: u64,
+    feature: Option<Features>,
+    handler: impl FnOnce(RequestContext) + Send + 'static,
+) {
+    if let Some(feature) = feature {
+        if !conn.features.contains(feature) {
+            return conn.send_error(
+                id,
+                ErrorCode::Unsupported,
+                format!(
+                    "request {id} needs feature bits {:#x}, which this connection did not \
+                     negotiate (agent offers {:#x}, both sides agreed on {:#x})",
+                    feature.0,
+                    conn.services.features().0,
+                    conn.features.0
+                ),
+            );
+        }
+    }
+    let state = match RequestState::new(id, Arc::clone(&conn.writer)) {
+        Ok(state) => state,
+        Err(e) => {
+            return conn.send_error(
+                id,
+                ErrorCode::ResourceLimit,
+                format!("request {id}: cannot set it up: {e}"),
+            )
+        }
+    };
+    match conn.registry.register(Arc::clone(&state)) {
+        Ok(()) => {}
+        Err(RegisterError::DuplicateId) => {
+            return conn.send_error(
+                id,
+                ErrorCode::DuplicateId,
+                format!("request id {id} is already in use by a running request"),
+            )
+        }
+        Err(RegisterError::ConnectionGone) => return,
+    }
+    let ctx = RequestContext::new(state, Arc::clone(conn));
+    let spawned = std::thread::Builder::new()
+        .name(format!("request-{id}"))
+        .stack_size(HANDLER_STACK)
+        .spawn(move || handler(ctx));
+    if let Err(e) = spawned {
+        // The context went down with the closure and already answered `Internal`.
+        eprintln!("agentvm-guest-agent: no thread for request {id}: {e}");
+    }
+}
+
+fn not_implemented(conn: &ConnectionShared, id: u64, what: &str) {
+    conn.send_error(
+        id,
+        ErrorCode::Unsupported,
+        format!("request {id}: this agent does not implement {what}"),
+    );
+}
+
+fn control(conn: &ConnectionShared, id: u64, control: Control) {
+    if let Some(request) = conn.registry.get(id) {
+        request.control(control);
+    }
+}
+
+fn wrong_stream(conn: &ConnectionShared, id: u64, stream: Stream, what: &str) {
+    conn.send_error(
+        0,
+        ErrorCode::Protocol,
+        format!("request {id}: the host may not send {what} on {stream:?}"),
+    );
+}
