@@ -1,26 +1,30 @@
 //! agentvm-guest-agent: the guest's /init.
 //!
 //! Boot sequence: watch signals, mount devtmpfs, take over the console (raw), mount the rest, load
-//! the initramfs modules with their command-line parameters, set hostname and environment, print
-//! the ready marker, run `agentvm.cmd` (or idle until a poweroff signal), power off. No step is
-//! fatal: each failure is an `@@agentvm:error` line and the boot goes on as far as it can.
+//! the initramfs modules with their command-line parameters, set hostname and environment, start
+//! the protocol server on vsock port [`AGENT_VSOCK_PORT`] (the host drives everything through
+//! it), print the ready marker, wait for a poweroff signal, power off. No step is fatal: each
+//! failure is an `@@agentvm:error` line and the boot goes on as far as it can.
 
 use std::ffi::OsString;
 use std::io::{self, Write};
 use std::path::Path;
 
+use agentvm_protocol::{Version, AGENT_VSOCK_PORT};
 use guest_agent::cmdline::{KernelCmdline, PROC_CMDLINE};
 use guest_agent::console::{self, ConsoleWriter};
-use guest_agent::console_protocol::{decode_cmd, ExitStatus, Marker, CMD_PARAM, EXEC_FAILURE_CODE};
-use guest_agent::exec::{run_command, ExecOptions, ExecOutcome};
+use guest_agent::console_protocol::Marker;
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
 use guest_agent::power::{self, signal_name, SignalWatcher};
 use guest_agent::server::unix_listener::serve_unix_socket;
+use guest_agent::server::{self, Services};
+use guest_agent::vsock::VsockListener;
 
 const DEFAULT_HOSTNAME: &str = "agentvm";
 const HOSTNAME_PARAM: &str = "agentvm.hostname";
 const DEBUG_PARAM: &str = "agentvm.debug";
+const TEST_PROTOCOL_VERSION_PARAM: &str = "agentvm.test_protocol_version";
 const PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 const HOME: &str = "/root";
 
@@ -135,6 +139,16 @@ fn init() -> ! {
         }
     }
 
+    if let Some(param) = cmdline.get(TEST_PROTOCOL_VERSION_PARAM) {
+        match parse_version(param.value.as_deref().unwrap_or("")) {
+            Some(version) => server::advertise_protocol_version(version),
+            None => out.error(format_args!(
+                "bad {TEST_PROTOCOL_VERSION_PARAM}: expected MAJOR.MINOR"
+            )),
+        }
+    }
+    start_server(&mut out);
+
     let ready_ns = boottime_ns();
     out.debug(format_args!(
         "ready after {:.1} ms in the agent",
@@ -142,32 +156,45 @@ fn init() -> ! {
     ));
     out.marker(&Marker::Ready { boot_ns: ready_ns });
 
-    let power_signal = match cmdline.get(CMD_PARAM) {
-        None => {
-            out.info(format_args!(
-                "no {CMD_PARAM} on the kernel command line; waiting for a poweroff signal"
-            ));
-            Some(power::idle_until_power_signal(
-                signals.as_mut().ok(),
-                &mut out,
-            ))
-        }
-        Some(param) => match decode_cmd(param.value.as_deref().unwrap_or("")) {
-            Err(e) => {
-                out.error(format_args!("bad {CMD_PARAM}: {e}"));
-                out.marker(&Marker::Exit(ExitStatus::Code(EXEC_FAILURE_CODE)));
-                None
-            }
-            Ok(argv) => run(&argv, signals.as_mut().ok(), &mut out),
-        },
-    };
-    if let Some(signal) = power_signal {
-        out.info(format_args!(
-            "received {}: powering off",
-            signal_name(signal)
-        ));
-    }
+    let signal = power::wait_for_power_signal(signals.as_mut().ok(), &mut out);
+    out.info(format_args!(
+        "received {}: powering off",
+        signal_name(signal)
+    ));
     power::power_off(&mut out)
+}
+
+/// Listens on the agent's vsock port and serves host connections on background threads. A
+/// failure is reported on the console; the guest then stays up without an agent, which the host
+/// sees as a connection timeout with this console line in its diagnostics.
+fn start_server<W: Write>(out: &mut ConsoleWriter<W>) {
+    let services = match Services::new() {
+        Ok(services) => services,
+        Err(e) => return out.error(format_args!("cannot start the agent's services: {e}")),
+    };
+    let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
+        Ok(listener) => listener,
+        Err(e) => return out.error(format_args!(
+            "cannot listen on vsock port {AGENT_VSOCK_PORT} (is there a virtio-vsock device?): {e}"
+        )),
+    };
+    let spawned = std::thread::Builder::new()
+        .name("vsock-accept".into())
+        .spawn(move || {
+            let error = server::serve_listener_forever(|| listener.accept(), &services);
+            eprintln!("@@agentvm:error accepting vsock connections failed: {error}");
+        });
+    if let Err(e) = spawned {
+        out.error(format_args!("cannot start the vsock accept thread: {e}"));
+    }
+}
+
+fn parse_version(text: &str) -> Option<Version> {
+    let (major, minor) = text.split_once('.')?;
+    Some(Version {
+        major: major.parse().ok()?,
+        minor: minor.parse().ok()?,
+    })
 }
 
 fn load_guest_modules<W: Write>(cmdline: &KernelCmdline, out: &mut ConsoleWriter<W>) {
@@ -207,29 +234,4 @@ fn load_guest_modules<W: Write>(cmdline: &KernelCmdline, out: &mut ConsoleWriter
         report.modules.len(),
         ms_since(start)
     ));
-}
-
-/// Runs the command; returns the power signal if one interrupted it.
-fn run<W: Write>(
-    argv: &[OsString],
-    signals: Option<&mut SignalWatcher>,
-    out: &mut ConsoleWriter<W>,
-) -> Option<libc::c_int> {
-    if out.debug_enabled() {
-        out.debug(format_args!("exec {argv:?}"));
-    }
-    let options = ExecOptions {
-        cwd: Some(HOME.into()),
-        reap_orphans: true,
-    };
-    let start = boottime_ns();
-    let outcome = run_command(argv, &options, out, signals);
-    out.debug(format_args!(
-        "command finished after {:.1} ms",
-        ms_since(start)
-    ));
-    match outcome {
-        ExecOutcome::Exited(_) => None,
-        ExecOutcome::PowerRequested(signal) => Some(signal),
-    }
 }

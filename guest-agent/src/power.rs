@@ -164,9 +164,10 @@ pub fn reap_all() -> Vec<(libc::pid_t, libc::c_int)> {
     }
 }
 
-/// PID 1 with nothing to run: reap orphans until a power signal arrives, and return it.
-/// Without a signal watcher there is no way to hear one: reap forever.
-pub fn idle_until_power_signal<W: Write>(
+/// PID 1's main thread once the agent's server runs: wait for a power signal and return it.
+/// SIGCHLD is only drained here: the server's reaper thread owns `waitpid` (orphans included).
+/// Without a signal watcher there is no way to hear one: sleep until the VM is stopped.
+pub fn wait_for_power_signal<W: Write>(
     signals: Option<&mut SignalWatcher>,
     console: &mut ConsoleWriter<W>,
 ) -> libc::c_int {
@@ -174,15 +175,7 @@ pub fn idle_until_power_signal<W: Write>(
         loop {
             match watcher.wait() {
                 Ok(received) => {
-                    let mut power = None;
-                    for signal in received {
-                        if signal == libc::SIGCHLD {
-                            reap_all();
-                        } else if is_power_signal(signal) {
-                            power = Some(signal);
-                        }
-                    }
-                    if let Some(signal) = power {
+                    if let Some(signal) = received.into_iter().find(|s| is_power_signal(*s)) {
                         return signal;
                     }
                 }
@@ -193,15 +186,12 @@ pub fn idle_until_power_signal<W: Write>(
             }
         }
     }
-    console.error("no signal watcher: cannot be powered off from inside; reaping orphans until the VM is stopped");
+    console.error(
+        "no signal watcher: cannot be powered off from inside; waiting until the VM is stopped",
+    );
     loop {
-        let mut status = 0;
-        // SAFETY: blocking waitpid for any child, status written into a local.
-        let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
-        if pid < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::ECHILD) {
-            // SAFETY: pause() just sleeps until a signal; nothing is passed.
-            unsafe { libc::pause() };
-        }
+        // SAFETY: pause() just sleeps until a signal; nothing is passed.
+        unsafe { libc::pause() };
     }
 }
 
@@ -261,13 +251,16 @@ mod tests {
     }
 
     #[test]
-    fn idle_returns_the_power_signal() {
+    fn waiting_skips_sigchld_and_returns_the_power_signal() {
         let mut watcher = SignalWatcher::install().unwrap();
-        // SAFETY: raising a blocked signal in the current thread.
-        unsafe { libc::raise(libc::SIGUSR1) };
+        // SAFETY: raising blocked signals in the current thread.
+        unsafe {
+            libc::raise(libc::SIGCHLD);
+            libc::raise(libc::SIGUSR1);
+        }
         let mut console = ConsoleWriter::new(Vec::new());
         assert_eq!(
-            idle_until_power_signal(Some(&mut watcher), &mut console),
+            wait_for_power_signal(Some(&mut watcher), &mut console),
             libc::SIGUSR1
         );
         assert!(console.get_ref().is_empty());

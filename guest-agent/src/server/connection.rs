@@ -36,11 +36,26 @@ impl ConnectionShared {
 
 /// The agent's Hello: its version and the services it implements.
 pub fn agent_hello(services: &Services) -> Hello {
-    Hello::new(
+    let mut hello = Hello::new(
         Role::Guest,
         format!("agentvm-guest-agent {}", env!("CARGO_PKG_VERSION")),
         services.features(),
-    )
+    );
+    if let Some(version) = ADVERTISED_VERSION.get() {
+        hello.protocol_version = version.to_u32();
+    }
+    hello
+}
+
+/// A protocol version to claim instead of the real one (kernel parameter
+/// `agentvm.test_protocol_version=MAJOR.MINOR`): how the end-to-end tests get a real guest whose
+/// agent does not match the host, to check the error the host gives.
+static ADVERTISED_VERSION: std::sync::OnceLock<agentvm_protocol::Version> =
+    std::sync::OnceLock::new();
+
+/// Sets the version [`agent_hello`] claims; only the first call counts.
+pub fn advertise_protocol_version(version: agentvm_protocol::Version) {
+    let _ = ADVERTISED_VERSION.set(version);
 }
 
 /// Serves one host connection until it ends. Every exec and PTY it started is killed when it

@@ -32,7 +32,7 @@ use std::sync::Arc;
 
 use agentvm_protocol::Features;
 
-pub use connection::{agent_hello, serve_connection};
+pub use connection::{advertise_protocol_version, agent_hello, serve_connection};
 pub use context::{CloseSignal, Control, InputStream, RequestContext};
 pub use reaper::Reaper;
 pub use writer::ConnectionGone;
