@@ -11,7 +11,7 @@ use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
 use super::connection::ConnectionShared;
 use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
-use super::{exec, pty};
+use super::{exec, processes, pty};
 
 /// Handler threads need little stack; 100 concurrent execs run four threads each.
 const HANDLER_STACK: usize = 256 * 1024;
@@ -26,11 +26,21 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
         Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
             exec::run_exec(ctx, m)
         }),
-        Message::ProcStart(m) => not_implemented(conn, m.id, "ProcStart"),
-        Message::ProcList(m) => not_implemented(conn, m.id, "ProcList"),
-        Message::ProcWait(m) => not_implemented(conn, m.id, "ProcWait"),
-        Message::ProcKill(m) => not_implemented(conn, m.id, "ProcKill"),
-        Message::ProcLogs(m) => not_implemented(conn, m.id, "ProcLogs"),
+        Message::ProcStart(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::start(ctx, m)
+        }),
+        Message::ProcList(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::list(ctx, m.id)
+        }),
+        Message::ProcWait(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::wait(ctx, m)
+        }),
+        Message::ProcKill(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::kill(ctx, m)
+        }),
+        Message::ProcLogs(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::logs(ctx, m)
+        }),
         Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
             pty::run_pty(ctx, m)
         }),
