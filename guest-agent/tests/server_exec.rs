@@ -393,3 +393,59 @@ fn features_not_negotiated_are_unsupported() {
     client.send(Ping { id: 2 });
     assert!(matches!(client.recv(), Message::Done(_)));
 }
+
+#[test]
+fn a_grandchild_holding_the_pipes_does_not_hold_back_exited() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    // The background sleep keeps stdout and stderr open after the shell exits.
+    let result = client.sh(1, "sleep 1000 & echo $!; echo bye >&2");
+    assert_eq!(result.status, Some(ExitStatus::Code(0)));
+    assert_eq!(result.stderr, b"bye\n");
+    let sleeper: i32 = first_line(&result.stdout).parse().unwrap();
+    // SAFETY: kill with plain integers; the sleep is ours to stop.
+    assert_eq!(unsafe { libc::kill(sleeper, libc::SIGKILL) }, 0);
+    common::wait_gone(sleeper as u32);
+}
+
+#[test]
+fn stdin_beyond_the_window_is_a_protocol_error() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    // Without `stdin` the input is never consumed, so the window is never granted back.
+    client.send(Exec {
+        id: 1,
+        spec: argv(&["sleep", "1000"]),
+        stdin: false,
+    });
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..(INITIAL_WINDOW as usize / chunk.len()) {
+        client.send(Data {
+            id: 1,
+            stream: Stream::Stdin,
+            data: chunk.clone(),
+        });
+    }
+    client.send(Data {
+        id: 1,
+        stream: Stream::Stdin,
+        data: b"!".to_vec(),
+    });
+    loop {
+        match client.recv() {
+            Message::Started(_) => {}
+            Message::ErrorMsg(e) => {
+                assert_eq!((e.id, e.code), (0, ErrorCode::Protocol));
+                assert!(e.message.contains("request 1"), "{}", e.message);
+                assert!(e.message.contains("window"), "{}", e.message);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    client.send(Close { id: 1 });
+    assert_eq!(
+        client.collect(1).status,
+        Some(ExitStatus::Signal(libc::SIGKILL))
+    );
+}

@@ -146,6 +146,37 @@ impl ProcessTable {
     }
 }
 
+/// Longest command text per entry in a listing, so that a full table always fits in one frame.
+const LISTED_COMMAND_BYTES: usize = 1024;
+
+/// The command as listed: strings cut (at a char boundary) so that all of them together stay
+/// within [`LISTED_COMMAND_BYTES`].
+fn summarize(command: &Command) -> Command {
+    fn cut(text: &str, budget: &mut usize) -> String {
+        let mut end = text.len().min(*budget);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        *budget -= end;
+        text[..end].to_string()
+    }
+    let mut budget = LISTED_COMMAND_BYTES;
+    match command {
+        Command::Shell(script) => Command::Shell(cut(script, &mut budget)),
+        Command::Argv(argv) => {
+            // argv[0] always stays (an empty argv is not a valid message).
+            let mut listed = Vec::new();
+            for arg in argv {
+                if !listed.is_empty() && budget == 0 {
+                    break;
+                }
+                listed.push(cut(arg, &mut budget));
+            }
+            Command::Argv(listed)
+        }
+    }
+}
+
 fn unix_ms_now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -299,7 +330,7 @@ pub(crate) fn list(ctx: RequestContext, id: u64) {
         .map(|(proc_id, p)| ProcInfo {
             proc_id: *proc_id,
             pid: p.pid,
-            command: p.command.clone(),
+            command: summarize(&p.command),
             started_unix_ms: p.started_unix_ms,
             status: p.status,
             stdout_bytes: p.stdout.end(),
@@ -437,5 +468,26 @@ pub(crate) fn logs(ctx: RequestContext, request: ProcLogs) {
         }
         state = table.wait(state, RECHECK);
         drop(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listed_commands_are_bounded() {
+        let long = "é".repeat(LISTED_COMMAND_BYTES);
+        let Command::Shell(script) = summarize(&Command::Shell(long.clone())) else {
+            panic!()
+        };
+        assert!(script.len() <= LISTED_COMMAND_BYTES && long.starts_with(&script));
+        let argv = vec!["x".repeat(2 * LISTED_COMMAND_BYTES), "y".into()];
+        let Command::Argv(listed) = summarize(&Command::Argv(argv)) else {
+            panic!()
+        };
+        assert_eq!(listed, vec!["x".repeat(LISTED_COMMAND_BYTES)]);
+        let short = Command::Argv(vec!["echo".into(), "hi".into()]);
+        assert_eq!(summarize(&short), short);
     }
 }
