@@ -11,6 +11,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use agentvm_protocol::{ErrorCode, Exited, Message, PtyOpen, Started, Stream};
 
@@ -145,7 +146,8 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
                 let _ = signal_group(pid, libc::SIGKILL);
             }
         }
-        let outcome = supervise(&ctx, pid, &events, None, OnClose::HangUp);
+        let timeout = request.spec.timeout_ms.map(Duration::from_millis);
+        let outcome = supervise(&ctx, pid, &events, timeout, OnClose::HangUp);
         stop_after_grace(&done, &stop, EXIT_GRACE);
         outcome
     });
