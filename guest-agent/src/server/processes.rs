@@ -17,6 +17,7 @@ use agentvm_protocol::{
 };
 
 use super::context::RequestContext;
+use super::dispatch::HELPER_STACK;
 use super::fd::{signal_group, Trigger};
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
@@ -271,7 +272,7 @@ pub(crate) fn start(ctx: RequestContext, request: ProcStart) {
     let timeout = request.spec.timeout_ms.map(Duration::from_millis);
     let collector = std::thread::Builder::new()
         .name(format!("proc-{proc_id}"))
-        .stack_size(128 * 1024)
+        .stack_size(HELPER_STACK)
         .spawn(move || {
             let watch = Watch {
                 table: &collector_table,
@@ -317,7 +318,7 @@ impl Watch<'_> {
                 let done_tx = done_tx.clone();
                 let spawned = std::thread::Builder::new()
                     .name(format!("proc-{proc_id}-{stream:?}"))
-                    .stack_size(128 * 1024)
+                    .stack_size(HELPER_STACK)
                     .spawn_scoped(scope, move || {
                         pump(source, stop, done_tx, |data| {
                             table.append(proc_id, stream, data)

@@ -16,6 +16,7 @@ use std::time::Duration;
 use agentvm_protocol::{ErrorCode, Exited, Message, PtyOpen, Started, Stream};
 
 use super::context::{Control, RequestContext};
+use super::dispatch::HELPER_STACK;
 use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
@@ -130,7 +131,7 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
                 let (ctx, stop) = (&ctx, &stop);
                 let spawned = std::thread::Builder::new()
                     .name(format!("pty-{id}"))
-                    .stack_size(128 * 1024)
+                    .stack_size(HELPER_STACK)
                     .spawn_scoped(scope, move || {
                         pump(output, stop, done_tx, |data| {
                             ctx.send_data(Stream::Stdout, data).is_ok()
