@@ -25,7 +25,6 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
             ctx.finish(Message::Done(agentvm_protocol::Done { id: m.id }))
         }),
 
-        // Services written elsewhere: each becomes a `start(...)` arm once it exists.
         Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
             exec::run_exec(ctx, m)
         }),
@@ -47,6 +46,8 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
         Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
             pty::run_pty(ctx, m)
         }),
+        // Services written elsewhere (server/{watch,files,port_forward,after_restore}.rs): each
+        // becomes a `start(...)` arm, and its feature bit goes into `Services::features`.
         Message::WatchStart(m) => not_implemented(conn, m.id, "WatchStart"),
         Message::ReadFile(m) => not_implemented(conn, m.id, "ReadFile"),
         Message::WriteFile(m) => not_implemented(conn, m.id, "WriteFile"),
