@@ -481,3 +481,29 @@ fn kill_with_a_bad_signal_is_reported_without_ending_the_request() {
         Some(ExitStatus::Signal(libc::SIGKILL))
     );
 }
+
+#[test]
+fn dropping_the_connection_kills_an_exec_stalled_on_its_window() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send(Exec {
+        id: 1,
+        spec: argv(&["yes"]),
+        stdin: false,
+    });
+    let pid = match client.recv_for(1) {
+        Message::Started(s) => s.pid,
+        other => panic!("expected Started, got {other:?}"),
+    };
+    // Take the first window's worth and grant nothing: `yes` is now stopped by its pipe.
+    let mut received = 0;
+    while received < INITIAL_WINDOW as usize {
+        match client.recv_for(1) {
+            Message::Data(d) => received += d.data.len(),
+            other => panic!("expected Data, got {other:?}"),
+        }
+    }
+    assert_eq!(received, INITIAL_WINDOW as usize);
+    drop(client);
+    common::wait_gone(pid);
+}
