@@ -75,3 +75,40 @@ fn an_oversized_frame_drops_the_connection() {
     client.send(Ping { id: 1 });
     assert_eq!(client.recv(), Message::Done(Done { id: 1 }));
 }
+
+#[test]
+fn services_this_agent_lacks_are_unsupported() {
+    use agentvm_protocol::{Connect, ReadFile, WatchStart};
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let offered = client.negotiated.peer.features;
+    let requests: Vec<Message> = vec![
+        ReadFile {
+            id: 1,
+            path: "/etc/hostname".into(),
+            offset: 0,
+            len: None,
+        }
+        .into(),
+        WatchStart {
+            id: 2,
+            path: "/tmp".into(),
+            recursive: false,
+            include: vec![],
+            exclude: vec![],
+        }
+        .into(),
+        Connect { id: 3, port: 80 }.into(),
+    ];
+    for request in requests {
+        let id = request.request_id().unwrap();
+        client.send(request);
+        match client.recv() {
+            Message::ErrorMsg(e) => {
+                assert_eq!((e.id, e.code), (id, ErrorCode::Unsupported));
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+    assert!(offered.contains(agentvm_protocol::Features::EXEC));
+}

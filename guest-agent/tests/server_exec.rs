@@ -393,3 +393,117 @@ fn features_not_negotiated_are_unsupported() {
     client.send(Ping { id: 2 });
     assert!(matches!(client.recv(), Message::Done(_)));
 }
+
+#[test]
+fn a_grandchild_holding_the_pipes_does_not_hold_back_exited() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    // The background sleep keeps stdout and stderr open after the shell exits.
+    let result = client.sh(1, "sleep 1000 & echo $!; echo bye >&2");
+    assert_eq!(result.status, Some(ExitStatus::Code(0)));
+    assert_eq!(result.stderr, b"bye\n");
+    let sleeper: i32 = first_line(&result.stdout).parse().unwrap();
+    // SAFETY: kill with plain integers; the sleep is ours to stop.
+    assert_eq!(unsafe { libc::kill(sleeper, libc::SIGKILL) }, 0);
+    common::wait_gone(sleeper as u32);
+}
+
+#[test]
+fn stdin_beyond_the_window_is_a_protocol_error() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    // Without `stdin` the input is never consumed, so the window is never granted back.
+    client.send(Exec {
+        id: 1,
+        spec: argv(&["sleep", "1000"]),
+        stdin: false,
+    });
+    let chunk = vec![b'x'; 64 * 1024];
+    for _ in 0..(INITIAL_WINDOW as usize / chunk.len()) {
+        client.send(Data {
+            id: 1,
+            stream: Stream::Stdin,
+            data: chunk.clone(),
+        });
+    }
+    client.send(Data {
+        id: 1,
+        stream: Stream::Stdin,
+        data: b"!".to_vec(),
+    });
+    loop {
+        match client.recv() {
+            Message::Started(_) => {}
+            Message::ErrorMsg(e) => {
+                assert_eq!((e.id, e.code), (0, ErrorCode::Protocol));
+                assert!(e.message.contains("request 1"), "{}", e.message);
+                assert!(e.message.contains("window"), "{}", e.message);
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    client.send(Close { id: 1 });
+    assert_eq!(
+        client.collect(1).status,
+        Some(ExitStatus::Signal(libc::SIGKILL))
+    );
+}
+
+#[test]
+fn kill_with_a_bad_signal_is_reported_without_ending_the_request() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send(Exec {
+        id: 3,
+        spec: argv(&["sh", "-c", "echo up; exec sleep 1000"]),
+        stdin: false,
+    });
+    assert_eq!(read_stdout_line(&mut client, 3), "up");
+    client.send(Kill { id: 3, signal: 999 });
+    match client.recv() {
+        Message::ErrorMsg(e) => {
+            assert_eq!((e.id, e.code), (0, ErrorCode::InvalidArgument));
+            assert!(
+                e.message.contains("999") && e.message.contains("request 3"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected an ErrorMsg about the Kill, got {other:?}"),
+    }
+    client.send(Kill {
+        id: 3,
+        signal: libc::SIGKILL,
+    });
+    assert_eq!(
+        client.collect(3).status,
+        Some(ExitStatus::Signal(libc::SIGKILL))
+    );
+}
+
+#[test]
+fn dropping_the_connection_kills_an_exec_stalled_on_its_window() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send(Exec {
+        id: 1,
+        spec: argv(&["yes"]),
+        stdin: false,
+    });
+    let pid = match client.recv_for(1) {
+        Message::Started(s) => s.pid,
+        other => panic!("expected Started, got {other:?}"),
+    };
+    // Take the first window's worth and grant nothing: `yes` is now stopped by its pipe.
+    let mut received = 0;
+    while received < INITIAL_WINDOW as usize {
+        match client.recv_for(1) {
+            Message::Data(d) => received += d.data.len(),
+            other => panic!("expected Data, got {other:?}"),
+        }
+    }
+    assert_eq!(received, INITIAL_WINDOW as usize);
+    drop(client);
+    common::wait_gone(pid);
+}

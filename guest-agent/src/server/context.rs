@@ -125,7 +125,7 @@ impl RequestContext {
     pub fn finish(mut self, final_msg: Message) {
         self.answered = true;
         self.release();
-        let _ = self.conn.writer.send(&final_msg);
+        let _ = self.conn.writer.send_final(self.id(), &final_msg);
     }
 
     /// Ends the request with an `ErrorMsg`.

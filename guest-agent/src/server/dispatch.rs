@@ -11,10 +11,13 @@ use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
 use super::connection::ConnectionShared;
 use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
-use super::{exec, pty};
+use super::{exec, processes, pty};
 
-/// Handler threads need little stack; 100 concurrent execs run four threads each.
-const HANDLER_STACK: usize = 256 * 1024;
+/// Handler threads need little stack, and 100 concurrent execs run four threads each; generous
+/// still for unoptimised builds. Only touched pages cost memory.
+const HANDLER_STACK: usize = 512 * 1024;
+/// Stack of the helper threads handlers start (output pumps, input feeders, log collectors).
+pub(crate) const HELPER_STACK: usize = 256 * 1024;
 
 pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
     match message {
@@ -22,18 +25,29 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
             ctx.finish(Message::Done(agentvm_protocol::Done { id: m.id }))
         }),
 
-        // Services written elsewhere: each becomes a `start(...)` arm once it exists.
         Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
             exec::run_exec(ctx, m)
         }),
-        Message::ProcStart(m) => not_implemented(conn, m.id, "ProcStart"),
-        Message::ProcList(m) => not_implemented(conn, m.id, "ProcList"),
-        Message::ProcWait(m) => not_implemented(conn, m.id, "ProcWait"),
-        Message::ProcKill(m) => not_implemented(conn, m.id, "ProcKill"),
-        Message::ProcLogs(m) => not_implemented(conn, m.id, "ProcLogs"),
+        Message::ProcStart(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::start(ctx, m)
+        }),
+        Message::ProcList(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::list(ctx, m.id)
+        }),
+        Message::ProcWait(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::wait(ctx, m)
+        }),
+        Message::ProcKill(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::kill(ctx, m)
+        }),
+        Message::ProcLogs(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::logs(ctx, m)
+        }),
         Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
             pty::run_pty(ctx, m)
         }),
+        // Services written elsewhere (server/{watch,files,port_forward,after_restore}.rs): each
+        // becomes a `start(...)` arm, and its feature bit goes into `Services::features`.
         Message::WatchStart(m) => not_implemented(conn, m.id, "WatchStart"),
         Message::ReadFile(m) => not_implemented(conn, m.id, "ReadFile"),
         Message::WriteFile(m) => not_implemented(conn, m.id, "WriteFile"),

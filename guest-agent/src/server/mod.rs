@@ -8,6 +8,7 @@
 //! - `registry.rs`, `writer.rs`: a connection's live requests and its shared frame writer.
 //! - `exec.rs`, `process_spec.rs`, `supervise.rs`, `input.rs`, `output.rs`: running processes
 //!   for `Exec`; `pty.rs` for `PtyOpen`.
+//! - `processes.rs`, `ring_log.rs`: background processes and their bounded logs.
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
 
@@ -19,9 +20,11 @@ mod fd;
 mod input;
 mod output;
 pub mod process_spec;
+pub mod processes;
 mod pty;
 pub mod reaper;
 mod registry;
+mod ring_log;
 mod supervise;
 pub mod unix_listener;
 mod writer;
@@ -34,6 +37,7 @@ use agentvm_protocol::Features;
 
 pub use connection::{advertise_protocol_version, agent_hello, serve_connection};
 pub use context::{CloseSignal, Control, InputStream, RequestContext};
+pub use processes::ProcessTable;
 pub use reaper::Reaper;
 pub use writer::ConnectionGone;
 
@@ -51,6 +55,7 @@ pub enum ServeError {
 /// What outlives connections: the reaper and the background processes.
 pub struct Services {
     pub reaper: Arc<Reaper>,
+    pub processes: Arc<ProcessTable>,
 }
 
 impl Services {
@@ -58,12 +63,13 @@ impl Services {
     pub fn new() -> io::Result<Arc<Services>> {
         Ok(Arc::new(Services {
             reaper: Reaper::start()?,
+            processes: Arc::new(ProcessTable::new()),
         }))
     }
 
     /// The services this agent implements, as advertised in its Hello.
     pub fn features(&self) -> Features {
-        Features::EXEC | Features::PTY
+        Features::EXEC | Features::PROCESSES | Features::PTY
     }
 }
 
