@@ -12,3 +12,4 @@ pub mod modules;
 pub mod mounts;
 pub mod power;
 pub mod server;
+pub mod services;
