@@ -266,10 +266,10 @@ mod tests {
     #[test]
     fn list_dir_batches_every_entry_by_frame_size() {
         let dir = tmp();
-        // Long names so that the listing needs more than one 1 MiB frame.
-        let count = 5000;
+        // Symlinks with 4000-byte targets: 300 of them need more than one 1 MiB frame.
+        let count = 300;
         for i in 0..count {
-            fs::write(dir.path().join(format!("{i:0>250}")), b"").unwrap();
+            symlink("t".repeat(4000), dir.path().join(format!("{i:0>200}"))).unwrap();
         }
         fs::create_dir(dir.path().join("sub")).unwrap();
         symlink("nowhere", dir.path().join("dangling")).unwrap();

@@ -7,6 +7,9 @@ pub mod file_ops;
 pub mod file_read;
 pub mod file_write;
 pub mod frame_batch;
+pub mod glob_filter;
+pub mod inotify_tree;
+pub mod poll;
 pub mod service_error;
 
 pub use service_error::{ServiceError, StreamFailure};
