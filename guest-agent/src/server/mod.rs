@@ -12,7 +12,7 @@
 pub mod connection;
 pub mod context;
 mod dispatch;
-mod fd;
+pub(crate) mod fd;
 pub mod reaper;
 mod registry;
 pub mod unix_listener;

@@ -9,7 +9,7 @@ pub mod file_write;
 pub mod frame_batch;
 pub mod glob_filter;
 pub mod inotify_tree;
-pub mod poll;
 pub mod service_error;
+pub mod watch_loop;
 
 pub use service_error::{ServiceError, StreamFailure};
