@@ -9,13 +9,17 @@
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
 
+pub mod after_restore;
 pub mod connection;
 pub mod context;
 mod dispatch;
 pub(crate) mod fd;
+pub mod files;
+pub mod port_forward;
 pub mod reaper;
 mod registry;
 pub mod unix_listener;
+pub mod watch;
 mod writer;
 
 use std::io;
@@ -55,7 +59,7 @@ impl Services {
 
     /// The services this agent implements, as advertised in its Hello.
     pub fn features(&self) -> Features {
-        Features::empty()
+        Features::FILES | Features::WATCH | Features::PORT_FORWARD | Features::AFTER_RESTORE
     }
 }
 

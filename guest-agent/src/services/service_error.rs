@@ -57,13 +57,15 @@ impl<E> From<ServiceError> for StreamFailure<E> {
     }
 }
 
-/// The OS's text for an error without std's " (os error N)" suffix: the host shows the message
-/// to people, and the code already travels as the `ErrorCode`.
+/// The OS's text for an error without std's " (os error N)" suffix and what follows it: the host
+/// shows the message to people, and the code already travels as the `ErrorCode`.
 pub fn os_reason(error: &io::Error) -> String {
+    // Wrapped errors (e.g. tempfile's) append more after the suffix: the path, which the
+    // caller's message names already.
     let text = error.to_string();
-    match (error.raw_os_error(), text.rfind(" (os error ")) {
-        (Some(_), Some(cut)) => text[..cut].to_string(),
-        _ => text,
+    match text.find(" (os error ") {
+        Some(cut) => text[..cut].to_string(),
+        None => text,
     }
 }
 
