@@ -8,6 +8,8 @@
 //! - `registry.rs`, `writer.rs`: a connection's live requests and its shared frame writer.
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
+//! - `files.rs`, `watch.rs`, `port_forward.rs`, `after_restore.rs`: handlers of those services,
+//!   whose logic lives in `crate::services`.
 
 pub mod after_restore;
 pub mod connection;

@@ -87,10 +87,12 @@ pub fn make_dir(path: &str, parents: bool, mode: Option<u32>) -> Result<(), Serv
 /// tree.
 pub fn remove_path(path: &str, recursive: bool) -> Result<(), ServiceError> {
     let p = require_absolute(path, "remove")?;
-    if p.parent().is_none() {
-        return Err(ServiceError::invalid(
-            "refusing to remove the root directory /",
-        ));
+    // `/`, `/..`, `/a/..`: no entry of a directory is named, so there is nothing to unlink, and
+    // a recursive removal would take out a parent the caller did not spell out.
+    if p.file_name().is_none() {
+        return Err(ServiceError::invalid(format!(
+            "refusing to remove {path}: it names no directory entry"
+        )));
     }
     let fail = |e: std::io::Error| ServiceError::io("remove", p, &e);
     let meta = fs::symlink_metadata(p).map_err(fail)?;
@@ -257,10 +259,14 @@ mod tests {
             remove_path(s(&target), false).unwrap_err().code,
             ErrorCode::NotFound
         );
-        assert_eq!(
-            remove_path("/", true).unwrap_err().code,
-            ErrorCode::InvalidArgument
-        );
+        for root in ["/", "/..", "/tmp/.."] {
+            let err = remove_path(root, true).unwrap_err();
+            assert_eq!(err.code, ErrorCode::InvalidArgument, "{root}");
+            assert_eq!(
+                err.message,
+                format!("refusing to remove {root}: it names no directory entry")
+            );
+        }
     }
 
     #[test]

@@ -147,14 +147,15 @@ fn copy_upload(path: &Path, input: &mut impl Read, out: &mut File) -> Result<u64
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
+                // A close or hang-up is `Io`; an idle upload that timed out is `TimedOut`.
                 return Err(ServiceError::new(
-                    agentvm_protocol::ErrorCode::Io,
+                    agentvm_protocol::ErrorCode::from_io(&e),
                     format!(
                         "cannot write {}: the upload ended before its Eof ({})",
                         path.display(),
                         os_reason(&e)
                     ),
-                ))
+                ));
             }
         };
         out.write_all(&buf[..n])
@@ -285,6 +286,28 @@ mod tests {
         write_file(&request(&fresh, true), &mut BrokenUpload { sent: false }).unwrap_err();
         assert!(!fresh.exists());
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    struct IdleUpload;
+
+    impl Read for IdleUpload {
+        fn read(&mut self, _: &mut [u8]) -> io::Result<usize> {
+            Err(io::Error::new(io::ErrorKind::TimedOut, "no input in time"))
+        }
+    }
+
+    #[test]
+    fn an_idle_upload_times_out_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("idle");
+        let err = write_file(&request(&path, true), &mut IdleUpload).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TimedOut);
+        assert!(
+            err.message.ends_with("(no input in time)"),
+            "{}",
+            err.message
+        );
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 
     #[test]
