@@ -37,3 +37,41 @@ fn unknown_kind_is_unsupported_and_the_connection_goes_on() {
     client.send(Ping { id: 10 });
     assert_eq!(client.recv(), Message::Done(Done { id: 10 }));
 }
+
+#[test]
+fn garbage_payloads_and_wrong_direction_are_protocol_errors() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    // An Exec frame whose payload does not decode.
+    client.send_raw(&[2, 0, 0, 0, 0x10, 0xff, 0xff]);
+    match client.recv() {
+        Message::ErrorMsg(e) => {
+            assert_eq!((e.id, e.code), (0, ErrorCode::Protocol));
+            assert!(e.message.contains("Exec"), "{}", e.message);
+        }
+        other => panic!("expected ErrorMsg, got {other:?}"),
+    }
+    // A message only the guest sends.
+    client.send(Done { id: 4 });
+    match client.recv() {
+        Message::ErrorMsg(e) => {
+            assert_eq!((e.id, e.code), (0, ErrorCode::Protocol));
+            assert!(e.message.contains("Done"), "{}", e.message);
+        }
+        other => panic!("expected ErrorMsg, got {other:?}"),
+    }
+    client.send(Ping { id: 11 });
+    assert_eq!(client.recv(), Message::Done(Done { id: 11 }));
+}
+
+#[test]
+fn an_oversized_frame_drops_the_connection() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send_raw(&[0xff, 0xff, 0xff, 0x7f, 0x08]);
+    assert_eq!(client.recv_wire(), None);
+    // The agent itself goes on.
+    let mut client = agent.connect();
+    client.send(Ping { id: 1 });
+    assert_eq!(client.recv(), Message::Done(Done { id: 1 }));
+}

@@ -5,6 +5,7 @@
 use std::io::BufReader;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::time::Duration;
 
 use agentvm_protocol::{
     handshake, Error, ErrorCode, ErrorMsg, Features, FrameReader, FrameWriter, Hello, Message, Role,
@@ -14,6 +15,9 @@ use super::dispatch::dispatch;
 use super::registry::Registry;
 use super::writer::SharedWriter;
 use super::{ServeError, Services};
+
+/// How long the host has to send its Hello.
+pub const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What every handler of one connection shares.
 pub(crate) struct ConnectionShared {
@@ -50,12 +54,22 @@ pub fn agent_hello(services: &Services) -> Hello {
 /// guest): only read, write and shutdown are used.
 pub fn serve_connection(stream: UnixStream, services: &Arc<Services>) -> Result<(), ServeError> {
     let write_half = stream.try_clone().map_err(ServeError::Setup)?;
+    // A peer that connects and never says Hello must not hold a thread for ever; once the
+    // handshake is done, an idle connection is normal.
+    stream
+        .set_read_timeout(Some(HELLO_TIMEOUT))
+        .map_err(ServeError::Setup)?;
     let mut reader = FrameReader::new(BufReader::new(stream));
     let negotiated = {
         let mut hello_writer = FrameWriter::new(&write_half);
         handshake(&mut reader, &mut hello_writer, &agent_hello(services))
             .map_err(ServeError::Handshake)?
     };
+    reader
+        .get_ref()
+        .get_ref()
+        .set_read_timeout(None)
+        .map_err(ServeError::Setup)?;
     let conn = Arc::new(ConnectionShared {
         writer: Arc::new(SharedWriter::new(write_half).map_err(ServeError::Setup)?),
         registry: Registry::default(),

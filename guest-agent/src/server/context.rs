@@ -30,7 +30,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, Read};
-use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,7 @@ use agentvm_protocol::{
 };
 
 use super::connection::ConnectionShared;
+use super::fd::Trigger;
 pub use super::writer::ConnectionGone;
 use super::writer::SharedWriter;
 use super::Services;
@@ -124,7 +125,7 @@ impl RequestContext {
     pub fn finish(mut self, final_msg: Message) {
         self.answered = true;
         self.release();
-        let _ = self.conn.writer.send(&final_msg);
+        let _ = self.conn.writer.send_final(self.id(), &final_msg);
     }
 
     /// Ends the request with an `ErrorMsg`.
@@ -142,12 +143,13 @@ impl RequestContext {
         &self.state.input
     }
 
-    /// `Close` was received or the connection is gone.
+    /// `Close` was received or the connection is gone (or the request already ended).
     pub fn closed(&self) -> bool {
         self.state.close.is_closed()
     }
 
-    /// A signal that fires on `Close` or the end of the connection: wait on it, or poll its fd.
+    /// A signal that fires on `Close`, at the end of the connection, or once the request ended:
+    /// wait on it, or poll its fd.
     pub fn on_close(&self) -> CloseSignal {
         self.state.close.clone()
     }
@@ -288,8 +290,10 @@ impl RequestState {
         self.control(Control::Close);
     }
 
-    /// The request is over: wake everything blocked on it.
+    /// The request is over: wake everything blocked on it (threads a handler left behind, e.g.
+    /// one feeding a process's stdin, watch the close signal).
     fn end(&self) {
+        self.close.fire();
         lock(&self.windows).ended = true;
         self.windows_changed.notify_all();
         self.input.close();
@@ -435,8 +439,9 @@ impl Read for &InputStream {
     }
 }
 
-/// Fires once, on `Close` or the end of the connection. Waitable, and pollable: [`fd`](Self::fd)
-/// becomes readable (end of file) when it fires, for handlers that `poll()` their own fds.
+/// Fires once: on `Close`, at the end of the connection, or when the request has ended.
+/// Waitable, and pollable: [`fd`](Self::fd) becomes readable (end of file) when it fires, for
+/// handlers that `poll()` their own fds.
 #[derive(Clone)]
 pub struct CloseSignal {
     inner: Arc<CloseInner>,
@@ -445,19 +450,16 @@ pub struct CloseSignal {
 struct CloseInner {
     fired: Mutex<bool>,
     cond: Condvar,
-    read_end: OwnedFd,
-    write_end: Mutex<Option<OwnedFd>>,
+    trigger: Trigger,
 }
 
 impl CloseSignal {
     fn new() -> io::Result<Self> {
-        let (read_end, write_end) = super::fd::pipe()?;
         Ok(Self {
             inner: Arc::new(CloseInner {
                 fired: Mutex::new(false),
                 cond: Condvar::new(),
-                read_end,
-                write_end: Mutex::new(Some(write_end)),
+                trigger: Trigger::new()?,
             }),
         })
     }
@@ -465,8 +467,7 @@ impl CloseSignal {
     fn fire(&self) {
         *lock(&self.inner.fired) = true;
         self.inner.cond.notify_all();
-        // Closing the only write end makes the read end readable (EOF) for poll().
-        lock(&self.inner.write_end).take();
+        self.inner.trigger.fire();
     }
 
     pub fn is_closed(&self) -> bool {
@@ -486,6 +487,6 @@ impl CloseSignal {
 
     /// Readable once the signal fired; never read from it, just poll it.
     pub fn fd(&self) -> BorrowedFd<'_> {
-        self.inner.read_end.as_fd()
+        self.inner.trigger.fd()
     }
 }

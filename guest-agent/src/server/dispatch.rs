@@ -11,7 +11,7 @@ use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
 use super::connection::ConnectionShared;
 use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
-use super::{after_restore, files, port_forward, watch};
+use super::{after_restore, exec, files, port_forward, processes, pty, watch};
 
 /// Handler threads need little stack; 100 concurrent execs run four threads each.
 const HANDLER_STACK: usize = 256 * 1024;
@@ -22,14 +22,27 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
             ctx.finish(Message::Done(agentvm_protocol::Done { id: m.id }))
         }),
 
-        // Services written elsewhere: each becomes a `start(...)` arm once it exists.
-        Message::Exec(m) => not_implemented(conn, m.id, "Exec"),
-        Message::ProcStart(m) => not_implemented(conn, m.id, "ProcStart"),
-        Message::ProcList(m) => not_implemented(conn, m.id, "ProcList"),
-        Message::ProcWait(m) => not_implemented(conn, m.id, "ProcWait"),
-        Message::ProcKill(m) => not_implemented(conn, m.id, "ProcKill"),
-        Message::ProcLogs(m) => not_implemented(conn, m.id, "ProcLogs"),
-        Message::PtyOpen(m) => not_implemented(conn, m.id, "PtyOpen"),
+        Message::Exec(m) => start(conn, m.id, Some(Features::EXEC), move |ctx| {
+            exec::run_exec(ctx, m)
+        }),
+        Message::ProcStart(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::start(ctx, m)
+        }),
+        Message::ProcList(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::list(ctx, m.id)
+        }),
+        Message::ProcWait(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::wait(ctx, m)
+        }),
+        Message::ProcKill(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::kill(ctx, m)
+        }),
+        Message::ProcLogs(m) => start(conn, m.id, Some(Features::PROCESSES), move |ctx| {
+            processes::logs(ctx, m)
+        }),
+        Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
+            pty::run_pty(ctx, m)
+        }),
         Message::WatchStart(m) => start(conn, m.id, Some(Features::WATCH), move |ctx| {
             watch::watch(ctx, m)
         }),
@@ -169,14 +182,6 @@ fn start(
         // The context went down with the closure and already answered `Internal`.
         eprintln!("agentvm-guest-agent: no thread for request {id}: {e}");
     }
-}
-
-fn not_implemented(conn: &ConnectionShared, id: u64, what: &str) {
-    conn.send_error(
-        id,
-        ErrorCode::Unsupported,
-        format!("request {id}: this agent does not implement {what}"),
-    );
 }
 
 fn control(conn: &ConnectionShared, id: u64, control: Control) {

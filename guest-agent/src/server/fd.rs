@@ -2,10 +2,9 @@
 //! process groups. std has no poll or process-group kill, and `std::io::pipe` gives no
 //! non-blocking mode; pulling in a crate for four thin wrappers would cost more than it saves.
 
-#![allow(dead_code)] // used by the exec, process and PTY handlers that follow
-
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// A close-on-exec pipe: (read end, write end).
@@ -30,17 +29,18 @@ pub(crate) fn set_nonblocking(fd: BorrowedFd<'_>) -> io::Result<()> {
     Ok(())
 }
 
-/// Waits until one of `fds` is readable (or hung up / in error, which a read then reports).
-/// Returns which are; all false on timeout. `None` waits without a limit.
-pub(crate) fn poll_readable(
-    fds: &[BorrowedFd<'_>],
+/// Waits until one of `fds` is ready for its `events` (`POLLIN`/`POLLOUT`; hang-ups and errors
+/// count as ready, and the next read or write reports them). Returns which are ready; all false on
+/// timeout. `None` waits without a limit.
+pub(crate) fn poll_ready(
+    fds: &[(BorrowedFd<'_>, libc::c_short)],
     timeout: Option<Duration>,
 ) -> io::Result<Vec<bool>> {
     let mut pollfds: Vec<libc::pollfd> = fds
         .iter()
-        .map(|fd| libc::pollfd {
+        .map(|(fd, events)| libc::pollfd {
             fd: fd.as_raw_fd(),
-            events: libc::POLLIN,
+            events: *events,
             revents: 0,
         })
         .collect();
@@ -63,6 +63,34 @@ pub(crate) fn poll_readable(
         }
     }
     Ok(pollfds.iter().map(|p| p.revents != 0).collect())
+}
+
+/// A one-shot, pollable event: [`fd`](Self::fd) becomes readable (end of file) once
+/// [`fire`](Self::fire) closes the pipe's only write end.
+pub(crate) struct Trigger {
+    read_end: OwnedFd,
+    write_end: Mutex<Option<OwnedFd>>,
+}
+
+impl Trigger {
+    pub(crate) fn new() -> io::Result<Self> {
+        let (read_end, write_end) = pipe()?;
+        Ok(Self {
+            read_end,
+            write_end: Mutex::new(Some(write_end)),
+        })
+    }
+
+    pub(crate) fn fire(&self) {
+        self.write_end
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+    }
+
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.read_end.as_fd()
+    }
 }
 
 /// Sends `signal` to the process group `pgid` (every process is started as its group's leader).

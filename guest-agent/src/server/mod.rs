@@ -6,6 +6,9 @@
 //! - `context.rs`: [`RequestContext`], the API handlers use (windowed output, buffered input,
 //!   close/kill/resize, the final message).
 //! - `registry.rs`, `writer.rs`: a connection's live requests and its shared frame writer.
+//! - `exec.rs`, `process_spec.rs`, `supervise.rs`, `input.rs`, `output.rs`: running processes
+//!   for `Exec`; `pty.rs` for `PtyOpen`.
+//! - `processes.rs`, `ring_log.rs`: background processes and their bounded logs.
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
 //! - `files.rs`, `watch.rs`, `port_forward.rs`, `after_restore.rs`: handlers of those services,
@@ -15,11 +18,19 @@ pub mod after_restore;
 pub mod connection;
 pub mod context;
 mod dispatch;
+mod exec;
 pub(crate) mod fd;
 pub mod files;
+mod input;
+mod output;
 pub mod port_forward;
+pub mod process_spec;
+pub mod processes;
+mod pty;
 pub mod reaper;
 mod registry;
+mod ring_log;
+mod supervise;
 pub mod unix_listener;
 pub mod watch;
 mod writer;
@@ -32,6 +43,7 @@ use agentvm_protocol::Features;
 
 pub use connection::{agent_hello, serve_connection};
 pub use context::{CloseSignal, Control, InputStream, RequestContext};
+pub use processes::ProcessTable;
 pub use reaper::Reaper;
 pub use writer::ConnectionGone;
 
@@ -49,6 +61,7 @@ pub enum ServeError {
 /// What outlives connections: the reaper and the background processes.
 pub struct Services {
     pub reaper: Arc<Reaper>,
+    pub processes: Arc<ProcessTable>,
 }
 
 impl Services {
@@ -56,12 +69,19 @@ impl Services {
     pub fn new() -> io::Result<Arc<Services>> {
         Ok(Arc::new(Services {
             reaper: Reaper::start()?,
+            processes: Arc::new(ProcessTable::new()),
         }))
     }
 
     /// The services this agent implements, as advertised in its Hello.
     pub fn features(&self) -> Features {
-        Features::FILES | Features::WATCH | Features::PORT_FORWARD | Features::AFTER_RESTORE
+        Features::EXEC
+            | Features::PROCESSES
+            | Features::PTY
+            | Features::FILES
+            | Features::WATCH
+            | Features::PORT_FORWARD
+            | Features::AFTER_RESTORE
     }
 }
 

@@ -57,6 +57,20 @@ impl SharedWriter {
         }
     }
 
+    /// Sends the final message of request `id`. One that cannot be encoded (say, a listing too
+    /// big for a frame) becomes an `Internal` error for the same request, so the request still
+    /// ends.
+    pub(crate) fn send_final(&self, id: u64, message: &Message) -> Result<(), ConnectionGone> {
+        match message.encode() {
+            Ok(bytes) => self.write_frame(&bytes),
+            Err(e) => self.send(&Message::ErrorMsg(ErrorMsg {
+                id,
+                code: ErrorCode::Internal,
+                message: format!("request {id}: the agent could not encode its answer: {e}"),
+            })),
+        }
+    }
+
     /// Sends one `Data` frame (`data` at most `MAX_CHUNK`), without copying it into a message.
     pub(crate) fn send_data(
         &self,

@@ -427,7 +427,7 @@ fn display(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::server::fd::poll_readable;
+    use crate::server::fd::poll_ready;
     use std::time::Duration;
 
     /// Upper bound for events to show up; reaching it fails the test (never a pass condition).
@@ -478,7 +478,7 @@ mod tests {
                 is_dir: false,
             };
             while !self.events.contains(&wanted) {
-                let ready = poll_readable(&[self.tree.fd()], Some(PATIENCE)).unwrap();
+                let ready = poll_ready(&[(self.tree.fd(), libc::POLLIN)], Some(PATIENCE)).unwrap();
                 assert!(
                     ready[0],
                     "no inotify event within {PATIENCE:?}: {:?}",

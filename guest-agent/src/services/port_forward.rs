@@ -14,7 +14,7 @@ use std::time::Duration;
 use agentvm_protocol::{ErrorCode, MAX_CHUNK};
 
 use super::service_error::{os_reason, ServiceError};
-use crate::server::fd::poll_readable;
+use crate::server::fd::poll_ready;
 
 /// Bound on each connection attempt: loopback connects are immediate unless the guest is
 /// overloaded or a firewall rule drops packets.
@@ -86,7 +86,10 @@ pub fn pump<E>(
         let mut end = PumpEnd::Finished;
         let mut buf = vec![0u8; MAX_CHUNK];
         loop {
-            let ready = match poll_readable(&[socket.as_fd(), stop], Some(IDLE_RECHECK)) {
+            let ready = match poll_ready(
+                &[(socket.as_fd(), libc::POLLIN), (stop, libc::POLLIN)],
+                Some(IDLE_RECHECK),
+            ) {
                 Ok(ready) => ready,
                 Err(_) => {
                     end = PumpEnd::Closed;

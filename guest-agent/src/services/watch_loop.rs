@@ -10,7 +10,7 @@ use agentvm_protocol::WatchEvent;
 use super::frame_batch::SizeBatcher;
 use super::inotify_tree::InotifyTree;
 use super::service_error::{os_reason, ServiceError, StreamFailure};
-use crate::server::fd::poll_readable;
+use crate::server::fd::poll_ready;
 
 /// Events arriving this soon after the first of a batch travel with it: a build or a `git
 /// checkout` touching thousands of files becomes a few messages, not thousands, at the price of
@@ -39,7 +39,11 @@ pub fn run_watch<E>(
             Some(deadline) => deadline.saturating_duration_since(Instant::now()),
             None => IDLE_RECHECK,
         };
-        let ready = poll_readable(&[tree.fd(), stop], Some(timeout)).map_err(|e| {
+        let ready = poll_ready(
+            &[(tree.fd(), libc::POLLIN), (stop, libc::POLLIN)],
+            Some(timeout),
+        )
+        .map_err(|e| {
             ServiceError::new(
                 agentvm_protocol::ErrorCode::Io,
                 format!("watch: cannot wait for events: {}", os_reason(&e)),
