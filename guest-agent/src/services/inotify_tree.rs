@@ -6,8 +6,8 @@
 //!   entries created inside it before the watch existed are still reported (entries the scan
 //!   found are not reported twice when their own event arrives).
 //! - `Modified` comes from `IN_MODIFY` (each write), not `IN_CLOSE_WRITE`: a long-running
-//!   writer (a log, a database) that never closes its file is still seen, and the watch loop's
-//!   coalescing folds a burst of writes into one event.
+//!   writer (a log, a database) that never closes its file is still seen; all writes to a file
+//!   within one batch (see [`InotifyTree::start_new_batch`]) are one event.
 //! - Renames: `IN_MOVED_FROM`/`IN_MOVED_TO` with the same cookie become one `Moved`. A
 //!   `MOVED_FROM` whose partner has not arrived stays pending until
 //!   [`InotifyTree::flush_unpaired`] (the watch loop calls it once a batch window closes): then
@@ -61,6 +61,9 @@ pub struct InotifyTree {
     pending_moves: Vec<(u32, PathBuf, bool)>,
     /// Entries reported by scanning a new directory, whose own `IN_CREATE` may still come.
     scanned: HashSet<PathBuf>,
+    /// Files already reported `Modified` in the batch being gathered: more writes to them add
+    /// nothing until the batch is sent.
+    modified_in_batch: HashSet<PathBuf>,
     buffer: Vec<u8>,
 }
 
@@ -85,6 +88,7 @@ impl InotifyTree {
             dirs: HashMap::new(),
             pending_moves: Vec::new(),
             scanned: HashSet::new(),
+            modified_in_batch: HashSet::new(),
             buffer: vec![0; READ_BUFFER],
         };
         // The root may be a symlink to a directory: follow it there only.
@@ -136,6 +140,11 @@ impl InotifyTree {
                 self.handle(event, out);
             }
         }
+    }
+
+    /// The gathered events were sent: later writes are reported again.
+    pub fn start_new_batch(&mut self) {
+        self.modified_in_batch.clear();
     }
 
     /// Moves whose partner never came left the tree: report them as deletions.
@@ -198,7 +207,7 @@ impl InotifyTree {
             let modified = WatchEvent::Modified {
                 path: display(&path),
             };
-            if out.last() != Some(&modified) {
+            if self.modified_in_batch.insert(path) {
                 self.report(out, modified);
             }
         } else if event.mask.contains(EventMask::DELETE) {
@@ -241,7 +250,9 @@ impl InotifyTree {
     }
 
     /// Reports a rename if either end passes the filter.
-    fn report_move(&self, out: &mut Vec<WatchEvent>, from: PathBuf, to: PathBuf, is_dir: bool) {
+    fn report_move(&mut self, out: &mut Vec<WatchEvent>, from: PathBuf, to: PathBuf, is_dir: bool) {
+        self.modified_in_batch.remove(&from);
+        self.modified_in_batch.remove(&to);
         if self.passes(&from) || self.passes(&to) {
             out.push(WatchEvent::Moved {
                 from: display(&from),
@@ -251,11 +262,14 @@ impl InotifyTree {
         }
     }
 
-    fn report(&self, out: &mut Vec<WatchEvent>, event: WatchEvent) {
+    fn report(&mut self, out: &mut Vec<WatchEvent>, event: WatchEvent) {
         let path = match &event {
-            WatchEvent::Created { path, .. }
-            | WatchEvent::Modified { path }
-            | WatchEvent::Deleted { path, .. } => Path::new(path),
+            WatchEvent::Created { path, .. } | WatchEvent::Deleted { path, .. } => {
+                // A later write to a new file at this path is news again.
+                self.modified_in_batch.remove(Path::new(path));
+                Path::new(path)
+            }
+            WatchEvent::Modified { path } => Path::new(path),
             WatchEvent::Moved { .. } | WatchEvent::Overflow => {
                 out.push(event);
                 return;
@@ -487,6 +501,7 @@ mod tests {
                 self.tree.read_events(&mut self.events).unwrap();
             }
             self.tree.flush_unpaired(&mut self.events);
+            self.tree.start_new_batch();
             let mut events = std::mem::take(&mut self.events);
             events.retain(|e| *e != wanted);
             events
@@ -649,6 +664,67 @@ mod tests {
         fs::write(shallow.path("a/g"), b"").unwrap();
         assert_eq!(shallow.settle("m2"), vec![]);
         assert_eq!(shallow.tree.watched_dirs(), 1);
+    }
+
+    #[test]
+    fn writes_within_a_batch_are_one_modified_event_per_file() {
+        use std::io::Write;
+        let mut fx = Fixture::new(false, &[], &[]);
+        let mut a = fs::File::create(fx.path("a")).unwrap();
+        let mut b = fs::File::create(fx.path("b")).unwrap();
+        fx.settle("m0");
+        for _ in 0..100 {
+            a.write_all(b"x").unwrap();
+            b.write_all(b"x").unwrap();
+        }
+        // A file deleted and created again is news, and so are its writes.
+        fs::remove_file(fx.path("a")).unwrap();
+        let mut a = fs::File::create(fx.path("a")).unwrap();
+        a.write_all(b"y").unwrap();
+        let root = display(fx.dir.path());
+        let modified = |rel: &str| WatchEvent::Modified {
+            path: format!("{root}/{rel}"),
+        };
+        let events = fx.settle("m1");
+        assert_eq!(
+            events,
+            vec![
+                modified("a"),
+                modified("b"),
+                WatchEvent::Deleted {
+                    path: fx.abs("a"),
+                    is_dir: false
+                },
+                created(fx.abs("a"), false),
+                modified("a"),
+            ]
+        );
+        // The next batch reports writes again.
+        b.write_all(b"z").unwrap();
+        let events = fx.settle("m2");
+        assert_eq!(events, vec![modified("b")]);
+    }
+
+    #[test]
+    fn a_full_kernel_queue_is_reported_as_overflow() {
+        use std::io::Write;
+        let limit: usize = fs::read_to_string("/proc/sys/fs/inotify/max_queued_events")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let mut fx = Fixture::new(false, &[], &[]);
+        let mut a = fs::File::create(fx.path("a")).unwrap();
+        let mut b = fs::File::create(fx.path("b")).unwrap();
+        // Alternating files: the kernel merges only identical consecutive events.
+        for _ in 0..limit / 2 + 1 {
+            a.write_all(b"x").unwrap();
+            b.write_all(b"x").unwrap();
+        }
+        let mut events = Vec::new();
+        fx.tree.read_events(&mut events).unwrap();
+        assert_eq!(events.last(), Some(&WatchEvent::Overflow));
+        assert_eq!(events[0], created(fx.abs("a"), false));
     }
 
     #[test]

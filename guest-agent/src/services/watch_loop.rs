@@ -70,6 +70,7 @@ pub fn run_watch<E>(
                 tree.flush_unpaired(&mut pending);
             }
             batch_deadline = None;
+            tree.start_new_batch();
             send_batches(std::mem::take(&mut pending), &mut emit)?;
         }
     }
