@@ -180,6 +180,33 @@ fn fifty_mib_round_trip_is_streamed_within_windows() {
 }
 
 #[test]
+fn a_download_stops_at_the_window_and_ends_on_close() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("one-mib");
+    std::fs::write(&path, vec![7u8; 1 << 20]).unwrap();
+    client.send(ReadFile {
+        id: 6,
+        path: path_str(&path),
+        offset: 0,
+        len: None,
+    });
+    assert!(matches!(client.recv_for(6), Message::Metadata(_)));
+    // No grants: exactly the initial window arrives, then the agent waits.
+    let mut received = 0usize;
+    while received < agentvm_protocol::INITIAL_WINDOW as usize {
+        match client.recv_for(6) {
+            Message::Data(d) => received += d.data.len(),
+            other => panic!("expected Data, got {other:?}"),
+        }
+    }
+    assert_eq!(received, agentvm_protocol::INITIAL_WINDOW as usize);
+    client.send(Close { id: 6 });
+    expect_done(client.recv_for(6), 6);
+}
+
+#[test]
 fn closing_an_upload_before_its_eof_keeps_the_old_file() {
     let agent = Agent::start();
     let mut client = agent.connect();
