@@ -8,7 +8,7 @@
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use agentvm_protocol::{WriteFile, MAX_CHUNK};
 
@@ -164,32 +164,33 @@ fn copy_upload(path: &Path, input: &mut impl Read, out: &mut File) -> Result<u64
     }
 }
 
-/// Temporary files an atomic write to `path` could leave behind (for tests and cleanup checks).
-pub fn temp_files_for(path: &Path) -> Vec<PathBuf> {
-    let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
-        return Vec::new();
-    };
-    let prefix = format!(".{}.", name.to_string_lossy());
-    fs::read_dir(dir)
-        .map(|entries| {
-            entries
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name().is_some_and(|n| {
-                        let n = n.to_string_lossy();
-                        n.starts_with(&prefix) && n.ends_with(".agentvm-tmp")
-                    })
-                })
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use agentvm_protocol::ErrorCode;
+    use std::path::PathBuf;
+
+    /// Temporary files an atomic write to `path` could have left behind.
+    fn temp_files_for(path: &Path) -> Vec<PathBuf> {
+        let (Some(dir), Some(name)) = (path.parent(), path.file_name()) else {
+            return Vec::new();
+        };
+        let prefix = format!(".{}.", name.to_string_lossy());
+        fs::read_dir(dir)
+            .map(|entries| {
+                entries
+                    .filter_map(Result::ok)
+                    .map(|e| e.path())
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            let n = n.to_string_lossy();
+                            n.starts_with(&prefix) && n.ends_with(".agentvm-tmp")
+                        })
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
 
     fn request(path: &Path, atomic: bool) -> WriteFile {
         WriteFile {
