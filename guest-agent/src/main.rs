@@ -29,7 +29,13 @@ fn main() {
         let args: Vec<OsString> = std::env::args_os().skip(1).collect();
         if let [flag, path] = args.as_slice() {
             if flag == "--listen-unix" {
-                let error = serve_unix_socket(Path::new(path));
+                let error = serve_unix_socket(Path::new(path), || {
+                    // Tests and scripts wait for this line before connecting.
+                    println!(
+                        "agentvm-guest-agent: listening on {}",
+                        path.to_string_lossy()
+                    );
+                });
                 eprintln!("agentvm-guest-agent: {error}");
                 std::process::exit(1);
             }

@@ -75,3 +75,42 @@ fn an_oversized_frame_drops_the_connection() {
     client.send(Ping { id: 1 });
     assert_eq!(client.recv(), Message::Done(Done { id: 1 }));
 }
+
+#[test]
+fn services_outside_the_negotiated_features_are_unsupported() {
+    use agentvm_protocol::{Connect, Features, ReadFile, WatchStart};
+    let agent = Agent::start();
+    // The agent implements files, watch and port forwarding, but this host offers only exec.
+    let mut client = common::Client::handshake(agent.stream(), Features::EXEC).unwrap();
+    let offered = client.negotiated.peer.features;
+    assert!(offered.contains(Features::FILES | Features::WATCH | Features::PORT_FORWARD));
+    let requests: Vec<Message> = vec![
+        ReadFile {
+            id: 1,
+            path: "/etc/hostname".into(),
+            offset: 0,
+            len: None,
+        }
+        .into(),
+        WatchStart {
+            id: 2,
+            path: "/tmp".into(),
+            recursive: false,
+            include: vec![],
+            exclude: vec![],
+        }
+        .into(),
+        Connect { id: 3, port: 80 }.into(),
+    ];
+    for request in requests {
+        let id = request.request_id().unwrap();
+        client.send(request);
+        match client.recv() {
+            Message::ErrorMsg(e) => {
+                assert_eq!((e.id, e.code), (id, ErrorCode::Unsupported));
+            }
+            other => panic!("expected Unsupported, got {other:?}"),
+        }
+    }
+    assert!(offered.contains(agentvm_protocol::Features::EXEC));
+}

@@ -449,3 +449,61 @@ fn stdin_beyond_the_window_is_a_protocol_error() {
         Some(ExitStatus::Signal(libc::SIGKILL))
     );
 }
+
+#[test]
+fn kill_with_a_bad_signal_is_reported_without_ending_the_request() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send(Exec {
+        id: 3,
+        spec: argv(&["sh", "-c", "echo up; exec sleep 1000"]),
+        stdin: false,
+    });
+    assert_eq!(read_stdout_line(&mut client, 3), "up");
+    client.send(Kill { id: 3, signal: 999 });
+    match client.recv() {
+        Message::ErrorMsg(e) => {
+            assert_eq!((e.id, e.code), (0, ErrorCode::InvalidArgument));
+            assert!(
+                e.message.contains("999") && e.message.contains("request 3"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected an ErrorMsg about the Kill, got {other:?}"),
+    }
+    client.send(Kill {
+        id: 3,
+        signal: libc::SIGKILL,
+    });
+    assert_eq!(
+        client.collect(3).status,
+        Some(ExitStatus::Signal(libc::SIGKILL))
+    );
+}
+
+#[test]
+fn dropping_the_connection_kills_an_exec_stalled_on_its_window() {
+    let agent = Agent::start();
+    let mut client = agent.connect();
+    client.send(Exec {
+        id: 1,
+        spec: argv(&["yes"]),
+        stdin: false,
+    });
+    let pid = match client.recv_for(1) {
+        Message::Started(s) => s.pid,
+        other => panic!("expected Started, got {other:?}"),
+    };
+    // Take the first window's worth and grant nothing: `yes` is now stopped by its pipe.
+    let mut received = 0;
+    while received < INITIAL_WINDOW as usize {
+        match client.recv_for(1) {
+            Message::Data(d) => received += d.data.len(),
+            other => panic!("expected Data, got {other:?}"),
+        }
+    }
+    assert_eq!(received, INITIAL_WINDOW as usize);
+    drop(client);
+    common::wait_gone(pid);
+}

@@ -255,3 +255,22 @@ fn unknown_proc_ids_are_not_found() {
         matches!(e, Message::ErrorMsg(e) if e.code == ErrorCode::SpawnFailed && e.message.contains("/nonexistent/agentvm-bg"))
     );
 }
+
+#[test]
+fn timeout_kills_a_background_process_group() {
+    let agent = common::Agent::start();
+    let mut client = agent.connect();
+    let mut spec = argv(&["sh", "-c", "sleep 1000 & echo $!; wait"]);
+    spec.timeout_ms = Some(200);
+    let (proc_id, _) = start(&mut client, 1, spec);
+    match wait(&mut client, 2, proc_id, None) {
+        Message::Exited(e) => {
+            assert_eq!(e.status, ExitStatus::Signal(libc::SIGKILL));
+            assert!(e.timed_out);
+        }
+        other => panic!("expected Exited, got {other:?}"),
+    }
+    let (_, out) = logs(&mut client, 3, proc_id, Stream::Stdout, 0, true);
+    let sleeper: u32 = String::from_utf8(out).unwrap().trim().parse().unwrap();
+    common::wait_gone(sleeper);
+}

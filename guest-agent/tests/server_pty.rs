@@ -133,3 +133,15 @@ fn close_hangs_up_and_several_ptys_run_at_once() {
         assert_eq!(result.status, Some(ExitStatus::Signal(libc::SIGHUP)));
     }
 }
+
+#[test]
+fn pty_timeout_kills_the_session() {
+    let agent = common::Agent::start();
+    let mut client = agent.connect();
+    let mut spec = argv(&["sleep", "1000"]);
+    spec.timeout_ms = Some(100);
+    open(&mut client, 1, spec, 24, 80);
+    let result = client.collect(1);
+    assert!(result.timed_out);
+    assert_eq!(result.status, Some(ExitStatus::Signal(libc::SIGKILL)));
+}

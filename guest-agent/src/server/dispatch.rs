@@ -13,8 +13,11 @@ use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
 use super::{after_restore, exec, files, port_forward, processes, pty, watch};
 
-/// Handler threads need little stack; 100 concurrent execs run four threads each.
-const HANDLER_STACK: usize = 256 * 1024;
+/// Handler threads need little stack, and 100 concurrent execs run four threads each; generous
+/// still for unoptimised builds. Only touched pages cost memory.
+const HANDLER_STACK: usize = 512 * 1024;
+/// Stack of the helper threads handlers start (output pumps, input feeders, log collectors).
+pub(crate) const HELPER_STACK: usize = 256 * 1024;
 
 pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
     match message {

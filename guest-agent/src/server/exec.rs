@@ -10,6 +10,7 @@ use std::time::Duration;
 use agentvm_protocol::{ErrorCode, Exec, Exited, Message, Started, Stream};
 
 use super::context::RequestContext;
+use super::dispatch::HELPER_STACK;
 use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
@@ -79,7 +80,7 @@ pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
             let (ctx, stop, done_tx) = (&ctx, &stop, done_tx.clone());
             let spawned = std::thread::Builder::new()
                 .name(format!("exec-{id}-{stream:?}"))
-                .stack_size(128 * 1024)
+                .stack_size(HELPER_STACK)
                 .spawn_scoped(scope, move || {
                     pump(source, stop, done_tx, |data| {
                         ctx.send_data(stream, data).is_ok()

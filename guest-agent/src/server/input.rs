@@ -9,6 +9,7 @@ use std::sync::Arc;
 use agentvm_protocol::MAX_CHUNK;
 
 use super::context::{CloseSignal, InputStream};
+use super::dispatch::HELPER_STACK;
 use super::fd::{poll_ready, set_nonblocking};
 
 /// Starts the forwarding thread. It ends at the input's `Eof` (closing `target`, so the process
@@ -22,7 +23,7 @@ pub(crate) fn spawn_input_feeder(
 ) -> io::Result<()> {
     std::thread::Builder::new()
         .name("stdin-feeder".into())
-        .stack_size(128 * 1024)
+        .stack_size(HELPER_STACK)
         .spawn(move || feed(&input, &close, target))
         .map(|_| ())
 }

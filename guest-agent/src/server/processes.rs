@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -17,6 +17,7 @@ use agentvm_protocol::{
 };
 
 use super::context::RequestContext;
+use super::dispatch::HELPER_STACK;
 use super::fd::{signal_group, Trigger};
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
@@ -48,6 +49,8 @@ struct BackgroundProcess {
     command: Command,
     started_unix_ms: u64,
     status: Option<ExitStatus>,
+    /// The spec's timeout killed it.
+    timed_out: bool,
     stdout: RingLog,
     stderr: RingLog,
     /// Both output pumps finished: the logs are complete.
@@ -229,6 +232,7 @@ pub(crate) fn start(ctx: RequestContext, request: ProcStart) {
                 command: request.spec.command.clone(),
                 started_unix_ms: unix_ms_now(),
                 status: None,
+                timed_out: false,
                 stdout: RingLog::new(LOG_CAPACITY),
                 stderr: RingLog::new(LOG_CAPACITY),
                 output_done: false,
@@ -265,10 +269,19 @@ pub(crate) fn start(ctx: RequestContext, request: ProcStart) {
         process.pid = pid;
     }
     let collector_table = Arc::clone(&table);
+    let timeout = request.spec.timeout_ms.map(Duration::from_millis);
     let collector = std::thread::Builder::new()
         .name(format!("proc-{proc_id}"))
-        .stack_size(128 * 1024)
-        .spawn(move || collect_output(&collector_table, proc_id, outputs, &stop, &exit_rx));
+        .stack_size(HELPER_STACK)
+        .spawn(move || {
+            let watch = Watch {
+                table: &collector_table,
+                proc_id,
+                pid,
+                timeout,
+            };
+            watch.run(outputs, &stop, &exit_rx)
+        });
     if let Err(e) = collector {
         let _ = signal_group(pid, libc::SIGKILL);
         return ctx.fail(
@@ -286,38 +299,60 @@ pub(crate) fn start(ctx: RequestContext, request: ProcStart) {
     }));
 }
 
-/// Runs for the life of a background process: pumps its output into the table's logs until it
-/// exited and the output drained.
-fn collect_output(
-    table: &ProcessTable,
+/// Runs for the life of a background process: pumps its output into the table's logs, enforces
+/// the spec's timeout, and marks the logs complete once it exited and the output drained.
+struct Watch<'a> {
+    table: &'a ProcessTable,
     proc_id: u64,
-    outputs: [(Stream, Option<OwnedFd>); 2],
-    stop: &Trigger,
-    exit: &Receiver<()>,
-) {
-    std::thread::scope(|scope| {
-        let (done_tx, done) = mpsc::channel();
-        for (stream, source) in outputs {
-            let Some(source) = source else { continue };
-            let done_tx = done_tx.clone();
-            let spawned = std::thread::Builder::new()
-                .name(format!("proc-{proc_id}-{stream:?}"))
-                .stack_size(128 * 1024)
-                .spawn_scoped(scope, move || {
-                    pump(source, stop, done_tx, |data| {
-                        table.append(proc_id, stream, data)
-                    })
-                });
-            if let Err(e) = spawned {
-                eprintln!("agentvm-guest-agent: output of proc {proc_id} on {stream:?} lost: {e}");
+    pid: u32,
+    timeout: Option<Duration>,
+}
+
+impl Watch<'_> {
+    fn run(&self, outputs: [(Stream, Option<OwnedFd>); 2], stop: &Trigger, exit: &Receiver<()>) {
+        let (table, proc_id) = (self.table, self.proc_id);
+        std::thread::scope(|scope| {
+            let (done_tx, done) = mpsc::channel();
+            for (stream, source) in outputs {
+                let Some(source) = source else { continue };
+                let done_tx = done_tx.clone();
+                let spawned = std::thread::Builder::new()
+                    .name(format!("proc-{proc_id}-{stream:?}"))
+                    .stack_size(HELPER_STACK)
+                    .spawn_scoped(scope, move || {
+                        pump(source, stop, done_tx, |data| {
+                            table.append(proc_id, stream, data)
+                        })
+                    });
+                if let Err(e) = spawned {
+                    eprintln!(
+                        "agentvm-guest-agent: output of proc {proc_id} on {stream:?} lost: {e}"
+                    );
+                }
+            }
+            drop(done_tx);
+            self.wait_for_exit(exit);
+            stop_after_grace(&done, stop, EXIT_GRACE);
+        });
+        table.output_done(proc_id);
+    }
+
+    /// Returns once the reaper reported the exit (its sender goes away only after that).
+    fn wait_for_exit(&self, exit: &Receiver<()>) {
+        if let Some(timeout) = self.timeout {
+            if let Err(RecvTimeoutError::Timeout) = exit.recv_timeout(timeout) {
+                let mut state = self.table.lock();
+                // An exit that raced the timeout is not a time-out.
+                if let Some(process) = state.procs.get_mut(&self.proc_id) {
+                    if process.status.is_none() {
+                        process.timed_out = true;
+                        let _ = signal_group(self.pid, libc::SIGKILL);
+                    }
+                }
             }
         }
-        drop(done_tx);
-        // The reaper's sender goes away only after it reported the exit.
         let _ = exit.recv();
-        stop_after_grace(&done, stop, EXIT_GRACE);
-    });
-    table.output_done(proc_id);
+    }
 }
 
 pub(crate) fn list(ctx: RequestContext, id: u64) {
@@ -354,11 +389,12 @@ pub(crate) fn wait(ctx: RequestContext, request: ProcWait) {
             return ctx.fail(ErrorCode::NotFound, no_such_process(request.proc_id));
         };
         if let Some(status) = process.status {
+            let timed_out = process.timed_out;
             drop(state);
             return ctx.finish(Message::Exited(Exited {
                 id: request.id,
                 status,
-                timed_out: false,
+                timed_out,
             }));
         }
         let pid = process.pid;

@@ -11,10 +11,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 use std::sync::{mpsc, Arc};
+use std::time::Duration;
 
 use agentvm_protocol::{ErrorCode, Exited, Message, PtyOpen, Started, Stream};
 
 use super::context::{Control, RequestContext};
+use super::dispatch::HELPER_STACK;
 use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
@@ -129,7 +131,7 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
                 let (ctx, stop) = (&ctx, &stop);
                 let spawned = std::thread::Builder::new()
                     .name(format!("pty-{id}"))
-                    .stack_size(128 * 1024)
+                    .stack_size(HELPER_STACK)
                     .spawn_scoped(scope, move || {
                         pump(output, stop, done_tx, |data| {
                             ctx.send_data(Stream::Stdout, data).is_ok()
@@ -145,7 +147,8 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
                 let _ = signal_group(pid, libc::SIGKILL);
             }
         }
-        let outcome = supervise(&ctx, pid, &events, None, OnClose::HangUp);
+        let timeout = request.spec.timeout_ms.map(Duration::from_millis);
+        let outcome = supervise(&ctx, pid, &events, timeout, OnClose::HangUp);
         stop_after_grace(&done, &stop, EXIT_GRACE);
         outcome
     });

@@ -7,10 +7,11 @@ use std::path::Path;
 
 use super::{serve_listener_forever, Services};
 
-/// Binds `path` (replacing a stale socket) and serves connections on it until accepting fails.
+/// Binds `path` (replacing a stale socket) and serves connections on it until accepting fails;
+/// `on_listening` runs once connections are accepted (the socket file appears a moment before).
 /// Makes the process a child subreaper first, so orphaned grandchildren come back to the agent's
 /// reaper as they would to PID 1 in the guest.
-pub fn serve_unix_socket(path: &Path) -> io::Error {
+pub fn serve_unix_socket(path: &Path, on_listening: impl FnOnce()) -> io::Error {
     // SAFETY: prctl with integer arguments only.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return io::Error::last_os_error();
@@ -38,5 +39,6 @@ pub fn serve_unix_socket(path: &Path) -> io::Error {
         Ok(services) => services,
         Err(e) => return io::Error::new(e.kind(), format!("cannot start the reaper: {e}")),
     };
+    on_listening();
     serve_listener_forever(|| listener.accept().map(|(stream, _)| stream), &services)
 }

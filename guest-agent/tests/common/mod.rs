@@ -7,7 +7,7 @@
 #![allow(dead_code)]
 
 use std::collections::VecDeque;
-use std::io::BufReader;
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -39,17 +39,22 @@ impl Agent {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("agent.sock");
-        let child = Command::new(env!("CARGO_BIN_EXE_agentvm-guest-agent"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_agentvm-guest-agent"))
             .arg("--listen-unix")
             .arg(&socket)
             .stdin(Stdio::null())
+            .stdout(Stdio::piped())
             .spawn()
             .expect("start the agent in host mode");
-        let deadline = Instant::now() + WAIT;
-        while !socket.exists() {
-            assert!(Instant::now() < deadline, "agent never created {socket:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        // The agent says so once it accepts connections (or exits, closing stdout, if it cannot).
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.contains("listening on"),
+            "agent did not start: {line:?}"
+        );
         Agent { child, dir, socket }
     }
 
