@@ -12,4 +12,5 @@ pub mod modules;
 pub mod mounts;
 pub mod power;
 pub mod server;
+pub mod services;
 pub mod vsock;

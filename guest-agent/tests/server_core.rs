@@ -77,11 +77,13 @@ fn an_oversized_frame_drops_the_connection() {
 }
 
 #[test]
-fn services_this_agent_lacks_are_unsupported() {
-    use agentvm_protocol::{Connect, ReadFile, WatchStart};
+fn services_outside_the_negotiated_features_are_unsupported() {
+    use agentvm_protocol::{Connect, Features, ReadFile, WatchStart};
     let agent = Agent::start();
-    let mut client = agent.connect();
+    // The agent implements files, watch and port forwarding, but this host offers only exec.
+    let mut client = common::Client::handshake(agent.stream(), Features::EXEC).unwrap();
     let offered = client.negotiated.peer.features;
+    assert!(offered.contains(Features::FILES | Features::WATCH | Features::PORT_FORWARD));
     let requests: Vec<Message> = vec![
         ReadFile {
             id: 1,

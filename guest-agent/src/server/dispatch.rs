@@ -11,7 +11,7 @@ use agentvm_protocol::{Data, Eof, ErrorCode, Features, Message, Stream, Window};
 use super::connection::ConnectionShared;
 use super::context::{Control, RequestContext, RequestState};
 use super::registry::RegisterError;
-use super::{exec, processes, pty};
+use super::{after_restore, exec, files, port_forward, processes, pty, watch};
 
 /// Handler threads need little stack, and 100 concurrent execs run four threads each; generous
 /// still for unoptimised builds. Only touched pages cost memory.
@@ -46,17 +46,33 @@ pub(crate) fn dispatch(message: Message, conn: &Arc<ConnectionShared>) {
         Message::PtyOpen(m) => start(conn, m.id, Some(Features::PTY), move |ctx| {
             pty::run_pty(ctx, m)
         }),
-        // Services written elsewhere (server/{watch,files,port_forward,after_restore}.rs): each
-        // becomes a `start(...)` arm, and its feature bit goes into `Services::features`.
-        Message::WatchStart(m) => not_implemented(conn, m.id, "WatchStart"),
-        Message::ReadFile(m) => not_implemented(conn, m.id, "ReadFile"),
-        Message::WriteFile(m) => not_implemented(conn, m.id, "WriteFile"),
-        Message::ListDir(m) => not_implemented(conn, m.id, "ListDir"),
-        Message::StatPath(m) => not_implemented(conn, m.id, "StatPath"),
-        Message::MakeDir(m) => not_implemented(conn, m.id, "MakeDir"),
-        Message::RemovePath(m) => not_implemented(conn, m.id, "RemovePath"),
-        Message::Connect(m) => not_implemented(conn, m.id, "Connect"),
-        Message::AfterRestore(m) => not_implemented(conn, m.id, "AfterRestore"),
+        Message::WatchStart(m) => start(conn, m.id, Some(Features::WATCH), move |ctx| {
+            watch::watch(ctx, m)
+        }),
+        Message::ReadFile(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::read_file(ctx, m)
+        }),
+        Message::WriteFile(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::write_file(ctx, m)
+        }),
+        Message::ListDir(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::list_dir(ctx, m)
+        }),
+        Message::StatPath(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::stat_path(ctx, m)
+        }),
+        Message::MakeDir(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::make_dir(ctx, m)
+        }),
+        Message::RemovePath(m) => start(conn, m.id, Some(Features::FILES), move |ctx| {
+            files::remove_path(ctx, m)
+        }),
+        Message::Connect(m) => start(conn, m.id, Some(Features::PORT_FORWARD), move |ctx| {
+            port_forward::connect(ctx, m)
+        }),
+        Message::AfterRestore(m) => start(conn, m.id, Some(Features::AFTER_RESTORE), move |ctx| {
+            after_restore::after_restore_request(ctx, m)
+        }),
 
         Message::Data(Data { id, stream, data }) => {
             if stream != Stream::Stdin {
@@ -169,14 +185,6 @@ fn start(
         // The context went down with the closure and already answered `Internal`.
         eprintln!("agentvm-guest-agent: no thread for request {id}: {e}");
     }
-}
-
-fn not_implemented(conn: &ConnectionShared, id: u64, what: &str) {
-    conn.send_error(
-        id,
-        ErrorCode::Unsupported,
-        format!("request {id}: this agent does not implement {what}"),
-    );
 }
 
 fn control(conn: &ConnectionShared, id: u64, control: Control) {

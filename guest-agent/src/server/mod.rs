@@ -11,14 +11,19 @@
 //! - `processes.rs`, `ring_log.rs`: background processes and their bounded logs.
 //! - `reaper.rs`: the only `waitpid` caller.
 //! - `unix_listener.rs`: host-process mode (`--listen-unix PATH`).
+//! - `files.rs`, `watch.rs`, `port_forward.rs`, `after_restore.rs`: handlers of those services,
+//!   whose logic lives in `crate::services`.
 
+pub mod after_restore;
 pub mod connection;
 pub mod context;
 mod dispatch;
 mod exec;
-mod fd;
+pub(crate) mod fd;
+pub mod files;
 mod input;
 mod output;
+pub mod port_forward;
 pub mod process_spec;
 pub mod processes;
 mod pty;
@@ -27,6 +32,7 @@ mod registry;
 mod ring_log;
 mod supervise;
 pub mod unix_listener;
+pub mod watch;
 mod writer;
 
 use std::io;
@@ -69,7 +75,13 @@ impl Services {
 
     /// The services this agent implements, as advertised in its Hello.
     pub fn features(&self) -> Features {
-        Features::EXEC | Features::PROCESSES | Features::PTY
+        Features::EXEC
+            | Features::PROCESSES
+            | Features::PTY
+            | Features::FILES
+            | Features::WATCH
+            | Features::PORT_FORWARD
+            | Features::AFTER_RESTORE
     }
 }
 
