@@ -325,6 +325,10 @@ impl Connection {
         build: impl FnOnce(u64) -> Message,
     ) -> Result<Call> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Encoded before registering: a request refused here never reaches the guest.
+        let request = build(id)
+            .encode()
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         let (sender, events) = mpsc::channel();
         let flow = Arc::new(Flow::default());
         {
@@ -352,7 +356,7 @@ impl Connection {
             done: false,
         };
         // On failure `call` is dropped, which unregisters the id.
-        call.link.send(&build(id))?;
+        call.link.conn.core.write_bytes(&request)?;
         Ok(call)
     }
 }
