@@ -162,15 +162,18 @@ impl Core {
     /// `ErrorMsg` as the README asks, then `Close` so it stops the request), fails the consumer.
     fn fail_request(&self, id: u64, reason: String) {
         let slot = self.registry().live.remove(&id);
+        let failure = Failure::Protocol(reason.clone());
+        // Ended before anything is said, so no grant or data for the id follows our verdict.
+        if let Some(slot) = &slot {
+            slot.flow.end(Ended::Failed(failure.clone()));
+        }
         let _ = self.send(&Message::ErrorMsg(ErrorMsg {
             id,
             code: ErrorCode::Protocol,
-            message: reason.clone(),
+            message: reason,
         }));
         if let Some(slot) = slot {
             let _ = self.send(&Message::Close(Close { id }));
-            let failure = Failure::Protocol(reason);
-            slot.flow.end(Ended::Failed(failure.clone()));
             let _ = slot.events.send(Event::Failed(failure));
         }
     }
