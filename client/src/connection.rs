@@ -60,6 +60,8 @@ struct FlowState {
     recv: HashMap<Stream, RecvWindow>,
     /// Set once: by the final message, a failure, or the host dropping the request.
     ended: Option<Ended>,
+    /// `Close` was sent (it is sent at most once).
+    close_sent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -407,6 +409,20 @@ impl CallLink {
         }
     }
 
+    /// Asks the guest to end the request early (`Close`), once; a no-op after the request ended.
+    pub(crate) fn close(&self) -> Result<()> {
+        {
+            let mut state = self.flow.lock();
+            if let Some(Ended::Failed(failure)) = &state.ended {
+                return Err(failure.to_error());
+            }
+            if state.ended.is_some() || std::mem::replace(&mut state.close_sent, true) {
+                return Ok(());
+            }
+        }
+        self.send(&Message::Close(Close { id: self.id }))
+    }
+
     /// Sends up to one chunk of `data` on `stream`, waiting for window credit until `deadline`.
     /// Returns how many bytes went out (at least 1 for non-empty `data`).
     pub(crate) fn send_data(
@@ -603,10 +619,10 @@ impl Drop for Call {
     fn drop(&mut self) {
         let slot = self.link.conn.core.registry().live.remove(&self.link.id);
         if let Some(slot) = slot {
+            let _ = self.link.close();
             slot.flow.end(Ended::Failed(Failure::ConnectionClosed(
                 "the request was dropped by the host".to_string(),
             )));
-            let _ = self.link.send(&Message::Close(Close { id: self.link.id }));
         }
     }
 }

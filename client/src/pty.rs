@@ -2,7 +2,7 @@
 
 use std::io::{self, Read};
 
-use agentvm_protocol::{Close, ExitStatus, Message, ProcessSpec, PtyOpen, Resize, Stream};
+use agentvm_protocol::{ExitStatus, Message, ProcessSpec, PtyOpen, Resize, Stream};
 
 use crate::client::AgentClient;
 use crate::connection::{Call, CallLink};
@@ -132,8 +132,7 @@ impl PtyInput {
     }
 
     pub fn close(&self) -> Result<()> {
-        self.link
-            .send_control(&Message::Close(Close { id: self.link.id() }))
+        self.link.close()
     }
 }
 
