@@ -79,7 +79,7 @@ fn windows_are_granted_only_as_the_consumer_reads() {
     // Granted once half the window was consumed, and for what was consumed.
     assert_eq!(grant.bytes, INITIAL_WINDOW / 2);
     window.grant(grant.bytes).unwrap();
-    agent.send_stream(id, Stream::Stdout, &vec![b'y'; 100], &mut window);
+    agent.send_stream(id, Stream::Stdout, &[b'y'; 100], &mut window);
     agent.send(Exited {
         id,
         status: ExitStatus::Code(0),

@@ -495,26 +495,40 @@ fn exec_kill_close_and_drop_reach_the_agent() {
     let (client, mut agent) = connect();
     let (tx, rx) = std::sync::mpsc::channel();
     let call = thread::spawn(move || {
-        let exec = client.exec(ProcessSpec::argv(["sleep", "9"]), false)?;
-        exec.kill(2)?;
-        exec.controller().close()?;
+        let killed = client.exec(ProcessSpec::argv(["sleep", "9"]), false)?;
+        killed.kill(2)?;
         rx.recv().unwrap();
-        drop(exec);
-        Ok::<_, ClientError>(())
+        // Dropping an exec that has not exited closes it.
+        drop(killed);
+        let closed = client.exec(ProcessSpec::argv(["sleep", "8"]), false)?;
+        closed.controller().close()?;
+        // Already closed: dropping does not repeat it.
+        drop(closed);
+        client.ping()
     });
-    let Message::Exec(exec) = agent.recv() else {
+    let Message::Exec(first) = agent.recv() else {
         panic!("expected Exec")
     };
     agent.send(Started {
-        id: exec.id,
+        id: first.id,
         pid: 5,
     });
-    assert!(matches!(agent.recv(), Message::Kill(k) if k.id == exec.id && k.signal == 2));
-    assert!(matches!(agent.recv(), Message::Close(c) if c.id == exec.id));
+    assert!(matches!(agent.recv(), Message::Kill(k) if k.id == first.id && k.signal == 2));
     tx.send(()).unwrap();
+    assert!(matches!(agent.recv(), Message::Close(c) if c.id == first.id));
+    let Message::Exec(second) = agent.recv() else {
+        panic!("expected Exec")
+    };
+    agent.send(Started {
+        id: second.id,
+        pid: 6,
+    });
+    assert!(matches!(agent.recv(), Message::Close(c) if c.id == second.id));
+    match agent.recv() {
+        Message::Ping(p) => agent.send(Done { id: p.id }),
+        other => panic!("expected Ping (and no second Close), got {other:?}"),
+    }
     call.join().unwrap().unwrap();
-    // Dropping an exec that has not exited closes it.
-    assert!(matches!(agent.recv(), Message::Close(c) if c.id == exec.id));
 }
 
 #[test]
