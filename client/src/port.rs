@@ -42,6 +42,7 @@ impl AgentClient {
                 inbound: Inbound::new(Stream::Stdout),
                 ended: false,
                 guest_port,
+                read_timeout: None,
             },
             writer,
         })
@@ -82,6 +83,11 @@ pub struct PortStream {
 }
 
 impl PortStream {
+    /// Bounds each `read`'s wait for data; see [`PortReader::set_read_timeout`].
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.reader.set_read_timeout(timeout);
+    }
+
     /// Half-closes: the guest server reads end of file; reading goes on.
     pub fn shutdown_write(&mut self) -> Result<()> {
         self.writer.shutdown_write()
@@ -115,9 +121,16 @@ pub struct PortReader {
     inbound: Inbound,
     ended: bool,
     guest_port: u16,
+    read_timeout: Option<Duration>,
 }
 
 impl PortReader {
+    /// Bounds each `read`'s wait for data (an `io::ErrorKind::TimedOut` error; the stream stays
+    /// usable). `None`, the default, waits as long as the connection lasts.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
     /// After both directions ended (end of file read, write half shut down): waits up to
     /// `timeout` for the guest to confirm the connection is over, so that dropping the reader
     /// does not have to `Close` it. Data still arriving is discarded.
@@ -151,7 +164,11 @@ impl Read for PortReader {
                 return Ok(0);
             }
             let what = format!("data from guest port {}", self.guest_port);
-            match self.call.next(None, &what).map_err(ClientError::into_io)? {
+            match self
+                .call
+                .next(self.read_timeout, &what)
+                .map_err(ClientError::into_io)?
+            {
                 Message::Data(data) if data.stream == Stream::Stdout => {
                     self.inbound.push(data.data)
                 }
@@ -173,6 +190,12 @@ pub struct PortWriter {
 }
 
 impl PortWriter {
+    /// Closes the whole connection (both directions), e.g. to end a blocked read on the other
+    /// half from this thread.
+    pub fn close(&self) -> Result<()> {
+        self.link.close()
+    }
+
     /// Sends end of file to the guest server (once).
     pub fn shutdown_write(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.shut, true) {

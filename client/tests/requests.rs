@@ -558,3 +558,35 @@ fn empty_argv_is_refused_before_sending() {
     assert!(matches!(err, ClientError::InvalidArgument(_)), "{err}");
     assert!(err.to_string().contains("empty argv"), "{err}");
 }
+
+#[test]
+fn a_following_log_can_time_out_and_be_stopped_from_another_thread() {
+    use std::io::Read;
+    let (client, mut agent) = connect();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let call = thread::spawn(move || {
+        let mut logs = client.proc_logs(4, agentvm_client::Stream::Stdout, 0, true)?;
+        logs.set_read_timeout(Some(Duration::from_millis(1)));
+        let timed_out = logs.read(&mut [0; 8]).unwrap_err();
+        logs.set_read_timeout(None);
+        tx.send(logs.stopper()).unwrap();
+        let mut rest = Vec::new();
+        logs.read_to_end(&mut rest)?;
+        Ok::<_, ClientError>((timed_out, rest))
+    });
+    let Message::ProcLogs(logs) = agent.recv() else {
+        panic!("expected ProcLogs")
+    };
+    assert!(logs.follow);
+    agent.send(LogsStart {
+        id: logs.id,
+        offset: 0,
+    });
+    let stopper = rx.recv_timeout(common::GUARD).unwrap();
+    stopper.stop().unwrap();
+    assert!(matches!(agent.recv(), Message::Close(c) if c.id == logs.id));
+    agent.send(Done { id: logs.id });
+    let (timed_out, rest) = call.join().unwrap().unwrap();
+    assert_eq!(timed_out.kind(), std::io::ErrorKind::TimedOut);
+    assert!(rest.is_empty());
+}
