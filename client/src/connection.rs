@@ -60,6 +60,8 @@ struct FlowState {
     recv: HashMap<Stream, RecvWindow>,
     /// Set once: by the final message, a failure, or the host dropping the request.
     ended: Option<Ended>,
+    /// `Close` was sent (it is sent at most once).
+    close_sent: bool,
 }
 
 #[derive(Debug, Default)]
@@ -162,15 +164,18 @@ impl Core {
     /// `ErrorMsg` as the README asks, then `Close` so it stops the request), fails the consumer.
     fn fail_request(&self, id: u64, reason: String) {
         let slot = self.registry().live.remove(&id);
+        let failure = Failure::Protocol(reason.clone());
+        // Ended before anything is said, so no grant or data for the id follows our verdict.
+        if let Some(slot) = &slot {
+            slot.flow.end(Ended::Failed(failure.clone()));
+        }
         let _ = self.send(&Message::ErrorMsg(ErrorMsg {
             id,
             code: ErrorCode::Protocol,
-            message: reason.clone(),
+            message: reason,
         }));
         if let Some(slot) = slot {
             let _ = self.send(&Message::Close(Close { id }));
-            let failure = Failure::Protocol(reason);
-            slot.flow.end(Ended::Failed(failure.clone()));
             let _ = slot.events.send(Event::Failed(failure));
         }
     }
@@ -325,6 +330,10 @@ impl Connection {
         build: impl FnOnce(u64) -> Message,
     ) -> Result<Call> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        // Encoded before registering: a request refused here never reaches the guest.
+        let request = build(id)
+            .encode()
+            .map_err(|e| ClientError::InvalidArgument(e.to_string()))?;
         let (sender, events) = mpsc::channel();
         let flow = Arc::new(Flow::default());
         {
@@ -352,7 +361,7 @@ impl Connection {
             done: false,
         };
         // On failure `call` is dropped, which unregisters the id.
-        call.link.send(&build(id))?;
+        call.link.conn.core.write_bytes(&request)?;
         Ok(call)
     }
 }
@@ -398,6 +407,20 @@ impl CallLink {
             Some(Ended::Finished) => Ok(()),
             None => self.send(message),
         }
+    }
+
+    /// Asks the guest to end the request early (`Close`), once; a no-op after the request ended.
+    pub(crate) fn close(&self) -> Result<()> {
+        {
+            let mut state = self.flow.lock();
+            if let Some(Ended::Failed(failure)) = &state.ended {
+                return Err(failure.to_error());
+            }
+            if state.ended.is_some() || std::mem::replace(&mut state.close_sent, true) {
+                return Ok(());
+            }
+        }
+        self.send(&Message::Close(Close { id: self.id }))
     }
 
     /// Sends up to one chunk of `data` on `stream`, waiting for window credit until `deadline`.
@@ -596,10 +619,10 @@ impl Drop for Call {
     fn drop(&mut self) {
         let slot = self.link.conn.core.registry().live.remove(&self.link.id);
         if let Some(slot) = slot {
+            let _ = self.link.close();
             slot.flow.end(Ended::Failed(Failure::ConnectionClosed(
                 "the request was dropped by the host".to_string(),
             )));
-            let _ = self.link.send(&Message::Close(Close { id: self.link.id }));
         }
     }
 }

@@ -93,3 +93,66 @@ impl ClientError {
         io::Error::new(kind, self.to_string())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn io_conversion_keeps_the_message_and_a_matching_kind() {
+        let cases = [
+            (
+                ClientError::ConnectionClosed("agent killed".into()),
+                io::ErrorKind::ConnectionAborted,
+            ),
+            (
+                ClientError::Agent {
+                    code: ErrorCode::NotFound,
+                    message: "/x: No such file or directory".into(),
+                },
+                io::ErrorKind::NotFound,
+            ),
+            (
+                ClientError::TimedOut {
+                    what: "output".into(),
+                    after: Duration::from_secs(1),
+                },
+                io::ErrorKind::TimedOut,
+            ),
+            (
+                ClientError::Io(io::Error::new(io::ErrorKind::BrokenPipe, "pipe")),
+                io::ErrorKind::BrokenPipe,
+            ),
+        ];
+        for (error, kind) in cases {
+            let text = error.to_string();
+            let io = error.into_io();
+            assert_eq!(io.kind(), kind, "{text}");
+            assert_eq!(io.to_string(), text);
+        }
+    }
+
+    #[test]
+    fn messages_name_the_thing() {
+        let error = ClientError::ConnectTimedOut {
+            path: PathBuf::from("/run/vm/vsock.sock"),
+            port: 52,
+            waited: Duration::from_millis(1500),
+            last: "the vsock socket does not exist (yet)".into(),
+        };
+        assert_eq!(
+            error.to_string(),
+            "timed out after 1.5s connecting to the guest agent on vsock port 52 via \
+             /run/vm/vsock.sock: the vsock socket does not exist (yet)"
+        );
+        let error = ClientError::Agent {
+            code: ErrorCode::PermissionDenied,
+            message: "/etc/shadow: Permission denied".into(),
+        };
+        assert_eq!(error.agent_code(), Some(ErrorCode::PermissionDenied));
+        assert_eq!(
+            error.to_string(),
+            "guest agent error (PermissionDenied): /etc/shadow: Permission denied"
+        );
+    }
+}

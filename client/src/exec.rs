@@ -3,7 +3,7 @@
 use std::io;
 use std::time::Duration;
 
-use agentvm_protocol::{Close, Eof, Exec, ExitStatus, Kill, Message, ProcessSpec, Stream};
+use agentvm_protocol::{Eof, Exec, ExitStatus, Kill, Message, ProcessSpec, Stream};
 
 use crate::client::AgentClient;
 use crate::connection::{Call, CallLink, Ended, SendError};
@@ -206,8 +206,7 @@ impl ExecController {
 
     /// SIGKILLs the process group; a no-op once the process exited.
     pub fn close(&self) -> Result<()> {
-        self.link
-            .send_control(&Message::Close(Close { id: self.link.id() }))
+        self.link.close()
     }
 }
 

@@ -39,7 +39,7 @@ pub use error::{ClientError, Result};
 pub use exec::{ExecController, ExecEvent, ExecHandle, ExecStdin, Output, DEFAULT_OUTPUT_LIMIT};
 pub use files::WriteOptions;
 pub use port::{ForwardHandle, ForwardListener, PortReader, PortStream, PortWriter};
-pub use process::{BackgroundProcess, LogStream, ProcExit};
+pub use process::{BackgroundProcess, LogStopper, LogStream, ProcExit};
 pub use pty::{PtyInput, PtySession};
 pub use spec::ProcessSpecExt;
 pub use watch::Watch;

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
-use agentvm_protocol::{Close, Connect, Eof, Message, Stream};
+use agentvm_protocol::{Connect, Eof, Message, Stream};
 
 use crate::client::AgentClient;
 use crate::connection::{Call, CallLink};
@@ -42,6 +42,7 @@ impl AgentClient {
                 inbound: Inbound::new(Stream::Stdout),
                 ended: false,
                 guest_port,
+                read_timeout: None,
             },
             writer,
         })
@@ -82,6 +83,11 @@ pub struct PortStream {
 }
 
 impl PortStream {
+    /// Bounds each `read`'s wait for data; see [`PortReader::set_read_timeout`].
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.reader.set_read_timeout(timeout);
+    }
+
     /// Half-closes: the guest server reads end of file; reading goes on.
     pub fn shutdown_write(&mut self) -> Result<()> {
         self.writer.shutdown_write()
@@ -115,14 +121,36 @@ pub struct PortReader {
     inbound: Inbound,
     ended: bool,
     guest_port: u16,
+    read_timeout: Option<Duration>,
 }
 
 impl PortReader {
+    /// Bounds each `read`'s wait for data (an `io::ErrorKind::TimedOut` error; the stream stays
+    /// usable). `None`, the default, waits as long as the connection lasts.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
+    /// After both directions ended (end of file read, write half shut down): waits up to
+    /// `timeout` for the guest to confirm the connection is over, so that dropping the reader
+    /// does not have to `Close` it. Data still arriving is discarded.
+    pub fn wait_closed(&mut self, timeout: Duration) -> Result<()> {
+        let what = format!("guest port {} connection to end", self.guest_port);
+        while !self.call.is_done() {
+            match self.call.next(Some(timeout), &what)? {
+                Message::Data(data) if data.stream == Stream::Stdout => {
+                    self.call.link().consumed(Stream::Stdout, data.data.len())?
+                }
+                Message::Eof(_) | Message::Done(_) => {}
+                other => return Err(self.call.unexpected(&other, &what)),
+            }
+        }
+        Ok(())
+    }
+
     /// Closes the whole connection.
     pub fn close(&self) -> Result<()> {
-        self.call
-            .link()
-            .send_control(&Message::Close(Close { id: self.call.id() }))
+        self.call.link().close()
     }
 }
 
@@ -136,7 +164,11 @@ impl Read for PortReader {
                 return Ok(0);
             }
             let what = format!("data from guest port {}", self.guest_port);
-            match self.call.next(None, &what).map_err(ClientError::into_io)? {
+            match self
+                .call
+                .next(self.read_timeout, &what)
+                .map_err(ClientError::into_io)?
+            {
                 Message::Data(data) if data.stream == Stream::Stdout => {
                     self.inbound.push(data.data)
                 }
@@ -158,6 +190,12 @@ pub struct PortWriter {
 }
 
 impl PortWriter {
+    /// Closes the whole connection (both directions), e.g. to end a blocked read on the other
+    /// half from this thread.
+    pub fn close(&self) -> Result<()> {
+        self.link.close()
+    }
+
     /// Sends end of file to the guest server (once).
     pub fn shutdown_write(&mut self) -> Result<()> {
         if std::mem::replace(&mut self.shut, true) {
@@ -292,8 +330,11 @@ impl ForwardHandle {
             let _ = thread.join();
         }
         let clients = std::mem::take(&mut *lock(&self.clients));
-        for client in clients.into_values() {
-            client.shutdown(Shutdown::Both);
+        for forwarded in clients.into_values() {
+            forwarded.host.shutdown(Shutdown::Both);
+            if let Some(guest) = forwarded.guest {
+                let _ = guest.close();
+            }
         }
     }
 }
@@ -336,27 +377,39 @@ fn accept_loop(
         };
         next_key += 1;
         let key = next_key;
-        lock(&clients).insert(key, copy);
+        lock(&clients).insert(
+            key,
+            Forwarded {
+                host: copy,
+                guest: None,
+            },
+        );
         let agent = client.clone();
         let own_clients = Arc::clone(&clients);
         let _ = thread::Builder::new()
             .name(format!("agentvm-forward-{guest_port}-conn"))
             .spawn(move || {
-                forward_one(agent, accepted, guest_port);
+                forward_one(agent, accepted, guest_port, key, &own_clients);
                 lock(&own_clients).remove(&key);
             });
     }
 }
 
 /// Accepted clients still being forwarded, so that stopping can disconnect them.
-type Clients = Arc<Mutex<HashMap<u64, Client>>>;
+type Clients = Arc<Mutex<HashMap<u64, Forwarded>>>;
 
-fn lock(clients: &Clients) -> std::sync::MutexGuard<'_, HashMap<u64, Client>> {
+/// One forwarded client: its host socket and, once connected, its guest request.
+struct Forwarded {
+    host: Client,
+    guest: Option<CallLink>,
+}
+
+fn lock(clients: &Clients) -> std::sync::MutexGuard<'_, HashMap<u64, Forwarded>> {
     clients.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// Pumps one accepted client through its own `Connect` request, both directions, until both end.
-fn forward_one(agent: AgentClient, mut host: Client, guest_port: u16) {
+fn forward_one(agent: AgentClient, mut host: Client, guest_port: u16, key: u64, clients: &Clients) {
     let port = match agent.connect_port(guest_port) {
         Ok(port) => port,
         Err(_) => {
@@ -366,6 +419,11 @@ fn forward_one(agent: AgentClient, mut host: Client, guest_port: u16) {
             return;
         }
     };
+    match lock(clients).get_mut(&key) {
+        Some(forwarded) => forwarded.guest = Some(port.reader.call.link().clone()),
+        // The forwarder was stopped while this client connected.
+        None => return,
+    }
     let (mut from_guest, mut to_guest) = port.split();
     let Ok(mut host_reader) = host.try_clone() else {
         host.shutdown(Shutdown::Both);
@@ -379,4 +437,5 @@ fn forward_one(agent: AgentClient, mut host: Client, guest_port: u16) {
     host.shutdown(Shutdown::Write);
     let _ = upstream.join();
     host.shutdown(Shutdown::Both);
+    let _ = from_guest.wait_closed(agent.call_timeout());
 }

@@ -9,7 +9,7 @@ use agentvm_protocol::{
 };
 
 use crate::client::AgentClient;
-use crate::connection::Call;
+use crate::connection::{Call, CallLink};
 use crate::error::{ClientError, Result};
 use crate::inbound::Inbound;
 
@@ -122,6 +122,7 @@ impl AgentClient {
             start_offset,
             ended: false,
             proc_id,
+            read_timeout: None,
         })
     }
 }
@@ -134,9 +135,23 @@ pub struct LogStream {
     start_offset: u64,
     ended: bool,
     proc_id: u64,
+    read_timeout: Option<Duration>,
 }
 
 impl LogStream {
+    /// Bounds each `read`'s wait for data (an `io::ErrorKind::TimedOut` error; the stream stays
+    /// usable). `None`, the default, waits as long as the log goes on.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
+    /// A handle that stops a following log from another thread (the reader then sees the end).
+    pub fn stopper(&self) -> LogStopper {
+        LogStopper {
+            link: self.call.link().clone(),
+        }
+    }
+
     /// The log offset of the first byte read: later than asked if older output was dropped.
     pub fn start_offset(&self) -> u64 {
         self.start_offset
@@ -153,7 +168,11 @@ impl Read for LogStream {
                 return Ok(0);
             }
             let what = format!("the log of background process {}", self.proc_id);
-            match self.call.next(None, &what).map_err(ClientError::into_io)? {
+            match self
+                .call
+                .next(self.read_timeout, &what)
+                .map_err(ClientError::into_io)?
+            {
                 Message::Data(data) if data.stream == self.inbound.stream() => {
                     self.inbound.push(data.data)
                 }
@@ -165,5 +184,18 @@ impl Read for LogStream {
         self.inbound
             .take_into(self.call.link(), buf)
             .map_err(ClientError::into_io)
+    }
+}
+
+/// Stops a [`LogStream`] from any thread.
+#[derive(Clone)]
+pub struct LogStopper {
+    link: CallLink,
+}
+
+impl LogStopper {
+    /// Ends the log stream (`Close`); a no-op once it ended.
+    pub fn stop(&self) -> Result<()> {
+        self.link.close()
     }
 }

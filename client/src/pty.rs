@@ -1,8 +1,9 @@
 //! Interactive processes on a guest pseudo-terminal.
 
 use std::io::{self, Read};
+use std::time::Duration;
 
-use agentvm_protocol::{Close, ExitStatus, Message, ProcessSpec, PtyOpen, Resize, Stream};
+use agentvm_protocol::{ExitStatus, Message, ProcessSpec, PtyOpen, Resize, Stream};
 
 use crate::client::AgentClient;
 use crate::connection::{Call, CallLink};
@@ -42,6 +43,7 @@ impl AgentClient {
             pid,
             output: Inbound::new(Stream::Stdout),
             exit: None,
+            read_timeout: None,
         })
     }
 }
@@ -54,9 +56,16 @@ pub struct PtySession {
     pid: u32,
     output: Inbound,
     exit: Option<(ExitStatus, bool)>,
+    read_timeout: Option<Duration>,
 }
 
 impl PtySession {
+    /// Bounds each `read`'s wait for output (an `io::ErrorKind::TimedOut` error; the session
+    /// stays usable). `None`, the default, waits as long as the process runs.
+    pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
+        self.read_timeout = timeout;
+    }
+
     pub fn pid(&self) -> u32 {
         self.pid
     }
@@ -97,7 +106,11 @@ impl Read for PtySession {
                 return Ok(0);
             }
             let what = format!("terminal output of process {}", self.pid);
-            match self.call.next(None, &what).map_err(ClientError::into_io)? {
+            match self
+                .call
+                .next(self.read_timeout, &what)
+                .map_err(ClientError::into_io)?
+            {
                 Message::Data(data) if data.stream == Stream::Stdout => self.output.push(data.data),
                 Message::Eof(eof) if eof.stream == Stream::Stdout => {}
                 Message::Exited(exited) => self.exit = Some((exited.status, exited.timed_out)),
@@ -132,8 +145,7 @@ impl PtyInput {
     }
 
     pub fn close(&self) -> Result<()> {
-        self.link
-            .send_control(&Message::Close(Close { id: self.link.id() }))
+        self.link.close()
     }
 }
 

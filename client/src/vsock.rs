@@ -70,8 +70,9 @@ fn attempt(uds_path: &Path, port: u32, deadline: Instant) -> Result<UnixStream, 
         io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => {
             Attempt::Retry(format!("no answer to CONNECT {port} ({what} timed out)"))
         }
+        // A VMM closing a connection with our CONNECT line unread resets it.
         io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => {
-            Attempt::Retry(format!("the VMM closed the connection while {what}"))
+            Attempt::Retry(closed_without_ok(port))
         }
         _ => Attempt::Fatal(format!("{what} failed: {e}")),
     };
@@ -89,9 +90,7 @@ fn attempt(uds_path: &Path, port: u32, deadline: Instant) -> Result<UnixStream, 
         .map_err(|e| io_failed("sending CONNECT", e))?;
     let line = read_line(&mut stream).map_err(|e| io_failed("reading the answer", e))?;
     let Some(line) = line else {
-        return Err(Attempt::Retry(format!(
-            "the VMM closed the connection without OK (is the guest agent listening on vsock port {port}?)"
-        )));
+        return Err(Attempt::Retry(closed_without_ok(port)));
     };
     // The port in the answer is the host-side port the VMM assigned to this connection (as in
     // Firecracker), not the guest port: any number will do.
@@ -114,6 +113,12 @@ fn attempt(uds_path: &Path, port: u32, deadline: Instant) -> Result<UnixStream, 
         .and_then(|()| stream.set_write_timeout(None))
         .map_err(|e| Attempt::Fatal(format!("clearing socket timeouts failed: {e}")))?;
     Ok(stream)
+}
+
+fn closed_without_ok(port: u32) -> String {
+    format!(
+        "the VMM closed the connection without OK (is the guest agent listening on vsock port {port}?)"
+    )
 }
 
 /// Reads one `\n`-terminated line one byte at a time, so that not a byte of the protocol that

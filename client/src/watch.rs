@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use agentvm_protocol::{Close, Message, WatchEvent, WatchStart};
+use agentvm_protocol::{Message, WatchEvent, WatchStart};
 
 use crate::client::AgentClient;
 use crate::connection::Call;
@@ -77,9 +77,7 @@ impl Watch {
         if self.call.is_done() {
             return Ok(());
         }
-        self.call
-            .link()
-            .send_control(&Message::Close(Close { id: self.call.id() }))?;
+        self.call.link().close()?;
         let what = format!("the watch on {} to stop", self.path);
         loop {
             match self.call.next(Some(self.call_timeout), &what)? {
