@@ -300,7 +300,15 @@ fn stream_200mib(client: &AgentClient) -> Check {
                 if d.iter().any(|&b| b != 0) {
                     return Err("corrupt data".into());
                 }
+                let before = received;
                 received += d.len() as u64;
+                if before >> 24 != received >> 24 {
+                    crate::progress(format_args!(
+                        "  {} MiB after {:.1} s",
+                        received >> 20,
+                        start.elapsed().as_secs_f64()
+                    ));
+                }
             }
             Some(ExecEvent::Stderr(d)) => {
                 return Err(format!("stderr: {}", String::from_utf8_lossy(&d)))

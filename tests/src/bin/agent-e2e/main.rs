@@ -51,6 +51,16 @@ fn parse_args() -> Result<Args, String> {
     })
 }
 
+/// Progress on stderr and, inside the nested test host, on L1's console (which the host keeps in
+/// its console log while the scenario runs), so a slow check can be seen while it is slow.
+pub fn progress(message: std::fmt::Arguments<'_>) {
+    eprintln!("agent-e2e: {message}");
+    if let Ok(mut console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        use std::io::Write;
+        let _ = writeln!(console, "agent-e2e: {message}");
+    }
+}
+
 pub fn report(name: &str, result: Result<String, String>) {
     let (verdict, detail) = match result {
         Ok(d) => ("ok", d),
@@ -62,9 +72,13 @@ pub fn report(name: &str, result: Result<String, String>) {
 /// Runs `check` and reports it with its duration.
 pub fn timed(name: &str, check: impl FnOnce() -> Result<String, String>) {
     let start = Instant::now();
-    eprintln!("agent-e2e: {name} ...");
+    progress(format_args!("{name} ..."));
     let result = check();
     let secs = start.elapsed().as_secs_f64();
+    progress(format_args!(
+        "{name} {} after {secs:.1} s",
+        if result.is_ok() { "ok" } else { "FAILED" }
+    ));
     report(
         name,
         result
