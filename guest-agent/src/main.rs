@@ -180,9 +180,11 @@ fn start_server<W: Write>(out: &mut ConsoleWriter<W>) {
     };
     let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(listener) => listener,
-        Err(e) => return out.error(format_args!(
+        Err(e) => {
+            return out.error(format_args!(
             "cannot listen on vsock port {AGENT_VSOCK_PORT} (is there a virtio-vsock device?): {e}"
-        )),
+        ))
+        }
     };
     let spawned = std::thread::Builder::new()
         .name("vsock-accept".into())
