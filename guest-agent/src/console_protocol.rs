@@ -5,10 +5,12 @@
 //! three marker lines that tell the host how far the guest got, even when vsock never came up:
 //!
 //! ```text
-//! @@agentvm:ready boot_ns=<CLOCK_BOOTTIME ns>    the agent's server is started
+//! @@agentvm:ready boot_ns=<CLOCK_BOOTTIME ns>    the agent's boot steps are done
 //! @@agentvm:error <message on one line>          something failed; the agent goes on
 //! @@agentvm:poweroff                             the agent is about to reset the VM
 //! ```
+//!
+//! `ready` follows the start of the vsock server; if that failed, an `error` before it says why.
 //!
 //! The agent writes every marker as a whole line ending in `\n`; kernel messages written at the
 //! same time can still precede it on the same console line. [`ConsoleParser`] implements the host
