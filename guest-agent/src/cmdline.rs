@@ -158,7 +158,7 @@ mod tests {
     #[test]
     fn parses_a_vmm_command_line() {
         let line = "console=ttyS0 reboot=k panic=-1 quiet i8042.noaux \
-                    virtio_mmio.device=4K@0xd0000000:5 agentvm.cmd=bHMAL3RtcA\n";
+                    virtio_mmio.device=4K@0xd0000000:5 agentvm.hostname=sandbox-1\n";
         let cmdline = KernelCmdline::parse(line);
         assert_eq!(
             cmdline.params(),
@@ -169,10 +169,10 @@ mod tests {
                 kv("quiet", None),
                 kv("i8042.noaux", None),
                 kv("virtio_mmio.device", Some("4K@0xd0000000:5")),
-                kv("agentvm.cmd", Some("bHMAL3RtcA")),
+                kv("agentvm.hostname", Some("sandbox-1")),
             ]
         );
-        assert_eq!(cmdline.value("agentvm.cmd"), Some("bHMAL3RtcA"));
+        assert_eq!(cmdline.value("agentvm.hostname"), Some("sandbox-1"));
         assert_eq!(cmdline.value("quiet"), None);
         assert!(cmdline.get("quiet").is_some());
         assert!(cmdline.get("agentvm.other").is_none());
@@ -220,7 +220,7 @@ mod tests {
     fn collects_module_parameters() {
         let cmdline = KernelCmdline::parse(
             "virtio_mmio.device=4K@0xd0000000:5 virtio-mmio.device=4K@0xd0001000:6 \
-             kvm_amd.npt=0 kvm-amd.nested kvm.x=\"a b\" kvm.e= virtio.=bad agentvm.cmd=eA",
+             kvm_amd.npt=0 kvm-amd.nested kvm.x=\"a b\" kvm.e= virtio.=bad agentvm.debug=1",
         );
         assert_eq!(
             cmdline.module_params("virtio_mmio"),

@@ -1,5 +1,5 @@
-//! The serial console: opening it as init's stdio, raw mode, and a writer that keeps marker lines
-//! at the start of a line as the console protocol requires.
+//! The serial console: opening it as init's stdio, raw mode, and a writer for the agent's
+//! diagnostic lines (markers of [`crate::console_protocol`] and log lines).
 
 use std::fmt;
 use std::fs::{File, OpenOptions};
@@ -34,8 +34,9 @@ pub fn open_console() -> io::Result<File> {
     Ok(console)
 }
 
-/// Puts a terminal in raw mode: no `\n` -> `\r\n` translation on output (the host must see the
-/// command's bytes unchanged), no echo, no line editing, no signal characters.
+/// Puts a terminal in raw mode: no `\n` -> `\r\n` translation on output (the host sees the
+/// agent's lines as written), and no echo, line editing or signal characters for what arrives on
+/// the console's input.
 pub fn set_raw(tty: &impl AsFd) -> io::Result<()> {
     let fd = tty.as_fd().as_raw_fd();
     let mut termios = std::mem::MaybeUninit::<libc::termios>::uninit();
@@ -54,14 +55,12 @@ pub fn set_raw(tty: &impl AsFd) -> io::Result<()> {
     Ok(())
 }
 
-/// Writes command output, markers and diagnostics to the console. It tracks whether the last byte
-/// written ended a line so that every marker starts one.
+/// Writes the agent's marker and log lines to the console, each line whole.
 ///
 /// Write errors are swallowed on purpose: a console that cannot be written to leaves nobody to
-/// report to, and the agent must still run the command and power off.
+/// report to, and the agent must still serve the host and power off.
 pub struct ConsoleWriter<W: Write> {
     inner: W,
-    at_line_start: bool,
     debug: bool,
 }
 
@@ -69,7 +68,6 @@ impl<W: Write> ConsoleWriter<W> {
     pub fn new(inner: W) -> Self {
         Self {
             inner,
-            at_line_start: true,
             debug: false,
         }
     }
@@ -83,34 +81,15 @@ impl<W: Write> ConsoleWriter<W> {
         self.debug
     }
 
-    fn write_raw(&mut self, bytes: &[u8]) {
-        if let Some(&last) = bytes.last() {
-            self.at_line_start = last == b'\n';
-        }
-        let _ = self.inner.write_all(bytes);
+    /// `line` ends in `\n`.
+    fn write_line(&mut self, line: &str) {
+        let _ = self.inner.write_all(line.as_bytes());
         let _ = self.inner.flush();
     }
 
-    fn start_line(&mut self) {
-        if !self.at_line_start {
-            self.write_raw(b"\n");
-        }
-    }
-
-    /// Command output, passed through unchanged.
-    pub fn output(&mut self, bytes: &[u8]) {
-        self.write_raw(bytes);
-    }
-
-    /// A protocol marker line. The exit marker always gets its own preceding `\n` (the host
-    /// strips exactly one); other markers get one only if needed to start a line.
+    /// A diagnostic marker line.
     pub fn marker(&mut self, marker: &Marker) {
-        if matches!(marker, Marker::Exit(_)) {
-            self.write_raw(b"\n");
-        } else {
-            self.start_line();
-        }
-        self.write_raw(marker.to_line().as_bytes());
+        self.write_line(&marker.to_line());
     }
 
     /// An `@@agentvm:error` marker.
@@ -120,9 +99,7 @@ impl<W: Write> ConsoleWriter<W> {
 
     /// A human-readable diagnostic line.
     pub fn info(&mut self, message: impl fmt::Display) {
-        self.start_line();
-        let line = format!("{DIAG_PREFIX}{message}\n");
-        self.write_raw(line.as_bytes());
+        self.write_line(&format!("{DIAG_PREFIX}{message}\n"));
     }
 
     /// A diagnostic line shown only with `agentvm.debug`.
@@ -135,16 +112,11 @@ impl<W: Write> ConsoleWriter<W> {
     pub fn get_ref(&self) -> &W {
         &self.inner
     }
-
-    pub fn into_inner(self) -> W {
-        self.inner
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::console_protocol::ExitStatus;
     use std::os::fd::{FromRawFd, OwnedFd};
 
     fn text(writer: &ConsoleWriter<Vec<u8>>) -> String {
@@ -152,29 +124,16 @@ mod tests {
     }
 
     #[test]
-    fn markers_start_lines() {
+    fn markers_and_log_lines_are_written_whole() {
         let mut w = ConsoleWriter::new(Vec::new());
         w.marker(&Marker::Ready { boot_ns: 5 });
-        w.output(b"partial");
         w.error("oops\nsecond line");
-        w.output(b"done\n");
+        w.info("received SIGUSR2");
         w.marker(&Marker::Poweroff);
         assert_eq!(
             text(&w),
-            "@@agentvm:ready boot_ns=5\npartial\n@@agentvm:error oops second line\ndone\n@@agentvm:poweroff\n"
-        );
-    }
-
-    #[test]
-    fn exit_marker_always_gets_its_newline() {
-        let mut w = ConsoleWriter::new(Vec::new());
-        w.output(b"line\n");
-        w.marker(&Marker::Exit(ExitStatus::Code(0)));
-        w.output(b"no newline");
-        w.marker(&Marker::Exit(ExitStatus::Signal(9)));
-        assert_eq!(
-            text(&w),
-            "line\n\n@@agentvm:exit code=0\nno newline\n@@agentvm:exit signal=9\n"
+            "@@agentvm:ready boot_ns=5\n@@agentvm:error oops second line\n\
+             agentvm-agent: received SIGUSR2\n@@agentvm:poweroff\n"
         );
     }
 
@@ -182,15 +141,11 @@ mod tests {
     fn diagnostics_and_debug_switch() {
         let mut w = ConsoleWriter::new(Vec::new());
         w.debug("hidden");
-        w.output(b"x");
         w.info("shown");
         w.set_debug(true);
         assert!(w.debug_enabled());
         w.debug("now shown");
-        assert_eq!(
-            text(&w),
-            "x\nagentvm-agent: shown\nagentvm-agent: now shown\n"
-        );
+        assert_eq!(text(&w), "agentvm-agent: shown\nagentvm-agent: now shown\n");
     }
 
     #[test]
@@ -205,8 +160,8 @@ mod tests {
             }
         }
         let mut w = ConsoleWriter::new(Broken);
-        w.output(b"lost");
-        w.marker(&Marker::Exit(ExitStatus::Code(1)));
+        w.marker(&Marker::Ready { boot_ns: 1 });
+        w.error("lost");
         w.info("also lost");
     }
 

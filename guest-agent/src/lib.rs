@@ -1,5 +1,5 @@
-//! The agentvm guest agent: PID 1 inside the guest (see `main.rs`), and the console protocol the
-//! host shares with it.
+//! The agentvm guest agent: PID 1 inside the guest (see `main.rs`), its protocol server (the
+//! host drives it over virtio-vsock), and the console's diagnostic markers the host shares with it.
 //!
 //! Everything the agent does is here as a library so it can be tested as an ordinary host
 //! process; only the PID-1 sequencing lives in the binary.
@@ -7,7 +7,6 @@
 pub mod cmdline;
 pub mod console;
 pub mod console_protocol;
-pub mod exec;
 pub mod modules;
 pub mod mounts;
 pub mod power;

@@ -251,7 +251,7 @@ mod tests {
             "virtio_ring.ko\nvirtio.ko\nmissing.ko\nvirtio_mmio.ko\nvirtio-rng.ko\n",
         );
         let cmdline = KernelCmdline::parse(
-            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_rng.x=1 agentvm.cmd=eA",
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_rng.x=1 agentvm.debug=1",
         );
         let mut loader = FakeLoader {
             calls: Vec::new(),

@@ -2,8 +2,8 @@
 //!
 //! busybox `halt`, `poweroff` and `reboot` ask init to act by sending SIGUSR1, SIGUSR2 and SIGTERM.
 //! Every one of them ends the VM the same way: sync, then reboot(RESTART), which with `reboot=k`
-//! is an i8042 reset the VMM turns into a clean exit. SIGCHLD is watched too: PID 1 inherits every
-//! orphan and must reap it.
+//! is an i8042 reset the VMM turns into a clean exit. SIGCHLD is in the watched set too, only to be
+//! drained: PID 1 inherits every orphan, and the server's reaper thread reaps them.
 
 use std::fs::File;
 use std::io::{self, Read, Write};
@@ -31,8 +31,8 @@ pub fn signal_name(signal: libc::c_int) -> String {
 }
 
 /// The watched signals, blocked in the calling thread and delivered through a signalfd instead, so
-/// they can be waited for with poll() next to the command's output pipe. Blocking them first also
-/// keeps a poweroff that arrives during boot pending until the agent looks. Dropping the watcher
+/// they can be waited for with poll(). Blocking them first also keeps a poweroff that arrives
+/// during boot pending until the agent looks. Dropping the watcher
 /// restores the previous signal mask. Children do not inherit the mask: std resets it before exec.
 pub struct SignalWatcher {
     fd: File,
@@ -141,26 +141,6 @@ impl Drop for SignalWatcher {
         unsafe {
             libc::pthread_sigmask(libc::SIG_SETMASK, &self.previous_mask, std::ptr::null_mut())
         };
-    }
-}
-
-/// Reaps every exited child without blocking and returns their pids with wait statuses.
-/// Only PID 1 (or a subreaper) should do this: it also takes children other code waits for.
-pub fn reap_all() -> Vec<(libc::pid_t, libc::c_int)> {
-    let mut reaped = Vec::new();
-    loop {
-        let mut status = 0;
-        // SAFETY: waitpid with WNOHANG writes the status of an exited child into `status`.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
-        if pid > 0 {
-            reaped.push((pid, status));
-            continue;
-        }
-        if pid < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
-            continue;
-        }
-        // 0: children exist but none has exited; -1/ECHILD: no children at all.
-        return reaped;
     }
 }
 

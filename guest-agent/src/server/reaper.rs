@@ -3,9 +3,7 @@
 //! registered that pid; orphans are just reaped.
 //!
 //! Never call `std::process::Child::wait`/`try_wait` elsewhere: it would race this thread. One
-//! `Reaper` per process (it lives in [`Services`](super::Services)); in PID 1, the v0 console
-//! path's `exec::run_command` with `reap_orphans` waits for children itself and must not run
-//! alongside it.
+//! `Reaper` per process (it lives in [`Services`](super::Services)).
 //!
 //! std's `Command::spawn` itself waits for a child whose exec failed. To keep that from racing,
 //! the reaper first waits with `WNOWAIT` (the child stays waitable), then takes the registry lock,

@@ -108,7 +108,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         )?))),
         None => None,
     };
-    let (demux, view) = ConsoleDemux::new(Box::new(std::io::sink()), log);
+    let (demux, view) = ConsoleDemux::new(log);
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
     let stop = vm.event_sender();
     let _signals = SignalForwarder::start(vm.event_sender())
