@@ -14,6 +14,7 @@ use agentvm_protocol::{Version, AGENT_VSOCK_PORT};
 use guest_agent::cmdline::{KernelCmdline, PROC_CMDLINE};
 use guest_agent::console::{self, ConsoleWriter};
 use guest_agent::console_protocol::Marker;
+use guest_agent::loopback;
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
 use guest_agent::power::{self, signal_name, SignalWatcher};
@@ -132,6 +133,9 @@ fn init() -> ! {
     let hostname = cmdline.value(HOSTNAME_PARAM).unwrap_or(DEFAULT_HOSTNAME);
     if let Err(e) = set_hostname(hostname) {
         out.error(format!("cannot set hostname {hostname}: {e}"));
+    }
+    if let Err(e) = loopback::bring_up_loopback() {
+        out.error(format!("cannot bring up the loopback interface: {e}"));
     }
     // Still single-threaded: nothing else reads the environment concurrently.
     std::env::set_var("PATH", PATH);

@@ -16,6 +16,9 @@ use crate::{timed, Args};
 
 type Check = Result<String, String>;
 
+/// The longest a check waits for the next event of a process (TCG guests are slow, not dead).
+const EVENT_WAIT: Duration = Duration::from_secs(180);
+
 fn err<E: std::fmt::Display>(what: &str) -> impl FnOnce(E) -> String + '_ {
     move |e| format!("{what}: {e}")
 }
@@ -81,7 +84,7 @@ fn output_separation(client: &AgentClient) -> Check {
         .exec(ProcessSpec::shell("echo a; echo b >&2; echo c"), false)
         .map_err(err("exec"))?;
     let mut events = Vec::new();
-    while let Some(ev) = exec.next_event().map_err(err("event"))? {
+    while let Some(ev) = exec.next_event_timeout(EVENT_WAIT).map_err(err("event"))? {
         let done = matches!(ev, ExecEvent::Exited { .. });
         events.push(ev);
         if done {
@@ -107,7 +110,7 @@ fn exit_codes_and_signals(client: &AgentClient) -> Check {
         .map_err(err("exec sleep"))?;
     exec.kill(libc::SIGKILL).map_err(err("kill"))?;
     loop {
-        match exec.next_event().map_err(err("event"))? {
+        match exec.next_event_timeout(EVENT_WAIT).map_err(err("event"))? {
             Some(ExecEvent::Exited { status, .. }) => {
                 expect("killed sleep", status, ExitStatus::Signal(libc::SIGKILL))?;
                 break;
@@ -160,7 +163,7 @@ fn timeout_kills_group(client: &AgentClient) -> Check {
         .map_err(err("exec"))?;
     let mut stdout = Vec::new();
     let (status, timed_out) = loop {
-        match exec.next_event().map_err(err("event"))? {
+        match exec.next_event_timeout(EVENT_WAIT).map_err(err("event"))? {
             Some(ExecEvent::Stdout(d)) => stdout.extend(d),
             Some(ExecEvent::Exited { status, timed_out }) => break (status, timed_out),
             Some(_) => {}
@@ -214,7 +217,7 @@ fn stdin_pipe(client: &AgentClient) -> Check {
     });
     let mut got = Vec::new();
     loop {
-        match exec.next_event().map_err(err("event"))? {
+        match exec.next_event_timeout(EVENT_WAIT).map_err(err("event"))? {
             Some(ExecEvent::Stdout(d)) => got.extend(d),
             Some(ExecEvent::Stderr(d)) => {
                 return Err(format!("stderr: {}", String::from_utf8_lossy(&d)))
@@ -295,7 +298,7 @@ fn stream_200mib(client: &AgentClient) -> Check {
         .map_err(err("exec"))?;
     let mut received = 0u64;
     loop {
-        match exec.next_event().map_err(err("event"))? {
+        match exec.next_event_timeout(EVENT_WAIT).map_err(err("event"))? {
             Some(ExecEvent::Stdout(d)) => {
                 if d.iter().any(|&b| b != 0) {
                     return Err("corrupt data".into());
@@ -644,11 +647,15 @@ pub fn agent_gone(client: &AgentClient, guest: &mut Guest) -> Check {
     let mut pending = client
         .exec(ProcessSpec::argv(["sleep", "1000"]), false)
         .map_err(err("exec sleep"))?;
-    let crash = client.exec(ProcessSpec::shell("echo c > /proc/sysrq-trigger"), false);
-    drop(crash);
+    // A background process, so that nothing closes it before it has written.
+    client
+        .proc_start(ProcessSpec::shell(
+            "sleep 0.5; echo c > /proc/sysrq-trigger",
+        ))
+        .map_err(err("start the crash"))?;
     let start = Instant::now();
     let result = loop {
-        match pending.next_event() {
+        match pending.next_event_timeout(Duration::from_secs(120)) {
             Ok(Some(ExecEvent::Exited { status, .. })) => {
                 break Err(format!("sleep exited ({status:?}) instead of an error"))
             }

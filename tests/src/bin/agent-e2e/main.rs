@@ -75,10 +75,10 @@ pub fn timed(name: &str, check: impl FnOnce() -> Result<String, String>) {
     progress(format_args!("{name} ..."));
     let result = check();
     let secs = start.elapsed().as_secs_f64();
-    progress(format_args!(
-        "{name} {} after {secs:.1} s",
-        if result.is_ok() { "ok" } else { "FAILED" }
-    ));
+    match &result {
+        Ok(_) => progress(format_args!("{name} ok after {secs:.1} s")),
+        Err(why) => progress(format_args!("{name} FAILED after {secs:.1} s: {why}")),
+    }
     report(
         name,
         result
