@@ -43,7 +43,7 @@ pub fn self_and_workdir() -> Result<(std::path::PathBuf, tempfile::TempDir), Str
     Ok((exe, dir))
 }
 
-fn die_with_parent(cmd: &mut Command) {
+pub(super) fn die_with_parent(cmd: &mut Command) {
     // SAFETY: the closure runs in the forked child before exec and only calls prctl(2), which is
     // async-signal-safe and touches no memory of the parent.
     unsafe {
@@ -111,7 +111,7 @@ pub fn run_tool(mut cmd: Command, what: &str, limit: Duration) -> Result<ToolOut
 }
 
 /// Kills the child's whole process group (children are spawned as group leaders), then reaps it.
-fn kill_and_reap(child: &mut Child) {
+pub(super) fn kill_and_reap(child: &mut Child) {
     if let Ok(None) = child.try_wait() {
         if let Ok(pgid) = libc::pid_t::try_from(child.id()) {
             // SAFETY: kill(2) with a negative pid signals a process group and touches no memory;

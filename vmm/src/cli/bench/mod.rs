@@ -12,7 +12,10 @@
 //! temporary directories removed on every path out.
 
 mod child;
+mod cpu_time;
+mod exec_measure;
 mod guest_bound;
+mod guest_vm;
 mod inner;
 mod local;
 mod machine;
@@ -21,6 +24,7 @@ mod peer;
 mod qemu_files;
 mod report;
 mod stats;
+mod vhost_modules;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -372,9 +376,12 @@ fn guest_section(g: &GuestBound) -> Section {
             g.measured_on
         ),
         format!(
-            "command `{GUEST_COMMAND}`; ready/result = arrival of the guest agent's console markers"
+            "command `{GUEST_COMMAND}`; ready = the host's client finished the handshake with the \
+             guest agent over vsock (agentvm: hybrid vsock Unix socket; QEMU: vhost-vsock, \
+             AF_VSOCK); result = the command's exit status arrived"
         ),
-        "peak RSS sampled every 20 ms from /proc/PID/status; total compares like with like. \
+        "peak RSS sampled from /proc/PID/status (agentvm: every 20 ms; QEMU: about every second \
+         until the agent answered, and after the result); total compares like with like. \
          agentvm: guest RAM is a memfd (shmem) with the kernel and initramfs mapped privately \
          over it, so anon = the VMM's own plus the kernel/initramfs pages the guest wrote to. \
          QEMU: anon includes guest RAM. 'At the end' = agentvm's own reading after teardown"
