@@ -110,8 +110,7 @@ pub fn vhost_workers(pid: u32) -> Vec<u32> {
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<u32>().ok())
         .filter(|p| {
-            std::fs::read_to_string(format!("/proc/{p}/comm"))
-                .is_ok_and(|c| c.trim_end() == name)
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim_end() == name)
         })
         .collect()
 }
@@ -173,7 +172,9 @@ mod tests {
         std::thread::sleep(std::time::Duration::from_millis(1));
         let after = cpu_time_of(me, &[]).unwrap();
         assert!(after.host_ns > before.host_ns, "{before:?} -> {after:?}");
-        assert!(cpu_time_of(u32::MAX, &[]).unwrap_err().contains("4294967295"));
+        assert!(cpu_time_of(u32::MAX, &[])
+            .unwrap_err()
+            .contains("4294967295"));
         assert!(vhost_workers(me).is_empty());
     }
 }

@@ -86,8 +86,10 @@ pub fn measure(
         let used = cpu()?.since(before);
         let mib = f64::from(opts.stream_mib);
         s.stream_mib_s.push(mib / secs);
-        s.stream_cpu_host_ms_per_mib.push(used.host_ns as f64 / 1e6 / mib);
-        s.stream_cpu_all_ms_per_mib.push(used.total_ns() as f64 / 1e6 / mib);
+        s.stream_cpu_host_ms_per_mib
+            .push(used.host_ns as f64 / 1e6 / mib);
+        s.stream_cpu_all_ms_per_mib
+            .push(used.total_ns() as f64 / 1e6 / mib);
     }
     Ok(s)
 }
@@ -146,7 +148,12 @@ fn stream(client: &AgentClient, mib: u32) -> Result<f64, String> {
 
 fn stream_spec(mib: u32) -> ProcessSpec {
     let bytes = u64::from(mib) * MIB;
-    ProcessSpec::argv(["head".to_string(), "-c".into(), bytes.to_string(), "/dev/zero".into()])
+    ProcessSpec::argv([
+        "head".to_string(),
+        "-c".into(),
+        bytes.to_string(),
+        "/dev/zero".into(),
+    ])
 }
 
 fn stderr_note(stderr: &[u8]) -> String {

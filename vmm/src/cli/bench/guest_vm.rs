@@ -89,7 +89,9 @@ impl GuestVm {
                 Transport::HybridUds(uds) => {
                     AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, slice)
                 }
-                Transport::Vsock { cid } => AgentClient::connect_vsock(*cid, AGENT_VSOCK_PORT, slice),
+                Transport::Vsock { cid } => {
+                    AgentClient::connect_vsock(*cid, AGENT_VSOCK_PORT, slice)
+                }
             };
             match attempt {
                 Ok(client) => break client,
@@ -203,7 +205,10 @@ mod tests {
             Err(e) => e,
             Ok(_) => panic!("a guest appeared from nowhere"),
         };
-        assert!(err.contains("exited") && err.contains("no kvm here"), "{err}");
+        assert!(
+            err.contains("exited") && err.contains("no kvm here"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -239,7 +244,11 @@ mod tests {
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let after = |f: &str| args.iter().position(|a| a == f).map(|i| args[i + 1].as_str());
+        let after = |f: &str| {
+            args.iter()
+                .position(|a| a == f)
+                .map(|i| args[i + 1].as_str())
+        };
         assert_eq!(args[0], "boot");
         assert_eq!(after("--vsock-uds"), Some("/tmp/v.sock"));
         assert_eq!(after("--timeout"), Some("90"));

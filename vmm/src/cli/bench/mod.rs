@@ -13,7 +13,10 @@
 
 mod child;
 mod cpu_time;
+mod exec;
+mod exec_inner;
 mod exec_measure;
+mod exec_report;
 mod guest_bound;
 mod guest_vm;
 mod inner;
@@ -48,6 +51,13 @@ pub enum BenchCommand {
     /// Boot benchmark: N boots one after another; medians and p99 of the VMM's start-up (on this
     /// machine) and of boot to guest agent and command result, beside QEMU microvm.
     Boot(BootArgs),
+    /// Warm-VM benchmark: exec and protocol round trips, streamed output throughput and the VMM's
+    /// CPU time per request (medians and p99), beside QEMU microvm with vhost-vsock.
+    Exec(exec::ExecArgs),
+    /// Inside the nested test host: one warm VM (agentvm, or the peer with --qemu), exec figures
+    /// as JSON on stdout.
+    #[command(hide = true)]
+    ExecRuns(exec_inner::ExecRunArgs),
     /// Inside the nested test host: N × `agentvm run`, results as JSON on stdout.
     #[command(hide = true)]
     GuestRuns(inner::GuestArgs),
@@ -83,6 +93,8 @@ pub struct BootArgs {
 pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
     match command {
         BenchCommand::Boot(args) => boot(args),
+        BenchCommand::Exec(args) => exec::exec(args),
+        BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
     }
@@ -138,14 +150,19 @@ fn boot(args: BootArgs) -> Result<ExitCode, String> {
         },
         sections,
     };
-    let json = serde_json::to_string_pretty(&doc)
-        .map_err(|e| format!("cannot encode the results: {e}"))?;
-    if args.json {
+    emit(&doc, args.json, args.out.as_deref())
+}
+
+/// Prints the document (table or JSON), writes it to `out`; fails when a part was not measured.
+fn emit(doc: &Document, json_output: bool, out: Option<&Path>) -> Result<ExitCode, String> {
+    let json =
+        serde_json::to_string_pretty(doc).map_err(|e| format!("cannot encode the results: {e}"))?;
+    if json_output {
         println!("{json}");
     } else {
         print!("{}", doc.to_table());
     }
-    if let Some(out) = &args.out {
+    if let Some(out) = out {
         std::fs::write(out, format!("{json}\n"))
             .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!("bench: wrote {}", out.display());

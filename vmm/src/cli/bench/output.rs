@@ -9,17 +9,21 @@ use super::machine::MachineInfo;
 use super::stats::Summary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Unit {
     Ms,
+    Us,
     Mib,
+    MibPerS,
 }
 
 impl Unit {
     fn label(self) -> &'static str {
         match self {
             Unit::Ms => "ms",
+            Unit::Us => "µs",
             Unit::Mib => "MiB",
+            Unit::MibPerS => "MiB/s",
         }
     }
 }
@@ -112,8 +116,8 @@ impl Document {
         let g = &self.guest;
         let _ = writeln!(
             t,
-            "agentvm bench boot: median / p99 (nearest rank), min-max, n; {} runs asked per figure",
-            self.runs
+            "{}: median / p99 (nearest rank), min-max, n; {} runs asked per figure",
+            self.benchmark, self.runs
         );
         let _ = writeln!(
             t,
@@ -229,10 +233,10 @@ fn cell(s: Option<Summary>, unit: Unit) -> String {
 /// Three significant-ish digits, enough for figures whose run-to-run noise is larger.
 fn num(v: f64, unit: Unit) -> String {
     let digits = match unit {
-        Unit::Mib => 1,
-        Unit::Ms if v.abs() < 10.0 => 2,
-        Unit::Ms if v.abs() < 1000.0 => 1,
-        Unit::Ms => 0,
+        Unit::Mib | Unit::MibPerS => 1,
+        Unit::Ms | Unit::Us if v.abs() < 10.0 => 2,
+        Unit::Ms | Unit::Us if v.abs() < 1000.0 => 1,
+        Unit::Ms | Unit::Us => 0,
     };
     format!("{v:.digits$}")
 }
@@ -346,5 +350,8 @@ mod tests {
         assert_eq!(num(45.6789, Unit::Ms), "45.7");
         assert_eq!(num(4567.89, Unit::Ms), "4568");
         assert_eq!(num(2.04, Unit::Mib), "2.0");
+        assert_eq!(num(123.45, Unit::Us), "123.5");
+        assert_eq!(num(812.34, Unit::MibPerS), "812.3");
+        assert_eq!(Unit::MibPerS.label(), "MiB/s");
     }
 }
