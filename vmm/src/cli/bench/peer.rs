@@ -74,6 +74,9 @@ pub fn qemu_args(
         "-serial",
         "stdio",
         "-no-reboot",
+        // Thread names ("CPU 0/KVM"), so that vCPU time can be told from the VMM's own.
+        "-name",
+        "peer,debug-threads=on",
         // agentvm's machine has a virtio-rng at virtio-mmio slot 0; give the peer the same.
         "-device",
         "virtio-rng-device",
@@ -126,6 +129,7 @@ mod tests {
         assert_eq!(after("-m"), Some("256"));
         assert_eq!(after("-append"), Some("console=ttyS0"));
         assert!(a.iter().any(|x| x == "-enable-kvm") && a.iter().any(|x| x == "-no-reboot"));
+        assert_eq!(after("-name"), Some("peer,debug-threads=on"));
         assert!(a
             .windows(2)
             .any(|w| w[0] == "-device" && w[1] == "vhost-vsock-device,guest-cid=7"));
