@@ -165,3 +165,107 @@ fn stderr_note(stderr: &[u8]) -> String {
         format!(" (stderr: {})", text.chars().take(300).collect::<String>())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader};
+    use std::os::unix::net::UnixStream;
+    use std::path::PathBuf;
+    use std::process::{Child, Command, Stdio};
+
+    use super::*;
+    use crate::cli::bench::cpu_time::cpu_time_of;
+
+    /// The guest agent in host-process mode (`--listen-unix`), killed when dropped.
+    struct HostAgent {
+        child: Child,
+        _dir: tempfile::TempDir,
+        socket: PathBuf,
+    }
+
+    impl Drop for HostAgent {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+
+    /// The agent binary the workspace build put beside this test's own directory (`deps/..`).
+    fn agent_binary() -> Option<PathBuf> {
+        let exe = std::env::current_exe().ok()?;
+        let path = exe.parent()?.parent()?.join("agentvm-guest-agent");
+        path.is_file().then_some(path)
+    }
+
+    fn start_agent() -> Option<HostAgent> {
+        let Some(binary) = agent_binary() else {
+            assert!(
+                !std::env::var("CI").is_ok_and(|v| v == "true"),
+                "CI=true: the guest agent binary must be built"
+            );
+            eprintln!("skipping: agentvm-guest-agent is not built (cargo build --release)");
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut child = Command::new(binary)
+            .arg("--listen-unix")
+            .arg(&socket)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        // It says so once it accepts connections (or exits, closing stdout, if it cannot).
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let agent = HostAgent {
+            child,
+            _dir: dir,
+            socket,
+        };
+        assert!(
+            line.contains("listening on"),
+            "agent did not start: {line:?}"
+        );
+        Some(agent)
+    }
+
+    #[test]
+    fn measures_round_trips_streams_and_cpu_on_a_real_agent() {
+        let Some(agent) = start_agent() else { return };
+        let client = AgentClient::from_stream(UnixStream::connect(&agent.socket).unwrap()).unwrap();
+        let pid = agent.child.id();
+        let opts = ExecOptions {
+            runs: 3,
+            stream_mib: 2,
+            stream_runs: 2,
+        };
+        let s = measure(&client, &|| cpu_time_of(pid, &[]), &opts).unwrap();
+        assert_eq!((s.exec_us.len(), s.ping_us.len()), (3, 3));
+        assert_eq!(s.stream_mib_s.len(), 2);
+        assert_eq!(
+            (s.exec_cpu_host_us.len(), s.stream_cpu_all_ms_per_mib.len()),
+            (3, 2)
+        );
+        let positive = |v: &[f64]| v.iter().all(|x| x.is_finite() && *x > 0.0);
+        assert!(positive(&s.exec_us) && positive(&s.ping_us) && positive(&s.stream_mib_s));
+        // The agent has no vCPU threads: all its time is "host" time.
+        assert_eq!(s.exec_cpu_host_us, s.exec_cpu_all_us);
+        assert!(s.exec_cpu_host_mean_us.is_some_and(|m| m >= 0.0));
+    }
+
+    #[test]
+    fn a_broken_connection_is_a_clear_error() {
+        let Some(agent) = start_agent() else { return };
+        let client = AgentClient::from_stream(UnixStream::connect(&agent.socket).unwrap()).unwrap();
+        client.shutdown();
+        let err = exec_true(&client).unwrap_err();
+        assert!(err.contains("exec of `true` failed"), "{err}");
+        let err = ping(&client).unwrap_err();
+        assert!(err.contains("ping failed"), "{err}");
+        let err = stream(&client, 1).unwrap_err();
+        assert!(err.contains("head -c 1048576 /dev/zero"), "{err}");
+    }
+}

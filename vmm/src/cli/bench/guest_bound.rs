@@ -21,7 +21,7 @@ pub const DIRECT_LABEL: &str = "this machine (KVM)";
 const L1_MEM_MIB: u32 = 2048;
 /// What a scenario gets beyond its boots' own limits (helper start-up, JSON output).
 const SCENARIO_SLACK: Duration = Duration::from_secs(60);
-/// Per boot, beyond its own limit: the watcher's kill grace and the after-result grace.
+/// Per boot, beyond its own limit: the watcher's kill grace and the helper's start-up.
 const PER_BOOT_SLACK: Duration = Duration::from_secs(50);
 /// Where the peer helper remembers, across scenarios, which QEMU variant boots.
 const L1_VARIANT_FILE: &str = "/tmp/bench-peer-variant";

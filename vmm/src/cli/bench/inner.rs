@@ -21,8 +21,6 @@ use super::report::{read_report, RssKib};
 use super::stats::span_ms;
 use super::vhost_modules;
 
-/// Once the result is in, how long a VMM may take to end by itself before it is killed.
-const AFTER_RESULT: Duration = Duration::from_secs(15);
 /// What a boot gets beyond its own limit before the watcher kills it (agentvm stops itself at
 /// `--timeout`; this only catches a VMM that does not).
 const KILL_GRACE: Duration = Duration::from_secs(30);
@@ -196,9 +194,7 @@ fn agentvm_runs_into(args: &GuestArgs, out: &mut AgentvmRuns) -> Result<(), Stri
             .args(&args.command)
             .stderr(stderr);
         let watch = Watch {
-            console_on_stdout: false,
             limit: Duration::from_secs(args.timeout) + KILL_GRACE,
-            after_result: AFTER_RESULT,
         };
         let who = which("agentvm", i, args.runs);
         let run = child::watch(cmd, &watch).map_err(|e| format!("{who}: {e}"))?;
@@ -209,7 +205,7 @@ fn agentvm_runs_into(args: &GuestArgs, out: &mut AgentvmRuns) -> Result<(), Stri
         match &run.ended {
             Ended::Exited(status) if status.success() => {}
             Ended::Exited(status) => return Err(failure(format!("agentvm run failed ({status})"))),
-            Ended::TimedOut | Ended::KilledAfterResult => {
+            Ended::TimedOut => {
                 return Err(failure(format!(
                     "agentvm did not end within {} s",
                     watch.limit.as_secs()

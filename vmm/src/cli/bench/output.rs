@@ -158,19 +158,28 @@ fn render_section(t: &mut String, s: &Section, label_width: usize) {
     let _ = writeln!(t, "measured on: {}", s.measured_on);
     let with_peer = s.peer.is_some();
     if !s.figures.is_empty() {
-        let mut head = format!("{:<label_width$}{:>CELL_WIDTH$}", "", "agentvm");
+        // Columns fit their widest cell, with two spaces between columns at least.
+        let width = s
+            .figures
+            .iter()
+            .flat_map(|f| [cell(f.agentvm, f.unit), cell(f.peer, f.unit)])
+            .map(|c| c.chars().count() + 2)
+            .max()
+            .unwrap_or(0)
+            .max(CELL_WIDTH);
+        let mut head = format!("{:<label_width$}{:>width$}", "", "agentvm");
         if let Some(p) = &s.peer {
-            let _ = write!(head, "{:>CELL_WIDTH$}", p.name);
+            let _ = write!(head, "{:>width$}", p.name);
         }
         let _ = writeln!(t, "{}", head.trim_end());
         for f in &s.figures {
             let mut row = format!(
-                "{:<label_width$}{:>CELL_WIDTH$}",
+                "{:<label_width$}{:>width$}",
                 row_label(f),
                 cell(f.agentvm, f.unit)
             );
             if with_peer {
-                let _ = write!(row, "{:>CELL_WIDTH$}", cell(f.peer, f.unit));
+                let _ = write!(row, "{:>width$}", cell(f.peer, f.unit));
             }
             let _ = writeln!(t, "{}", row.trim_end());
         }
@@ -342,6 +351,22 @@ mod tests {
             1500.0
         );
         assert!(json["sections"][0]["figures"][1]["peer"].is_null());
+    }
+
+    #[test]
+    fn wide_cells_stay_apart() {
+        let mut d = doc(Some(peer(PeerStatus::Ok, None)), None);
+        d.sections[0].figures = vec![Figure::new(
+            "x",
+            "exec",
+            Unit::Us,
+            &[112610.0, 234624.0, 66227.0, 292956.0],
+        )
+        .with_peer(&[146304.0, 389294.0])];
+        let t = d.to_table();
+        let row = t.lines().find(|l| l.starts_with("exec (µs)")).unwrap();
+        assert!(row.contains("n=4  "), "{row}");
+        assert!(row.ends_with("n=2"), "{row}");
     }
 
     #[test]
