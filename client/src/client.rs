@@ -56,6 +56,19 @@ impl AgentClient {
         Self::handshake_within(stream, Some(left))
     }
 
+    /// Connects over AF_VSOCK to the guest agent listening on `port` of the guest with `cid`
+    /// (VMMs whose vsock device the host kernel serves, e.g. QEMU with vhost-vsock), retrying
+    /// until `timeout` while the guest or its agent is not up yet, then runs the handshake (which
+    /// must also finish within `timeout`).
+    pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> Result<AgentClient> {
+        let deadline = Instant::now() + timeout;
+        let stream = crate::af_vsock::connect(cid, port, timeout)?;
+        let left = deadline
+            .saturating_duration_since(Instant::now())
+            .max(Duration::from_millis(1));
+        Self::handshake_within(stream, Some(left))
+    }
+
     /// Runs the handshake on an already connected stream (a socket pair in tests, or the agent in
     /// host-process mode) and starts the client. Waits for the agent's Hello at most
     /// [`DEFAULT_CALL_TIMEOUT`].

@@ -52,6 +52,22 @@ pub enum ClientError {
         last: String,
     },
 
+    /// Connecting over AF_VSOCK failed in a way that retrying cannot fix (e.g. this kernel has no
+    /// vsock support).
+    #[error("cannot connect to the guest agent on vsock cid {cid} port {port}: {reason}")]
+    VsockConnect { cid: u32, port: u32, reason: String },
+
+    /// Nothing accepted an AF_VSOCK connection in time; `last` is why the last attempt failed.
+    #[error(
+        "timed out after {waited:?} connecting to the guest agent on vsock cid {cid} port {port}: {last}"
+    )]
+    VsockConnectTimedOut {
+        cid: u32,
+        port: u32,
+        waited: Duration,
+        last: String,
+    },
+
     /// A bad argument, refused before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),

@@ -17,6 +17,7 @@
 //! may be made from any number of threads. Every stream has its own credit window, so a consumer
 //! that stops reading one stream holds back that stream only.
 
+mod af_vsock;
 mod client;
 mod connection;
 mod error;

@@ -320,3 +320,169 @@ fn guest_bound_run_measures_agentvm_and_reports_the_peer() {
             .contains("not a VMX host"));
     }
 }
+
+#[test]
+fn exec_bench_refuses_bad_sizes() {
+    for (flag, value) in [
+        ("--runs", "0"),
+        ("--runs", "lots"),
+        ("--stream-mib", "0"),
+        ("--stream-mib", "70000"),
+        ("--stream-runs", "0"),
+        ("--boot-timeout", "1"),
+    ] {
+        let out = agentvm(&["bench", "exec", flag, value]);
+        assert_clear_error(&out, &[flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: usage error");
+    }
+    let out = agentvm(&["bench", "exec", "--fast"]);
+    assert_clear_error(&out, &["--fast"]);
+}
+
+#[test]
+fn exec_bench_checks_its_out_file_before_any_boot() {
+    let out = agentvm(&[
+        "bench",
+        "exec",
+        "--out",
+        "/nonexistent-agentvm-dir/exec.json",
+    ]);
+    assert_clear_error(
+        &out,
+        &["--out", "/nonexistent-agentvm-dir", "does not exist"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+}
+
+#[test]
+fn exec_helper_checks_its_arguments() {
+    let out = agentvm(&["bench", "exec-runs", "--kernel", "/k"]);
+    assert_clear_error(&out, &["--initrd"]);
+    let out = agentvm(&[
+        "bench",
+        "exec-runs",
+        "--kernel",
+        "/k",
+        "--initrd",
+        "/i",
+        "--firmware-dir",
+        "/f",
+    ]);
+    assert_clear_error(&out, &["--firmware-dir", "--qemu"]);
+}
+
+fn exec_helper_json(out: &Output) -> Value {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let line = stdout
+        .lines()
+        .last()
+        .unwrap_or_else(|| panic!("no JSON on stdout; stderr:\n{}", stderr(out)));
+    serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"))
+}
+
+#[test]
+fn exec_helper_reports_a_guest_that_cannot_boot_as_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("no-vmlinux");
+    let initrd = dir.path().join("no-initrd");
+    let args = |extra: &[&str]| -> Vec<String> {
+        let mut a: Vec<String> = [
+            "bench",
+            "exec-runs",
+            "--kernel",
+            kernel.to_str().unwrap(),
+            "--initrd",
+            initrd.to_str().unwrap(),
+            "--runs",
+            "1",
+            "--boot-timeout",
+            "5",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let run = |a: Vec<String>| {
+        Command::new(env!("CARGO_BIN_EXE_agentvm"))
+            .args(a)
+            .env("AGENTVM_LOG", "off")
+            .output()
+            .expect("run agentvm")
+    };
+
+    // agentvm itself failing fails the helper, with the reason both in the JSON and on stderr.
+    let out = run(args(&[]));
+    assert!(!out.status.success());
+    let doc = exec_helper_json(&out);
+    assert_eq!(doc["vmm"], "agentvm");
+    assert_eq!(doc["status"], "failed");
+    assert!(doc["samples"].is_null());
+    let err = doc["error"].as_str().unwrap();
+    assert!(err.contains("exited"), "{err}");
+    assert!(stderr(&out).contains("exited"));
+
+    // The peer failing is a finding: the helper succeeds and says why, per variant tried.
+    let qemu = dir.path().join("no-qemu");
+    let out = run(args(&["--qemu", qemu.to_str().unwrap()]));
+    assert!(out.status.success(), "{}", stderr(&out));
+    let doc = exec_helper_json(&out);
+    assert_eq!(doc["vmm"], "qemu-microvm");
+    assert_eq!(doc["status"], "did-not-boot");
+    let tried = doc["tried"].as_array().unwrap();
+    assert!(!tried.is_empty());
+    assert!(tried
+        .iter()
+        .all(|t| t["outcome"].as_str().unwrap().contains("cannot start")));
+}
+
+/// The whole exec benchmark with small sizes (nested test host on hosts whose KVM cannot run
+/// Linux). Slow: run it on request.
+#[test]
+#[ignore = "boots the nested test host (minutes); run with --ignored"]
+fn exec_bench_measures_agentvm_and_reports_the_peer() {
+    if kvm_or_skip("exec_bench_measures_agentvm_and_reports_the_peer").is_none() {
+        return;
+    }
+    let out = agentvm(&[
+        "bench",
+        "exec",
+        "--runs",
+        "3",
+        "--stream-mib",
+        "1",
+        "--stream-runs",
+        "2",
+        "--json",
+    ]);
+    let err = stderr(&out);
+    assert!(
+        out.status.success(),
+        "bench failed ({:?}):\n{err}",
+        out.status
+    );
+    let doc: Value = serde_json::from_slice(&out.stdout).expect("stdout is one JSON document");
+    assert_eq!(doc["benchmark"], "agentvm bench exec");
+    let s = &doc["sections"][0];
+    assert_eq!(s["id"], "exec");
+    assert!(s["error"].is_null(), "{s:#}");
+    for (id, n) in [
+        ("exec_true_round_trip", 3),
+        ("ping_round_trip", 3),
+        ("stream_throughput", 2),
+        ("vmm_cpu_per_exec_host", 3),
+        ("vmm_cpu_per_exec_all", 3),
+        ("vmm_cpu_per_mib_host", 2),
+    ] {
+        summary_is_sane(&figure(s, id)["agentvm"], n, id);
+    }
+    let peer = &s["peer"];
+    match peer["status"].as_str().unwrap() {
+        "ok" => summary_is_sane(&figure(s, "exec_true_round_trip")["peer"], 3, "peer exec"),
+        other => assert!(
+            peer["detail"].as_str().is_some_and(|d| !d.is_empty()),
+            "peer status {other} without a reason: {peer}"
+        ),
+    }
+}

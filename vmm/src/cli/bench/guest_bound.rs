@@ -13,6 +13,7 @@ use vmm::nested::{NestedError, NestedHost, NestedInputs, NestedRun, Scenario, Sc
 use super::inner::{self, AgentvmRuns, GuestArgs, PeerArgs, PeerRuns, PeerStatus};
 use super::peer::{PEER_NAME, VARIANTS};
 use super::qemu_files::{self, L1_QEMU, L1_QEMU_LIB, L1_QEMU_SHARE};
+use super::vhost_modules;
 
 pub const NESTED_LABEL: &str = "nested test host (QEMU TCG + kvm-amd), not a VMX host";
 pub const DIRECT_LABEL: &str = "this machine (KVM)";
@@ -20,7 +21,7 @@ pub const DIRECT_LABEL: &str = "this machine (KVM)";
 const L1_MEM_MIB: u32 = 2048;
 /// What a scenario gets beyond its boots' own limits (helper start-up, JSON output).
 const SCENARIO_SLACK: Duration = Duration::from_secs(60);
-/// Per boot, beyond its own limit: the watcher's kill grace and the after-result grace.
+/// Per boot, beyond its own limit: the watcher's kill grace and the helper's start-up.
 const PER_BOOT_SLACK: Duration = Duration::from_secs(50);
 /// Where the peer helper remembers, across scenarios, which QEMU variant boots.
 const L1_VARIANT_FILE: &str = "/tmp/bench-peer-variant";
@@ -73,6 +74,7 @@ fn measure_direct(guest: GuestArgs, with_peer: bool) -> GuestBound {
             firmware_dir: None,
             lib_dir: None,
             variant_file: None,
+            vhost_modules: None,
             guest,
         }),
         Err(e) => peer_without_results(PeerStatus::Unavailable, e),
@@ -118,7 +120,7 @@ fn measure_nested(
     let mut scenarios = agentvm_scenarios.clone();
     let mut peer_setup_error = None;
     if with_peer {
-        match qemu_files::bundle(&qemu) {
+        match peer_files(&qemu, &artefacts.pkg_dir) {
             Ok(files) => {
                 host.extra_files = files;
                 scenarios.extend(peer_scenarios(&guest));
@@ -150,7 +152,7 @@ fn measure_nested(
     } else if let Some(e) = peer_setup_error {
         Some(peer_without_results(
             PeerStatus::Unavailable,
-            format!("cannot carry QEMU into the nested host: {e}"),
+            format!("cannot carry QEMU and the vhost-vsock modules into the nested host: {e}"),
         ))
     } else if let Some(hang) = peer_hang {
         Some(hang)
@@ -168,6 +170,16 @@ fn measure_nested(
     })
 }
 
+/// What the peer needs in L1: QEMU (binary, libraries, firmware) and the vhost-vsock modules.
+pub fn peer_files(
+    qemu: &std::path::Path,
+    pkg_dir: &std::path::Path,
+) -> Result<Vec<(std::path::PathBuf, String)>, String> {
+    let mut files = qemu_files::bundle(qemu)?;
+    files.extend(vhost_modules::files_for_l1(pkg_dir)?);
+    Ok(files)
+}
+
 fn agentvm_scenarios(guest: &GuestArgs) -> Vec<Scenario> {
     (1..=guest.runs)
         .map(|k| {
@@ -183,7 +195,8 @@ fn agentvm_scenarios(guest: &GuestArgs) -> Vec<Scenario> {
 fn peer_scenarios(guest: &GuestArgs) -> Vec<Scenario> {
     let extra = format!(
         "--qemu {L1_QEMU} --firmware-dir {L1_QEMU_SHARE} --lib-dir {L1_QEMU_LIB} \
-         --variant-file {L1_VARIANT_FILE} "
+         --variant-file {L1_VARIANT_FILE} --vhost-modules {} ",
+        vhost_modules::L1_DIR
     );
     (1..=guest.runs)
         .map(|k| {
@@ -198,7 +211,7 @@ fn peer_scenarios(guest: &GuestArgs) -> Vec<Scenario> {
         .collect()
 }
 
-fn boots_limit(boots: u32, boot_timeout_secs: u64) -> Duration {
+pub fn boots_limit(boots: u32, boot_timeout_secs: u64) -> Duration {
     (Duration::from_secs(boot_timeout_secs) + PER_BOOT_SLACK) * boots + SCENARIO_SLACK
 }
 
@@ -282,7 +295,7 @@ fn peer_hang_report(name: &str, waited: Duration, tail: &str) -> PeerRuns {
 }
 
 /// The helper's JSON (its last stdout line); its progress lines are passed on to our stderr.
-fn parse_result<T: serde::de::DeserializeOwned>(r: &ScenarioResult) -> Result<T, String> {
+pub fn parse_result<T: serde::de::DeserializeOwned>(r: &ScenarioResult) -> Result<T, String> {
     for line in r.stderr_text().lines().filter(|l| !l.trim().is_empty()) {
         eprintln!("  [L1 {}] {line}", r.name);
     }
@@ -349,6 +362,7 @@ mod tests {
         let p = peer_scenarios(&guest());
         assert_eq!(p[0].name, "qemu-microvm-1");
         assert!(p[0].script.contains(&format!("--qemu {L1_QEMU} ")));
+        assert!(p[0].script.contains("--vhost-modules /lib/modules/vhost "));
         assert!(p[1]
             .script
             .contains(&format!("--variant-file {L1_VARIANT_FILE} ")));

@@ -1,24 +1,26 @@
 //! The guest-bound measurements, run where Linux guests can boot: inside the nested test host
 //! (through the hidden `agentvm bench guest-runs` / `bench peer-run` commands, which print JSON),
 //! or directly on hosts with hardware virtualisation. Both boot the same kernel and initramfs with
-//! the same agent command and time it from the moment the VMM process is spawned.
+//! the same agent, time from the moment the VMM process is spawned to the moment the host's client
+//! has connected to the agent (over vsock) and to the command's result, and then stop the VM.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitCode};
 use std::time::Duration;
 
+use agentvm_client::{ProcessSpec, ProcessSpecExt};
 use clap::Args;
-use guest_agent::console_protocol::{encode_cmd, ExitStatus as GuestStatus};
 use serde::{Deserialize, Serialize};
+use vmm::process_stats::monotonic_ns;
 
 use super::child::{self, Ended, Watch, Watched};
-use super::peer::{self, Variant, PEER_NAME, VARIANTS};
+use super::guest_vm::{GuestVm, Transport};
+use super::peer::{self, Variant, GUEST_CID, PEER_NAME, VARIANTS};
 use super::report::{read_report, RssKib};
 use super::stats::span_ms;
+use super::vhost_modules;
 
-/// Once the result is in, how long a VMM may take to end by itself before it is killed.
-const AFTER_RESULT: Duration = Duration::from_secs(15);
 /// What a boot gets beyond its own limit before the watcher kills it (agentvm stops itself at
 /// `--timeout`; this only catches a VMM that does not).
 const KILL_GRACE: Duration = Duration::from_secs(30);
@@ -62,6 +64,9 @@ pub struct PeerArgs {
     /// of single-boot invocations tries the variants only once.
     #[arg(long)]
     pub variant_file: Option<PathBuf>,
+    /// Load the vhost-vsock modules (`<name>.ko`) from this directory first.
+    #[arg(long, value_name = "DIR")]
+    pub vhost_modules: Option<PathBuf>,
     #[command(flatten)]
     pub guest: GuestArgs,
 }
@@ -91,8 +96,11 @@ pub struct AgentvmRuns {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PeerSample {
     pub spawn_ns: u64,
+    /// The client's handshake with the agent completed (over AF_VSOCK).
     pub agent_ready_ns: u64,
+    /// The command's exit status arrived.
     pub result_ns: u64,
+    /// Sampled while waiting for the agent and after the result.
     pub peak_rss: Option<RssKib>,
 }
 
@@ -186,9 +194,7 @@ fn agentvm_runs_into(args: &GuestArgs, out: &mut AgentvmRuns) -> Result<(), Stri
             .args(&args.command)
             .stderr(stderr);
         let watch = Watch {
-            console_on_stdout: false,
             limit: Duration::from_secs(args.timeout) + KILL_GRACE,
-            after_result: AFTER_RESULT,
         };
         let who = which("agentvm", i, args.runs);
         let run = child::watch(cmd, &watch).map_err(|e| format!("{who}: {e}"))?;
@@ -199,7 +205,7 @@ fn agentvm_runs_into(args: &GuestArgs, out: &mut AgentvmRuns) -> Result<(), Stri
         match &run.ended {
             Ended::Exited(status) if status.success() => {}
             Ended::Exited(status) => return Err(failure(format!("agentvm run failed ({status})"))),
-            Ended::TimedOut | Ended::KilledAfterResult => {
+            Ended::TimedOut => {
                 return Err(failure(format!(
                     "agentvm did not end within {} s",
                     watch.limit.as_secs()
@@ -270,7 +276,7 @@ pub fn check_order(milestones: &[(&str, u64)]) -> Result<(), String> {
 /// says so ("did not boot") instead of failing.
 pub fn peer_runs(args: &PeerArgs) -> PeerRuns {
     let mut out = PeerRuns {
-        qemu_version: qemu_version(args),
+        qemu_version: qemu_version(&args.qemu, args.lib_dir.as_deref()),
         ..PeerRuns::default()
     };
     if let Err((status, error)) = peer_runs_into(args, &mut out) {
@@ -287,9 +293,11 @@ type PeerFailure = (PeerStatus, String);
 fn peer_runs_into(args: &PeerArgs, out: &mut PeerRuns) -> Result<(), PeerFailure> {
     let guest = &args.guest;
     let unavailable = |e: String| (PeerStatus::Unavailable, e);
-    let encoded = encode_cmd(&guest.command)
-        .map_err(|e| unavailable(format!("cannot pass the command to the guest: {e}")))?;
-    let cmdline = peer::cmdline(&encoded);
+    if let Some(dir) = &args.vhost_modules {
+        vhost_modules::load(dir)
+            .map_err(|e| unavailable(format!("cannot load the vhost-vsock modules: {e}")))?;
+    }
+    let cmdline = peer::cmdline();
     let dir = tempfile::Builder::new()
         .prefix("agentvm-bench-peer-")
         .tempdir()
@@ -300,7 +308,7 @@ fn peer_runs_into(args: &PeerArgs, out: &mut PeerRuns) -> Result<(), PeerFailure
     };
     for i in 1..=guest.runs {
         let who = which(PEER_NAME, i, guest.runs);
-        let stderr_path = dir.path().join(format!("qemu{i}.stderr"));
+        let log_path = dir.path().join(format!("qemu{i}.log"));
         let boot = |variant: &Variant| {
             let qemu_args = peer::qemu_args(
                 variant,
@@ -309,8 +317,9 @@ fn peer_runs_into(args: &PeerArgs, out: &mut PeerRuns) -> Result<(), PeerFailure
                 &guest.initrd,
                 guest.mem_mib,
                 &cmdline,
+                GUEST_CID,
             );
-            let sample = peer_boot(args, &qemu_args, &stderr_path);
+            let sample = peer_boot(args, &qemu_args, &log_path);
             (qemu_args, sample)
         };
         let sample = match chosen {
@@ -414,88 +423,48 @@ fn attempt(variant: &Variant, outcome: String) -> Attempt {
     }
 }
 
-fn qemu_command(args: &PeerArgs) -> Command {
-    let mut cmd = Command::new(&args.qemu);
-    if let Some(lib) = &args.lib_dir {
+pub fn qemu_command(qemu: &Path, lib_dir: Option<&Path>) -> Command {
+    let mut cmd = Command::new(qemu);
+    if let Some(lib) = lib_dir {
         cmd.env("LD_LIBRARY_PATH", lib);
     }
     cmd
 }
 
-fn qemu_version(args: &PeerArgs) -> Option<String> {
-    let mut cmd = qemu_command(args);
+pub fn qemu_version(qemu: &Path, lib_dir: Option<&Path>) -> Option<String> {
+    let mut cmd = qemu_command(qemu, lib_dir);
     cmd.arg("--version");
     let out = child::run_tool(cmd, "qemu --version", Duration::from_secs(60)).ok()?;
     out.stdout.lines().next().map(|l| l.trim().to_string())
 }
 
-/// One QEMU boot: spawn → ready marker → exit marker on its serial console (its stdout).
-fn peer_boot(
-    args: &PeerArgs,
-    qemu_args: &[String],
-    stderr_path: &Path,
-) -> Result<PeerSample, String> {
-    let stderr = File::create(stderr_path)
-        .map_err(|e| format!("cannot create {}: {e}", stderr_path.display()))?;
-    let mut cmd = qemu_command(args);
-    cmd.args(qemu_args).stderr(stderr);
-    let watch = Watch {
-        console_on_stdout: true,
-        limit: Duration::from_secs(args.guest.timeout),
-        after_result: AFTER_RESULT,
-    };
-    let run = child::watch(cmd, &watch)?;
-    let context = || {
-        let stderr = std::fs::read_to_string(stderr_path).unwrap_or_default();
-        let mut s = String::new();
-        if !stderr.trim().is_empty() {
-            s.push_str(&format!(
-                "\n--- QEMU stderr ---\n{}",
-                last_lines(&stderr, TAIL_LINES)
-            ));
-        }
-        s.push_str(&format!(
-            "\n--- guest console (last lines) ---\n{}",
-            last_lines(&run.console_tail, TAIL_LINES)
-        ));
-        s
-    };
-    let (Some(ready), Some(result)) = (run.ready_ns, run.result_ns) else {
-        let what = match &run.ended {
-            Ended::TimedOut => format!(
-                "no result within {} s (ready marker {})",
-                watch.limit.as_secs(),
-                if run.ready_ns.is_some() {
-                    "seen"
-                } else {
-                    "not seen"
-                }
-            ),
-            Ended::Exited(status) => format!(
-                "QEMU exited ({status}) before the {}",
-                if run.ready_ns.is_some() {
-                    "command result"
-                } else {
-                    "guest agent was ready"
-                }
-            ),
-            Ended::KilledAfterResult => "killed without a result".to_string(),
-        };
-        return Err(format!("{what}{}", context()));
-    };
-    if run.guest_exit != Some(GuestStatus::Code(0)) {
+/// One QEMU boot: spawn → client connected to the agent over AF_VSOCK → the command's exit
+/// status; then QEMU is killed.
+fn peer_boot(args: &PeerArgs, qemu_args: &[String], log: &Path) -> Result<PeerSample, String> {
+    let mut cmd = qemu_command(&args.qemu, args.lib_dir.as_deref());
+    cmd.args(qemu_args);
+    let transport = Transport::Vsock { cid: GUEST_CID };
+    let limit = Duration::from_secs(args.guest.timeout);
+    let mut vm = GuestVm::start(cmd, &transport, limit, log)?;
+    let spec = ProcessSpec::argv(args.guest.command.iter().cloned());
+    let out = vm
+        .client
+        .exec_output(spec)
+        .map_err(|e| format!("the command failed to run in the guest: {e}"))?;
+    let result_ns = monotonic_ns();
+    vm.sample_rss();
+    if !out.success() {
         return Err(format!(
-            "the command did not succeed in the guest ({:?}; agent errors: {:?}){}",
-            run.guest_exit,
-            run.agent_errors,
-            context()
+            "the command did not succeed in the guest ({:?}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
         ));
     }
     let sample = PeerSample {
-        spawn_ns: run.spawn_ns,
-        agent_ready_ns: ready,
-        result_ns: result,
-        peak_rss: run.peak_rss,
+        spawn_ns: vm.spawn_ns,
+        agent_ready_ns: vm.connected_ns,
+        result_ns,
+        peak_rss: vm.peak_rss,
     };
     check_order(&[
         ("spawn", sample.spawn_ns),
@@ -553,6 +522,7 @@ mod tests {
             firmware_dir: None,
             lib_dir: None,
             variant_file: Some(dir.path().join("variant")),
+            vhost_modules: None,
             guest: GuestArgs {
                 kernel: dir.path().join("vmlinux"),
                 initrd: dir.path().join("initrd"),

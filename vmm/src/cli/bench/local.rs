@@ -90,11 +90,7 @@ fn boot_once(
         .arg("--report-timings")
         .arg(&report_path)
         .stderr(stderr);
-    let watch = Watch {
-        console_on_stdout: false,
-        limit: KILL_AFTER,
-        after_result: KILL_AFTER,
-    };
+    let watch = Watch { limit: KILL_AFTER };
     let run = child::watch(cmd, &watch).map_err(|e| format!("agentvm boot: {e}"))?;
     let fail = |what: String| {
         let stderr = std::fs::read_to_string(&stderr_path).unwrap_or_default();
@@ -106,7 +102,7 @@ fn boot_once(
     match &run.ended {
         Ended::Exited(status) if status.success() => {}
         Ended::Exited(status) => return Err(fail(format!("failed ({status})"))),
-        Ended::TimedOut | Ended::KilledAfterResult => {
+        Ended::TimedOut => {
             return Err(fail(format!(
                 "did not end within {} s",
                 KILL_AFTER.as_secs()

@@ -12,7 +12,13 @@
 //! temporary directories removed on every path out.
 
 mod child;
+mod cpu_time;
+mod exec;
+mod exec_inner;
+mod exec_measure;
+mod exec_report;
 mod guest_bound;
+mod guest_vm;
 mod inner;
 mod local;
 mod machine;
@@ -21,6 +27,7 @@ mod peer;
 mod qemu_files;
 mod report;
 mod stats;
+mod vhost_modules;
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -44,6 +51,13 @@ pub enum BenchCommand {
     /// Boot benchmark: N boots one after another; medians and p99 of the VMM's start-up (on this
     /// machine) and of boot to guest agent and command result, beside QEMU microvm.
     Boot(BootArgs),
+    /// Warm-VM benchmark: exec and protocol round trips, streamed output throughput and the VMM's
+    /// CPU time per request (medians and p99), beside QEMU microvm with vhost-vsock.
+    Exec(exec::ExecArgs),
+    /// Inside the nested test host: one warm VM (agentvm, or the peer with --qemu), exec figures
+    /// as JSON on stdout.
+    #[command(hide = true)]
+    ExecRuns(exec_inner::ExecRunArgs),
     /// Inside the nested test host: N × `agentvm run`, results as JSON on stdout.
     #[command(hide = true)]
     GuestRuns(inner::GuestArgs),
@@ -79,6 +93,8 @@ pub struct BootArgs {
 pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
     match command {
         BenchCommand::Boot(args) => boot(args),
+        BenchCommand::Exec(args) => exec::exec(args),
+        BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
     }
@@ -134,14 +150,19 @@ fn boot(args: BootArgs) -> Result<ExitCode, String> {
         },
         sections,
     };
-    let json = serde_json::to_string_pretty(&doc)
-        .map_err(|e| format!("cannot encode the results: {e}"))?;
-    if args.json {
+    emit(&doc, args.json, args.out.as_deref())
+}
+
+/// Prints the document (table or JSON), writes it to `out`; fails when a part was not measured.
+fn emit(doc: &Document, json_output: bool, out: Option<&Path>) -> Result<ExitCode, String> {
+    let json =
+        serde_json::to_string_pretty(doc).map_err(|e| format!("cannot encode the results: {e}"))?;
+    if json_output {
         println!("{json}");
     } else {
         print!("{}", doc.to_table());
     }
-    if let Some(out) = &args.out {
+    if let Some(out) = out {
         std::fs::write(out, format!("{json}\n"))
             .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!("bench: wrote {}", out.display());
@@ -372,9 +393,12 @@ fn guest_section(g: &GuestBound) -> Section {
             g.measured_on
         ),
         format!(
-            "command `{GUEST_COMMAND}`; ready/result = arrival of the guest agent's console markers"
+            "command `{GUEST_COMMAND}`; ready = the host's client finished the handshake with the \
+             guest agent over vsock (agentvm: hybrid vsock Unix socket; QEMU: vhost-vsock, \
+             AF_VSOCK); result = the command's exit status arrived"
         ),
-        "peak RSS sampled every 20 ms from /proc/PID/status; total compares like with like. \
+        "peak RSS sampled from /proc/PID/status (agentvm: every 20 ms; QEMU: about every second \
+         until the agent answered, and after the result); total compares like with like. \
          agentvm: guest RAM is a memfd (shmem) with the kernel and initramfs mapped privately \
          over it, so anon = the VMM's own plus the kernel/initramfs pages the guest wrote to. \
          QEMU: anon includes guest RAM. 'At the end' = agentvm's own reading after teardown"

@@ -9,17 +9,21 @@ use super::machine::MachineInfo;
 use super::stats::Summary;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "snake_case")]
 pub enum Unit {
     Ms,
+    Us,
     Mib,
+    MibPerS,
 }
 
 impl Unit {
     fn label(self) -> &'static str {
         match self {
             Unit::Ms => "ms",
+            Unit::Us => "µs",
             Unit::Mib => "MiB",
+            Unit::MibPerS => "MiB/s",
         }
     }
 }
@@ -112,8 +116,8 @@ impl Document {
         let g = &self.guest;
         let _ = writeln!(
             t,
-            "agentvm bench boot: median / p99 (nearest rank), min-max, n; {} runs asked per figure",
-            self.runs
+            "{}: median / p99 (nearest rank), min-max, n; {} runs asked per figure",
+            self.benchmark, self.runs
         );
         let _ = writeln!(
             t,
@@ -154,19 +158,28 @@ fn render_section(t: &mut String, s: &Section, label_width: usize) {
     let _ = writeln!(t, "measured on: {}", s.measured_on);
     let with_peer = s.peer.is_some();
     if !s.figures.is_empty() {
-        let mut head = format!("{:<label_width$}{:>CELL_WIDTH$}", "", "agentvm");
+        // Columns fit their widest cell, with two spaces between columns at least.
+        let width = s
+            .figures
+            .iter()
+            .flat_map(|f| [cell(f.agentvm, f.unit), cell(f.peer, f.unit)])
+            .map(|c| c.chars().count() + 2)
+            .max()
+            .unwrap_or(0)
+            .max(CELL_WIDTH);
+        let mut head = format!("{:<label_width$}{:>width$}", "", "agentvm");
         if let Some(p) = &s.peer {
-            let _ = write!(head, "{:>CELL_WIDTH$}", p.name);
+            let _ = write!(head, "{:>width$}", p.name);
         }
         let _ = writeln!(t, "{}", head.trim_end());
         for f in &s.figures {
             let mut row = format!(
-                "{:<label_width$}{:>CELL_WIDTH$}",
+                "{:<label_width$}{:>width$}",
                 row_label(f),
                 cell(f.agentvm, f.unit)
             );
             if with_peer {
-                let _ = write!(row, "{:>CELL_WIDTH$}", cell(f.peer, f.unit));
+                let _ = write!(row, "{:>width$}", cell(f.peer, f.unit));
             }
             let _ = writeln!(t, "{}", row.trim_end());
         }
@@ -229,10 +242,10 @@ fn cell(s: Option<Summary>, unit: Unit) -> String {
 /// Three significant-ish digits, enough for figures whose run-to-run noise is larger.
 fn num(v: f64, unit: Unit) -> String {
     let digits = match unit {
-        Unit::Mib => 1,
-        Unit::Ms if v.abs() < 10.0 => 2,
-        Unit::Ms if v.abs() < 1000.0 => 1,
-        Unit::Ms => 0,
+        Unit::Mib | Unit::MibPerS => 1,
+        Unit::Ms | Unit::Us if v.abs() < 10.0 => 2,
+        Unit::Ms | Unit::Us if v.abs() < 1000.0 => 1,
+        Unit::Ms | Unit::Us => 0,
     };
     format!("{v:.digits$}")
 }
@@ -341,10 +354,29 @@ mod tests {
     }
 
     #[test]
+    fn wide_cells_stay_apart() {
+        let mut d = doc(Some(peer(PeerStatus::Ok, None)), None);
+        d.sections[0].figures = vec![Figure::new(
+            "x",
+            "exec",
+            Unit::Us,
+            &[112610.0, 234624.0, 66227.0, 292956.0],
+        )
+        .with_peer(&[146304.0, 389294.0])];
+        let t = d.to_table();
+        let row = t.lines().find(|l| l.starts_with("exec (µs)")).unwrap();
+        assert!(row.contains("n=4  "), "{row}");
+        assert!(row.ends_with("n=2"), "{row}");
+    }
+
+    #[test]
     fn numbers_keep_useful_precision() {
         assert_eq!(num(4.56789, Unit::Ms), "4.57");
         assert_eq!(num(45.6789, Unit::Ms), "45.7");
         assert_eq!(num(4567.89, Unit::Ms), "4568");
         assert_eq!(num(2.04, Unit::Mib), "2.0");
+        assert_eq!(num(123.45, Unit::Us), "123.5");
+        assert_eq!(num(812.34, Unit::MibPerS), "812.3");
+        assert_eq!(Unit::MibPerS.label(), "MiB/s");
     }
 }

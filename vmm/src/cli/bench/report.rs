@@ -17,7 +17,8 @@ pub struct VmmTimings {
     pub rss_before_guest: RssKib,
 }
 
-/// Host-side arrival times of the guest agent's markers (CLOCK_MONOTONIC ns).
+/// Host-side times (CLOCK_MONOTONIC ns) of `agentvm run`: its client connected to the guest agent,
+/// and the command's exit status arrived.
 #[derive(Debug, Clone, Copy, Deserialize)]
 pub struct GuestMilestones {
     pub agent_ready_ns: Option<u64>,
