@@ -86,6 +86,21 @@ pub fn build_command(spec: &ProcessSpec) -> Result<Command, SpecError> {
         }
     }
     command.current_dir(cwd);
+    // PID 1 keeps its power signals and SIGCHLD blocked in every thread; a child inheriting that
+    // mask could not be stopped by `kill -TERM`. std clears the mask on some spawn paths only.
+    // SAFETY: sigemptyset and pthread_sigmask are async-signal-safe and only touch the closure's
+    // own stack.
+    unsafe {
+        command.pre_exec(|| {
+            let mut empty = std::mem::MaybeUninit::<libc::sigset_t>::uninit();
+            libc::sigemptyset(empty.as_mut_ptr());
+            let rc = libc::pthread_sigmask(libc::SIG_SETMASK, empty.as_ptr(), std::ptr::null_mut());
+            if rc != 0 {
+                return Err(std::io::Error::from_raw_os_error(rc));
+            }
+            Ok(())
+        });
+    }
     if let Some(user) = &spec.user {
         let (uid, gid) = resolve_user(user, Path::new(PASSWD))?;
         // std drops supplementary groups (setgroups) when root switches uid.

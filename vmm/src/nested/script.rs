@@ -22,6 +22,9 @@ export PATH=/bin HOME=/root
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
+mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# Scenarios talk to servers on 127.0.0.1 (published guest ports): nothing else brings lo up.
+ip link set lo up
 stty -F /dev/ttyS1 raw -echo
 exec 3>/dev/ttyS1
 say() { echo "@@nested:$*" >&3; }
