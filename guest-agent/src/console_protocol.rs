@@ -14,25 +14,17 @@
 //!
 //! The agent writes every marker as a whole line ending in `\n`; kernel messages written at the
 //! same time can still precede it on the same console line. [`ConsoleParser`] implements the host
-//! side.
-//!
-//! Kept only for the boot benchmark (`vmm/src/cli/bench/`), which still boots the guest the
-//! retired v0 way (command on the kernel command line, output and exit status on the console):
-//! [`CMD_PARAM`], [`encode_cmd`], [`ExitStatus`] and the [`Marker::ExecStart`] and
-//! [`Marker::Exit`] markers. The agent neither reads nor writes any of them.
+//! side; a line that only looks like a marker (an unknown name, such as the retired
+//! `exec-start`/`exit` markers of the old console protocol, or a malformed field) is log text.
 
 use std::error::Error;
-use std::ffi::OsStr;
 use std::fmt;
-use std::os::unix::ffi::OsStrExt;
 
 /// What every marker line starts with.
 pub const MARKER_PREFIX: &str = "@@agentvm:";
 pub const READY: &str = "@@agentvm:ready";
 pub const ERROR: &str = "@@agentvm:error";
 pub const POWEROFF: &str = "@@agentvm:poweroff";
-const EXEC_START: &str = "@@agentvm:exec-start";
-const EXIT: &str = "@@agentvm:exit";
 
 /// Console lines are cut into pieces of at most this size, which bounds what the parser holds back.
 pub const MAX_LOG_LINE: usize = 64 * 1024;
@@ -40,30 +32,13 @@ pub const MAX_LOG_LINE: usize = 64 * 1024;
 /// One protocol marker.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Marker {
-    Ready {
-        boot_ns: u64,
-    },
-    /// v0, boot benchmark only: the command started.
-    ExecStart,
-    /// v0, boot benchmark only: how the command ended.
-    Exit(ExitStatus),
+    Ready { boot_ns: u64 },
     Error(String),
     Poweroff,
 }
 
-/// v0, boot benchmark only: how the command ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExitStatus {
-    Code(u8),
-    Signal(i32),
-}
-
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProtocolError {
-    /// `encode_cmd` was given no arguments, or an empty program name.
-    EmptyCommand,
-    /// An argument contains a NUL byte, which is the separator.
-    NulInArgument { index: usize },
     /// A line starts with the marker prefix but names no known marker.
     UnknownMarker(String),
     /// A known marker with a missing or malformed field.
@@ -76,13 +51,6 @@ pub enum ProtocolError {
 impl fmt::Display for ProtocolError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::EmptyCommand => write!(f, "the command is empty"),
-            Self::NulInArgument { index } => {
-                write!(
-                    f,
-                    "argument {index} contains a NUL byte, which cannot be passed"
-                )
-            }
             Self::UnknownMarker(line) => write!(f, "unknown console marker: {line}"),
             Self::BadMarker { marker, reason } => write!(f, "malformed {marker} marker: {reason}"),
         }
@@ -91,22 +59,11 @@ impl fmt::Display for ProtocolError {
 
 impl Error for ProtocolError {}
 
-impl fmt::Display for ExitStatus {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Code(code) => write!(f, "code={code}"),
-            Self::Signal(signal) => write!(f, "signal={signal}"),
-        }
-    }
-}
-
 impl fmt::Display for Marker {
     /// The marker text without any line break. Error messages are flattened to one line.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Ready { boot_ns } => write!(f, "{READY} boot_ns={boot_ns}"),
-            Self::ExecStart => f.write_str(EXEC_START),
-            Self::Exit(status) => write!(f, "{EXIT} {status}"),
             Self::Error(message) => {
                 let flat: String = message
                     .chars()
@@ -145,8 +102,6 @@ impl Marker {
             "ready" => Marker::Ready {
                 boot_ns: parse_field(READY, args, "boot_ns")?,
             },
-            "exec-start" => Marker::ExecStart,
-            "exit" => Marker::Exit(parse_exit(args)?),
             "error" => Marker::Error(args.to_string()),
             "poweroff" => Marker::Poweroff,
             _ => {
@@ -178,26 +133,6 @@ fn parse_field<T: std::str::FromStr>(
     value.parse().map_err(|_| ProtocolError::BadMarker {
         marker,
         reason: format!("{key}={value} is not a valid number"),
-    })
-}
-
-fn parse_exit(args: &str) -> Result<ExitStatus, ProtocolError> {
-    if field(args, "code").is_some() {
-        return Ok(ExitStatus::Code(parse_field(EXIT, args, "code")?));
-    }
-    if field(args, "signal").is_some() {
-        let signal: i32 = parse_field(EXIT, args, "signal")?;
-        if signal <= 0 {
-            return Err(ProtocolError::BadMarker {
-                marker: EXIT,
-                reason: format!("signal={signal} is not a signal number"),
-            });
-        }
-        return Ok(ExitStatus::Signal(signal));
-    }
-    Err(ProtocolError::BadMarker {
-        marker: EXIT,
-        reason: "neither code= nor signal=".to_string(),
     })
 }
 
@@ -269,55 +204,6 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
 }
 
-// ---------------------------------------------------------------------------------------------
-// v0 command encoding, boot benchmark only
-
-/// Kernel command-line key carrying the encoded argv.
-pub const CMD_PARAM: &str = "agentvm.cmd";
-
-const B64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
-/// Encodes an argv for `agentvm.cmd=`: the arguments joined by NUL, as unpadded base64url, which
-/// survives the kernel command line (no spaces, quotes or `=` to be reinterpreted).
-pub fn encode_cmd<S: AsRef<OsStr>>(argv: &[S]) -> Result<String, ProtocolError> {
-    match argv.first() {
-        None => return Err(ProtocolError::EmptyCommand),
-        Some(program) if program.as_ref().is_empty() => return Err(ProtocolError::EmptyCommand),
-        Some(_) => {}
-    }
-    let mut joined = Vec::new();
-    for (index, arg) in argv.iter().enumerate() {
-        let bytes = arg.as_ref().as_bytes();
-        if bytes.contains(&0) {
-            return Err(ProtocolError::NulInArgument { index });
-        }
-        if index > 0 {
-            joined.push(0);
-        }
-        joined.extend_from_slice(bytes);
-    }
-    Ok(base64url_encode(&joined))
-}
-
-/// Hand-written rather than a dependency: these dozen lines serve only the benchmark's retired
-/// boot path and go with it.
-fn base64url_encode(data: &[u8]) -> String {
-    let mut out = String::with_capacity(data.len().div_ceil(3) * 4);
-    for chunk in data.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        let symbols = chunk.len() + 1;
-        for i in 0..symbols {
-            out.push(B64URL[((n >> (18 - 6 * i)) & 63) as usize] as char);
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,15 +220,6 @@ mod tests {
         );
         assert_eq!(Marker::Error(String::new()).to_line(), "@@agentvm:error\n");
         assert_eq!(Marker::Poweroff.to_line(), "@@agentvm:poweroff\n");
-        assert_eq!(Marker::ExecStart.to_line(), "@@agentvm:exec-start\n");
-        assert_eq!(
-            Marker::Exit(ExitStatus::Code(3)).to_line(),
-            "@@agentvm:exit code=3\n"
-        );
-        assert_eq!(
-            Marker::Exit(ExitStatus::Signal(9)).to_line(),
-            "@@agentvm:exit signal=9\n"
-        );
     }
 
     #[test]
@@ -352,10 +229,6 @@ mod tests {
             Marker::Error("module virtio_net: No such device".into()),
             Marker::Error(String::new()),
             Marker::Poweroff,
-            Marker::ExecStart,
-            Marker::Exit(ExitStatus::Code(0)),
-            Marker::Exit(ExitStatus::Code(255)),
-            Marker::Exit(ExitStatus::Signal(15)),
         ];
         for marker in markers {
             let line = marker.to_line();
@@ -370,17 +243,24 @@ mod tests {
     fn marker_parse_errors() {
         assert_eq!(Marker::parse(b"[    0.1] random: crng init"), Ok(None));
         assert_eq!(Marker::parse(b"@agentvm:ready"), Ok(None));
-        assert!(matches!(
-            Marker::parse(b"@@agentvm:bogus x"),
-            Err(ProtocolError::UnknownMarker(_))
-        ));
+        // The retired v0 command markers are unknown now, like any other name.
+        for unknown in [
+            "@@agentvm:bogus x",
+            "@@agentvm:exec-start",
+            "@@agentvm:exit code=3",
+        ] {
+            assert!(
+                matches!(
+                    Marker::parse(unknown.as_bytes()),
+                    Err(ProtocolError::UnknownMarker(_))
+                ),
+                "{unknown}"
+            );
+        }
         for bad in [
             "@@agentvm:ready",
             "@@agentvm:ready boot_ns=-1",
             "@@agentvm:ready boot_ns=x",
-            "@@agentvm:exit",
-            "@@agentvm:exit code=256",
-            "@@agentvm:exit signal=0",
         ] {
             assert!(
                 matches!(
@@ -453,12 +333,15 @@ mod tests {
 
     #[test]
     fn parser_treats_malformed_and_unknown_markers_as_text() {
-        let events = feed_all(&[b"@@agentvm:ready boot_ns=nope\n@@agentvm:bogus\n@@agentvm:"]);
+        let events = feed_all(&[b"@@agentvm:ready boot_ns=nope\n@@agentvm:bogus\n\
+            @@agentvm:exec-start\n[ 2.0] x@@agentvm:exit code=3\n@@agentvm:"]);
         assert_eq!(
             events,
             vec![
                 ConsoleEvent::Log(b"@@agentvm:ready boot_ns=nope".to_vec()),
                 ConsoleEvent::Log(b"@@agentvm:bogus".to_vec()),
+                ConsoleEvent::Log(b"@@agentvm:exec-start".to_vec()),
+                ConsoleEvent::Log(b"[ 2.0] x@@agentvm:exit code=3".to_vec()),
                 ConsoleEvent::Log(b"@@agentvm:".to_vec()),
             ]
         );
@@ -481,47 +364,5 @@ mod tests {
         let endless = vec![b'k'; MAX_LOG_LINE + 1];
         assert_eq!(parser.feed(&endless), vec![ConsoleEvent::Log(endless)]);
         assert!(parser.finish().is_empty());
-    }
-
-    #[test]
-    fn base64url_matches_rfc4648_vectors() {
-        let vectors: [(&[u8], &str); 7] = [
-            (b"", ""),
-            (b"f", "Zg"),
-            (b"fo", "Zm8"),
-            (b"foo", "Zm9v"),
-            (b"foob", "Zm9vYg"),
-            (b"fooba", "Zm9vYmE"),
-            (b"foobar", "Zm9vYmFy"),
-        ];
-        for (plain, encoded) in vectors {
-            assert_eq!(base64url_encode(plain), encoded);
-        }
-        // The URL-safe alphabet: 0xfb 0xff -> "-_8" in base64url, "+/8" in standard base64.
-        assert_eq!(base64url_encode(&[0xfb, 0xff]), "-_8");
-    }
-
-    #[test]
-    fn cmd_encoding_joins_arguments_with_nul() {
-        assert_eq!(
-            encode_cmd(&["sh", "-c", "echo ü"]).unwrap(),
-            base64url_encode("sh\0-c\0echo ü".as_bytes())
-        );
-        // A trailing empty argument is kept.
-        assert_eq!(
-            encode_cmd(&["printf", ""]).unwrap(),
-            base64url_encode(b"printf\0")
-        );
-    }
-
-    #[test]
-    fn cmd_encoding_rejects_what_cannot_be_represented() {
-        let empty: [&str; 0] = [];
-        assert_eq!(encode_cmd(&empty), Err(ProtocolError::EmptyCommand));
-        assert_eq!(encode_cmd(&["", "x"]), Err(ProtocolError::EmptyCommand));
-        assert_eq!(
-            encode_cmd(&["echo", "a\0b"]),
-            Err(ProtocolError::NulInArgument { index: 1 })
-        );
     }
 }

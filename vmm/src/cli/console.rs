@@ -116,10 +116,6 @@ impl DemuxState {
                 Marker::Ready { boot_ns } => self.report.ready_boot_ns = Some(boot_ns),
                 Marker::Error(message) => self.report.errors.push(message),
                 Marker::Poweroff => self.report.powered_off = true,
-                // The v0 command markers: only the boot benchmark's guests print them.
-                Marker::ExecStart | Marker::Exit(_) => {
-                    tracing::warn!("ignoring a v0 command marker on the console: {marker}");
-                }
             }
         }
     }
@@ -215,7 +211,8 @@ mod tests {
     }
 
     #[test]
-    fn v0_markers_and_malformed_markers_change_nothing() {
+    fn unknown_and_malformed_markers_are_only_logged() {
+        // `exec-start`/`exit` are the retired v0 command markers: unknown now, so plain text.
         let session = b"@@agentvm:exec-start\n@@agentvm:exit code=3\n@@agentvm:ready boot_ns=x\n";
         let (log, view) = run(session, 5);
         assert_eq!(log, session);

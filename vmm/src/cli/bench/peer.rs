@@ -107,7 +107,6 @@ mod tests {
         let c = cmdline();
         assert!(c.contains("reboot=t") && !c.contains("reboot=k"), "{c}");
         assert!(c.contains("console=ttyS0") && c.ends_with(" quiet"), "{c}");
-        assert!(!c.contains("agentvm.cmd"), "{c}");
     }
 
     #[test]
