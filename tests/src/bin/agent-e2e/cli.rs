@@ -120,13 +120,13 @@ fn publish(args: &Args) -> Check {
         let attempt = (|| -> std::io::Result<String> {
             let mut s = TcpStream::connect(HOST)?;
             s.set_read_timeout(Some(Duration::from_secs(30)))?;
-            s.write_all(b"GET /hostname HTTP/1.0\r\n\r\n")?;
+            s.write_all(b"GET /passwd HTTP/1.0\r\n\r\n")?;
             let mut reply = String::new();
             s.read_to_string(&mut reply)?;
             Ok(reply)
         })();
         match attempt {
-            Ok(reply) if reply.contains("agentvm") => break reply,
+            Ok(reply) if reply.contains("root:") => break reply,
             other => {
                 if Instant::now() > deadline {
                     return Err(format!("no page on {HOST}: {other:?}"));
