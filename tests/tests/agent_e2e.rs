@@ -97,6 +97,7 @@ e2e_checks!(
     file_ops,
     background_processes,
     port_forward,
+    after_restore,
     agent_gone,
     cli_exit_status,
     cli_stdin,

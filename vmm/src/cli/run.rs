@@ -54,6 +54,9 @@ pub struct RunArgs {
 
 /// How long the guest agent gets to come up after the VM started.
 const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
+/// After the agent connection broke, how long the VM may take to end on its own before the CLI
+/// stops it and reports the broken connection.
+const GUEST_END_GRACE: Duration = Duration::from_secs(10);
 
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
@@ -114,9 +117,12 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let _signals = SignalForwarder::start(vm.event_sender())
         .map_err(|e| format!("cannot install signal handlers: {e}"))?;
     let timings = vm.timings_handle();
+    let (ended_tx, ended) = std::sync::mpsc::channel();
     let vm_thread = std::thread::Builder::new()
         .name("vm".into())
-        .spawn(move || vm.wait(limit))
+        .spawn(move || {
+            let _ = ended_tx.send(vm.wait(limit));
+        })
         .map_err(|e| format!("cannot start the VM thread: {e}"))?;
 
     let vm_running = || !vm_thread.is_finished();
@@ -133,8 +139,23 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             client.shutdown();
             status.map(|s| (s, agent_ready_ns, monotonic_ns()))
         });
-    let _ = stop.send(VmmEvent::Stop);
-    let outcome = vm_thread
+    // A lost connection usually means the guest is going down (poweroff, panic, crash of the
+    // agent, which is PID 1): let the VM end by itself for a moment so that the error names what
+    // happened rather than the connection loss.
+    let ended_by_itself = match &session {
+        Err(SessionError::ConnectionLost(_)) => ended.recv_timeout(GUEST_END_GRACE).ok(),
+        _ => None,
+    };
+    let outcome = match ended_by_itself {
+        Some(outcome) => outcome,
+        None => {
+            let _ = stop.send(VmmEvent::Stop);
+            ended
+                .recv()
+                .map_err(|_| "the VM thread ended without an outcome".to_string())?
+        }
+    };
+    vm_thread
         .join()
         .map_err(|_| "the VM thread panicked".to_string())?;
     view.finish();
@@ -170,7 +191,7 @@ fn interpret(
             eprintln!("agentvm: the command was killed by signal {sig}");
             return Ok(signal_exit_code(sig));
         }
-        Err(SessionError::Failed(message)) => Some(message),
+        Err(SessionError::Failed(message) | SessionError::ConnectionLost(message)) => Some(message),
         Err(SessionError::VmEnded) => None,
     };
     // The VM ended (or the session broke) before the command reported an exit status.

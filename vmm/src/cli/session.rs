@@ -30,6 +30,8 @@ pub struct SessionOptions<'a> {
 pub enum SessionError {
     /// The VM stopped (the caller reports why from its outcome).
     VmEnded,
+    /// The connection to the agent broke: the guest is probably going down.
+    ConnectionLost(String),
     Failed(String),
 }
 
@@ -138,8 +140,11 @@ fn publish_ports(client: &AgentClient, publish: &[Publish]) -> Result<Forwards, 
     Ok(forwards)
 }
 
-fn agent_error(e: agentvm_client::ClientError) -> SessionError {
-    SessionError::Failed(e.to_string())
+fn agent_error(e: ClientError) -> SessionError {
+    match e {
+        ClientError::ConnectionClosed(_) => SessionError::ConnectionLost(e.to_string()),
+        other => SessionError::Failed(other.to_string()),
+    }
 }
 
 fn run_plain(
@@ -225,6 +230,11 @@ fn run_on_terminal(
             Ok(0) => break,
             Ok(n) => {
                 let _ = out.write_all(&buf[..n]).and_then(|_| out.flush());
+            }
+            Err(e) if e.kind() == io::ErrorKind::ConnectionAborted => {
+                return Err(SessionError::ConnectionLost(format!(
+                    "terminal session: {e}"
+                )))
             }
             Err(e) => return Err(SessionError::Failed(format!("terminal session: {e}"))),
         }

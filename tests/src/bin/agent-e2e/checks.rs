@@ -53,6 +53,35 @@ pub fn run_all(client: &AgentClient, _args: &Args) {
     timed("file_ops", || file_ops(client));
     timed("background_processes", || background_processes(client));
     timed("port_forward", || port_forward(client));
+    timed("after_restore", || after_restore(client));
+}
+
+/// The hook a restored snapshot gets: the guest clock jumps to the host's idea of now (here a
+/// day ahead, to be visible) and the entropy is accepted.
+fn after_restore(client: &AgentClient) -> Check {
+    const DAY_S: i64 = 86_400;
+    let now_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_err(err("host clock"))?
+        .as_secs() as i64;
+    let target_s = now_s + DAY_S;
+    let entropy: Vec<u8> = (0..64u8).map(|i| i.wrapping_mul(151) ^ 0x5a).collect();
+    client
+        .after_restore(target_s * 1_000_000_000, &entropy)
+        .map_err(err("after_restore"))?;
+    let out = shell(client, "date +%s")?;
+    let guest_s: i64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .map_err(err("date output"))?;
+    if (guest_s - target_s).abs() > 120 {
+        return Err(format!(
+            "guest clock {guest_s} after setting {target_s} (host now {now_s})"
+        ));
+    }
+    Ok(format!(
+        "guest clock set a day ahead ({guest_s}), 64 bytes of entropy accepted"
+    ))
 }
 
 fn ping(client: &AgentClient) -> Check {
