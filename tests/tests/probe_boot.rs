@@ -259,3 +259,38 @@ fn console_flood_arrives_intact() {
         );
     }
 }
+
+/// `--vsock-uds` adds the virtio-vsock device behind the rng (the probe's checks still pass), its
+/// socket exists only while the VM runs, and a path that already exists is refused up front.
+#[test]
+fn vsock_socket_lives_as_long_as_the_vm() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("agentvm-vsock-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("v.sock");
+    let probe = probe_elf();
+    let args = [
+        "boot".as_ref(),
+        "--kernel".as_ref(),
+        probe.as_os_str(),
+        "--vsock-uds".as_ref(),
+        socket.as_os_str(),
+    ];
+    let out = run_agentvm(args, BOOT_TIMEOUT).expect("agentvm boot --vsock-uds");
+    let report = ProbeOutput::parse(&out.stdout_text());
+    let problems = report.problems(&DEFAULT_CHECKS);
+    assert!(
+        problems.is_empty(),
+        "probe checks failed: {problems:#?}\n{out:?}"
+    );
+    assert!(out.status.success(), "{out:?}");
+    assert!(!socket.exists(), "{} left behind", socket.display());
+
+    std::fs::write(&socket, b"").unwrap();
+    let out = run_agentvm(args, BOOT_TIMEOUT).expect("agentvm boot --vsock-uds (existing path)");
+    assert!(!out.status.success(), "{out:?}");
+    assert!(out.stderr_text().contains("already exists"), "{out:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

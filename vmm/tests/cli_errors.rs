@@ -137,6 +137,28 @@ fn run_kernel_without_initrd_is_a_usage_error() {
     assert!(stderr(&out).contains("--initrd"), "{}", stderr(&out));
 }
 
+#[test]
+fn bad_publish_specs_are_explained() {
+    for (spec, needle) in [
+        ("0", "guest port must be 1..=65535"),
+        ("8080:x", "guest port must be a number"),
+        ("host:1:80", "is not an IP address"),
+    ] {
+        let out = agentvm(&["run", "--publish", spec, "--", "true"]);
+        assert_clear_error(&out, needle);
+        assert_clear_error(&out, "bad --publish");
+    }
+}
+
+#[test]
+fn interactive_runs_through_the_nested_host_are_refused_up_front() {
+    for flag in ["-i", "-t", "-it", "--publish=8080:80"] {
+        let out = agentvm(&["run", "--nested", flag, "--", "sh"]);
+        assert_clear_error(&out, "do not work through the nested test host");
+        assert_clear_error(&out, "--nested was given");
+    }
+}
+
 /// Only root can open /dev/kvm on these hosts (mode 0600): an unprivileged user must get the
 /// permission error, not a crash. Needs root to switch to `nobody`; skipped otherwise.
 #[test]

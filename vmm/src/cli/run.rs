@@ -62,6 +62,18 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     vmm::config::validate_mem_mib(args.machine.mem_mib, None).map_err(|e| e.to_string())?;
+    let nested = args.nested || !vmm::host::can_run_linux();
+    if nested && (args.interactive || args.tty || !args.publish.is_empty()) {
+        return Err(format!(
+            "-i, -t and --publish do not work through the nested test host, which only runs \
+             non-interactive commands ({})",
+            if args.nested {
+                "--nested was given"
+            } else {
+                "used because this host's KVM cannot run Linux guests: it is nested on a PVM host"
+            }
+        ));
+    }
     let (kernel, initrd) = match (&args.kernel, &args.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),
         _ => {
@@ -69,15 +81,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             (artefacts.kernel, artefacts.initrd)
         }
     };
-    if args.nested || !vmm::host::can_run_linux() {
-        if args.interactive || args.tty || !args.publish.is_empty() {
-            return Err(
-                "-i, -t and --publish need a host whose KVM can run Linux guests; this one \
-                 cannot (nested on a PVM host), and the nested test host only runs \
-                 non-interactive commands"
-                    .into(),
-            );
-        }
+    if nested {
         if !args.nested {
             eprintln!(
                 "agentvm: note: this host's KVM cannot run Linux guests (nested on a PVM host); \
