@@ -22,6 +22,7 @@ mod guest_vm;
 mod inner;
 mod local;
 mod machine;
+mod nested_bench;
 mod output;
 mod peer;
 mod qemu_files;
