@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use agentvm_protocol::{ErrorCode, Exited, Message, PtyOpen, Started, Stream};
+use agentvm_protocol::{ErrorCode, Message, PtyOpen, Started, Stream};
 
 use super::context::{Control, RequestContext};
 use super::dispatch::HELPER_STACK;
@@ -21,7 +21,7 @@ use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
-use super::supervise::{supervise, Event, OnClose};
+use super::supervise::{finish, supervise, Event, OnClose};
 
 pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
     let id = ctx.id();
@@ -152,17 +152,7 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
         stop_after_grace(&done, &stop, EXIT_GRACE);
         outcome
     });
-    match outcome {
-        Some(outcome) => ctx.finish(Message::Exited(Exited {
-            id,
-            status: outcome.status,
-            timed_out: outcome.timed_out,
-        })),
-        None => ctx.fail(
-            ErrorCode::Internal,
-            format!("lost track of process {pid} of PTY {id}"),
-        ),
-    }
+    finish(ctx, pid, outcome, "PTY");
 }
 
 /// A new pseudo-terminal (master, slave) of the given size. Both ends are close-on-exec; the

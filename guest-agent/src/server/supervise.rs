@@ -4,7 +4,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::{ErrorCode, ExitStatus};
+use agentvm_protocol::{ErrorCode, ExitStatus, Exited, Message};
 
 use super::context::{Control, RequestContext};
 use super::fd::signal_group;
@@ -28,6 +28,23 @@ pub(crate) enum OnClose {
 pub(crate) struct Outcome {
     pub(crate) status: ExitStatus,
     pub(crate) timed_out: bool,
+}
+
+/// Answers the request that ran process `pid` with its `Exited`, or, if its exit was lost (see
+/// [`supervise`]), with an error; `kind` names the request in that error ("request", "PTY").
+pub(crate) fn finish(ctx: RequestContext, pid: u32, outcome: Option<Outcome>, kind: &str) {
+    let id = ctx.id();
+    match outcome {
+        Some(outcome) => ctx.finish(Message::Exited(Exited {
+            id,
+            status: outcome.status,
+            timed_out: outcome.timed_out,
+        })),
+        None => ctx.fail(
+            ErrorCode::Internal,
+            format!("lost track of process {pid} of {kind} {id}"),
+        ),
+    }
 }
 
 /// Runs until the process `pgid` exits; `None` if the event channel broke, which cannot happen
