@@ -15,7 +15,7 @@ use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
-use super::supervise::{finish, supervise, Event, OnClose};
+use super::supervise::{finish, spawn_supervised, supervise, Event, OnClose};
 
 pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
     let id = ctx.id();
@@ -37,13 +37,7 @@ pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
         .stderr(Stdio::piped())
         .process_group(0);
     let (events_tx, events) = mpsc::channel();
-    let exit_tx = events_tx.clone();
-    let spawned = ctx
-        .services()
-        .reaper
-        .spawn_with(&mut command, move |status| {
-            let _ = exit_tx.send(Event::Exited(status));
-        });
+    let spawned = spawn_supervised(&ctx, &mut command, &events_tx);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
