@@ -176,6 +176,7 @@ fn peer_info(p: &ExecRuns) -> PeerInfo {
 
 #[cfg(test)]
 mod tests {
+    use super::super::output::figure;
     use super::*;
     use crate::cli::bench::inner::PeerStatus;
 
@@ -214,10 +215,6 @@ mod tests {
             stream_mib: 16,
             stream_runs: 2,
         }
-    }
-
-    fn figure<'a>(s: &'a Section, id: &str) -> &'a Figure {
-        s.figures.iter().find(|f| f.id == id).unwrap()
     }
 
     #[test]

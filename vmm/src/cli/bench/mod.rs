@@ -464,6 +464,7 @@ fn failed_guest_section(error: String) -> Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use output::figure;
     use report::RssKib;
 
     fn local(spawn: u64) -> LocalSample {
@@ -480,10 +481,6 @@ mod tests {
                 shmem_kib: 2048,
             },
         }
-    }
-
-    fn figure<'a>(s: &'a Section, id: &str) -> &'a Figure {
-        s.figures.iter().find(|f| f.id == id).unwrap()
     }
 
     #[test]
