@@ -10,45 +10,21 @@ use std::time::{Duration, Instant};
 
 use socket2::{Domain, SockAddr, Socket, Type};
 
+use crate::connect_retry::{retry_until, Attempt, GaveUp};
 use crate::error::{ClientError, Result};
-
-/// Pause between attempts while the guest (or its agent) is not up yet; as for hybrid vsock.
-const RETRY_FIRST: Duration = Duration::from_millis(5);
-const RETRY_MAX: Duration = Duration::from_millis(100);
-
-enum Attempt {
-    /// The guest is not there yet, or nothing listens on the port yet.
-    Retry(String),
-    /// Retrying cannot help (no AF_VSOCK in this kernel, a refused address, ...).
-    Fatal(String),
-}
 
 /// Connects to `cid`:`port`, retrying until `timeout` while nothing accepts. The stream is
 /// blocking, with no timeouts set.
 pub(crate) fn connect(cid: u32, port: u32, timeout: Duration) -> Result<UnixStream> {
-    let started = Instant::now();
-    let deadline = started + timeout;
-    let mut pause = RETRY_FIRST;
-    loop {
-        let last = match attempt(cid, port, deadline) {
-            Ok(stream) => return Ok(stream),
-            Err(Attempt::Fatal(reason)) => {
-                return Err(ClientError::VsockConnect { cid, port, reason })
-            }
-            Err(Attempt::Retry(reason)) => reason,
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(ClientError::VsockConnectTimedOut {
-                cid,
-                port,
-                waited: now - started,
-                last,
-            });
-        }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(RETRY_MAX);
-    }
+    retry_until(timeout, |deadline| attempt(cid, port, deadline)).map_err(|gave_up| match gave_up {
+        GaveUp::Fatal(reason) => ClientError::VsockConnect { cid, port, reason },
+        GaveUp::TimedOut { waited, last } => ClientError::VsockConnectTimedOut {
+            cid,
+            port,
+            waited,
+            last,
+        },
+    })
 }
 
 fn attempt(cid: u32, port: u32, deadline: Instant) -> Result<UnixStream, Attempt> {

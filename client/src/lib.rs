@@ -18,7 +18,9 @@
 //! that stops reading one stream holds back that stream only.
 
 mod af_vsock;
+mod call_reader;
 mod client;
+mod connect_retry;
 mod connection;
 mod error;
 mod exec;

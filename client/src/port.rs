@@ -12,11 +12,11 @@ use std::time::Duration;
 
 use agentvm_protocol::{Connect, Eof, Message, Stream};
 
+use crate::call_reader::CallReader;
 use crate::client::AgentClient;
-use crate::connection::{Call, CallLink};
-use crate::error::{ClientError, Result};
+use crate::connection::CallLink;
+use crate::error::Result;
 use crate::exec::send_error_to_io;
-use crate::inbound::Inbound;
 
 impl AgentClient {
     /// Opens a TCP connection to `guest_port` on the guest's loopback; returns once connected.
@@ -38,11 +38,8 @@ impl AgentClient {
         };
         Ok(PortStream {
             reader: PortReader {
-                call,
-                inbound: Inbound::new(Stream::Stdout),
-                ended: false,
+                stream: CallReader::new(call, Stream::Stdout),
                 guest_port,
-                read_timeout: None,
             },
             writer,
         })
@@ -117,18 +114,15 @@ impl Write for PortStream {
 
 /// The guest → host half. Dropping it before the connection ended closes the connection.
 pub struct PortReader {
-    call: Call,
-    inbound: Inbound,
-    ended: bool,
+    stream: CallReader,
     guest_port: u16,
-    read_timeout: Option<Duration>,
 }
 
 impl PortReader {
     /// Bounds each `read`'s wait for data (an `io::ErrorKind::TimedOut` error; the stream stays
     /// usable). `None`, the default, waits as long as the connection lasts.
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
-        self.read_timeout = timeout;
+        self.stream.read_timeout = timeout;
     }
 
     /// After both directions ended (end of file read, write half shut down): waits up to
@@ -136,13 +130,15 @@ impl PortReader {
     /// does not have to `Close` it. Data still arriving is discarded.
     pub fn wait_closed(&mut self, timeout: Duration) -> Result<()> {
         let what = format!("guest port {} connection to end", self.guest_port);
-        while !self.call.is_done() {
-            match self.call.next(Some(timeout), &what)? {
-                Message::Data(data) if data.stream == Stream::Stdout => {
-                    self.call.link().consumed(Stream::Stdout, data.data.len())?
-                }
+        while !self.stream.call.is_done() {
+            match self.stream.call.next(Some(timeout), &what)? {
+                Message::Data(data) if data.stream == Stream::Stdout => self
+                    .stream
+                    .call
+                    .link()
+                    .consumed(Stream::Stdout, data.data.len())?,
                 Message::Eof(_) | Message::Done(_) => {}
-                other => return Err(self.call.unexpected(&other, &what)),
+                other => return Err(self.stream.call.unexpected(&other, &what)),
             }
         }
         Ok(())
@@ -150,36 +146,15 @@ impl PortReader {
 
     /// Closes the whole connection.
     pub fn close(&self) -> Result<()> {
-        self.call.link().close()
+        self.stream.call.link().close()
     }
 }
 
 impl Read for PortReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while !self.inbound.has_pending() {
-            if self.ended {
-                return Ok(0);
-            }
-            let what = format!("data from guest port {}", self.guest_port);
-            match self
-                .call
-                .next(self.read_timeout, &what)
-                .map_err(ClientError::into_io)?
-            {
-                Message::Data(data) if data.stream == Stream::Stdout => {
-                    self.inbound.push(data.data)
-                }
-                Message::Eof(eof) if eof.stream == Stream::Stdout => self.ended = true,
-                Message::Done(_) => self.ended = true,
-                other => return Err(self.call.unexpected(&other, &what).into_io()),
-            }
-        }
-        self.inbound
-            .take_into(self.call.link(), buf)
-            .map_err(ClientError::into_io)
+        let guest_port = self.guest_port;
+        self.stream
+            .read(buf, || format!("data from guest port {guest_port}"))
     }
 }
 
@@ -420,7 +395,7 @@ fn forward_one(agent: AgentClient, mut host: Client, guest_port: u16, key: u64, 
         }
     };
     match lock(clients).get_mut(&key) {
-        Some(forwarded) => forwarded.guest = Some(port.reader.call.link().clone()),
+        Some(forwarded) => forwarded.guest = Some(port.reader.stream.call.link().clone()),
         // The forwarder was stopped while this client connected.
         None => return,
     }

@@ -8,10 +8,10 @@ use agentvm_protocol::{
     Stream,
 };
 
+use crate::call_reader::CallReader;
 use crate::client::AgentClient;
-use crate::connection::{Call, CallLink};
+use crate::connection::CallLink;
 use crate::error::{ClientError, Result};
-use crate::inbound::Inbound;
 
 /// A background process the agent started.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,12 +117,9 @@ impl AgentClient {
             other => return Err(call.unexpected(&other, &what)),
         };
         Ok(LogStream {
-            call,
-            inbound: Inbound::new(stream),
+            stream: CallReader::new(call, stream),
             start_offset,
-            ended: false,
             proc_id,
-            read_timeout: None,
         })
     }
 }
@@ -130,25 +127,22 @@ impl AgentClient {
 /// A background process's log as a reader. `read` returns 0 at the end of the log (with
 /// `follow`: once the process exited and everything was read).
 pub struct LogStream {
-    call: Call,
-    inbound: Inbound,
+    stream: CallReader,
     start_offset: u64,
-    ended: bool,
     proc_id: u64,
-    read_timeout: Option<Duration>,
 }
 
 impl LogStream {
     /// Bounds each `read`'s wait for data (an `io::ErrorKind::TimedOut` error; the stream stays
     /// usable). `None`, the default, waits as long as the log goes on.
     pub fn set_read_timeout(&mut self, timeout: Option<Duration>) {
-        self.read_timeout = timeout;
+        self.stream.read_timeout = timeout;
     }
 
     /// A handle that stops a following log from another thread (the reader then sees the end).
     pub fn stopper(&self) -> LogStopper {
         LogStopper {
-            link: self.call.link().clone(),
+            link: self.stream.call.link().clone(),
         }
     }
 
@@ -160,30 +154,9 @@ impl LogStream {
 
 impl Read for LogStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if buf.is_empty() {
-            return Ok(0);
-        }
-        while !self.inbound.has_pending() {
-            if self.ended {
-                return Ok(0);
-            }
-            let what = format!("the log of background process {}", self.proc_id);
-            match self
-                .call
-                .next(self.read_timeout, &what)
-                .map_err(ClientError::into_io)?
-            {
-                Message::Data(data) if data.stream == self.inbound.stream() => {
-                    self.inbound.push(data.data)
-                }
-                Message::Eof(eof) if eof.stream == self.inbound.stream() => self.ended = true,
-                Message::Done(_) => self.ended = true,
-                other => return Err(self.call.unexpected(&other, &what).into_io()),
-            }
-        }
-        self.inbound
-            .take_into(self.call.link(), buf)
-            .map_err(ClientError::into_io)
+        let proc_id = self.proc_id;
+        self.stream
+            .read(buf, || format!("the log of background process {proc_id}"))
     }
 }
 

@@ -7,55 +7,27 @@ use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::connect_retry::{retry_until, Attempt, GaveUp};
 use crate::error::{ClientError, Result};
 
 /// Longest acceptable answer line; a VMM answers `OK <u32 port>`, far shorter.
 const MAX_LINE: usize = 64;
 
-/// Pause between attempts while the guest agent is not listening yet. Short, since boot-to-agent
-/// latency is what callers measure; bounded so a long wait does not spin.
-const RETRY_FIRST: Duration = Duration::from_millis(5);
-const RETRY_MAX: Duration = Duration::from_millis(100);
-
-/// An attempt that failed.
-enum Attempt {
-    /// Worth retrying: the socket does not exist yet, nobody accepts, or the VMM closed the
-    /// connection because no guest listener took it.
-    Retry(String),
-    /// Retrying cannot help (e.g. the other end speaks something else).
-    Fatal(String),
-}
-
 /// Connects to `uds_path`, asks for guest `port`, and retries until `deadline`. Returns the stream
 /// positioned right after the `OK` line, with no read timeout left set.
 pub(crate) fn connect(uds_path: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
-    let started = Instant::now();
-    let deadline = started + timeout;
-    let mut pause = RETRY_FIRST;
-    loop {
-        let last = match attempt(uds_path, port, deadline) {
-            Ok(stream) => return Ok(stream),
-            Err(Attempt::Fatal(reason)) => {
-                return Err(ClientError::Connect {
-                    path: uds_path.to_path_buf(),
-                    port,
-                    reason,
-                })
-            }
-            Err(Attempt::Retry(reason)) => reason,
-        };
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(ClientError::ConnectTimedOut {
-                path: uds_path.to_path_buf(),
+    retry_until(timeout, |deadline| attempt(uds_path, port, deadline)).map_err(|gave_up| {
+        let path = uds_path.to_path_buf();
+        match gave_up {
+            GaveUp::Fatal(reason) => ClientError::Connect { path, port, reason },
+            GaveUp::TimedOut { waited, last } => ClientError::ConnectTimedOut {
+                path,
                 port,
-                waited: now - started,
+                waited,
                 last,
-            });
+            },
         }
-        std::thread::sleep(pause.min(deadline - now));
-        pause = (pause * 2).min(RETRY_MAX);
-    }
+    })
 }
 
 fn attempt(uds_path: &Path, port: u32, deadline: Instant) -> Result<UnixStream, Attempt> {

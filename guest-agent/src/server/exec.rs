@@ -7,7 +7,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 use std::time::Duration;
 
-use agentvm_protocol::{ErrorCode, Exec, Exited, Message, Started, Stream};
+use agentvm_protocol::{ErrorCode, Exec, Message, Started, Stream};
 
 use super::context::RequestContext;
 use super::dispatch::HELPER_STACK;
@@ -15,7 +15,7 @@ use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
-use super::supervise::{supervise, Event, OnClose};
+use super::supervise::{finish, spawn_supervised, supervise, Event, OnClose};
 
 pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
     let id = ctx.id();
@@ -37,13 +37,7 @@ pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
         .stderr(Stdio::piped())
         .process_group(0);
     let (events_tx, events) = mpsc::channel();
-    let exit_tx = events_tx.clone();
-    let spawned = ctx
-        .services()
-        .reaper
-        .spawn_with(&mut command, move |status| {
-            let _ = exit_tx.send(Event::Exited(status));
-        });
+    let spawned = spawn_supervised(&ctx, &mut command, &events_tx);
     let mut child = match spawned {
         Ok(child) => child,
         Err(e) => {
@@ -96,15 +90,5 @@ pub(crate) fn run_exec(ctx: RequestContext, request: Exec) {
         stop_after_grace(&done, &stop, EXIT_GRACE);
         outcome
     });
-    match outcome {
-        Some(outcome) => ctx.finish(Message::Exited(Exited {
-            id,
-            status: outcome.status,
-            timed_out: outcome.timed_out,
-        })),
-        None => ctx.fail(
-            ErrorCode::Internal,
-            format!("lost track of process {pid} of request {id}"),
-        ),
-    }
+    finish(ctx, pid, outcome, "request");
 }

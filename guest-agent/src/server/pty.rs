@@ -13,7 +13,7 @@ use std::process::Stdio;
 use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
-use agentvm_protocol::{ErrorCode, Exited, Message, PtyOpen, Started, Stream};
+use agentvm_protocol::{ErrorCode, Message, PtyOpen, Started, Stream};
 
 use super::context::{Control, RequestContext};
 use super::dispatch::HELPER_STACK;
@@ -21,7 +21,7 @@ use super::fd::{signal_group, Trigger};
 use super::input::spawn_input_feeder;
 use super::output::{pump, stop_after_grace, EXIT_GRACE};
 use super::process_spec::{build_command, program_name};
-use super::supervise::{supervise, Event, OnClose};
+use super::supervise::{finish, spawn_supervised, supervise, Event, OnClose};
 
 pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
     let id = ctx.id();
@@ -77,13 +77,7 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
         });
     }
     let (events_tx, events) = mpsc::channel();
-    let exit_tx = events_tx.clone();
-    let spawned = ctx
-        .services()
-        .reaper
-        .spawn_with(&mut command, move |status| {
-            let _ = exit_tx.send(Event::Exited(status));
-        });
+    let spawned = spawn_supervised(&ctx, &mut command, &events_tx);
     // The command holds the slave's descriptors: the master reads end of file only once the
     // session's processes are all that is left holding it.
     drop(command);
@@ -152,17 +146,7 @@ pub(crate) fn run_pty(ctx: RequestContext, request: PtyOpen) {
         stop_after_grace(&done, &stop, EXIT_GRACE);
         outcome
     });
-    match outcome {
-        Some(outcome) => ctx.finish(Message::Exited(Exited {
-            id,
-            status: outcome.status,
-            timed_out: outcome.timed_out,
-        })),
-        None => ctx.fail(
-            ErrorCode::Internal,
-            format!("lost track of process {pid} of PTY {id}"),
-        ),
-    }
+    finish(ctx, pid, outcome, "PTY");
 }
 
 /// A new pseudo-terminal (master, slave) of the given size. Both ends are close-on-exec; the

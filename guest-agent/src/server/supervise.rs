@@ -1,10 +1,12 @@
 //! Waiting for a spawned process while acting on the host's `Kill`/`Close` and the spec's
 //! timeout: shared by exec and PTY requests.
 
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::io;
+use std::process::{Child, Command};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, Sender};
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::{ErrorCode, ExitStatus};
+use agentvm_protocol::{ErrorCode, ExitStatus, Exited, Message};
 
 use super::context::{Control, RequestContext};
 use super::fd::signal_group;
@@ -28,6 +30,35 @@ pub(crate) enum OnClose {
 pub(crate) struct Outcome {
     pub(crate) status: ExitStatus,
     pub(crate) timed_out: bool,
+}
+
+/// Spawns `command` through the reaper, which sends its exit to [`supervise`] on `events`.
+pub(crate) fn spawn_supervised(
+    ctx: &RequestContext,
+    command: &mut Command,
+    events: &Sender<Event>,
+) -> io::Result<Child> {
+    let exit_tx = events.clone();
+    ctx.services().reaper.spawn_with(command, move |status| {
+        let _ = exit_tx.send(Event::Exited(status));
+    })
+}
+
+/// Answers the request that ran process `pid` with its `Exited`, or, if its exit was lost (see
+/// [`supervise`]), with an error; `kind` names the request in that error ("request", "PTY").
+pub(crate) fn finish(ctx: RequestContext, pid: u32, outcome: Option<Outcome>, kind: &str) {
+    let id = ctx.id();
+    match outcome {
+        Some(outcome) => ctx.finish(Message::Exited(Exited {
+            id,
+            status: outcome.status,
+            timed_out: outcome.timed_out,
+        })),
+        None => ctx.fail(
+            ErrorCode::Internal,
+            format!("lost track of process {pid} of {kind} {id}"),
+        ),
+    }
 }
 
 /// Runs until the process `pgid` exits; `None` if the event channel broke, which cannot happen

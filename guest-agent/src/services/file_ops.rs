@@ -6,7 +6,7 @@ use std::path::Path;
 
 use agentvm_protocol::{DirEntry, FileMetadata, FileType};
 
-use super::frame_batch::SizeBatcher;
+use super::frame_batch::emit_in_batches;
 use super::service_error::{require_absolute, ServiceError, StreamFailure};
 
 /// Permission bits a request may set; anything above is not a mode.
@@ -117,27 +117,26 @@ pub fn list_dir<E>(
 ) -> Result<(), StreamFailure<E>> {
     let dir = require_absolute(path, "list")?;
     let entries = fs::read_dir(dir).map_err(|e| ServiceError::io("list", dir, &e))?;
-    let mut batcher = SizeBatcher::for_frame();
-    for entry in entries {
-        let entry = entry.map_err(|e| ServiceError::io("list", dir, &e))?;
-        let entry_path = entry.path();
-        let meta = match entry.metadata() {
-            Ok(meta) => meta,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(ServiceError::io("stat", &entry_path, &e).into()),
-        };
-        let item = DirEntry {
-            name: entry.file_name().to_string_lossy().into_owned(),
-            metadata: file_metadata(&entry_path, &meta),
-        };
-        if let Some(batch) = batcher.push(item) {
-            emit(batch).map_err(StreamFailure::Sink)?;
-        }
-    }
-    if let Some(batch) = batcher.take() {
-        emit(batch).map_err(StreamFailure::Sink)?;
-    }
-    Ok(())
+    let items = entries.filter_map(|entry| listed_entry(dir, entry).transpose());
+    emit_in_batches(items, &mut emit)
+}
+
+/// One entry of `dir` as `ListDir` reports it; `None` when it vanished while being listed.
+fn listed_entry<E>(
+    dir: &Path,
+    entry: std::io::Result<fs::DirEntry>,
+) -> Result<Option<DirEntry>, StreamFailure<E>> {
+    let entry = entry.map_err(|e| ServiceError::io("list", dir, &e))?;
+    let entry_path = entry.path();
+    let meta = match entry.metadata() {
+        Ok(meta) => meta,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(ServiceError::io("stat", &entry_path, &e).into()),
+    };
+    Ok(Some(DirEntry {
+        name: entry.file_name().to_string_lossy().into_owned(),
+        metadata: file_metadata(&entry_path, &meta),
+    }))
 }
 
 #[cfg(test)]

@@ -5,6 +5,8 @@
 use agentvm_protocol::MAX_PAYLOAD;
 use serde::Serialize;
 
+use super::service_error::StreamFailure;
+
 /// Room for what a batch message holds besides its items: the request id (a varint of at most
 /// 10 bytes) and the item count (at most 5).
 const MESSAGE_OVERHEAD: usize = 16;
@@ -70,6 +72,24 @@ impl<T: Serialize> SizeBatcher<T> {
     pub fn len(&self) -> usize {
         self.items.len()
     }
+}
+
+/// Hands `emit` the `items` in frame-sized batches as they come, so a long listing is never held
+/// whole. The first failure, of an item or of `emit`, ends it.
+pub fn emit_in_batches<T: Serialize, E>(
+    items: impl IntoIterator<Item = Result<T, StreamFailure<E>>>,
+    emit: &mut impl FnMut(Vec<T>) -> Result<(), E>,
+) -> Result<(), StreamFailure<E>> {
+    let mut batcher = SizeBatcher::for_frame();
+    for item in items {
+        if let Some(batch) = batcher.push(item?) {
+            emit(batch).map_err(StreamFailure::Sink)?;
+        }
+    }
+    if let Some(batch) = batcher.take() {
+        emit(batch).map_err(StreamFailure::Sink)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]

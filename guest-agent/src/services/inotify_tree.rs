@@ -193,16 +193,7 @@ impl InotifyTree {
             if self.scanned.remove(&path) {
                 return;
             }
-            self.report(
-                out,
-                WatchEvent::Created {
-                    path: display(&path),
-                    is_dir,
-                },
-            );
-            if is_dir {
-                self.watch_new_dir(&path, Some(out));
-            }
+            self.report_created(out, &path, is_dir);
         } else if event.mask.contains(EventMask::MODIFY) {
             let modified = WatchEvent::Modified {
                 path: display(&path),
@@ -234,22 +225,28 @@ impl InotifyTree {
                     self.report_move(out, from, path, is_dir);
                 }
                 None => {
-                    self.report(
-                        out,
-                        WatchEvent::Created {
-                            path: display(&path),
-                            is_dir,
-                        },
-                    );
-                    if is_dir {
-                        self.watch_new_dir(&path, Some(out));
-                    }
+                    self.report_created(out, &path, is_dir);
                 }
             }
         }
     }
 
     /// Reports a rename if either end passes the filter.
+    /// `path` appeared (created, or moved in from outside the tree); a new directory is watched
+    /// too, and what it already holds is reported as created.
+    fn report_created(&mut self, out: &mut Vec<WatchEvent>, path: &Path, is_dir: bool) {
+        self.report(
+            out,
+            WatchEvent::Created {
+                path: display(path),
+                is_dir,
+            },
+        );
+        if is_dir {
+            self.watch_new_dir(path, Some(out));
+        }
+    }
+
     fn report_move(&mut self, out: &mut Vec<WatchEvent>, from: PathBuf, to: PathBuf, is_dir: bool) {
         self.modified_in_batch.remove(&from);
         self.modified_in_batch.remove(&to);

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use agentvm_protocol::WatchEvent;
 
-use super::frame_batch::SizeBatcher;
+use super::frame_batch::emit_in_batches;
 use super::inotify_tree::InotifyTree;
 use super::service_error::{os_reason, ServiceError, StreamFailure};
 use crate::server::fd::poll_ready;
@@ -51,7 +51,7 @@ pub fn run_watch<E>(
         })?;
         if ready[1] {
             tree.flush_unpaired(&mut pending);
-            return send_batches(std::mem::take(&mut pending), &mut emit);
+            return emit_in_batches(std::mem::take(&mut pending).into_iter().map(Ok), &mut emit);
         }
         if ready[0] {
             tree.read_events(&mut pending).map_err(|e| {
@@ -71,25 +71,9 @@ pub fn run_watch<E>(
             }
             batch_deadline = None;
             tree.start_new_batch();
-            send_batches(std::mem::take(&mut pending), &mut emit)?;
+            emit_in_batches(std::mem::take(&mut pending).into_iter().map(Ok), &mut emit)?;
         }
     }
-}
-
-fn send_batches<E>(
-    events: Vec<WatchEvent>,
-    emit: &mut impl FnMut(Vec<WatchEvent>) -> Result<(), E>,
-) -> Result<(), StreamFailure<E>> {
-    let mut batcher = SizeBatcher::for_frame();
-    for event in events {
-        if let Some(batch) = batcher.push(event) {
-            emit(batch).map_err(StreamFailure::Sink)?;
-        }
-    }
-    if let Some(batch) = batcher.take() {
-        emit(batch).map_err(StreamFailure::Sink)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -157,7 +141,7 @@ mod tests {
             })
             .collect();
         let mut batches = Vec::new();
-        send_batches::<()>(events, &mut |b| {
+        emit_in_batches::<_, ()>(events.into_iter().map(Ok), &mut |b| {
             batches.push(b);
             Ok(())
         })

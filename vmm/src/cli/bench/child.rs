@@ -177,15 +177,17 @@ pub fn watch(mut cmd: Command, watch: &Watch) -> Result<Watched, String> {
     })
 }
 
+/// `sh -c script`: a stand-in child for the tests of the code that watches VMMs.
+#[cfg(test)]
+pub fn shell(script: &str) -> Command {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c").arg(script);
+    cmd
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn shell(script: &str) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script);
-        cmd
-    }
 
     #[test]
     fn watch_samples_memory_until_the_exit() {

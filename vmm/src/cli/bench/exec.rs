@@ -12,20 +12,19 @@ use std::time::Duration;
 
 use clap::Args;
 use vmm::artefacts::Artefacts;
-use vmm::nested::{NestedError, NestedHost, NestedInputs, Scenario};
+use vmm::nested::Scenario;
 
 use super::exec_inner::{self, ExecRunArgs, ExecRuns, ExecSizes};
 use super::exec_report;
-use super::guest_bound::{parse_result, peer_files, DIRECT_LABEL, NESTED_LABEL};
+use super::guest_bound::{parse_result, DIRECT_LABEL, NESTED_LABEL};
 use super::inner::PeerStatus;
 use super::local::GUEST_MEM_MIB;
 use super::machine::MachineInfo;
+use super::nested_bench::run_nested;
 use super::peer::PEER_NAME;
 use super::qemu_files::{self, L1_QEMU, L1_QEMU_LIB, L1_QEMU_SHARE};
 use super::vhost_modules;
 
-/// L1 holds its initramfs (~200 MiB with QEMU) and one guest at a time.
-const L1_MEM_MIB: u32 = 2048;
 /// A scenario's time limit beyond the boot: helper start-up, warm-up, JSON output.
 const SCENARIO_SLACK: Duration = Duration::from_secs(300);
 /// Generous bounds for one round trip and one streamed MiB under TCG (where a round trip takes
@@ -136,69 +135,32 @@ fn measure_nested(artefacts: &Artefacts, helper: &ExecRunArgs, with_peer: bool) 
         Ok(q) => q,
         Err(e) => return failed(format!("the nested test host needs QEMU: {e}")),
     };
-    let agentvm_bin = match std::env::current_exe() {
-        Ok(p) => p,
-        Err(e) => {
-            return failed(format!(
-                "cannot find the agentvm binary to copy into L1: {e}"
-            ))
-        }
-    };
-    let mut host = NestedHost::new(NestedInputs {
-        l1_kernel: artefacts.vmlinuz.clone(),
-        pkg_dir: artefacts.pkg_dir.clone(),
-        busybox: artefacts.busybox.clone(),
-        agentvm: agentvm_bin,
-        l2_kernel: artefacts.kernel.clone(),
-        l2_initrd: artefacts.initrd.clone(),
+    let peer = with_peer.then(|| {
+        let extra = format!(
+            "--qemu {L1_QEMU} --firmware-dir {L1_QEMU_SHARE} --lib-dir {L1_QEMU_LIB} \
+             --vhost-modules {} ",
+            vhost_modules::L1_DIR
+        );
+        vec![scenario(&format!("{PEER_NAME}-exec"), &extra, helper)]
     });
-    host.qemu = Some(qemu.clone());
-    host.install_qemu = false;
-    host.l1_mem_mib = L1_MEM_MIB.max(helper.mem_mib as u32 + 1024);
-
     let agentvm_scenario = scenario("agentvm-exec", "", helper);
-    let mut scenarios = vec![agentvm_scenario.clone()];
-    let mut peer_setup_error = None;
-    if with_peer {
-        match peer_files(&qemu, &artefacts.pkg_dir) {
-            Ok(files) => {
-                host.extra_files = files;
-                let extra = format!(
-                    "--qemu {L1_QEMU} --firmware-dir {L1_QEMU_SHARE} --lib-dir {L1_QEMU_LIB} \
-                     --vhost-modules {} ",
-                    vhost_modules::L1_DIR
-                );
-                scenarios.push(scenario(&format!("{PEER_NAME}-exec"), &extra, helper));
-            }
-            Err(e) => peer_setup_error = Some(e),
-        }
-    }
-
-    let mut peer_hang = None;
-    let run = match host.run(&scenarios) {
-        Ok(run) => run,
-        Err(NestedError::ScenarioStuck { name, waited, tail }) if name.starts_with(PEER_NAME) => {
-            // QEMU wedged L1 itself, and took agentvm's results with it: measure agentvm again in
-            // a fresh L1 without the peer.
-            eprintln!("bench: the nested host stopped responding while '{name}' ran; again for agentvm alone");
-            let tail: Vec<&str> = tail.lines().rev().take(12).collect();
-            peer_hang = Some(peer_missing(
-                PeerStatus::Failed,
-                format!(
-                    "'{name}' wedged the nested test host (no report within {} s); L1 was \
-                     restarted for agentvm alone\n{}",
-                    waited.as_secs(),
-                    tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-                ),
-            ));
-            host.extra_files.clear();
-            match host.run(std::slice::from_ref(&agentvm_scenario)) {
-                Ok(run) => run,
-                Err(e) => return failed(format!("the nested test host failed: {e}")),
-            }
-        }
-        Err(e) => return failed(format!("the nested test host failed: {e}")),
+    let outcome = match run_nested(artefacts, &qemu, helper.mem_mib, &[agentvm_scenario], peer) {
+        Ok(outcome) => outcome,
+        Err(e) => return failed(e),
     };
+    let run = outcome.run;
+    let peer_hang = outcome.peer_hang.map(|hang| {
+        peer_missing(
+            PeerStatus::Failed,
+            format!(
+                "'{}' wedged the nested test host (no report within {} s); L1 was restarted for \
+                 agentvm alone\n{}",
+                hang.name,
+                hang.waited.as_secs(),
+                hang.tail
+            ),
+        )
+    });
     let mut agentvm = None;
     let mut peer = None;
     for r in &run.results {
@@ -212,11 +174,8 @@ fn measure_nested(artefacts: &Artefacts, helper: &ExecRunArgs, with_peer: bool) 
     }
     let peer = if !with_peer {
         None
-    } else if let Some(e) = peer_setup_error {
-        Some(peer_missing(
-            PeerStatus::Unavailable,
-            format!("cannot carry QEMU and the vhost-vsock modules into the nested host: {e}"),
-        ))
+    } else if let Some(e) = outcome.peer_setup_error {
+        Some(peer_missing(PeerStatus::Unavailable, e))
     } else {
         peer_hang.or(peer).or_else(|| {
             Some(peer_missing(

@@ -6,9 +6,10 @@ use super::exec::ExecResults;
 use super::exec_inner::{ExecRuns, ExecSizes};
 use super::exec_measure::ExecSamples;
 use super::guest_bound::NESTED_LABEL;
+use super::guest_info;
 use super::local::GUEST_MEM_MIB;
 use super::machine::MachineInfo;
-use super::output::{Document, Figure, GuestInfo, PeerInfo, Section, Unit};
+use super::output::{Document, Figure, PeerInfo, Section, Unit};
 use super::peer::PEER_NAME;
 
 pub fn document(
@@ -22,14 +23,7 @@ pub fn document(
         agentvm_version: env!("CARGO_PKG_VERSION"),
         runs: sizes.runs,
         machine,
-        guest: GuestInfo {
-            kernel_version: artefacts.version.clone(),
-            kernel: artefacts.kernel.display().to_string(),
-            initrd: artefacts.initrd.display().to_string(),
-            vcpus: 1,
-            mem_mib: GUEST_MEM_MIB,
-            command: vec!["true".into()],
-        },
+        guest: guest_info(artefacts, "true"),
         sections: vec![section(r, sizes)],
     }
 }
@@ -176,6 +170,7 @@ fn peer_info(p: &ExecRuns) -> PeerInfo {
 
 #[cfg(test)]
 mod tests {
+    use super::super::output::figure;
     use super::*;
     use crate::cli::bench::inner::PeerStatus;
 
@@ -214,10 +209,6 @@ mod tests {
             stream_mib: 16,
             stream_runs: 2,
         }
-    }
-
-    fn figure<'a>(s: &'a Section, id: &str) -> &'a Figure {
-        s.figures.iter().find(|f| f.id == id).unwrap()
     }
 
     #[test]

@@ -8,17 +8,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 use vmm::artefacts::Artefacts;
-use vmm::nested::{NestedError, NestedHost, NestedInputs, NestedRun, Scenario, ScenarioResult};
+use vmm::nested::{NestedRun, Scenario, ScenarioResult};
 
 use super::inner::{self, AgentvmRuns, GuestArgs, PeerArgs, PeerRuns, PeerStatus};
+use super::nested_bench::{run_nested, PeerHang};
 use super::peer::{PEER_NAME, VARIANTS};
 use super::qemu_files::{self, L1_QEMU, L1_QEMU_LIB, L1_QEMU_SHARE};
 use super::vhost_modules;
 
 pub const NESTED_LABEL: &str = "nested test host (QEMU TCG + kvm-amd), not a VMX host";
 pub const DIRECT_LABEL: &str = "this machine (KVM)";
-/// L1 holds its initramfs (~200 MiB with QEMU) and one guest at a time.
-const L1_MEM_MIB: u32 = 2048;
 /// What a scenario gets beyond its boots' own limits (helper start-up, JSON output).
 const SCENARIO_SLACK: Duration = Duration::from_secs(60);
 /// Per boot, beyond its own limit: the watcher's kill grace and the helper's start-up.
@@ -102,60 +101,22 @@ fn measure_nested(
 ) -> Result<GuestBound, String> {
     // The nested host runs on QEMU too; installing it here serves both.
     let qemu = qemu_files::locate_qemu()?;
-    let agentvm_bin = std::env::current_exe()
-        .map_err(|e| format!("cannot find the agentvm binary to copy into the nested host: {e}"))?;
-    let mut host = NestedHost::new(NestedInputs {
-        l1_kernel: artefacts.vmlinuz.clone(),
-        pkg_dir: artefacts.pkg_dir.clone(),
-        busybox: artefacts.busybox.clone(),
-        agentvm: agentvm_bin,
-        l2_kernel: artefacts.kernel.clone(),
-        l2_initrd: artefacts.initrd.clone(),
-    });
-    host.qemu = Some(qemu.clone());
-    host.install_qemu = false;
-    host.l1_mem_mib = L1_MEM_MIB.max(guest.mem_mib as u32 + 1024);
-
-    let agentvm_scenarios = agentvm_scenarios(&guest);
-    let mut scenarios = agentvm_scenarios.clone();
-    let mut peer_setup_error = None;
-    if with_peer {
-        match peer_files(&qemu, &artefacts.pkg_dir) {
-            Ok(files) => {
-                host.extra_files = files;
-                scenarios.extend(peer_scenarios(&guest));
-            }
-            Err(e) => peer_setup_error = Some(e),
-        }
-    }
-
-    let mut peer_hang = None;
-    let run = match host.run(&scenarios) {
-        Ok(run) => run,
-        Err(NestedError::ScenarioStuck { name, waited, tail }) if name.starts_with(PEER_NAME) => {
-            // QEMU wedged L1 itself; what L1 measured is lost with it. agentvm's figures are the
-            // point of the benchmark: measure them again in a fresh L1 without the peer.
-            eprintln!(
-                "bench: the nested host stopped responding while '{name}' ran; booting it again \
-                 for agentvm alone"
-            );
-            peer_hang = Some(peer_hang_report(&name, waited, &tail));
-            host.extra_files.clear();
-            host.run(&agentvm_scenarios)
-                .map_err(|e| format!("the nested test host failed: {e}"))?
-        }
-        Err(e) => return Err(format!("the nested test host failed: {e}")),
-    };
+    let peer = with_peer.then(|| peer_scenarios(&guest));
+    let outcome = run_nested(
+        artefacts,
+        &qemu,
+        guest.mem_mib,
+        &agentvm_scenarios(&guest),
+        peer,
+    )?;
+    let run = outcome.run;
     let (agentvm, peer_results) = split_results(&run, guest.runs)?;
     let peer = if !with_peer {
         None
-    } else if let Some(e) = peer_setup_error {
-        Some(peer_without_results(
-            PeerStatus::Unavailable,
-            format!("cannot carry QEMU and the vhost-vsock modules into the nested host: {e}"),
-        ))
-    } else if let Some(hang) = peer_hang {
-        Some(hang)
+    } else if let Some(e) = outcome.peer_setup_error {
+        Some(peer_without_results(PeerStatus::Unavailable, e))
+    } else if let Some(hang) = outcome.peer_hang {
+        Some(peer_hang_report(&hang))
     } else {
         Some(peer_results)
     };
@@ -168,16 +129,6 @@ fn measure_nested(
             kvm_ready_s: run.kvm_ready.as_secs_f64(),
         }),
     })
-}
-
-/// What the peer needs in L1: QEMU (binary, libraries, firmware) and the vhost-vsock modules.
-pub fn peer_files(
-    qemu: &std::path::Path,
-    pkg_dir: &std::path::Path,
-) -> Result<Vec<(std::path::PathBuf, String)>, String> {
-    let mut files = qemu_files::bundle(qemu)?;
-    files.extend(vhost_modules::files_for_l1(pkg_dir)?);
-    Ok(files)
 }
 
 fn agentvm_scenarios(guest: &GuestArgs) -> Vec<Scenario> {
@@ -276,9 +227,8 @@ fn merge_peer(into: &mut PeerRuns, part: PeerRuns, name: &str, runs: u32) {
     }
 }
 
-fn peer_hang_report(name: &str, waited: Duration, tail: &str) -> PeerRuns {
-    let first = name == format!("{PEER_NAME}-1");
-    let tail: Vec<&str> = tail.lines().rev().take(12).collect();
+fn peer_hang_report(hang: &PeerHang) -> PeerRuns {
+    let first = hang.name == format!("{PEER_NAME}-1");
     peer_without_results(
         if first {
             PeerStatus::DidNotBoot
@@ -286,10 +236,11 @@ fn peer_hang_report(name: &str, waited: Duration, tail: &str) -> PeerRuns {
             PeerStatus::Failed
         },
         format!(
-            "'{name}' wedged the nested test host (no report within {} s); its L1 was restarted \
+            "'{}' wedged the nested test host (no report within {} s); its L1 was restarted \
              for agentvm alone, so the peer's results from it are lost\n{}",
-            waited.as_secs(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            hang.name,
+            hang.waited.as_secs(),
+            hang.tail
         ),
     )
 }
@@ -461,11 +412,16 @@ mod tests {
 
     #[test]
     fn a_wedged_l1_is_reported_against_the_peer() {
-        let first = peer_hang_report("qemu-microvm-1", Duration::from_secs(300), "a\nb");
+        let hang = |name: &str, tail: &str| PeerHang {
+            name: name.into(),
+            waited: Duration::from_secs(300),
+            tail: tail.into(),
+        };
+        let first = peer_hang_report(&hang("qemu-microvm-1", "a\nb"));
         assert_eq!(first.status, PeerStatus::DidNotBoot);
         let e = first.error.unwrap();
         assert!(e.contains("wedged") && e.ends_with("a\nb"), "{e}");
-        let later = peer_hang_report("qemu-microvm-4", Duration::from_secs(300), "");
+        let later = peer_hang_report(&hang("qemu-microvm-4", ""));
         assert_eq!(later.status, PeerStatus::Failed);
     }
 }

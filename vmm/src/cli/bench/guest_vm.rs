@@ -183,13 +183,8 @@ fn tail(log: &Path) -> String {
 
 #[cfg(test)]
 mod tests {
+    use super::super::child::shell;
     use super::*;
-
-    fn shell(script: &str) -> Command {
-        let mut cmd = Command::new("sh");
-        cmd.arg("-c").arg(script);
-        cmd
-    }
 
     #[test]
     fn a_vmm_that_exits_early_is_reported_with_its_output() {

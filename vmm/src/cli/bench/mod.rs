@@ -22,6 +22,7 @@ mod guest_vm;
 mod inner;
 mod local;
 mod machine;
+mod nested_bench;
 mod output;
 mod peer;
 mod qemu_files;
@@ -33,6 +34,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Args, Subcommand};
+use vmm::artefacts::Artefacts;
 
 use guest_bound::GuestBound;
 use inner::{AgentvmRuns, PeerRuns};
@@ -140,17 +142,23 @@ fn boot(args: BootArgs) -> Result<ExitCode, String> {
         agentvm_version: env!("CARGO_PKG_VERSION"),
         runs: args.runs,
         machine,
-        guest: GuestInfo {
-            kernel_version: artefacts.version.clone(),
-            kernel: artefacts.kernel.display().to_string(),
-            initrd: artefacts.initrd.display().to_string(),
-            vcpus: 1,
-            mem_mib: GUEST_MEM_MIB,
-            command: vec![GUEST_COMMAND.to_string()],
-        },
+        guest: guest_info(&artefacts, GUEST_COMMAND),
         sections,
     };
     emit(&doc, args.json, args.out.as_deref())
+}
+
+/// The guest every benchmark boots: the artefacts' kernel and initramfs, one vCPU, running
+/// `command`.
+fn guest_info(artefacts: &Artefacts, command: &str) -> GuestInfo {
+    GuestInfo {
+        kernel_version: artefacts.version.clone(),
+        kernel: artefacts.kernel.display().to_string(),
+        initrd: artefacts.initrd.display().to_string(),
+        vcpus: 1,
+        mem_mib: GUEST_MEM_MIB,
+        command: vec![command.to_string()],
+    }
 }
 
 /// Prints the document (table or JSON), writes it to `out`; fails when a part was not measured.
@@ -463,6 +471,7 @@ fn failed_guest_section(error: String) -> Section {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use output::figure;
     use report::RssKib;
 
     fn local(spawn: u64) -> LocalSample {
@@ -479,10 +488,6 @@ mod tests {
                 shmem_kib: 2048,
             },
         }
-    }
-
-    fn figure<'a>(s: &'a Section, id: &str) -> &'a Figure {
-        s.figures.iter().find(|f| f.id == id).unwrap()
     }
 
     #[test]

@@ -250,6 +250,12 @@ fn num(v: f64, unit: Unit) -> String {
     format!("{v:.digits$}")
 }
 
+/// The figure `id` of `s`; panics if there is none.
+#[cfg(test)]
+pub fn figure<'a>(s: &'a Section, id: &str) -> &'a Figure {
+    s.figures.iter().find(|f| f.id == id).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
