@@ -25,6 +25,9 @@ pub const MARKER_PREFIX: &str = "@@agentvm:";
 pub const READY: &str = "@@agentvm:ready";
 pub const ERROR: &str = "@@agentvm:error";
 pub const POWEROFF: &str = "@@agentvm:poweroff";
+/// How an error marker starts when the agent cannot serve the protocol at all (no vsock device,
+/// no listener): the host stops waiting for a connection when it sees one.
+pub const NO_SERVER: &str = "no agent server: ";
 
 /// Console lines are cut into pieces of at most this size, which bounds what the parser holds back.
 pub const MAX_LOG_LINE: usize = 64 * 1024;

@@ -13,7 +13,7 @@ use std::path::Path;
 use agentvm_protocol::{Version, AGENT_VSOCK_PORT};
 use guest_agent::cmdline::{KernelCmdline, PROC_CMDLINE};
 use guest_agent::console::{self, ConsoleWriter};
-use guest_agent::console_protocol::Marker;
+use guest_agent::console_protocol::{Marker, NO_SERVER};
 use guest_agent::loopback;
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
@@ -180,13 +180,17 @@ fn init() -> ! {
 fn start_server<W: Write>(out: &mut ConsoleWriter<W>) {
     let services = match Services::new() {
         Ok(services) => services,
-        Err(e) => return out.error(format_args!("cannot start the agent's services: {e}")),
+        Err(e) => {
+            return out.error(format_args!(
+                "{NO_SERVER}cannot start the agent's services: {e}"
+            ))
+        }
     };
     let listener = match VsockListener::bind(AGENT_VSOCK_PORT) {
         Ok(listener) => listener,
         Err(e) => {
             return out.error(format_args!(
-            "cannot listen on vsock port {AGENT_VSOCK_PORT} (is there a virtio-vsock device?): {e}"
+            "{NO_SERVER}cannot listen on vsock port {AGENT_VSOCK_PORT} (is there a virtio-vsock device?): {e}"
         ))
         }
     };

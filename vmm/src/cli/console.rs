@@ -21,6 +21,15 @@ pub struct GuestReport {
     pub powered_off: bool,
 }
 
+impl GuestReport {
+    /// The agent's own word that it cannot serve the protocol (so nobody should wait for it).
+    pub fn agent_server_failure(&self) -> Option<&str> {
+        self.errors
+            .iter()
+            .find_map(|e| e.strip_prefix(guest_agent::console_protocol::NO_SERVER))
+    }
+}
+
 /// The writer end, given to the serial device. vm-superio flushes after every byte it transmits,
 /// so `flush` here only pushes bytes out; the end of the stream is [`ConsoleView::finish`].
 pub struct ConsoleDemux {
@@ -186,6 +195,20 @@ mod tests {
             assert!(report.errors.is_empty(), "chunk {chunk}");
             assert_eq!(view.kernel_panic(), None);
         }
+    }
+
+    #[test]
+    fn an_agent_without_a_server_says_so() {
+        let (_, view) = run(b"@@agentvm:error cannot set hostname x: EPERM\n", 5);
+        assert_eq!(view.report().agent_server_failure(), None);
+        let (_, view) = run(
+            b"@@agentvm:error no agent server: cannot listen on vsock port 1024: ENODEV\n",
+            5,
+        );
+        assert_eq!(
+            view.report().agent_server_failure(),
+            Some("cannot listen on vsock port 1024: ENODEV")
+        );
     }
 
     #[test]

@@ -129,20 +129,26 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
         })
         .map_err(|e| format!("cannot start the VM thread: {e}"))?;
 
-    let vm_running = || !vm_thread.is_finished();
-    let session =
-        session::connect(&uds_path, AGENT_CONNECT_TIMEOUT, &vm_running).and_then(|client| {
-            let agent_ready_ns = monotonic_ns();
-            let options = SessionOptions {
-                command: &args.command,
-                interactive: args.interactive,
-                tty: args.tty,
-                publish: &args.publish,
-            };
-            let status = session::run_session(&client, &options);
-            client.shutdown();
-            status.map(|s| (s, agent_ready_ns, monotonic_ns()))
-        });
+    let give_up = || {
+        if vm_thread.is_finished() {
+            return Some(SessionError::VmEnded);
+        }
+        view.report()
+            .agent_server_failure()
+            .map(|why| SessionError::Failed(format!("the guest agent cannot serve: {why}")))
+    };
+    let session = session::connect(&uds_path, AGENT_CONNECT_TIMEOUT, &give_up).and_then(|client| {
+        let agent_ready_ns = monotonic_ns();
+        let options = SessionOptions {
+            command: &args.command,
+            interactive: args.interactive,
+            tty: args.tty,
+            publish: &args.publish,
+        };
+        let status = session::run_session(&client, &options);
+        client.shutdown();
+        status.map(|s| (s, agent_ready_ns, monotonic_ns()))
+    });
     // A lost connection usually means the guest is going down (poweroff, panic, crash of the
     // agent, which is PID 1): let the VM end by itself for a moment so that the error names what
     // happened rather than the connection loss.

@@ -41,30 +41,32 @@ impl From<String> for SessionError {
     }
 }
 
-/// Connects to the agent, retrying while the guest boots; stops early once `vm_running` says the
-/// VM is gone.
+/// Connects to the agent, retrying while the guest boots; stops early with what `give_up` returns
+/// (the VM is gone, or the agent said it cannot serve).
 pub fn connect(
     uds: &Path,
     timeout: Duration,
-    vm_running: &dyn Fn() -> bool,
+    give_up: &dyn Fn() -> Option<SessionError>,
 ) -> Result<AgentClient, SessionError> {
     let deadline = Instant::now() + timeout;
     loop {
         let slice = CONNECT_SLICE.min(deadline.saturating_duration_since(Instant::now()));
-        match AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, slice) {
+        let e = match AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, slice) {
             Ok(client) => return Ok(client),
-            Err(_) if !vm_running() => return Err(SessionError::VmEnded),
-            Err(e) if Instant::now() >= deadline => {
-                return Err(SessionError::Failed(format!(
-                    "the guest agent did not answer on vsock port {AGENT_VSOCK_PORT} within {:.0} s: {e}",
-                    timeout.as_secs_f64()
-                )))
-            }
-            // Retrying cannot fix a version mismatch or an unusable socket.
-            Err(e @ (ClientError::Handshake(_) | ClientError::Connect { .. })) => {
-                return Err(SessionError::Failed(e.to_string()))
-            }
-            Err(_) => {}
+            Err(e) => e,
+        };
+        if let Some(reason) = give_up() {
+            return Err(reason);
+        }
+        if Instant::now() >= deadline {
+            return Err(SessionError::Failed(format!(
+                "the guest agent did not answer on vsock port {AGENT_VSOCK_PORT} within {:.0} s: {e}",
+                timeout.as_secs_f64()
+            )));
+        }
+        // Retrying cannot fix a version mismatch or an unusable socket.
+        if matches!(e, ClientError::Handshake(_) | ClientError::Connect { .. }) {
+            return Err(SessionError::Failed(e.to_string()));
         }
     }
 }
