@@ -201,3 +201,50 @@ fn no_permission_on_dev_kvm_is_explained() {
     }
     assert_clear_error(&out, "no permission to open /dev/kvm");
 }
+
+#[test]
+fn exec_without_a_running_vm_is_explained() {
+    let out = agentvm(&[
+        "exec",
+        "--vsock-uds",
+        "/nonexistent/agentvm-vsock.sock",
+        "--",
+        "true",
+    ]);
+    assert_clear_error(&out, "no VM is running with that --vsock-uds");
+
+    let out = agentvm(&[
+        "exec",
+        "--vsock-uds",
+        "/tmp/x.sock",
+        "--connect-timeout",
+        "0",
+        "--",
+        "true",
+    ]);
+    assert_clear_error(&out, "--connect-timeout must be a number of seconds > 0");
+}
+
+#[test]
+fn exec_on_a_socket_nobody_answers_times_out_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("vsock.sock");
+    // Accepts and closes at once, like a VMM whose guest agent is not listening yet.
+    let listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let server = std::thread::spawn(move || {
+        for conn in listener.incoming().flatten().take(200) {
+            drop(conn);
+        }
+    });
+    let out = agentvm(&[
+        "exec",
+        "--vsock-uds",
+        path.to_str().unwrap(),
+        "--connect-timeout",
+        "1",
+        "--",
+        "true",
+    ]);
+    assert_clear_error(&out, "the guest agent did not answer on vsock port 1024");
+    drop(server);
+}

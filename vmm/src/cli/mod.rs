@@ -3,6 +3,7 @@
 mod bench;
 mod boot;
 mod console;
+mod exec;
 mod kernel_cmd;
 mod nested;
 mod publish;
@@ -36,8 +37,12 @@ struct Cli {
 enum Command {
     /// Boot a microVM, run a command in it, stream its output and exit with its exit code.
     Run(run::RunArgs),
-    /// Boot a kernel without the guest agent and stream its serial console (for custom kernels and
-    /// test guests). Ends when the guest resets itself.
+    /// Run a command in a VM that is already running (booted with `agentvm boot --vsock-uds`),
+    /// through its guest agent; exits with the command's exit code.
+    Exec(exec::ExecArgs),
+    /// Boot a kernel and stream its serial console, without talking to a guest agent (custom
+    /// kernels, test guests, or a VM driven with `agentvm exec` through --vsock-uds). Ends when
+    /// the guest resets itself.
     Boot(boot::BootArgs),
     /// Manage guest kernels and initramfs images.
     Kernel {
@@ -86,6 +91,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Run(args) => run::run(args),
+        Command::Exec(args) => exec::exec(args),
         Command::Boot(args) => boot::boot(args),
         Command::Kernel { command } => kernel_cmd::run(command),
         Command::Bench { command } => bench::run(command),

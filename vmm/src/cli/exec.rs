@@ -1,0 +1,81 @@
+//! `agentvm exec`: run a command in a VM that is already running (started by `agentvm boot
+//! --vsock-uds`, possibly under the jailer), through its guest agent.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::Args;
+
+use super::publish::Publish;
+use super::session::{self, SessionError, SessionOptions};
+use super::signal_exit_code;
+use agentvm_protocol::ExitStatus;
+
+#[derive(Args)]
+pub struct ExecArgs {
+    /// The VM's vsock Unix socket (the `--vsock-uds` it was booted with; for a jailed VM, the
+    /// path as seen from the host).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds: PathBuf,
+    /// How long to wait for the guest agent to answer (it may still be booting), in seconds.
+    #[arg(long, default_value_t = 60.0, value_name = "SECS")]
+    connect_timeout: f64,
+    /// Keep stdin open and forward it to the command.
+    #[arg(short, long)]
+    interactive: bool,
+    /// Run the command on a terminal in the guest.
+    #[arg(short, long)]
+    tty: bool,
+    /// Forward a host port or Unix socket to a guest TCP port while the command runs: GUEST,
+    /// HOST:GUEST, ADDR:HOST:GUEST or unix:PATH:GUEST (repeatable).
+    #[arg(short, long, value_name = "SPEC")]
+    publish: Vec<Publish>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+pub fn exec(args: ExecArgs) -> Result<ExitCode, String> {
+    if !args.connect_timeout.is_finite() || args.connect_timeout <= 0.0 {
+        return Err(format!(
+            "--connect-timeout must be a number of seconds > 0, got {}",
+            args.connect_timeout
+        ));
+    }
+    let timeout = Duration::from_secs_f64(args.connect_timeout);
+    let uds = &args.vsock_uds;
+    // Without the socket there is no VM to wait for (the VMM creates it before the guest runs).
+    let give_up = || {
+        (uds.symlink_metadata().is_err()).then(|| {
+            SessionError::Failed(format!(
+                "{} does not exist: no VM is running with that --vsock-uds",
+                uds.display()
+            ))
+        })
+    };
+    let result = session::connect(uds, timeout, &give_up).and_then(|client| {
+        let options = SessionOptions {
+            command: &args.command,
+            interactive: args.interactive,
+            tty: args.tty,
+            publish: &args.publish,
+        };
+        let status = session::run_session(&client, &options);
+        client.shutdown();
+        status
+    });
+    match result {
+        Ok(ExitStatus::Code(code)) => Ok(ExitCode::from(code.clamp(0, 255) as u8)),
+        Ok(ExitStatus::Signal(sig)) => {
+            eprintln!("agentvm: the command was killed by signal {sig}");
+            Ok(signal_exit_code(sig))
+        }
+        Err(SessionError::Failed(message)) => Err(message),
+        Err(SessionError::ConnectionLost(message)) => Err(format!(
+            "the connection to the guest agent broke before the command finished (the VM may \
+             have stopped): {message}"
+        )),
+        Err(SessionError::VmEnded) => Err("the VM stopped before the command finished".into()),
+    }
+}
