@@ -23,6 +23,8 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /dev/pts && mount -t devpts devpts /dev/pts
+# The jailer's resource limits: cgroup v2 with every controller (no v1 hierarchy is mounted here).
+mount -t cgroup2 cgroup2 /sys/fs/cgroup
 # Scenarios talk to servers on 127.0.0.1 (published guest ports): nothing else brings lo up.
 ip link set lo up
 stty -F /dev/ttyS1 raw -echo
