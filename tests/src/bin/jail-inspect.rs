@@ -1,0 +1,157 @@
+//! A tiny program the jailer tests run as the jailed "VMM", to see the jail from the inside.
+//!
+//! `jail-inspect report <host path>`: prints what the jail looks like, one `key=value` a line
+//!   (ids, pid, hostname, directory listings, open fds, rlimits, privileges, cgroups, whether
+//!   `<host path>` can be seen, whether / and /run are writable), then `END`, and exits 0.
+//! `jail-inspect hold <stop file>`: `report`s, prints `READY`, and exits 0 once `<stop file>`
+//!   exists.
+//! `jail-inspect forkbomb <stop file>`: starts threads until the kernel refuses one, prints
+//!   `forkbomb refused after <n> threads`, and exits 1 once `<stop file>` exists.
+//!
+//! It reads everything from /proc, so it needs no unsafe code; and it waits at most
+//! [`HOLD_LIMIT`] for the stop file, so a broken test cannot leave it running.
+
+use std::fs;
+use std::io::Write;
+use std::path::Path;
+use std::process::ExitCode;
+use std::thread;
+use std::time::{Duration, Instant};
+
+const HOLD_LIMIT: Duration = Duration::from_secs(300);
+const POLL: Duration = Duration::from_millis(20);
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["report", host_path] => {
+            report(Path::new(host_path));
+            ExitCode::SUCCESS
+        }
+        ["hold", stop] => {
+            report(Path::new("/nonexistent"));
+            println!("READY");
+            wait_for(Path::new(stop))
+        }
+        ["forkbomb", stop] => {
+            let started = forkbomb();
+            println!("forkbomb refused after {started} threads");
+            let _ = std::io::stdout().flush();
+            match wait_for(Path::new(stop)) {
+                code if code == ExitCode::SUCCESS => ExitCode::from(1),
+                other => other,
+            }
+        }
+        _ => {
+            eprintln!(
+                "usage: jail-inspect report <host path> | hold <stop file> | forkbomb <stop file>"
+            );
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn report(host_path: &Path) {
+    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+            .map(|v| v.split_whitespace().collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!("uid={}", field("Uid"));
+    println!("gid={}", field("Gid"));
+    println!("groups={}", field("Groups"));
+    println!("cap_eff={}", field("CapEff"));
+    println!("no_new_privs={}", field("NoNewPrivs"));
+    println!("pid={}", std::process::id());
+    println!(
+        "hostname={}",
+        fs::read_to_string("/proc/sys/kernel/hostname")
+            .unwrap_or_default()
+            .trim()
+    );
+    println!("root={}", listing("/"));
+    println!("dev={}", listing("/dev"));
+    println!("fds={}", listing("/proc/self/fd"));
+    let limits = fs::read_to_string("/proc/self/limits").unwrap_or_default();
+    let limit = |name: &str| {
+        limits
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(|v| v.split_whitespace().take(2).collect::<Vec<_>>().join(" "))
+            .unwrap_or_else(|| "?".into())
+    };
+    println!("nofile={}", limit("Max open files"));
+    println!("fsize={}", limit("Max file size"));
+    let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    println!("cgroup={}", cgroup.trim().replace('\n', ";"));
+    println!(
+        "host_path={}",
+        if host_path.exists() {
+            "visible"
+        } else {
+            "absent"
+        }
+    );
+    println!("root_writable={}", writable(Path::new("/inspect-probe")));
+    println!("run_writable={}", writable(Path::new("/run/inspect-probe")));
+    println!("END");
+    let _ = std::io::stdout().flush();
+}
+
+fn listing(dir: &str) -> String {
+    let mut names: Vec<String> = fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort_by_key(|n| (n.parse::<u64>().unwrap_or(u64::MAX), n.clone()));
+    names.join(",")
+}
+
+fn writable(path: &Path) -> &'static str {
+    match fs::write(path, b"x") {
+        Ok(()) => {
+            let _ = fs::remove_file(path);
+            "yes"
+        }
+        Err(_) => "no",
+    }
+}
+
+fn wait_for(stop: &Path) -> ExitCode {
+    let deadline = Instant::now() + HOLD_LIMIT;
+    while !stop.exists() {
+        if Instant::now() >= deadline {
+            eprintln!("jail-inspect: {} never appeared", stop.display());
+            return ExitCode::from(3);
+        }
+        thread::sleep(POLL);
+    }
+    ExitCode::SUCCESS
+}
+
+/// Starts sleeping threads until the kernel refuses one (the pids limit counts threads), and
+/// keeps them: the sandbox stays at its limit while the test looks at its neighbour.
+fn forkbomb() -> usize {
+    let mut started = 0;
+    loop {
+        let spawned = thread::Builder::new()
+            .stack_size(64 << 10)
+            .spawn(|| thread::sleep(HOLD_LIMIT));
+        match spawned {
+            Ok(_) => started += 1,
+            Err(_) => return started,
+        }
+    }
+}
