@@ -115,9 +115,12 @@ pub enum NetNs {
 impl JailConfig {
     /// `<base>/<exec file name>/<id>`: everything the jail puts on the host lives under it.
     pub fn id_dir(&self) -> PathBuf {
-        self.chroot_base_dir
-            .join(self.exec_mount().src.file_name().unwrap_or_default())
-            .join(&self.id)
+        let exec_name = self
+            .exec_mount()
+            .dst
+            .strip_prefix("/")
+            .unwrap_or(Path::new(""));
+        self.chroot_base_dir.join(exec_name).join(&self.id)
     }
 
     /// The jail's root directory (a mount point for the jail's tmpfs).
@@ -152,7 +155,10 @@ impl JailConfig {
                 args.exec_file.display()
             )));
         }
-        let exec_name = exec_file
+        // The name as given, not the symlink target's: `--exec-file /usr/bin/agentvm` stays
+        // `agentvm` in the jail and in the jail's path even if it links to a versioned file.
+        let exec_name = args
+            .exec_file
             .file_name()
             .ok_or_else(|| usage("--exec-file has no file name"))?;
         let mut mounts = vec![MountSpec {
@@ -377,10 +383,11 @@ mod tests {
         assert!(config.mounts[1].writable);
         assert_eq!(config.devices, vec![Device::Kvm]);
         assert_eq!(config.vmm_args, vec![OsString::from("x")]);
-        assert!(config
-            .id_dir()
-            .starts_with("/nonexistent-agentvm-jailer-base"));
-        assert!(config.id_dir().ends_with("sb-1"));
+        assert_eq!(
+            config.id_dir(),
+            Path::new("/nonexistent-agentvm-jailer-base/sh/sb-1")
+        );
+        assert_eq!(config.exec_mount().dst, Path::new("/sh"));
     }
 
     #[test]
@@ -424,13 +431,7 @@ mod tests {
         assert!(error(&["--mount", "/etc:/dev/etc"]).contains("inside /dev"));
         assert!(error(&["--mount", "/etc:relative"]).contains("absolute"));
         assert!(error(&["--mount", "/etc:/a/../b"]).contains("absolute"));
-        let exec_dst = JailConfig::from_args(args(&[]))
-            .unwrap()
-            .exec_mount()
-            .dst
-            .clone();
-        let onto_exec = format!("/etc:{}", exec_dst.display());
-        assert!(error(&["--mount", &onto_exec]).contains("overlap"));
+        assert!(error(&["--mount", "/etc:/sh"]).contains("overlap"));
         assert!(error(&["--mount", "/etc", "--mount", "/usr:/etc"]).contains("overlap"));
     }
 
