@@ -6,25 +6,25 @@ use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::config::{JailConfig, NetNs};
 use crate::error::{JailerError, Result};
+use crate::jail_dir::JailDir;
+use crate::mounts::MountSpec;
 use crate::{devices, exit_code, fds, mounts, privileges, sys};
 
 /// How long the child waits for the parent to place it in the cgroup; the parent does it at
 /// once, so only a wedged parent makes this expire.
 const GO_TIMEOUT_MS: i32 = 60_000;
-/// The VMM's private socket directory: owned by the sandbox uid, nothing else writable.
-const RUN_TMPFS_OPTIONS: &str = "size=8m,mode=0700";
 
 /// Runs in the forked child. `go` is read until the parent says the child is in its cgroup;
 /// `report` (close-on-exec) carries a setup error back to the parent, and reaches EOF unwritten
 /// when the exec succeeds.
-pub fn run(config: &JailConfig, root: &Path, go: OwnedFd, report: OwnedFd) -> ! {
+pub fn run(config: &JailConfig, jail: &JailDir, go: OwnedFd, report: OwnedFd) -> ! {
     let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        jail_and_exec(config, root, go, &report)
+        jail_and_exec(config, jail, go, &report)
     }));
     let message = match result {
         Ok(Err(e)) => e.to_string(),
@@ -39,7 +39,7 @@ pub fn run(config: &JailConfig, root: &Path, go: OwnedFd, report: OwnedFd) -> ! 
 
 fn jail_and_exec(
     config: &JailConfig,
-    root: &Path,
+    jail: &JailDir,
     go: OwnedFd,
     report: &OwnedFd,
 ) -> Result<std::convert::Infallible> {
@@ -63,8 +63,9 @@ fn jail_and_exec(
     }
     sys::sethostname(&config.id)?;
 
-    build_jail(config, root)?;
-    mounts::enter_jail_root(root)?;
+    let root = jail.root();
+    build_jail(config, &root, &jail.run_dir())?;
+    mounts::enter_jail_root(&root)?;
 
     config.resource_limits.apply()?;
     privileges::drop_to(config.uid, config.gid)?;
@@ -106,23 +107,17 @@ fn wait_for_go(go: OwnedFd) -> Result<()> {
 }
 
 /// Builds the jail under `root`, in the child's own mount namespace: a tmpfs root holding /dev,
-/// /run (a tmpfs owned by the sandbox uid), /proc and the bind mounts, then read-only.
-fn build_jail(config: &JailConfig, root: &Path) -> Result<()> {
+/// /proc, the bind mounts and /run (the host's `run_dir`), then read-only.
+fn build_jail(config: &JailConfig, root: &Path, run_dir: &Path) -> Result<()> {
     mounts::make_mounts_private()?;
     mounts::mount_jail_tmpfs(root)?;
     devices::populate_dev(root, &config.devices, config.uid, config.gid)?;
-
-    let run = root.join("run");
-    fs::create_dir(&run).map_err(|e| JailerError::io("cannot create", &run, e))?;
-    let run_options = format!("{RUN_TMPFS_OPTIONS},uid={},gid={}", config.uid, config.gid);
-    sys::mount(
-        Some(Path::new("tmpfs")),
-        &run,
-        Some("tmpfs"),
-        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
-        Some(&run_options),
-    )?;
-
+    let run = MountSpec {
+        src: run_dir.to_path_buf(),
+        dst: PathBuf::from("/run"),
+        writable: true,
+    };
+    mounts::bind_into_jail(root, &run)?;
     for spec in &config.mounts {
         mounts::bind_into_jail(root, spec)?;
     }

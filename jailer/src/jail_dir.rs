@@ -1,7 +1,11 @@
-//! The jail's directory on the host, `<base>/<exec file name>/<id>/root`, and its removal.
+//! The jail's directory on the host, `<base>/<exec file name>/<id>`, and its removal. It holds
+//! `root` (where the child mounts the jail's tmpfs, in its own mount namespace) and `run`, the
+//! VMM's socket directory: a host directory, bind-mounted at /run in the jail, so that the host
+//! reaches the VMM's API and vsock sockets at `<id dir>/run/...`.
 
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::error::{JailerError, Result};
@@ -16,8 +20,9 @@ pub struct JailDir {
 }
 
 impl JailDir {
-    /// Creates `id_dir` (which must not exist) and `id_dir/root`.
-    pub fn create(id: &str, id_dir: &Path) -> Result<Self> {
+    /// Creates `id_dir` (which must not exist), `id_dir/root`, and `id_dir/run` owned by
+    /// `uid:gid` with mode 0700.
+    pub fn create(id: &str, id_dir: &Path, uid: u32, gid: u32) -> Result<Self> {
         let mut created_parents = Vec::new();
         let mut missing: Vec<&Path> = id_dir
             .ancestors()
@@ -56,11 +61,21 @@ impl JailDir {
         }
         let root = jail.root();
         fs::create_dir(&root).map_err(|e| JailerError::io("cannot create", &root, e))?;
+        let run = jail.run_dir();
+        fs::create_dir(&run).map_err(|e| JailerError::io("cannot create", &run, e))?;
+        fs::set_permissions(&run, fs::Permissions::from_mode(0o700))
+            .map_err(|e| JailerError::io("cannot chmod", &run, e))?;
+        std::os::unix::fs::chown(&run, Some(uid), Some(gid))
+            .map_err(|e| JailerError::io("cannot chown", &run, e))?;
         Ok(jail)
     }
 
     pub fn root(&self) -> PathBuf {
         self.id_dir.join("root")
+    }
+
+    pub fn run_dir(&self) -> PathBuf {
+        self.id_dir.join("run")
     }
 }
 
@@ -87,16 +102,25 @@ impl Drop for JailDir {
 
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::MetadataExt;
+
     use super::*;
 
     #[test]
     fn creates_and_removes_the_tree_and_its_new_parents() {
         let base = tempfile::tempdir().unwrap();
         let id_dir = base.path().join("jails/agentvm/sb");
-        let jail = JailDir::create("sb", &id_dir).unwrap();
+        let jail = JailDir::create("sb", &id_dir, 1000, 1001).unwrap();
         assert!(jail.root().is_dir());
-        let other = JailDir::create("sb2", &base.path().join("jails/agentvm/sb2")).unwrap();
-        let err = JailDir::create("sb", &id_dir).unwrap_err().to_string();
+        let run = fs::metadata(jail.run_dir()).unwrap();
+        assert_eq!((run.uid(), run.gid()), (1000, 1001));
+        assert_eq!(run.permissions().mode() & 0o777, 0o700);
+        fs::write(jail.run_dir().join("api.sock"), b"").unwrap();
+        let other =
+            JailDir::create("sb2", &base.path().join("jails/agentvm/sb2"), 1000, 1000).unwrap();
+        let err = JailDir::create("sb", &id_dir, 1000, 1000)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("a jail for id sb already exists"), "{err}");
         drop(other);
         assert!(!base.path().join("jails/agentvm/sb2").exists());

@@ -105,7 +105,7 @@ pub fn bind_into_jail(root: &Path, spec: &MountSpec) -> Result<()> {
             spec.dst.display()
         ))
     })?;
-    let mut remount = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+    let mut remount = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID | libc::MS_NODEV;
     if !spec.writable {
         remount |= libc::MS_RDONLY;
     }
@@ -114,7 +114,11 @@ pub fn bind_into_jail(root: &Path, spec: &MountSpec) -> Result<()> {
             "making the mount of {} at {} {}: {e}",
             spec.src.display(),
             spec.dst.display(),
-            if spec.writable { "nosuid" } else { "read-only" }
+            if spec.writable {
+                "nosuid,nodev"
+            } else {
+                "read-only"
+            }
         ))
     })
 }

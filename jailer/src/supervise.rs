@@ -36,7 +36,7 @@ pub fn run(config: &JailConfig) -> Result<Outcome> {
     let cgroup_host = CgroupHost::read()?;
     // Guards: dropped in reverse order on every return path, which removes the cgroup and then
     // the jail directory.
-    let jail = JailDir::create(&config.id, &config.id_dir())?;
+    let jail = JailDir::create(&config.id, &config.id_dir(), config.uid, config.gid)?;
     let cgroup = SandboxCgroup::create(
         &cgroup_host,
         config.cgroup_version,
@@ -59,7 +59,7 @@ pub fn run(config: &JailConfig) -> Result<Outcome> {
             drop(go_write);
             drop(report_read);
             // Never returns: the guards above are the parent's to drop.
-            child::run(config, &jail.root(), go_read, report_write)
+            child::run(config, &jail, go_read, report_write)
         }
         Forked::Parent(pid) => pid,
     };

@@ -192,7 +192,7 @@ fn inside_the_jail_the_program_is_uid_1000_pid_1_and_sees_only_the_jail() {
 }
 
 #[test]
-fn cgroup_limits_are_in_the_cgroup_files_while_the_sandbox_runs() {
+fn cgroup_limits_are_in_the_cgroup_files_and_run_sockets_reachable_while_the_sandbox_runs() {
     if !ready(false) {
         return;
     }
@@ -245,6 +245,16 @@ fn cgroup_limits_are_in_the_cgroup_files_while_the_sandbox_runs() {
             "{controller}: {pid} not in {procs:?}"
         );
     }
+
+    // The jail's /run is the host's <id dir>/run: the VMM's sockets are reachable from outside.
+    let socket = sandbox
+        .base
+        .path()
+        .join("jail-inspect")
+        .join(&sandbox.id)
+        .join("run/inspect.sock");
+    std::os::unix::net::UnixStream::connect(&socket)
+        .unwrap_or_else(|e| panic!("cannot connect to {}: {e}", socket.display()));
 
     fs::write(shared.path().join("stop"), b"").unwrap();
     let out = jailed.wait(RUN_TIMEOUT).unwrap();

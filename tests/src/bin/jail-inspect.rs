@@ -3,8 +3,8 @@
 //! `jail-inspect report <host path>`: prints what the jail looks like, one `key=value` a line
 //!   (ids, pid, hostname, directory listings, open fds, rlimits, privileges, cgroups, whether
 //!   `<host path>` can be seen, whether / and /run are writable), then `END`, and exits 0.
-//! `jail-inspect hold <stop file>`: `report`s, prints `READY`, and exits 0 once `<stop file>`
-//!   exists.
+//! `jail-inspect hold <stop file>`: `report`s, listens on the Unix socket /run/inspect.sock (as a
+//!   VMM does for its API), prints `READY`, and exits 0 once `<stop file>` exists.
 //! `jail-inspect forkbomb <stop file>`: starts threads until the kernel refuses one, prints
 //!   `forkbomb refused after <n> threads`, and exits 1 once `<stop file>` exists.
 //!
@@ -13,6 +13,7 @@
 
 use std::fs;
 use std::io::Write;
+use std::os::unix::net::UnixListener;
 use std::path::Path;
 use std::process::ExitCode;
 use std::thread;
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 
 const HOLD_LIMIT: Duration = Duration::from_secs(300);
 const POLL: Duration = Duration::from_millis(20);
+const SOCKET: &str = "/run/inspect.sock";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,8 +37,18 @@ fn main() -> ExitCode {
         }
         ["hold", stop] => {
             report(Path::new("/nonexistent"));
+            let listener = match UnixListener::bind(SOCKET) {
+                Ok(listener) => listener,
+                Err(e) => {
+                    eprintln!("jail-inspect: cannot listen on {SOCKET}: {e}");
+                    return ExitCode::from(4);
+                }
+            };
             println!("READY");
-            wait_for(Path::new(stop))
+            let _ = std::io::stdout().flush();
+            let code = wait_for(Path::new(stop));
+            drop(listener);
+            code
         }
         ["forkbomb", stop] => {
             let started = forkbomb();
