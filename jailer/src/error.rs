@@ -35,6 +35,9 @@ pub enum JailerError {
     ChildSetup(String),
     #[error("the jail was not ready within {0} s (its setup hung); killed it")]
     SetupTimeout(u64),
+    /// Waiting for the VMM, or signalling it, failed; the sandbox was killed.
+    #[error("supervising the VMM failed: {0}; killed the sandbox")]
+    Supervise(Box<JailerError>),
 }
 
 impl JailerError {
@@ -57,6 +60,7 @@ impl JailerError {
     pub fn exit_code(&self) -> u8 {
         match self {
             Self::Usage(_) | Self::JailExists { .. } => exit_code::USAGE,
+            Self::Supervise(_) => exit_code::SUPERVISE,
             _ => exit_code::SETUP,
         }
     }

@@ -29,7 +29,7 @@ fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("agentvm-jailer: error: {e}");
-            ExitCode::from(supervise::error_exit_code(&e))
+            ExitCode::from(e.exit_code())
         }
     }
 }

@@ -7,12 +7,12 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use crate::cgroup::{CgroupHost, SandboxCgroup};
+use crate::child;
 use crate::config::JailConfig;
 use crate::error::{JailerError, Result};
 use crate::jail_dir::JailDir;
 use crate::outcome::{self, Circumstances, Outcome};
 use crate::sys::{self, ChildExit, Forked};
-use crate::{child, exit_code};
 
 /// Signals the jailer passes on to the VMM.
 const FORWARDED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -80,7 +80,9 @@ pub fn run(config: &JailConfig) -> Result<Outcome> {
     tracing::debug!(pid, "the VMM is running in its jail");
 
     let mut seen = Circumstances::default();
-    let exit = sandbox.supervise(config.lifetime, &waited, &mut seen)?;
+    let exit = sandbox
+        .supervise(config.lifetime, &waited, &mut seen)
+        .map_err(|e| JailerError::Supervise(Box::new(e)))?;
     if let Some(cgroup) = &cgroup {
         seen.limit_hits = cgroup.limit_hits();
     }
@@ -187,13 +189,5 @@ impl Drop for Sandbox {
             }
         }
         tracing::warn!("sandbox PID 1 ({}) did not die after SIGKILL", self.pid);
-    }
-}
-
-/// The status to exit with for an error (see [`exit_code`]).
-pub fn error_exit_code(error: &JailerError) -> u8 {
-    match error {
-        JailerError::Syscall { call, .. } if call.starts_with("waitpid") => exit_code::SUPERVISE,
-        other => other.exit_code(),
     }
 }
