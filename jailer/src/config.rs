@@ -62,6 +62,10 @@ pub struct Args {
     /// Which cgroup hierarchy to use: v2 when it has the controllers needed, else v1.
     #[arg(long, value_name = "auto|1|2", default_value = "auto")]
     pub cgroup_version: String,
+    /// Create the sandbox cgroup under this cgroup path (e.g. /agentvm.slice, which must exist in
+    /// each hierarchy used) instead of under the jailer's own cgroup.
+    #[arg(long, value_name = "PATH")]
+    pub parent_cgroup: Option<PathBuf>,
     /// CPU time the VMM may use, in percent of one CPU (e.g. 50, or 200 for two CPUs).
     #[arg(long, value_name = "PERCENT_OF_ONE_CPU")]
     pub cpu_quota: Option<u32>,
@@ -98,6 +102,7 @@ pub struct JailConfig {
     pub devices: Vec<Device>,
     pub netns: NetNs,
     pub cgroup_version: CgroupVersion,
+    pub parent_cgroup: Option<PathBuf>,
     pub cgroup_limits: CgroupLimits,
     pub resource_limits: ResourceLimits,
     pub lifetime: Option<Duration>,
@@ -251,6 +256,7 @@ impl JailConfig {
             devices,
             netns,
             cgroup_version,
+            parent_cgroup: args.parent_cgroup,
             cgroup_limits,
             resource_limits,
             lifetime,

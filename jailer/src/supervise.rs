@@ -33,7 +33,10 @@ pub fn run(config: &JailConfig) -> Result<Outcome> {
                 .into(),
         ));
     }
-    let cgroup_host = CgroupHost::read()?;
+    let mut cgroup_host = CgroupHost::read()?;
+    if let Some(parent) = &config.parent_cgroup {
+        cgroup_host.reparent(parent)?;
+    }
     // Guards: dropped in reverse order on every return path, which removes the cgroup and then
     // the jail directory.
     let jail = JailDir::create(&config.id, &config.id_dir(), config.uid, config.gid)?;

@@ -538,3 +538,61 @@ fn a_fork_bomb_in_one_sandbox_leaves_its_neighbour_working() {
     );
     bomb.assert_cleaned_up(&out);
 }
+
+#[test]
+fn parent_cgroup_puts_the_sandbox_cgroup_under_it() {
+    if !ready(false) {
+        return;
+    }
+    let sandbox = Sandbox::new("parent");
+    let parent = format!("/agentvm-jailer-test-{}", std::process::id());
+    let mut host = ::jailer::cgroup::CgroupHost::read().unwrap();
+    host.reparent(Path::new(&parent)).unwrap();
+    let parent_dir = if host.v2_missing(&["memory"]).is_ok() {
+        host.v2_own_dir.clone()
+    } else {
+        host.v1_own_dir("memory").map(Path::to_path_buf)
+    }
+    .expect("no memory cgroup hierarchy");
+    fs::create_dir(&parent_dir).unwrap();
+
+    let out = sandbox
+        .inspect(
+            &["--parent-cgroup", &parent, "--memory-limit-mib", "64"],
+            &["report", "/"],
+        )
+        .wait(RUN_TIMEOUT);
+    let left = dir_entries(&parent_dir)
+        .into_iter()
+        .filter(|e| e == "agentvm")
+        .count();
+    fs::remove_dir(&parent_dir).unwrap();
+    let out = out.unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let cgroups = report_field(&out.stdout_text(), "cgroup").to_string();
+    let expected = format!("{parent}/agentvm/{}", sandbox.id);
+    assert!(cgroups.contains(&expected), "{expected} not in {cgroups}");
+    assert_eq!(left, 0, "the sandboxes cgroup was left under {parent}");
+    sandbox.assert_cleaned_up(&out);
+
+    let missing = Sandbox::new("noparent");
+    let out = missing
+        .inspect(
+            &[
+                "--parent-cgroup",
+                "/agentvm-no-such-cgroup",
+                "--pids-max",
+                "8",
+            ],
+            &["report", "/"],
+        )
+        .wait(RUN_TIMEOUT)
+        .unwrap();
+    assert_eq!(out.status.code(), Some(101), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("agentvm-no-such-cgroup does not exist"),
+        "{out:?}"
+    );
+    missing.assert_cleaned_up(&out);
+}

@@ -14,6 +14,8 @@ pub struct CgroupHost {
     pub v2_own_dir: Option<PathBuf>,
     /// The jailer's own cgroup directory in each mounted v1 hierarchy, with its controllers.
     pub v1_own_dirs: Vec<(Vec<String>, PathBuf)>,
+    /// Where each of the above hierarchies is mounted, in the same order (v2 first if present).
+    mount_points: Vec<PathBuf>,
 }
 
 struct CgroupMount {
@@ -47,7 +49,10 @@ impl CgroupHost {
             };
             if controllers.is_empty() {
                 let v2 = mounts.iter().find(|m| m.v1_controllers.is_none());
-                host.v2_own_dir = v2.and_then(|m| own_dir(m, own));
+                if let Some((m, dir)) = v2.and_then(|m| Some((m, own_dir(m, own)?))) {
+                    host.v2_own_dir = Some(dir);
+                    host.mount_points.insert(0, m.mount_point.clone());
+                }
                 continue;
             }
             let names: Vec<String> = controllers.split(',').map(str::to_string).collect();
@@ -56,11 +61,39 @@ impl CgroupHost {
                     .as_ref()
                     .is_some_and(|c| names.iter().all(|n| c.contains(n)))
             });
-            if let Some(dir) = mount.and_then(|m| own_dir(m, own)) {
+            if let Some((m, dir)) = mount.and_then(|m| Some((m, own_dir(m, own)?))) {
                 host.v1_own_dirs.push((names, dir));
+                host.mount_points.push(m.mount_point.clone());
             }
         }
         host
+    }
+
+    /// Puts sandbox cgroups under `parent` (a cgroup path such as `/agentvm.slice`, the same in
+    /// every hierarchy) instead of under the jailer's own cgroup. On a cgroup v2 host whose
+    /// jailer runs in a non-root cgroup with processes (a login session), controllers cannot be
+    /// delegated below the jailer's own cgroup, but can below a parent made for sandboxes.
+    pub fn reparent(&mut self, parent: &Path) -> Result<()> {
+        let relative = parent.strip_prefix("/").map_err(|_| {
+            JailerError::Usage(format!(
+                "--parent-cgroup {} must be an absolute cgroup path",
+                parent.display()
+            ))
+        })?;
+        let mut mounts = self.mount_points.iter();
+        let mut next_dir = || -> Result<PathBuf> {
+            mounts
+                .next()
+                .map(|m| m.join(relative))
+                .ok_or_else(|| JailerError::Cgroup("cgroup mount list out of step".into()))
+        };
+        if let Some(own) = self.v2_own_dir.as_mut() {
+            *own = next_dir()?;
+        }
+        for (_, own) in &mut self.v1_own_dirs {
+            *own = next_dir()?;
+        }
+        Ok(())
     }
 
     /// Ok when the v2 hierarchy offers every controller in `needed` to the jailer's cgroup;
@@ -94,29 +127,45 @@ impl CgroupHost {
         }
     }
 
+    /// The jailer's own cgroup directory (or the `--parent-cgroup` one after [`Self::reparent`])
+    /// in the v1 hierarchy holding `controller`.
+    pub fn v1_own_dir(&self, controller: &str) -> Option<&Path> {
+        self.v1_own_dirs
+            .iter()
+            .find(|(names, _)| names.iter().any(|n| n == controller))
+            .map(|(_, dir)| dir.as_path())
+    }
+
     /// `<own v2 cgroup>/agentvm`.
     pub fn v2_sandboxes_dir(&self) -> Result<PathBuf> {
-        self.v2_own_dir
-            .as_ref()
-            .map(|own| own.join(SANDBOXES_DIR))
-            .ok_or_else(|| {
-                JailerError::Cgroup("no cgroup v2 (unified) hierarchy is mounted".into())
-            })
+        let own = self.v2_own_dir.as_ref().ok_or_else(|| {
+            JailerError::Cgroup("no cgroup v2 (unified) hierarchy is mounted".into())
+        })?;
+        sandboxes_dir(own)
     }
 
     /// `<own cgroup in the v1 hierarchy of controller>/agentvm`.
     pub fn v1_sandboxes_dir(&self, controller: &str) -> Result<PathBuf> {
-        self.v1_own_dirs
-            .iter()
-            .find(|(names, _)| names.iter().any(|n| n == controller))
-            .map(|(_, own)| own.join(SANDBOXES_DIR))
-            .ok_or_else(|| {
-                JailerError::Cgroup(format!(
-                    "no cgroup v1 hierarchy with the {controller} controller is mounted, and \
-                     cgroup v2 cannot be used either"
-                ))
-            })
+        let own = self.v1_own_dir(controller).ok_or_else(|| {
+            JailerError::Cgroup(format!(
+                "no cgroup v1 hierarchy with the {controller} controller is mounted, and cgroup \
+                 v2 cannot be used either"
+            ))
+        })?;
+        sandboxes_dir(own)
     }
+}
+
+/// `<own>/agentvm`, provided `own` exists (it may not after `--parent-cgroup`): sandbox
+/// cgroups are created below existing cgroups only.
+fn sandboxes_dir(own: &Path) -> Result<PathBuf> {
+    if !own.is_dir() {
+        return Err(JailerError::Cgroup(format!(
+            "the parent cgroup {} does not exist",
+            own.display()
+        )));
+    }
+    Ok(own.join(SANDBOXES_DIR))
 }
 
 /// Parses one mountinfo line if it is a cgroup (v1 or v2) mount.
@@ -205,16 +254,16 @@ mod tests {
             Some(Path::new("/sys/fs/cgroup/unified/"))
         );
         assert_eq!(
-            host.v1_sandboxes_dir("memory").unwrap(),
-            Path::new("/sys/fs/cgroup/memory/process_api/abc/agentvm")
+            host.v1_own_dir("memory"),
+            Some(Path::new("/sys/fs/cgroup/memory/process_api/abc"))
         );
         assert_eq!(
-            host.v1_sandboxes_dir("pids").unwrap(),
-            Path::new("/sys/fs/cgroup/pids x/agentvm")
+            host.v1_own_dir("pids"),
+            Some(Path::new("/sys/fs/cgroup/pids x"))
         );
         assert_eq!(
-            host.v1_sandboxes_dir("cpu").unwrap(),
-            Path::new("/sys/fs/cgroup/cpu/agentvm")
+            host.v1_own_dir("cpu"),
+            Some(Path::new("/sys/fs/cgroup/cpu"))
         );
         let err = host.v1_sandboxes_dir("blkio").unwrap_err().to_string();
         assert!(err.contains("blkio"), "{err}");
@@ -224,17 +273,73 @@ mod tests {
     fn handles_comounted_and_nested_mounts() {
         let mountinfo =
             "1 0 0:1 /ns /sys/fs/cgroup/cpu,cpuacct rw - cgroup cgroup rw,cpu,cpuacct\n\
-                         2 0 0:2 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
+             2 0 0:2 / /sys/fs/cgroup rw - cgroup2 cgroup2 rw,nsdelegate\n";
         let proc_cgroup = "3:cpu,cpuacct:/ns/job\n0::/user.slice\n";
         let host = CgroupHost::parse(mountinfo, proc_cgroup);
         assert_eq!(
-            host.v1_sandboxes_dir("cpu").unwrap(),
-            Path::new("/sys/fs/cgroup/cpu,cpuacct/job/agentvm")
+            host.v1_own_dir("cpuacct"),
+            Some(Path::new("/sys/fs/cgroup/cpu,cpuacct/job"))
         );
         assert_eq!(
-            host.v2_sandboxes_dir().unwrap(),
-            Path::new("/sys/fs/cgroup/user.slice/agentvm")
+            host.v2_own_dir.as_deref(),
+            Some(Path::new("/sys/fs/cgroup/user.slice"))
         );
+    }
+
+    #[test]
+    fn a_missing_parent_cgroup_is_named() {
+        let host = CgroupHost {
+            v2_own_dir: Some(PathBuf::from("/nonexistent/cgroup")),
+            ..CgroupHost::default()
+        };
+        let err = host.v2_sandboxes_dir().unwrap_err().to_string();
+        assert!(
+            err.contains("the parent cgroup /nonexistent/cgroup does not exist"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn reparents_into_an_existing_parent_cgroup() {
+        let fake = tempfile::tempdir().unwrap();
+        let root = fake.path();
+        for dir in [
+            "unified/user/1",
+            "memory/user/1",
+            "unified/sandboxes",
+            "memory/sandboxes",
+        ] {
+            fs::create_dir_all(root.join(dir)).unwrap();
+        }
+        let mountinfo = format!(
+            "1 0 0:1 / {r}/unified rw - cgroup2 cgroup2 rw\n\
+             2 0 0:2 / {r}/memory rw - cgroup cgroup rw,memory\n\
+             3 0 0:3 / {r}/cpu rw - cgroup cgroup rw,cpu\n",
+            r = root.display()
+        );
+        let proc_cgroup = "2:memory:/user/1\n3:cpu:/user/1\n0::/user/1\n";
+        let mut host = CgroupHost::parse(&mountinfo, proc_cgroup);
+        assert_eq!(
+            host.v1_sandboxes_dir("memory").unwrap(),
+            root.join("memory/user/1/agentvm")
+        );
+        host.reparent(Path::new("/sandboxes")).unwrap();
+        let err = host.v1_sandboxes_dir("cpu").unwrap_err().to_string();
+        assert!(err.contains("cpu/sandboxes does not exist"), "{err}");
+        fs::create_dir_all(root.join("cpu/sandboxes")).unwrap();
+        assert_eq!(
+            host.v2_sandboxes_dir().unwrap(),
+            root.join("unified/sandboxes/agentvm")
+        );
+        assert_eq!(
+            host.v1_sandboxes_dir("memory").unwrap(),
+            root.join("memory/sandboxes/agentvm")
+        );
+        assert_eq!(
+            host.v1_sandboxes_dir("cpu").unwrap(),
+            root.join("cpu/sandboxes/agentvm")
+        );
+        assert!(host.reparent(Path::new("relative")).is_err());
     }
 
     #[test]
@@ -243,7 +348,7 @@ mod tests {
         fs::write(dir.path().join("cgroup.controllers"), "cpu hugetlb\n").unwrap();
         let host = CgroupHost {
             v2_own_dir: Some(dir.path().to_path_buf()),
-            v1_own_dirs: Vec::new(),
+            ..CgroupHost::default()
         };
         assert!(host.v2_missing(&["cpu"]).is_ok());
         let err = host
