@@ -78,7 +78,12 @@ fn jail_and_exec(
     sys::set_signal_mask(libc::SIG_SETMASK, &sys::sigset(&[]))?;
 
     let exec_path = &config.exec_mount().dst;
-    let error = Command::new(exec_path).args(&config.vmm_args).exec();
+    // The environment passes through (e.g. AGENTVM_LOG), except the temporary directory: a host
+    // path means nothing in the jail, which has its own /tmp.
+    let error = Command::new(exec_path)
+        .args(&config.vmm_args)
+        .env("TMPDIR", "/tmp")
+        .exec();
     Err(JailerError::io(
         "cannot execute the VMM at",
         exec_path,
@@ -107,7 +112,7 @@ fn wait_for_go(go: OwnedFd) -> Result<()> {
 }
 
 /// Builds the jail under `root`, in the child's own mount namespace: a tmpfs root holding /dev,
-/// /proc, the bind mounts and /run (the host's `run_dir`), then read-only.
+/// /proc, the bind mounts, /run (the host's `run_dir`) and a private /tmp, then read-only.
 fn build_jail(config: &JailConfig, root: &Path, run_dir: &Path) -> Result<()> {
     mounts::make_mounts_private()?;
     mounts::mount_jail_tmpfs(root)?;
@@ -118,6 +123,7 @@ fn build_jail(config: &JailConfig, root: &Path, run_dir: &Path) -> Result<()> {
         writable: true,
     };
     mounts::bind_into_jail(root, &run)?;
+    mounts::mount_private_tmp(root, config.uid, config.gid)?;
     for spec in &config.mounts {
         mounts::bind_into_jail(root, spec)?;
     }

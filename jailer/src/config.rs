@@ -293,9 +293,9 @@ fn canonical_source(what: &str, path: &Path) -> Result<PathBuf> {
 }
 
 /// Destinations must be distinct, absolute, free of `..`, and clear of what the jail itself
-/// creates (/dev, /proc, /run).
+/// creates (/dev, /proc, /run, /tmp).
 fn check_mount_destinations(mounts: &[MountSpec]) -> Result<()> {
-    const RESERVED: [&str; 3] = ["/dev", "/proc", "/run"];
+    const RESERVED: [&str; 4] = ["/dev", "/proc", "/run", "/tmp"];
     for (i, mount) in mounts.iter().enumerate() {
         let dst = &mount.dst;
         let plain = dst.is_absolute()

@@ -123,6 +123,24 @@ pub fn bind_into_jail(root: &Path, spec: &MountSpec) -> Result<()> {
     })
 }
 
+/// Size of the sandbox's /tmp (`agentvm run` keeps its vsock socket in a temporary directory);
+/// its pages are charged to the sandbox's memory cgroup.
+const TMP_TMPFS_SIZE: &str = "size=64m";
+
+/// A private /tmp owned by the sandbox's uid:gid.
+pub fn mount_private_tmp(root: &Path, uid: u32, gid: u32) -> Result<()> {
+    let target = root.join("tmp");
+    fs::create_dir(&target).map_err(|e| JailerError::io("cannot create", &target, e))?;
+    let options = format!("{TMP_TMPFS_SIZE},mode=0700,uid={uid},gid={gid}");
+    sys::mount(
+        Some(Path::new("tmpfs")),
+        &target,
+        Some("tmpfs"),
+        libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+        Some(&options),
+    )
+}
+
 /// A /proc for the new PID namespace: the VMM reads its own /proc/self (memory statistics).
 pub fn mount_proc(root: &Path) -> Result<()> {
     let target = root.join("proc");

@@ -179,7 +179,7 @@ fn inside_the_jail_the_program_is_uid_1000_pid_1_and_sees_only_the_jail() {
     assert_eq!(field("no_new_privs"), "1");
     assert_eq!(field("pid"), "1", "not PID 1 of a new PID namespace");
     assert_eq!(field("hostname"), sandbox.id);
-    assert_eq!(field("root"), "dev,jail-inspect,proc,run");
+    assert_eq!(field("root"), "dev,jail-inspect,proc,run,tmp");
     assert_eq!(field("dev"), "kvm,null,urandom,zero");
     // 3 is the directory being listed; an inherited fd would have pushed it to 4 or beyond.
     assert_eq!(field("fds"), "0,1,2,3");
@@ -188,6 +188,7 @@ fn inside_the_jail_the_program_is_uid_1000_pid_1_and_sees_only_the_jail() {
     assert_eq!(field("host_path"), "absent");
     assert_eq!(field("root_writable"), "no");
     assert_eq!(field("run_writable"), "yes");
+    assert_eq!(field("tmp_writable"), "yes");
     sandbox.assert_cleaned_up(&out);
 }
 

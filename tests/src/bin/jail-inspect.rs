@@ -2,7 +2,7 @@
 //!
 //! `jail-inspect report <host path>`: prints what the jail looks like, one `key=value` a line
 //!   (ids, pid, hostname, directory listings, open fds, rlimits, privileges, cgroups, whether
-//!   `<host path>` can be seen, whether / and /run are writable), then `END`, and exits 0.
+//!   `<host path>` can be seen, whether /, /run and the temporary directory are writable), then `END`, and exits 0.
 //! `jail-inspect hold <stop file>`: `report`s, listens on the Unix socket /run/inspect.sock (as a
 //!   VMM does for its API), prints `READY`, and exits 0 once `<stop file>` exists.
 //! `jail-inspect forkbomb <stop file>`: starts threads until the kernel refuses one, prints
@@ -114,6 +114,10 @@ fn report(host_path: &Path) {
     );
     println!("root_writable={}", writable(Path::new("/inspect-probe")));
     println!("run_writable={}", writable(Path::new("/run/inspect-probe")));
+    println!(
+        "tmp_writable={}",
+        writable(&std::env::temp_dir().join("inspect-probe"))
+    );
     println!("END");
     let _ = std::io::stdout().flush();
 }
