@@ -1,7 +1,7 @@
 //! `agentvm-jailer` inside the nested test host: a busybox initramfs as root (so pivot_root is
 //! refused and the jail is entered by moving it over /), cgroup v2 with every controller, the
-//! Debian cloud kernel. The probe boots jailed there as uid 1000, and a memory hog is killed by
-//! the v2 memory limit.
+//! Debian cloud kernel. The probe boots jailed there as uid 1000, a memory hog is killed by the
+//! v2 memory limit, and `agentvm run` runs a command in a real Linux guest from inside the jail.
 //!
 //! One L1 boot (3-5 minutes under TCG) serves every test here. Skips (saying why) when the nested
 //! host cannot run; with CI=true it fails instead. Run with:
@@ -15,7 +15,7 @@ use std::time::Duration;
 use integration_tests::jailer::jailer_bin;
 use integration_tests::nested::{describe, run_scenarios_with_files, Outcome};
 use integration_tests::probe::{probe_elf, ProbeOutput, DEFAULT_CHECKS};
-use vmm::nested::Scenario;
+use vmm::nested::{Scenario, L1_L2_INITRD, L1_L2_KERNEL};
 
 const TIMEOUT: Duration = Duration::from_secs(240);
 const L1_JAILER: &str = "/bin/agentvm-jailer";
@@ -47,6 +47,21 @@ fn scenarios() -> Vec<Scenario> {
             "probe.token=nested",
         ),
         jailed_probe("hog", "--memory-limit-mib 64", "probe.mode=hog"),
+        Scenario::new(
+            "linux",
+            format!(
+                "mkdir -p /sys/fs/cgroup\n\
+                 grep -q cgroup2 /proc/mounts || mount -t cgroup2 none /sys/fs/cgroup\n\
+                 {L1_JAILER} --id linux --exec-file /bin/agentvm --uid 1000 --gid 1000 \
+                 --mount {L1_L2_KERNEL}:/vmlinux --mount {L1_L2_INITRD}:/initramfs.cpio \
+                 --memory-limit-mib 1024 --pids-max 256 --lifetime 600 -- run --kernel /vmlinux \
+                 --initrd /initramfs.cpio --mem-mib 256 -- sh -c 'echo hello-from-jailed-l2; exit 3'\n\
+                 echo jailer-exit=$?\n\
+                 echo jail-left=$(ls -A /srv/agentvm-jailer 2>/dev/null | wc -l)\n\
+                 echo cgroup-left=$(ls -d /sys/fs/cgroup/agentvm/linux 2>/dev/null | wc -l)\n"
+            ),
+            TIMEOUT,
+        ),
     ]
 }
 
@@ -110,6 +125,23 @@ fn the_cgroup_v2_memory_limit_kills_a_hog_with_the_limit_named() {
         "{}",
         describe(r)
     );
+    assert_eq!(value(&stdout, "jail-left"), Some("0"), "{}", describe(r));
+    assert_eq!(value(&stdout, "cgroup-left"), Some("0"), "{}", describe(r));
+}
+
+#[test]
+fn agentvm_run_runs_a_linux_guest_command_from_inside_the_jail() {
+    let Some(r) = outcome().scenario("linux") else {
+        return;
+    };
+    let stdout = r.stdout_text();
+    assert!(
+        stdout.lines().any(|l| l == "hello-from-jailed-l2"),
+        "{}",
+        describe(r)
+    );
+    // The guest command's status, passed through agentvm run and the jailer.
+    assert_eq!(value(&stdout, "jailer-exit"), Some("3"), "{}", describe(r));
     assert_eq!(value(&stdout, "jail-left"), Some("0"), "{}", describe(r));
     assert_eq!(value(&stdout, "cgroup-left"), Some("0"), "{}", describe(r));
 }
