@@ -597,3 +597,23 @@ fn parent_cgroup_puts_the_sandbox_cgroup_under_it() {
     );
     missing.assert_cleaned_up(&out);
 }
+
+#[test]
+fn a_seccomp_violation_is_reported_as_sigsys() {
+    if !ready(false) {
+        return;
+    }
+    let sandbox = Sandbox::new("sigsys");
+    let out = sandbox
+        .inspect(&[], &["seccomp-violation"])
+        .wait(RUN_TIMEOUT)
+        .unwrap();
+    assert!(out.stdout_text().contains("filter installed"), "{out:?}");
+    assert_eq!(out.status.code(), Some(128 + libc::SIGSYS), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("VMM killed by signal SIGSYS (seccomp violation)"),
+        "{out:?}"
+    );
+    sandbox.assert_cleaned_up(&out);
+}

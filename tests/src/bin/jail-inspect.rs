@@ -5,6 +5,8 @@
 //!   `<host path>` can be seen, whether /, /run and the temporary directory are writable), then `END`, and exits 0.
 //! `jail-inspect hold <stop file>`: `report`s, listens on the Unix socket /run/inspect.sock (as a
 //!   VMM does for its API), prints `READY`, and exits 0 once `<stop file>` exists.
+//! `jail-inspect seccomp-violation`: installs a seccomp filter that kills the process on
+//!   getppid (which works only under no_new_privs, as in the jail), then calls getppid.
 //! `jail-inspect forkbomb <stop file>`: starts threads until the kernel refuses one, prints
 //!   `forkbomb refused after <n> threads`, and exits 1 once `<stop file>` exists.
 //!
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             drop(listener);
             code
         }
+        ["seccomp-violation"] => seccomp_violation(),
         ["forkbomb", stop] => {
             let started = forkbomb();
             println!("forkbomb refused after {started} threads");
@@ -61,7 +64,8 @@ fn main() -> ExitCode {
         }
         _ => {
             eprintln!(
-                "usage: jail-inspect report <host path> | hold <stop file> | forkbomb <stop file>"
+                "usage: jail-inspect report <host path> | hold <stop file> | seccomp-violation | \
+                 forkbomb <stop file>"
             );
             ExitCode::from(2)
         }
@@ -170,4 +174,34 @@ fn forkbomb() -> usize {
             Err(_) => return started,
         }
     }
+}
+
+/// Dies of SIGSYS the way a VMM thread making a forbidden syscall does.
+fn seccomp_violation() -> ExitCode {
+    let rules = [(libc::SYS_getppid, Vec::new())].into_iter().collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        seccompiler::SeccompAction::Allow,
+        seccompiler::SeccompAction::KillProcess,
+        seccompiler::TargetArch::x86_64,
+    );
+    let program: Result<seccompiler::BpfProgram, _> = match filter {
+        Ok(filter) => filter.try_into(),
+        Err(e) => {
+            eprintln!("jail-inspect: cannot build the seccomp filter: {e}");
+            return ExitCode::from(5);
+        }
+    };
+    let applied = program
+        .map_err(|e| e.to_string())
+        .and_then(|p| seccompiler::apply_filter(&p).map_err(|e| e.to_string()));
+    if let Err(e) = applied {
+        eprintln!("jail-inspect: cannot install the seccomp filter: {e}");
+        return ExitCode::from(5);
+    }
+    println!("filter installed");
+    let _ = std::io::stdout().flush();
+    let parent = std::os::unix::process::parent_id();
+    eprintln!("jail-inspect: getppid returned {parent} despite the filter");
+    ExitCode::from(6)
 }
