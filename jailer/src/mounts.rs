@@ -54,8 +54,8 @@ impl MountSpec {
     }
 }
 
-/// Size of the jail's tmpfs: it holds only directories, device nodes, mount points and the VMM's
-/// sockets under /run.
+/// Size of the jail's root tmpfs: it holds only directories, device nodes and mount points (the
+/// VMM writes to /run and /tmp, which are mounts of their own).
 const JAIL_TMPFS_OPTIONS: &str = "size=16m,mode=0755";
 
 /// Stops mount events from propagating back to the host: from here on, mounts made by the child
@@ -70,8 +70,7 @@ pub fn make_mounts_private() -> Result<()> {
     )
 }
 
-/// Mounts a fresh tmpfs on the jail root. The jail's files (device nodes, mount points, /run)
-/// live on it rather than in the host directory, so they need no cleanup, and device nodes work
+/// Mounts a fresh tmpfs on the jail root. The jail's files (device nodes, mount points) live on it rather than in the host directory, so they need no cleanup, and device nodes work
 /// even where the base directory's filesystem is mounted nodev. Executables come only from the
 /// read-only bind mounts, so the tmpfs itself is noexec.
 pub fn mount_jail_tmpfs(root: &Path) -> Result<()> {
