@@ -3,5 +3,6 @@
 
 pub mod agentvm;
 pub mod elf;
+pub mod jailer;
 pub mod nested;
 pub mod probe;

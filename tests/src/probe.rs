@@ -8,8 +8,10 @@
 //!
 //! `probe.mode=` on the kernel command line picks the mode: `default` (the [`DEFAULT_CHECKS`], then
 //! `done` and an i8042 reset), `triple-fault` (`ud2` without an IDT), `spin` (loops in ring 3
-//! forever after `spinning`) or `flood` ([`FLOOD_BYTES`] of [`flood_stream`], then `done` and a
-//! reset). An unknown mode prints a failing `start` line, then `done`, and resets.
+//! forever after `spinning`), `flood` ([`FLOOD_BYTES`] of [`flood_stream`], then `done` and a
+//! reset) or `hog` (writes every RAM page above 16 MiB between `hog begin ram_kib=<n>` and
+//! `hog end touched_kib=<n>`, then `done` and a reset: the VMM's memory grows by the guest's
+//! size). An unknown mode prints a failing `start` line, then `done`, and resets.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -90,3 +90,17 @@ pub fn mmio_write32(addr: u64, value: u32) {
         )
     }
 }
+
+/// Writes a byte at the start of the RAM page at `addr`, which makes the VMM back the page.
+pub fn touch_page(addr: u64) {
+    debug_assert!(addr < IDENTITY_MAP_END);
+    // SAFETY: callers pass page addresses of guest RAM inside the identity map, above everything
+    // the probe itself uses (its image, stack, page tables and the boot structures); nothing in
+    // Rust refers to that memory.
+    unsafe {
+        core::ptr::write_volatile(
+            core::ptr::with_exposed_provenance_mut::<u8>(addr as usize),
+            1,
+        )
+    }
+}

@@ -10,14 +10,16 @@
 //!   `PROBE flood begin bytes=<n> fifo_depth=<n>`, `PROBE flood end bytes=<n> fnv1a64=<hex>`.
 //!
 //! `probe.mode=` on the command line selects what runs: `default` (the checks), `triple-fault`,
-//! `spin` and `flood`. The probe ends with an i8042 reset (`out 0x64, 0xfe`) except in the
-//! `triple-fault` and `spin` modes.
+//! `spin`, `flood` and `hog` (touches every RAM page above 16 MiB: `PROBE hog begin ram_kib=<n>`,
+//! `PROBE hog end touched_kib=<n>`). The probe ends with an i8042 reset (`out 0x64, 0xfe`) except
+//! in the `triple-fault` and `spin` modes.
 
 #![no_std]
 #![no_main]
 
 mod checks;
 mod entry;
+mod hog;
 mod hw;
 mod memfuncs;
 mod mptable;
@@ -35,6 +37,7 @@ enum Mode {
     TripleFault,
     Spin,
     Flood,
+    Hog,
 }
 
 impl Mode {
@@ -44,6 +47,7 @@ impl Mode {
             Mode::TripleFault => "triple-fault",
             Mode::Spin => "spin",
             Mode::Flood => "flood",
+            Mode::Hog => "hog",
         }
     }
 
@@ -58,6 +62,7 @@ impl Mode {
             Some(b"triple-fault") => Ok(Mode::TripleFault),
             Some(b"spin") => Ok(Mode::Spin),
             Some(b"flood") => Ok(Mode::Flood),
+            Some(b"hog") => Ok(Mode::Hog),
             Some(other) => Err(other),
         }
     }
@@ -107,6 +112,11 @@ pub extern "C" fn probe_main(zero_page: u64) -> ! {
         }
         Mode::Flood => {
             flood();
+            marker_line("done");
+            reset();
+        }
+        Mode::Hog => {
+            hog::hog(zp);
             marker_line("done");
             reset();
         }
