@@ -13,5 +13,6 @@ pub mod kernel;
 pub mod memory;
 pub mod nested;
 pub mod process_stats;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;
