@@ -81,6 +81,9 @@ fn inner_command(machine: &MachineArgs, command: &[String], limit: Option<Durati
     if machine.console.is_some() {
         line.push_str(&format!(" --console {L1_CONSOLE_LOG}"));
     }
+    if machine.no_seccomp {
+        line.push_str(" --no-seccomp");
+    }
     line.push_str(" --");
     for arg in command {
         line.push(' ');

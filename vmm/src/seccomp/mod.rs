@@ -71,6 +71,25 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
     })
 }
 
+/// What one thread does about seccomp as it starts its work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadSeccomp {
+    pub level: SeccompLevel,
+    /// Test-only: make a forbidden syscall right after the filter is on.
+    pub test_violation: bool,
+}
+
+impl ThreadSeccomp {
+    /// Installs `kind`'s filter on the calling thread (then runs the test hook if asked).
+    pub fn enter(self, kind: ThreadKind) -> Result<(), SeccompError> {
+        install(kind, self.level)?;
+        if self.test_violation {
+            make_forbidden_syscall();
+        }
+        Ok(())
+    }
+}
+
 /// Test-only hook (`agentvm boot --seccomp-test-violation`): makes a syscall that no filter
 /// allows, harmless when it runs (prctl PR_GET_DUMPABLE).
 pub fn make_forbidden_syscall() {
