@@ -15,7 +15,7 @@ enum Ended {
 }
 
 /// Forks; the child installs `kind`'s filter, runs `act` and exits 0.
-fn in_filtered_child(kind: ThreadKind, act: fn()) -> (Ended, String) {
+fn in_filtered_child(kind: ThreadKind, act: impl FnOnce()) -> (Ended, String) {
     // Decoded and installed before fork, so the child never waits on a lock another test
     // thread held at fork time.
     filters::compiled().unwrap();
@@ -37,8 +37,12 @@ fn in_filtered_child(kind: ThreadKind, act: fn()) -> (Ended, String) {
             if install(kind, SeccompLevel::Enforce).is_err() {
                 libc::_exit(2);
             }
-            act();
-            libc::_exit(0);
+            // A panic must not unwind into this forked copy of the test harness.
+            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(act)) {
+                Ok(()) => 0,
+                Err(_) => 3,
+            };
+            libc::_exit(code);
         }
     }
     drop(write_end);
@@ -148,4 +152,19 @@ fn no_thread_may_open_files() {
 fn the_vmm_filter_allows_the_vcpu_kick_signal() {
     // The vmm filter allows tgkill only with signal 34: glibc's SIGRTMIN.
     assert_eq!(crate::vstate::vcpu::kick_signal(), 34);
+}
+
+#[test]
+fn the_device_thread_may_use_host_sockets() {
+    use std::io::Write;
+    // Made outside the filter, as the vsock backend's listener is.
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::Devices, move || {
+        a.set_nonblocking(true).unwrap();
+        a.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        b.read_exact(&mut byte).unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
 }
