@@ -2,6 +2,9 @@
 //!
 //! [`vmm::boot`] turns a [`config::VmConfig`] into a running VM; [`vmm::Vmm::wait`] blocks until it
 //! ends and says why ([`exit::VmOutcome`]).
+//!
+//! Every VMM thread runs under a seccomp filter for its kind ([`seccomp`]); the filters live in
+//! `vmm/seccomp/<target>.json` and are described in `vmm/seccomp/README.md`.
 
 pub mod artefacts;
 pub mod config;

@@ -108,6 +108,7 @@ mod tests {
             mem_mib: 256,
             console: None,
             timeout: 0.0,
+            no_seccomp: false,
         };
         let line = inner_command(
             &machine,
@@ -119,5 +120,12 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("--vcpus 2 --mem-mib 256"));
+        assert!(!line.contains("--no-seccomp"));
+        let unfiltered = MachineArgs {
+            no_seccomp: true,
+            ..machine
+        };
+        let line = inner_command(&unfiltered, &["true".into()], None);
+        assert!(line.contains(" --no-seccomp --"), "{line}");
     }
 }
