@@ -48,11 +48,22 @@ pub fn rss() -> Rss {
 /// seccomp filter allows no open).
 pub fn rss_from(status: &mut std::fs::File) -> Rss {
     use std::io::{Read, Seek, SeekFrom};
-    let mut text = String::new();
-    if status.seek(SeekFrom::Start(0)).is_err() || status.read_to_string(&mut text).is_err() {
+    if status.seek(SeekFrom::Start(0)).is_err() {
         return Rss::default();
     }
-    parse_rss(&text).unwrap_or_default()
+    // Plain reads: File::read_to_string first asks statx for the size, which the `vmm` seccomp
+    // filter does not allow (and /proc files report 0 anyway).
+    let mut text = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 1024];
+    loop {
+        match status.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => text.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => return Rss::default(),
+        }
+    }
+    parse_rss(&String::from_utf8_lossy(&text)).unwrap_or_default()
 }
 
 /// The memory of process `pid`; `None` once it is gone (or /proc cannot be read).

@@ -168,3 +168,13 @@ fn the_device_thread_may_use_host_sockets() {
     });
     assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
 }
+
+#[test]
+fn the_main_thread_can_read_its_memory_for_the_timing_report() {
+    // Opened outside the filter, as `agentvm boot --report-timings` does.
+    let mut status = std::fs::File::open(crate::process_stats::SELF_STATUS).unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::Vmm, move || {
+        assert!(crate::process_stats::rss_from(&mut status).total_kib > 0);
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+}
