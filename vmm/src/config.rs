@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 
+use crate::seccomp::{SeccompLevel, ThreadKind, ThreadSeccomp};
+
 pub const MAX_VCPUS: u8 = 16;
 pub const MIN_MEM_MIB: u64 = 16;
 
@@ -21,6 +23,10 @@ pub struct VmConfig {
     pub record_rss_before_guest: bool,
     /// A virtio-vsock device (the guest agent's channel), if any.
     pub vsock: Option<VsockConfig>,
+    /// Whether the VMM's threads run under their seccomp filters (Off only for debugging).
+    pub seccomp: SeccompLevel,
+    /// Test-only: the thread kind that makes a forbidden syscall once its filter is on.
+    pub seccomp_test_violation: Option<ThreadKind>,
 }
 
 /// A virtio-vsock device whose host side is a Unix socket (Firecracker's hybrid vsock): the host
@@ -62,6 +68,14 @@ pub enum ConfigError {
 }
 
 impl VmConfig {
+    /// What a thread of `kind` does about seccomp as it starts.
+    pub fn thread_seccomp(&self, kind: ThreadKind) -> ThreadSeccomp {
+        ThreadSeccomp {
+            level: self.seccomp,
+            test_violation: self.seccomp_test_violation == Some(kind),
+        }
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
         validate_vcpus(self.vcpus as u64)?;
         validate_mem_mib(self.mem_mib, host_mem_mib())?;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
+use std::time::Duration;
 
 use devices::legacy::{
     CallbackTrigger, EventFdTrigger, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
@@ -24,6 +25,10 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::config::VsockConfig;
 use crate::exit::VmmEvent;
+use crate::seccomp::{ThreadKind, ThreadSeccomp};
+
+/// How long the device thread may take to put itself under its seccomp filter.
+const FILTER_START_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
@@ -48,6 +53,8 @@ pub enum DeviceError {
     OutOfIrqs(u32),
     #[error("cannot start the device event loop: {0}")]
     EventLoop(String),
+    #[error("device event loop: {0}")]
+    Seccomp(String),
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -226,9 +233,9 @@ impl DeviceManager {
         self.io.clone()
     }
 
-    pub fn start_event_loop(&mut self) -> Result<(), DeviceError> {
+    pub fn start_event_loop(&mut self, seccomp: ThreadSeccomp) -> Result<(), DeviceError> {
         if let Some(em) = self.event_manager.take() {
-            self.event_loop = Some(EventLoop::start(em)?);
+            self.event_loop = Some(EventLoop::start(em, seccomp)?);
         }
         Ok(())
     }
@@ -269,7 +276,10 @@ impl MutEventSubscriber for ExitSubscriber {
 }
 
 impl EventLoop {
-    fn start(mut em: EventManager<Subscriber>) -> Result<Self, DeviceError> {
+    fn start(
+        mut em: EventManager<Subscriber>,
+        seccomp: ThreadSeccomp,
+    ) -> Result<Self, DeviceError> {
         let exit = Arc::new(
             EventFd::new(EFD_NONBLOCK).map_err(|source| DeviceError::EventFd {
                 what: "the device loop exit",
@@ -281,9 +291,18 @@ impl EventLoop {
             evt: exit.clone(),
             stopped: stopped.clone(),
         })));
+        let (filtered_tx, filtered) = std::sync::mpsc::channel();
         let handle = std::thread::Builder::new()
             .name("devices".into())
             .spawn(move || {
+                let entered = seccomp
+                    .enter(ThreadKind::Devices)
+                    .map_err(|e| e.to_string());
+                let ok = entered.is_ok();
+                let _ = filtered_tx.send(entered);
+                if !ok {
+                    return;
+                }
                 while !stopped.load(Ordering::Acquire) {
                     if let Err(e) = em.run() {
                         tracing::error!("device event loop failed: {e:?}");
@@ -292,7 +311,20 @@ impl EventLoop {
                 }
             })
             .map_err(|e| DeviceError::EventLoop(e.to_string()))?;
-        Ok(Self { exit, handle })
+        // Known before the VM runs: a device thread without its filter is a failed boot.
+        match filtered.recv_timeout(FILTER_START_TIMEOUT) {
+            Ok(Ok(())) => Ok(Self { exit, handle }),
+            Ok(Err(e)) => {
+                let _ = handle.join();
+                Err(DeviceError::Seccomp(e))
+            }
+            Err(_) => {
+                let _ = exit.write(1);
+                Err(DeviceError::Seccomp(format!(
+                    "the thread did not install its seccomp filter within {FILTER_START_TIMEOUT:?}"
+                )))
+            }
+        }
     }
 
     fn stop(self) {

@@ -51,6 +51,8 @@ pub enum VcpuStop {
         error: String,
         rip: Option<u64>,
     },
+    /// The vCPU thread could not put itself under its seccomp filter (it never ran the guest).
+    Seccomp(String),
 }
 
 struct Rip(Option<u64>);
@@ -111,6 +113,7 @@ impl fmt::Display for VcpuStop {
             VcpuStop::RunFailed { error, rip } => {
                 write!(f, "KVM_RUN failed: {error} at {}", Rip(*rip))
             }
+            VcpuStop::Seccomp(error) => f.write_str(error),
         }
     }
 }

@@ -2,6 +2,9 @@
 //!
 //! [`vmm::boot`] turns a [`config::VmConfig`] into a running VM; [`vmm::Vmm::wait`] blocks until it
 //! ends and says why ([`exit::VmOutcome`]).
+//!
+//! Every VMM thread runs under a seccomp filter for its kind ([`seccomp`]); the filters live in
+//! `vmm/seccomp/<target>.json` and are described in `vmm/seccomp/README.md`.
 
 pub mod artefacts;
 pub mod config;
@@ -13,5 +16,6 @@ pub mod kernel;
 pub mod memory;
 pub mod nested;
 pub mod process_stats;
+pub mod seccomp;
 pub mod vmm;
 pub mod vstate;

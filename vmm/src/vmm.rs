@@ -17,6 +17,7 @@ use crate::exit::{VcpuStop, VmOutcome, VmmEvent};
 use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
+use crate::seccomp::{ThreadKind, ThreadSeccomp};
 use crate::vstate::vcpu::{kick_signal, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -173,9 +174,15 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             events_tx.clone(),
             stop.clone(),
             first_run.clone(),
+            // The hook fires on one vCPU only, so the report is a single line.
+            ThreadSeccomp {
+                test_violation: index == 0
+                    && config.seccomp_test_violation == Some(ThreadKind::Vcpu),
+                ..config.thread_seccomp(ThreadKind::Vcpu)
+            },
         ));
     }
-    devices.start_event_loop()?;
+    devices.start_event_loop(config.thread_seccomp(ThreadKind::Devices))?;
 
     let mut vmm = Vmm {
         vcpu_threads: Vec::with_capacity(vcpus.len()),

@@ -11,6 +11,7 @@ use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
 use vmm::config::{VmConfig, VsockConfig};
 use vmm::exit::VmOutcome;
+use vmm::seccomp::ThreadKind;
 
 /// Kernel command line for a Linux guest on agentvm's machine model: serial console on COM1, reset
 /// through the keyboard controller (the only reset line the VMM has), an immediate reboot on panic
@@ -45,6 +46,9 @@ pub struct BootArgs {
     /// The guest's vsock CID.
     #[arg(long, default_value_t = vmm::config::DEFAULT_GUEST_CID, requires = "vsock_uds")]
     vsock_cid: u64,
+    /// Test-only: once its seccomp filter is on, this thread makes a syscall no filter allows.
+    #[arg(long, hide = true, value_name = "THREAD")]
+    seccomp_test_violation: Option<ThreadKind>,
     #[command(flatten)]
     machine: MachineArgs,
 }
@@ -69,6 +73,8 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
             guest_cid: args.vsock_cid,
             uds_path,
         }),
+        seccomp: args.machine.seccomp(),
+        seccomp_test_violation: args.seccomp_test_violation,
     };
     let console: Box<dyn Write + Send> = match &args.machine.console {
         Some(path) => {
@@ -79,16 +85,25 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         None => Box::new(std::io::stdout()),
     };
     let vm = vmm::vmm::boot(&config, console).map_err(|e| e.to_string())?;
-    let _signals = SignalForwarder::start(vm.event_sender())
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let _signals = SignalForwarder::start(vm.event_sender(), config.seccomp)?;
+    // Opened before the filter, which allows no open.
+    let report = match &args.report_timings {
+        Some(path) => Some(super::timings::ReportFile::create(path)?),
+        None => None,
+    };
+    // Last: every thread this one needed is running, so none inherits the `vmm` filter.
+    config
+        .thread_seccomp(ThreadKind::Vmm)
+        .enter(ThreadKind::Vmm)
+        .map_err(|e| format!("main thread: {e}"))?;
     let timings = vm.timings_handle();
     let outcome = if args.stop_at_first_run {
         vm.wait_until_first_run(limit)
     } else {
         vm.wait(limit)
     };
-    if let Some(path) = &args.report_timings {
-        super::timings::write_report(path, &timings.get(), None)?;
+    if let Some(report) = report {
+        report.write(&timings.get(), None)?;
     }
     match outcome {
         VmOutcome::GuestReset | VmOutcome::StoppedAtFirstRun => Ok(ExitCode::SUCCESS),

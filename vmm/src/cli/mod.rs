@@ -71,9 +71,21 @@ pub struct MachineArgs {
     /// Stop the VM after this many seconds (0 = no limit).
     #[arg(long, default_value_t = 0.0)]
     pub timeout: f64,
+    /// Run the VMM's threads without their seccomp filters. For debugging only (e.g. to tell a
+    /// missing syscall in a filter from another failure); never in production.
+    #[arg(long)]
+    pub no_seccomp: bool,
 }
 
 impl MachineArgs {
+    pub fn seccomp(&self) -> vmm::seccomp::SeccompLevel {
+        if self.no_seccomp {
+            vmm::seccomp::SeccompLevel::Off
+        } else {
+            vmm::seccomp::SeccompLevel::Enforce
+        }
+    }
+
     pub fn time_limit(&self) -> Result<Option<std::time::Duration>, String> {
         if !self.timeout.is_finite() || self.timeout < 0.0 {
             return Err(format!(

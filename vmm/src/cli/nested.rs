@@ -81,6 +81,9 @@ fn inner_command(machine: &MachineArgs, command: &[String], limit: Option<Durati
     if machine.console.is_some() {
         line.push_str(&format!(" --console {L1_CONSOLE_LOG}"));
     }
+    if machine.no_seccomp {
+        line.push_str(" --no-seccomp");
+    }
     line.push_str(" --");
     for arg in command {
         line.push(' ');
@@ -105,6 +108,7 @@ mod tests {
             mem_mib: 256,
             console: None,
             timeout: 0.0,
+            no_seccomp: false,
         };
         let line = inner_command(
             &machine,
@@ -116,5 +120,12 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("--vcpus 2 --mem-mib 256"));
+        assert!(!line.contains("--no-seccomp"));
+        let unfiltered = MachineArgs {
+            no_seccomp: true,
+            ..machine
+        };
+        let line = inner_command(&unfiltered, &["true".into()], None);
+        assert!(line.contains(" --no-seccomp --"), "{line}");
     }
 }

@@ -58,6 +58,9 @@ const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(120);
 /// stops it and reports the broken connection.
 const GUEST_END_GRACE: Duration = Duration::from_secs(10);
 
+/// The vCPU and device threads run under their seccomp filters and the signal thread under the
+/// `vmm` one; the main thread (agent client, PTYs, port publishing, which open sockets and files as
+/// the session asks) and the thread that waits for the VM stay unfiltered.
 pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
@@ -108,6 +111,8 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             guest_cid: vmm::config::DEFAULT_GUEST_CID,
             uds_path: uds_path.clone(),
         }),
+        seccomp: args.machine.seccomp(),
+        seccomp_test_violation: None,
     };
     let log: Option<Box<dyn Write + Send>> = match &args.machine.console {
         Some(path) => Some(Box::new(LineWriter::new(File::create(path).map_err(
@@ -118,8 +123,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let (demux, view) = ConsoleDemux::new(log);
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
     let stop = vm.event_sender();
-    let _signals = SignalForwarder::start(vm.event_sender())
-        .map_err(|e| format!("cannot install signal handlers: {e}"))?;
+    let _signals = SignalForwarder::start(vm.event_sender(), args.machine.seccomp())?;
     let timings = vm.timings_handle();
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let vm_thread = std::thread::Builder::new()

@@ -1,6 +1,8 @@
 //! The JSON timing report of one run (`--report-timings FILE`), read by `agentvm bench`.
 
-use std::path::Path;
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use serde::Serialize;
@@ -37,18 +39,52 @@ pub fn write_report(
     vmm: &BootTimings,
     guest: Option<GuestMilestones>,
 ) -> Result<(), String> {
-    let report = Report {
-        process_start_ns: PROCESS_START_NS
-            .get()
-            .copied()
-            .unwrap_or(vmm.build_start_ns),
-        vmm,
-        guest,
-        end_ns: monotonic_ns(),
-        rss_end: process_stats::rss(),
-    };
-    let json = serde_json::to_string_pretty(&report)
-        .map_err(|e| format!("cannot encode the timing report: {e}"))?;
-    std::fs::write(path, json)
-        .map_err(|e| format!("cannot write the timing report {}: {e}", path.display()))
+    ReportFile::create(path)?.write(vmm, guest)
+}
+
+/// The report's file and the /proc file its end memory is read from, both opened up front: the
+/// `vmm` seccomp filter lets the main thread write and read them but not open anything.
+pub struct ReportFile {
+    path: PathBuf,
+    file: File,
+    status: File,
+}
+
+impl ReportFile {
+    pub fn create(path: &Path) -> Result<Self, String> {
+        let file = File::create(path)
+            .map_err(|e| format!("cannot create the timing report {}: {e}", path.display()))?;
+        let status = File::open(process_stats::SELF_STATUS)
+            .map_err(|e| format!("cannot open {}: {e}", process_stats::SELF_STATUS))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+            status,
+        })
+    }
+
+    pub fn write(
+        mut self,
+        vmm: &BootTimings,
+        guest: Option<GuestMilestones>,
+    ) -> Result<(), String> {
+        let report = Report {
+            process_start_ns: PROCESS_START_NS
+                .get()
+                .copied()
+                .unwrap_or(vmm.build_start_ns),
+            vmm,
+            guest,
+            end_ns: monotonic_ns(),
+            rss_end: process_stats::rss_from(&mut self.status),
+        };
+        let json = serde_json::to_string_pretty(&report)
+            .map_err(|e| format!("cannot encode the timing report: {e}"))?;
+        self.file.write_all(json.as_bytes()).map_err(|e| {
+            format!(
+                "cannot write the timing report {}: {e}",
+                self.path.display()
+            )
+        })
+    }
 }

@@ -12,6 +12,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
 use crate::exit::{VcpuStop, VmmEvent};
 use crate::process_stats::monotonic_ns;
+use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -38,6 +39,7 @@ pub struct Vcpu {
     stop: Arc<AtomicBool>,
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
     first_run: Arc<OnceLock<u64>>,
+    seccomp: ThreadSeccomp,
 }
 
 impl Vcpu {
@@ -48,6 +50,7 @@ impl Vcpu {
         events: Sender<VmmEvent>,
         stop: Arc<AtomicBool>,
         first_run: Arc<OnceLock<u64>>,
+        seccomp: ThreadSeccomp,
     ) -> Self {
         Self {
             index,
@@ -56,6 +59,7 @@ impl Vcpu {
             events,
             stop,
             first_run,
+            seccomp,
         }
     }
 
@@ -67,7 +71,11 @@ impl Vcpu {
     }
 
     fn run(mut self) {
-        let outcome = self.run_until_stop();
+        // Before the first KVM_RUN: the guest never runs beside an unfiltered vCPU thread.
+        let outcome = match self.seccomp.enter(ThreadKind::Vcpu) {
+            Ok(()) => self.run_until_stop(),
+            Err(e) => VcpuStop::Seccomp(e.to_string()),
+        };
         let _ = self.events.send(VmmEvent::VcpuStopped {
             index: self.index,
             outcome,

@@ -1,0 +1,103 @@
+//! Seccomp: every VMM thread runs under a filter that allows only the syscalls its job needs.
+//!
+//! The filters are defined, one per [`ThreadKind`], in `vmm/seccomp/<target>.json` (seccompiler's
+//! JSON format; ioctls are allowed only for the request numbers named there), compiled to BPF by
+//! build.rs and decoded by [`filters`]. A thread installs its own filter with [`install`] once it
+//! has finished setting itself up; threads it spawns afterwards inherit that filter, so a thread
+//! installs its filter only after spawning what it needs. A forbidden syscall is trapped and
+//! reported by [`violation`], and the process dies by SIGSYS. See `vmm/seccomp/README.md`.
+
+pub mod filters;
+pub mod violation;
+
+/// Whether threads install their filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SeccompLevel {
+    /// Every VMM thread runs under its filter.
+    #[default]
+    Enforce,
+    /// No filters (`--no-seccomp`): only for debugging.
+    Off,
+}
+
+/// The kinds of VMM thread, each with its own filter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ThreadKind {
+    /// vCPU threads: KVM_RUN and the device exits they serve.
+    Vcpu,
+    /// The device event loop: virtio queues, vsock host sockets.
+    Devices,
+    /// The main thread of `agentvm boot` once the VM runs, and its signal thread.
+    Vmm,
+}
+
+impl ThreadKind {
+    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Vmm];
+
+    /// The filter's name in the JSON file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ThreadKind::Vcpu => "vcpu",
+            ThreadKind::Devices => "devices",
+            ThreadKind::Vmm => "vmm",
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error(transparent)]
+    Decode(#[from] filters::DecodeError),
+    #[error("cannot install the SIGSYS handler: {0}")]
+    Handler(std::io::Error),
+    #[error("cannot install the {kind} seccomp filter: {source}")]
+    Apply {
+        kind: &'static str,
+        source: seccompiler::Error,
+    },
+}
+
+/// Puts the calling thread under the filter for `kind` (nothing when `level` is Off).
+pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError> {
+    if level == SeccompLevel::Off {
+        return Ok(());
+    }
+    let program = filters::compiled()?.get(kind);
+    violation::install_handler().map_err(SeccompError::Handler)?;
+    violation::label_current_thread(kind);
+    seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
+        kind: kind.as_str(),
+        source,
+    })
+}
+
+/// What one thread does about seccomp as it starts its work.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ThreadSeccomp {
+    pub level: SeccompLevel,
+    /// Test-only: make a forbidden syscall right after the filter is on.
+    pub test_violation: bool,
+}
+
+impl ThreadSeccomp {
+    /// Installs `kind`'s filter on the calling thread (then runs the test hook if asked).
+    pub fn enter(self, kind: ThreadKind) -> Result<(), SeccompError> {
+        install(kind, self.level)?;
+        if self.test_violation {
+            make_forbidden_syscall();
+        }
+        Ok(())
+    }
+}
+
+/// Test-only hook (`agentvm boot --seccomp-test-violation`): makes a syscall that no filter
+/// allows, harmless when it runs (prctl PR_GET_DUMPABLE).
+pub fn make_forbidden_syscall() {
+    // SAFETY: prctl(PR_GET_DUMPABLE) only reads a flag of this process and touches no memory.
+    unsafe {
+        libc::syscall(libc::SYS_prctl, libc::PR_GET_DUMPABLE, 0, 0, 0, 0);
+    }
+}
+
+#[cfg(test)]
+mod tests;

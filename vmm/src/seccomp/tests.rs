@@ -1,0 +1,180 @@
+//! Filters installed for real, in forked children: a forbidden syscall kills by SIGSYS with the
+//! report line, an allowed one goes through.
+
+use std::io::Read;
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use super::*;
+
+/// How the child ended, and what it wrote to stderr.
+#[derive(Debug)]
+enum Ended {
+    Exited(i32),
+    Signalled(i32),
+}
+
+/// Forks; the child installs `kind`'s filter, runs `act` and exits 0.
+fn in_filtered_child(kind: ThreadKind, act: impl FnOnce()) -> (Ended, String) {
+    // Decoded and installed before fork, so the child never waits on a lock another test
+    // thread held at fork time.
+    filters::compiled().unwrap();
+    violation::install_handler().unwrap();
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the valid array.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds were just created and are owned here only.
+    let (read_end, write_end) =
+        unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only dup2s, installs the filter (no allocation beyond the thread
+    // handle, with malloc's locks reset by glibc's fork) and calls `act`, then _exits.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: dup2 onto stderr of this (child) process; _exit never returns.
+        unsafe {
+            libc::dup2(fds[1], libc::STDERR_FILENO);
+            if install(kind, SeccompLevel::Enforce).is_err() {
+                libc::_exit(2);
+            }
+            // A panic must not unwind into this forked copy of the test harness.
+            let code = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(act)) {
+                Ok(()) => 0,
+                Err(_) => 3,
+            };
+            libc::_exit(code);
+        }
+    }
+    drop(write_end);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let rc = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        assert!(rc >= 0, "waitpid: {}", std::io::Error::last_os_error());
+        if rc == pid {
+            break;
+        }
+        if Instant::now() > deadline {
+            // SAFETY: kill and reap our own child, still unreaped so the pid cannot be reused.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, &mut status, 0);
+            }
+            panic!("the filtered child did not end within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let mut stderr = String::new();
+    std::fs::File::from(read_end)
+        .read_to_string(&mut stderr)
+        .unwrap();
+    let ended = if libc::WIFSIGNALED(status) {
+        Ended::Signalled(libc::WTERMSIG(status))
+    } else {
+        Ended::Exited(libc::WEXITSTATUS(status))
+    };
+    (ended, stderr)
+}
+
+fn ioctl_kvm_run() {
+    // SAFETY: an ioctl on an invalid fd fails with EBADF and touches no memory.
+    unsafe { libc::ioctl(-1, 0xAE80) };
+}
+
+fn ioctl_fionbio() {
+    // SAFETY: as above.
+    unsafe { libc::ioctl(-1, libc::FIONBIO) };
+}
+
+fn open_a_file() {
+    // SAFETY: openat with a valid NUL-terminated path; the fd (if any) is left to _exit.
+    unsafe { libc::open(c"/etc/hostname".as_ptr(), libc::O_RDONLY) };
+}
+
+#[test]
+fn a_forbidden_syscall_kills_by_sigsys_and_is_named() {
+    for kind in ThreadKind::ALL {
+        let (ended, stderr) = in_filtered_child(kind, make_forbidden_syscall);
+        assert!(
+            matches!(ended, Ended::Signalled(libc::SIGSYS)),
+            "{kind:?}: {ended:?} {stderr}"
+        );
+        let expected = format!(
+            "({} filter) made forbidden syscall {} (prctl); the VMM is stopping",
+            kind.as_str(),
+            libc::SYS_prctl
+        );
+        assert!(stderr.contains(&expected), "{kind:?}: {stderr:?}");
+    }
+}
+
+#[test]
+fn allowed_syscalls_go_through() {
+    for kind in ThreadKind::ALL {
+        let (ended, stderr) = in_filtered_child(kind, || {
+            let v = vec![1u8; 1 << 20];
+            std::hint::black_box(v);
+        });
+        assert!(
+            matches!(ended, Ended::Exited(0)),
+            "{kind:?}: {ended:?} {stderr}"
+        );
+    }
+}
+
+#[test]
+fn ioctls_are_checked_by_request_number() {
+    let (ended, stderr) = in_filtered_child(ThreadKind::Vcpu, ioctl_kvm_run);
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+    let (ended, stderr) = in_filtered_child(ThreadKind::Vcpu, ioctl_fionbio);
+    assert!(matches!(ended, Ended::Signalled(libc::SIGSYS)), "{ended:?}");
+    assert!(stderr.contains("syscall 16 (ioctl)"), "{stderr:?}");
+    let (ended, stderr) = in_filtered_child(ThreadKind::Devices, ioctl_fionbio);
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+    let (ended, _) = in_filtered_child(ThreadKind::Devices, ioctl_kvm_run);
+    assert!(matches!(ended, Ended::Signalled(libc::SIGSYS)), "{ended:?}");
+}
+
+#[test]
+fn no_thread_may_open_files() {
+    for kind in ThreadKind::ALL {
+        let (ended, stderr) = in_filtered_child(kind, open_a_file);
+        assert!(
+            matches!(ended, Ended::Signalled(libc::SIGSYS)),
+            "{kind:?}: {ended:?} {stderr}"
+        );
+        assert!(stderr.contains("(openat)"), "{kind:?}: {stderr:?}");
+    }
+}
+
+#[test]
+fn the_vmm_filter_allows_the_vcpu_kick_signal() {
+    // The vmm filter allows tgkill only with signal 34: glibc's SIGRTMIN.
+    assert_eq!(crate::vstate::vcpu::kick_signal(), 34);
+}
+
+#[test]
+fn the_device_thread_may_use_host_sockets() {
+    use std::io::Write;
+    // Made outside the filter, as the vsock backend's listener is.
+    let (mut a, mut b) = std::os::unix::net::UnixStream::pair().unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::Devices, move || {
+        a.set_nonblocking(true).unwrap();
+        a.write_all(b"x").unwrap();
+        let mut byte = [0u8; 1];
+        b.read_exact(&mut byte).unwrap();
+        a.shutdown(std::net::Shutdown::Write).unwrap();
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+}
+
+#[test]
+fn the_main_thread_can_read_its_memory_for_the_timing_report() {
+    // Opened outside the filter, as `agentvm boot --report-timings` does.
+    let mut status = std::fs::File::open(crate::process_stats::SELF_STATUS).unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::Vmm, move || {
+        assert!(crate::process_stats::rss_from(&mut status).total_kib > 0);
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+}
