@@ -45,6 +45,9 @@ impl ResourceLimits {
     /// Sets soft and hard limits alike, so the VMM cannot raise them again.
     pub fn apply(&self) -> Result<()> {
         sys::setrlimit(libc::RLIMIT_NOFILE, self.no_file)?;
+        // A VMM killed by its seccomp filter (SIGSYS) or any crash would otherwise dump core:
+        // guest memory included, into the jail, at the size of the guest.
+        sys::setrlimit(libc::RLIMIT_CORE, 0)?;
         if let Some(fsize) = self.fsize {
             sys::setrlimit(libc::RLIMIT_FSIZE, fsize)?;
         }

@@ -185,6 +185,8 @@ fn inside_the_jail_the_program_is_uid_1000_pid_1_and_sees_only_the_jail() {
     assert_eq!(field("fds"), "0,1,2,3");
     assert_eq!(field("nofile"), "64 64");
     assert_eq!(field("fsize"), "1048576 1048576");
+    // No core dumps of guest memory when the VMM dies of a signal (seccomp's SIGSYS included).
+    assert_eq!(field("core"), "0 0");
     assert_eq!(field("host_path"), "absent");
     assert_eq!(field("root_writable"), "no");
     assert_eq!(field("run_writable"), "yes");

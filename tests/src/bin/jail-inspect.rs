@@ -106,6 +106,7 @@ fn report(host_path: &Path) {
     };
     println!("nofile={}", limit("Max open files"));
     println!("fsize={}", limit("Max file size"));
+    println!("core={}", limit("Max core file size"));
     let cgroup = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
     println!("cgroup={}", cgroup.trim().replace('\n', ";"));
     println!(
