@@ -43,30 +43,35 @@ impl std::fmt::Debug for AgentClient {
     }
 }
 
+/// The least time the handshake gets once the connection is up. An agent that accepted sends its
+/// Hello at once, but a connection made in the last milliseconds of a connect timeout must still
+/// have the time to hear it: otherwise a slow boot ends in a misleading "no Hello" timeout.
+pub const HANDSHAKE_GRACE: Duration = Duration::from_secs(2);
+
+fn handshake_time(connect_deadline: Instant) -> Duration {
+    connect_deadline
+        .saturating_duration_since(Instant::now())
+        .max(HANDSHAKE_GRACE)
+}
+
 impl AgentClient {
     /// Connects through a VMM's hybrid vsock Unix socket to the guest agent listening on `port`,
-    /// retrying until `timeout` while the agent is not up yet, then runs the handshake (which
-    /// must also finish within `timeout`).
+    /// retrying until `timeout` while the agent is not up yet, then runs the handshake (within
+    /// what is left of `timeout`, but at least [`HANDSHAKE_GRACE`]).
     pub fn connect_vsock_uds(uds_path: &Path, port: u32, timeout: Duration) -> Result<AgentClient> {
         let deadline = Instant::now() + timeout;
         let stream = vsock::connect(uds_path, port, timeout)?;
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        Self::handshake_within(stream, Some(left))
+        Self::handshake_within(stream, Some(handshake_time(deadline)))
     }
 
     /// Connects over AF_VSOCK to the guest agent listening on `port` of the guest with `cid`
     /// (VMMs whose vsock device the host kernel serves, e.g. QEMU with vhost-vsock), retrying
-    /// until `timeout` while the guest or its agent is not up yet, then runs the handshake (which
-    /// must also finish within `timeout`).
+    /// until `timeout` while the guest or its agent is not up yet, then runs the handshake
+    /// (within what is left of `timeout`, but at least [`HANDSHAKE_GRACE`]).
     pub fn connect_vsock(cid: u32, port: u32, timeout: Duration) -> Result<AgentClient> {
         let deadline = Instant::now() + timeout;
         let stream = crate::af_vsock::connect(cid, port, timeout)?;
-        let left = deadline
-            .saturating_duration_since(Instant::now())
-            .max(Duration::from_millis(1));
-        Self::handshake_within(stream, Some(left))
+        Self::handshake_within(stream, Some(handshake_time(deadline)))
     }
 
     /// Runs the handshake on an already connected stream (a socket pair in tests, or the agent in

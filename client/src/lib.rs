@@ -37,7 +37,7 @@ pub use agentvm_protocol::{
     DirEntry, ErrorCode, ExitStatus, FileMetadata, FileType, Negotiated, ProcInfo, ProcessSpec,
     Stream, WatchEvent,
 };
-pub use client::{AgentClient, DEFAULT_CALL_TIMEOUT};
+pub use client::{AgentClient, DEFAULT_CALL_TIMEOUT, HANDSHAKE_GRACE};
 pub use error::{ClientError, Result};
 pub use exec::{ExecController, ExecEvent, ExecHandle, ExecStdin, Output, DEFAULT_OUTPUT_LIMIT};
 pub use files::WriteOptions;

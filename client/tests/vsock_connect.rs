@@ -225,3 +225,36 @@ fn a_peer_that_is_not_an_agent_fails_the_handshake() {
     assert!(err.to_string().contains("SSH-"), "{err}");
     server.join().unwrap();
 }
+
+/// A connection made in the last moments of the connect timeout still gets the handshake grace
+/// (the agent sends its Hello after the deadline has passed).
+#[test]
+fn a_connection_at_the_end_of_the_timeout_still_gets_its_hello() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = socket_path(&dir);
+    let listener = UnixListener::bind(&path).unwrap();
+    let timeout = Duration::from_millis(300);
+    let server = thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        assert_eq!(read_connect(&mut stream), format!("CONNECT {PORT}"));
+        stream.write_all(b"OK 1073741824\n").unwrap();
+        // Past the connect deadline, well within the grace.
+        thread::sleep(timeout + Duration::from_millis(200));
+        assert!(agentvm_client::HANDSHAKE_GRACE > timeout + Duration::from_millis(800));
+        let mut agent = FakeAgent {
+            reader: agentvm_protocol::FrameReader::new(stream.try_clone().unwrap()),
+            writer: agentvm_protocol::FrameWriter::new(stream.try_clone().unwrap()),
+            socket: stream,
+        };
+        agent.send(agent_hello());
+        let Some(Message::Hello(_)) = agent.recv_or_eof() else {
+            panic!("no Hello from the client");
+        };
+        if let Some(Message::Ping(p)) = agent.recv_or_eof() {
+            agent.send(Done { id: p.id });
+        }
+    });
+    let client = connect(&path, timeout).unwrap();
+    client.ping().unwrap();
+    server.join().unwrap();
+}
