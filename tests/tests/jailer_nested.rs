@@ -49,7 +49,8 @@ fn jailed_probe(name: &str, jailer_options: &str, cmdline: &str) -> Scenario {
 fn prelude() -> String {
     format!(
         r#"set -u
-# start ID [jailer flags...]: a jailed Linux guest (uid/gid 1000) in the background.
+# start ID [jailer flags...]: a jailed Linux guest (uid/gid 1000) in the background. IDs here
+# name shell variables too (jailer_ID): letters and digits only.
 start() {{
 	id=$1; shift
 	{L1_JAILER} --id "$id" --exec-file {L1_AGENTVM} --uid 1000 --gid 1000 \
@@ -106,11 +107,11 @@ stop() {{
 fn scenarios() -> Vec<Scenario> {
     let jailed = format!(
         r#"{prelude}
-start sbx-a --cpu-quota 80 --memory-limit-mib 768 --pids-max 64
-run_in sbx-a sh -c 'echo guest-says-hello; echo guest_uid=$(id -u)'
-echo "JAIL sbx-a exec_exit=$?"
-describe sbx-a
-stop sbx-a
+start sandbox1 --cpu-quota 80 --memory-limit-mib 768 --pids-max 64
+run_in sandbox1 sh -c 'echo guest-says-hello; echo guest_uid=$(id -u)'
+echo "JAIL sandbox1 exec_exit=$?"
+describe sandbox1
+stop sandbox1
 "#,
         prelude = prelude()
     );
@@ -258,15 +259,18 @@ fn linux_guest_runs_jailed_as_an_unprivileged_user() {
     let out = r.stdout_text();
     assert!(out.contains("guest-says-hello"), "{}", describe(r));
     assert!(out.contains("guest_uid=0"), "{}", describe(r));
-    assert_eq!(fact(r, "sbx-a", "exec_exit"), "0", "{}", describe(r));
+    assert_eq!(fact(r, "sandbox1", "exec_exit"), "0", "{}", describe(r));
     // Real, effective, saved and filesystem ids all dropped.
-    assert_eq!(fact(r, "sbx-a", "uid"), "1000,1000,1000,1000");
-    assert_eq!(fact(r, "sbx-a", "gid"), "1000,1000,1000,1000");
+    assert_eq!(fact(r, "sandbox1", "uid"), "1000,1000,1000,1000");
+    assert_eq!(fact(r, "sandbox1", "gid"), "1000,1000,1000,1000");
     // PID 1 of its own PID namespace.
-    assert!(fact(r, "sbx-a", "nspid").ends_with(",1"), "{}", describe(r));
-    assert_eq!(fact(r, "sbx-a", "host_root_visible"), "no");
+    assert!(fact(r, "sandbox1", "nspid").ends_with(",1"), "{}", describe(r));
+    assert_eq!(fact(r, "sandbox1", "host_root_visible"), "no");
+    // Main, signal, device and vCPU threads at least.
+    let threads: u32 = fact(r, "sandbox1", "threads").parse().unwrap();
+    assert!(threads >= 4, "{}", describe(r));
     // Every VMM thread (main, vCPU, devices, helpers) runs under a seccomp filter.
-    assert_eq!(fact(r, "sbx-a", "unfiltered_threads"), "0", "{}", describe(r));
+    assert_eq!(fact(r, "sandbox1", "unfiltered_threads"), "0", "{}", describe(r));
 }
 
 #[test]
@@ -275,13 +279,13 @@ fn jailed_vmm_gets_its_cgroup_limits() {
         return;
     };
     assert!(
-        fact(r, "sbx-a", "cgroup").ends_with("sbx-a"),
+        fact(r, "sandbox1", "cgroup").ends_with("sandbox1"),
         "{}",
         describe(r)
     );
-    assert_eq!(fact(r, "sbx-a", "memory.max"), (768u64 << 20).to_string());
-    assert_eq!(fact(r, "sbx-a", "cpu.max"), "80000/100000");
-    assert_eq!(fact(r, "sbx-a", "pids.max"), "64");
+    assert_eq!(fact(r, "sandbox1", "memory.max"), (768u64 << 20).to_string());
+    assert_eq!(fact(r, "sandbox1", "cpu.max"), "80000/100000");
+    assert_eq!(fact(r, "sandbox1", "pids.max"), "64");
 }
 
 #[test]
@@ -289,8 +293,8 @@ fn stopping_the_jailer_removes_the_jail_and_cgroup() {
     let Some(r) = outcome().scenario("jailed") else {
         return;
     };
-    assert_eq!(fact(r, "sbx-a", "jail_dir_left"), "no", "{}", describe(r));
-    assert_eq!(fact(r, "sbx-a", "cgroup_left"), "no", "{}", describe(r));
+    assert_eq!(fact(r, "sandbox1", "jail_dir_left"), "no", "{}", describe(r));
+    assert_eq!(fact(r, "sandbox1", "cgroup_left"), "no", "{}", describe(r));
     assert_eq!(r.exit_code, 0, "{}", describe(r));
 }
 
@@ -299,6 +303,7 @@ fn a_fork_bomb_in_one_sandbox_leaves_the_other_working() {
     let Some(r) = outcome().scenario("fork-bomb") else {
         return;
     };
+    eprintln!("{}", describe(r));
     assert!(!r.stdout_text().contains("JAIL setup failed"), "{}", describe(r));
     assert_eq!(fact(r, "calm", "alive_checks"), "3", "{}", describe(r));
     for id in ["bomb", "calm"] {
