@@ -49,10 +49,13 @@ fn jailed_probe(name: &str, jailer_options: &str, cmdline: &str) -> Scenario {
 fn prelude() -> String {
     format!(
         r#"set -u
+# Progress on L1's console, to see where a stuck scenario stopped.
+note() {{ echo "jailer-test: $*" >/dev/console; }}
 # start ID [jailer flags...]: a jailed Linux guest (uid/gid 1000) in the background. IDs here
 # name shell variables too (jailer_ID): letters and digits only.
 start() {{
 	id=$1; shift
+	note "start $id"
 	{L1_JAILER} --id "$id" --exec-file {L1_AGENTVM} --uid 1000 --gid 1000 \
 		--mount {L1_L2_KERNEL}:/vmlinux --mount {L1_L2_INITRD}:/initramfs.cpio "$@" -- \
 		boot --kernel /vmlinux --initrd /initramfs.cpio --vsock-uds /run/vsock.sock \
@@ -62,6 +65,7 @@ start() {{
 # run_in ID CMD...: run CMD in the sandbox's guest (waits for its agent to come up).
 run_in() {{
 	id=$1; shift
+	note "run_in $id"
 	agentvm exec --vsock-uds {JAILS}/"$id"/run/vsock.sock --connect-timeout 400 -- "$@"
 }}
 # vmm_pid ID: the sandbox's VMM, found as the PID-1-of-a-namespace process whose jailer is ours.
@@ -75,6 +79,7 @@ vmm_pid() {{
 # describe ID: what the host sees of the sandbox's VMM process, one `JAIL ID key=value` per fact.
 describe() {{
 	id=$1; p=$(vmm_pid "$id")
+	note "describe $id"
 	echo "JAIL $id vmm_pid=$p"
 	echo "JAIL $id uid=$(awk '/^Uid:/{{print $2","$3","$4","$5}}' /proc/$p/status)"
 	echo "JAIL $id gid=$(awk '/^Gid:/{{print $2","$3","$4","$5}}' /proc/$p/status)"
@@ -92,6 +97,7 @@ describe() {{
 # stop ID: SIGTERM to the jailer, wait, then report its exit status and what is left behind.
 stop() {{
 	id=$1; eval "j=\$jailer_$id"
+	note "stop $id"
 	cg=$(sed -n 's/^0:://p' /proc/$(vmm_pid "$id")/cgroup 2>/dev/null)
 	kill -TERM "$j"; wait "$j"; echo "JAIL $id jailer_exit=$?"
 	echo "JAIL $id jail_dir_left=$(test -e {JAILS}/$id && echo yes || echo no)"

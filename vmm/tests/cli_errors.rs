@@ -208,6 +208,8 @@ fn exec_without_a_running_vm_is_explained() {
         "exec",
         "--vsock-uds",
         "/nonexistent/agentvm-vsock.sock",
+        "--connect-timeout",
+        "1",
         "--",
         "true",
     ]);

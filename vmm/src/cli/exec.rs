@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use clap::Args;
 
@@ -36,6 +36,9 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
+/// How long a missing socket may take to appear (a VMM started just before).
+const SOCKET_APPEAR_TIMEOUT: Duration = Duration::from_secs(10);
+
 pub fn exec(args: ExecArgs) -> Result<ExitCode, String> {
     if !args.connect_timeout.is_finite() || args.connect_timeout <= 0.0 {
         return Err(format!(
@@ -45,9 +48,11 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode, String> {
     }
     let timeout = Duration::from_secs_f64(args.connect_timeout);
     let uds = &args.vsock_uds;
-    // Without the socket there is no VM to wait for (the VMM creates it before the guest runs).
+    // The VMM creates the socket as it starts, so a missing one may only mean "not yet"; but a
+    // mistyped path must not cost the whole connect timeout.
+    let socket_deadline = Instant::now() + timeout.min(SOCKET_APPEAR_TIMEOUT);
     let give_up = || {
-        (uds.symlink_metadata().is_err()).then(|| {
+        (uds.symlink_metadata().is_err() && Instant::now() >= socket_deadline).then(|| {
             SessionError::Failed(format!(
                 "{} does not exist: no VM is running with that --vsock-uds",
                 uds.display()
