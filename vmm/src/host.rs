@@ -12,7 +12,7 @@ pub enum HostError {
     KvmPermission,
     #[error("cannot open /dev/kvm: {0}")]
     KvmOpen(std::io::Error),
-    #[error("this host's KVM cannot run a Linux guest: it is nested on a PVM hypervisor (no vmx/svm flag in /proc/cpuinfo, kvm_pvm loaded), which emulates guest ring 0 and fails on Linux's int3 patching. Use `agentvm run --nested` to run inside the nested test host (QEMU TCG with SVM), or a host with VMX/SVM")]
+    #[error("this host's KVM cannot run a Linux guest: it is nested on a PVM hypervisor (no vmx/svm flag in /proc/cpuinfo: /dev/kvm is kvm_pvm's), which emulates guest ring 0 and fails on Linux's int3 patching. Use `agentvm run --nested` to run inside the nested test host (QEMU TCG with SVM), or a host with VMX/SVM")]
     CannotRunLinux,
 }
 
@@ -33,12 +33,36 @@ pub fn check_kvm_access() -> Result<(), HostError> {
 /// CPU without hardware virtualisation flags. Guest user code runs natively there, guest kernel
 /// code is emulated, and Linux cannot boot.
 pub fn check_can_run_linux() -> Result<(), HostError> {
-    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let pvm_loaded = Path::new("/sys/module/kvm_pvm").exists();
-    if pvm_loaded && !cpu_has_hw_virt(&cpuinfo) {
+    // Without /proc (a bare chroot) nothing can be told: let the boot try.
+    let Ok(cpuinfo) = std::fs::read_to_string("/proc/cpuinfo") else {
+        return Ok(());
+    };
+    let sys_modules = Path::new("/sys/module");
+    let pvm = KvmProvider {
+        modules_visible: sys_modules.is_dir(),
+        pvm_loaded: sys_modules.join("kvm_pvm").exists(),
+    };
+    if pvm.is_pvm(&cpuinfo) {
         return Err(HostError::CannotRunLinux);
     }
     Ok(())
+}
+
+/// What the host shows of the module providing /dev/kvm.
+struct KvmProvider {
+    modules_visible: bool,
+    pvm_loaded: bool,
+}
+
+impl KvmProvider {
+    fn is_pvm(&self, cpuinfo: &str) -> bool {
+        if cpu_has_hw_virt(cpuinfo) {
+            return false;
+        }
+        // In a jail /sys is not mounted; a usable /dev/kvm on a CPU without vmx/svm can then only
+        // be PVM's, so the boot fails fast here too instead of crawling.
+        self.pvm_loaded || !self.modules_visible
+    }
 }
 
 /// Whether Linux guests can run here; the CLI uses it to pick the nested test host automatically.
@@ -63,5 +87,21 @@ mod tests {
         assert!(cpu_has_hw_virt("flags\t\t: fpu vmx\n"));
         assert!(!cpu_has_hw_virt("flags : fpu vme sse hypervisor\n"));
         assert!(!cpu_has_hw_virt("model name : svm-like cpu\n"));
+    }
+
+    #[test]
+    fn pvm_is_recognised_with_and_without_sys() {
+        let plain = "flags : fpu sse hypervisor\n";
+        let svm = "flags : fpu svm\n";
+        let host = |modules_visible, pvm_loaded| KvmProvider {
+            modules_visible,
+            pvm_loaded,
+        };
+        assert!(host(true, true).is_pvm(plain));
+        assert!(!host(true, false).is_pvm(plain));
+        assert!(!host(true, true).is_pvm(svm));
+        // Jailed: no /sys to look at.
+        assert!(host(false, false).is_pvm(plain));
+        assert!(!host(false, false).is_pvm(svm));
     }
 }
