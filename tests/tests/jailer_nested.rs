@@ -264,13 +264,22 @@ fn linux_guest_runs_jailed_as_an_unprivileged_user() {
     assert_eq!(fact(r, "sandbox1", "uid"), "1000,1000,1000,1000");
     assert_eq!(fact(r, "sandbox1", "gid"), "1000,1000,1000,1000");
     // PID 1 of its own PID namespace.
-    assert!(fact(r, "sandbox1", "nspid").ends_with(",1"), "{}", describe(r));
+    assert!(
+        fact(r, "sandbox1", "nspid").ends_with(",1"),
+        "{}",
+        describe(r)
+    );
     assert_eq!(fact(r, "sandbox1", "host_root_visible"), "no");
     // Main, signal, device and vCPU threads at least.
     let threads: u32 = fact(r, "sandbox1", "threads").parse().unwrap();
     assert!(threads >= 4, "{}", describe(r));
     // Every VMM thread (main, vCPU, devices, helpers) runs under a seccomp filter.
-    assert_eq!(fact(r, "sandbox1", "unfiltered_threads"), "0", "{}", describe(r));
+    assert_eq!(
+        fact(r, "sandbox1", "unfiltered_threads"),
+        "0",
+        "{}",
+        describe(r)
+    );
 }
 
 #[test]
@@ -283,7 +292,10 @@ fn jailed_vmm_gets_its_cgroup_limits() {
         "{}",
         describe(r)
     );
-    assert_eq!(fact(r, "sandbox1", "memory.max"), (768u64 << 20).to_string());
+    assert_eq!(
+        fact(r, "sandbox1", "memory.max"),
+        (768u64 << 20).to_string()
+    );
     assert_eq!(fact(r, "sandbox1", "cpu.max"), "80000/100000");
     assert_eq!(fact(r, "sandbox1", "pids.max"), "64");
 }
@@ -293,7 +305,12 @@ fn stopping_the_jailer_removes_the_jail_and_cgroup() {
     let Some(r) = outcome().scenario("jailed") else {
         return;
     };
-    assert_eq!(fact(r, "sandbox1", "jail_dir_left"), "no", "{}", describe(r));
+    assert_eq!(
+        fact(r, "sandbox1", "jail_dir_left"),
+        "no",
+        "{}",
+        describe(r)
+    );
     assert_eq!(fact(r, "sandbox1", "cgroup_left"), "no", "{}", describe(r));
     assert_eq!(r.exit_code, 0, "{}", describe(r));
 }
@@ -304,7 +321,11 @@ fn a_fork_bomb_in_one_sandbox_leaves_the_other_working() {
         return;
     };
     eprintln!("{}", describe(r));
-    assert!(!r.stdout_text().contains("JAIL setup failed"), "{}", describe(r));
+    assert!(
+        !r.stdout_text().contains("JAIL setup failed"),
+        "{}",
+        describe(r)
+    );
     assert_eq!(fact(r, "calm", "alive_checks"), "3", "{}", describe(r));
     for id in ["bomb", "calm"] {
         assert_eq!(fact(r, id, "jail_dir_left"), "no", "{}", describe(r));

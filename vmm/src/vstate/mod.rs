@@ -1,4 +1,5 @@
-//! KVM state: the VM file descriptor and the vCPU threads.
+//! KVM state: the VM file descriptor, the vCPU threads and their pause gate.
 
+pub mod pause;
 pub mod vcpu;
 pub mod vm;

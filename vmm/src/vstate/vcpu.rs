@@ -13,6 +13,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use crate::exit::{VcpuStop, VmmEvent};
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::vstate::pause::VcpuGate;
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -37,6 +38,7 @@ pub struct Vcpu {
     io: Arc<IoManager>,
     events: Sender<VmmEvent>,
     stop: Arc<AtomicBool>,
+    gate: Arc<VcpuGate>,
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
     first_run: Arc<OnceLock<u64>>,
     seccomp: ThreadSeccomp,
@@ -49,6 +51,7 @@ impl Vcpu {
         io: Arc<IoManager>,
         events: Sender<VmmEvent>,
         stop: Arc<AtomicBool>,
+        gate: Arc<VcpuGate>,
         first_run: Arc<OnceLock<u64>>,
         seccomp: ThreadSeccomp,
     ) -> Self {
@@ -58,6 +61,7 @@ impl Vcpu {
             io,
             events,
             stop,
+            gate,
             first_run,
             seccomp,
         }
@@ -84,6 +88,7 @@ impl Vcpu {
 
     fn run_until_stop(&mut self) -> VcpuStop {
         loop {
+            self.gate.park_while_paused(&self.stop);
             if self.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
