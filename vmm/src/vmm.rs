@@ -18,7 +18,7 @@ use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
-use crate::vstate::pause::VcpuGate;
+use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -177,8 +177,10 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             fd,
             io.clone(),
             events_tx.clone(),
-            stop.clone(),
-            gate.clone(),
+            RunSwitches {
+                stop: stop.clone(),
+                gate: gate.clone(),
+            },
             first_run.clone(),
             // The hook fires on one vCPU only, so the report is a single line.
             ThreadSeccomp {

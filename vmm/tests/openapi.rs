@@ -14,7 +14,9 @@ fn spec_routes() -> BTreeSet<(String, String)> {
     let spec: serde_norway::Value =
         serde_norway::from_str(&text).unwrap_or_else(|e| panic!("{path} is not YAML: {e}"));
     assert!(
-        spec["openapi"].as_str().is_some_and(|v| v.starts_with("3.")),
+        spec["openapi"]
+            .as_str()
+            .is_some_and(|v| v.starts_with("3.")),
         "{path} is not an OpenAPI 3 document"
     );
     let paths = spec["paths"]

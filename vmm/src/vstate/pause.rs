@@ -2,7 +2,14 @@
 //! guest makes no progress until it is resumed (or the VM is torn down).
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// What tells a vCPU thread to stop or to park, shared by the VMM and every vCPU of one VM.
+#[derive(Clone, Default)]
+pub struct RunSwitches {
+    pub stop: Arc<AtomicBool>,
+    pub gate: Arc<VcpuGate>,
+}
 
 #[derive(Default)]
 struct GateState {
@@ -63,7 +70,6 @@ impl VcpuGate {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     fn wait_for(what: &str, cond: impl Fn() -> bool) {

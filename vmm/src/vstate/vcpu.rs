@@ -1,7 +1,7 @@
 //! vCPU threads: run KVM_RUN, dispatch port and MMIO exits to the device buses, and report every
 //! exit the VMM cannot handle as a precise reason (exit kind + guest RIP).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
@@ -13,7 +13,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use crate::exit::{VcpuStop, VmmEvent};
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
-use crate::vstate::pause::VcpuGate;
+use crate::vstate::pause::RunSwitches;
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -37,8 +37,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     io: Arc<IoManager>,
     events: Sender<VmmEvent>,
-    stop: Arc<AtomicBool>,
-    gate: Arc<VcpuGate>,
+    switches: RunSwitches,
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
     first_run: Arc<OnceLock<u64>>,
     seccomp: ThreadSeccomp,
@@ -50,8 +49,7 @@ impl Vcpu {
         fd: VcpuFd,
         io: Arc<IoManager>,
         events: Sender<VmmEvent>,
-        stop: Arc<AtomicBool>,
-        gate: Arc<VcpuGate>,
+        switches: RunSwitches,
         first_run: Arc<OnceLock<u64>>,
         seccomp: ThreadSeccomp,
     ) -> Self {
@@ -60,8 +58,7 @@ impl Vcpu {
             fd,
             io,
             events,
-            stop,
-            gate,
+            switches,
             first_run,
             seccomp,
         }
@@ -88,8 +85,8 @@ impl Vcpu {
 
     fn run_until_stop(&mut self) -> VcpuStop {
         loop {
-            self.gate.park_while_paused(&self.stop);
-            if self.stop.load(Ordering::Acquire) {
+            self.switches.gate.park_while_paused(&self.switches.stop);
+            if self.switches.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
             if self.first_run.get().is_none() && self.first_run.set(monotonic_ns()).is_ok() {
