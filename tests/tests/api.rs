@@ -592,3 +592,42 @@ fn bad_config_files_name_the_section_and_field() {
         "{missing:?}"
     );
 }
+
+#[test]
+fn a_forbidden_syscall_on_the_api_thread_kills_by_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let serve = |extra: &str| {
+        VmProcess::agentvm([
+            "serve".as_ref(),
+            "--api-sock".as_ref(),
+            sock.as_os_str(),
+            "--seccomp-test-violation".as_ref(),
+            "api".as_ref(),
+            extra.as_ref(),
+        ])
+        .unwrap()
+    };
+    let out = serve("--id=hook").wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("thread api (api filter) made forbidden syscall 157 (prctl)"),
+        "{out:?}"
+    );
+    // The socket of a process killed by SIGSYS stays behind; a restart must not reuse it blindly.
+    assert!(sock.exists());
+    let taken = serve("--no-seccomp").wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(taken.status.code(), Some(125), "{taken:?}");
+    assert!(taken.stderr_text().contains("already exists"), "{taken:?}");
+
+    std::fs::remove_file(&sock).unwrap();
+    let unfiltered = serve("--no-seccomp");
+    assert!(wait_for_path(&sock, START_TIMEOUT));
+    assert_eq!(request(&sock, "GET", "/", None).status, 200);
+    unfiltered.signal(libc::SIGTERM).unwrap();
+    let out = unfiltered.wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists());
+}

@@ -51,6 +51,11 @@ pub struct BootArgs {
 
 pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
+    if args.seccomp_test_violation == Some(ThreadKind::Api) {
+        return Err(
+            "--seccomp-test-violation api: boot has no api thread (see agentvm serve)".into(),
+        );
+    }
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     let cmdline = if args.no_base_cmdline {
         args.cmdline.clone()

@@ -50,6 +50,10 @@ pub struct ServeArgs {
     /// Run the VMM's threads without their seccomp filters. For debugging only.
     #[arg(long)]
     no_seccomp: bool,
+    /// Test-only: once its seccomp filter is on, this thread makes a syscall no filter allows
+    /// (`api` only; `agentvm boot` has the hook for the other threads).
+    #[arg(long, hide = true, value_name = "THREAD")]
+    seccomp_test_violation: Option<ThreadKind>,
 }
 
 /// How often the VMM thread looks for a signal while it waits for InstanceStart.
@@ -67,6 +71,15 @@ fn check_id(id: &str) -> Result<(), String> {
 
 pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     check_id(&args.id)?;
+    if let Some(kind) = args
+        .seccomp_test_violation
+        .filter(|&k| k != ThreadKind::Api)
+    {
+        return Err(format!(
+            "--seccomp-test-violation {}: serve only has the hook on its api thread",
+            kind.as_str()
+        ));
+    }
     let seccomp = if args.no_seccomp {
         SeccompLevel::Off
     } else {
@@ -104,7 +117,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 },
                 ThreadSeccomp {
                     level: seccomp,
-                    test_violation: false,
+                    test_violation: args.seccomp_test_violation == Some(ThreadKind::Api),
                 },
             )
             .map_err(|e| e.to_string())?,
