@@ -314,6 +314,15 @@ fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
     assert_eq!(late.status, 408, "{late:?}");
     drop(half_head);
 
+    let metrics = s.call("GET", "/metrics", None);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics
+            .body
+            .contains("agentvm_vm_state{id=\"anonymous-instance\",state=\"Not started\"} 1\n"),
+        "{metrics:?}"
+    );
+
     // Nothing was half-applied.
     let config = s.call("GET", "/machine-config", None).json();
     assert_eq!(config["vcpu_count"], 1);
@@ -417,6 +426,29 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     let next = last_count(&frozen) + 2;
     s.wait_console(&format!("PROBE count {next}\n"));
 
+    // Read before the counters: the console only grows, and each byte in it was a port write.
+    let printed = s.console().len();
+    let prometheus = s.call("GET", "/metrics", None);
+    assert_eq!(prometheus.status, 200, "{prometheus:?}");
+    let text = &prometheus.body;
+    assert!(
+        text.contains("agentvm_vm_state{id=\"sbx-1\",state=\"Running\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentvm_boot_time_seconds{id=\"sbx-1\"} "),
+        "{text}"
+    );
+    let io_out: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("agentvm_vcpu_exits_total{id=\"sbx-1\",reason=\"io_out\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no io_out exit count in {text}"));
+    assert!(
+        io_out as usize >= printed,
+        "{io_out} exits, {printed} bytes\n{text}"
+    );
+
     s.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
     let line = std::fs::read_to_string(&metrics).unwrap();
     let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
@@ -424,6 +456,10 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     assert_eq!(flushed["state"], "Running");
     assert!(flushed["boot_time_us"].as_u64().is_some(), "{flushed}");
     assert!(flushed["api_requests"].as_u64().unwrap() > 10, "{flushed}");
+    assert!(
+        flushed["vcpu_exits"]["io_out"].as_u64().unwrap() >= io_out,
+        "{flushed}"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains(after),

@@ -18,6 +18,7 @@ use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::vstate::exit_counts::ExitCounts;
 use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
@@ -88,6 +89,7 @@ pub struct Vmm {
     vcpu_threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
     gate: Arc<VcpuGate>,
+    exits: ExitCounts,
     events_tx: Sender<VmmEvent>,
     events_rx: Receiver<VmmEvent>,
     devices: DeviceManager,
@@ -154,6 +156,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
 
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(VcpuGate::default());
+    let exits = ExitCounts::default();
     let first_run = Arc::new(OnceLock::new());
     let io = devices.io_manager();
     let zero_page = GuestAddress(arch::layout::ZERO_PAGE_START);
@@ -180,6 +183,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             RunSwitches {
                 stop: stop.clone(),
                 gate: gate.clone(),
+                exits: exits.clone(),
             },
             first_run.clone(),
             // The hook fires on one vCPU only, so the report is a single line.
@@ -196,6 +200,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
         vcpu_threads: Vec::with_capacity(vcpus.len()),
         stop,
         gate,
+        exits,
         events_tx,
         events_rx,
         devices,
@@ -248,6 +253,11 @@ impl Vmm {
 
     pub fn timings(&self) -> BootTimings {
         self.timings_handle().get()
+    }
+
+    /// vCPU exits by reason, readable while the VM runs (and after).
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.exits.clone()
     }
 
     /// Timings that stay readable after [`Vmm::wait`] consumed the VM.

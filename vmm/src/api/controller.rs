@@ -17,6 +17,9 @@ use crate::config::{
 use crate::exit::VmmEvent;
 use crate::seccomp::SeccompLevel;
 use crate::vmm::TimingsHandle;
+use crate::vstate::exit_counts::{ExitCounts, ExitReason};
+
+use super::metrics::MetricsSnapshot;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
@@ -34,6 +37,7 @@ pub enum VmState {
 pub struct StartedVm {
     pub events: Sender<VmmEvent>,
     pub timings: TimingsHandle,
+    pub exits: ExitCounts,
 }
 
 pub struct Controller {
@@ -275,7 +279,11 @@ impl Controller {
 
     /// FlushMetrics: one JSON line of the counters to the metrics file.
     pub fn flush_metrics(&mut self) -> Result<(), Fault> {
-        let line = self.metrics_line();
+        let utc_timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let line = self.metrics().json_line(utc_timestamp_ms);
         let file = self.metrics.as_mut().ok_or_else(|| {
             Fault::bad_request("FlushMetrics needs a metrics file first: PUT /metrics")
         })?;
@@ -284,27 +292,22 @@ impl Controller {
             .map_err(|e| Fault::internal(format!("cannot write the metrics file: {e}")))
     }
 
-    fn metrics_line(&self) -> String {
+    pub fn metrics(&self) -> MetricsSnapshot {
         let timings = self.vm.as_ref().map(|vm| vm.timings.get());
-        let boot_time_us = timings.and_then(|t| {
-            t.first_kvm_run_ns
-                .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
-        });
-        let utc_timestamp_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
-        let mut line = serde_json::json!({
-            "utc_timestamp_ms": utc_timestamp_ms,
-            "id": self.id,
-            "state": self.info().state,
-            "api_requests": self.api_requests,
-            "boot_time_us": boot_time_us,
-            "uptime_ms": self.started_at.map(|t| t.elapsed().as_millis() as u64),
-        })
-        .to_string();
-        line.push('\n');
-        line
+        MetricsSnapshot {
+            id: self.id.clone(),
+            state: self.info().state,
+            api_requests: self.api_requests,
+            boot_time_us: timings.and_then(|t| {
+                t.first_kvm_run_ns
+                    .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
+            }),
+            uptime_ms: self.started_at.map(|t| t.elapsed().as_millis() as u64),
+            vcpu_exits: match &self.vm {
+                Some(vm) => vm.exits.snapshot(),
+                None => ExitReason::ALL.iter().map(|&r| (r, 0)).collect(),
+            },
+        }
     }
 }
 

@@ -42,6 +42,8 @@ pub enum Reply {
     NoContent,
     /// 200 with this JSON body.
     Json(String),
+    /// 200 with this Prometheus text.
+    Prometheus(String),
 }
 
 pub type SharedController = Arc<Mutex<Controller>>;
@@ -68,6 +70,9 @@ pub async fn handle(ctx: &ApiContext, route: Matched, body: &[u8]) -> Result<Rep
     lock(&ctx.controller).count_request();
     match route.endpoint {
         Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
+        Endpoint::GetMetrics => Ok(Reply::Prometheus(
+            lock(&ctx.controller).metrics().prometheus(),
+        )),
         Endpoint::GetMachineConfig => json(&lock(&ctx.controller).machine_config()),
         Endpoint::PutBootSource => {
             let source: BootSource = parse_body("PUT /boot-source", body)?;

@@ -13,6 +13,7 @@ pub mod controller;
 pub mod fault;
 pub mod handlers;
 pub mod logger;
+pub mod metrics;
 pub mod models;
 pub mod routes;
 pub mod server;

@@ -21,6 +21,7 @@ pub enum Endpoint {
     PatchVm,
     PutLogger,
     PutMetrics,
+    GetMetrics,
 }
 
 pub struct Route {
@@ -30,7 +31,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 13] {
+pub fn routes() -> [Route; 14] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -55,6 +56,7 @@ pub fn routes() -> [Route; 13] {
         route(Method::PATCH, "/vm", PatchVm),
         route(Method::PUT, "/logger", PutLogger),
         route(Method::PUT, "/metrics", PutMetrics),
+        route(Method::GET, "/metrics", GetMetrics),
     ]
 }
 

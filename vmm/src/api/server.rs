@@ -177,22 +177,31 @@ async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<Full<
         handlers::handle(ctx, route, &body).await
     }
     .await;
+    const JSON: &str = "application/json";
     let (status, body) = match result {
         Ok(Reply::NoContent) => (StatusCode::NO_CONTENT, None),
-        Ok(Reply::Json(json)) => (StatusCode::OK, Some(json)),
+        Ok(Reply::Json(json)) => (StatusCode::OK, Some((json, JSON))),
+        Ok(Reply::Prometheus(text)) => (
+            StatusCode::OK,
+            Some((text, "text/plain; version=0.0.4; charset=utf-8")),
+        ),
         Err(fault) => {
             tracing::info!("API request refused ({}): {}", fault.status, fault.message);
-            (fault.status, Some(fault.body()))
+            (fault.status, Some((fault.body(), JSON)))
         }
     };
-    let mut response = Response::new(Full::new(Bytes::from(body.clone().unwrap_or_default())));
+    let mut response = match body {
+        Some((body, content_type)) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(content_type),
+            );
+            response
+        }
+        None => Response::new(Full::new(Bytes::new())),
+    };
     *response.status_mut() = status;
-    if body.is_some() {
-        response.headers_mut().insert(
-            CONTENT_TYPE,
-            hyper::header::HeaderValue::from_static("application/json"),
-        );
-    }
     response
 }
 

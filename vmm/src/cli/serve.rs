@@ -227,6 +227,7 @@ fn boot(
             controller.started(StartedVm {
                 events: vm.event_sender(),
                 timings: vm.timings_handle(),
+                exits: vm.exit_counts(),
             });
             Ok(vm)
         }

@@ -4,11 +4,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
-/// What tells a vCPU thread to stop or to park, shared by the VMM and every vCPU of one VM.
+/// What tells a vCPU thread to stop or to park, shared by the VMM and every vCPU of one VM (with
+/// the exit counters every vCPU adds to).
 #[derive(Clone, Default)]
 pub struct RunSwitches {
     pub stop: Arc<AtomicBool>,
     pub gate: Arc<VcpuGate>,
+    pub exits: crate::vstate::exit_counts::ExitCounts,
 }
 
 #[derive(Default)]
