@@ -314,6 +314,31 @@ fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
     assert_eq!(late.status, 408, "{late:?}");
     drop(half_head);
 
+    // A start that fails on the VMM thread (here: the vsock path was taken after PUT /vsock) is
+    // a 400 with the reason, and leaves the VM configurable.
+    let kernel = s.path("kernel");
+    std::fs::write(&kernel, b"not started").unwrap();
+    let taken = s.path("taken.sock");
+    s.ok(
+        "PUT",
+        "/vsock",
+        &serde_json::json!({"guest_cid": 3, "uds_path": taken}).to_string(),
+    );
+    s.ok(
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": kernel}).to_string(),
+    );
+    std::fs::write(&taken, b"").unwrap();
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        "already exists",
+    );
+    assert_eq!(s.state(), "Not started");
+
     let metrics = s.call("GET", "/metrics", None);
     assert_eq!(metrics.status, 200, "{metrics:?}");
     assert!(
@@ -665,5 +690,39 @@ fn a_forbidden_syscall_on_the_api_thread_kills_by_sigsys() {
     unfiltered.signal(libc::SIGTERM).unwrap();
     let out = unfiltered.wait(EXIT_TIMEOUT).unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn serve_refuses_bad_arguments_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let run = |args: &[&std::ffi::OsStr]| {
+        VmProcess::agentvm(args)
+            .unwrap()
+            .wait(EXIT_TIMEOUT)
+            .unwrap()
+    };
+    let bad_id = run(&[
+        "serve".as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--id".as_ref(),
+        "a b".as_ref(),
+    ]);
+    assert_eq!(bad_id.status.code(), Some(125), "{bad_id:?}");
+    assert!(bad_id.stderr_text().contains("--id \"a b\""), "{bad_id:?}");
+    let no_dir = dir.path().join("missing/api.sock");
+    let unbound = run(&["serve".as_ref(), "--api-sock".as_ref(), no_dir.as_os_str()]);
+    assert_eq!(unbound.status.code(), Some(125), "{unbound:?}");
+    assert!(
+        unbound
+            .stderr_text()
+            .contains("cannot listen on the API socket"),
+        "{unbound:?}"
+    );
+    let no_api = run(&["serve".as_ref(), "--no-api".as_ref()]);
+    assert_eq!(no_api.status.code(), Some(2), "{no_api:?}");
+    assert!(no_api.stderr_text().contains("--config-file"), "{no_api:?}");
     assert!(!sock.exists());
 }
