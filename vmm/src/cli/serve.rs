@@ -128,10 +128,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let vm = match &args.config_file {
         Some(path) => boot_from_file(path, &controller, args.console.as_deref())?,
         None => match wait_for_start(&vmm_rx, &controller, &args, &signalled) {
-            Some(vm) => vm,
-            None => {
+            BeforeStart::Started(vm) => vm,
+            BeforeStart::Signalled(sig) => {
                 drop(server);
-                return Ok(signal_exit_code(signalled.load(Ordering::Acquire)));
+                eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
+                return Ok(signal_exit_code(sig));
+            }
+            BeforeStart::ApiGone => {
+                return Err("the API thread ended before InstanceStart".into());
             }
         },
     };
@@ -165,30 +169,38 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// Serves the VMM thread's share of pre-boot requests until InstanceStart boots the VM (Some) or
-/// a signal arrives (None).
+/// How the wait for InstanceStart ended.
+enum BeforeStart {
+    Started(Vmm),
+    Signalled(i32),
+    /// The API thread is gone (it holds the only sender): nothing can start the VM.
+    ApiGone,
+}
+
+/// Serves the VMM thread's share of pre-boot requests until InstanceStart boots the VM or a
+/// signal arrives.
 fn wait_for_start(
     requests: &Receiver<VmmRequest>,
     controller: &SharedController,
     args: &ServeArgs,
     signalled: &AtomicI32,
-) -> Option<Vmm> {
+) -> BeforeStart {
     loop {
-        if signalled.load(Ordering::Acquire) != 0 {
-            return None;
+        let sig = signalled.load(Ordering::Acquire);
+        if sig != 0 {
+            return BeforeStart::Signalled(sig);
         }
         let request = match requests.recv_timeout(SIGNAL_POLL) {
             Ok(request) => request,
             Err(RecvTimeoutError::Timeout) => continue,
-            // The API thread is gone (it holds the only sender): nothing can start the VM.
-            Err(RecvTimeoutError::Disconnected) => return None,
+            Err(RecvTimeoutError::Disconnected) => return BeforeStart::ApiGone,
         };
         match request {
             VmmRequest::Start { config, reply } => {
                 match boot(&config, controller, args.console.as_deref()) {
                     Ok(vm) => {
                         let _ = reply.send(Ok(()));
-                        return Some(vm);
+                        return BeforeStart::Started(vm);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
