@@ -128,7 +128,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let vm = match &args.config_file {
         Some(path) => boot_from_file(path, &controller, args.console.as_deref())?,
         None => match wait_for_start(&vmm_rx, &controller, &args, &signalled) {
-            BeforeStart::Started(vm) => vm,
+            BeforeStart::Started(vm) => *vm,
             BeforeStart::Signalled(sig) => {
                 drop(server);
                 eprintln!("agentvm: {}", VmOutcome::Signalled(sig));
@@ -171,7 +171,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
 
 /// How the wait for InstanceStart ended.
 enum BeforeStart {
-    Started(Vmm),
+    Started(Box<Vmm>),
     Signalled(i32),
     /// The API thread is gone (it holds the only sender): nothing can start the VM.
     ApiGone,
@@ -200,7 +200,7 @@ fn wait_for_start(
                 match boot(&config, controller, args.console.as_deref()) {
                     Ok(vm) => {
                         let _ = reply.send(Ok(()));
-                        return BeforeStart::Started(vm);
+                        return BeforeStart::Started(Box::new(vm));
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
