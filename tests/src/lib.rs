@@ -2,6 +2,7 @@
 //! `agentvm` binary against them.
 
 pub mod agentvm;
+pub mod api;
 pub mod elf;
 pub mod jailer;
 pub mod nested;

@@ -11,7 +11,8 @@
 //! forever after `spinning`), `flood` ([`FLOOD_BYTES`] of [`flood_stream`], then `done` and a
 //! reset) or `hog` (writes every RAM page above 16 MiB between `hog begin ram_kib=<n>` and
 //! `hog end touched_kib=<n>`, then `done` and a reset: the VMM's memory grows by the guest's
-//! size). An unknown mode prints a failing `start` line, then `done`, and resets.
+//! size) or `count` (prints `PROBE count <n>` for n = 1, 2, ... forever, never resetting: a
+//! paused VM's console stops growing). An unknown mode prints a failing `start` line, then `done`, and resets.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -5,6 +5,12 @@ use std::path::PathBuf;
 use crate::seccomp::{SeccompLevel, ThreadKind, ThreadSeccomp};
 
 pub const MAX_VCPUS: u8 = 16;
+
+/// Kernel command line for a Linux guest on agentvm's machine model: serial console on COM1, reset
+/// through the keyboard controller (the only reset line the VMM has), an immediate reboot on panic
+/// (so a panic ends the VMM instead of hanging), no PCI or ACPI to probe.
+pub const LINUX_BASE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd nomodeset";
 pub const MIN_MEM_MIB: u64 = 16;
 
 #[derive(Debug, Clone)]
@@ -151,7 +157,7 @@ pub fn validate_mem_mib(mem_mib: u64, host_mib: Option<u64>) -> Result<(), Confi
 
 /// Physical RAM of the host, from /proc/meminfo. Guest memory is mapped lazily (NORESERVE), but a
 /// guest larger than the whole host can only end in the OOM killer.
-fn host_mem_mib() -> Option<u64> {
+pub fn host_mem_mib() -> Option<u64> {
     let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;

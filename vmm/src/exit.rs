@@ -18,6 +18,29 @@ pub enum VmmEvent {
     FirstKvmRun,
     /// The host is done with the VM (e.g. `agentvm run` after its command ended).
     Stop,
+    /// Pause or resume the vCPUs (the API's `PATCH /vm`); served by the thread waiting on the VM.
+    Control(ControlRequest),
+}
+
+/// What [`VmmEvent::Control`] asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum VcpuControl {
+    /// Kick every vCPU out of KVM_RUN and park it until resumed.
+    Pause,
+    Resume,
+}
+
+/// A pause/resume request and where its answer goes. The answer is a callback so that the
+/// requester may wait however it likes (the API thread awaits it asynchronously).
+pub struct ControlRequest {
+    pub action: VcpuControl,
+    pub reply: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+impl fmt::Debug for ControlRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ControlRequest({:?})", self.action)
+    }
 }
 
 /// Why one vCPU stopped running.

@@ -6,6 +6,7 @@
 //! Every VMM thread runs under a seccomp filter for its kind ([`seccomp`]); the filters live in
 //! `vmm/seccomp/<target>.json` and are described in `vmm/seccomp/README.md`.
 
+pub mod api;
 pub mod artefacts;
 pub mod config;
 pub mod device_manager;
@@ -13,6 +14,7 @@ pub mod exit;
 pub mod host;
 pub mod image_map;
 pub mod kernel;
+pub mod logging;
 pub mod memory;
 pub mod nested;
 pub mod process_stats;

@@ -13,11 +13,13 @@ use vmm_sys_util::signal::Killable;
 
 use crate::config::{ConfigError, VmConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
-use crate::exit::{VcpuStop, VmOutcome, VmmEvent};
+use crate::exit::{VcpuControl, VcpuStop, VmOutcome, VmmEvent};
 use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::vstate::exit_counts::ExitCounts;
+use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu};
 use crate::vstate::vm::{Vm, VmError};
 
@@ -44,6 +46,8 @@ pub enum VmmError {
         index: u8,
         source: kvm_ioctls::Error,
     },
+    #[error("vCPUs did not stop within {0:?} ({parked} of {total} parked)", parked = .1, total = .2)]
+    PauseTimeout(Duration, usize, usize),
     #[error("cannot start vCPU thread {index}: {source}")]
     SpawnVcpu { index: u8, source: std::io::Error },
 }
@@ -84,6 +88,8 @@ pub struct Vmm {
     // memory mapping go away.
     vcpu_threads: Vec<JoinHandle<()>>,
     stop: Arc<AtomicBool>,
+    gate: Arc<VcpuGate>,
+    exits: ExitCounts,
     events_tx: Sender<VmmEvent>,
     events_rx: Receiver<VmmEvent>,
     devices: DeviceManager,
@@ -149,6 +155,8 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     let kernel_loaded_ns = monotonic_ns();
 
     let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(VcpuGate::default());
+    let exits = ExitCounts::default();
     let first_run = Arc::new(OnceLock::new());
     let io = devices.io_manager();
     let zero_page = GuestAddress(arch::layout::ZERO_PAGE_START);
@@ -172,7 +180,11 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             fd,
             io.clone(),
             events_tx.clone(),
-            stop.clone(),
+            RunSwitches {
+                stop: stop.clone(),
+                gate: gate.clone(),
+                exits: exits.clone(),
+            },
             first_run.clone(),
             // The hook fires on one vCPU only, so the report is a single line.
             ThreadSeccomp {
@@ -187,6 +199,8 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     let mut vmm = Vmm {
         vcpu_threads: Vec::with_capacity(vcpus.len()),
         stop,
+        gate,
+        exits,
         events_tx,
         events_rx,
         devices,
@@ -241,6 +255,11 @@ impl Vmm {
         self.timings_handle().get()
     }
 
+    /// vCPU exits by reason, readable while the VM runs (and after).
+    pub fn exit_counts(&self) -> ExitCounts {
+        self.exits.clone()
+    }
+
     /// Timings that stay readable after [`Vmm::wait`] consumed the VM.
     pub fn timings_handle(&self) -> TimingsHandle {
         TimingsHandle {
@@ -285,6 +304,17 @@ impl Vmm {
                 VmmEvent::FirstKvmRun => continue,
                 VmmEvent::Signal(sig) => break VmOutcome::Signalled(sig),
                 VmmEvent::Stop => break VmOutcome::Stopped,
+                VmmEvent::Control(request) => {
+                    let result = match request.action {
+                        VcpuControl::Pause => self.pause().map_err(|e| e.to_string()),
+                        VcpuControl::Resume => {
+                            self.gate.resume();
+                            Ok(())
+                        }
+                    };
+                    (request.reply)(result);
+                    continue;
+                }
                 VmmEvent::VcpuStopped {
                     outcome: VcpuStop::Requested,
                     ..
@@ -301,10 +331,35 @@ impl Vmm {
         outcome
     }
 
+    /// Parks every vCPU outside KVM_RUN: each is kicked until it reaches the gate, so when this
+    /// returns Ok no guest code runs until [`VcpuGate::resume`].
+    fn pause(&mut self) -> Result<(), VmmError> {
+        const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+        self.gate.pause();
+        let total = self.vcpu_threads.len();
+        let deadline = Instant::now() + PAUSE_TIMEOUT;
+        loop {
+            let parked = self.gate.parked();
+            if parked == total {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                self.gate.resume();
+                return Err(VmmError::PauseTimeout(PAUSE_TIMEOUT, parked, total));
+            }
+            // A kick can land just before the thread re-enters KVM_RUN; repeat until it parks.
+            for handle in &self.vcpu_threads {
+                let _ = handle.kill(kick_signal());
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
     /// Stops every vCPU (kicking each out of KVM_RUN until it notices) and the device threads,
     /// then flushes the console. Idempotent.
     fn shutdown(&mut self) {
         self.stop.store(true, Ordering::Release);
+        self.gate.wake_all();
         for handle in self.vcpu_threads.drain(..) {
             // A kick can land just before the thread re-enters KVM_RUN; repeat until it is out.
             let deadline = Instant::now() + Duration::from_secs(5);

@@ -13,11 +13,7 @@ use vmm::config::{VmConfig, VsockConfig};
 use vmm::exit::VmOutcome;
 use vmm::seccomp::ThreadKind;
 
-/// Kernel command line for a Linux guest on agentvm's machine model: serial console on COM1, reset
-/// through the keyboard controller (the only reset line the VMM has), an immediate reboot on panic
-/// (so a panic ends the VMM instead of hanging), no PCI or ACPI to probe.
-pub const LINUX_BASE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off i8042.noaux i8042.nomux i8042.dumbkbd nomodeset";
+pub use vmm::config::LINUX_BASE_CMDLINE;
 
 #[derive(Args)]
 pub struct BootArgs {
@@ -55,6 +51,11 @@ pub struct BootArgs {
 
 pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
     let limit = args.machine.time_limit()?;
+    if args.seccomp_test_violation == Some(ThreadKind::Api) {
+        return Err(
+            "--seccomp-test-violation api: boot has no api thread (see agentvm serve)".into(),
+        );
+    }
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     let cmdline = if args.no_base_cmdline {
         args.cmdline.clone()
@@ -85,7 +86,8 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         None => Box::new(std::io::stdout()),
     };
     let vm = vmm::vmm::boot(&config, console).map_err(|e| e.to_string())?;
-    let _signals = SignalForwarder::start(vm.event_sender(), config.seccomp)?;
+    let _signals =
+        SignalForwarder::start(super::signals::to_vm(vm.event_sender()), config.seccomp)?;
     // Opened before the filter, which allows no open.
     let report = match &args.report_timings {
         Some(path) => Some(super::timings::ReportFile::create(path)?),

@@ -8,6 +8,7 @@ mod kernel_cmd;
 mod nested;
 mod publish;
 mod run;
+mod serve;
 mod session;
 mod signals;
 mod terminal;
@@ -44,6 +45,9 @@ enum Command {
     /// kernels, test guests, or a VM driven with `agentvm exec` through --vsock-uds). Ends when
     /// the guest resets itself.
     Boot(boot::BootArgs),
+    /// Run one VM driven over an HTTP API on a Unix socket (Firecracker-compatible subset), or
+    /// booted from a config file. Exits when the guest ends.
+    Serve(serve::ServeArgs),
     /// Manage guest kernels and initramfs images.
     Kernel {
         #[command(subcommand)]
@@ -105,6 +109,7 @@ pub fn main() -> ExitCode {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => exec::exec(args),
         Command::Boot(args) => boot::boot(args),
+        Command::Serve(args) => serve::serve(args),
         Command::Kernel { command } => kernel_cmd::run(command),
         Command::Bench { command } => bench::run(command),
     };
@@ -118,13 +123,7 @@ pub fn main() -> ExitCode {
 }
 
 fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("AGENTVM_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_target(false)
-        .try_init();
+    vmm::logging::init("AGENTVM_LOG");
 }
 
 /// Exit status of agentvm itself when a signal stopped it (shell convention 128 + n).

@@ -123,7 +123,10 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let (demux, view) = ConsoleDemux::new(log);
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
     let stop = vm.event_sender();
-    let _signals = SignalForwarder::start(vm.event_sender(), args.machine.seccomp())?;
+    let _signals = SignalForwarder::start(
+        super::signals::to_vm(vm.event_sender()),
+        args.machine.seccomp(),
+    )?;
     let timings = vm.timings_handle();
     let (ended_tx, ended) = std::sync::mpsc::channel();
     let vm_thread = std::thread::Builder::new()

@@ -3,14 +3,12 @@
 //!
 //! The forwarding thread runs under the `vmm` seccomp filter, installed as it starts.
 
-use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
 use signal_hook::iterator::{Handle, Signals};
 
-use vmm::exit::VmmEvent;
 use vmm::seccomp::{SeccompLevel, ThreadKind, ThreadSeccomp};
 
 /// How long the new thread may take to put itself under its seccomp filter.
@@ -22,7 +20,11 @@ pub struct SignalForwarder {
 }
 
 impl SignalForwarder {
-    pub fn start(events: Sender<VmmEvent>, seccomp: SeccompLevel) -> Result<Self, String> {
+    /// Calls `on_signal` on the signal thread for each SIGINT/SIGTERM/SIGHUP until it returns false.
+    pub fn start(
+        mut on_signal: impl FnMut(i32) -> bool + Send + 'static,
+        seccomp: SeccompLevel,
+    ) -> Result<Self, String> {
         let mut signals = Signals::new([SIGINT, SIGTERM, SIGHUP])
             .map_err(|e| format!("cannot install signal handlers: {e}"))?;
         let handle = signals.handle();
@@ -42,7 +44,7 @@ impl SignalForwarder {
                     return;
                 }
                 for sig in signals.forever() {
-                    if events.send(VmmEvent::Signal(sig)).is_err() {
+                    if !on_signal(sig) {
                         break;
                     }
                 }
@@ -69,4 +71,11 @@ impl Drop for SignalForwarder {
             let _ = thread.join();
         }
     }
+}
+
+/// The usual forwarding: each signal becomes a [`VmmEvent::Signal`] that ends the VM.
+pub fn to_vm(
+    events: std::sync::mpsc::Sender<vmm::exit::VmmEvent>,
+) -> impl FnMut(i32) -> bool + Send + 'static {
+    move |sig| events.send(vmm::exit::VmmEvent::Signal(sig)).is_ok()
 }

@@ -33,6 +33,7 @@ pub struct Filters {
     vcpu: BpfProgram,
     devices: BpfProgram,
     vmm: BpfProgram,
+    api: BpfProgram,
 }
 
 impl Filters {
@@ -41,6 +42,7 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::Devices => &self.devices,
             ThreadKind::Vmm => &self.vmm,
+            ThreadKind::Api => &self.api,
         }
     }
 
@@ -57,6 +59,7 @@ impl Filters {
             vcpu: take(ThreadKind::Vcpu)?,
             devices: take(ThreadKind::Devices)?,
             vmm: take(ThreadKind::Vmm)?,
+            api: take(ThreadKind::Api)?,
         })
     }
 }
@@ -185,7 +188,7 @@ mod tests {
             DecodeError::Missing("devices")
         );
         let mut map = HashMap::new();
-        for name in ["vcpu", "devices", "vmm"] {
+        for name in ["vcpu", "devices", "vmm", "api"] {
             map.insert(name.to_string(), vec![]);
         }
         assert_eq!(

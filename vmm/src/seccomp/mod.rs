@@ -29,10 +29,17 @@ pub enum ThreadKind {
     Devices,
     /// The main thread of `agentvm boot` once the VM runs, and its signal thread.
     Vmm,
+    /// The API thread of `agentvm serve`: HTTP over its Unix socket (tokio + hyper).
+    Api,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 3] = [ThreadKind::Vcpu, ThreadKind::Devices, ThreadKind::Vmm];
+    pub const ALL: [ThreadKind; 4] = [
+        ThreadKind::Vcpu,
+        ThreadKind::Devices,
+        ThreadKind::Vmm,
+        ThreadKind::Api,
+    ];
 
     /// The filter's name in the JSON file.
     pub fn as_str(self) -> &'static str {
@@ -40,6 +47,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::Devices => "devices",
             ThreadKind::Vmm => "vmm",
+            ThreadKind::Api => "api",
         }
     }
 }

@@ -1,4 +1,6 @@
-//! KVM state: the VM file descriptor and the vCPU threads.
+//! KVM state: the VM file descriptor, the vCPU threads and their pause gate.
 
+pub mod exit_counts;
+pub mod pause;
 pub mod vcpu;
 pub mod vm;

@@ -1,7 +1,7 @@
 //! vCPU threads: run KVM_RUN, dispatch port and MMIO exits to the device buses, and report every
 //! exit the VMM cannot handle as a precise reason (exit kind + guest RIP).
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::mpsc::Sender;
 use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
@@ -13,6 +13,8 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use crate::exit::{VcpuStop, VmmEvent};
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::vstate::exit_counts::{ExitCounts, ExitReason};
+use crate::vstate::pause::RunSwitches;
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -36,7 +38,7 @@ pub struct Vcpu {
     fd: VcpuFd,
     io: Arc<IoManager>,
     events: Sender<VmmEvent>,
-    stop: Arc<AtomicBool>,
+    switches: RunSwitches,
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
     first_run: Arc<OnceLock<u64>>,
     seccomp: ThreadSeccomp,
@@ -48,7 +50,7 @@ impl Vcpu {
         fd: VcpuFd,
         io: Arc<IoManager>,
         events: Sender<VmmEvent>,
-        stop: Arc<AtomicBool>,
+        switches: RunSwitches,
         first_run: Arc<OnceLock<u64>>,
         seccomp: ThreadSeccomp,
     ) -> Self {
@@ -57,7 +59,7 @@ impl Vcpu {
             fd,
             io,
             events,
-            stop,
+            switches,
             first_run,
             seccomp,
         }
@@ -84,17 +86,25 @@ impl Vcpu {
 
     fn run_until_stop(&mut self) -> VcpuStop {
         loop {
-            if self.stop.load(Ordering::Acquire) {
+            self.switches.gate.park_while_paused(&self.switches.stop);
+            if self.switches.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
             if self.first_run.get().is_none() && self.first_run.set(monotonic_ns()).is_ok() {
                 let _ = self.events.send(VmmEvent::FirstKvmRun);
             }
+            let exits = &self.switches.exits;
             let ended = match self.fd.run() {
-                Ok(exit) => handle_exit(self.index, &self.io, exit),
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => None,
+                Ok(exit) => handle_exit(self.index, &self.io, exit, exits),
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    exits.add(ExitReason::Interrupted);
+                    None
+                }
                 Err(e) => Some(Ended::RunFailed(e.to_string())),
             };
+            if ended.is_some() {
+                exits.add(ExitReason::Fatal);
+            }
             if let Some(ended) = ended {
                 return self.describe(ended);
             }
@@ -138,7 +148,19 @@ enum Ended {
 }
 
 /// Serves device exits; returns `Some` for exits that end this vCPU.
-fn handle_exit(index: u8, io: &IoManager, exit: VcpuExit<'_>) -> Option<Ended> {
+fn handle_exit(index: u8, io: &IoManager, exit: VcpuExit<'_>, exits: &ExitCounts) -> Option<Ended> {
+    let reason = match &exit {
+        VcpuExit::IoIn(..) => Some(ExitReason::IoIn),
+        VcpuExit::IoOut(..) => Some(ExitReason::IoOut),
+        VcpuExit::MmioRead(..) => Some(ExitReason::MmioRead),
+        VcpuExit::MmioWrite(..) => Some(ExitReason::MmioWrite),
+        VcpuExit::Intr => Some(ExitReason::Interrupted),
+        // Counted as fatal by the caller.
+        _ => None,
+    };
+    if let Some(reason) = reason {
+        exits.add(reason);
+    }
     match exit {
         VcpuExit::IoIn(port, data) => {
             if io.pio_read(PioAddress(port), data).is_err() {

@@ -10,9 +10,10 @@
 //!   `PROBE flood begin bytes=<n> fifo_depth=<n>`, `PROBE flood end bytes=<n> fnv1a64=<hex>`.
 //!
 //! `probe.mode=` on the command line selects what runs: `default` (the checks), `triple-fault`,
-//! `spin`, `flood` and `hog` (touches every RAM page above 16 MiB: `PROBE hog begin ram_kib=<n>`,
-//! `PROBE hog end touched_kib=<n>`). The probe ends with an i8042 reset (`out 0x64, 0xfe`) except
-//! in the `triple-fault` and `spin` modes.
+//! `spin`, `flood`, `hog` (touches every RAM page above 16 MiB: `PROBE hog begin ram_kib=<n>`,
+//! `PROBE hog end touched_kib=<n>`) and `count` (prints `PROBE count <n>` for n = 1, 2, ...
+//! forever, so a paused VM shows as a console that stops growing). The probe ends with an i8042
+//! reset (`out 0x64, 0xfe`) except in the `triple-fault`, `spin` and `count` modes.
 
 #![no_std]
 #![no_main]
@@ -38,6 +39,7 @@ enum Mode {
     Spin,
     Flood,
     Hog,
+    Count,
 }
 
 impl Mode {
@@ -48,6 +50,7 @@ impl Mode {
             Mode::Spin => "spin",
             Mode::Flood => "flood",
             Mode::Hog => "hog",
+            Mode::Count => "count",
         }
     }
 
@@ -63,6 +66,7 @@ impl Mode {
             Some(b"spin") => Ok(Mode::Spin),
             Some(b"flood") => Ok(Mode::Flood),
             Some(b"hog") => Ok(Mode::Hog),
+            Some(b"count") => Ok(Mode::Count),
             Some(other) => Err(other),
         }
     }
@@ -119,6 +123,22 @@ pub extern "C" fn probe_main(zero_page: u64) -> ! {
             hog::hog(zp);
             marker_line("done");
             reset();
+        }
+        Mode::Count => count(),
+    }
+}
+
+/// Iterations of the spin loop between two `count` lines: keeps the console's growth (one VM exit
+/// per byte) to a trickle.
+const COUNT_SPIN: u64 = 1 << 20;
+
+fn count() -> ! {
+    let mut n: u64 = 0;
+    loop {
+        n += 1;
+        marker_line(format_args!("count {n}"));
+        for _ in 0..COUNT_SPIN {
+            core::hint::spin_loop();
         }
     }
 }

@@ -1,0 +1,728 @@
+//! `agentvm serve`: the per-VM API over a real Unix socket, with the ring-3 probe guest.
+//!
+//! Error classes before InstanceStart need no KVM; the tests that boot need /dev/kvm (skipped
+//! without it, failing instead under CI=true) and the agentvm binary of the same profile.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::agentvm::{require_kvm, VmOutput, VmProcess};
+use integration_tests::api::{
+    connect, raw, read_response, request, wait_for_path, wait_for_text, ApiResponse,
+};
+use integration_tests::probe::probe_elf;
+
+/// Hang detectors, not performance limits.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(120);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a paused guest is watched for progress; the running probe prints a line every few
+/// milliseconds, so any progress would show.
+const PAUSE_WINDOW: Duration = Duration::from_millis(300);
+
+struct Serve {
+    process: VmProcess,
+    sock: PathBuf,
+    dir: tempfile::TempDir,
+}
+
+impl Serve {
+    fn start(extra: &[&str]) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let sock = dir.path().join("api.sock");
+        let console = dir.path().join("console");
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "serve".as_ref(),
+            "--api-sock".as_ref(),
+            sock.as_os_str(),
+            "--console".as_ref(),
+            console.as_os_str(),
+        ];
+        args.extend(extra.iter().map(std::ffi::OsStr::new));
+        let process = VmProcess::agentvm(&args).expect("start agentvm serve");
+        assert!(
+            wait_for_path(&sock, START_TIMEOUT),
+            "the API socket {} did not appear",
+            sock.display()
+        );
+        Self { process, sock, dir }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> ApiResponse {
+        request(&self.sock, method, path, body)
+    }
+
+    /// Asserts a 204.
+    fn ok(&self, method: &str, path: &str, body: &str) {
+        let answer = self.call(method, path, Some(body));
+        assert_eq!(answer.status, 204, "{method} {path} {body}: {answer:?}");
+    }
+
+    /// Asserts a 4xx `status` whose fault_message contains `needle`.
+    fn refused(&self, method: &str, path: &str, body: Option<&str>, status: u16, needle: &str) {
+        let answer = self.call(method, path, body);
+        assert_eq!(
+            answer.status, status,
+            "{method} {path} {body:?}: {answer:?}"
+        );
+        let fault = answer.fault();
+        assert!(
+            fault.contains(needle),
+            "{method} {path} {body:?}: {fault:?} lacks {needle:?}"
+        );
+    }
+
+    fn state(&self) -> String {
+        let answer = self.call("GET", "/", None);
+        assert_eq!(answer.status, 200, "{answer:?}");
+        answer.json()["state"].as_str().expect("state").to_string()
+    }
+
+    fn console(&self) -> String {
+        std::fs::read_to_string(self.path("console")).unwrap_or_default()
+    }
+
+    fn wait_console(&self, needle: &str) -> String {
+        wait_for_text(&self.path("console"), needle, GUEST_TIMEOUT)
+            .unwrap_or_else(|| panic!("{needle:?} not on the console:\n{}", self.console()))
+    }
+
+    fn boot_source(&self, boot_args: &str) {
+        let body = serde_json::json!({
+            "kernel_image_path": probe_elf(),
+            "boot_args": boot_args,
+        })
+        .to_string();
+        self.ok("PUT", "/boot-source", &body);
+    }
+
+    /// Waits for the process to end; the directory (socket path, console) stays until the
+    /// returned [`Ended`] is dropped.
+    fn finish(self) -> Ended {
+        let out = self
+            .process
+            .wait(EXIT_TIMEOUT)
+            .expect("agentvm serve exits");
+        Ended {
+            out,
+            sock: self.sock,
+            _dir: self.dir,
+        }
+    }
+}
+
+struct Ended {
+    out: VmOutput,
+    sock: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+/// The last `PROBE count <n>` on the console.
+fn last_count(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .next_back()
+        .unwrap_or(0)
+}
+
+#[test]
+fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
+    let serve = Serve::start(&[]);
+    let s = &serve;
+    assert_eq!(s.state(), "Not started");
+    // Malformed JSON, empty body, unknown field, wrong type, missing field.
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some("{\"vcpu_count\": 1,"),
+        400,
+        "PUT /machine-config",
+    );
+    s.refused("PUT", "/actions", None, 400, "needs a JSON body");
+    let unknown = r#"{"vcpu_count": 1, "mem_size_mib": 64, "cpus": 2}"#;
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(unknown),
+        400,
+        "unknown field `cpus`",
+    );
+    let wrong_type = r#"{"vcpu_count": "one", "mem_size_mib": 64}"#;
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(wrong_type),
+        400,
+        "invalid type",
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1}"#),
+        400,
+        "missing field `mem_size_mib`",
+    );
+    // Values out of range.
+    for body in [
+        r#"{"vcpu_count": 0, "mem_size_mib": 64}"#,
+        r#"{"vcpu_count": 17, "mem_size_mib": 64}"#,
+    ] {
+        s.refused(
+            "PUT",
+            "/machine-config",
+            Some(body),
+            400,
+            "vcpu_count must be between 1 and 16",
+        );
+    }
+    s.refused(
+        "PATCH",
+        "/machine-config",
+        Some(r#"{"mem_size_mib": 8}"#),
+        400,
+        "mem_size_mib must be at least 16",
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64, "smt": true}"#),
+        400,
+        "smt",
+    );
+    let vsock = s.path("v.sock");
+    let cid2 = serde_json::json!({"guest_cid": 2, "uds_path": vsock}).to_string();
+    s.refused("PUT", "/vsock", Some(&cid2), 400, "CID 2 is reserved");
+    s.refused(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/nonexistent/vmlinux"}"#),
+        400,
+        "/nonexistent/vmlinux: no such file",
+    );
+    // Wrong state.
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        "PUT /boot-source",
+    );
+    s.refused(
+        "PATCH",
+        "/vm",
+        Some(r#"{"state": "Paused"}"#),
+        400,
+        "not running yet",
+    );
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "FlushMetrics"}"#),
+        400,
+        "PUT /metrics",
+    );
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "Reboot"}"#),
+        400,
+        "unknown variant `Reboot`",
+    );
+    // Features that are not there yet: the body is checked first.
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "SendCtrlAltDel"}"#),
+        400,
+        "i8042",
+    );
+    s.refused(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#),
+        400,
+        "virtio-net",
+    );
+    s.refused(
+        "PUT",
+        "/network-interfaces/eth0",
+        Some(r#"{"iface_id": "eth1", "host_dev_name": "tap0"}"#),
+        400,
+        "does not match",
+    );
+    s.refused(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/s", "mem_file_path": "/tmp/m"}"#),
+        400,
+        "snapshot",
+    );
+    s.refused(
+        "PUT",
+        "/snapshot/create",
+        Some(r#"{"snapshot_path": "/tmp/s"}"#),
+        400,
+        "missing field `mem_file_path`",
+    );
+    s.refused("PUT", "/snapshot/load", Some(r#"{"snapshot_path": "/tmp/s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/x"}}"#), 400, "snapshot");
+    s.refused(
+        "PUT",
+        "/logger",
+        Some(r#"{"level": "Loud"}"#),
+        400,
+        "\"loud\"",
+    );
+    // Unknown path, wrong method.
+    s.refused("GET", "/drives/rootfs", None, 404, "/drives/rootfs");
+    s.refused("DELETE", "/machine-config", None, 405, "GET, PUT, PATCH");
+
+    // A body over the limit is refused from its Content-Length, without waiting for it.
+    let huge = raw(
+        &s.sock,
+        b"PUT /boot-source HTTP/1.1\r\nHost: x\r\nContent-Length: 10000000\r\n\r\n{",
+    );
+    assert_eq!(huge.status, 413, "{huge:?}");
+    assert!(huge.fault().contains("body limit"), "{huge:?}");
+    // ... and so is one without a Content-Length that crosses it.
+    let mut chunked =
+        b"PUT /boot-source HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+    for _ in 0..60 {
+        chunked.extend_from_slice(b"400\r\n");
+        chunked.extend_from_slice(&[b' '; 0x400]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    let over = raw(&s.sock, &chunked);
+    assert_eq!(over.status, 413, "{over:?}");
+
+    // A client that sends half a request and stalls blocks no one else.
+    let mut stalled = connect(&s.sock);
+    stalled
+        .write_all(b"PUT /machine-config HTTP/1.1\r\nHost: x\r\nContent-Length: 50\r\n\r\n{\"vcpu")
+        .unwrap();
+    let mut half_head = connect(&s.sock);
+    half_head.write_all(b"GET / HTTP/1.1\r\nHo").unwrap();
+    assert_eq!(s.state(), "Not started");
+    // The stalled body gets its timeout answer instead of hanging forever.
+    let late = read_response(&mut stalled);
+    assert_eq!(late.status, 408, "{late:?}");
+    drop(half_head);
+
+    // A start that fails on the VMM thread (here: the vsock path was taken after PUT /vsock) is
+    // a 400 with the reason, and leaves the VM configurable.
+    let kernel = s.path("kernel");
+    std::fs::write(&kernel, b"not started").unwrap();
+    let taken = s.path("taken.sock");
+    s.ok(
+        "PUT",
+        "/vsock",
+        &serde_json::json!({"guest_cid": 3, "uds_path": taken}).to_string(),
+    );
+    s.ok(
+        "PUT",
+        "/boot-source",
+        &serde_json::json!({"kernel_image_path": kernel}).to_string(),
+    );
+    std::fs::write(&taken, b"").unwrap();
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        "already exists",
+    );
+    assert_eq!(s.state(), "Not started");
+
+    let metrics = s.call("GET", "/metrics", None);
+    assert_eq!(metrics.status, 200, "{metrics:?}");
+    assert!(
+        metrics
+            .body
+            .contains("agentvm_vm_state{id=\"anonymous-instance\",state=\"Not started\"} 1\n"),
+        "{metrics:?}"
+    );
+
+    // Nothing was half-applied.
+    let config = s.call("GET", "/machine-config", None).json();
+    assert_eq!(config["vcpu_count"], 1);
+    assert_eq!(config["mem_size_mib"], 128);
+
+    s.process.signal(libc::SIGTERM).unwrap();
+    let Ended { out, sock, _dir } = serve.finish();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists(), "the API socket was not removed");
+}
+
+#[test]
+fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
+    if !require_kvm() {
+        return;
+    }
+    let serve = Serve::start(&["--id", "sbx-1"]);
+    let s = &serve;
+    let info = s.call("GET", "/", None).json();
+    assert_eq!(info["id"], "sbx-1");
+    assert_eq!(info["app_name"], "agentvm");
+    assert_eq!(info["state"], "Not started");
+
+    let log = s.path("vmm.log");
+    let metrics = s.path("metrics.json");
+    s.ok("PUT", "/logger", &serde_json::json!({"log_path": log, "level": "Info", "show_level": true, "show_log_origin": false}).to_string());
+    s.ok(
+        "PUT",
+        "/metrics",
+        &serde_json::json!({"metrics_path": metrics}).to_string(),
+    );
+    s.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 2, "mem_size_mib": 64}"#,
+    );
+    s.ok("PATCH", "/machine-config", r#"{"mem_size_mib": 96}"#);
+    let config = s.call("GET", "/machine-config", None).json();
+    assert_eq!(
+        config,
+        serde_json::json!({"vcpu_count": 2, "mem_size_mib": 96, "smt": false, "track_dirty_pages": false})
+    );
+    let vsock = s.path("v.sock");
+    s.ok(
+        "PUT",
+        "/vsock",
+        &serde_json::json!({"guest_cid": 3, "uds_path": vsock, "vsock_id": "vsock0"}).to_string(),
+    );
+    s.boot_source("probe.mode=count");
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(s.state(), "Running");
+    s.wait_console("PROBE count 3\n");
+
+    // Pre-boot resources and a second start are refused in Firecracker's words.
+    let after = "not supported after starting the microVM";
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        after,
+    );
+    s.refused(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/x"}"#),
+        400,
+        after,
+    );
+    s.refused(
+        "PUT",
+        "/machine-config",
+        Some(r#"{"vcpu_count": 1, "mem_size_mib": 64}"#),
+        400,
+        after,
+    );
+    s.refused(
+        "PUT",
+        "/vsock",
+        Some(r#"{"guest_cid": 4, "uds_path": "/tmp/x"}"#),
+        400,
+        after,
+    );
+    s.refused("PUT", "/logger", Some(r#"{"level": "Debug"}"#), 400, after);
+
+    // Paused: the guest makes no progress.
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    assert_eq!(s.state(), "Paused");
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let frozen = s.console();
+    std::thread::sleep(PAUSE_WINDOW);
+    assert_eq!(
+        s.console(),
+        frozen,
+        "the console grew while the VM was paused"
+    );
+
+    // Resumed: it goes on from where it stopped.
+    s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    assert_eq!(s.state(), "Running");
+    let next = last_count(&frozen) + 2;
+    s.wait_console(&format!("PROBE count {next}\n"));
+
+    // Read before the counters: the console only grows, and each byte in it was a port write.
+    let printed = s.console().len();
+    let prometheus = s.call("GET", "/metrics", None);
+    assert_eq!(prometheus.status, 200, "{prometheus:?}");
+    let text = &prometheus.body;
+    assert!(
+        text.contains("agentvm_vm_state{id=\"sbx-1\",state=\"Running\"} 1\n"),
+        "{text}"
+    );
+    assert!(
+        text.contains("agentvm_boot_time_seconds{id=\"sbx-1\"} "),
+        "{text}"
+    );
+    let io_out: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("agentvm_vcpu_exits_total{id=\"sbx-1\",reason=\"io_out\"} "))
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no io_out exit count in {text}"));
+    assert!(
+        io_out as usize >= printed,
+        "{io_out} exits, {printed} bytes\n{text}"
+    );
+
+    s.ok("PUT", "/actions", r#"{"action_type": "FlushMetrics"}"#);
+    let line = std::fs::read_to_string(&metrics).unwrap();
+    let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
+    assert_eq!(flushed["id"], "sbx-1");
+    assert_eq!(flushed["state"], "Running");
+    assert!(flushed["boot_time_us"].as_u64().is_some(), "{flushed}");
+    assert!(flushed["api_requests"].as_u64().unwrap() > 10, "{flushed}");
+    assert!(
+        flushed["vcpu_exits"]["io_out"].as_u64().unwrap() >= io_out,
+        "{flushed}"
+    );
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(
+        logged.contains(after),
+        "the refusals were not logged to {}:\n{logged}",
+        log.display()
+    );
+
+    s.process.signal(libc::SIGTERM).unwrap();
+    let Ended { out, sock, _dir } = serve.finish();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists(), "the API socket was not removed");
+    assert!(!vsock.exists(), "the vsock socket was not removed");
+}
+
+#[test]
+fn guest_reset_ends_serve_with_success_and_removes_the_socket() {
+    if !require_kvm() {
+        return;
+    }
+    let serve = Serve::start(&[]);
+    serve.boot_source("probe.token=api");
+    serve.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let console = serve.path("console");
+    let Ended { out, sock, _dir } = serve.finish();
+    assert!(out.status.success(), "{out:?}");
+    assert!(!sock.exists(), "the API socket was not removed");
+    let text = std::fs::read_to_string(console).unwrap();
+    assert!(text.contains("PROBE done"), "{text}");
+    assert!(!text.contains(" fail "), "{text}");
+}
+
+#[test]
+fn guest_triple_fault_ends_serve_with_the_reason() {
+    if !require_kvm() {
+        return;
+    }
+    let serve = Serve::start(&[]);
+    serve.boot_source("probe.mode=triple-fault");
+    serve.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    let Ended { out, sock, _dir } = serve.finish();
+    assert_eq!(out.status.code(), Some(125), "{out:?}");
+    assert!(out.stderr_text().contains("triple fault"), "{out:?}");
+    assert!(!sock.exists());
+}
+
+fn write_config(dir: &Path, config: &serde_json::Value) -> PathBuf {
+    let path = dir.join("vm.json");
+    std::fs::write(&path, config.to_string()).unwrap();
+    path
+}
+
+#[test]
+fn config_file_boots_without_api_calls() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let metrics = dir.path().join("metrics.json");
+    let config = write_config(
+        dir.path(),
+        &serde_json::json!({
+            "boot-source": {"kernel_image_path": probe_elf(), "boot_args": "probe.token=file"},
+            "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
+            "metrics": {"metrics_path": metrics},
+        }),
+    );
+    let out = VmProcess::agentvm([
+        "serve".as_ref(),
+        "--no-api".as_ref(),
+        "--config-file".as_ref(),
+        config.as_os_str(),
+    ])
+    .unwrap()
+    .wait(GUEST_TIMEOUT)
+    .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let stdout = out.stdout_text();
+    assert!(
+        stdout.contains("PROBE mptable ok") && stdout.contains("cpus=2"),
+        "{out:?}"
+    );
+    assert!(
+        stdout.contains("probe.token=file") && stdout.contains("PROBE done"),
+        "{out:?}"
+    );
+    assert!(metrics.exists(), "the metrics file was not created");
+
+    // With --api-sock too, the API answers for the VM the file booted.
+    let dir2 = tempfile::tempdir().unwrap();
+    let config = write_config(
+        dir2.path(),
+        &serde_json::json!({"boot-source": {"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"}}),
+    );
+    let serve = Serve::start(&["--config-file", config.to_str().unwrap()]);
+    serve.wait_console("PROBE count 1\n");
+    assert_eq!(serve.state(), "Running");
+    serve.refused(
+        "PUT",
+        "/boot-source",
+        Some(r#"{"kernel_image_path": "/x"}"#),
+        400,
+        "after starting",
+    );
+    serve.process.signal(libc::SIGTERM).unwrap();
+    let Ended { out, sock, _dir } = serve.finish();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn bad_config_files_name_the_section_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |config: &serde_json::Value| {
+        let path = write_config(dir.path(), config);
+        VmProcess::agentvm([
+            "serve".as_ref(),
+            "--no-api".as_ref(),
+            "--config-file".as_ref(),
+            path.as_os_str(),
+        ])
+        .unwrap()
+        .wait(EXIT_TIMEOUT)
+        .unwrap()
+    };
+    let kernel = probe_elf();
+    for (config, needles) in [
+        (
+            serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "machine-config": {"vcpu_count": 1, "mem_size_mib": 64, "cpu_template": "T2"}}),
+            vec!["\"machine-config\"", "cpu_template"],
+        ),
+        (
+            serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "machine-config": {"vcpu_count": 99, "mem_size_mib": 64}}),
+            vec!["\"machine-config\"", "vcpu_count"],
+        ),
+        (
+            serde_json::json!({"boot-source": {"kernel_image_path": "/nonexistent/k"}}),
+            vec!["\"boot-source\"", "/nonexistent/k"],
+        ),
+        (
+            serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}),
+            vec!["\"network-interfaces\"", "virtio-net"],
+        ),
+        (
+            serde_json::json!({"drives": []}),
+            vec!["unknown section \"drives\""],
+        ),
+    ] {
+        let out = run(&config);
+        assert_eq!(out.status.code(), Some(125), "{config}: {out:?}");
+        let stderr = out.stderr_text();
+        for needle in needles {
+            assert!(
+                stderr.contains(needle),
+                "{config}: {needle:?} not in {stderr}"
+            );
+        }
+    }
+    let missing =
+        VmProcess::agentvm(["serve", "--no-api", "--config-file", "/nonexistent/vm.json"])
+            .unwrap()
+            .wait(EXIT_TIMEOUT)
+            .unwrap();
+    assert_eq!(missing.status.code(), Some(125));
+    assert!(
+        missing.stderr_text().contains("/nonexistent/vm.json"),
+        "{missing:?}"
+    );
+}
+
+#[test]
+fn a_forbidden_syscall_on_the_api_thread_kills_by_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let serve = |extra: &str| {
+        VmProcess::agentvm([
+            "serve".as_ref(),
+            "--api-sock".as_ref(),
+            sock.as_os_str(),
+            "--seccomp-test-violation".as_ref(),
+            "api".as_ref(),
+            extra.as_ref(),
+        ])
+        .unwrap()
+    };
+    let out = serve("--id=hook").wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("thread api (api filter) made forbidden syscall 157 (prctl)"),
+        "{out:?}"
+    );
+    // The socket of a process killed by SIGSYS stays behind; a restart must not reuse it blindly.
+    assert!(sock.exists());
+    let taken = serve("--no-seccomp").wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(taken.status.code(), Some(125), "{taken:?}");
+    assert!(taken.stderr_text().contains("already exists"), "{taken:?}");
+
+    std::fs::remove_file(&sock).unwrap();
+    let unfiltered = serve("--no-seccomp");
+    assert!(wait_for_path(&sock, START_TIMEOUT));
+    assert_eq!(request(&sock, "GET", "/", None).status, 200);
+    unfiltered.signal(libc::SIGTERM).unwrap();
+    let out = unfiltered.wait(EXIT_TIMEOUT).unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists());
+}
+
+#[test]
+fn serve_refuses_bad_arguments_with_a_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let run = |args: &[&std::ffi::OsStr]| {
+        VmProcess::agentvm(args)
+            .unwrap()
+            .wait(EXIT_TIMEOUT)
+            .unwrap()
+    };
+    let bad_id = run(&[
+        "serve".as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--id".as_ref(),
+        "a b".as_ref(),
+    ]);
+    assert_eq!(bad_id.status.code(), Some(125), "{bad_id:?}");
+    assert!(bad_id.stderr_text().contains("--id \"a b\""), "{bad_id:?}");
+    let no_dir = dir.path().join("missing/api.sock");
+    let unbound = run(&["serve".as_ref(), "--api-sock".as_ref(), no_dir.as_os_str()]);
+    assert_eq!(unbound.status.code(), Some(125), "{unbound:?}");
+    assert!(
+        unbound
+            .stderr_text()
+            .contains("cannot listen on the API socket"),
+        "{unbound:?}"
+    );
+    let no_api = run(&["serve".as_ref(), "--no-api".as_ref()]);
+    assert_eq!(no_api.status.code(), Some(2), "{no_api:?}");
+    assert!(no_api.stderr_text().contains("--config-file"), "{no_api:?}");
+    assert!(!sock.exists());
+}

@@ -1,0 +1,390 @@
+//! The VM's lifecycle as the API sees it: NotStarted (collecting the pending configuration) →
+//! Running ⇄ Paused → Stopped. Pre-boot resources are refused once InstanceStart was accepted.
+
+use std::fs::File;
+use std::io::Write;
+use std::sync::mpsc::Sender;
+use std::time::Instant;
+
+use super::fault::Fault;
+use super::models::{
+    BootSource, InstanceInfo, MachineConfig, MachineConfigPatch, NetworkInterface, SnapshotCreate,
+    SnapshotLoad, Vsock,
+};
+use crate::config::{
+    host_mem_mib, VmConfig, VsockConfig, LINUX_BASE_CMDLINE, MAX_VCPUS, MIN_MEM_MIB,
+};
+use crate::exit::VmmEvent;
+use crate::seccomp::SeccompLevel;
+use crate::vmm::TimingsHandle;
+use crate::vstate::exit_counts::{ExitCounts, ExitReason};
+
+use super::metrics::MetricsSnapshot;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmState {
+    NotStarted,
+    /// InstanceStart accepted; the VMM thread is building the VM.
+    Starting,
+    Running,
+    Paused,
+    Stopped {
+        reason: String,
+    },
+}
+
+/// A VM the VMM thread has booted: how to reach it.
+pub struct StartedVm {
+    pub events: Sender<VmmEvent>,
+    pub timings: TimingsHandle,
+    pub exits: ExitCounts,
+}
+
+pub struct Controller {
+    id: String,
+    state: VmState,
+    boot_source: Option<BootSource>,
+    machine: MachineConfig,
+    vsock: Option<VsockConfig>,
+    seccomp: SeccompLevel,
+    vm: Option<StartedVm>,
+    started_at: Option<Instant>,
+    metrics: Option<File>,
+    api_requests: u64,
+    /// Read once at start-up: the API thread's seccomp filter allows no file opening.
+    host_mem_mib: Option<u64>,
+}
+
+const SNAPSHOT_MISSING: &str = "snapshots are not implemented yet: PUT /snapshot/create and \
+     PUT /snapshot/load arrive with the snapshot feature (the snapshot crate is still empty)";
+const NET_MISSING: &str = "network interfaces are not supported yet: agentvm has no virtio-net \
+     device until the egress feature lands";
+
+impl Controller {
+    pub fn new(id: String, seccomp: SeccompLevel) -> Self {
+        Self {
+            id,
+            state: VmState::NotStarted,
+            boot_source: None,
+            machine: MachineConfig::default(),
+            vsock: None,
+            seccomp,
+            vm: None,
+            started_at: None,
+            metrics: None,
+            api_requests: 0,
+            host_mem_mib: host_mem_mib(),
+        }
+    }
+
+    pub fn state(&self) -> &VmState {
+        &self.state
+    }
+
+    pub fn count_request(&mut self) {
+        self.api_requests += 1;
+    }
+
+    pub fn info(&self) -> InstanceInfo {
+        let (state, stopped_reason) = match &self.state {
+            VmState::NotStarted | VmState::Starting => ("Not started", None),
+            VmState::Running => ("Running", None),
+            VmState::Paused => ("Paused", None),
+            VmState::Stopped { reason } => ("Stopped", Some(reason.clone())),
+        };
+        InstanceInfo {
+            id: self.id.clone(),
+            state: state.into(),
+            vmm_version: env!("CARGO_PKG_VERSION").into(),
+            app_name: "agentvm".into(),
+            stopped_reason,
+        }
+    }
+
+    /// Pre-boot-only requests pass this first.
+    pub fn require_not_started(&self, what: &str) -> Result<(), Fault> {
+        match self.state {
+            VmState::NotStarted => Ok(()),
+            _ => Err(Fault::after_start(what)),
+        }
+    }
+
+    pub fn put_boot_source(&mut self, source: BootSource) -> Result<(), Fault> {
+        self.require_not_started("PUT /boot-source")?;
+        if !source.kernel_image_path.is_file() {
+            return Err(Fault::bad_request(format!(
+                "kernel_image_path {}: no such file",
+                source.kernel_image_path.display()
+            )));
+        }
+        if let Some(initrd) = &source.initrd_path {
+            if !initrd.is_file() {
+                return Err(Fault::bad_request(format!(
+                    "initrd_path {}: no such file",
+                    initrd.display()
+                )));
+            }
+        }
+        self.boot_source = Some(source);
+        Ok(())
+    }
+
+    pub fn machine_config(&self) -> MachineConfig {
+        self.machine
+    }
+
+    pub fn put_machine_config(&mut self, config: MachineConfig) -> Result<(), Fault> {
+        self.require_not_started("PUT /machine-config")?;
+        check_machine_config(&config, self.host_mem_mib)?;
+        self.machine = config;
+        Ok(())
+    }
+
+    pub fn patch_machine_config(&mut self, patch: MachineConfigPatch) -> Result<(), Fault> {
+        self.require_not_started("PATCH /machine-config")?;
+        let config = MachineConfig {
+            vcpu_count: patch.vcpu_count.unwrap_or(self.machine.vcpu_count),
+            mem_size_mib: patch.mem_size_mib.unwrap_or(self.machine.mem_size_mib),
+            smt: patch.smt.unwrap_or(self.machine.smt),
+            track_dirty_pages: patch
+                .track_dirty_pages
+                .unwrap_or(self.machine.track_dirty_pages),
+        };
+        check_machine_config(&config, self.host_mem_mib)?;
+        self.machine = config;
+        Ok(())
+    }
+
+    pub fn put_vsock(&mut self, vsock: Vsock) -> Result<(), Fault> {
+        self.require_not_started("PUT /vsock")?;
+        let config = VsockConfig {
+            guest_cid: vsock.guest_cid,
+            uds_path: vsock.uds_path,
+        };
+        config
+            .validate()
+            .map_err(|e| Fault::bad_request(e.to_string()))?;
+        self.vsock = Some(config);
+        Ok(())
+    }
+
+    pub fn put_network_interface(
+        &mut self,
+        path_id: &str,
+        iface: NetworkInterface,
+    ) -> Result<(), Fault> {
+        self.require_not_started("PUT /network-interfaces")?;
+        if iface.iface_id != path_id {
+            return Err(Fault::bad_request(format!(
+                "iface_id {:?} in the body does not match {path_id:?} in the path",
+                iface.iface_id
+            )));
+        }
+        Err(Fault::bad_request(NET_MISSING))
+    }
+
+    pub fn snapshot_create(&mut self, _request: SnapshotCreate) -> Result<(), Fault> {
+        Err(Fault::bad_request(SNAPSHOT_MISSING))
+    }
+
+    pub fn snapshot_load(&mut self, _request: SnapshotLoad) -> Result<(), Fault> {
+        Err(Fault::bad_request(SNAPSHOT_MISSING))
+    }
+
+    /// InstanceStart, first half: checks the pending configuration and hands out the VM's config;
+    /// the state is Starting until [`Controller::started`] or [`Controller::start_failed`].
+    pub fn begin_start(&mut self) -> Result<VmConfig, Fault> {
+        if self.state != VmState::NotStarted {
+            return Err(Fault::bad_request(super::fault::AFTER_START));
+        }
+        let source = self.boot_source.clone().ok_or_else(|| {
+            Fault::bad_request(
+                "InstanceStart needs a kernel first: PUT /boot-source with kernel_image_path",
+            )
+        })?;
+        let config = VmConfig {
+            // check_machine_config kept vcpu_count within 1..=MAX_VCPUS.
+            vcpus: self.machine.vcpu_count.min(MAX_VCPUS as u64) as u8,
+            mem_mib: self.machine.mem_size_mib,
+            kernel: source.kernel_image_path,
+            initrd: source.initrd_path,
+            cmdline: source
+                .boot_args
+                .unwrap_or_else(|| LINUX_BASE_CMDLINE.to_string()),
+            skip_linux_host_check: false,
+            record_rss_before_guest: false,
+            vsock: self.vsock.clone(),
+            seccomp: self.seccomp,
+            seccomp_test_violation: None,
+        };
+        // The full `VmConfig::validate` runs on the VMM thread as it boots (it reads /proc, which
+        // this thread's filter forbids); a kernel deleted since PUT /boot-source is caught here.
+        if !config.kernel.is_file() {
+            return Err(Fault::bad_request(format!(
+                "InstanceStart: kernel_image_path {} no longer exists",
+                config.kernel.display()
+            )));
+        }
+        self.state = VmState::Starting;
+        Ok(config)
+    }
+
+    pub fn start_failed(&mut self) {
+        self.state = VmState::NotStarted;
+    }
+
+    pub fn started(&mut self, vm: StartedVm) {
+        self.vm = Some(vm);
+        self.started_at = Some(Instant::now());
+        self.state = VmState::Running;
+    }
+
+    pub fn stopped(&mut self, reason: String) {
+        self.vm = None;
+        self.state = VmState::Stopped { reason };
+    }
+
+    /// PATCH /vm: where to send the pause/resume request, if the state allows it now.
+    /// `Ok(None)`: already in the asked state (Firecracker answers 204 then too).
+    pub fn vm_events_for(&self, pause: bool) -> Result<Option<Sender<VmmEvent>>, Fault> {
+        match (&self.state, pause) {
+            (VmState::Running, false) | (VmState::Paused, true) => Ok(None),
+            (VmState::Running, true) | (VmState::Paused, false) => {
+                Ok(self.vm.as_ref().map(|vm| vm.events.clone()))
+            }
+            (VmState::Stopped { reason }, _) => Err(Fault::bad_request(format!(
+                "the microVM has stopped ({reason})"
+            ))),
+            (VmState::NotStarted | VmState::Starting, _) => Err(Fault::bad_request(
+                "the microVM is not running yet: PATCH /vm works after InstanceStart",
+            )),
+        }
+    }
+
+    pub fn set_paused(&mut self, paused: bool) {
+        if matches!(self.state, VmState::Running | VmState::Paused) {
+            self.state = if paused {
+                VmState::Paused
+            } else {
+                VmState::Running
+            };
+        }
+    }
+
+    pub fn set_metrics(&mut self, file: File) -> Result<(), Fault> {
+        self.require_not_started("PUT /metrics")?;
+        self.metrics = Some(file);
+        Ok(())
+    }
+
+    /// FlushMetrics: one JSON line of the counters to the metrics file.
+    pub fn flush_metrics(&mut self) -> Result<(), Fault> {
+        let utc_timestamp_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        let line = self.metrics().json_line(utc_timestamp_ms);
+        let file = self.metrics.as_mut().ok_or_else(|| {
+            Fault::bad_request("FlushMetrics needs a metrics file first: PUT /metrics")
+        })?;
+        file.write_all(line.as_bytes())
+            .and_then(|()| file.flush())
+            .map_err(|e| Fault::internal(format!("cannot write the metrics file: {e}")))
+    }
+
+    pub fn metrics(&self) -> MetricsSnapshot {
+        let timings = self.vm.as_ref().map(|vm| vm.timings.get());
+        MetricsSnapshot {
+            id: self.id.clone(),
+            state: self.info().state,
+            api_requests: self.api_requests,
+            boot_time_us: timings.and_then(|t| {
+                t.first_kvm_run_ns
+                    .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
+            }),
+            uptime_ms: self.started_at.map(|t| t.elapsed().as_millis() as u64),
+            vcpu_exits: match &self.vm {
+                Some(vm) => vm.exits.snapshot(),
+                None => ExitReason::ALL.iter().map(|&r| (r, 0)).collect(),
+            },
+        }
+    }
+}
+
+fn check_machine_config(config: &MachineConfig, host_mib: Option<u64>) -> Result<(), Fault> {
+    if config.vcpu_count == 0 || config.vcpu_count > u64::from(MAX_VCPUS) {
+        return Err(Fault::bad_request(format!(
+            "vcpu_count must be between 1 and {MAX_VCPUS}, got {}",
+            config.vcpu_count
+        )));
+    }
+    if config.mem_size_mib < MIN_MEM_MIB {
+        return Err(Fault::bad_request(format!(
+            "mem_size_mib must be at least {MIN_MEM_MIB}, got {}",
+            config.mem_size_mib
+        )));
+    }
+    if let Some(host) = host_mib {
+        if config.mem_size_mib > host {
+            return Err(Fault::bad_request(format!(
+                "mem_size_mib {} is more than this host's {host} MiB of RAM",
+                config.mem_size_mib
+            )));
+        }
+    }
+    if config.smt {
+        return Err(Fault::bad_request(
+            "smt: simultaneous multithreading is not supported by agentvm's machine model",
+        ));
+    }
+    if config.track_dirty_pages {
+        return Err(Fault::bad_request(
+            "track_dirty_pages: dirty page tracking serves diff snapshots, which agentvm does not \
+             have yet",
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn controller() -> Controller {
+        Controller::new("t".into(), SeccompLevel::Off)
+    }
+
+    #[test]
+    fn machine_config_bounds_and_state_rules() {
+        let mut c = controller();
+        for (vcpus, mem) in [(0, 128), (17, 128), (1, 8)] {
+            let bad = MachineConfig {
+                vcpu_count: vcpus,
+                mem_size_mib: mem,
+                ..MachineConfig::default()
+            };
+            assert!(c.put_machine_config(bad).is_err(), "{vcpus} {mem}");
+        }
+        assert!(c
+            .patch_machine_config(MachineConfigPatch {
+                vcpu_count: Some(2),
+                mem_size_mib: None,
+                smt: None,
+                track_dirty_pages: None
+            })
+            .is_ok());
+        assert_eq!(c.machine_config().vcpu_count, 2);
+        let no_kernel = c.begin_start().unwrap_err();
+        assert!(
+            no_kernel.message.contains("PUT /boot-source"),
+            "{no_kernel:?}"
+        );
+        assert_eq!(c.state(), &VmState::NotStarted);
+        assert!(c.vm_events_for(true).is_err());
+        c.state = VmState::Running;
+        let late = c.put_machine_config(MachineConfig::default()).unwrap_err();
+        assert!(late.message.starts_with(super::super::fault::AFTER_START));
+        assert!(c.begin_start().is_err());
+        assert_eq!(c.info().state, "Running");
+    }
+}

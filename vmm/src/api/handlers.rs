@@ -1,0 +1,233 @@
+//! From a routed request with its body to an answer: parse the body, check and update the
+//! controller, and hand the VMM thread what only it may do.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::controller::Controller;
+use super::fault::Fault;
+use super::models::{
+    parse_body, Action, ActionType, BootSource, Logger, MachineConfig, MachineConfigPatch, Metrics,
+    NetworkInterface, SnapshotCreate, SnapshotLoad, VmPatch, VmStateRequest, Vsock,
+};
+use super::routes::{Endpoint, Matched};
+use crate::config::VmConfig;
+use crate::exit::{ControlRequest, VcpuControl, VmmEvent};
+
+/// Work for the VMM thread (the process's main thread), which owns the VM.
+pub enum VmmRequest {
+    Start {
+        config: VmConfig,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    Logger {
+        config: Logger,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    OpenMetrics {
+        path: PathBuf,
+        reply: oneshot::Sender<Result<File, String>>,
+    },
+}
+
+/// A successful answer.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Reply {
+    /// 204, as Firecracker answers every successful PUT and PATCH.
+    NoContent,
+    /// 200 with this JSON body.
+    Json(String),
+    /// 200 with this Prometheus text.
+    Prometheus(String),
+}
+
+pub type SharedController = Arc<Mutex<Controller>>;
+
+/// What every request handler reaches.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub controller: SharedController,
+    pub vmm_thread: Sender<VmmRequest>,
+}
+
+/// Hang detectors for work on other threads: booting (loading a kernel) and pausing (the VMM
+/// kicks vCPUs for up to 5 s) both finish far sooner.
+const BOOT_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn lock(controller: &SharedController) -> MutexGuard<'_, Controller> {
+    // The controller's fields stay consistent between statements; a panic elsewhere while holding
+    // the lock must not take the API down with it.
+    controller.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+pub async fn handle(ctx: &ApiContext, route: Matched, body: &[u8]) -> Result<Reply, Fault> {
+    lock(&ctx.controller).count_request();
+    match route.endpoint {
+        Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
+        Endpoint::GetMetrics => Ok(Reply::Prometheus(
+            lock(&ctx.controller).metrics().prometheus(),
+        )),
+        Endpoint::GetMachineConfig => json(&lock(&ctx.controller).machine_config()),
+        Endpoint::PutBootSource => {
+            let source: BootSource = parse_body("PUT /boot-source", body)?;
+            lock(&ctx.controller).put_boot_source(source)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutMachineConfig => {
+            let config: MachineConfig = parse_body("PUT /machine-config", body)?;
+            lock(&ctx.controller).put_machine_config(config)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PatchMachineConfig => {
+            let patch: MachineConfigPatch = parse_body("PATCH /machine-config", body)?;
+            lock(&ctx.controller).patch_machine_config(patch)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutVsock => {
+            let vsock: Vsock = parse_body("PUT /vsock", body)?;
+            lock(&ctx.controller).put_vsock(vsock)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutNetworkInterface => {
+            let iface: NetworkInterface = parse_body("PUT /network-interfaces", body)?;
+            let id = route.param.unwrap_or_default();
+            lock(&ctx.controller).put_network_interface(&id, iface)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutSnapshotCreate => {
+            let request: SnapshotCreate = parse_body("PUT /snapshot/create", body)?;
+            lock(&ctx.controller).snapshot_create(request)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutSnapshotLoad => {
+            let request: SnapshotLoad = parse_body("PUT /snapshot/load", body)?;
+            lock(&ctx.controller).snapshot_load(request)?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutActions => {
+            let action: Action = parse_body("PUT /actions", body)?;
+            match action.action_type {
+                ActionType::InstanceStart => instance_start(ctx).await,
+                ActionType::FlushMetrics => {
+                    lock(&ctx.controller).flush_metrics()?;
+                    Ok(Reply::NoContent)
+                }
+                ActionType::SendCtrlAltDel => Err(Fault::bad_request(
+                    "SendCtrlAltDel is not supported: agentvm's i8042 emulates only the reset \
+                     line (vm-superio's I8042Device has no keyboard buffer and raises no IRQ 1), \
+                     so it cannot deliver a key sequence; stop the guest from inside, or end the \
+                     VMM with SIGTERM",
+                )),
+            }
+        }
+        Endpoint::PatchVm => {
+            let patch: VmPatch = parse_body("PATCH /vm", body)?;
+            pause_or_resume(ctx, patch.state == VmStateRequest::Paused).await
+        }
+        Endpoint::PutLogger => {
+            let config: Logger = parse_body("PUT /logger", body)?;
+            lock(&ctx.controller).require_not_started("PUT /logger")?;
+            let (reply, answer) = oneshot::channel();
+            send_to_vmm(ctx, VmmRequest::Logger { config, reply })?;
+            await_reply(answer, VMM_REPLY_TIMEOUT, "PUT /logger")
+                .await?
+                .map_err(|e| Fault::bad_request(format!("PUT /logger: {e}")))?;
+            Ok(Reply::NoContent)
+        }
+        Endpoint::PutMetrics => {
+            let metrics: Metrics = parse_body("PUT /metrics", body)?;
+            lock(&ctx.controller).require_not_started("PUT /metrics")?;
+            let (reply, answer) = oneshot::channel();
+            send_to_vmm(
+                ctx,
+                VmmRequest::OpenMetrics {
+                    path: metrics.metrics_path,
+                    reply,
+                },
+            )?;
+            let file = await_reply(answer, VMM_REPLY_TIMEOUT, "PUT /metrics")
+                .await?
+                .map_err(|e| Fault::bad_request(format!("PUT /metrics: {e}")))?;
+            lock(&ctx.controller).set_metrics(file)?;
+            Ok(Reply::NoContent)
+        }
+    }
+}
+
+fn json<T: serde::Serialize>(value: &T) -> Result<Reply, Fault> {
+    serde_json::to_string(value)
+        .map(Reply::Json)
+        .map_err(|e| Fault::internal(format!("cannot encode the answer: {e}")))
+}
+
+fn send_to_vmm(ctx: &ApiContext, request: VmmRequest) -> Result<(), Fault> {
+    ctx.vmm_thread
+        .send(request)
+        .map_err(|_| Fault::bad_request("the VMM thread is no longer taking requests"))
+}
+
+async fn await_reply<T>(
+    answer: oneshot::Receiver<T>,
+    limit: Duration,
+    what: &str,
+) -> Result<T, Fault> {
+    match tokio::time::timeout(limit, answer).await {
+        Ok(Ok(value)) => Ok(value),
+        Ok(Err(_)) => Err(Fault::internal(format!(
+            "{what}: the VMM thread dropped the request (the microVM is stopping)"
+        ))),
+        Err(_) => Err(Fault::internal(format!(
+            "{what}: no answer from the VMM thread within {limit:?}"
+        ))),
+    }
+}
+
+async fn instance_start(ctx: &ApiContext) -> Result<Reply, Fault> {
+    let config = lock(&ctx.controller).begin_start()?;
+    let (reply, answer) = oneshot::channel();
+    if let Err(fault) = send_to_vmm(ctx, VmmRequest::Start { config, reply }) {
+        lock(&ctx.controller).start_failed();
+        return Err(fault);
+    }
+    // The VMM thread moves the controller to Running (or back to NotStarted) itself, so the state
+    // is right even if this client has gone away.
+    match await_reply(answer, BOOT_REPLY_TIMEOUT, "InstanceStart").await? {
+        Ok(()) => Ok(Reply::NoContent),
+        Err(e) => Err(Fault::bad_request(format!("InstanceStart failed: {e}"))),
+    }
+}
+
+async fn pause_or_resume(ctx: &ApiContext, pause: bool) -> Result<Reply, Fault> {
+    let Some(events) = lock(&ctx.controller).vm_events_for(pause)? else {
+        return Ok(Reply::NoContent);
+    };
+    let (reply, answer) = oneshot::channel();
+    let controller = ctx.controller.clone();
+    let request = ControlRequest {
+        action: if pause {
+            VcpuControl::Pause
+        } else {
+            VcpuControl::Resume
+        },
+        // Runs on the VMM thread: the state changes together with the vCPUs.
+        reply: Box::new(move |result: Result<(), String>| {
+            if result.is_ok() {
+                lock(&controller).set_paused(pause);
+            }
+            let _ = reply.send(result);
+        }),
+    };
+    events
+        .send(VmmEvent::Control(request))
+        .map_err(|_| Fault::bad_request("the microVM has stopped"))?;
+    await_reply(answer, VMM_REPLY_TIMEOUT, "PATCH /vm")
+        .await?
+        .map_err(|e| Fault::internal(format!("PATCH /vm: {e}")))?;
+    Ok(Reply::NoContent)
+}

@@ -1,0 +1,19 @@
+//! The per-VM HTTP API over a Unix socket (`agentvm serve`), Firecracker-compatible where the two
+//! overlap. The spec is `vmm/api/openapi.yaml`.
+//!
+//! Threads: the API thread runs a current-thread tokio runtime serving hyper connections
+//! ([`server`]); requests are parsed ([`models`], [`routes`]) and applied to the
+//! [`controller::Controller`] ([`handlers`]). Whatever must happen on the VMM thread (booting, which
+//! spawns the vCPU and device threads; opening log and metrics files, which the API thread's
+//! seccomp filter forbids) goes there as a [`handlers::VmmRequest`]; pause/resume go to the running
+//! VM's event channel.
+
+pub mod config_file;
+pub mod controller;
+pub mod fault;
+pub mod handlers;
+pub mod logger;
+pub mod metrics;
+pub mod models;
+pub mod routes;
+pub mod server;
