@@ -20,6 +20,7 @@ use clap::Args;
 
 use super::signal_exit_code;
 use super::signals::SignalForwarder;
+use vmm::api::agent::AgentWorker;
 use vmm::api::config_file::ConfigFile;
 use vmm::api::controller::{Controller, StartedVm};
 use vmm::api::handlers::{lock, ApiContext, SharedController, VmmRequest};
@@ -114,6 +115,8 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 ApiContext {
                     controller: controller.clone(),
                     vmm_thread: vmm_tx,
+                    // Started here, unfiltered, before the API thread's filter: see api::agent.
+                    agent: AgentWorker::start()?,
                 },
                 ThreadSeccomp {
                     level: seccomp,
