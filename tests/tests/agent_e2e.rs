@@ -103,5 +103,6 @@ e2e_checks!(
     cli_stdin,
     cli_publish,
     cli_tty,
+    api_sandbox,
     version_mismatch,
 );

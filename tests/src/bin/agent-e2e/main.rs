@@ -1,6 +1,7 @@
 //! agent-e2e: the guest agent end to end with a real Linux guest, run inside the nested test host
 //! (see `tests/tests/agent_e2e.rs`). It boots guests with `agentvm boot --vsock-uds`, drives them
-//! with the host client library over vsock, and prints one line per check:
+//! with the host client library over vsock (and one with `agentvm serve` through the per-VM
+//! API's `/sandbox/...` routes), and prints one line per check:
 //!
 //! ```text
 //! E2E <check> ok <detail>
@@ -10,6 +11,7 @@
 //! (details on one line, newlines escaped as `\n`), then `E2E-DONE`. Each check is independent:
 //! one failing does not stop the others.
 
+mod api;
 mod checks;
 mod cli;
 mod vm;
@@ -101,6 +103,7 @@ fn main() {
     }
     client_checks(&args);
     cli::checks(&args);
+    api::checks(&args);
     version_mismatch(&args);
     println!("E2E-DONE");
 }
