@@ -10,7 +10,6 @@ use std::time::Duration;
 use agentvm_client::{ExecEvent, FileType, ProcessSpec, ProcessSpecExt, WriteOptions};
 use agentvm_protocol::{ExitStatus, MAX_CHUNK};
 use base64::Engine;
-use http_body_util::channel::Channel;
 use http_body_util::BodyExt;
 use hyper::body::{Bytes, Frame, Incoming};
 use hyper::header::CONTENT_LENGTH;
@@ -355,24 +354,30 @@ async fn first_answer<T>(
     }
 }
 
-/// A response body fed by a job thread. A forwarding task on the API runtime moves the chunks
-/// into hyper's channel body; an `Err` chunk aborts the body. When the HTTP client goes away the
-/// channel closes and the job thread's next send fails, which ends the job.
-fn stream_body(mut chunks: Chunks) -> ApiBody {
-    let (mut sender, body) = Channel::<Bytes, io::Error>::new(1);
-    tokio::spawn(async move {
-        while let Some(chunk) = chunks.recv().await {
-            match chunk {
-                Ok(data) => {
-                    if sender.send(Frame::data(data)).await.is_err() {
-                        return;
-                    }
-                }
-                Err(e) => return sender.abort(e),
-            }
-        }
-    });
-    body.boxed()
+/// A response body fed by a job thread through a bounded channel; an `Err` chunk aborts it.
+///
+/// Written here rather than http-body-util's `Channel`: that one needs a forwarding task whose
+/// sender only learns that hyper dropped the body (the HTTP client went away) when it next sends,
+/// so a silent process would outlive its client. Dropping this body drops the receiver, which
+/// the job thread sees at once (`is_closed`, or a failed send).
+struct ChunkBody(Chunks);
+
+impl hyper::body::Body for ChunkBody {
+    type Data = Bytes;
+    type Error = io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Frame<Bytes>, io::Error>>> {
+        self.0
+            .poll_recv(cx)
+            .map(|chunk| chunk.map(|chunk| chunk.map(Frame::data)))
+    }
+}
+
+fn stream_body(chunks: Chunks) -> ApiBody {
+    ChunkBody(chunks).boxed()
 }
 
 /// `Write` into a response body's channel, from a job thread.
