@@ -9,6 +9,9 @@
 //!
 //!     cargo build --release -p vmm -p integration-tests && \
 //!     cargo test --release -p integration-tests --test agent_e2e -- --nocapture
+//!
+//! The driver's `--only api` runs just the `api_sandbox` check (one guest boot) when iterating on
+//! the API's `/sandbox/...` routes.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
