@@ -72,6 +72,18 @@ impl Sandbox {
         VmProcess::spawn(self.command(Path::new(INSPECT), options, args)).expect("start jailer")
     }
 
+    /// Runs the inspect program with `options` and checks that the jail setup failed (exit 101)
+    /// with `message`, leaving nothing behind.
+    fn assert_setup_fails(&self, options: &[&str], message: &str) {
+        let out = self
+            .inspect(options, &["report", "/"])
+            .wait(RUN_TIMEOUT)
+            .unwrap();
+        assert_eq!(out.status.code(), Some(101), "{out:?}");
+        assert!(out.stderr_text().contains(message), "{out:?}");
+        self.assert_cleaned_up(&out);
+    }
+
     /// Nothing of the sandbox is left: no jail directory, no cgroup.
     fn assert_cleaned_up(&self, out: &VmOutput) {
         let left = dir_entries(self.base.path());
@@ -477,27 +489,17 @@ fn a_setup_error_inside_the_jail_is_reported_and_everything_is_removed() {
     // the jail directory and the cgroup were created and the child was started.
     let not_a_netns = tempfile::NamedTempFile::new().unwrap();
     let netns = not_a_netns.path().to_str().unwrap().to_string();
-    let out = sandbox
-        .inspect(
-            &[
-                "--netns",
-                &netns,
-                "--memory-limit-mib",
-                "64",
-                "--pids-max",
-                "8",
-            ],
-            &["report", "/"],
-        )
-        .wait(RUN_TIMEOUT)
-        .unwrap();
-    assert_eq!(out.status.code(), Some(101), "{out:?}");
-    assert!(
-        out.stderr_text()
-            .contains("setting up the jail failed: setns failed"),
-        "{out:?}"
+    sandbox.assert_setup_fails(
+        &[
+            "--netns",
+            &netns,
+            "--memory-limit-mib",
+            "64",
+            "--pids-max",
+            "8",
+        ],
+        "setting up the jail failed: setns failed",
     );
-    sandbox.assert_cleaned_up(&out);
 }
 
 #[test]
@@ -579,25 +581,15 @@ fn parent_cgroup_puts_the_sandbox_cgroup_under_it() {
     sandbox.assert_cleaned_up(&out);
 
     let missing = Sandbox::new("noparent");
-    let out = missing
-        .inspect(
-            &[
-                "--parent-cgroup",
-                "/agentvm-no-such-cgroup",
-                "--pids-max",
-                "8",
-            ],
-            &["report", "/"],
-        )
-        .wait(RUN_TIMEOUT)
-        .unwrap();
-    assert_eq!(out.status.code(), Some(101), "{out:?}");
-    assert!(
-        out.stderr_text()
-            .contains("agentvm-no-such-cgroup does not exist"),
-        "{out:?}"
+    missing.assert_setup_fails(
+        &[
+            "--parent-cgroup",
+            "/agentvm-no-such-cgroup",
+            "--pids-max",
+            "8",
+        ],
+        "agentvm-no-such-cgroup does not exist",
     );
-    missing.assert_cleaned_up(&out);
 }
 
 #[test]

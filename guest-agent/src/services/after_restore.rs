@@ -182,8 +182,16 @@ mod tests {
 
     #[test]
     fn clock_refusal_names_the_step() {
+        use std::os::unix::fs::PermissionsExt;
         use std::os::unix::process::CommandExt;
-        let mut child = std::process::Command::new(std::env::current_exe().unwrap());
+        // A copy nobody can reach: the checkout may sit under a directory only root may enter
+        // (e.g. a `mktemp -d` clone).
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let exe = dir.path().join("after-restore-test");
+        std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+        std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut child = std::process::Command::new(&exe);
         child.args([
             "--exact",
             "services::after_restore::tests::unprivileged_child_sets_clock",

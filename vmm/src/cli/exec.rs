@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 
-use super::publish::Publish;
-use super::session::{self, SessionError, SessionOptions};
+use super::session::{self, GuestCommand, SessionError};
 use super::signal_exit_code;
 use agentvm_protocol::ExitStatus;
 
@@ -21,19 +20,8 @@ pub struct ExecArgs {
     /// How long to wait for the guest agent to answer (it may still be booting), in seconds.
     #[arg(long, default_value_t = 60.0, value_name = "SECS")]
     connect_timeout: f64,
-    /// Keep stdin open and forward it to the command.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Run the command on a terminal in the guest.
-    #[arg(short, long)]
-    tty: bool,
-    /// Forward a host port or Unix socket to a guest TCP port while the command runs: GUEST,
-    /// HOST:GUEST, ADDR:HOST:GUEST or unix:PATH:GUEST (repeatable).
-    #[arg(short, long, value_name = "SPEC")]
-    publish: Vec<Publish>,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
+    #[command(flatten)]
+    guest: GuestCommand,
 }
 
 /// How long a missing socket may take to appear (a VMM started just before).
@@ -60,13 +48,7 @@ pub fn exec(args: ExecArgs) -> Result<ExitCode, String> {
         })
     };
     let result = session::connect(uds, timeout, &give_up).and_then(|client| {
-        let options = SessionOptions {
-            command: &args.command,
-            interactive: args.interactive,
-            tty: args.tty,
-            publish: &args.publish,
-        };
-        let status = session::run_session(&client, &options);
+        let status = session::run_session(&client, &args.guest);
         client.shutdown();
         status
     });

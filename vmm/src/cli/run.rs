@@ -10,8 +10,7 @@ use clap::Args;
 
 use super::boot::LINUX_BASE_CMDLINE;
 use super::console::{ConsoleDemux, ConsoleView};
-use super::publish::Publish;
-use super::session::{self, SessionError, SessionOptions};
+use super::session::{self, GuestCommand, SessionError};
 use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
 use agentvm_protocol::ExitStatus;
@@ -31,25 +30,13 @@ pub struct RunArgs {
     /// automatically when this host's KVM cannot run Linux guests.
     #[arg(long)]
     nested: bool,
-    /// Keep stdin open and forward it to the command.
-    #[arg(short, long)]
-    interactive: bool,
-    /// Run the command on a terminal in the guest (with -i: the host terminal goes to raw mode
-    /// and its size follows the host window).
-    #[arg(short, long)]
-    tty: bool,
-    /// Forward a host port or Unix socket to a guest TCP port: GUEST, HOST:GUEST,
-    /// ADDR:HOST:GUEST or unix:PATH:GUEST (repeatable).
-    #[arg(short, long, value_name = "SPEC")]
-    publish: Vec<Publish>,
     /// Write the run's timings (JSON) to this file.
     #[arg(long, hide = true, value_name = "FILE")]
     report_timings: Option<PathBuf>,
     #[command(flatten)]
     machine: MachineArgs,
-    /// The command and its arguments.
-    #[arg(last = true, required = true, value_name = "CMD")]
-    command: Vec<String>,
+    #[command(flatten)]
+    guest: GuestCommand,
 }
 
 /// How long the guest agent gets to come up after the VM started.
@@ -66,7 +53,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     vmm::config::validate_mem_mib(args.machine.mem_mib, None).map_err(|e| e.to_string())?;
     let nested = args.nested || !vmm::host::can_run_linux();
-    if nested && (args.interactive || args.tty || !args.publish.is_empty()) {
+    if nested && (args.guest.interactive || args.guest.tty || !args.guest.publish.is_empty()) {
         return Err(format!(
             "-i, -t and --publish do not work through the nested test host, which only runs \
              non-interactive commands ({})",
@@ -91,7 +78,13 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                  running inside the nested test host (QEMU TCG with SVM) instead, which is slow"
             );
         }
-        return super::nested::run_nested(&args.machine, &kernel, &initrd, &args.command, limit);
+        return super::nested::run_nested(
+            &args.machine,
+            &kernel,
+            &initrd,
+            &args.guest.command,
+            limit,
+        );
     }
 
     let run_dir = tempfile::Builder::new()
@@ -146,13 +139,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     };
     let session = session::connect(&uds_path, AGENT_CONNECT_TIMEOUT, &give_up).and_then(|client| {
         let agent_ready_ns = monotonic_ns();
-        let options = SessionOptions {
-            command: &args.command,
-            interactive: args.interactive,
-            tty: args.tty,
-            publish: &args.publish,
-        };
-        let status = session::run_session(&client, &options);
+        let status = session::run_session(&client, &args.guest);
         client.shutdown();
         status.map(|s| (s, agent_ready_ns, monotonic_ns()))
     });

@@ -19,11 +19,23 @@ const GUEST_CWD: &str = "/root";
 /// How long one connection attempt may take before the CLI looks at the VM again.
 const CONNECT_SLICE: Duration = Duration::from_millis(500);
 
-pub struct SessionOptions<'a> {
-    pub command: &'a [String],
+/// The guest command and how to attach to it, shared by `run` and `exec`.
+#[derive(clap::Args)]
+pub struct GuestCommand {
+    /// Keep stdin open and forward it to the command.
+    #[arg(short, long)]
     pub interactive: bool,
+    /// Run the command on a terminal in the guest (with -i: the host terminal goes to raw mode
+    /// and its size follows the host window).
+    #[arg(short, long)]
     pub tty: bool,
-    pub publish: &'a [Publish],
+    /// Forward a host port or Unix socket to a guest TCP port while the command runs: GUEST,
+    /// HOST:GUEST, ADDR:HOST:GUEST or unix:PATH:GUEST (repeatable).
+    #[arg(short, long, value_name = "SPEC")]
+    pub publish: Vec<Publish>,
+    /// The command and its arguments.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub command: Vec<String>,
 }
 
 /// Why the session ended without an exit status.
@@ -74,9 +86,9 @@ pub fn connect(
 /// Runs the session; returns the command's exit status.
 pub fn run_session(
     client: &AgentClient,
-    options: &SessionOptions<'_>,
+    options: &GuestCommand,
 ) -> Result<ExitStatus, SessionError> {
-    let _forwards = publish_ports(client, options.publish)?;
+    let _forwards = publish_ports(client, &options.publish)?;
     let spec = ProcessSpec::argv(options.command.iter().cloned()).cwd(GUEST_CWD);
     if options.tty {
         run_on_terminal(client, spec, options.interactive)

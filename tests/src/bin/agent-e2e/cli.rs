@@ -8,6 +8,8 @@ use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use integration_tests::agentvm::VmProcess;
+
 use crate::{timed, Args};
 
 type Check = Result<String, String>;
@@ -57,10 +59,11 @@ pub fn checks(args: &Args) {
 }
 
 fn exit_status(args: &Args) -> Check {
-    let out = run_cmd(args)
-        .args(["--", "sh", "-c", "echo out; echo err >&2; exit 5"])
-        .stdin(Stdio::null())
-        .output()
+    let mut cmd = run_cmd(args);
+    cmd.args(["--", "sh", "-c", "echo out; echo err >&2; exit 5"]);
+    // A hang detector, not a performance limit: the VM is killed if it never ends.
+    let out = VmProcess::spawn(cmd)
+        .and_then(|vm| vm.wait(Duration::from_secs(300)))
         .map_err(|e| format!("agentvm run: {e}"))?;
     let (stdout, stderr) = (
         String::from_utf8_lossy(&out.stdout),
