@@ -815,6 +815,29 @@ fn a_forbidden_syscall_on_the_api_thread_kills_by_sigsys() {
 }
 
 #[test]
+fn a_forbidden_syscall_on_the_agent_job_thread_kills_by_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let out = VmProcess::agentvm([
+        "serve".as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--seccomp-test-violation".as_ref(),
+        "agent-jobs".as_ref(),
+    ])
+    .unwrap()
+    .wait(EXIT_TIMEOUT)
+    .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("thread agent-jobs (agent_jobs filter) made forbidden syscall 157 (prctl)"),
+        "{out:?}"
+    );
+}
+
+#[test]
 fn serve_refuses_bad_arguments_with_a_reason() {
     let dir = tempfile::tempdir().unwrap();
     let sock = dir.path().join("api.sock");

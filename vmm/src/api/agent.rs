@@ -1,12 +1,14 @@
 //! The guest agent as the API reaches it: one lazily made [`AgentClient`] per VM, used from job
-//! threads that run outside the API thread's seccomp filter.
+//! threads under their own seccomp filter (`agent_jobs`).
 //!
 //! Why threads: the client is blocking and starts a reader thread per connection, and the API
 //! thread's filter forbids creating threads. So `serve` starts the [`AgentWorker`]'s spawner
-//! thread before any filter goes on; it stays unfiltered (as `agentvm run`'s agent-client thread
-//! does) and starts one job thread per `/sandbox/...` request, at most [`MAX_JOBS`] at a time.
-//! The API thread hands jobs over a channel and awaits their answers on tokio channels, which only
-//! need the eventfd write its filter already allows.
+//! thread before the API thread's filter goes on; the spawner puts itself under the
+//! `agent_jobs` filter (threads, AF_UNIX connect and socket I/O; no execve, no file opening),
+//! which every job thread and client reader thread it starts inherits, and starts one job thread
+//! per `/sandbox/...` request, at most [`MAX_JOBS`] at a time. The API thread hands jobs over a
+//! channel and awaits their answers on tokio channels, which only need the eventfd write its
+//! filter already allows.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -18,6 +20,7 @@ use agentvm_client::{AgentClient, ClientError, ErrorCode};
 use agentvm_protocol::AGENT_VSOCK_PORT;
 
 use super::fault::Fault;
+use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
 /// How long a `/sandbox/...` request waits for the guest agent to accept a connection.
 pub const AGENT_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,12 +38,22 @@ pub struct AgentWorker {
 }
 
 impl AgentWorker {
-    /// Starts the spawner thread; call it before the caller's thread installs a seccomp filter.
-    pub fn start() -> Result<Self, String> {
+    /// Starts the spawner thread, which installs the `agent_jobs` filter before it takes a job;
+    /// call it before the caller's thread installs a filter that forbids creating threads.
+    pub fn start(seccomp: ThreadSeccomp) -> Result<Self, String> {
         let (jobs, queue) = channel::<Job>();
+        let (filtered, filter_result) = channel();
         std::thread::Builder::new()
             .name("agent-jobs".into())
             .spawn(move || {
+                let entered = seccomp
+                    .enter(ThreadKind::AgentJobs)
+                    .map_err(|e| e.to_string());
+                let ok = entered.is_ok();
+                let _ = filtered.send(entered);
+                if !ok {
+                    return;
+                }
                 for job in queue {
                     if let Err(e) = std::thread::Builder::new()
                         .name("agent-job".into())
@@ -53,6 +66,9 @@ impl AgentWorker {
                 }
             })
             .map_err(|e| format!("cannot start the guest agent job thread: {e}"))?;
+        filter_result
+            .recv()
+            .map_err(|_| "the guest agent job thread ended at start".to_string())??;
         Ok(Self {
             jobs,
             running: Arc::new(AtomicUsize::new(0)),
@@ -77,6 +93,8 @@ impl AgentWorker {
                 }
             }
             let _done = Done(running);
+            // The filter came with the thread; the label is per thread and must be set again.
+            crate::seccomp::violation::label_current_thread(ThreadKind::AgentJobs);
             job();
         });
         self.jobs.send(job).map_err(|_| {

@@ -74,10 +74,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     check_id(&args.id)?;
     if let Some(kind) = args
         .seccomp_test_violation
-        .filter(|&k| k != ThreadKind::Api)
+        .filter(|&k| k != ThreadKind::Api && k != ThreadKind::AgentJobs)
     {
         return Err(format!(
-            "--seccomp-test-violation {}: serve only has the hook on its api thread",
+            "--seccomp-test-violation {}: serve only has the hook on its api and agent-jobs \
+             threads",
             kind.as_str()
         ));
     }
@@ -115,8 +116,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 ApiContext {
                     controller: controller.clone(),
                     vmm_thread: vmm_tx,
-                    // Started here, unfiltered, before the API thread's filter: see api::agent.
-                    agent: AgentWorker::start()?,
+                    // Started here, before the API thread's filter: see api::agent.
+                    agent: AgentWorker::start(ThreadSeccomp {
+                        level: seccomp,
+                        test_violation: args.seccomp_test_violation == Some(ThreadKind::AgentJobs),
+                    })?,
                 },
                 ThreadSeccomp {
                     level: seccomp,

@@ -31,14 +31,18 @@ pub enum ThreadKind {
     Vmm,
     /// The API thread of `agentvm serve`: HTTP over its Unix socket (tokio + hyper).
     Api,
+    /// `agentvm serve`'s guest agent jobs (`/sandbox/...` requests): the agent client over the
+    /// VM's vsock Unix socket, on threads of their own.
+    AgentJobs,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
         ThreadKind::Api,
+        ThreadKind::AgentJobs,
     ];
 
     /// The filter's name in the JSON file.
@@ -48,6 +52,7 @@ impl ThreadKind {
             ThreadKind::Devices => "devices",
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
+            ThreadKind::AgentJobs => "agent_jobs",
         }
     }
 }
