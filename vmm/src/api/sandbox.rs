@@ -62,6 +62,9 @@ pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
             let feeder = std::thread::Builder::new()
                 .name("agent-stdin".into())
                 .spawn(move || {
+                    crate::seccomp::violation::label_current_thread(
+                        crate::seccomp::ThreadKind::AgentJobs,
+                    );
                     if let Err(e) = stdin.write_all(text.as_bytes()) {
                         tracing::debug!("exec stdin not fully written: {e}");
                     }
