@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Every filter the VMM installs; the build fails if the JSON lacks one.
-const REQUIRED_FILTERS: [&str; 4] = ["vcpu", "devices", "vmm", "api"];
+const REQUIRED_FILTERS: [&str; 5] = ["vcpu", "devices", "vmm", "api", "agent_jobs"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));

@@ -1,6 +1,7 @@
 //! A minimal HTTP/1.1 client for `agentvm serve`'s API socket, for tests: each request is raw
 //! request text on a new Unix-socket connection with `Connection: close`, and the answer is read to
-//! EOF. Only responses with a Content-Length (what the server sends) are understood.
+//! EOF. Bodies with a Content-Length and chunked ones (`/sandbox/exec`, `GET /sandbox/files`) are
+//! understood.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -42,6 +43,24 @@ pub fn request(sock: &Path, method: &str, path: &str, body: Option<&str>) -> Api
     raw(sock, text.as_bytes())
 }
 
+/// Sends `method path` with `body` of `content_type` (e.g. a file upload).
+pub fn request_bytes(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> ApiResponse {
+    let mut text = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\
+         Content-Type: {content_type}\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    text.extend_from_slice(body);
+    raw(sock, &text)
+}
+
 /// Sends `bytes` as they are and reads the answer to EOF.
 pub fn raw(sock: &Path, bytes: &[u8]) -> ApiResponse {
     let mut stream = connect(sock);
@@ -77,9 +96,29 @@ pub fn read_response(stream: &mut UnixStream) -> ApiResponse {
         .nth(1)
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("no status in {head:?}"));
-    ApiResponse {
-        status,
-        body: body.to_string(),
+    let chunked = head.lines().any(|l| {
+        l.to_ascii_lowercase()
+            .starts_with("transfer-encoding: chunked")
+    });
+    let body = if chunked {
+        dechunk(body).unwrap_or_else(|| panic!("malformed chunked body: {body:?}"))
+    } else {
+        body.to_string()
+    };
+    ApiResponse { status, body }
+}
+
+/// The data of a chunked body; `None` when it is malformed or lacks its last (empty) chunk.
+fn dechunk(mut rest: &str) -> Option<String> {
+    let mut data = String::new();
+    loop {
+        let (size_line, after) = rest.split_once("\r\n")?;
+        let size = usize::from_str_radix(size_line.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(data);
+        }
+        data.push_str(after.get(..size)?);
+        rest = after.get(size..)?.strip_prefix("\r\n")?;
     }
 }
 
@@ -107,5 +146,20 @@ pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> Option<Str
             return None;
         }
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::dechunk;
+
+    #[test]
+    fn chunked_bodies_are_joined_and_truncated_ones_refused() {
+        assert_eq!(
+            dechunk("3\r\nabc\r\n2;x=y\r\nde\r\n0\r\n\r\n").as_deref(),
+            Some("abcde")
+        );
+        assert_eq!(dechunk("3\r\nabc\r\n"), None);
+        assert_eq!(dechunk("z\r\n"), None);
     }
 }

@@ -9,6 +9,9 @@
 //!
 //!     cargo build --release -p vmm -p integration-tests && \
 //!     cargo test --release -p integration-tests --test agent_e2e -- --nocapture
+//!
+//! `AGENT_E2E_ONLY_API=1` passes the driver `--only api`, which runs just the API checks (one
+//! guest boot) when iterating on the API's `/sandbox/...` routes.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -24,10 +27,14 @@ fn outcome() -> &'static Outcome {
     static RUN: OnceLock<Outcome> = OnceLock::new();
     RUN.get_or_init(|| {
         let driver = PathBuf::from(env!("CARGO_BIN_EXE_agent-e2e"));
-        let script = format!(
+        let mut script = format!(
             "{L1_DRIVER} --agentvm {L1_AGENTVM} --kernel {L1_L2_KERNEL} --initrd {L1_L2_INITRD} \
              --work /tmp/e2e"
         );
+        // For iterating on the API checks only (the other tests then fail as not run).
+        if std::env::var_os("AGENT_E2E_ONLY_API").is_some() {
+            script.push_str(" --only api");
+        }
         run_scenarios_with_files(
             &[Scenario::new(SCENARIO, script, Duration::from_secs(1500))],
             vec![(driver, L1_DRIVER.to_string())],
@@ -103,5 +110,6 @@ e2e_checks!(
     cli_stdin,
     cli_publish,
     cli_tty,
+    api_sandbox,
     version_mismatch,
 );

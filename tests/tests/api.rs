@@ -360,6 +360,116 @@ fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
 }
 
 #[test]
+fn sandbox_requests_need_a_running_vm_with_vsock_and_good_bodies() {
+    let serve = Serve::start(&[]);
+    let s = &serve;
+    let exec = r#"{"cmd": ["sh", "-c", "echo hi"]}"#;
+    s.refused("POST", "/sandbox/exec", Some(exec), 409, "no vsock device");
+    s.refused(
+        "GET",
+        "/sandbox/files?path=/etc/hostname",
+        None,
+        409,
+        "no vsock device",
+    );
+    s.refused(
+        "GET",
+        "/sandbox/files/list?path=/",
+        None,
+        409,
+        "no vsock device",
+    );
+    s.ok(
+        "PUT",
+        "/vsock",
+        &serde_json::json!({"guest_cid": 3, "uds_path": s.path("v.sock")}).to_string(),
+    );
+    s.refused("POST", "/sandbox/exec", Some(exec), 409, "not running yet");
+    s.refused(
+        "PUT",
+        "/sandbox/files?path=/tmp/x",
+        Some("data"),
+        409,
+        "not running yet",
+    );
+
+    // Bad bodies and paths are refused before the VM state matters.
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(r#"{"cmd": []}"#),
+        400,
+        "non-empty argv",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(r#"{"cmd": ["ls"], "shell": true}"#),
+        400,
+        "unknown field `shell`",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(r#"{"cmd": "ls"}"#),
+        400,
+        "invalid type",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(r#"{"cmd": ["ls"], "timeout_ms": 0}"#),
+        400,
+        "timeout_ms",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(r#"{"cmd": ["ls"], "cwd": "tmp"}"#),
+        400,
+        "must be absolute",
+    );
+    s.refused("POST", "/sandbox/exec", None, 400, "needs a JSON body");
+    s.refused(
+        "GET",
+        "/sandbox/files?path=etc/passwd",
+        None,
+        400,
+        "must be absolute",
+    );
+    s.refused("GET", "/sandbox/files", None, 400, "?path=");
+    s.refused(
+        "GET",
+        "/sandbox/files/list?path=x",
+        None,
+        400,
+        "must be absolute",
+    );
+    s.refused(
+        "PUT",
+        "/sandbox/files?path=rel",
+        Some("x"),
+        400,
+        "must be absolute",
+    );
+    s.refused("DELETE", "/sandbox/files", None, 405, "GET, PUT");
+    s.refused("GET", "/sandbox/exec", None, 405, "POST");
+
+    // The upload limit is 64 MiB, checked from Content-Length before anything is read.
+    let answer = raw(
+        &s.sock,
+        b"PUT /sandbox/files?path=/tmp/big HTTP/1.1\r\nHost: localhost\r\n\
+          Connection: close\r\nContent-Length: 67108865\r\n\r\n",
+    );
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.fault().contains("upload limit"), "{answer:?}");
+    // A body over the other routes' limit is still refused there.
+    let big = format!(r#"{{"cmd": ["{}"]}}"#, "x".repeat(60 * 1024));
+    s.refused("POST", "/sandbox/exec", Some(&big), 413, "body limit");
+    assert_eq!(s.state(), "Not started");
+}
+
+#[test]
 fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     if !require_kvm() {
         return;
@@ -433,9 +543,20 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     );
     s.refused("PUT", "/logger", Some(r#"{"level": "Debug"}"#), 400, after);
 
+    // The probe has no guest agent: /sandbox requests wait for it, then answer 503.
+    let exec = r#"{"cmd": ["true"]}"#;
+    s.refused(
+        "POST",
+        "/sandbox/exec",
+        Some(exec),
+        503,
+        "the guest agent does not answer",
+    );
+
     // Paused: the guest makes no progress.
     s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     assert_eq!(s.state(), "Paused");
+    s.refused("POST", "/sandbox/exec", Some(exec), 409, "paused");
     s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let frozen = s.console();
     std::thread::sleep(PAUSE_WINDOW);
@@ -691,6 +812,29 @@ fn a_forbidden_syscall_on_the_api_thread_kills_by_sigsys() {
     let out = unfiltered.wait(EXIT_TIMEOUT).unwrap();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
     assert!(!sock.exists());
+}
+
+#[test]
+fn a_forbidden_syscall_on_the_agent_job_thread_kills_by_sigsys() {
+    use std::os::unix::process::ExitStatusExt;
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let out = VmProcess::agentvm([
+        "serve".as_ref(),
+        "--api-sock".as_ref(),
+        sock.as_os_str(),
+        "--seccomp-test-violation".as_ref(),
+        "agent-jobs".as_ref(),
+    ])
+    .unwrap()
+    .wait(EXIT_TIMEOUT)
+    .unwrap();
+    assert_eq!(out.status.signal(), Some(libc::SIGSYS), "{out:?}");
+    assert!(
+        out.stderr_text()
+            .contains("thread agent-jobs (agent_jobs filter) made forbidden syscall 157 (prctl)"),
+        "{out:?}"
+    );
 }
 
 #[test]

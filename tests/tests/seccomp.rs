@@ -91,3 +91,112 @@ fn without_seccomp_the_same_syscalls_are_harmless() {
         assert!(!out.stderr_text().contains("seccomp"), "{thread}: {out:?}");
     }
 }
+
+/// Set in the re-executed test binary: the guest agent socket the filtered client connects to.
+const FILTERED_CLIENT_ENV: &str = "AGENTVM_TEST_FILTERED_CLIENT_SOCK";
+
+/// `agentvm serve`'s `/sandbox/...` jobs run the agent client under the `agent_jobs` filter: the
+/// client's connection, reader thread, exec with a stdin thread, and file calls must all stay
+/// inside it. The client runs in a re-executed copy of this test binary (a filter cannot be
+/// taken off, and forking a multi-threaded test harness is unsafe) against the guest agent in
+/// host-process mode.
+#[test]
+fn the_agent_client_works_under_the_agent_jobs_filter() {
+    if let Some(sock) = std::env::var_os(FILTERED_CLIENT_ENV) {
+        client_under_filter(std::path::Path::new(&sock));
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("agent.sock");
+    let agent_bin = integration_tests::agentvm::agentvm_bin().with_file_name("agentvm-guest-agent");
+    let mut agent = std::process::Command::new(&agent_bin)
+        .arg("--listen-unix")
+        .arg(&sock)
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", agent_bin.display()));
+    let listening = integration_tests::api::wait_for_path(&sock, TIMEOUT);
+    let out = listening.then(|| {
+        let mut command = std::process::Command::new(std::env::current_exe().unwrap());
+        command
+            .args([
+                "--exact",
+                "the_agent_client_works_under_the_agent_jobs_filter",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .env(FILTERED_CLIENT_ENV, &sock);
+        integration_tests::agentvm::VmProcess::spawn(command).and_then(|p| p.wait(TIMEOUT))
+    });
+    let _ = agent.kill();
+    let _ = agent.wait();
+    assert!(
+        listening,
+        "the guest agent did not listen on {}",
+        sock.display()
+    );
+    let out = out.unwrap().unwrap();
+    assert!(
+        out.status.success() && !out.stderr_text().contains("seccomp"),
+        "the filtered client failed\n{out:?}"
+    );
+    assert!(out.stdout_text().contains("FILTERED CLIENT OK"), "{out:?}");
+}
+
+fn client_under_filter(sock: &std::path::Path) {
+    use agentvm_client::{
+        AgentClient, ExecEvent, ExitStatus, ProcessSpec, ProcessSpecExt, WriteOptions,
+    };
+    use std::io::Write;
+
+    vmm::seccomp::install(
+        vmm::seccomp::ThreadKind::AgentJobs,
+        vmm::seccomp::SeccompLevel::Enforce,
+    )
+    .expect("install the agent_jobs filter");
+    // As serve does: the work happens on a thread started under the filter.
+    let job = std::thread::spawn({
+        let sock = sock.to_path_buf();
+        move || {
+            let stream = std::os::unix::net::UnixStream::connect(&sock).expect("connect");
+            let client = AgentClient::from_stream(stream).expect("handshake");
+            let mut handle = client
+                .exec(ProcessSpec::argv(["sh", "-c", "cat; echo done"]), true)
+                .expect("exec");
+            let mut stdin = handle.take_stdin().expect("stdin");
+            let feeder = std::thread::spawn(move || {
+                stdin.write_all(b"from stdin\n").expect("stdin write");
+            });
+            let mut stdout = Vec::new();
+            let status = loop {
+                match handle.next_event().expect("exec event") {
+                    Some(ExecEvent::Stdout(bytes)) => stdout.extend(bytes),
+                    Some(ExecEvent::Stderr(_)) => {}
+                    Some(ExecEvent::Exited { status, .. }) => break status,
+                    None => panic!("the exec stream ended without an exit"),
+                }
+            };
+            feeder.join().unwrap();
+            assert_eq!(String::from_utf8_lossy(&stdout), "from stdin\ndone\n");
+            assert_eq!(status, ExitStatus::Code(0));
+
+            let path = format!("/tmp/agentvm-filtered-client-{}", std::process::id());
+            client
+                .write_file(&path, &mut &b"contents"[..], WriteOptions::default())
+                .expect("write_file");
+            let mut back = Vec::new();
+            client
+                .read_file(&path, 0, None, &mut back)
+                .expect("read_file");
+            assert_eq!(back, b"contents");
+            assert!(client
+                .list_dir("/tmp")
+                .expect("list_dir")
+                .iter()
+                .any(|e| path.ends_with(&e.name)));
+            client.remove(&path, false).expect("remove");
+        }
+    });
+    job.join().expect("the filtered client job");
+    println!("FILTERED CLIENT OK");
+}

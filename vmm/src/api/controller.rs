@@ -3,6 +3,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::time::Instant;
 
@@ -258,6 +259,29 @@ impl Controller {
             (VmState::NotStarted | VmState::Starting, _) => Err(Fault::bad_request(
                 "the microVM is not running yet: PATCH /vm works after InstanceStart",
             )),
+        }
+    }
+
+    /// `/sandbox/...` requests: the vsock Unix socket through which the guest agent answers, when
+    /// the microVM has a vsock device and is running.
+    pub fn agent_uds(&self, what: &str) -> Result<PathBuf, Fault> {
+        let Some(vsock) = &self.vsock else {
+            return Err(Fault::conflict(format!(
+                "{what} needs the guest agent, which answers over vsock: this microVM has no \
+                 vsock device (configure one with PUT /vsock before InstanceStart)"
+            )));
+        };
+        match &self.state {
+            VmState::Running => Ok(vsock.uds_path.clone()),
+            VmState::NotStarted | VmState::Starting => Err(Fault::conflict(format!(
+                "{what}: the microVM is not running yet (PUT /actions InstanceStart first)"
+            ))),
+            VmState::Paused => Err(Fault::conflict(format!(
+                "{what}: the microVM is paused (PATCH /vm {{\"state\": \"Resumed\"}} first)"
+            ))),
+            VmState::Stopped { reason } => Err(Fault::conflict(format!(
+                "{what}: the microVM has stopped ({reason})"
+            ))),
         }
     }
 

@@ -47,6 +47,22 @@ impl Fault {
         }
     }
 
+    /// 409: the request is valid but the microVM is not in a state to serve it.
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::CONFLICT,
+            message: message.into(),
+        }
+    }
+
+    /// 503: something the request needs (the guest agent) does not answer now.
+    pub fn unavailable(message: impl Into<String>) -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            message: message.into(),
+        }
+    }
+
     /// 500: the VMM failed doing something the request was entitled to.
     pub fn internal(message: impl Into<String>) -> Self {
         Self {

@@ -9,6 +9,7 @@ use std::time::Duration;
 
 use tokio::sync::oneshot;
 
+use super::agent::AgentWorker;
 use super::controller::Controller;
 use super::fault::Fault;
 use super::models::{
@@ -16,6 +17,7 @@ use super::models::{
     NetworkInterface, SnapshotCreate, SnapshotLoad, VmPatch, VmStateRequest, Vsock,
 };
 use super::routes::{Endpoint, Matched};
+use super::sandbox;
 use crate::config::VmConfig;
 use crate::exit::{ControlRequest, VcpuControl, VmmEvent};
 
@@ -35,8 +37,10 @@ pub enum VmmRequest {
     },
 }
 
+/// Every response body: whole (`Full`) or streamed from a job thread (`/sandbox/...`).
+pub type ApiBody = http_body_util::combinators::BoxBody<hyper::body::Bytes, std::io::Error>;
+
 /// A successful answer.
-#[derive(Debug, PartialEq, Eq)]
 pub enum Reply {
     /// 204, as Firecracker answers every successful PUT and PATCH.
     NoContent,
@@ -44,6 +48,11 @@ pub enum Reply {
     Json(String),
     /// 200 with this Prometheus text.
     Prometheus(String),
+    /// 200 with a body streamed as it is produced (chunked transfer encoding).
+    Stream {
+        content_type: &'static str,
+        body: ApiBody,
+    },
 }
 
 pub type SharedController = Arc<Mutex<Controller>>;
@@ -53,6 +62,8 @@ pub type SharedController = Arc<Mutex<Controller>>;
 pub struct ApiContext {
     pub controller: SharedController,
     pub vmm_thread: Sender<VmmRequest>,
+    /// Job threads for the `/sandbox/...` requests (see [`super::agent`]).
+    pub agent: AgentWorker,
 }
 
 /// Hang detectors for work on other threads: booting (loading a kernel) and pausing (the VMM
@@ -66,9 +77,20 @@ pub fn lock(controller: &SharedController) -> MutexGuard<'_, Controller> {
     controller.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-pub async fn handle(ctx: &ApiContext, route: Matched, body: &[u8]) -> Result<Reply, Fault> {
-    lock(&ctx.controller).count_request();
+/// Answers every request but `PUT /sandbox/files`, whose body [`sandbox::put_file`] streams.
+pub async fn handle(
+    ctx: &ApiContext,
+    route: Matched,
+    query: Option<&str>,
+    body: &[u8],
+) -> Result<Reply, Fault> {
     match route.endpoint {
+        Endpoint::SandboxExec => sandbox::exec(ctx, body).await,
+        Endpoint::GetSandboxFile => sandbox::get_file(ctx, query).await,
+        Endpoint::ListSandboxFiles => sandbox::list_files(ctx, query).await,
+        Endpoint::PutSandboxFile => Err(Fault::internal(
+            "PUT /sandbox/files is served with its streamed body, not here",
+        )),
         Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
         Endpoint::GetMetrics => Ok(Reply::Prometheus(
             lock(&ctx.controller).metrics().prometheus(),

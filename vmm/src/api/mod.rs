@@ -6,8 +6,10 @@
 //! [`controller::Controller`] ([`handlers`]). Whatever must happen on the VMM thread (booting, which
 //! spawns the vCPU and device threads; opening log and metrics files, which the API thread's
 //! seccomp filter forbids) goes there as a [`handlers::VmmRequest`]; pause/resume go to the running
-//! VM's event channel.
+//! VM's event channel. The `/sandbox/...` agent extensions ([`sandbox`]) run on job threads
+//! outside the API thread's filter ([`agent`]).
 
+pub mod agent;
 pub mod config_file;
 pub mod controller;
 pub mod fault;
@@ -16,4 +18,5 @@ pub mod logger;
 pub mod metrics;
 pub mod models;
 pub mod routes;
+pub mod sandbox;
 pub mod server;

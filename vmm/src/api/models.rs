@@ -191,6 +191,38 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(what: &str, body: &[u8]) -> Re
     serde_json::from_slice(body).map_err(|e| Fault::bad_request(format!("{what}: {e}")))
 }
 
+/// `POST /sandbox/exec`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxExec {
+    /// argv; `cmd[0]` is looked up in `PATH` when it has no `/`.
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// The agent kills the process group after this long.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+    /// Written to the process's stdin, then end of file; without it stdin is /dev/null.
+    #[serde(default)]
+    pub stdin: Option<String>,
+}
+
+/// One entry of `GET /sandbox/files/list`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxDirEntry {
+    pub name: String,
+    /// "file", "dir", "symlink" or "other".
+    #[serde(rename = "type")]
+    pub file_type: &'static str,
+    pub size: u64,
+    pub mode: u32,
+    pub mtime_ns: i64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub symlink_target: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

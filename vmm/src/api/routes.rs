@@ -22,6 +22,10 @@ pub enum Endpoint {
     PutLogger,
     PutMetrics,
     GetMetrics,
+    SandboxExec,
+    GetSandboxFile,
+    PutSandboxFile,
+    ListSandboxFiles,
 }
 
 pub struct Route {
@@ -31,7 +35,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 14] {
+pub fn routes() -> [Route; 18] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -57,6 +61,10 @@ pub fn routes() -> [Route; 14] {
         route(Method::PUT, "/logger", PutLogger),
         route(Method::PUT, "/metrics", PutMetrics),
         route(Method::GET, "/metrics", GetMetrics),
+        route(Method::POST, "/sandbox/exec", SandboxExec),
+        route(Method::GET, "/sandbox/files", GetSandboxFile),
+        route(Method::PUT, "/sandbox/files", PutSandboxFile),
+        route(Method::GET, "/sandbox/files/list", ListSandboxFiles),
     ]
 }
 

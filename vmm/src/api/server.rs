@@ -22,11 +22,13 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
 use super::fault::Fault;
-use super::handlers::{self, ApiContext, Reply};
-use super::routes;
+use super::handlers::{self, lock, ApiBody, ApiContext, Reply};
+use super::routes::{self, Endpoint};
+use super::sandbox;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
-/// Firecracker's default payload limit is 51200 bytes; the same here.
+/// Firecracker's default payload limit is 51200 bytes; the same here (but for
+/// `PUT /sandbox/files`, streamed up to [`sandbox::MAX_FILE_UPLOAD_BYTES`]).
 pub const MAX_BODY_BYTES: usize = 50 * 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
@@ -170,15 +172,28 @@ async fn serve(listener: tokio::net::UnixListener, ctx: ApiContext, shutdown: Ar
     }
 }
 
-async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<Full<Bytes>> {
+async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<ApiBody> {
+    lock(&ctx.controller).count_request();
     let result = async {
         let route = routes::resolve(request.method(), request.uri().path())?;
+        if route.endpoint == Endpoint::PutSandboxFile {
+            return sandbox::put_file(ctx, request).await;
+        }
+        let query = request.uri().query().map(str::to_owned);
         let body = read_body(request).await?;
-        handlers::handle(ctx, route, &body).await
+        handlers::handle(ctx, route, query.as_deref(), &body).await
     }
     .await;
     const JSON: &str = "application/json";
     let (status, body) = match result {
+        Ok(Reply::Stream { content_type, body }) => {
+            let mut response = Response::new(body);
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                hyper::header::HeaderValue::from_static(content_type),
+            );
+            return response;
+        }
         Ok(Reply::NoContent) => (StatusCode::NO_CONTENT, None),
         Ok(Reply::Json(json)) => (StatusCode::OK, Some((json, JSON))),
         Ok(Reply::Prometheus(text)) => (
@@ -192,17 +207,21 @@ async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<Full<
     };
     let mut response = match body {
         Some((body, content_type)) => {
-            let mut response = Response::new(Full::new(Bytes::from(body)));
+            let mut response = Response::new(whole(Bytes::from(body)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(content_type),
             );
             response
         }
-        None => Response::new(Full::new(Bytes::new())),
+        None => Response::new(whole(Bytes::new())),
     };
     *response.status_mut() = status;
     response
+}
+
+fn whole(bytes: Bytes) -> ApiBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
 async fn read_body(request: Request<Incoming>) -> Result<Bytes, Fault> {

@@ -20,6 +20,7 @@ use clap::Args;
 
 use super::signal_exit_code;
 use super::signals::SignalForwarder;
+use vmm::api::agent::AgentWorker;
 use vmm::api::config_file::ConfigFile;
 use vmm::api::controller::{Controller, StartedVm};
 use vmm::api::handlers::{lock, ApiContext, SharedController, VmmRequest};
@@ -73,10 +74,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     check_id(&args.id)?;
     if let Some(kind) = args
         .seccomp_test_violation
-        .filter(|&k| k != ThreadKind::Api)
+        .filter(|&k| k != ThreadKind::Api && k != ThreadKind::AgentJobs)
     {
         return Err(format!(
-            "--seccomp-test-violation {}: serve only has the hook on its api thread",
+            "--seccomp-test-violation {}: serve only has the hook on its api and agent-jobs \
+             threads",
             kind.as_str()
         ));
     }
@@ -114,6 +116,11 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                 ApiContext {
                     controller: controller.clone(),
                     vmm_thread: vmm_tx,
+                    // Started here, before the API thread's filter: see api::agent.
+                    agent: AgentWorker::start(ThreadSeccomp {
+                        level: seccomp,
+                        test_violation: args.seccomp_test_violation == Some(ThreadKind::AgentJobs),
+                    })?,
                 },
                 ThreadSeccomp {
                     level: seccomp,

@@ -34,6 +34,7 @@ pub struct Filters {
     devices: BpfProgram,
     vmm: BpfProgram,
     api: BpfProgram,
+    agent_jobs: BpfProgram,
 }
 
 impl Filters {
@@ -43,6 +44,7 @@ impl Filters {
             ThreadKind::Devices => &self.devices,
             ThreadKind::Vmm => &self.vmm,
             ThreadKind::Api => &self.api,
+            ThreadKind::AgentJobs => &self.agent_jobs,
         }
     }
 
@@ -60,6 +62,7 @@ impl Filters {
             devices: take(ThreadKind::Devices)?,
             vmm: take(ThreadKind::Vmm)?,
             api: take(ThreadKind::Api)?,
+            agent_jobs: take(ThreadKind::AgentJobs)?,
         })
     }
 }
@@ -188,7 +191,7 @@ mod tests {
             DecodeError::Missing("devices")
         );
         let mut map = HashMap::new();
-        for name in ["vcpu", "devices", "vmm", "api"] {
+        for name in ["vcpu", "devices", "vmm", "api", "agent_jobs"] {
             map.insert(name.to_string(), vec![]);
         }
         assert_eq!(

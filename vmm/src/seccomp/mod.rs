@@ -31,14 +31,18 @@ pub enum ThreadKind {
     Vmm,
     /// The API thread of `agentvm serve`: HTTP over its Unix socket (tokio + hyper).
     Api,
+    /// `agentvm serve`'s guest agent jobs (`/sandbox/...` requests): the agent client over the
+    /// VM's vsock Unix socket, on threads of their own.
+    AgentJobs,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 4] = [
+    pub const ALL: [ThreadKind; 5] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
         ThreadKind::Api,
+        ThreadKind::AgentJobs,
     ];
 
     /// The filter's name in the JSON file.
@@ -48,6 +52,7 @@ impl ThreadKind {
             ThreadKind::Devices => "devices",
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
+            ThreadKind::AgentJobs => "agent_jobs",
         }
     }
 }
@@ -71,12 +76,28 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
         return Ok(());
     }
     let program = filters::compiled()?.get(kind);
+    fix_malloc_arena_limit();
     violation::install_handler().map_err(SeccompError::Handler)?;
     violation::label_current_thread(kind);
     seccompiler::apply_filter(program).map_err(|source| SeccompError::Apply {
         kind: kind.as_str(),
         source,
     })
+}
+
+/// Sets glibc malloc's arena limit to its own default (8 per online CPU) while the calling thread
+/// can still count CPUs. Otherwise glibc counts them the first time some thread needs an arena of
+/// its own, by opening /sys/devices/system/cpu/online, which no filter allows: a thread started
+/// under a filter (a guest agent job) would die by SIGSYS on its first allocation.
+fn fix_malloc_arena_limit() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: sysconf only reads system information.
+        let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+        let arenas = 8 * online.clamp(1, 1024) as libc::c_int;
+        // SAFETY: mallopt changes a malloc tunable; M_ARENA_MAX takes any positive count.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+    });
 }
 
 /// What one thread does about seccomp as it starts its work.

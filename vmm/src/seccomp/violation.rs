@@ -25,7 +25,9 @@ impl ThreadLabel {
     const UNKNOWN: Self = Self {
         name: *b"?\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0",
         name_len: 1,
-        kind: "no",
+        // A thread that did not install its filter itself inherited it from the thread that
+        // started it (the agent client's reader threads, for instance).
+        kind: "an inherited",
     };
 }
 

@@ -1,6 +1,7 @@
 //! agent-e2e: the guest agent end to end with a real Linux guest, run inside the nested test host
 //! (see `tests/tests/agent_e2e.rs`). It boots guests with `agentvm boot --vsock-uds`, drives them
-//! with the host client library over vsock, and prints one line per check:
+//! with the host client library over vsock (and one with `agentvm serve` through the per-VM
+//! API's `/sandbox/...` routes), and prints one line per check:
 //!
 //! ```text
 //! E2E <check> ok <detail>
@@ -10,6 +11,7 @@
 //! (details on one line, newlines escaped as `\n`), then `E2E-DONE`. Each check is independent:
 //! one failing does not stop the others.
 
+mod api;
 mod checks;
 mod cli;
 mod vm;
@@ -24,11 +26,14 @@ pub struct Args {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub work_dir: PathBuf,
+    /// `--only api`: run only the API checks (one guest boot), for iterating on them.
+    pub only_api: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut agentvm, mut kernel, mut initrd, mut work_dir) = (None, None, None, None);
+    let mut only_api = false;
     while let Some(flag) = args.next() {
         let value = args
             .next()
@@ -39,6 +44,7 @@ fn parse_args() -> Result<Args, String> {
             "--kernel" => kernel = Some(value),
             "--initrd" => initrd = Some(value),
             "--work" => work_dir = Some(value),
+            "--only" if value.as_os_str() == "api" => only_api = true,
             other => return Err(format!("unknown argument {other}")),
         }
     }
@@ -48,6 +54,7 @@ fn parse_args() -> Result<Args, String> {
         kernel: need(kernel, "--kernel")?,
         initrd: need(initrd, "--initrd")?,
         work_dir: need(work_dir, "--work")?,
+        only_api,
     })
 }
 
@@ -99,9 +106,14 @@ fn main() {
         eprintln!("agent-e2e: cannot create {}: {e}", args.work_dir.display());
         std::process::exit(2);
     }
-    client_checks(&args);
-    cli::checks(&args);
-    version_mismatch(&args);
+    if args.only_api {
+        api::checks(&args);
+    } else {
+        client_checks(&args);
+        cli::checks(&args);
+        api::checks(&args);
+        version_mismatch(&args);
+    }
     println!("E2E-DONE");
 }
 
