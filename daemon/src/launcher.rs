@@ -210,8 +210,8 @@ impl Plan {
         }
     }
 
-    /// The Firecracker-style configuration calls and InstanceStart.
-    pub async fn configure_and_start(&self, template: &Template) -> Result<(), Fault> {
+    /// The Firecracker-style configuration calls.
+    pub async fn configure(&self, template: &Template) -> Result<(), Fault> {
         let mut boot_source = serde_json::json!({ "kernel_image_path": self.vm_kernel });
         if let Some(initrd) = &self.vm_initrd {
             boot_source["initrd_path"] = serde_json::json!(initrd);
@@ -232,34 +232,42 @@ impl Plan {
                 "/vsock",
                 serde_json::json!({ "guest_cid": GUEST_CID, "uds_path": self.vm_vsock_uds }),
             ),
-            (
-                "/actions",
-                serde_json::json!({ "action_type": "InstanceStart" }),
-            ),
         ];
         for (path, body) in calls {
-            let answer =
-                vm_client::call(&self.api_sock, Method::PUT, path, Some(body), CALL_TIMEOUT)
-                    .await
-                    .map_err(|e| Fault::unavailable(format!("sandbox {}: {e}", self.id)))?;
-            if !answer.status.is_success() {
-                // The VMM's own refusal (a missing kernel, a bad size): the caller's to fix.
-                let status = if answer.status.is_client_error() {
-                    StatusCode::BAD_REQUEST
-                } else {
-                    StatusCode::INTERNAL_SERVER_ERROR
-                };
-                return Err(Fault::new(
-                    status,
-                    format!(
-                        "sandbox {}: the VMM refused PUT {path}: {}",
-                        self.id,
-                        answer.fault_message()
-                    ),
-                ));
-            }
+            self.put(path, body).await?;
         }
         Ok(())
+    }
+
+    pub async fn instance_start(&self) -> Result<(), Fault> {
+        self.put(
+            "/actions",
+            serde_json::json!({ "action_type": "InstanceStart" }),
+        )
+        .await
+    }
+
+    async fn put(&self, path: &str, body: serde_json::Value) -> Result<(), Fault> {
+        let answer = vm_client::call(&self.api_sock, Method::PUT, path, Some(body), CALL_TIMEOUT)
+            .await
+            .map_err(|e| Fault::unavailable(format!("sandbox {}: {e}", self.id)))?;
+        if answer.status.is_success() {
+            return Ok(());
+        }
+        // The VMM's own refusal (a missing kernel, a bad size): the caller's to fix.
+        let status = if answer.status.is_client_error() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Err(Fault::new(
+            status,
+            format!(
+                "sandbox {}: the VMM refused PUT {path}: {}",
+                self.id,
+                answer.fault_message()
+            ),
+        ))
     }
 
     /// Waits until the guest agent answers through the VMM (`GET /sandbox/files/list?path=/`).

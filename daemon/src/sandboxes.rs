@@ -180,6 +180,11 @@ impl Sandboxes {
             record.info.pid = None;
             record.pid_start_ticks = None;
             match record.info.state {
+                // A guest without an agent runs from InstanceStart on: it may end at once.
+                SandboxState::Starting if record.booted && !record.info.agent => {
+                    record.info.state = SandboxState::Exited;
+                    record.info.ended = Some(reason);
+                }
                 SandboxState::Starting => {
                     record.info.state = SandboxState::Failed;
                     record.info.ended = Some(reason);
@@ -280,6 +285,7 @@ impl Sandboxes {
                 ended: None,
             },
             pid_start_ticks: None,
+            booted: false,
         };
         {
             let mut records = self.records();
@@ -354,7 +360,10 @@ impl Sandboxes {
                 .unwrap_or(false)
         };
         plan.wait_for_api(deadline, alive).await?;
-        plan.configure_and_start(template).await?;
+        plan.configure(template).await?;
+        // Before InstanceStart: a guest that ends before its answer arrives has still booted.
+        self.update(&plan.id, |r| r.booted = true);
+        plan.instance_start().await?;
         if template.agent {
             plan.wait_for_agent(deadline, alive).await?;
         } else {

@@ -27,6 +27,9 @@ pub struct SandboxRecord {
     /// The VMM process's start time (field 22 of /proc/<pid>/stat).
     #[serde(default)]
     pub pid_start_ticks: Option<u64>,
+    /// InstanceStart was sent: the guest may have run.
+    #[serde(default)]
+    pub booted: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -225,6 +228,7 @@ mod tests {
                 ended: None,
             },
             pid_start_ticks: Some(7),
+            booted: true,
         }
     }
 
