@@ -17,6 +17,7 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use integration_tests::jailer::jailer_bin;
 use integration_tests::nested::{describe, run_scenarios_with_files, Outcome};
 use vmm::nested::{Scenario, L1_AGENTVM, L1_L2_INITRD, L1_L2_KERNEL};
 
@@ -37,7 +38,11 @@ fn outcome() -> &'static Outcome {
         }
         run_scenarios_with_files(
             &[Scenario::new(SCENARIO, script, Duration::from_secs(1500))],
-            vec![(driver, L1_DRIVER.to_string())],
+            vec![
+                (driver, L1_DRIVER.to_string()),
+                // The daemon jails its sandboxes with the jailer beside agentvm.
+                (jailer_bin(), "/bin/agentvm-jailer".to_string()),
+            ],
         )
     })
 }
@@ -111,5 +116,6 @@ e2e_checks!(
     cli_publish,
     cli_tty,
     api_sandbox,
+    daemon,
     version_mismatch,
 );

@@ -480,6 +480,23 @@ fn an_existing_jail_for_the_id_is_refused_and_left_alone() {
 }
 
 #[test]
+fn a_stale_cgroup_left_by_a_killed_jailer_is_replaced_and_removed() {
+    if !ready(false) {
+        return;
+    }
+    let sandbox = Sandbox::new("stale");
+    // What a jailer killed by SIGKILL leaves behind: the sandbox's cgroup, with no process.
+    let stale = cgroup_dir(&sandbox.id, "memory", &["memory"]);
+    fs::create_dir_all(&stale).unwrap();
+    let out = sandbox
+        .inspect(&["--memory-limit-mib", "64"], &["report", "/"])
+        .wait(RUN_TIMEOUT)
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    sandbox.assert_cleaned_up(&out);
+}
+
+#[test]
 fn a_setup_error_inside_the_jail_is_reported_and_everything_is_removed() {
     if !ready(false) {
         return;

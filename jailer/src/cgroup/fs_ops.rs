@@ -67,13 +67,30 @@ pub fn remove_if_unused(dir: &Path) {
     }
 }
 
+/// Whether `dir` is a cgroup with no process in it: what a jailer killed by SIGKILL leaves
+/// behind (it could not remove its cgroup). The caller holds the sandbox id's jail directory,
+/// which only one jailer can create, so no live jailer of this id is setting the cgroup up.
+fn is_stale(dir: &Path) -> bool {
+    fs::read_to_string(dir.join("cgroup.procs")).is_ok_and(|procs| procs.trim().is_empty())
+}
+
 /// Creates `dir` (and the shared parent), retrying if another sandbox's cleanup removed the
-/// parent between the two steps.
+/// parent between the two steps; a stale cgroup of the same id (see [`is_stale`]) is replaced.
 pub fn create_dir(dir: &Path) -> Result<()> {
+    let mut reclaimed = false;
     for _ in 0..3 {
         match fs::create_dir_all(dir.parent().unwrap_or(dir)).and_then(|()| fs::create_dir(dir)) {
             Ok(()) => return Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e)
+                if e.kind() == io::ErrorKind::AlreadyExists
+                    && !reclaimed
+                    && is_stale(dir)
+                    && fs::remove_dir(dir).is_ok() =>
+            {
+                tracing::info!("replaced the stale cgroup {}", dir.display());
+                reclaimed = true;
+            }
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(cgroup_error(
                     "a cgroup for this sandbox id already exists at",

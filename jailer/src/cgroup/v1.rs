@@ -180,4 +180,29 @@ mod tests {
         assert!(!fake.path().join("pids/agentvm").exists());
         assert!(fake.path().join("memory/agentvm/sb").is_dir());
     }
+
+    #[test]
+    fn an_existing_cgroup_that_cannot_be_reclaimed_is_reported() {
+        let fake = tempfile::tempdir().unwrap();
+        let existing = fake.path().join("memory/agentvm/sb");
+        fs::create_dir_all(&existing).unwrap();
+        // Looks unused, but rmdir fails (a fake cgroup holds a real file): reported, not reused.
+        fs::write(existing.join("cgroup.procs"), "").unwrap();
+        let sandboxes = vec![("memory", fake.path().join("memory/agentvm"))];
+        let limits = CgroupLimits {
+            memory_limit_mib: Some(1),
+            ..CgroupLimits::default()
+        };
+        let err = V1Cgroup::create(&sandboxes, "sb", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
+        // In use: never touched.
+        fs::write(existing.join("cgroup.procs"), "4242\n").unwrap();
+        let err = V1Cgroup::create(&sandboxes, "sb", &limits)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("already exists"), "{err}");
+        assert!(existing.join("cgroup.procs").is_file());
+    }
 }

@@ -3,6 +3,7 @@
 mod bench;
 mod boot;
 mod console;
+mod daemon;
 mod exec;
 mod kernel_cmd;
 mod nested;
@@ -48,6 +49,9 @@ enum Command {
     /// Run one VM driven over an HTTP API on a Unix socket (Firecracker-compatible subset), or
     /// booted from a config file. Exits when the guest ends.
     Serve(serve::ServeArgs),
+    /// The sandbox host daemon: many sandboxes by ID over an HTTP API on a Unix socket, each a
+    /// separate jailed VMM; sandboxes survive a daemon restart.
+    Daemon(daemon::DaemonArgs),
     /// Manage guest kernels and initramfs images.
     Kernel {
         #[command(subcommand)]
@@ -110,6 +114,7 @@ pub fn main() -> ExitCode {
         Command::Exec(args) => exec::exec(args),
         Command::Boot(args) => boot::boot(args),
         Command::Serve(args) => serve::serve(args),
+        Command::Daemon(args) => daemon::daemon(args),
         Command::Kernel { command } => kernel_cmd::run(command),
         Command::Bench { command } => bench::run(command),
     };

@@ -128,7 +128,7 @@ fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResp
     }
 }
 
-fn expect_status(answer: &ApiResponse, status: u16, what: &str) -> Result<(), String> {
+pub fn expect_status(answer: &ApiResponse, status: u16, what: &str) -> Result<(), String> {
     if answer.status == status {
         Ok(())
     } else {
@@ -137,7 +137,7 @@ fn expect_status(answer: &ApiResponse, status: u16, what: &str) -> Result<(), St
 }
 
 /// The decoded stdout and stderr of a `/sandbox/exec` answer, and its last line.
-fn exec_events(answer: &ApiResponse) -> Result<(String, String, serde_json::Value), String> {
+pub fn exec_events(answer: &ApiResponse) -> Result<(String, String, serde_json::Value), String> {
     expect_status(answer, 200, "POST /sandbox/exec")?;
     let (mut stdout, mut stderr, mut last) = (Vec::new(), Vec::new(), serde_json::Value::Null);
     for line in answer.body.lines() {

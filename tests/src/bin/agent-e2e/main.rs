@@ -14,6 +14,7 @@
 mod api;
 mod checks;
 mod cli;
+mod daemon;
 mod vm;
 
 use std::path::PathBuf;
@@ -108,10 +109,12 @@ fn main() {
     }
     if args.only_api {
         api::checks(&args);
+        daemon::checks(&args);
     } else {
         client_checks(&args);
         cli::checks(&args);
         api::checks(&args);
+        daemon::checks(&args);
         version_mismatch(&args);
     }
     println!("E2E-DONE");

@@ -1,0 +1,328 @@
+//! Starting one sandbox: its VMM process (`agentvm serve`, inside `agentvm-jailer` when jailed),
+//! then the same API calls a Firecracker user makes (boot source, machine config, vsock,
+//! InstanceStart), then waiting for the guest agent.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use hyper::{Method, StatusCode};
+
+use crate::fault::Fault;
+use crate::model::Template;
+use crate::store::Store;
+use crate::vm_client;
+
+/// The guest's vsock CID: every sandbox is its own VMM with its own vsock socket, so all share it.
+const GUEST_CID: u32 = 3;
+/// Unix socket paths hold at most 107 bytes (sun_path minus the NUL); the vsock socket also gets
+/// `_<port>` suffixes for guest-initiated connections.
+const MAX_SOCKET_PATH: usize = 107 - 6;
+/// Each configuration call; the VMM answers them at once.
+const CALL_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(20);
+
+/// How sandboxes are started.
+#[derive(Debug, Clone)]
+pub struct LaunchConfig {
+    /// The `agentvm` binary (normally the daemon's own executable).
+    pub agentvm: PathBuf,
+    pub jail: Option<JailConfig>,
+}
+
+/// Jailing every VMM with `agentvm-jailer` (the default when the daemon runs as root).
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    pub jailer: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Where one sandbox's files are, from the host's side and from its VMM's side.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub id: String,
+    pub api_sock: PathBuf,
+    pub vsock_uds: PathBuf,
+    pub log: PathBuf,
+    command: CommandPlan,
+    /// The paths the VMM is told (inside the jail when jailed).
+    vm_kernel: PathBuf,
+    vm_initrd: Option<PathBuf>,
+    vm_vsock_uds: PathBuf,
+}
+
+#[derive(Debug, Clone)]
+struct CommandPlan {
+    program: PathBuf,
+    args: Vec<String>,
+}
+
+impl LaunchConfig {
+    /// Lays out sandbox `id`'s files and its VMM command line.
+    pub fn plan(&self, store: &Store, id: &str, template: &Template) -> Result<Plan, Fault> {
+        let dir = store.sandbox_dir(id);
+        let log = dir.join("vmm.log");
+        let kernel = template.kernel_image_path.clone();
+        let initrd = template.initrd_path.clone();
+        let plan = match &self.jail {
+            None => {
+                let api_sock = dir.join("api.sock");
+                let vsock_uds = dir.join("vsock.sock");
+                let console = dir.join("console.log");
+                Plan {
+                    id: id.to_string(),
+                    command: CommandPlan {
+                        program: self.agentvm.clone(),
+                        args: serve_args(id, &api_sock, &console),
+                    },
+                    vm_kernel: kernel,
+                    vm_initrd: initrd,
+                    vm_vsock_uds: vsock_uds.clone(),
+                    api_sock,
+                    vsock_uds,
+                    log,
+                }
+            }
+            Some(jail) => {
+                // The jailer serves the jail's /run from <base>/<exec file name>/<id>/run.
+                let exec_name = self
+                    .agentvm
+                    .file_name()
+                    .ok_or_else(|| Fault::internal("the agentvm binary path has no file name"))?;
+                let run = store.jail_base().join(exec_name).join(id).join("run");
+                let jail_run = Path::new("/run");
+                let mut args = vec![
+                    "--id".to_string(),
+                    id.to_string(),
+                    "--exec-file".to_string(),
+                    path_arg(&self.agentvm)?,
+                    "--uid".to_string(),
+                    jail.uid.to_string(),
+                    "--gid".to_string(),
+                    jail.gid.to_string(),
+                    "--chroot-base-dir".to_string(),
+                    path_arg(&store.jail_base())?,
+                    "--device".to_string(),
+                    "kvm".to_string(),
+                    "--mount".to_string(),
+                    format!("{}:/boot/kernel", path_arg(&kernel)?),
+                    // The guest's memory plus the VMM's own: the cgroup stops a runaway VMM.
+                    "--memory-limit-mib".to_string(),
+                    (template.mem_size_mib + 256).to_string(),
+                    "--pids-max".to_string(),
+                    "512".to_string(),
+                ];
+                if let Some(initrd) = &initrd {
+                    args.push("--mount".to_string());
+                    args.push(format!("{}:/boot/initrd", path_arg(initrd)?));
+                }
+                args.push("--".to_string());
+                args.extend(serve_args(
+                    id,
+                    &jail_run.join("api.sock"),
+                    &jail_run.join("console.log"),
+                ));
+                Plan {
+                    id: id.to_string(),
+                    command: CommandPlan {
+                        program: jail.jailer.clone(),
+                        args,
+                    },
+                    vm_kernel: PathBuf::from("/boot/kernel"),
+                    vm_initrd: initrd.map(|_| PathBuf::from("/boot/initrd")),
+                    vm_vsock_uds: jail_run.join("vsock.sock"),
+                    api_sock: run.join("api.sock"),
+                    vsock_uds: run.join("vsock.sock"),
+                    log,
+                }
+            }
+        };
+        for sock in [&plan.api_sock, &plan.vsock_uds] {
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(Fault::bad_request(format!(
+                    "sandbox {id}: its socket path {} is longer than Unix sockets allow \
+                     ({MAX_SOCKET_PATH} bytes): use a shorter id or a shorter --state-dir",
+                    sock.display()
+                )));
+            }
+        }
+        Ok(plan)
+    }
+}
+
+fn serve_args(id: &str, api_sock: &Path, console: &Path) -> Vec<String> {
+    vec![
+        "serve".to_string(),
+        "--api-sock".to_string(),
+        api_sock.display().to_string(),
+        "--id".to_string(),
+        id.to_string(),
+        "--console".to_string(),
+        console.display().to_string(),
+    ]
+}
+
+/// Paths go on command lines and into `SRC:DST` mount specs: refuse what would be misread.
+fn path_arg(path: &Path) -> Result<String, Fault> {
+    match path.to_str() {
+        Some(s) if !s.contains(':') => Ok(s.to_string()),
+        _ => Err(Fault::bad_request(format!(
+            "{}: paths handed to the jailer must be UTF-8 without ':'",
+            path.display()
+        ))),
+    }
+}
+
+impl Plan {
+    /// Starts the VMM process, detached from the daemon.
+    pub fn spawn(&self) -> Result<Child, Fault> {
+        let mut command = Command::new(&self.command.program);
+        command.args(&self.command.args);
+        crate::process::spawn_detached(command, &self.log).map_err(Fault::internal)
+    }
+
+    /// Waits for the API socket to answer, as long as `alive` says the process runs.
+    pub async fn wait_for_api(
+        &self,
+        deadline: Instant,
+        alive: impl Fn() -> bool,
+    ) -> Result<(), Fault> {
+        loop {
+            if std::os::unix::net::UnixStream::connect(&self.api_sock).is_ok() {
+                return Ok(());
+            }
+            if !alive() {
+                return Err(self.died("before its API socket appeared"));
+            }
+            if Instant::now() >= deadline {
+                return Err(Fault::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "sandbox {}: the VMM's API socket {} did not appear in time{}",
+                        self.id,
+                        self.api_sock.display(),
+                        self.log_tail()
+                    ),
+                ));
+            }
+            tokio::time::sleep(POLL).await;
+        }
+    }
+
+    /// The Firecracker-style configuration calls.
+    pub async fn configure(&self, template: &Template) -> Result<(), Fault> {
+        let mut boot_source = serde_json::json!({ "kernel_image_path": self.vm_kernel });
+        if let Some(initrd) = &self.vm_initrd {
+            boot_source["initrd_path"] = serde_json::json!(initrd);
+        }
+        if let Some(args) = &template.boot_args {
+            boot_source["boot_args"] = serde_json::json!(args);
+        }
+        let calls = [
+            ("/boot-source", boot_source),
+            (
+                "/machine-config",
+                serde_json::json!({
+                    "vcpu_count": template.vcpu_count,
+                    "mem_size_mib": template.mem_size_mib,
+                }),
+            ),
+            (
+                "/vsock",
+                serde_json::json!({ "guest_cid": GUEST_CID, "uds_path": self.vm_vsock_uds }),
+            ),
+        ];
+        for (path, body) in calls {
+            self.put(path, body).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn instance_start(&self) -> Result<(), Fault> {
+        self.put(
+            "/actions",
+            serde_json::json!({ "action_type": "InstanceStart" }),
+        )
+        .await
+    }
+
+    async fn put(&self, path: &str, body: serde_json::Value) -> Result<(), Fault> {
+        let answer = vm_client::call(&self.api_sock, Method::PUT, path, Some(body), CALL_TIMEOUT)
+            .await
+            .map_err(|e| Fault::unavailable(format!("sandbox {}: {e}", self.id)))?;
+        if answer.status.is_success() {
+            return Ok(());
+        }
+        // The VMM's own refusal (a missing kernel, a bad size): the caller's to fix.
+        let status = if answer.status.is_client_error() {
+            StatusCode::BAD_REQUEST
+        } else {
+            StatusCode::INTERNAL_SERVER_ERROR
+        };
+        Err(Fault::new(
+            status,
+            format!(
+                "sandbox {}: the VMM refused PUT {path}: {}",
+                self.id,
+                answer.fault_message()
+            ),
+        ))
+    }
+
+    /// Waits until the guest agent answers through the VMM (`GET /sandbox/files/list?path=/`).
+    pub async fn wait_for_agent(
+        &self,
+        deadline: Instant,
+        alive: impl Fn() -> bool,
+    ) -> Result<(), Fault> {
+        let mut last = String::from("no answer yet");
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(Fault::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    format!(
+                        "sandbox {}: the guest agent did not answer in time (last: {last}){}",
+                        self.id,
+                        self.log_tail()
+                    ),
+                ));
+            }
+            match vm_client::call(
+                &self.api_sock,
+                Method::GET,
+                "/sandbox/files/list?path=/",
+                None,
+                left.max(Duration::from_millis(100)),
+            )
+            .await
+            {
+                Ok(answer) if answer.status == StatusCode::OK => return Ok(()),
+                Ok(answer) => last = format!("{}: {}", answer.status, answer.fault_message()),
+                Err(e) => last = e,
+            }
+            if !alive() {
+                return Err(self.died("while the guest booted"));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub fn died(&self, when: &str) -> Fault {
+        Fault::internal(format!(
+            "sandbox {}: the VMM ended {when}{}",
+            self.id,
+            self.log_tail()
+        ))
+    }
+
+    fn log_tail(&self) -> String {
+        let tail = crate::process::log_tail(&self.log, 8);
+        if tail.is_empty() {
+            String::new()
+        } else {
+            format!("; its log ({}) ends:\n{tail}", self.log.display())
+        }
+    }
+}

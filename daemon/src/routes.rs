@@ -1,0 +1,178 @@
+//! The daemon API's route table: the one list of (method, path) it serves. The OpenAPI spec
+//! (`daemon/api/openapi.yaml`) is checked against it by a test, both ways.
+
+use hyper::Method;
+
+use crate::fault::Fault;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Endpoint {
+    DaemonInfo,
+    ListSandboxes,
+    CreateSandbox,
+    GetSandbox,
+    DestroySandbox,
+    StopSandbox,
+    PauseSandbox,
+    ResumeSandbox,
+    ListTemplates,
+    GetTemplate,
+    PutTemplate,
+    DeleteTemplate,
+    /// Sent on to the sandbox's per-VM API at this path; `agent` routes need a guest agent.
+    Forward {
+        upstream: &'static str,
+        agent: bool,
+    },
+}
+
+pub struct Route {
+    pub method: Method,
+    /// OpenAPI path template: `{name}` matches one non-empty segment.
+    pub path: &'static str,
+    pub endpoint: Endpoint,
+}
+
+pub fn routes() -> Vec<Route> {
+    use Endpoint::*;
+    let route = |method: Method, path: &'static str, endpoint| Route {
+        method,
+        path,
+        endpoint,
+    };
+    let agent = |upstream| Forward {
+        upstream,
+        agent: true,
+    };
+    vec![
+        route(Method::GET, "/", DaemonInfo),
+        route(Method::GET, "/sandboxes", ListSandboxes),
+        route(Method::POST, "/sandboxes", CreateSandbox),
+        route(Method::GET, "/sandboxes/{id}", GetSandbox),
+        route(Method::DELETE, "/sandboxes/{id}", DestroySandbox),
+        route(Method::POST, "/sandboxes/{id}/stop", StopSandbox),
+        route(Method::POST, "/sandboxes/{id}/pause", PauseSandbox),
+        route(Method::POST, "/sandboxes/{id}/resume", ResumeSandbox),
+        route(
+            Method::GET,
+            "/sandboxes/{id}/metrics",
+            Forward {
+                upstream: "/metrics",
+                agent: false,
+            },
+        ),
+        route(Method::POST, "/sandboxes/{id}/exec", agent("/sandbox/exec")),
+        route(
+            Method::GET,
+            "/sandboxes/{id}/files",
+            agent("/sandbox/files"),
+        ),
+        route(
+            Method::PUT,
+            "/sandboxes/{id}/files",
+            agent("/sandbox/files"),
+        ),
+        route(
+            Method::GET,
+            "/sandboxes/{id}/files/list",
+            agent("/sandbox/files/list"),
+        ),
+        route(Method::GET, "/templates", ListTemplates),
+        route(Method::GET, "/templates/{name}", GetTemplate),
+        route(Method::PUT, "/templates/{name}", PutTemplate),
+        route(Method::DELETE, "/templates/{name}", DeleteTemplate),
+    ]
+}
+
+/// A matched request: the endpoint and the value of its one `{...}` segment, if any.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Resolved {
+    pub endpoint: Endpoint,
+    pub param: Option<String>,
+}
+
+fn matches(template: &str, path: &str) -> Option<Option<String>> {
+    let t: Vec<&str> = template.split('/').collect();
+    let p: Vec<&str> = path.split('/').collect();
+    if t.len() != p.len() {
+        return None;
+    }
+    let mut param = None;
+    for (t, p) in t.iter().zip(&p) {
+        if t.starts_with('{') {
+            if p.is_empty() {
+                return None;
+            }
+            param = Some(p.to_string());
+        } else if t != p {
+            return None;
+        }
+    }
+    Some(param)
+}
+
+pub fn resolve(method: &Method, path: &str) -> Result<Resolved, Fault> {
+    let path = if path.len() > 1 {
+        path.trim_end_matches('/')
+    } else {
+        path
+    };
+    let mut allowed = Vec::new();
+    for route in routes() {
+        if let Some(param) = matches(route.path, path) {
+            if route.method == method {
+                return Ok(Resolved {
+                    endpoint: route.endpoint,
+                    param,
+                });
+            }
+            allowed.push(route.method.to_string());
+        }
+    }
+    if allowed.is_empty() {
+        Err(Fault::not_found(format!("no such route: {path}")))
+    } else {
+        Err(Fault::new(
+            hyper::StatusCode::METHOD_NOT_ALLOWED,
+            format!(
+                "{method} {path}: allowed methods are {}",
+                allowed.join(", ")
+            ),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_resolve_with_their_parameter() {
+        let r = resolve(&Method::POST, "/sandboxes/sb-1/exec").unwrap();
+        assert_eq!(r.param.as_deref(), Some("sb-1"));
+        assert!(matches!(
+            r.endpoint,
+            Endpoint::Forward {
+                upstream: "/sandbox/exec",
+                ..
+            }
+        ));
+        assert_eq!(
+            resolve(&Method::GET, "/sandboxes/").unwrap().endpoint,
+            Endpoint::ListSandboxes
+        );
+        let fault = resolve(&Method::PATCH, "/sandboxes/x").unwrap_err();
+        assert_eq!(fault.status, hyper::StatusCode::METHOD_NOT_ALLOWED);
+        assert!(fault.message.contains("GET, DELETE"), "{fault:?}");
+        assert_eq!(
+            resolve(&Method::GET, "/sandboxes//stop")
+                .unwrap_err()
+                .status,
+            hyper::StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::GET, "/nope").unwrap_err().status,
+            hyper::StatusCode::NOT_FOUND
+        );
+    }
+}

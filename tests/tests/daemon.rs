@@ -1,0 +1,493 @@
+//! `agentvm daemon` over its real socket, with the ring-3 probe guest as the sandboxes' guest
+//! (jailed when the tests run as root, as in CI): every error class, the sandbox lifecycle, a
+//! daemon killed and restarted (sandboxes adopted, a vanished one reported lost), a second
+//! daemon refused, and 50 creates in parallel. The agent routes with a real Linux guest are in
+//! the agent-e2e driver (`daemon` check).
+//!
+//! Needs /dev/kvm (skipped without it, failing instead under CI=true) and the agentvm and
+//! agentvm-jailer binaries: `cargo build --release -p vmm -p jailer`.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use integration_tests::agentvm::{require_kvm, VmProcess};
+use integration_tests::api::{request, ApiResponse};
+use integration_tests::probe::probe_elf;
+
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+/// A daemon on a temp state directory; dropping it ends the daemon and every sandbox VMM it
+/// left running (SIGTERM first, so jailers remove their jails and cgroups).
+struct Daemon {
+    process: Option<VmProcess>,
+    sock: PathBuf,
+    state: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start() -> Self {
+        // Short paths: sandbox sockets live under the state directory.
+        let dir = tempfile::Builder::new()
+            .prefix("avd")
+            .tempdir_in("/tmp")
+            .unwrap();
+        let sock = dir.path().join("d.sock");
+        let state = dir.path().join("s");
+        let mut daemon = Self {
+            process: None,
+            sock,
+            state,
+            _dir: dir,
+        };
+        daemon.process = Some(daemon.spawn());
+        daemon
+    }
+
+    fn spawn(&self) -> VmProcess {
+        let mut args = vec![
+            "daemon".to_string(),
+            "--sock".to_string(),
+            self.sock.display().to_string(),
+            "--state-dir".to_string(),
+            self.state.display().to_string(),
+        ];
+        if !is_root() {
+            args.push("--no-jail".to_string());
+        }
+        let process = VmProcess::agentvm(&args).expect("start agentvm daemon");
+        // A restarted daemon replaces the stale socket of the one before: wait for an answer.
+        let until = Instant::now() + START_TIMEOUT;
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
+            assert!(
+                Instant::now() < until,
+                "the daemon did not answer on its socket"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        process
+    }
+
+    fn call(&self, method: &str, path: &str, body: Option<&str>) -> ApiResponse {
+        request(&self.sock, method, path, body)
+    }
+
+    fn expect(&self, method: &str, path: &str, body: Option<&str>, status: u16) -> ApiResponse {
+        let answer = self.call(method, path, body);
+        let shown = body.map(|b| &b[..b.len().min(200)]);
+        assert_eq!(
+            answer.status, status,
+            "{method} {path} {shown:?}: {answer:?}"
+        );
+        answer
+    }
+
+    fn refused(&self, method: &str, path: &str, body: Option<&str>, status: u16, needle: &str) {
+        let fault = self.expect(method, path, body, status).fault();
+        let shown = body.map(|b| &b[..b.len().min(200)]);
+        assert!(
+            fault.contains(needle),
+            "{method} {path} {shown:?}: {fault:?} lacks {needle:?}"
+        );
+    }
+
+    fn sandbox(&self, id: &str) -> serde_json::Value {
+        self.expect("GET", &format!("/sandboxes/{id}"), None, 200)
+            .json()
+    }
+
+    fn pids(&self) -> Vec<u32> {
+        let Ok(entries) = std::fs::read_dir(self.state.join("sandboxes")) else {
+            return vec![];
+        };
+        entries
+            .flatten()
+            .filter_map(|e| std::fs::read(e.path().join("sandbox.json")).ok())
+            .filter_map(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+            .filter_map(|v| v["pid"].as_u64().map(|p| p as u32))
+            .collect()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        drop(self.process.take());
+        let pids = self.pids();
+        for (signal, wait) in [(libc::SIGTERM, 5), (libc::SIGKILL, 5)] {
+            for &pid in &pids {
+                // SAFETY: kill(2) with integers only; a pid of a VMM this test started.
+                unsafe { libc::kill(pid as i32, signal) };
+            }
+            let until = Instant::now() + Duration::from_secs(wait);
+            while pids.iter().any(|p| alive(*p)) && Instant::now() < until {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            !s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
+        .unwrap_or(false)
+}
+
+fn template(mode: &str) -> String {
+    serde_json::json!({
+        "kernel_image_path": probe_elf(),
+        "boot_args": format!("probe.mode={mode}"),
+        "mem_size_mib": 32,
+        "agent": false,
+    })
+    .to_string()
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let until = Instant::now() + EXIT_TIMEOUT;
+    while !done() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn every_bad_request_is_a_4xx_with_a_fault_message() {
+    if !require_kvm() {
+        return;
+    }
+    let d = Daemon::start();
+    d.expect("PUT", "/templates/probe", Some(&template("count")), 204);
+
+    d.refused("POST", "/sandboxes", Some("{"), 400, "EOF while parsing");
+    d.refused("POST", "/sandboxes", None, 400, "needs a JSON body");
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"colour": 1}"#),
+        400,
+        "unknown field `colour`",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"vcpu_count": "two"}"#),
+        400,
+        "invalid type",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "vcpu_count": 0}"#),
+        400,
+        "vcpu_count must be 1..=16",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "mem_size_mib": 1}"#),
+        400,
+        "mem_size_mib must be",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "timeout_s": 0}"#),
+        400,
+        "timeout_s",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "../x"}"#),
+        400,
+        "1-40 characters",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "nope"}"#),
+        404,
+        "no template \"nope\"",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"kernel_image_path": "/no/such/kernel", "agent": false}"#),
+        400,
+        "/no/such/kernel is not a readable file",
+    );
+    let big = format!(r#"{{"id": "{}"}}"#, "x".repeat(70 * 1024));
+    d.refused("POST", "/sandboxes", Some(&big), 413, "65536-byte limit");
+    d.refused("GET", "/sandboxes/ghost", None, 404, "no sandbox \"ghost\"");
+    d.refused("DELETE", "/sandboxes/ghost", None, 404, "no sandbox");
+    d.refused("POST", "/sandboxes/ghost/stop", None, 404, "no sandbox");
+    d.refused(
+        "POST",
+        "/sandboxes/ghost/exec",
+        Some("{}"),
+        404,
+        "no sandbox",
+    );
+    d.refused("PATCH", "/sandboxes/x", None, 405, "GET, DELETE");
+    d.refused("GET", "/no/such/route", None, 404, "no such route");
+    d.refused(
+        "PUT",
+        "/templates/bad",
+        Some(r#"{"kernel_image_path": "k"}"#),
+        400,
+        "absolute",
+    );
+    d.refused(
+        "PUT",
+        "/templates/bad",
+        Some(r#"{}"#),
+        400,
+        "missing field `kernel_image_path`",
+    );
+    d.refused("GET", "/templates/nope", None, 404, "no template");
+    d.refused("DELETE", "/templates/nope", None, 404, "no template");
+
+    // A sandbox without an agent, then in the wrong states.
+    let created = d.expect(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "a"}"#),
+        201,
+    );
+    assert_eq!(created.json()["state"], "running", "{created:?}");
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "a"}"#),
+        409,
+        "already exists",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes/a/exec",
+        Some(r#"{"cmd": ["true"]}"#),
+        409,
+        "without the agentvm agent",
+    );
+    d.expect("POST", "/sandboxes/a/pause", None, 200);
+    d.refused("POST", "/sandboxes/a/files/list?path=/", None, 405, "GET");
+    d.refused(
+        "GET",
+        "/sandboxes/a/files/list?path=/",
+        None,
+        409,
+        "sandbox a is paused",
+    );
+    d.expect("POST", "/sandboxes/a/stop", None, 200);
+    d.refused(
+        "POST",
+        "/sandboxes/a/resume",
+        None,
+        409,
+        "sandbox a is stopped (stopped through the API)",
+    );
+    d.refused("GET", "/sandboxes/a/metrics", None, 409, "is stopped");
+    d.expect("DELETE", "/sandboxes/a", None, 204);
+    d.refused("GET", "/sandboxes/a", None, 404, "no sandbox");
+    assert!(!d.state.join("sandboxes/a").exists());
+}
+
+#[test]
+fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
+    if !require_kvm() {
+        return;
+    }
+    let mut d = Daemon::start();
+    d.expect("PUT", "/templates/probe", Some(&template("count")), 204);
+    assert_eq!(
+        d.expect("GET", "/templates", None, 200).json()["templates"],
+        serde_json::json!(["probe"])
+    );
+    let keep = d.expect(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "keep"}"#),
+        201,
+    );
+    let keep_pid = keep.json()["pid"].as_u64().expect("a pid") as u32;
+    assert_eq!(keep.json()["jailed"], is_root());
+    d.expect("POST", "/sandboxes/keep/pause", None, 200);
+    assert_eq!(d.sandbox("keep")["state"], "paused");
+    // Forwarded to the per-VM API.
+    let metrics = d.expect("GET", "/sandboxes/keep/metrics", None, 200);
+    assert!(metrics.body.contains("agentvm_vm_state"), "{metrics:?}");
+    let doomed = d.expect(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "doomed"}"#),
+        201,
+    );
+    let doomed_pid = doomed.json()["pid"].as_u64().unwrap() as u32;
+    d.expect("POST", "/sandboxes/doomed/pause", None, 200);
+    // A guest that ends by itself: the sandbox has exited, with the reason.
+    let quick = serde_json::json!({
+        "kernel_image_path": probe_elf(), "boot_args": "probe.mode=default",
+        "mem_size_mib": 32, "agent": false, "id": "quick",
+    });
+    d.expect("POST", "/sandboxes", Some(&quick.to_string()), 201);
+    wait_until("the quick sandbox to exit", || {
+        d.sandbox("quick")["state"] == "exited"
+    });
+    assert_eq!(d.sandbox("quick")["ended"], "the guest shut down");
+    assert_eq!(d.sandbox("quick")["template"], "(inline)");
+
+    // The daemon dies; one VMM dies while it is down (the VMM itself when jailed, so that its
+    // jailer still cleans up the jail and cgroup, as after a VMM crash).
+    d.process.take().unwrap().signal(libc::SIGKILL).unwrap();
+    let victim = std::fs::read_to_string(format!("/proc/{doomed_pid}/task/{doomed_pid}/children"))
+        .ok()
+        .and_then(|c| {
+            c.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+        })
+        .filter(|_| is_root())
+        .unwrap_or(doomed_pid as i32);
+    // SAFETY: kill(2) with integers only, on the jailer/VMM this test started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    wait_until("the doomed VMM to die", || !alive(doomed_pid));
+    // A second daemon on the same state directory is refused while the first holds it... the
+    // first is gone, so a restart takes over its stale socket.
+    d.process = Some(d.spawn());
+
+    let keep = d.sandbox("keep");
+    assert_eq!(keep["state"], "paused", "{keep}");
+    assert_eq!(keep["pid"].as_u64(), Some(u64::from(keep_pid)));
+    let doomed = d.sandbox("doomed");
+    assert_eq!(doomed["state"], "lost", "{doomed}");
+    assert!(
+        doomed["ended"]
+            .as_str()
+            .unwrap()
+            .contains("was gone when the daemon restarted"),
+        "{doomed}"
+    );
+    assert_eq!(d.sandbox("quick")["state"], "exited");
+    let list = d.expect("GET", "/sandboxes", None, 200).json();
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3, "{list}");
+
+    // The adopted VMM is controlled as before.
+    d.expect("POST", "/sandboxes/keep/resume", None, 200);
+    assert_eq!(d.sandbox("keep")["state"], "running");
+    let stopped = d.expect("POST", "/sandboxes/keep/stop", None, 200).json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(!alive(keep_pid));
+    for id in ["keep", "doomed", "quick"] {
+        d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+    assert_eq!(
+        d.expect("GET", "/sandboxes", None, 200).json()["sandboxes"],
+        serde_json::json!([])
+    );
+    assert_leftovers_gone(&d.state);
+}
+
+#[test]
+fn a_second_daemon_on_the_same_state_or_socket_is_refused() {
+    let d = Daemon::start();
+    let other = tempfile::tempdir().unwrap();
+    let same_state = VmProcess::agentvm([
+        "daemon".as_ref(),
+        "--no-jail".as_ref(),
+        "--sock".as_ref(),
+        other.path().join("d.sock").as_os_str(),
+        "--state-dir".as_ref(),
+        d.state.as_os_str(),
+    ])
+    .unwrap()
+    .wait(EXIT_TIMEOUT)
+    .unwrap();
+    assert_eq!(same_state.status.code(), Some(125), "{same_state:?}");
+    assert!(
+        same_state
+            .stderr_text()
+            .contains("another agentvm daemon is using the state directory"),
+        "{same_state:?}"
+    );
+    let same_sock = VmProcess::agentvm([
+        "daemon".as_ref(),
+        "--no-jail".as_ref(),
+        "--sock".as_ref(),
+        d.sock.as_os_str(),
+        "--state-dir".as_ref(),
+        other.path().join("s").as_os_str(),
+    ])
+    .unwrap()
+    .wait(EXIT_TIMEOUT)
+    .unwrap();
+    assert_eq!(same_sock.status.code(), Some(125), "{same_sock:?}");
+    assert!(
+        same_sock.stderr_text().contains("is in use"),
+        "{same_sock:?}"
+    );
+    assert_eq!(d.call("GET", "/", None).status, 200);
+}
+
+#[test]
+fn fifty_creates_in_parallel_all_succeed() {
+    if !require_kvm() {
+        return;
+    }
+    const N: usize = 50;
+    let d = Daemon::start();
+    // The default probe checks the machine and shuts down: each sandbox runs, then exits.
+    d.expect("PUT", "/templates/probe", Some(&template("default")), 204);
+    let answers: Vec<ApiResponse> = std::thread::scope(|scope| {
+        let handles: Vec<_> = (0..N)
+            .map(|_| scope.spawn(|| d.call("POST", "/sandboxes", Some(r#"{"template": "probe"}"#))))
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let mut ids: Vec<String> = answers
+        .iter()
+        .map(|a| {
+            assert_eq!(a.status, 201, "{a:?}");
+            a.json()["id"].as_str().unwrap().to_string()
+        })
+        .collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), N, "ids must be distinct");
+    for id in &ids {
+        wait_until("every sandbox to end", || {
+            d.sandbox(id)["state"] == "exited"
+        });
+        assert_eq!(d.sandbox(id)["ended"], "the guest shut down");
+    }
+    for id in &ids {
+        d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+    assert_leftovers_gone(&d.state);
+}
+
+/// No sandbox directory and no jail is left in the state directory.
+fn assert_leftovers_gone(state: &Path) {
+    let left: Vec<_> = std::fs::read_dir(state.join("sandboxes"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "sandbox directories left: {left:?}");
+    let jails = state.join("jail/agentvm");
+    if let Ok(entries) = std::fs::read_dir(&jails) {
+        let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
+        assert!(left.is_empty(), "jails left: {left:?}");
+    }
+}
