@@ -145,10 +145,11 @@ class Commands:
         TimeoutException; with None the command may run as long as it likes. The callbacks get
         the output as text as it arrives. A non-zero exit raises CommandExitException."""
         body = exec_body(cmd, envs, cwd, user, timeout, stdin)
-        connection, response = self._client.open("POST", self._path, body)
+        # Quiet commands print nothing for a while: only bound the wait when the command is.
+        body_timeout = None if timeout is None else timeout + TIMEOUT_MARGIN_S
+        connection, response = self._client.open("POST", self._path, body,
+                                                 body_timeout=body_timeout)
         try:
-            # Quiet commands print nothing for a while: only bound the wait when the command is.
-            connection.sock.settimeout(None if timeout is None else timeout + TIMEOUT_MARGIN_S)
             result = read_exec_stream(response, on_stdout, on_stderr)
         except socket.timeout as e:
             raise TimeoutException(
@@ -158,6 +159,7 @@ class Commands:
             raise UnavailableException(f"the exec stream broke off: {e}") from e
         finally:
             # Closing the stream early (an exception in a callback) kills the process group.
+            response.close()
             connection.close()
         if result.timed_out:
             raise TimeoutException(f"the command was killed at its {timeout} s timeout",

@@ -16,6 +16,8 @@ SOCKET_ENV = "AGENTVM_SOCKET"
 DEFAULT_REQUEST_TIMEOUT = 30.0
 
 Body = Union[None, bytes, Mapping[str, Any]]
+# `open`'s default: the answer's body is read with the same timeout as its headers.
+SAME_TIMEOUT = object()
 
 
 def socket_path(socket_arg: Optional[str]) -> str:
@@ -55,10 +57,12 @@ class DaemonClient:
 
     def open(self, method: str, path: str, body: Body = None,
              query: Optional[Mapping[str, str]] = None,
-             timeout: Optional[float] = None) -> Tuple[http.client.HTTPConnection,
-                                                        http.client.HTTPResponse]:
+             timeout: Optional[float] = None,
+             body_timeout: Any = SAME_TIMEOUT) -> Tuple[http.client.HTTPConnection,
+                                                         http.client.HTTPResponse]:
         """Sends a request and returns the connection and its answer, body unread, when the
-        status is a success; raises the typed error otherwise. The caller closes the connection."""
+        status is a success; raises the typed error otherwise. The caller closes the connection.
+        `body_timeout` (seconds, or None for no limit) replaces `timeout` for reading the body."""
         what = f"{method} {path}"
         target = path + ("?" + urlencode(query) if query else "")
         headers = {"Host": "localhost"}
@@ -76,9 +80,13 @@ class DaemonClient:
         connection = UnixHTTPConnection(self.socket, wait)
         try:
             connection.request(method, target, body=payload, headers=headers)
+            # Kept here: http.client lets go of the socket when the answer closes the connection.
+            sock = connection.sock
             response = connection.getresponse()
             if response.status >= 400:
                 raise error_for(response.status, response.read())
+            if body_timeout is not SAME_TIMEOUT:
+                sock.settimeout(body_timeout)
             return connection, response
         except socket.timeout as e:
             connection.close()

@@ -46,9 +46,12 @@ class Chunked:
     """A 200 answer in chunked transfer encoding: `chunks` are sent one HTTP chunk each, in
     order; a callable in the list is called between chunks (to wait for the client)."""
 
-    def __init__(self, chunks: List, content_type: str = "application/x-ndjson"):
+    def __init__(self, chunks: List, content_type: str = "application/x-ndjson",
+                 close: bool = False):
         self.chunks = chunks
         self.content_type = content_type
+        # Answer with `Connection: close`, so http.client hands the socket to the response.
+        self.close = close
 
 
 Handler = Callable[[Recorded], object]
@@ -79,6 +82,9 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
             self.send_header("Content-Type", reply.content_type)
             self.send_header("Transfer-Encoding", "chunked")
+            if reply.close:
+                self.send_header("Connection", "close")
+                self.close_connection = True
             self.end_headers()
             for chunk in reply.chunks:
                 if callable(chunk):

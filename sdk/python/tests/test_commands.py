@@ -89,6 +89,12 @@ class CommandsTest(unittest.TestCase):
         self.assertEqual(result.stdout, "first\nsecond\n")
         self.assertEqual(streamed, [True])
 
+    def test_an_answer_that_closes_the_connection_streams_too(self):
+        self.daemon.on("POST", EXEC, Chunked([out(b"a"), out(b"b"),
+                                              line(exit_code=0, timed_out=False)], close=True))
+        self.assertEqual(self.sbx.commands.run("x", timeout=5).stdout, "ab")
+        self.assertEqual(self.sbx.commands.run("x").stdout, "ab")
+
     def test_a_non_zero_exit_raises_with_the_result(self):
         self.daemon.on("POST", EXEC, Chunked([out(b"partial"), out(b"bad thing\n", "stderr"),
                                               line(exit_code=3, timed_out=False)]))
