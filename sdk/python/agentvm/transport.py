@@ -79,7 +79,20 @@ class DaemonClient:
         wait = self.request_timeout if timeout is None else timeout
         connection = UnixHTTPConnection(self.socket, wait)
         try:
-            connection.request(method, target, body=payload, headers=headers)
+            connection.connect()
+        except OSError as e:
+            connection.close()
+            raise UnavailableException(
+                f"{what}: the daemon does not answer on {self.socket} ({e}); start it with "
+                f"`agentvm daemon --sock {self.socket}` or set {SOCKET_ENV}") from e
+        try:
+            try:
+                connection.request(method, target, body=payload, headers=headers)
+            except (BrokenPipeError, ConnectionResetError):
+                # The daemon may refuse a body before reading it all (413 from its
+                # Content-Length) and close: its answer is still there to read.
+                if connection.sock is None:
+                    raise
             # Kept here: http.client lets go of the socket when the answer closes the connection.
             sock = connection.sock
             response = connection.getresponse()
@@ -91,12 +104,7 @@ class DaemonClient:
         except socket.timeout as e:
             connection.close()
             raise TimeoutException(f"{what}: no answer from {self.socket} within {wait} s") from e
-        except OSError as e:
-            connection.close()
-            raise UnavailableException(
-                f"{what}: the daemon does not answer on {self.socket} ({e}); start it with "
-                f"`agentvm daemon --sock {self.socket}` or set {SOCKET_ENV}") from e
-        except http.client.HTTPException as e:
+        except (OSError, http.client.HTTPException) as e:
             connection.close()
             raise UnavailableException(f"{what}: the connection to {self.socket} broke: {e}") from e
         except BaseException:

@@ -73,6 +73,18 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
     def _handle(self):
         daemon: "FakeDaemon" = self.server.daemon  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
+        if daemon.max_body is not None and length > daemon.max_body:
+            # As the real daemon: refused from the Content-Length, the body left unread.
+            message = json.dumps({"fault_message": f"the body is over {daemon.max_body} bytes"})
+            self.send_response(413)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(message)))
+            self.send_header("Connection", "close")
+            self.end_headers()
+            self.wfile.write(message.encode())
+            self.wfile.flush()
+            self.close_connection = True
+            return
         body = self.rfile.read(length) if length else b""
         url = urlsplit(self.path)
         request = Recorded(self.command, url.path, parse_qs(url.query), dict(self.headers), body)
@@ -118,6 +130,8 @@ class FakeDaemon:
         self.socket = os.path.join(self._dir.name, "daemon.sock")
         self.requests: List[Recorded] = []
         self.handlers: Dict[Tuple[str, str], Handler] = {}
+        # Bodies over this many bytes are answered 413 without being read.
+        self.max_body: Optional[int] = None
         self._server: Optional[_Server] = None
         self._thread: Optional[threading.Thread] = None
 

@@ -30,6 +30,13 @@ class FilesTest(unittest.TestCase):
         self.sbx.files.write("/bin.dat", b"\x00\xff")
         self.assertEqual(self.daemon.requests[-1].body, b"\x00\xff")
 
+    def test_an_upload_refused_before_it_was_read_reports_the_refusal(self):
+        self.daemon.max_body = 1024
+        with self.assertRaises(InvalidArgumentException) as caught:
+            self.sbx.files.write("/big", b"x" * (8 << 20))
+        self.assertEqual(caught.exception.status, 413)
+        self.assertIn("over 1024 bytes", caught.exception.fault_message)
+
     def test_read_gives_text_or_bytes(self):
         self.daemon.on("GET", FILES, Reply(200, "ünïcode\n".encode(), "application/octet-stream"))
         self.assertEqual(self.sbx.files.read("/f"), "ünïcode\n")
