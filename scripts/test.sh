@@ -9,6 +9,9 @@ need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v cpio >/dev/null || need+=(cpio)
 command -v lz4 >/dev/null || need+=(lz4)
+# The Python SDK's tests (tests/tests/python_sdk.rs), and the interpreter tests/tests/sdk_e2e.rs
+# ships into the nested test host.
+[ -x /usr/bin/python3 ] || need+=(python3)
 if ((${#need[@]})); then
     echo "test.sh: installing ${need[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive

@@ -201,6 +201,9 @@ pub struct SandboxExec {
     pub env: Option<std::collections::BTreeMap<String, String>>,
     #[serde(default)]
     pub cwd: Option<String>,
+    /// A user name, a numeric uid, or `uid:gid` (default: the agent's user, root).
+    #[serde(default)]
+    pub user: Option<String>,
     /// The agent kills the process group after this long.
     #[serde(default)]
     pub timeout_ms: Option<u64>,

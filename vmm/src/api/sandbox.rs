@@ -125,6 +125,14 @@ fn process_spec(request: &SandboxExec) -> Result<ProcessSpec, Fault> {
         check_absolute("POST /sandbox/exec: cwd", cwd)?;
         spec = spec.cwd(cwd.clone());
     }
+    if let Some(user) = &request.user {
+        if user.is_empty() {
+            return Err(Fault::bad_request(
+                "POST /sandbox/exec: user must be a name, a uid or uid:gid",
+            ));
+        }
+        spec = spec.user(user.clone());
+    }
     match request.timeout_ms {
         Some(0) => {
             return Err(Fault::bad_request(
@@ -430,11 +438,14 @@ mod tests {
     fn exec_bodies_and_paths_are_checked() {
         let parse = |body: &str| parse_body::<SandboxExec>("x", body.as_bytes());
         let spec = process_spec(
-            &parse(r#"{"cmd":["sh","-c","x"],"env":{"A":"1"},"cwd":"/tmp","timeout_ms":5}"#)
-                .unwrap(),
+            &parse(
+                r#"{"cmd":["sh","-c","x"],"env":{"A":"1"},"cwd":"/tmp","user":"1000:1000","timeout_ms":5}"#,
+            )
+            .unwrap(),
         )
         .unwrap();
         assert_eq!(spec.env, vec![("A".into(), "1".into())]);
+        assert_eq!(spec.user.as_deref(), Some("1000:1000"));
         assert_eq!(
             (spec.cwd.as_deref(), spec.timeout_ms),
             (Some("/tmp"), Some(5))
@@ -444,6 +455,7 @@ mod tests {
             r#"{"cmd":["ls"],"cwd":"tmp"}"#,
             r#"{"cmd":["ls"],"timeout_ms":0}"#,
             r#"{"cmd":["ls"],"env":{"A=B":"1"}}"#,
+            r#"{"cmd":["ls"],"user":""}"#,
         ] {
             assert!(process_spec(&parse(bad).unwrap()).is_err(), "{bad}");
         }

@@ -1,0 +1,22 @@
+"""Python SDK for the agentvm sandbox host daemon (`agentvm daemon`), in the shape of E2B's SDK:
+
+    from agentvm import Sandbox
+    with Sandbox.create() as sbx:
+        print(sbx.commands.run("echo hi").stdout)
+
+Standard library only; talks HTTP/1.1 over the daemon's Unix socket (`socket=`, else
+$AGENTVM_SOCKET, else /run/agentvm/daemon.sock)."""
+
+from .commands import CommandExitException, CommandResult, Commands
+from .exceptions import (ConflictException, InvalidArgumentException, NotFoundException,
+                         SandboxException, TimeoutException, UnavailableException)
+from .files import EntryInfo, Files
+from .sandbox import Sandbox, SandboxInfo
+from .transport import DEFAULT_SOCKET, SOCKET_ENV
+
+__all__ = [
+    "Sandbox", "SandboxInfo", "Commands", "CommandResult", "CommandExitException", "Files",
+    "EntryInfo", "SandboxException", "InvalidArgumentException", "NotFoundException",
+    "ConflictException", "TimeoutException", "UnavailableException", "DEFAULT_SOCKET",
+    "SOCKET_ENV",
+]
