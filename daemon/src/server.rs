@@ -31,6 +31,10 @@ type Body = BoxBody<Bytes, hyper::Error>;
 /// Binds the daemon's socket. A socket file left by a daemon that died is replaced; one that a
 /// live daemon answers on is not.
 pub fn bind(path: &Path) -> Result<std::os::unix::net::UnixListener, String> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| format!("cannot create {} for the socket: {e}", dir.display()))?;
+    }
     if path.symlink_metadata().is_ok() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(format!(

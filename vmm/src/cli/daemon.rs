@@ -12,8 +12,9 @@ use vmm::config::LINUX_BASE_CMDLINE;
 
 #[derive(Args, Debug)]
 pub struct DaemonArgs {
-    /// The daemon's API socket (HTTP/1.1; see daemon/api/openapi.yaml).
-    #[arg(long)]
+    /// The daemon's API socket (HTTP/1.1; see daemon/api/openapi.yaml). The Python SDK looks
+    /// here unless told otherwise.
+    #[arg(long, default_value = "/run/agentvm/daemon.sock")]
     sock: PathBuf,
     /// Sandbox records, logs and jails. Sandboxes survive a daemon restart on the same directory.
     #[arg(long, default_value = "/var/lib/agentvm")]
