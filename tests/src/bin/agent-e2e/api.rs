@@ -164,7 +164,10 @@ fn pty_session(sock: &Path) -> Check {
     };
     // The terminal echoes the typed line; only the shell's expansion prints A-42-A.
     send(&mut terminal, "echo A-$((6*7))-A\n")?;
-    read_until(&mut terminal, "A-42-A")?;
+    read_until(&mut terminal, "A-42-A").map_err(|e| {
+        let status = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+        format!("{e}; session {id}: {}", status.body)
+    })?;
     let resize = request(
         sock,
         "POST",
