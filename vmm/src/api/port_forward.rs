@@ -24,18 +24,21 @@ pub async fn connect(
     param: Option<&str>,
     on_upgrade: OnUpgrade,
 ) -> Result<Reply, Fault> {
-    const WHAT: &str = "POST /sandbox/ports/{port}/connect";
-    upgrade::require_upgrade(WHAT, headers, TCP_PROTOCOL)?;
-    let port = guest_port(WHAT, param)?;
-    let uds = lock(&ctx.controller).agent_uds(WHAT)?;
+    const ROUTE: &str = "POST /sandbox/ports/{port}/connect";
+    upgrade::require_upgrade(ROUTE, headers, TCP_PROTOCOL)?;
+    let port = guest_port(ROUTE, param)?;
+    let what = format!("POST /sandbox/ports/{port}/connect");
+    let uds = lock(&ctx.controller).agent_uds(&what)?;
     let (job, connection) = upgrade::channels();
     let (started_tx, started) = oneshot::channel();
     let worker = ctx.agent.clone();
+    let job_what = what.clone();
     ctx.agent.submit(move || {
+        let what = job_what;
         let connected = worker.client(&uds).and_then(|client| {
             client
                 .connect_port(port)
-                .map_err(|e| connect_fault(WHAT, port, e))
+                .map_err(|e| connect_fault(&what, e))
         });
         let stream = match connected {
             Ok(stream) => stream,
@@ -50,12 +53,12 @@ pub async fn connect(
             move |bytes| lock_writer(&writer).write_all(bytes),
             move || {
                 if let Err(e) = lock_writer(&closer).shutdown_write() {
-                    tracing::debug!("{WHAT}: end of file not delivered to port {port}: {e}");
+                    tracing::debug!("guest port {port}: end of file not delivered: {e}");
                 }
             },
         );
         if let Err(e) = fed {
-            let fault = Fault::internal(format!("{WHAT}: cannot start the input thread: {e}"));
+            let fault = Fault::internal(format!("{what}: cannot start the input thread: {e}"));
             return drop(started_tx.send(Err(fault)));
         }
         if started_tx.send(Ok(())).is_err() {
@@ -66,11 +69,11 @@ pub async fn connect(
             OutputEnd::Eof => {}
             // Dropping the reader closes the guest connection.
             OutputEnd::ClientGone => {}
-            OutputEnd::Failed(e) => tracing::debug!("{WHAT}: guest port {port}: {e}"),
+            OutputEnd::Failed(e) => tracing::debug!("{what}: {e}"),
         }
     })?;
-    first_answer(started, WHAT).await?;
-    upgrade::pump(on_upgrade, connection, format!("{WHAT} {port}"));
+    first_answer(started, &what).await?;
+    upgrade::pump(on_upgrade, connection, what);
     Ok(Reply::SwitchingProtocols {
         protocol: TCP_PROTOCOL,
         pty_id: None,
@@ -82,11 +85,11 @@ fn lock_writer(writer: &Mutex<PortWriter>) -> MutexGuard<'_, PortWriter> {
 }
 
 /// Nothing listening is the upstream's failure (502 with the agent's reason), not the client's.
-fn connect_fault(what: &str, port: u16, error: ClientError) -> Fault {
+fn connect_fault(what: &str, error: ClientError) -> Fault {
     match error.agent_code() {
         Some(ErrorCode::ConnectionRefused) => Fault {
             status: StatusCode::BAD_GATEWAY,
-            message: format!("{what}: guest port {port}: {error}"),
+            message: format!("{what}: {error}"),
         },
         _ => agent_fault(what, error),
     }

@@ -199,7 +199,38 @@ fn pty_session(sock: &Path) -> Check {
         Some(r#"{"cols": 100, "rows": 40}"#),
     );
     expect_status(&late, 409, "resize after the end")?;
-    Ok(format!("pty {id}: echo, resize to 40x100, exit 7"))
+    let hung_up = hang_up(sock)?;
+    Ok(format!(
+        "pty {id}: echo, resize to 40x100, exit 7; closing the input: {hung_up}"
+    ))
+}
+
+/// Closing the client's write half hangs up the terminal: the stream ends and the session with it.
+fn hang_up(sock: &Path) -> Check {
+    let (head, mut terminal) = match upgrade(
+        sock,
+        "POST",
+        "/sandbox/pty",
+        "agentvm-pty",
+        Some(r#"{"cmd": ["sh"]}"#),
+    ) {
+        Upgrade::Switched { head, stream } => (head, stream),
+        Upgrade::Refused(answer) => return Err(format!("POST /sandbox/pty: {answer:?}")),
+    };
+    let id = header(&head, "x-agentvm-pty-id")
+        .ok_or_else(|| format!("no X-Agentvm-Pty-Id in {head:?}"))?;
+    terminal
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    terminal
+        .read_to_end(&mut rest)
+        .map_err(|e| format!("the terminal stream did not end after the hang-up: {e}"))?;
+    let ended = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    if ended.json()["running"] != false {
+        return Err(format!("session {id} after the hang-up: {}", ended.body));
+    }
+    Ok(ended.body)
 }
 
 /// A tunnel reaches an HTTP server started in the guest; a closed port is a 502.
