@@ -1,9 +1,11 @@
 //! A minimal HTTP/1.1 client for `agentvm serve`'s API socket, for tests: each request is raw
 //! request text on a new Unix-socket connection with `Connection: close`, and the answer is read to
 //! EOF. Bodies with a Content-Length and chunked ones (`/sandbox/exec`, `GET /sandbox/files`) are
-//! understood.
+//! understood. [`upgrade`] sends an upgrade request (`/sandbox/pty`, `/sandbox/ports/...`) and
+//! hands back the raw connection after a 101; [`stream_lines`] reads a never-ending NDJSON answer
+//! (`/sandbox/watch`) line by line.
 
-use std::io::{Read, Write};
+use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -87,15 +89,15 @@ pub fn read_response(stream: &mut UnixStream) -> ApiResponse {
             panic!("no answer from the API: {e}");
         }
     }
-    let text = String::from_utf8_lossy(&answer).into_owned();
+    parse_response(&answer)
+}
+
+fn parse_response(answer: &[u8]) -> ApiResponse {
+    let text = String::from_utf8_lossy(answer).into_owned();
     let (head, body) = text
         .split_once("\r\n\r\n")
         .unwrap_or_else(|| panic!("not an HTTP response: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head:?}"));
+    let status = status_of(head);
     let chunked = head.lines().any(|l| {
         l.to_ascii_lowercase()
             .starts_with("transfer-encoding: chunked")
@@ -120,6 +122,163 @@ fn dechunk(mut rest: &str) -> Option<String> {
         data.push_str(after.get(..size)?);
         rest = after.get(size..)?.strip_prefix("\r\n")?;
     }
+}
+
+/// The answer to an upgrade request.
+pub enum Upgrade {
+    /// 101: `head` is the response head, `stream` the raw connection after it.
+    Switched {
+        head: String,
+        stream: UnixStream,
+    },
+    Refused(ApiResponse),
+}
+
+impl Upgrade {
+    /// The raw connection and the response head, or a panic naming the refusal.
+    pub fn expect_switched(self, what: &str) -> (String, UnixStream) {
+        match self {
+            Upgrade::Switched { head, stream } => (head, stream),
+            Upgrade::Refused(answer) => panic!("{what}: no 101 but {answer:?}"),
+        }
+    }
+
+    /// The refusal, or a panic if the connection was upgraded.
+    pub fn expect_refused(self, what: &str) -> ApiResponse {
+        match self {
+            Upgrade::Refused(answer) => answer,
+            Upgrade::Switched { head, .. } => panic!("{what}: upgraded: {head}"),
+        }
+    }
+}
+
+/// Sends `method path` with `Connection: Upgrade`, `Upgrade: protocol` and an optional JSON
+/// body. A refusal keeps the connection open (it was not `Connection: close`), so its body is
+/// read by its Content-Length.
+pub fn upgrade(
+    sock: &Path,
+    method: &str,
+    path: &str,
+    protocol: &str,
+    body: Option<&str>,
+) -> Upgrade {
+    let body = body.unwrap_or("");
+    let text = format!(
+        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\n\
+         Upgrade: {protocol}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let mut stream = connect(sock);
+    stream
+        .write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot send to {}: {e}", sock.display()));
+    let head = read_head(&mut stream);
+    let status = status_of(&head);
+    if status == 101 {
+        return Upgrade::Switched { head, stream };
+    }
+    let len = header(&head, "content-length")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0; len];
+    stream
+        .read_exact(&mut body)
+        .unwrap_or_else(|e| panic!("short answer body after {head:?}: {e}"));
+    Upgrade::Refused(ApiResponse {
+        status,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// The value of header `name` (lower case) in a response head.
+pub fn header(head: &str, name: &str) -> Option<String> {
+    head.lines().find_map(|line| {
+        let (key, value) = line.split_once(':')?;
+        key.trim()
+            .eq_ignore_ascii_case(name)
+            .then(|| value.trim().to_string())
+    })
+}
+
+/// Reads a response head byte by byte, so nothing after it is consumed.
+fn read_head(stream: &mut UnixStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        match stream.read(&mut byte) {
+            Ok(1) => head.push(byte[0]),
+            other => panic!(
+                "the API closed or failed ({other:?}) inside a response head: {:?}",
+                String::from_utf8_lossy(&head)
+            ),
+        }
+    }
+    String::from_utf8_lossy(&head).into_owned()
+}
+
+fn status_of(head: &str) -> u16 {
+    head.split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status in {head:?}"))
+}
+
+/// A streamed (chunked) answer read line by line as it arrives.
+pub struct LineStream {
+    reader: BufReader<UnixStream>,
+    pending: Vec<u8>,
+    ended: bool,
+}
+
+impl LineStream {
+    /// The next line without its newline; `None` once the answer ended. Panics when nothing
+    /// arrives within the request timeout (a hang detector).
+    pub fn next_line(&mut self) -> Option<String> {
+        loop {
+            if let Some(at) = self.pending.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.pending.drain(..=at).collect();
+                return Some(String::from_utf8_lossy(&line[..at]).into_owned());
+            }
+            if self.ended {
+                return None;
+            }
+            let mut size_line = String::new();
+            self.reader
+                .read_line(&mut size_line)
+                .unwrap_or_else(|e| panic!("reading a chunk size: {e}"));
+            let size = usize::from_str_radix(size_line.trim().split(';').next().unwrap_or(""), 16)
+                .unwrap_or_else(|_| panic!("bad chunk size line {size_line:?}"));
+            let mut chunk = vec![0; size + 2];
+            self.reader
+                .read_exact(&mut chunk)
+                .unwrap_or_else(|e| panic!("reading a chunk: {e}"));
+            chunk.truncate(size);
+            self.pending.extend(chunk);
+            self.ended = size == 0;
+        }
+    }
+}
+
+/// Sends `GET path` and, on a 200, the answer as a [`LineStream`]; otherwise the whole answer.
+pub fn stream_lines(sock: &Path, path: &str) -> Result<LineStream, ApiResponse> {
+    let mut stream = connect(sock);
+    let text = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+    stream
+        .write_all(text.as_bytes())
+        .unwrap_or_else(|e| panic!("cannot send to {}: {e}", sock.display()));
+    let head = read_head(&mut stream);
+    if status_of(&head) != 200 {
+        let mut rest = Vec::new();
+        let _ = stream.read_to_end(&mut rest);
+        let mut whole = head.into_bytes();
+        whole.extend(rest);
+        return Err(parse_response(&whole));
+    }
+    Ok(LineStream {
+        reader: BufReader::new(stream),
+        pending: Vec::new(),
+        ended: false,
+    })
 }
 
 /// Waits until `path` exists (the server has bound its socket).

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use integration_tests::agentvm::{require_kvm, VmOutput, VmProcess};
 use integration_tests::api::{
-    connect, raw, read_response, request, wait_for_path, wait_for_text, ApiResponse,
+    connect, raw, read_response, request, stream_lines, upgrade, wait_for_path, wait_for_text,
+    ApiResponse,
 };
 use integration_tests::probe::probe_elf;
 
@@ -74,6 +75,24 @@ impl Serve {
         assert!(
             fault.contains(needle),
             "{method} {path} {body:?}: {fault:?} lacks {needle:?}"
+        );
+    }
+
+    /// An upgrade request (`Connection: Upgrade`, `Upgrade: protocol`) that must be refused.
+    fn refused_upgrade(
+        &self,
+        path: &str,
+        protocol: &str,
+        body: Option<&str>,
+        status: u16,
+        needle: &str,
+    ) {
+        let answer = upgrade(&self.sock, "POST", path, protocol, body).expect_refused(path);
+        assert_eq!(answer.status, status, "POST {path} {body:?}: {answer:?}");
+        let fault = answer.fault();
+        assert!(
+            fault.contains(needle),
+            "POST {path} {body:?}: {fault:?} lacks {needle:?}"
         );
     }
 
@@ -379,6 +398,28 @@ fn sandbox_requests_need_a_running_vm_with_vsock_and_good_bodies() {
         409,
         "no vsock device",
     );
+    s.refused(
+        "GET",
+        "/sandbox/watch?path=/tmp",
+        None,
+        409,
+        "no vsock device",
+    );
+    let pty = r#"{"cmd": ["sh"], "cols": 80, "rows": 24}"#;
+    s.refused_upgrade(
+        "/sandbox/pty",
+        "agentvm-pty",
+        Some(pty),
+        409,
+        "no vsock device",
+    );
+    s.refused_upgrade(
+        "/sandbox/ports/8080/connect",
+        "agentvm-tcp",
+        None,
+        409,
+        "no vsock device",
+    );
     s.ok(
         "PUT",
         "/vsock",
@@ -392,6 +433,116 @@ fn sandbox_requests_need_a_running_vm_with_vsock_and_good_bodies() {
         409,
         "not running yet",
     );
+    s.refused(
+        "GET",
+        "/sandbox/watch?path=/tmp&recursive=true",
+        None,
+        409,
+        "not running yet",
+    );
+    s.refused_upgrade(
+        "/sandbox/pty",
+        "agentvm-pty",
+        Some(pty),
+        409,
+        "not running yet",
+    );
+    s.refused_upgrade(
+        "/sandbox/ports/8080/connect",
+        "agentvm-tcp",
+        None,
+        409,
+        "not running yet",
+    );
+
+    // Upgrades need their headers, and the right protocol.
+    let headers = "`Connection: Upgrade` and `Upgrade: agentvm-pty`";
+    s.refused("POST", "/sandbox/pty", Some(pty), 400, headers);
+    s.refused_upgrade("/sandbox/pty", "agentvm-tcp", Some(pty), 400, headers);
+    s.refused(
+        "POST",
+        "/sandbox/ports/8080/connect",
+        None,
+        400,
+        "`Upgrade: agentvm-tcp`",
+    );
+    // Bad ports and terminal bodies.
+    for port in ["0", "65536", "http"] {
+        s.refused_upgrade(
+            &format!("/sandbox/ports/{port}/connect"),
+            "agentvm-tcp",
+            None,
+            400,
+            "must be a number from 1 to 65535",
+        );
+    }
+    for (body, needle) in [
+        (r#"{"cmd": []}"#, "non-empty argv"),
+        (r#"{"cols": 0, "rows": 24}"#, "at least 1"),
+        (r#"{"cols": 70000}"#, "invalid value"),
+        (r#"{"shell": "bash"}"#, "unknown field `shell`"),
+        (r#"{"cwd": "tmp"}"#, "must be absolute"),
+        ("{", "EOF while parsing"),
+    ] {
+        s.refused_upgrade("/sandbox/pty", "agentvm-pty", Some(body), 400, needle);
+    }
+    s.refused_upgrade(
+        "/sandbox/pty",
+        "agentvm-pty",
+        None,
+        400,
+        "needs a JSON body",
+    );
+    s.refused(
+        "GET",
+        "/sandbox/watch?path=/tmp&recursive=yes",
+        None,
+        400,
+        "must be true or false",
+    );
+    s.refused(
+        "GET",
+        "/sandbox/watch?path=tmp",
+        None,
+        400,
+        "must be absolute",
+    );
+    let watch = stream_lines(&s.sock, "/sandbox/watch")
+        .err()
+        .expect("a refusal");
+    assert_eq!(watch.status, 400, "{watch:?}");
+    assert!(watch.fault().contains("?path="), "{watch:?}");
+    // Terminal sessions by id.
+    s.refused("GET", "/sandbox/pty/1", None, 404, "no terminal session 1");
+    s.refused(
+        "GET",
+        "/sandbox/pty/one",
+        None,
+        400,
+        "not a terminal session id",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/pty/1/resize",
+        Some(r#"{"cols": 100, "rows": 40}"#),
+        404,
+        "no terminal session 1",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/pty/1/resize",
+        Some(r#"{"cols": 100}"#),
+        400,
+        "missing field `rows`",
+    );
+    s.refused(
+        "POST",
+        "/sandbox/pty/1/resize",
+        Some(r#"{"cols": 0, "rows": 1}"#),
+        400,
+        "at least 1",
+    );
+    s.refused("GET", "/sandbox/pty", None, 405, "POST");
 
     // Bad bodies and paths are refused before the VM state matters.
     s.refused(

@@ -16,8 +16,10 @@ use super::models::{
     parse_body, Action, ActionType, BootSource, Logger, MachineConfig, MachineConfigPatch, Metrics,
     NetworkInterface, SnapshotCreate, SnapshotLoad, VmPatch, VmStateRequest, Vsock,
 };
+use super::pty::{self, PtySessions};
 use super::routes::{Endpoint, Matched};
 use super::sandbox;
+use super::watch;
 use crate::config::VmConfig;
 use crate::exit::{ControlRequest, VcpuControl, VmmEvent};
 
@@ -53,6 +55,12 @@ pub enum Reply {
         content_type: &'static str,
         body: ApiBody,
     },
+    /// 101: the connection now carries `protocol` (see [`super::upgrade`]).
+    SwitchingProtocols {
+        protocol: &'static str,
+        /// `X-Agentvm-Pty-Id` of a terminal session.
+        pty_id: Option<u64>,
+    },
 }
 
 pub type SharedController = Arc<Mutex<Controller>>;
@@ -64,6 +72,8 @@ pub struct ApiContext {
     pub vmm_thread: Sender<VmmRequest>,
     /// Job threads for the `/sandbox/...` requests (see [`super::agent`]).
     pub agent: AgentWorker,
+    /// Terminal sessions of `/sandbox/pty`.
+    pub pty_sessions: PtySessions,
 }
 
 /// Hang detectors for work on other threads: booting (loading a kernel) and pausing (the VMM
@@ -77,7 +87,9 @@ pub fn lock(controller: &SharedController) -> MutexGuard<'_, Controller> {
     controller.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Answers every request but `PUT /sandbox/files`, whose body [`sandbox::put_file`] streams.
+/// Answers every request but `PUT /sandbox/files`, whose body [`sandbox::put_file`] streams, and
+/// the upgrades (`POST /sandbox/pty`, `POST /sandbox/ports/{port}/connect`), which need the
+/// request itself.
 pub async fn handle(
     ctx: &ApiContext,
     route: Matched,
@@ -88,9 +100,12 @@ pub async fn handle(
         Endpoint::SandboxExec => sandbox::exec(ctx, body).await,
         Endpoint::GetSandboxFile => sandbox::get_file(ctx, query).await,
         Endpoint::ListSandboxFiles => sandbox::list_files(ctx, query).await,
-        Endpoint::PutSandboxFile => Err(Fault::internal(
-            "PUT /sandbox/files is served with its streamed body, not here",
-        )),
+        Endpoint::SandboxWatch => watch::watch(ctx, query).await,
+        Endpoint::GetSandboxPty => pty::status(ctx, route.param.as_deref()),
+        Endpoint::ResizeSandboxPty => pty::resize(ctx, route.param.as_deref(), body).await,
+        Endpoint::PutSandboxFile | Endpoint::SandboxPty | Endpoint::ConnectSandboxPort => Err(
+            Fault::internal("this request is served with its connection, not here"),
+        ),
         Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
         Endpoint::GetMetrics => Ok(Reply::Prometheus(
             lock(&ctx.controller).metrics().prometheus(),

@@ -212,6 +212,64 @@ pub struct SandboxExec {
     pub stdin: Option<String>,
 }
 
+/// `POST /sandbox/pty`: a process on a new guest terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxPty {
+    /// argv; absent: `["sh"]`.
+    #[serde(default)]
+    pub cmd: Option<Vec<String>>,
+    #[serde(default = "default_cols")]
+    pub cols: u16,
+    #[serde(default = "default_rows")]
+    pub rows: u16,
+    /// `TERM` of the session; absent: "xterm".
+    #[serde(default)]
+    pub term: Option<String>,
+    #[serde(default)]
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    #[serde(default)]
+    pub cwd: Option<String>,
+    /// A user name, a numeric uid, or `uid:gid` (default: the agent's user, root).
+    #[serde(default)]
+    pub user: Option<String>,
+    /// The agent kills the session's process group after this long.
+    #[serde(default)]
+    pub timeout_ms: Option<u64>,
+}
+
+fn default_cols() -> u16 {
+    80
+}
+
+fn default_rows() -> u16 {
+    24
+}
+
+/// `POST /sandbox/pty/{id}/resize`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SandboxPtyResize {
+    pub cols: u16,
+    pub rows: u16,
+}
+
+/// `GET /sandbox/pty/{id}`: a terminal session, running or ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct SandboxPtyStatus {
+    pub id: u64,
+    pub running: bool,
+    /// Set once the process exited normally.
+    pub exit_code: Option<i32>,
+    /// Set once a signal ended the process.
+    pub signal: Option<i32>,
+    /// Whether `timeout_ms` ended it.
+    pub timed_out: bool,
+    /// Why the session ended without an exit status (the guest agent went away).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
 /// One entry of `GET /sandbox/files/list`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SandboxDirEntry {

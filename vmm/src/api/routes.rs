@@ -26,6 +26,11 @@ pub enum Endpoint {
     GetSandboxFile,
     PutSandboxFile,
     ListSandboxFiles,
+    SandboxWatch,
+    SandboxPty,
+    GetSandboxPty,
+    ResizeSandboxPty,
+    ConnectSandboxPort,
 }
 
 pub struct Route {
@@ -35,7 +40,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 18] {
+pub fn routes() -> [Route; 23] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -65,6 +70,15 @@ pub fn routes() -> [Route; 18] {
         route(Method::GET, "/sandbox/files", GetSandboxFile),
         route(Method::PUT, "/sandbox/files", PutSandboxFile),
         route(Method::GET, "/sandbox/files/list", ListSandboxFiles),
+        route(Method::GET, "/sandbox/watch", SandboxWatch),
+        route(Method::POST, "/sandbox/pty", SandboxPty),
+        route(Method::GET, "/sandbox/pty/{id}", GetSandboxPty),
+        route(Method::POST, "/sandbox/pty/{id}/resize", ResizeSandboxPty),
+        route(
+            Method::POST,
+            "/sandbox/ports/{port}/connect",
+            ConnectSandboxPort,
+        ),
     ]
 }
 
@@ -154,6 +168,13 @@ mod tests {
                 .unwrap_err()
                 .status,
             StatusCode::NOT_FOUND
+        );
+        assert_eq!(
+            resolve(&Method::POST, "/sandbox/pty/7/resize").unwrap(),
+            Matched {
+                endpoint: Endpoint::ResizeSandboxPty,
+                param: Some("7".into())
+            }
         );
         assert_eq!(
             resolve(&Method::GET, "/nope").unwrap_err().status,

@@ -3,6 +3,7 @@
 //! agent. Bodies in both directions are streamed through bounded channels, so neither a large
 //! file nor a chatty process makes the VMM buffer without bound.
 
+use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -26,15 +27,15 @@ use super::server::BODY_TIMEOUT;
 pub const MAX_FILE_UPLOAD_BYTES: u64 = 64 * 1024 * 1024;
 /// Chunks in flight between a job thread and the HTTP connection, each at most the protocol's
 /// chunk size: this bounds the memory one streaming request holds.
-const STREAM_DEPTH: usize = 8;
+pub(super) const STREAM_DEPTH: usize = 8;
 /// How long a request waits for its job's first answer beyond connecting: one agent call.
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(
     AGENT_CONNECT_TIMEOUT.as_secs() + agentvm_client::DEFAULT_CALL_TIMEOUT.as_secs() + 5,
 );
-/// How often a streaming exec with no output checks whether its HTTP client went away.
-const CLIENT_GONE_POLL: Duration = Duration::from_secs(1);
+/// How often a streaming job with no output checks whether its HTTP client went away.
+pub(super) const CLIENT_GONE_POLL: Duration = Duration::from_secs(1);
 
-type Chunks = mpsc::Receiver<Result<Bytes, io::Error>>;
+pub(super) type Chunks = mpsc::Receiver<Result<Bytes, io::Error>>;
 
 /// `POST /sandbox/exec`: 200 once the process started; the body streams one JSON object per
 /// line: `{"stdout": b64}`, `{"stderr": b64}`, finally `{"exit_code": N, "timed_out": bool}` or
@@ -42,7 +43,14 @@ type Chunks = mpsc::Receiver<Result<Bytes, io::Error>>;
 pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
     const WHAT: &str = "POST /sandbox/exec";
     let request: SandboxExec = parse_body(WHAT, body)?;
-    let spec = process_spec(&request)?;
+    let spec = process_spec(
+        WHAT,
+        &request.cmd,
+        request.env.as_ref(),
+        request.cwd.as_deref(),
+        request.user.as_deref(),
+        request.timeout_ms,
+    )?;
     let uds = lock(&ctx.controller).agent_uds(WHAT)?;
     let (lines_tx, lines) = mpsc::channel(STREAM_DEPTH);
     let (started_tx, started) = oneshot::channel();
@@ -106,38 +114,46 @@ pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
     })
 }
 
-fn process_spec(request: &SandboxExec) -> Result<ProcessSpec, Fault> {
-    if request.cmd.is_empty() || request.cmd[0].is_empty() {
-        return Err(Fault::bad_request(
-            "POST /sandbox/exec: cmd must be a non-empty argv, e.g. [\"sh\", \"-c\", \"ls\"]",
-        ));
+/// The guest process `what` (a request) asks for, its fields checked.
+pub(super) fn process_spec(
+    what: &str,
+    cmd: &[String],
+    env: Option<&BTreeMap<String, String>>,
+    cwd: Option<&str>,
+    user: Option<&str>,
+    timeout_ms: Option<u64>,
+) -> Result<ProcessSpec, Fault> {
+    if cmd.is_empty() || cmd[0].is_empty() {
+        return Err(Fault::bad_request(format!(
+            "{what}: cmd must be a non-empty argv, e.g. [\"sh\", \"-c\", \"ls\"]"
+        )));
     }
-    let mut spec = ProcessSpec::argv(request.cmd.iter().cloned());
-    for (key, value) in request.env.iter().flatten() {
+    let mut spec = ProcessSpec::argv(cmd.iter().cloned());
+    for (key, value) in env.into_iter().flatten() {
         if key.is_empty() || key.contains('=') {
             return Err(Fault::bad_request(format!(
-                "POST /sandbox/exec: env name {key:?} must be non-empty and without '='"
+                "{what}: env name {key:?} must be non-empty and without '='"
             )));
         }
         spec = spec.env(key.clone(), value.clone());
     }
-    if let Some(cwd) = &request.cwd {
-        check_absolute("POST /sandbox/exec: cwd", cwd)?;
-        spec = spec.cwd(cwd.clone());
+    if let Some(cwd) = cwd {
+        check_absolute(&format!("{what}: cwd"), cwd)?;
+        spec = spec.cwd(cwd.to_string());
     }
-    if let Some(user) = &request.user {
+    if let Some(user) = user {
         if user.is_empty() {
-            return Err(Fault::bad_request(
-                "POST /sandbox/exec: user must be a name, a uid or uid:gid",
-            ));
+            return Err(Fault::bad_request(format!(
+                "{what}: user must be a name, a uid or uid:gid"
+            )));
         }
-        spec = spec.user(user.clone());
+        spec = spec.user(user.to_string());
     }
-    match request.timeout_ms {
+    match timeout_ms {
         Some(0) => {
-            return Err(Fault::bad_request(
-                "POST /sandbox/exec: timeout_ms must be at least 1",
-            ))
+            return Err(Fault::bad_request(format!(
+                "{what}: timeout_ms must be at least 1"
+            )))
         }
         Some(ms) => spec = spec.timeout(Duration::from_millis(ms)),
         None => {}
@@ -328,7 +344,7 @@ fn upload_too_large(size: &str) -> Fault {
 }
 
 /// The `path` query parameter, which must be absolute.
-fn path_param(what: &str, query: Option<&str>) -> Result<String, Fault> {
+pub(super) fn path_param(what: &str, query: Option<&str>) -> Result<String, Fault> {
     let path = form_urlencoded::parse(query.unwrap_or_default().as_bytes())
         .find(|(key, _)| key == "path")
         .map(|(_, value)| value.into_owned())
@@ -350,7 +366,7 @@ fn check_absolute(what: &str, path: &str) -> Result<(), Fault> {
     Ok(())
 }
 
-async fn first_answer<T>(
+pub(super) async fn first_answer<T>(
     answer: oneshot::Receiver<Result<T, Fault>>,
     what: &str,
 ) -> Result<T, Fault> {
@@ -387,7 +403,7 @@ impl hyper::body::Body for ChunkBody {
     }
 }
 
-fn stream_body(chunks: Chunks) -> ApiBody {
+pub(super) fn stream_body(chunks: Chunks) -> ApiBody {
     ChunkBody(chunks).boxed()
 }
 
@@ -437,7 +453,17 @@ mod tests {
     #[test]
     fn exec_bodies_and_paths_are_checked() {
         let parse = |body: &str| parse_body::<SandboxExec>("x", body.as_bytes());
-        let spec = process_spec(
+        let spec_of = |request: &SandboxExec| {
+            process_spec(
+                "x",
+                &request.cmd,
+                request.env.as_ref(),
+                request.cwd.as_deref(),
+                request.user.as_deref(),
+                request.timeout_ms,
+            )
+        };
+        let spec = spec_of(
             &parse(
                 r#"{"cmd":["sh","-c","x"],"env":{"A":"1"},"cwd":"/tmp","user":"1000:1000","timeout_ms":5}"#,
             )
@@ -457,7 +483,7 @@ mod tests {
             r#"{"cmd":["ls"],"env":{"A=B":"1"}}"#,
             r#"{"cmd":["ls"],"user":""}"#,
         ] {
-            assert!(process_spec(&parse(bad).unwrap()).is_err(), "{bad}");
+            assert!(spec_of(&parse(bad).unwrap()).is_err(), "{bad}");
         }
         assert!(parse(r#"{"cmd":["ls"],"shell":true}"#).is_err());
         assert_eq!(

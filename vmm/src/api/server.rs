@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use http_body_util::{BodyExt, Full, LengthLimitError, Limited};
 use hyper::body::{Bytes, Incoming};
-use hyper::header::{CONTENT_LENGTH, CONTENT_TYPE};
+use hyper::header::{HeaderValue, CONNECTION, CONTENT_LENGTH, CONTENT_TYPE, UPGRADE};
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper::{Request, Response, StatusCode};
@@ -24,7 +24,7 @@ use tokio::sync::Notify;
 use super::fault::Fault;
 use super::handlers::{self, lock, ApiBody, ApiContext, Reply};
 use super::routes::{self, Endpoint};
-use super::sandbox;
+use super::{port_forward, pty, sandbox};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
 /// Firecracker's default payload limit is 51200 bytes; the same here (but for
@@ -32,6 +32,8 @@ use crate::seccomp::{ThreadKind, ThreadSeccomp};
 pub const MAX_BODY_BYTES: usize = 50 * 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+/// The header of `POST /sandbox/pty`'s 101 naming the new terminal session.
+pub const PTY_ID_HEADER: &str = "x-agentvm-pty-id";
 /// How long the new thread may take to build its runtime and install its filter.
 const START_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -156,7 +158,8 @@ async fn serve(listener: tokio::net::UnixListener, ctx: ApiContext, shutdown: Ar
                         let connection = http1::Builder::new()
                             .timer(TokioTimer::new())
                             .header_read_timeout(HEADER_TIMEOUT)
-                            .serve_connection(TokioIo::new(stream), service);
+                            .serve_connection(TokioIo::new(stream), service)
+                            .with_upgrades();
                         if let Err(e) = connection.await {
                             tracing::debug!("API connection ended: {e}");
                         }
@@ -172,12 +175,23 @@ async fn serve(listener: tokio::net::UnixListener, ctx: ApiContext, shutdown: Ar
     }
 }
 
-async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<ApiBody> {
+async fn respond(ctx: &ApiContext, mut request: Request<Incoming>) -> Response<ApiBody> {
     lock(&ctx.controller).count_request();
     let result = async {
         let route = routes::resolve(request.method(), request.uri().path())?;
-        if route.endpoint == Endpoint::PutSandboxFile {
-            return sandbox::put_file(ctx, request).await;
+        match route.endpoint {
+            Endpoint::PutSandboxFile => return sandbox::put_file(ctx, request).await,
+            Endpoint::SandboxPty | Endpoint::ConnectSandboxPort => {
+                let headers = request.headers().clone();
+                let on_upgrade = hyper::upgrade::on(&mut request);
+                let body = read_body(request).await?;
+                return if route.endpoint == Endpoint::SandboxPty {
+                    pty::open(ctx, &headers, on_upgrade, &body).await
+                } else {
+                    port_forward::connect(ctx, &headers, route.param.as_deref(), on_upgrade).await
+                };
+            }
+            _ => {}
         }
         let query = request.uri().query().map(str::to_owned);
         let body = read_body(request).await?;
@@ -192,6 +206,17 @@ async fn respond(ctx: &ApiContext, request: Request<Incoming>) -> Response<ApiBo
                 CONTENT_TYPE,
                 hyper::header::HeaderValue::from_static(content_type),
             );
+            return response;
+        }
+        Ok(Reply::SwitchingProtocols { protocol, pty_id }) => {
+            let mut response = Response::new(whole(Bytes::new()));
+            *response.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+            let headers = response.headers_mut();
+            headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+            headers.insert(UPGRADE, HeaderValue::from_static(protocol));
+            if let Some(id) = pty_id {
+                headers.insert(PTY_ID_HEADER, HeaderValue::from(id));
+            }
             return response;
         }
         Ok(Reply::NoContent) => (StatusCode::NO_CONTENT, None),

@@ -121,6 +121,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
                         level: seccomp,
                         test_violation: args.seccomp_test_violation == Some(ThreadKind::AgentJobs),
                     })?,
+                    pty_sessions: Default::default(),
                 },
                 ThreadSeccomp {
                     level: seccomp,

@@ -1,12 +1,17 @@
 //! The per-VM API's agent extensions with a real guest: `agentvm serve --config-file` boots a
-//! guest with a vsock device, and `/sandbox/exec` and `/sandbox/files` go through its agent.
+//! guest with a vsock device, and `/sandbox/exec`, `/sandbox/files`, `/sandbox/watch`,
+//! `/sandbox/pty` and `/sandbox/ports` go through its agent.
 
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use base64::Engine;
-use integration_tests::api::{request, request_bytes, wait_for_path, ApiResponse};
+use integration_tests::api::{
+    header, request, request_bytes, stream_lines, upgrade, wait_for_path, ApiResponse, Upgrade,
+};
 
 use crate::{timed, Args};
 
@@ -106,10 +111,210 @@ fn api_sandbox(args: &Args) -> Check {
     expect_status(&missing, 404, "GET of a missing file")?;
     let dir_read = request(&sock, "GET", "/sandbox/files?path=/tmp", None);
     expect_status(&dir_read, 400, "GET of a directory")?;
+    let watched = watch_sees_exec(&sock)?;
+    let terminal = pty_session(&sock)?;
+    let tunnel = port_tunnel(&sock)?;
+    // Every stream above ended; the API still answers.
+    expect_status(&request(&sock, "GET", "/", None), 200, "GET / at the end")?;
     Ok(format!(
-        "exec streamed out/err/exit 3, file round trip and list ok; missing file: {}",
+        "exec streamed out/err/exit 3, file round trip and list ok; missing file: {}; {watched}; \
+         {terminal}; {tunnel}",
         missing.fault()
     ))
+}
+
+/// A watch streams the creation of a file that an exec makes.
+fn watch_sees_exec(sock: &Path) -> Check {
+    exec_ok(sock, "mkdir -p /tmp/watched")?;
+    let mut events = stream_lines(sock, "/sandbox/watch?path=/tmp/watched&recursive=true")
+        .map_err(|answer| format!("GET /sandbox/watch: {answer:?}"))?;
+    exec_ok(sock, "echo x > /tmp/watched/new-file")?;
+    let mut seen = Vec::new();
+    loop {
+        let line = events
+            .next_line()
+            .ok_or_else(|| format!("the watch stream ended after {seen:?}"))?;
+        let event: serde_json::Value =
+            serde_json::from_str(&line).map_err(|e| format!("watch line {line:?}: {e}"))?;
+        if event.get("error").is_some() {
+            return Err(format!("watch: {event}"));
+        }
+        if event["type"] == "created" && event["path"] == "/tmp/watched/new-file" {
+            return Ok(format!("watch saw {event}"));
+        }
+        seen.push(event);
+    }
+}
+
+/// A terminal session runs `sh`: a command's output comes back, a resize shows in `stty size`,
+/// `exit 7` ends the stream and the status says 7.
+fn pty_session(sock: &Path) -> Check {
+    let body = r#"{"cmd": ["sh"], "cols": 80, "rows": 24}"#;
+    let (head, mut terminal) =
+        match upgrade(sock, "POST", "/sandbox/pty", "agentvm-pty", Some(body)) {
+            Upgrade::Switched { head, stream } => (head, stream),
+            Upgrade::Refused(answer) => return Err(format!("POST /sandbox/pty: {answer:?}")),
+        };
+    let id = header(&head, "x-agentvm-pty-id")
+        .ok_or_else(|| format!("no X-Agentvm-Pty-Id in {head:?}"))?;
+    let send = |terminal: &mut UnixStream, text: &str| {
+        terminal
+            .write_all(text.as_bytes())
+            .map_err(|e| format!("terminal input {text:?}: {e}"))
+    };
+    // The terminal echoes the typed line; only the shell's expansion prints A-42-A.
+    send(&mut terminal, "echo A-$((6*7))-A\n")?;
+    read_until(&mut terminal, "A-42-A").map_err(|e| {
+        let status = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+        format!("{e}; session {id}: {}", status.body)
+    })?;
+    let resize = request(
+        sock,
+        "POST",
+        &format!("/sandbox/pty/{id}/resize"),
+        Some(r#"{"cols": 100, "rows": 40}"#),
+    );
+    expect_status(&resize, 204, "POST /sandbox/pty/{id}/resize")?;
+    send(&mut terminal, "echo S-$(stty size)-S\n")?;
+    read_until(&mut terminal, "S-40 100-S")?;
+    let running = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    expect_status(&running, 200, "GET /sandbox/pty/{id}")?;
+    if running.json()["running"] != true {
+        return Err(format!("session {id} while running: {}", running.body));
+    }
+    send(&mut terminal, "exit 7\n")?;
+    let mut rest = Vec::new();
+    terminal
+        .read_to_end(&mut rest)
+        .map_err(|e| format!("the terminal stream did not end after exit: {e}"))?;
+    let ended = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    let status = ended.json();
+    if status["running"] != false || status["exit_code"] != 7 {
+        return Err(format!("session {id} after exit 7: {}", ended.body));
+    }
+    let late = request(
+        sock,
+        "POST",
+        &format!("/sandbox/pty/{id}/resize"),
+        Some(r#"{"cols": 100, "rows": 40}"#),
+    );
+    expect_status(&late, 409, "resize after the end")?;
+    let hung_up = hang_up(sock)?;
+    Ok(format!(
+        "pty {id}: echo, resize to 40x100, exit 7; closing the input: {hung_up}"
+    ))
+}
+
+/// Closing the client's write half hangs up the terminal: the stream ends and the session with it.
+fn hang_up(sock: &Path) -> Check {
+    let (head, mut terminal) = match upgrade(
+        sock,
+        "POST",
+        "/sandbox/pty",
+        "agentvm-pty",
+        Some(r#"{"cmd": ["sh"]}"#),
+    ) {
+        Upgrade::Switched { head, stream } => (head, stream),
+        Upgrade::Refused(answer) => return Err(format!("POST /sandbox/pty: {answer:?}")),
+    };
+    let id = header(&head, "x-agentvm-pty-id")
+        .ok_or_else(|| format!("no X-Agentvm-Pty-Id in {head:?}"))?;
+    terminal
+        .shutdown(std::net::Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let mut rest = Vec::new();
+    terminal
+        .read_to_end(&mut rest)
+        .map_err(|e| format!("the terminal stream did not end after the hang-up: {e}"))?;
+    let ended = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    if ended.json()["running"] != false {
+        return Err(format!("session {id} after the hang-up: {}", ended.body));
+    }
+    Ok(ended.body)
+}
+
+/// A tunnel reaches an HTTP server started in the guest; a closed port is a 502.
+fn port_tunnel(sock: &Path) -> Check {
+    // busybox httpd without -f backgrounds itself once it listens.
+    exec_ok(
+        sock,
+        "mkdir -p /www-api && echo hello-port > /www-api/index.html && httpd -p 8100 -h /www-api",
+    )?;
+    let mut tunnel = match upgrade(
+        sock,
+        "POST",
+        "/sandbox/ports/8100/connect",
+        "agentvm-tcp",
+        None,
+    ) {
+        Upgrade::Switched { stream, .. } => stream,
+        Upgrade::Refused(answer) => {
+            return Err(format!("POST /sandbox/ports/8100/connect: {answer:?}"))
+        }
+    };
+    tunnel
+        .write_all(b"GET /index.html HTTP/1.0\r\n\r\n")
+        .map_err(|e| format!("tunnel write: {e}"))?;
+    let mut reply = String::new();
+    tunnel
+        .read_to_string(&mut reply)
+        .map_err(|e| format!("tunnel read (so far {reply:?}): {e}"))?;
+    if !reply.contains("hello-port") {
+        return Err(format!("through the tunnel: {reply:?}"));
+    }
+    let closed = match upgrade(
+        sock,
+        "POST",
+        "/sandbox/ports/8101/connect",
+        "agentvm-tcp",
+        None,
+    ) {
+        Upgrade::Refused(answer) => answer,
+        Upgrade::Switched { .. } => return Err("port 8101 (nothing listens) was tunnelled".into()),
+    };
+    expect_status(&closed, 502, "a closed guest port")?;
+    Ok(format!(
+        "tunnel: {}; closed port: {}",
+        reply.lines().next().unwrap_or(""),
+        closed.fault()
+    ))
+}
+
+/// Runs `sh -c script` through `/sandbox/exec`; it must exit 0.
+fn exec_ok(sock: &Path, script: &str) -> Result<(), String> {
+    let body = serde_json::json!({"cmd": ["sh", "-c", script]}).to_string();
+    let (stdout, stderr, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&body)))?;
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
+        return Err(format!(
+            "{script:?}: {last}, stdout {stdout:?}, stderr {stderr:?}"
+        ));
+    }
+    Ok(())
+}
+
+/// Reads the terminal until its output contains `needle` (the stream's read timeout is the
+/// hang detector).
+fn read_until(terminal: &mut UnixStream, needle: &str) -> Result<(), String> {
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !String::from_utf8_lossy(&seen).contains(needle) {
+        match terminal.read(&mut buf) {
+            Ok(0) => {
+                return Err(format!(
+                    "the terminal ended before {needle:?}: {:?}",
+                    String::from_utf8_lossy(&seen)
+                ))
+            }
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+            Err(e) => {
+                return Err(format!(
+                    "no {needle:?} on the terminal ({e}): {:?}",
+                    String::from_utf8_lossy(&seen)
+                ))
+            }
+        }
+    }
+    Ok(())
 }
 
 fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
