@@ -19,7 +19,8 @@ pub enum Endpoint {
     GetTemplate,
     PutTemplate,
     DeleteTemplate,
-    /// Sent on to the sandbox's per-VM API at this path; `agent` routes need a guest agent.
+    /// Sent on to the sandbox's per-VM API at this path (its `{...}` segments filled with the
+    /// request path's parameters after the sandbox id); `agent` routes need a guest agent.
     Forward {
         upstream: &'static str,
         agent: bool,
@@ -77,6 +78,27 @@ pub fn routes() -> Vec<Route> {
             "/sandboxes/{id}/files/list",
             agent("/sandbox/files/list"),
         ),
+        route(
+            Method::GET,
+            "/sandboxes/{id}/watch",
+            agent("/sandbox/watch"),
+        ),
+        route(Method::POST, "/sandboxes/{id}/pty", agent("/sandbox/pty")),
+        route(
+            Method::GET,
+            "/sandboxes/{id}/pty/{pty_id}",
+            agent("/sandbox/pty/{pty_id}"),
+        ),
+        route(
+            Method::POST,
+            "/sandboxes/{id}/pty/{pty_id}/resize",
+            agent("/sandbox/pty/{pty_id}/resize"),
+        ),
+        route(
+            Method::POST,
+            "/sandboxes/{id}/ports/{port}/connect",
+            agent("/sandbox/ports/{port}/connect"),
+        ),
         route(Method::GET, "/templates", ListTemplates),
         route(Method::GET, "/templates/{name}", GetTemplate),
         route(Method::PUT, "/templates/{name}", PutTemplate),
@@ -84,31 +106,55 @@ pub fn routes() -> Vec<Route> {
     ]
 }
 
-/// A matched request: the endpoint and the value of its one `{...}` segment, if any.
+/// A matched request: the endpoint and the values of its `{...}` segments, in order.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resolved {
     pub endpoint: Endpoint,
-    pub param: Option<String>,
+    pub params: Vec<String>,
 }
 
-fn matches(template: &str, path: &str) -> Option<Option<String>> {
+impl Resolved {
+    /// The first parameter (the sandbox id or template name), or "" for routes without one.
+    pub fn param(&self) -> &str {
+        self.params.first().map(String::as_str).unwrap_or_default()
+    }
+
+    /// The per-VM path of a forwarded route, its `{...}` segments filled in order with the
+    /// parameters after the first.
+    pub fn upstream_path(&self, upstream: &str) -> String {
+        let mut rest = self.params.iter().skip(1);
+        upstream
+            .split('/')
+            .map(|segment| {
+                if segment.starts_with('{') {
+                    rest.next().map(String::as_str).unwrap_or_default()
+                } else {
+                    segment
+                }
+            })
+            .collect::<Vec<_>>()
+            .join("/")
+    }
+}
+
+fn matches(template: &str, path: &str) -> Option<Vec<String>> {
     let t: Vec<&str> = template.split('/').collect();
     let p: Vec<&str> = path.split('/').collect();
     if t.len() != p.len() {
         return None;
     }
-    let mut param = None;
+    let mut params = Vec::new();
     for (t, p) in t.iter().zip(&p) {
         if t.starts_with('{') {
             if p.is_empty() {
                 return None;
             }
-            param = Some(p.to_string());
+            params.push(p.to_string());
         } else if t != p {
             return None;
         }
     }
-    Some(param)
+    Some(params)
 }
 
 pub fn resolve(method: &Method, path: &str) -> Result<Resolved, Fault> {
@@ -119,11 +165,11 @@ pub fn resolve(method: &Method, path: &str) -> Result<Resolved, Fault> {
     };
     let mut allowed = Vec::new();
     for route in routes() {
-        if let Some(param) = matches(route.path, path) {
+        if let Some(params) = matches(route.path, path) {
             if route.method == method {
                 return Ok(Resolved {
                     endpoint: route.endpoint,
-                    param,
+                    params,
                 });
             }
             allowed.push(route.method.to_string());
@@ -148,8 +194,14 @@ mod tests {
 
     #[test]
     fn paths_resolve_with_their_parameter() {
+        let r = resolve(&Method::POST, "/sandboxes/sb-1/pty/7/resize").unwrap();
+        assert_eq!(r.params, ["sb-1", "7"]);
+        assert_eq!(
+            r.upstream_path("/sandbox/pty/{pty_id}/resize"),
+            "/sandbox/pty/7/resize"
+        );
         let r = resolve(&Method::POST, "/sandboxes/sb-1/exec").unwrap();
-        assert_eq!(r.param.as_deref(), Some("sb-1"));
+        assert_eq!(r.param(), "sb-1");
         assert!(matches!(
             r.endpoint,
             Endpoint::Forward {

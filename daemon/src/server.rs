@@ -137,7 +137,7 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 
 async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Result<Reply, Fault> {
     let route = routes::resolve(request.method(), request.uri().path())?;
-    let param = route.param.clone().unwrap_or_default();
+    let param = route.param().to_string();
     let ok = |value: serde_json::Value| Ok(Reply::Json(StatusCode::OK, value));
     match route.endpoint {
         Endpoint::DaemonInfo => ok(serde_json::json!({
@@ -181,7 +181,8 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
             } else {
                 sandboxes.api_sock(&param)?
             };
-            let response = vm_client::forward(&sock, request, upstream)
+            let upstream = route.upstream_path(upstream);
+            let response = vm_client::forward(&sock, request, &upstream)
                 .await
                 .map_err(|e| Fault::unavailable(format!("sandbox {param}: {e}")))?;
             Ok(Reply::Forwarded(response))
