@@ -22,6 +22,7 @@ pub enum Endpoint {
     PutLogger,
     PutMetrics,
     GetMetrics,
+    PutAuditLog,
     SandboxExec,
     GetSandboxFile,
     PutSandboxFile,
@@ -35,7 +36,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 18] {
+pub fn routes() -> [Route; 19] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -61,6 +62,7 @@ pub fn routes() -> [Route; 18] {
         route(Method::PUT, "/logger", PutLogger),
         route(Method::PUT, "/metrics", PutMetrics),
         route(Method::GET, "/metrics", GetMetrics),
+        route(Method::PUT, "/audit-log", PutAuditLog),
         route(Method::POST, "/sandbox/exec", SandboxExec),
         route(Method::GET, "/sandbox/files", GetSandboxFile),
         route(Method::PUT, "/sandbox/files", PutSandboxFile),
@@ -72,6 +74,8 @@ pub fn routes() -> [Route; 18] {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched {
     pub endpoint: Endpoint,
+    /// The route's path template (the metrics' route label).
+    pub path: &'static str,
     pub param: Option<String>,
 }
 
@@ -84,6 +88,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Matched, Fault> {
             if route.method == *method {
                 return Ok(Matched {
                     endpoint: route.endpoint,
+                    path: route.path,
                     param,
                 });
             }
@@ -142,6 +147,7 @@ mod tests {
             resolve(&Method::PUT, "/network-interfaces/eth0").unwrap(),
             Matched {
                 endpoint: Endpoint::PutNetworkInterface,
+                path: "/network-interfaces/{iface_id}",
                 param: Some("eth0".into())
             }
         );
