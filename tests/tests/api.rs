@@ -1015,3 +1015,39 @@ fn serve_refuses_bad_arguments_with_a_reason() {
     assert!(no_api.stderr_text().contains("--config-file"), "{no_api:?}");
     assert!(!sock.exists());
 }
+
+#[test]
+fn log_format_json_writes_one_json_object_per_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+    command
+        .env("AGENTVM_LOG", "info")
+        .args(["--log-format", "json", "serve", "--api-sock"])
+        .arg(&sock);
+    let process = VmProcess::spawn(command).expect("start agentvm serve");
+    assert!(wait_for_path(&sock, START_TIMEOUT), "no API socket");
+    assert_eq!(request(&sock, "GET", "/no-such-thing", None).status, 404);
+    process.signal(libc::SIGTERM).unwrap();
+    let out = process.wait(EXIT_TIMEOUT).unwrap();
+    let stderr = out.stderr_text();
+    // `agentvm: ...` lines are the CLI's own messages, not log lines.
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with("agentvm: "))
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line:?}\n{stderr}"))
+        })
+        .collect();
+    let refused = events
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("API request refused") && m.contains("no-such-thing"))
+        })
+        .unwrap_or_else(|| panic!("the 404 was not logged:\n{stderr}"));
+    assert_eq!(refused["level"], "INFO", "{refused}");
+    assert!(refused["timestamp"].is_string(), "{refused}");
+}

@@ -19,7 +19,8 @@ pub enum ExecOutcome {
     TimedOut,
     /// It did not start, or the agent connection broke before its exit status arrived.
     Error,
-    /// The HTTP client went away first; the process group was killed.
+    /// Ended with neither an exit status nor an error: the HTTP client went away first (the
+    /// process group was killed), or the job never ran (every job thread was busy: 503).
     Abandoned,
 }
 
