@@ -13,6 +13,7 @@ use integration_tests::api::{
     ApiResponse,
 };
 use integration_tests::probe::probe_elf;
+use integration_tests::prometheus::{self, Exposition};
 
 /// Hang detectors, not performance limits.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -139,6 +140,18 @@ struct Ended {
     out: VmOutput,
     sock: PathBuf,
     _dir: tempfile::TempDir,
+}
+
+/// `GET /metrics`, checked as Prometheus text.
+fn scrape(s: &Serve) -> Exposition {
+    let answer = s.call("GET", "/metrics", None);
+    assert_eq!(answer.status, 200, "{answer:?}");
+    prometheus::parse(&answer.body).unwrap_or_else(|e| {
+        panic!(
+            "GET /metrics is not good Prometheus text: {e}\n{}",
+            answer.body
+        )
+    })
 }
 
 /// The last `PROBE count <n>` on the console.
@@ -625,7 +638,7 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     if !require_kvm() {
         return;
     }
-    let serve = Serve::start(&["--id", "sbx-1"]);
+    let serve = Serve::start(&["--id", "sbx-1", "--log-format", "json"]);
     let s = &serve;
     let info = s.call("GET", "/", None).json();
     assert_eq!(info["id"], "sbx-1");
@@ -634,7 +647,14 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
 
     let log = s.path("vmm.log");
     let metrics = s.path("metrics.json");
+    let audit = s.path("audit.log");
+    // No "format": the log file takes the process's --log-format json.
     s.ok("PUT", "/logger", &serde_json::json!({"log_path": log, "level": "Info", "show_level": true, "show_log_origin": false}).to_string());
+    s.ok(
+        "PUT",
+        "/audit-log",
+        &serde_json::json!({"path": audit}).to_string(),
+    );
     s.ok(
         "PUT",
         "/metrics",
@@ -693,16 +713,61 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
         after,
     );
     s.refused("PUT", "/logger", Some(r#"{"level": "Debug"}"#), 400, after);
+    s.refused(
+        "PUT",
+        "/audit-log",
+        Some(r#"{"path": "/tmp/x"}"#),
+        400,
+        after,
+    );
+    let first = scrape(s);
 
-    // The probe has no guest agent: /sandbox requests wait for it, then answer 503.
+    // The probe has no guest agent: /sandbox requests wait for it, then answer 503; the failed
+    // exec is audited as an error, with the asking process and without stdin or env values.
     let exec = r#"{"cmd": ["true"]}"#;
     s.refused(
         "POST",
         "/sandbox/exec",
-        Some(exec),
+        Some(
+            r#"{"cmd": ["true", "a b"], "stdin": "stdin-secret", "env": {"TOKEN": "env-secret"}}"#,
+        ),
         503,
         "the guest agent does not answer",
     );
+    let audited = std::fs::read_to_string(&audit).unwrap();
+    assert!(
+        !audited.contains("secret"),
+        "the audit log holds stdin or env values:\n{audited}"
+    );
+    let lines: Vec<serde_json::Value> = audited
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{audited}");
+    let record = &lines[0];
+    assert_eq!(record["sandbox_id"], "sbx-1", "{record}");
+    assert_eq!(
+        record["argv"],
+        serde_json::json!(["true", "a b"]),
+        "{record}"
+    );
+    assert_eq!(record["env_keys"], serde_json::json!(["TOKEN"]), "{record}");
+    assert_eq!(record["stdin_bytes"], "stdin-secret".len(), "{record}");
+    assert_eq!(record["outcome"], "error", "{record}");
+    assert!(
+        record["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("does not answer")),
+        "{record}"
+    );
+    assert!(record["duration_ms"].as_u64().is_some(), "{record}");
+    assert!(
+        record["time"].as_str().is_some_and(|t| t.ends_with('Z')),
+        "{record}"
+    );
+    assert_eq!(record["peer"]["pid"], std::process::id(), "{record}");
+    // SAFETY: getuid has no arguments and cannot fail.
+    assert_eq!(record["peer"]["uid"], unsafe { libc::getuid() }, "{record}");
 
     // Paused: the guest makes no progress.
     s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
@@ -725,8 +790,57 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
 
     // Read before the counters: the console only grows, and each byte in it was a port write.
     let printed = s.console().len();
+    let second = scrape(s);
+    let exits = |e: &Exposition| {
+        e.value("agentvm_vcpu_exits_total", &[("reason", "io_out")])
+            .expect("io_out exits")
+    };
+    assert!(
+        exits(&second) > exits(&first),
+        "vCPU exits did not grow: {} then {}",
+        exits(&first),
+        exits(&second)
+    );
+    let id = [("id", "sbx-1")];
+    assert_eq!(
+        second.value("agentvm_exec_total", &[("outcome", "error")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        second.value("agentvm_exec_total", &[("outcome", "exited_zero")]),
+        Some(0.0)
+    );
+    assert_eq!(
+        second.value("agentvm_exec_duration_seconds_count", &id),
+        Some(1.0)
+    );
+    let route = |method, route, status| {
+        second.value(
+            "agentvm_api_requests_total",
+            &[("method", method), ("route", route), ("status", status)],
+        )
+    };
+    assert_eq!(route("POST", "/sandbox/exec", "503"), Some(1.0));
+    assert_eq!(route("POST", "/sandbox/exec", "409"), Some(1.0));
+    assert!(route("PUT", "/actions", "204").is_some());
+    assert!(route("PUT", "/actions", "400").is_some());
+    assert!(second
+        .value("agentvm_start_to_running_seconds", &id)
+        .is_some_and(|s| s > 0.0));
+    assert_eq!(
+        second.value("agentvm_start_to_first_exec_seconds", &id),
+        None
+    );
+    for direction in ["tx", "rx"] {
+        let labels = [("device", "vsock"), ("direction", direction)];
+        assert!(second
+            .value("agentvm_device_bytes_total", &labels)
+            .is_some());
+        assert!(second
+            .value("agentvm_device_packets_total", &labels)
+            .is_some());
+    }
     let prometheus = s.call("GET", "/metrics", None);
-    assert_eq!(prometheus.status, 200, "{prometheus:?}");
     let text = &prometheus.body;
     assert!(
         text.contains("agentvm_vm_state{id=\"sbx-1\",state=\"Running\"} 1\n"),
@@ -757,12 +871,33 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
         flushed["vcpu_exits"]["io_out"].as_u64().unwrap() >= io_out,
         "{flushed}"
     );
+    assert_eq!(flushed["exec"]["outcomes"]["error"], 1, "{flushed}");
+    assert!(
+        flushed["vsock"]["tx_packets"].as_u64().is_some(),
+        "{flushed}"
+    );
+    assert!(
+        flushed["api_requests_by_route"]
+            .as_array()
+            .is_some_and(|routes| routes.iter().any(|r| r["route"] == "/vm")),
+        "{flushed}"
+    );
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(
         logged.contains(after),
         "the refusals were not logged to {}:\n{logged}",
         log.display()
     );
+    for line in logged.lines() {
+        let event: serde_json::Value = serde_json::from_str(line)
+            .unwrap_or_else(|e| panic!("--log-format json wrote a non-JSON line {line:?}: {e}"));
+        assert!(
+            event["level"].is_string()
+                && event["message"].is_string()
+                && event["timestamp"].is_string(),
+            "{line}"
+        );
+    }
 
     s.process.signal(libc::SIGTERM).unwrap();
     let Ended { out, sock, _dir } = serve.finish();
@@ -815,12 +950,14 @@ fn config_file_boots_without_api_calls() {
     }
     let dir = tempfile::tempdir().unwrap();
     let metrics = dir.path().join("metrics.json");
+    let audit = dir.path().join("audit.log");
     let config = write_config(
         dir.path(),
         &serde_json::json!({
             "boot-source": {"kernel_image_path": probe_elf(), "boot_args": "probe.token=file"},
             "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
             "metrics": {"metrics_path": metrics},
+            "audit-log": {"path": audit},
         }),
     );
     let out = VmProcess::agentvm([
@@ -843,6 +980,7 @@ fn config_file_boots_without_api_calls() {
         "{out:?}"
     );
     assert!(metrics.exists(), "the metrics file was not created");
+    assert!(audit.exists(), "the audit log was not created");
 
     // With --api-sock too, the API answers for the VM the file booted.
     let dir2 = tempfile::tempdir().unwrap();
@@ -850,8 +988,15 @@ fn config_file_boots_without_api_calls() {
         dir2.path(),
         &serde_json::json!({"boot-source": {"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"}}),
     );
-    let serve = Serve::start(&["--config-file", config.to_str().unwrap()]);
+    let flag_audit = dir2.path().join("flag-audit.log");
+    let serve = Serve::start(&[
+        "--config-file",
+        config.to_str().unwrap(),
+        "--audit-log",
+        flag_audit.to_str().unwrap(),
+    ]);
     serve.wait_console("PROBE count 1\n");
+    assert!(flag_audit.exists(), "--audit-log did not create its file");
     assert_eq!(serve.state(), "Running");
     serve.refused(
         "PUT",
@@ -1020,4 +1165,40 @@ fn serve_refuses_bad_arguments_with_a_reason() {
     assert_eq!(no_api.status.code(), Some(2), "{no_api:?}");
     assert!(no_api.stderr_text().contains("--config-file"), "{no_api:?}");
     assert!(!sock.exists());
+}
+
+#[test]
+fn log_format_json_writes_one_json_object_per_log_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+    command
+        .env("AGENTVM_LOG", "info")
+        .args(["--log-format", "json", "serve", "--api-sock"])
+        .arg(&sock);
+    let process = VmProcess::spawn(command).expect("start agentvm serve");
+    assert!(wait_for_path(&sock, START_TIMEOUT), "no API socket");
+    assert_eq!(request(&sock, "GET", "/no-such-thing", None).status, 404);
+    process.signal(libc::SIGTERM).unwrap();
+    let out = process.wait(EXIT_TIMEOUT).unwrap();
+    let stderr = out.stderr_text();
+    // `agentvm: ...` lines are the CLI's own messages, not log lines.
+    let events: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|line| !line.is_empty() && !line.starts_with("agentvm: "))
+        .map(|line| {
+            serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("a log line is not JSON ({e}): {line:?}\n{stderr}"))
+        })
+        .collect();
+    let refused = events
+        .iter()
+        .find(|e| {
+            e["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("API request refused") && m.contains("no-such-thing"))
+        })
+        .unwrap_or_else(|| panic!("the 404 was not logged:\n{stderr}"));
+    assert_eq!(refused["level"], "INFO", "{refused}");
+    assert!(refused["timestamp"].is_string(), "{refused}");
 }

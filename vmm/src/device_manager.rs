@@ -13,7 +13,7 @@ use devices::legacy::{
     SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN,
 };
 use devices::virtio::rng::Rng;
-use devices::virtio::vsock::Vsock;
+use devices::virtio::vsock::{Vsock, VsockMetrics};
 use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -66,6 +66,7 @@ pub struct DeviceManager {
     event_loop: Option<EventLoop>,
     cmdline_args: Vec<String>,
     acpi_devices: Vec<arch::AcpiMmioDevice>,
+    vsock_metrics: Option<VsockMetrics>,
 }
 
 impl DeviceManager {
@@ -131,6 +132,7 @@ impl DeviceManager {
             event_loop: None,
             cmdline_args: Vec::new(),
             acpi_devices: Vec::new(),
+            vsock_metrics: None,
         };
 
         let rng = Arc::new(Mutex::new(Rng::new().map_err(|e| DeviceError::Create {
@@ -147,6 +149,7 @@ impl DeviceManager {
                     reason: e.to_string(),
                 }
             })?;
+            manager.vsock_metrics = Some(device.metrics());
             let device = Arc::new(Mutex::new(device));
             event_manager.add_subscriber(device.clone());
             manager.add_virtio_mmio(vm, mem, &mut io, device, "virtio-vsock")?;
@@ -155,6 +158,11 @@ impl DeviceManager {
         manager.io = Arc::new(io);
         manager.event_manager = Some(event_manager);
         Ok(manager)
+    }
+
+    /// The vsock device's traffic counters, if the VM has one.
+    pub fn vsock_metrics(&self) -> Option<VsockMetrics> {
+        self.vsock_metrics.clone()
     }
 
     /// Puts a virtio device behind the next virtio-mmio slot: bus registration, ioeventfds for its

@@ -260,6 +260,11 @@ impl Vmm {
         self.exits.clone()
     }
 
+    /// The vsock device's packet and byte counters, if the VM has one.
+    pub fn vsock_metrics(&self) -> Option<devices::virtio::vsock::VsockMetrics> {
+        self.devices.vsock_metrics()
+    }
+
     /// Timings that stay readable after [`Vmm::wait`] consumed the VM.
     pub fn timings_handle(&self) -> TimingsHandle {
         TimingsHandle {

@@ -6,7 +6,9 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 
-use super::models::{BootSource, Logger, MachineConfig, Metrics, NetworkInterface, Vsock};
+use super::models::{
+    AuditLogConfig, BootSource, Logger, MachineConfig, Metrics, NetworkInterface, Vsock,
+};
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConfigFile {
@@ -16,15 +18,18 @@ pub struct ConfigFile {
     pub logger: Option<Logger>,
     pub metrics: Option<Metrics>,
     pub network_interfaces: Vec<NetworkInterface>,
+    /// agentvm extension: the exec audit log (as `PUT /audit-log`).
+    pub audit_log: Option<AuditLogConfig>,
 }
 
-const SECTIONS: [&str; 6] = [
+const SECTIONS: [&str; 7] = [
     "boot-source",
     "machine-config",
     "vsock",
     "logger",
     "metrics",
     "network-interfaces",
+    "audit-log",
 ];
 
 impl ConfigFile {
@@ -53,6 +58,7 @@ impl ConfigFile {
             logger: section(&mut sections, "logger")?,
             metrics: section(&mut sections, "metrics")?,
             network_interfaces: section(&mut sections, "network-interfaces")?.unwrap_or_default(),
+            audit_log: section(&mut sections, "audit-log")?,
         })
     }
 }
@@ -77,9 +83,14 @@ mod tests {
     fn sections_parse_and_errors_name_them() {
         let ok = ConfigFile::parse(
             br#"{"boot-source": {"kernel_image_path": "/k", "boot_args": "x"},
-                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 64}}"#,
+                 "machine-config": {"vcpu_count": 2, "mem_size_mib": 64},
+                 "audit-log": {"path": "/tmp/audit.log"}}"#,
         )
         .unwrap();
+        assert_eq!(
+            ok.audit_log.as_ref().map(|a| a.path.as_path()),
+            Some(Path::new("/tmp/audit.log"))
+        );
         assert_eq!(ok.boot_source.boot_args.as_deref(), Some("x"));
         assert_eq!(ok.machine_config.unwrap().vcpu_count, 2);
         let err = ConfigFile::parse(

@@ -5,8 +5,15 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
+use std::sync::Arc;
 use std::time::Instant;
 
+use devices::virtio::vsock::VsockMetrics;
+use hyper::Method;
+
+use super::audit::AuditLog;
+use super::exec_metrics::ExecMetrics;
+use super::exec_trace::ExecObserver;
 use super::fault::Fault;
 use super::models::{
     BootSource, InstanceInfo, MachineConfig, MachineConfigPatch, NetworkInterface, SnapshotCreate,
@@ -16,11 +23,13 @@ use crate::config::{
     host_mem_mib, VmConfig, VsockConfig, LINUX_BASE_CMDLINE, MAX_VCPUS, MIN_MEM_MIB,
 };
 use crate::exit::VmmEvent;
+use crate::process_stats::monotonic_ns;
 use crate::seccomp::SeccompLevel;
 use crate::vmm::TimingsHandle;
 use crate::vstate::exit_counts::{ExitCounts, ExitReason};
 
 use super::metrics::MetricsSnapshot;
+use super::request_counts::RequestCounts;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum VmState {
@@ -39,6 +48,8 @@ pub struct StartedVm {
     pub events: Sender<VmmEvent>,
     pub timings: TimingsHandle,
     pub exits: ExitCounts,
+    /// None: the VM has no vsock device.
+    pub vsock: Option<VsockMetrics>,
 }
 
 pub struct Controller {
@@ -51,7 +62,12 @@ pub struct Controller {
     vm: Option<StartedVm>,
     started_at: Option<Instant>,
     metrics: Option<File>,
-    api_requests: u64,
+    requests: RequestCounts,
+    exec: ExecMetrics,
+    audit: Option<Arc<AuditLog>>,
+    /// CLOCK_MONOTONIC ns: the VMM process's start, and when InstanceStart was done.
+    vmm_start_ns: u64,
+    running_ns: Option<u64>,
     /// Read once at start-up: the API thread's seccomp filter allows no file opening.
     host_mem_mib: Option<u64>,
 }
@@ -62,7 +78,8 @@ const NET_MISSING: &str = "network interfaces are not supported yet: agentvm has
      device until the egress feature lands";
 
 impl Controller {
-    pub fn new(id: String, seccomp: SeccompLevel) -> Self {
+    /// `vmm_start_ns`: the process's start (CLOCK_MONOTONIC), the origin of the boot milestones.
+    pub fn new(id: String, seccomp: SeccompLevel, vmm_start_ns: u64) -> Self {
         Self {
             id,
             state: VmState::NotStarted,
@@ -73,7 +90,11 @@ impl Controller {
             vm: None,
             started_at: None,
             metrics: None,
-            api_requests: 0,
+            requests: RequestCounts::default(),
+            exec: ExecMetrics::default(),
+            audit: None,
+            vmm_start_ns,
+            running_ns: None,
             host_mem_mib: host_mem_mib(),
         }
     }
@@ -82,8 +103,25 @@ impl Controller {
         &self.state
     }
 
-    pub fn count_request(&mut self) {
-        self.api_requests += 1;
+    /// An answered request; `route` is the matched route's template (or the unmatched label).
+    pub fn count_request(&mut self, method: &Method, route: &'static str, status: u16) {
+        self.requests.add(method, route, status);
+    }
+
+    /// Where `/sandbox/exec` jobs report how each exec ended.
+    pub fn exec_observer(&self) -> ExecObserver {
+        ExecObserver {
+            sandbox_id: self.id.clone(),
+            metrics: self.exec.clone(),
+            audit: self.audit.clone(),
+        }
+    }
+
+    /// The exec audit log's file (opened for appending), before InstanceStart.
+    pub fn set_audit_log(&mut self, file: File) -> Result<(), Fault> {
+        self.require_not_started("PUT /audit-log")?;
+        self.audit = Some(Arc::new(AuditLog::new(file)));
+        Ok(())
     }
 
     pub fn info(&self) -> InstanceInfo {
@@ -237,6 +275,7 @@ impl Controller {
     pub fn started(&mut self, vm: StartedVm) {
         self.vm = Some(vm);
         self.started_at = Some(Instant::now());
+        self.running_ns = Some(monotonic_ns());
         self.state = VmState::Running;
     }
 
@@ -318,10 +357,20 @@ impl Controller {
 
     pub fn metrics(&self) -> MetricsSnapshot {
         let timings = self.vm.as_ref().map(|vm| vm.timings.get());
+        let since_start = |ns: u64| ns.saturating_sub(self.vmm_start_ns) / 1000;
+        let exec = self.exec.snapshot();
         MetricsSnapshot {
             id: self.id.clone(),
             state: self.info().state,
-            api_requests: self.api_requests,
+            requests: self.requests.snapshot(),
+            start_to_running_us: self.running_ns.map(since_start),
+            start_to_first_exec_us: exec.first_result_ns.map(since_start),
+            exec,
+            vsock: self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.vsock.as_ref())
+                .map(VsockMetrics::snapshot),
             boot_time_us: timings.and_then(|t| {
                 t.first_kvm_run_ns
                     .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
@@ -375,7 +424,7 @@ mod tests {
     use super::*;
 
     fn controller() -> Controller {
-        Controller::new("t".into(), SeccompLevel::Off)
+        Controller::new("t".into(), SeccompLevel::Off, monotonic_ns())
     }
 
     #[test]

@@ -10,11 +10,13 @@ use std::time::Duration;
 use tokio::sync::oneshot;
 
 use super::agent::AgentWorker;
+use super::audit::Peer;
 use super::controller::Controller;
 use super::fault::Fault;
 use super::models::{
-    parse_body, Action, ActionType, BootSource, Logger, MachineConfig, MachineConfigPatch, Metrics,
-    NetworkInterface, SnapshotCreate, SnapshotLoad, VmPatch, VmStateRequest, Vsock,
+    parse_body, Action, ActionType, AuditLogConfig, BootSource, Logger, MachineConfig,
+    MachineConfigPatch, Metrics, NetworkInterface, SnapshotCreate, SnapshotLoad, VmPatch,
+    VmStateRequest, Vsock,
 };
 use super::pty::{self, PtySessions};
 use super::routes::{Endpoint, Matched};
@@ -33,8 +35,11 @@ pub enum VmmRequest {
         config: Logger,
         reply: oneshot::Sender<Result<(), String>>,
     },
-    OpenMetrics {
+    /// Open `path` for appending (created if missing): the metrics file, the audit log.
+    /// `what` names the field in errors.
+    OpenForAppend {
         path: PathBuf,
+        what: &'static str,
         reply: oneshot::Sender<Result<File, String>>,
     },
 }
@@ -89,15 +94,16 @@ pub fn lock(controller: &SharedController) -> MutexGuard<'_, Controller> {
 
 /// Answers every request but `PUT /sandbox/files`, whose body [`sandbox::put_file`] streams, and
 /// the upgrades (`POST /sandbox/pty`, `POST /sandbox/ports/{port}/connect`), which need the
-/// request itself.
+/// request itself. `peer`: who sent it (for the exec audit log), if the socket told.
 pub async fn handle(
     ctx: &ApiContext,
     route: Matched,
     query: Option<&str>,
     body: &[u8],
+    peer: Option<Peer>,
 ) -> Result<Reply, Fault> {
     match route.endpoint {
-        Endpoint::SandboxExec => sandbox::exec(ctx, body).await,
+        Endpoint::SandboxExec => sandbox::exec(ctx, body, peer).await,
         Endpoint::GetSandboxFile => sandbox::get_file(ctx, query).await,
         Endpoint::ListSandboxFiles => sandbox::list_files(ctx, query).await,
         Endpoint::SandboxWatch => watch::watch(ctx, query).await,
@@ -180,21 +186,33 @@ pub async fn handle(
         Endpoint::PutMetrics => {
             let metrics: Metrics = parse_body("PUT /metrics", body)?;
             lock(&ctx.controller).require_not_started("PUT /metrics")?;
-            let (reply, answer) = oneshot::channel();
-            send_to_vmm(
-                ctx,
-                VmmRequest::OpenMetrics {
-                    path: metrics.metrics_path,
-                    reply,
-                },
-            )?;
-            let file = await_reply(answer, VMM_REPLY_TIMEOUT, "PUT /metrics")
-                .await?
-                .map_err(|e| Fault::bad_request(format!("PUT /metrics: {e}")))?;
+            let file =
+                open_for_append(ctx, metrics.metrics_path, "PUT /metrics", "metrics_path").await?;
             lock(&ctx.controller).set_metrics(file)?;
             Ok(Reply::NoContent)
         }
+        Endpoint::PutAuditLog => {
+            let config: AuditLogConfig = parse_body("PUT /audit-log", body)?;
+            lock(&ctx.controller).require_not_started("PUT /audit-log")?;
+            let file = open_for_append(ctx, config.path, "PUT /audit-log", "path").await?;
+            lock(&ctx.controller).set_audit_log(file)?;
+            Ok(Reply::NoContent)
+        }
     }
+}
+
+/// Has the VMM thread open `path` (the API thread's filter forbids opening files).
+async fn open_for_append(
+    ctx: &ApiContext,
+    path: PathBuf,
+    request: &str,
+    what: &'static str,
+) -> Result<File, Fault> {
+    let (reply, answer) = oneshot::channel();
+    send_to_vmm(ctx, VmmRequest::OpenForAppend { path, what, reply })?;
+    await_reply(answer, VMM_REPLY_TIMEOUT, request)
+        .await?
+        .map_err(|e| Fault::bad_request(format!("{request}: {e}")))
 }
 
 fn json<T: serde::Serialize>(value: &T) -> Result<Reply, Fault> {

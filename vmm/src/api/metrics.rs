@@ -1,21 +1,41 @@
 //! The VM's counters as FlushMetrics' JSON line and as `GET /metrics` Prometheus text.
+//!
+//! The text format (exposition format 0.0.4) is written here by hand: it is a few lines per
+//! family, and the counters already live where they are counted (vCPU exit atomics, the vsock
+//! device's atomics, the exec histogram), so a metrics crate's registry would only copy them into
+//! its own types at each scrape; `prometheus-client` would also answer OpenMetrics rather than
+//! the plain text Firecracker-era scrapers expect.
 
 use std::fmt::Write;
 
+use devices::virtio::vsock::VsockCounts;
+
+use super::exec_metrics::ExecCounts;
+use super::request_counts::RequestCount;
 use crate::vstate::exit_counts::ExitReason;
 
 /// The counters at one moment.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MetricsSnapshot {
     pub id: String,
     /// As GET / reports it.
     pub state: String,
-    pub api_requests: u64,
+    /// API requests answered, by method, route and status.
+    pub requests: Vec<RequestCount>,
     /// From the start of VM building to the first KVM_RUN.
     pub boot_time_us: Option<u64>,
+    /// From the VMM process's start to InstanceStart done (the VM running).
+    pub start_to_running_us: Option<u64>,
+    /// From the VMM process's start to the first `/sandbox/exec` exit status.
+    pub start_to_first_exec_us: Option<u64>,
     pub uptime_ms: Option<u64>,
     pub vcpu_exits: Vec<(ExitReason, u64)>,
+    /// None: the VM has no vsock device (or is not running).
+    pub vsock: Option<VsockCounts>,
+    pub exec: ExecCounts,
 }
+
+const STATES: [&str; 4] = ["Not started", "Running", "Paused", "Stopped"];
 
 impl MetricsSnapshot {
     /// One line of JSON, newline-terminated (Firecracker's metrics file holds one per flush).
@@ -25,14 +45,51 @@ impl MetricsSnapshot {
             .iter()
             .map(|(reason, count)| (reason.as_str().to_string(), (*count).into()))
             .collect();
+        let requests: Vec<_> = self
+            .requests
+            .iter()
+            .map(|r| {
+                serde_json::json!({
+                    "method": r.method, "route": r.route, "status": r.status, "count": r.count,
+                })
+            })
+            .collect();
+        let outcomes: serde_json::Map<String, serde_json::Value> = self
+            .exec
+            .outcomes
+            .iter()
+            .map(|(outcome, count)| (outcome.as_str().to_string(), (*count).into()))
+            .collect();
+        let buckets: serde_json::Map<String, serde_json::Value> = self
+            .exec
+            .latency_buckets
+            .iter()
+            .map(|(le, count)| (bound(*le), (*count).into()))
+            .collect();
+        let vsock = self.vsock.map(|v| {
+            serde_json::json!({
+                "tx_packets": v.tx_packets, "tx_bytes": v.tx_bytes,
+                "rx_packets": v.rx_packets, "rx_bytes": v.rx_bytes,
+            })
+        });
         let mut line = serde_json::json!({
             "utc_timestamp_ms": utc_timestamp_ms,
             "id": self.id,
             "state": self.state,
-            "api_requests": self.api_requests,
+            "api_requests": self.requests.iter().map(|r| r.count).sum::<u64>(),
+            "api_requests_by_route": requests,
             "boot_time_us": self.boot_time_us,
+            "start_to_running_us": self.start_to_running_us,
+            "start_to_first_exec_us": self.start_to_first_exec_us,
             "uptime_ms": self.uptime_ms,
             "vcpu_exits": exits,
+            "vsock": vsock,
+            "exec": {
+                "outcomes": outcomes,
+                "count": self.exec.count,
+                "latency_sum_seconds": self.exec.latency_sum_seconds,
+                "latency_buckets": buckets,
+            },
         })
         .to_string();
         line.push('\n');
@@ -41,64 +98,151 @@ impl MetricsSnapshot {
 
     /// Prometheus text exposition format (version 0.0.4).
     pub fn prometheus(&self) -> String {
-        let mut out = String::new();
-        let id = escape_label(&self.id);
-        let mut metric = |name: &str, kind: &str, help: &str, samples: &[(String, String)]| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-            for (labels, value) in samples {
-                let _ = writeln!(out, "{name}{{id=\"{id}\"{labels}}} {value}");
-            }
-        };
-        metric(
+        let mut text = Text::new(&self.id);
+        text.family(
             "agentvm_api_requests_total",
             "counter",
-            "API requests received.",
-            &[(String::new(), self.api_requests.to_string())],
+            "API requests answered, by method, route template and status.",
         );
-        let states = ["Not started", "Running", "Paused", "Stopped"];
-        let state_samples: Vec<_> = states
-            .iter()
-            .map(|s| {
-                (
-                    format!(",state=\"{s}\""),
-                    u8::from(self.state == *s).to_string(),
-                )
-            })
-            .collect();
-        metric(
-            "agentvm_vm_state",
-            "gauge",
-            "1 for the VM's current state.",
-            &state_samples,
-        );
-        if let Some(us) = self.boot_time_us {
-            metric(
+        for r in &self.requests {
+            text.sample(
+                "agentvm_api_requests_total",
+                &[
+                    ("method", r.method.into()),
+                    ("route", r.route.into()),
+                    ("status", r.status.to_string()),
+                ],
+                r.count,
+            );
+        }
+        text.family("agentvm_vm_state", "gauge", "1 for the VM's current state.");
+        for state in STATES {
+            let current = u8::from(self.state == state);
+            text.sample("agentvm_vm_state", &[("state", state.into())], current);
+        }
+        let seconds = |us: u64| format!("{:.6}", us as f64 / 1e6);
+        let gauges = [
+            (
                 "agentvm_boot_time_seconds",
-                "gauge",
                 "From the start of VM building to the first guest entry.",
-                &[(String::new(), format!("{:.6}", us as f64 / 1e6))],
-            );
-        }
-        if let Some(ms) = self.uptime_ms {
-            metric(
+                self.boot_time_us,
+            ),
+            (
+                "agentvm_start_to_running_seconds",
+                "From the VMM process's start to InstanceStart done.",
+                self.start_to_running_us,
+            ),
+            (
+                "agentvm_start_to_first_exec_seconds",
+                "From the VMM process's start to the first /sandbox/exec exit status.",
+                self.start_to_first_exec_us,
+            ),
+            (
                 "agentvm_uptime_seconds",
-                "gauge",
                 "Since InstanceStart.",
-                &[(String::new(), format!("{:.3}", ms as f64 / 1e3))],
-            );
+                self.uptime_ms.map(|ms| ms * 1000),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(us) = value {
+                text.family(name, "gauge", help);
+                text.sample(name, &[], seconds(us));
+            }
         }
-        let exits: Vec<_> = self
-            .vcpu_exits
-            .iter()
-            .map(|(r, n)| (format!(",reason=\"{}\"", r.as_str()), n.to_string()))
-            .collect();
-        metric(
+        text.family(
             "agentvm_vcpu_exits_total",
             "counter",
             "vCPU exits to the VMM, by reason.",
-            &exits,
         );
-        out
+        for (reason, count) in &self.vcpu_exits {
+            let labels = [("reason", reason.as_str().into())];
+            text.sample("agentvm_vcpu_exits_total", &labels, count);
+        }
+        if let Some(v) = self.vsock {
+            let families = [
+                (
+                    "agentvm_device_packets_total",
+                    "Packets through a device: tx guest to host, rx host to guest.",
+                    v.tx_packets,
+                    v.rx_packets,
+                ),
+                (
+                    "agentvm_device_bytes_total",
+                    "Payload bytes through a device: tx guest to host, rx host to guest.",
+                    v.tx_bytes,
+                    v.rx_bytes,
+                ),
+            ];
+            for (name, help, tx, rx) in families {
+                text.family(name, "counter", help);
+                for (direction, n) in [("tx", tx), ("rx", rx)] {
+                    let labels = [("device", "vsock".into()), ("direction", direction.into())];
+                    text.sample(name, &labels, n);
+                }
+            }
+        }
+        text.family(
+            "agentvm_exec_total",
+            "counter",
+            "/sandbox/exec calls ended, by outcome.",
+        );
+        for (outcome, count) in &self.exec.outcomes {
+            let labels = [("outcome", outcome.as_str().into())];
+            text.sample("agentvm_exec_total", &labels, count);
+        }
+        const LATENCY: &str = "agentvm_exec_duration_seconds";
+        text.family(
+            LATENCY,
+            "histogram",
+            "/sandbox/exec from request to end (exit, error or abandonment).",
+        );
+        for (le, count) in &self.exec.latency_buckets {
+            let labels = [("le", bound(*le))];
+            text.sample(&format!("{LATENCY}_bucket"), &labels, count);
+        }
+        text.sample(
+            &format!("{LATENCY}_sum"),
+            &[],
+            format!("{:.6}", self.exec.latency_sum_seconds),
+        );
+        text.sample(&format!("{LATENCY}_count"), &[], self.exec.count);
+        text.out
+    }
+}
+
+/// A histogram bucket's upper bound as Prometheus writes it.
+fn bound(le: f64) -> String {
+    if le.is_infinite() {
+        "+Inf".into()
+    } else {
+        le.to_string()
+    }
+}
+
+/// Text being written, every sample labelled with the instance ID first.
+struct Text {
+    id: String,
+    out: String,
+}
+
+impl Text {
+    fn new(id: &str) -> Self {
+        Self {
+            id: escape_label(id),
+            out: String::new(),
+        }
+    }
+
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+        let _ = write!(self.out, "{name}{{id=\"{}\"", self.id);
+        for (key, value) in labels {
+            let _ = write!(self.out, ",{key}=\"{}\"", escape_label(value));
+        }
+        let _ = writeln!(self.out, "}} {value}");
     }
 }
 
@@ -112,33 +256,57 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::exec_metrics::{ExecMetrics, ExecOutcome};
+    use std::time::Duration;
 
     fn snapshot() -> MetricsSnapshot {
+        let exec = ExecMetrics::default();
+        exec.record(ExecOutcome::ExitedNonZero, Duration::from_millis(20));
         MetricsSnapshot {
             id: "a\"b".into(),
             state: "Running".into(),
-            api_requests: 7,
+            requests: vec![RequestCount {
+                method: "PUT",
+                route: "/actions",
+                status: 204,
+                count: 7,
+            }],
             boot_time_us: Some(1500),
+            start_to_running_us: Some(2_500_000),
+            start_to_first_exec_us: None,
             uptime_ms: None,
             vcpu_exits: vec![(ExitReason::IoOut, 42), (ExitReason::Fatal, 0)],
+            vsock: Some(VsockCounts {
+                tx_packets: 3,
+                tx_bytes: 100,
+                rx_packets: 4,
+                rx_bytes: 200,
+            }),
+            exec: exec.snapshot(),
         }
     }
 
     #[test]
     fn prometheus_text_has_types_labels_and_values() {
         let text = snapshot().prometheus();
-        assert!(
-            text.contains("# TYPE agentvm_vcpu_exits_total counter\n"),
-            "{text}"
-        );
-        assert!(
-            text.contains("agentvm_vcpu_exits_total{id=\"a\\\"b\",reason=\"io_out\"} 42\n"),
-            "{text}"
-        );
-        assert!(text.contains("agentvm_vm_state{id=\"a\\\"b\",state=\"Running\"} 1\n"));
-        assert!(text.contains("agentvm_vm_state{id=\"a\\\"b\",state=\"Paused\"} 0\n"));
-        assert!(text.contains("agentvm_boot_time_seconds{id=\"a\\\"b\"} 0.001500\n"));
+        let has = |line: &str| assert!(text.contains(line), "{line:?} missing from:\n{text}");
+        has("# TYPE agentvm_vcpu_exits_total counter\n");
+        has("agentvm_vcpu_exits_total{id=\"a\\\"b\",reason=\"io_out\"} 42\n");
+        has("agentvm_vm_state{id=\"a\\\"b\",state=\"Running\"} 1\n");
+        has("agentvm_vm_state{id=\"a\\\"b\",state=\"Paused\"} 0\n");
+        has("agentvm_boot_time_seconds{id=\"a\\\"b\"} 0.001500\n");
+        has("agentvm_start_to_running_seconds{id=\"a\\\"b\"} 2.500000\n");
+        has("agentvm_api_requests_total{id=\"a\\\"b\",method=\"PUT\",route=\"/actions\",status=\"204\"} 7\n");
+        has("agentvm_device_bytes_total{id=\"a\\\"b\",device=\"vsock\",direction=\"rx\"} 200\n");
+        has("agentvm_exec_total{id=\"a\\\"b\",outcome=\"exited_nonzero\"} 1\n");
+        has("# TYPE agentvm_exec_duration_seconds histogram\n");
+        has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"0.01\"} 0\n");
+        has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"0.025\"} 1\n");
+        has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"+Inf\"} 1\n");
+        has("agentvm_exec_duration_seconds_count{id=\"a\\\"b\"} 1\n");
+        has("agentvm_exec_duration_seconds_sum{id=\"a\\\"b\"} 0.020000\n");
         assert!(!text.contains("agentvm_uptime_seconds"), "{text}");
+        assert!(!text.contains("agentvm_start_to_first_exec"), "{text}");
     }
 
     #[test]
@@ -148,6 +316,11 @@ mod tests {
         let value: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(value["vcpu_exits"]["io_out"], 42);
         assert_eq!(value["utc_timestamp_ms"], 5);
+        assert_eq!(value["api_requests"], 7);
+        assert_eq!(value["api_requests_by_route"][0]["route"], "/actions");
+        assert_eq!(value["vsock"]["tx_bytes"], 100);
+        assert_eq!(value["exec"]["outcomes"]["exited_nonzero"], 1);
+        assert_eq!(value["exec"]["latency_buckets"]["+Inf"], 1);
         assert!(value["uptime_ms"].is_null());
     }
 }

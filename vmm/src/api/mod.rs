@@ -8,10 +8,17 @@
 //! seccomp filter forbids) goes there as a [`handlers::VmmRequest`]; pause/resume go to the running
 //! VM's event channel. The `/sandbox/...` agent extensions ([`sandbox`]) run on job threads
 //! outside the API thread's filter ([`agent`]).
+//!
+//! Observability: `GET /metrics` ([`metrics`]: requests by route and status
+//! ([`request_counts`]), boot milestones, vCPU exits, vsock traffic, exec outcomes and latency
+//! ([`exec_metrics`])), and the exec audit log ([`audit`], fed by [`exec_trace`]).
 
 pub mod agent;
+pub mod audit;
 pub mod config_file;
 pub mod controller;
+pub mod exec_metrics;
+pub mod exec_trace;
 pub mod fault;
 pub mod handlers;
 pub mod logger;
@@ -19,6 +26,7 @@ pub mod metrics;
 pub mod models;
 pub mod port_forward;
 pub mod pty;
+pub mod request_counts;
 pub mod routes;
 pub mod sandbox;
 pub mod server;

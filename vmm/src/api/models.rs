@@ -159,12 +159,24 @@ pub struct Logger {
     /// Only log lines from this module path (e.g. `vmm::api`).
     #[serde(default)]
     pub module: Option<String>,
+    /// agentvm extension: "Text" or "Json" (any case; one JSON object per line). Default: the
+    /// process's `--log-format`.
+    #[serde(default)]
+    pub format: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Metrics {
     pub metrics_path: PathBuf,
+}
+
+/// `PUT /audit-log` (agentvm extension) and the config file's "audit-log" section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditLogConfig {
+    /// Opened for appending (created if missing): one JSON line per `/sandbox/exec`.
+    pub path: PathBuf,
 }
 
 /// `GET /`.

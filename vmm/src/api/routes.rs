@@ -22,6 +22,7 @@ pub enum Endpoint {
     PutLogger,
     PutMetrics,
     GetMetrics,
+    PutAuditLog,
     SandboxExec,
     GetSandboxFile,
     PutSandboxFile,
@@ -40,7 +41,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 23] {
+pub fn routes() -> [Route; 24] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -66,6 +67,7 @@ pub fn routes() -> [Route; 23] {
         route(Method::PUT, "/logger", PutLogger),
         route(Method::PUT, "/metrics", PutMetrics),
         route(Method::GET, "/metrics", GetMetrics),
+        route(Method::PUT, "/audit-log", PutAuditLog),
         route(Method::POST, "/sandbox/exec", SandboxExec),
         route(Method::GET, "/sandbox/files", GetSandboxFile),
         route(Method::PUT, "/sandbox/files", PutSandboxFile),
@@ -86,6 +88,8 @@ pub fn routes() -> [Route; 23] {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Matched {
     pub endpoint: Endpoint,
+    /// The route's path template (the metrics' route label).
+    pub path: &'static str,
     pub param: Option<String>,
 }
 
@@ -98,6 +102,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Matched, Fault> {
             if route.method == *method {
                 return Ok(Matched {
                     endpoint: route.endpoint,
+                    path: route.path,
                     param,
                 });
             }
@@ -156,6 +161,7 @@ mod tests {
             resolve(&Method::PUT, "/network-interfaces/eth0").unwrap(),
             Matched {
                 endpoint: Endpoint::PutNetworkInterface,
+                path: "/network-interfaces/{iface_id}",
                 param: Some("eth0".into())
             }
         );
@@ -173,6 +179,7 @@ mod tests {
             resolve(&Method::POST, "/sandbox/pty/7/resize").unwrap(),
             Matched {
                 endpoint: Endpoint::ResizeSandboxPty,
+                path: "/sandbox/pty/{id}/resize",
                 param: Some("7".into())
             }
         );

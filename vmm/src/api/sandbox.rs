@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use agentvm_client::{ExecEvent, FileType, ProcessSpec, ProcessSpecExt, WriteOptions};
 use agentvm_protocol::{ExitStatus, MAX_CHUNK};
@@ -18,6 +18,8 @@ use hyper::{Request, StatusCode};
 use tokio::sync::{mpsc, oneshot};
 
 use super::agent::{agent_fault, AGENT_CONNECT_TIMEOUT};
+use super::audit::Peer;
+use super::exec_trace::{ExecEnd, ExecTrace};
 use super::fault::Fault;
 use super::handlers::{lock, ApiBody, ApiContext, Reply};
 use super::models::{parse_body, SandboxDirEntry, SandboxExec};
@@ -40,8 +42,12 @@ pub(super) type Chunks = mpsc::Receiver<Result<Bytes, io::Error>>;
 /// `POST /sandbox/exec`: 200 once the process started; the body streams one JSON object per
 /// line: `{"stdout": b64}`, `{"stderr": b64}`, finally `{"exit_code": N, "timed_out": bool}` or
 /// `{"signal": N, "timed_out": bool}`, or `{"error": "..."}` if the agent connection broke.
-pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
+///
+/// Every exec handed to the guest agent ends in the exec metrics and, if there is one, the audit
+/// log ([`ExecTrace`]), whether it exited, failed to start, broke or lost its client.
+pub async fn exec(ctx: &ApiContext, body: &[u8], peer: Option<Peer>) -> Result<Reply, Fault> {
     const WHAT: &str = "POST /sandbox/exec";
+    let began = Instant::now();
     let request: SandboxExec = parse_body(WHAT, body)?;
     let spec = process_spec(
         WHAT,
@@ -51,18 +57,26 @@ pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
         request.user.as_deref(),
         request.timeout_ms,
     )?;
-    let uds = lock(&ctx.controller).agent_uds(WHAT)?;
+    let (uds, observer) = {
+        let controller = lock(&ctx.controller);
+        (controller.agent_uds(WHAT)?, controller.exec_observer())
+    };
+    let trace = ExecTrace::new(observer, &request, spec.user.as_deref(), peer, began);
     let (lines_tx, lines) = mpsc::channel(STREAM_DEPTH);
     let (started_tx, started) = oneshot::channel();
     let worker = ctx.agent.clone();
     ctx.agent.submit(move || {
+        let refused = |trace: ExecTrace, started_tx: oneshot::Sender<_>, fault: Fault| {
+            trace.end(ExecEnd::Failed(fault.message.clone()));
+            drop(started_tx.send(Err(fault)));
+        };
         let client = match worker.client(&uds) {
             Ok(client) => client,
-            Err(fault) => return drop(started_tx.send(Err(fault))),
+            Err(fault) => return refused(trace, started_tx, fault),
         };
         let mut handle = match client.exec(spec, request.stdin.is_some()) {
             Ok(handle) => handle,
-            Err(e) => return drop(started_tx.send(Err(agent_fault(WHAT, e)))),
+            Err(e) => return refused(trace, started_tx, agent_fault(WHAT, e)),
         };
         if let (Some(text), Some(mut stdin)) = (request.stdin, handle.take_stdin()) {
             // On its own thread: a process that writes before it reads must not stall on output
@@ -80,16 +94,40 @@ pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
             if let Err(e) = feeder {
                 let _ = handle.close();
                 let fault = Fault::internal(format!("{WHAT}: cannot start the stdin thread: {e}"));
-                return drop(started_tx.send(Err(fault)));
+                return refused(trace, started_tx, fault);
             }
         }
         if started_tx.send(Ok(())).is_err() {
             return;
         }
+        // Each way out of this loop ends the trace: with the exit status or error, or (by
+        // dropping it) as abandoned when the HTTP client went away first.
+        let mut trace = Some(trace);
         loop {
             let line = match handle.next_event_timeout(CLIENT_GONE_POLL) {
-                Ok(Some(event)) => event_line(&event),
-                Ok(None) => return,
+                Ok(Some(event)) => {
+                    if let Some(trace) = trace.as_mut() {
+                        trace.saw(&event);
+                    }
+                    if let ExecEvent::Exited { status, timed_out } = &event {
+                        // The end counts once the process ended, whether or not its client
+                        // reads it.
+                        if let Some(trace) = trace.take() {
+                            trace.end(ExecEnd::Exited {
+                                status: *status,
+                                timed_out: *timed_out,
+                            });
+                        }
+                    }
+                    event_line(&event)
+                }
+                Ok(None) => {
+                    if let Some(trace) = trace.take() {
+                        let error = "the guest agent ended the exec without an exit status";
+                        trace.end(ExecEnd::Failed(error.into()));
+                    }
+                    return;
+                }
                 Err(agentvm_client::ClientError::TimedOut { .. }) => {
                     if lines_tx.is_closed() {
                         // Dropping the handle kills the process group.
@@ -97,7 +135,12 @@ pub async fn exec(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
                     }
                     continue;
                 }
-                Err(e) => serde_json::json!({ "error": e.to_string() }),
+                Err(e) => {
+                    if let Some(trace) = trace.take() {
+                        trace.end(ExecEnd::Failed(e.to_string()));
+                    }
+                    serde_json::json!({ "error": e.to_string() })
+                }
             };
             let ended = line.get("error").is_some();
             let mut text = line.to_string();

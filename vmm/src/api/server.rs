@@ -21,8 +21,10 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::sync::Notify;
 
+use super::audit::Peer;
 use super::fault::Fault;
 use super::handlers::{self, lock, ApiBody, ApiContext, Reply};
+use super::request_counts::UNMATCHED_ROUTE;
 use super::routes::{self, Endpoint};
 use super::{port_forward, pty, sandbox};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
@@ -150,10 +152,11 @@ async fn serve(listener: tokio::net::UnixListener, ctx: ApiContext, shutdown: Ar
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => {
                     let ctx = ctx.clone();
+                    let peer = peer_of(&stream);
                     tokio::spawn(async move {
                         let service = service_fn(move |request| {
                             let ctx = ctx.clone();
-                            async move { Ok::<_, Infallible>(respond(&ctx, request).await) }
+                            async move { Ok::<_, Infallible>(respond(&ctx, request, peer).await) }
                         });
                         let connection = http1::Builder::new()
                             .timer(TokioTimer::new())
@@ -175,10 +178,44 @@ async fn serve(listener: tokio::net::UnixListener, ctx: ApiContext, shutdown: Ar
     }
 }
 
-async fn respond(ctx: &ApiContext, mut request: Request<Incoming>) -> Response<ApiBody> {
-    lock(&ctx.controller).count_request();
+/// The connecting process, from SO_PEERCRED (the audit log's "who asked").
+fn peer_of(stream: &tokio::net::UnixStream) -> Option<Peer> {
+    match stream.peer_cred() {
+        Ok(cred) => Some(Peer {
+            pid: cred.pid(),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        }),
+        Err(e) => {
+            tracing::debug!("no peer credentials for an API connection: {e}");
+            None
+        }
+    }
+}
+
+async fn respond(
+    ctx: &ApiContext,
+    request: Request<Incoming>,
+    peer: Option<Peer>,
+) -> Response<ApiBody> {
+    let method = request.method().clone();
+    let resolved = routes::resolve(request.method(), request.uri().path());
+    let route_label = resolved
+        .as_ref()
+        .map_or(UNMATCHED_ROUTE, |route| route.path);
+    let response = answer(ctx, request, resolved, peer).await;
+    lock(&ctx.controller).count_request(&method, route_label, response.status().as_u16());
+    response
+}
+
+async fn answer(
+    ctx: &ApiContext,
+    mut request: Request<Incoming>,
+    resolved: Result<routes::Matched, Fault>,
+    peer: Option<Peer>,
+) -> Response<ApiBody> {
     let result = async {
-        let route = routes::resolve(request.method(), request.uri().path())?;
+        let route = resolved?;
         match route.endpoint {
             Endpoint::PutSandboxFile => return sandbox::put_file(ctx, request).await,
             Endpoint::SandboxPty | Endpoint::ConnectSandboxPort => {
@@ -195,7 +232,7 @@ async fn respond(ctx: &ApiContext, mut request: Request<Incoming>) -> Response<A
         }
         let query = request.uri().query().map(str::to_owned);
         let body = read_body(request).await?;
-        handlers::handle(ctx, route, query.as_deref(), &body).await
+        handlers::handle(ctx, route, query.as_deref(), &body, peer).await
     }
     .await;
     const JSON: &str = "application/json";

@@ -19,6 +19,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
+use vmm::logging::LogFormat;
 
 /// Exit status for failures of agentvm itself (bad input, VMM or guest failure), as `docker run`
 /// uses 125, so that they are not mistaken for the guest command's own exit codes.
@@ -31,6 +32,10 @@ pub const EXIT_AGENTVM_FAILURE: u8 = 125;
     about = "KVM microVM sandboxes for running untrusted agent code"
 )]
 struct Cli {
+    /// How log lines (stderr, or the `PUT /logger` file) are written: `text`, or `json` for one
+    /// JSON object per line. The level comes from AGENTVM_LOG (default `warn`).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
@@ -107,8 +112,8 @@ impl MachineArgs {
 
 pub fn main() -> ExitCode {
     timings::mark_process_start();
-    init_logging();
     let cli = Cli::parse();
+    vmm::logging::init("AGENTVM_LOG", cli.log_format);
     let result = match cli.command {
         Command::Run(args) => run::run(args),
         Command::Exec(args) => exec::exec(args),
@@ -125,10 +130,6 @@ pub fn main() -> ExitCode {
             ExitCode::from(EXIT_AGENTVM_FAILURE)
         }
     }
-}
-
-fn init_logging() {
-    vmm::logging::init("AGENTVM_LOG");
 }
 
 /// Exit status of agentvm itself when a signal stopped it (shell convention 128 + n).

@@ -36,7 +36,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "PATH", required_unless_present = "no_api")]
     api_sock: Option<PathBuf>,
     /// Boot at once from a Firecracker-style JSON file ("boot-source", "machine-config", "vsock",
-    /// "logger", "metrics", "network-interfaces").
+    /// "logger", "metrics", "network-interfaces", and agentvm's "audit-log").
     #[arg(long, value_name = "FILE")]
     config_file: Option<PathBuf>,
     /// The instance ID reported by GET / (1-64 characters: letters, digits, '-' and '_').
@@ -45,6 +45,10 @@ pub struct ServeArgs {
     /// Serve no API (only with --config-file).
     #[arg(long, requires = "config_file", conflicts_with = "api_sock")]
     no_api: bool,
+    /// Append one JSON line per `/sandbox/exec` to this file (the exec audit log: who ran what,
+    /// how it ended, how long it took; never stdin/stdout contents or env values).
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
     /// Write the guest's serial console to this file instead of stdout.
     #[arg(long, value_name = "FILE")]
     console: Option<PathBuf>,
@@ -87,8 +91,17 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     } else {
         SeccompLevel::Enforce
     };
-    let controller: SharedController =
-        Arc::new(Mutex::new(Controller::new(args.id.clone(), seccomp)));
+    let controller: SharedController = Arc::new(Mutex::new(Controller::new(
+        args.id.clone(),
+        seccomp,
+        super::timings::process_start_ns(),
+    )));
+    if let Some(path) = &args.audit_log {
+        let file = open_for_append(path, "--audit-log")?;
+        lock(&controller)
+            .set_audit_log(file)
+            .map_err(|fault| fault.message)?;
+    }
 
     // Before the VM exists a signal only ends the wait below; afterwards it ends the VM.
     let signalled = Arc::new(AtomicI32::new(0));
@@ -218,19 +231,20 @@ fn wait_for_start(
             VmmRequest::Logger { config, reply } => {
                 let _ = reply.send(vmm::api::logger::apply(&config));
             }
-            VmmRequest::OpenMetrics { path, reply } => {
-                let _ = reply.send(open_metrics(&path));
+            VmmRequest::OpenForAppend { path, what, reply } => {
+                let _ = reply.send(open_for_append(&path, what));
             }
         }
     }
 }
 
-fn open_metrics(path: &Path) -> Result<File, String> {
+/// Opens `path` for appending, created if missing; `what` names it in the error.
+fn open_for_append(path: &Path, what: &str) -> Result<File, String> {
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| format!("metrics_path {}: {e}", path.display()))
+        .map_err(|e| format!("{what} {}: {e}", path.display()))
 }
 
 /// Boots `config` and moves the controller to Running, or back to NotStarted on failure.
@@ -248,6 +262,7 @@ fn boot(
                 events: vm.event_sender(),
                 timings: vm.timings_handle(),
                 exits: vm.exit_counts(),
+                vsock: vm.vsock_metrics(),
             });
             Ok(vm)
         }
@@ -304,9 +319,15 @@ fn boot_from_file(
                 .map_err(named("network-interfaces"))?;
         }
         if let Some(metrics) = &file.metrics {
-            let sink = open_metrics(&metrics.metrics_path)
+            let sink = open_for_append(&metrics.metrics_path, "metrics_path")
                 .map_err(|e| format!("config file {}: section \"metrics\": {e}", path.display()))?;
             c.set_metrics(sink).map_err(named("metrics"))?;
+        }
+        if let Some(audit) = &file.audit_log {
+            let sink = open_for_append(&audit.path, "path").map_err(|e| {
+                format!("config file {}: section \"audit-log\": {e}", path.display())
+            })?;
+            c.set_audit_log(sink).map_err(named("audit-log"))?;
         }
         c.begin_start().map_err(named("boot-source"))?
     };

@@ -16,6 +16,11 @@ pub fn mark_process_start() {
     let _ = PROCESS_START_NS.set(monotonic_ns());
 }
 
+/// CLOCK_MONOTONIC ns of [`mark_process_start`] (now, if it was not called).
+pub fn process_start_ns() -> u64 {
+    *PROCESS_START_NS.get_or_init(monotonic_ns)
+}
+
 /// What the guest agent reported, as host-side arrival times (CLOCK_MONOTONIC ns).
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct GuestMilestones {

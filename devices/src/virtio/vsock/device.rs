@@ -10,6 +10,7 @@ use virtio_bindings::virtio_ids::VIRTIO_ID_VSOCK;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::metrics::VsockMetrics;
 use super::packet::{read_tx_packet, Buffers, Header, HDR_LEN, MAX_PAYLOAD};
 use super::unix_backend::{BackendError, UnixBackend};
 use crate::virtio::{
@@ -74,6 +75,7 @@ pub struct Vsock {
     payload: Vec<u8>,
     /// Payload read from a host socket for the rx packet being built.
     rx_buf: Vec<u8>,
+    metrics: VsockMetrics,
 }
 
 impl Vsock {
@@ -93,6 +95,7 @@ impl Vsock {
             transport_reset_pending: false,
             payload: Vec::with_capacity(MAX_PAYLOAD),
             rx_buf: vec![0; MAX_PAYLOAD],
+            metrics: VsockMetrics::default(),
         })
     }
 
@@ -110,6 +113,11 @@ impl Vsock {
     /// [`REQUEST_TIMEOUT`](super::REQUEST_TIMEOUT)), checked every `tick`.
     pub fn set_request_timeout(&mut self, timeout: std::time::Duration, tick: std::time::Duration) {
         self.backend.set_request_timeout(timeout, tick);
+    }
+
+    /// The device's traffic counters (a handle that stays readable from other threads).
+    pub fn metrics(&self) -> VsockMetrics {
+        self.metrics.clone()
     }
 
     /// Open connections.
@@ -192,7 +200,10 @@ impl Vsock {
                 let head = chain.head_index();
                 let bufs = Buffers(chain.readable().map(|d| (d.addr(), d.len())).collect());
                 match read_tx_packet(mem, &bufs, self.guest_cid, &mut self.payload) {
-                    Ok((hdr, op)) => self.backend.on_guest_packet(&hdr, op, &self.payload),
+                    Ok((hdr, op)) => {
+                        self.metrics.guest_sent(self.payload.len());
+                        self.backend.on_guest_packet(&hdr, op, &self.payload)
+                    }
                     Err((hdr, e)) => {
                         warn!("virtio-vsock: bad packet from the guest: {e}");
                         if let Some(hdr) = hdr {
@@ -269,6 +280,7 @@ impl Vsock {
                 queue
                     .add_used(mem, head, (HDR_LEN + len) as u32)
                     .map_err(|e| e.to_string())?;
+                self.metrics.guest_received(len);
                 used += 1;
             }
             Ok(())

@@ -6,6 +6,7 @@
 //! - packet.rs: the packet header and gathering/scattering packets over descriptor chains.
 //! - connection.rs: one stream's state machine and credit flow control.
 //! - unix_backend.rs: host Unix sockets (`CONNECT <port>` handshake, `<uds_path>_<port>`).
+//! - metrics.rs: packet and byte counters, read by the VMM's metrics.
 //!
 //! Wiring, as for [`rng`](super::rng) (the device is both the transport's `VirtioDevice` and an
 //! event-loop subscriber; it registers its own listening socket, timer and host sockets):
@@ -23,11 +24,13 @@
 mod connection;
 mod device;
 mod event_handler;
+mod metrics;
 mod packet;
 mod unix_backend;
 
 pub use connection::CONN_BUF_SIZE;
 pub use device::{Vsock, VsockError, EVENT_QUEUE, QUEUE_SIZE, RX_QUEUE, TX_QUEUE};
+pub use metrics::{VsockCounts, VsockMetrics};
 pub use packet::{Header, Op, PacketError, HDR_LEN, HOST_CID, MAX_PAYLOAD};
 pub use unix_backend::{BackendError, MAX_CONNECTIONS, MAX_HANDSHAKES, REQUEST_TIMEOUT};
 

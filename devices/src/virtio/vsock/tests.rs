@@ -370,8 +370,12 @@ fn identity_config_and_creation_errors() {
 #[test]
 fn host_initiated_connection_carries_data_both_ways() {
     let mut g = Guest::new();
+    let metrics = g.dev.lock().unwrap().metrics();
     let (mut host, local) = g.host_connect(52, GUEST_BUF);
     assert_eq!(g.conns(), 1);
+    let after_handshake = metrics.snapshot();
+    assert!(after_handshake.rx_packets >= 1 && after_handshake.tx_packets >= 1);
+    assert_eq!((after_handshake.rx_bytes, after_handshake.tx_bytes), (0, 0));
 
     host.write_all(b"hello guest").unwrap();
     g.run();
@@ -389,6 +393,13 @@ fn host_initiated_connection_carries_data_both_ways() {
 
     g.send(pkt(Op::Rw, 52, local), b"hello host");
     assert_eq!(read_now(&mut host).unwrap(), b"hello host");
+    let counts = metrics.snapshot();
+    assert_eq!(
+        (counts.rx_bytes, counts.tx_bytes),
+        (b"hello guest".len() as u64, b"hello host".len() as u64)
+    );
+    assert_eq!(counts.tx_packets, after_handshake.tx_packets + 1);
+    assert!(counts.rx_packets > after_handshake.rx_packets);
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! The per-VM API's agent extensions with a real guest: `agentvm serve --config-file` boots a
 //! guest with a vsock device, and `/sandbox/exec`, `/sandbox/files`, `/sandbox/watch`,
-//! `/sandbox/pty` and `/sandbox/ports` go through its agent.
+//! `/sandbox/pty` and `/sandbox/ports` go through its agent; the execs show in the exec audit
+//! log (`--audit-log`) and in `GET /metrics`.
 
 use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
@@ -12,6 +13,7 @@ use base64::Engine;
 use integration_tests::api::{
     header, request, request_bytes, stream_lines, upgrade, wait_for_path, ApiResponse, Upgrade,
 };
+use integration_tests::prometheus;
 
 use crate::{timed, Args};
 
@@ -46,8 +48,13 @@ fn api_sandbox(args: &Args) -> Check {
         "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
     });
     std::fs::write(&config, vm.to_string()).map_err(|e| format!("vm.json: {e}"))?;
+    let audit = dir.join("audit.log");
     let child = Command::new(&args.agentvm)
         .arg("serve")
+        .arg("--id")
+        .arg("e2e-api")
+        .arg("--audit-log")
+        .arg(&audit)
         .arg("--api-sock")
         .arg(&sock)
         .arg("--config-file")
@@ -82,6 +89,8 @@ fn api_sandbox(args: &Args) -> Check {
     if piped != "piped" {
         return Err(format!("exec with stdin: stdout {piped:?}"));
     }
+    let audited = check_audit_log(&audit)?;
+    let metrics = check_metrics(&sock)?;
 
     let content = "hello from the API\n";
     let put = request_bytes(
@@ -117,8 +126,8 @@ fn api_sandbox(args: &Args) -> Check {
     // Every stream above ended; the API still answers.
     expect_status(&request(&sock, "GET", "/", None), 200, "GET / at the end")?;
     Ok(format!(
-        "exec streamed out/err/exit 3, file round trip and list ok; missing file: {}; {watched}; \
-         {terminal}; {tunnel}",
+        "exec streamed out/err/exit 3, file round trip and list ok; missing file: {}; {audited}; \
+         {metrics}; {watched}; {terminal}; {tunnel}",
         missing.fault()
     ))
 }
@@ -315,6 +324,91 @@ fn read_until(terminal: &mut UnixStream, needle: &str) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// The two execs' audit lines: argv, exit code, duration and output sizes, and no stdin or
+/// output content (here both are "piped").
+fn check_audit_log(path: &Path) -> Check {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    if text.contains("piped") {
+        return Err(format!(
+            "the audit log holds stdin or output content:\n{text}"
+        ));
+    }
+    let records = text
+        .lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("audit line {line:?}: {e}")))
+        .collect::<Result<Vec<serde_json::Value>, String>>()?;
+    let find = |argv: serde_json::Value| {
+        records
+            .iter()
+            .find(|r| r["argv"] == argv && r["outcome"] != "error")
+            .ok_or_else(|| format!("no audit line for {argv} in:\n{text}"))
+    };
+    let first = find(serde_json::json!([
+        "sh",
+        "-c",
+        "echo out; echo err >&2; exit 3"
+    ]))?;
+    let piped = find(serde_json::json!(["cat"]))?;
+    let expect = |record: &serde_json::Value, key: &str, want: serde_json::Value| {
+        if record[key] == want {
+            Ok(())
+        } else {
+            Err(format!("audit {key}: want {want}, got {record}"))
+        }
+    };
+    expect(first, "sandbox_id", "e2e-api".into())?;
+    expect(first, "outcome", "exited_nonzero".into())?;
+    expect(first, "exit_code", 3.into())?;
+    expect(first, "stdout_bytes", 4.into())?;
+    expect(first, "stderr_bytes", 4.into())?;
+    expect(piped, "outcome", "exited_zero".into())?;
+    expect(piped, "exit_code", 0.into())?;
+    expect(piped, "stdin_bytes", 5.into())?;
+    for record in [first, piped] {
+        if record["duration_ms"].as_u64().is_none()
+            || !record["time"].as_str().is_some_and(|t| t.ends_with('Z'))
+            || record["peer"]["pid"].as_u64().is_none()
+        {
+            return Err(format!(
+                "audit line without duration, time or peer: {record}"
+            ));
+        }
+    }
+    Ok(format!("{} audit lines", records.len()))
+}
+
+/// `GET /metrics` after the execs: outcomes, latency histogram, vsock traffic, first exec time.
+fn check_metrics(sock: &Path) -> Check {
+    let answer = request(sock, "GET", "/metrics", None);
+    expect_status(&answer, 200, "GET /metrics")?;
+    let metrics = prometheus::parse(&answer.body)
+        .map_err(|e| format!("GET /metrics: {e}\n{}", answer.body))?;
+    let value = |name: &str, labels: &[(&str, &str)]| {
+        metrics
+            .value(name, labels)
+            .ok_or_else(|| format!("no {name}{labels:?} in:\n{}", answer.body))
+    };
+    let zero = value("agentvm_exec_total", &[("outcome", "exited_zero")])?;
+    let nonzero = value("agentvm_exec_total", &[("outcome", "exited_nonzero")])?;
+    let count = value("agentvm_exec_duration_seconds_count", &[])?;
+    let to_guest = value(
+        "agentvm_device_bytes_total",
+        &[("device", "vsock"), ("direction", "rx")],
+    )?;
+    let from_guest = value(
+        "agentvm_device_bytes_total",
+        &[("device", "vsock"), ("direction", "tx")],
+    )?;
+    let first_exec = value("agentvm_start_to_first_exec_seconds", &[])?;
+    if zero < 1.0 || nonzero < 1.0 || count < 2.0 || to_guest <= 0.0 || from_guest <= 0.0 {
+        return Err(format!("exec or vsock counters too low:\n{}", answer.body));
+    }
+    Ok(format!(
+        "metrics: {count} execs, vsock {to_guest} bytes in / {from_guest} out, first exec \
+         result {first_exec:.3} s after start"
+    ))
 }
 
 fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
