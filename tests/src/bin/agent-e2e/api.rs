@@ -120,9 +120,9 @@ fn api_sandbox(args: &Args) -> Check {
     expect_status(&missing, 404, "GET of a missing file")?;
     let dir_read = request(&sock, "GET", "/sandbox/files?path=/tmp", None);
     expect_status(&dir_read, 400, "GET of a directory")?;
-    let watched = watch_sees_exec(&sock)?;
-    let terminal = pty_session(&sock)?;
-    let tunnel = port_tunnel(&sock)?;
+    let watched = watch_sees_exec(&sock, "/sandbox")?;
+    let terminal = pty_session(&sock, "/sandbox")?;
+    let tunnel = port_tunnel(&sock, "/sandbox")?;
     // Every stream above ended; the API still answers.
     expect_status(&request(&sock, "GET", "/", None), 200, "GET / at the end")?;
     Ok(format!(
@@ -133,11 +133,14 @@ fn api_sandbox(args: &Args) -> Check {
 }
 
 /// A watch streams the creation of a file that an exec makes.
-fn watch_sees_exec(sock: &Path) -> Check {
-    exec_ok(sock, "mkdir -p /tmp/watched")?;
-    let mut events = stream_lines(sock, "/sandbox/watch?path=/tmp/watched&recursive=true")
-        .map_err(|answer| format!("GET /sandbox/watch: {answer:?}"))?;
-    exec_ok(sock, "echo x > /tmp/watched/new-file")?;
+pub fn watch_sees_exec(sock: &Path, prefix: &str) -> Check {
+    exec_ok(sock, prefix, "mkdir -p /tmp/watched")?;
+    let mut events = stream_lines(
+        sock,
+        &format!("{prefix}/watch?path=/tmp/watched&recursive=true"),
+    )
+    .map_err(|answer| format!("GET /sandbox/watch: {answer:?}"))?;
+    exec_ok(sock, prefix, "echo x > /tmp/watched/new-file")?;
     let mut seen = Vec::new();
     loop {
         let line = events
@@ -157,13 +160,18 @@ fn watch_sees_exec(sock: &Path) -> Check {
 
 /// A terminal session runs `sh`: a command's output comes back, a resize shows in `stty size`,
 /// `exit 7` ends the stream and the status says 7.
-fn pty_session(sock: &Path) -> Check {
+pub fn pty_session(sock: &Path, prefix: &str) -> Check {
     let body = r#"{"cmd": ["sh"], "cols": 80, "rows": 24}"#;
-    let (head, mut terminal) =
-        match upgrade(sock, "POST", "/sandbox/pty", "agentvm-pty", Some(body)) {
-            Upgrade::Switched { head, stream } => (head, stream),
-            Upgrade::Refused(answer) => return Err(format!("POST /sandbox/pty: {answer:?}")),
-        };
+    let (head, mut terminal) = match upgrade(
+        sock,
+        "POST",
+        &format!("{prefix}/pty"),
+        "agentvm-pty",
+        Some(body),
+    ) {
+        Upgrade::Switched { head, stream } => (head, stream),
+        Upgrade::Refused(answer) => return Err(format!("POST /sandbox/pty: {answer:?}")),
+    };
     let id = header(&head, "x-agentvm-pty-id")
         .ok_or_else(|| format!("no X-Agentvm-Pty-Id in {head:?}"))?;
     let send = |terminal: &mut UnixStream, text: &str| {
@@ -174,19 +182,19 @@ fn pty_session(sock: &Path) -> Check {
     // The terminal echoes the typed line; only the shell's expansion prints A-42-A.
     send(&mut terminal, "echo A-$((6*7))-A\n")?;
     read_until(&mut terminal, "A-42-A").map_err(|e| {
-        let status = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+        let status = request(sock, "GET", &format!("{prefix}/pty/{id}"), None);
         format!("{e}; session {id}: {}", status.body)
     })?;
     let resize = request(
         sock,
         "POST",
-        &format!("/sandbox/pty/{id}/resize"),
+        &format!("{prefix}/pty/{id}/resize"),
         Some(r#"{"cols": 100, "rows": 40}"#),
     );
     expect_status(&resize, 204, "POST /sandbox/pty/{id}/resize")?;
     send(&mut terminal, "echo S-$(stty size)-S\n")?;
     read_until(&mut terminal, "S-40 100-S")?;
-    let running = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    let running = request(sock, "GET", &format!("{prefix}/pty/{id}"), None);
     expect_status(&running, 200, "GET /sandbox/pty/{id}")?;
     if running.json()["running"] != true {
         return Err(format!("session {id} while running: {}", running.body));
@@ -196,7 +204,7 @@ fn pty_session(sock: &Path) -> Check {
     terminal
         .read_to_end(&mut rest)
         .map_err(|e| format!("the terminal stream did not end after exit: {e}"))?;
-    let ended = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    let ended = request(sock, "GET", &format!("{prefix}/pty/{id}"), None);
     let status = ended.json();
     if status["running"] != false || status["exit_code"] != 7 {
         return Err(format!("session {id} after exit 7: {}", ended.body));
@@ -204,22 +212,22 @@ fn pty_session(sock: &Path) -> Check {
     let late = request(
         sock,
         "POST",
-        &format!("/sandbox/pty/{id}/resize"),
+        &format!("{prefix}/pty/{id}/resize"),
         Some(r#"{"cols": 100, "rows": 40}"#),
     );
     expect_status(&late, 409, "resize after the end")?;
-    let hung_up = hang_up(sock)?;
+    let hung_up = hang_up(sock, prefix)?;
     Ok(format!(
         "pty {id}: echo, resize to 40x100, exit 7; closing the input: {hung_up}"
     ))
 }
 
 /// Closing the client's write half hangs up the terminal: the stream ends and the session with it.
-fn hang_up(sock: &Path) -> Check {
+fn hang_up(sock: &Path, prefix: &str) -> Check {
     let (head, mut terminal) = match upgrade(
         sock,
         "POST",
-        "/sandbox/pty",
+        &format!("{prefix}/pty"),
         "agentvm-pty",
         Some(r#"{"cmd": ["sh"]}"#),
     ) {
@@ -235,7 +243,7 @@ fn hang_up(sock: &Path) -> Check {
     terminal
         .read_to_end(&mut rest)
         .map_err(|e| format!("the terminal stream did not end after the hang-up: {e}"))?;
-    let ended = request(sock, "GET", &format!("/sandbox/pty/{id}"), None);
+    let ended = request(sock, "GET", &format!("{prefix}/pty/{id}"), None);
     if ended.json()["running"] != false {
         return Err(format!("session {id} after the hang-up: {}", ended.body));
     }
@@ -243,16 +251,17 @@ fn hang_up(sock: &Path) -> Check {
 }
 
 /// A tunnel reaches an HTTP server started in the guest; a closed port is a 502.
-fn port_tunnel(sock: &Path) -> Check {
+pub fn port_tunnel(sock: &Path, prefix: &str) -> Check {
     // busybox httpd without -f backgrounds itself once it listens.
     exec_ok(
         sock,
+        prefix,
         "mkdir -p /www-api && echo hello-port > /www-api/index.html && httpd -p 8100 -h /www-api",
     )?;
     let mut tunnel = match upgrade(
         sock,
         "POST",
-        "/sandbox/ports/8100/connect",
+        &format!("{prefix}/ports/8100/connect"),
         "agentvm-tcp",
         None,
     ) {
@@ -274,7 +283,7 @@ fn port_tunnel(sock: &Path) -> Check {
     let closed = match upgrade(
         sock,
         "POST",
-        "/sandbox/ports/8101/connect",
+        &format!("{prefix}/ports/8101/connect"),
         "agentvm-tcp",
         None,
     ) {
@@ -290,9 +299,14 @@ fn port_tunnel(sock: &Path) -> Check {
 }
 
 /// Runs `sh -c script` through `/sandbox/exec`; it must exit 0.
-fn exec_ok(sock: &Path, script: &str) -> Result<(), String> {
+pub fn exec_ok(sock: &Path, prefix: &str, script: &str) -> Result<(), String> {
     let body = serde_json::json!({"cmd": ["sh", "-c", script]}).to_string();
-    let (stdout, stderr, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&body)))?;
+    let (stdout, stderr, last) = exec_events(&request(
+        sock,
+        "POST",
+        &format!("{prefix}/exec"),
+        Some(&body),
+    ))?;
     if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
         return Err(format!(
             "{script:?}: {last}, stdout {stdout:?}, stderr {stderr:?}"

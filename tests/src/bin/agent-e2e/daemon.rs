@@ -1,5 +1,6 @@
-//! `agentvm daemon` with a real Linux guest: a jailed sandbox created from a template, exec and
-//! files forwarded to its agent, the daemon killed and restarted (the sandbox adopted and still
+//! `agentvm daemon` with a real Linux guest: a jailed sandbox created from a template, exec,
+//! files, watch, a PTY session and a port tunnel forwarded to its agent (upgraded connections
+//! spliced through the daemon), the daemon killed and restarted (the sandbox adopted and still
 //! usable), then destroyed with nothing left running.
 
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 use integration_tests::api::{request, request_bytes, ApiResponse};
 use vmm::config::LINUX_BASE_CMDLINE;
 
-use crate::api::{exec_events, expect_status};
+use crate::api::{exec_events, expect_status, port_tunnel, pty_session, watch_sees_exec};
 use crate::{timed, Args};
 
 type Check = Result<String, String>;
@@ -143,6 +144,12 @@ fn daemon(args: &Args) -> Check {
         return Err(format!("GET files: {:?}", got.body));
     }
 
+    // The streaming routes, upgrades spliced through the daemon.
+    let prefix = "/sandboxes/e2e";
+    let watched = watch_sees_exec(&d.sock, prefix)?;
+    let terminal = pty_session(&d.sock, prefix)?;
+    let tunnel = port_tunnel(&d.sock, prefix)?;
+
     // The daemon dies and comes back: the sandbox is adopted and still answers.
     let vmms_before = serve_pids();
     d.kill();
@@ -194,7 +201,8 @@ fn daemon(args: &Args) -> Check {
         }
     }
     Ok(format!(
-        "jailed sandbox up with its agent in {:.1} s; exec, files, restart adoption, destroy",
+        "jailed sandbox up with its agent in {:.1} s; exec, files; {watched}; {terminal}; \
+         {tunnel}; restart adoption, destroy",
         boot.as_secs_f64()
     ))
 }
