@@ -2,6 +2,7 @@
 //! beside it, fsync, rename, fsync of the directory.
 
 use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::SnapshotError;
@@ -29,13 +30,24 @@ impl AtomicFile {
             .to_string_lossy()
             .into_owned();
         let temp = target.with_file_name(format!(".{name}.tmp-{}", std::process::id()));
-        let file = OpenOptions::new()
-            .write(true)
-            .read(true)
-            .create(true)
-            .truncate(true)
-            .open(&temp)
-            .map_err(SnapshotError::io(&temp))?;
+        // Always a new file (O_CREAT|O_EXCL): the VMM's seccomp filter lets the thread that
+        // writes snapshots create files but never open existing ones. A leftover of a crashed
+        // writer with the same pid is removed first.
+        let create = || {
+            OpenOptions::new()
+                .write(true)
+                .read(true)
+                .create_new(true)
+                .open(&temp)
+        };
+        let file = match create() {
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                std::fs::remove_file(&temp).map_err(SnapshotError::io(&temp))?;
+                create()
+            }
+            other => other,
+        }
+        .map_err(SnapshotError::io(&temp))?;
         Ok(Self {
             file,
             temp,
@@ -63,7 +75,10 @@ impl AtomicFile {
             Some(p) if !p.as_os_str().is_empty() => p,
             _ => Path::new("."),
         };
-        File::open(dir)
+        OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY)
+            .open(dir)
             .and_then(|d| d.sync_all())
             .map_err(SnapshotError::io(dir))
     }
@@ -96,5 +111,20 @@ mod tests {
         f.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"whole");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_stale_temporary_file_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("state");
+        let stale = dir
+            .path()
+            .join(format!(".state.tmp-{}", std::process::id()));
+        std::fs::write(&stale, b"stale").unwrap();
+        let f = AtomicFile::create(&target).unwrap();
+        (&*f.file()).write_all(b"new").unwrap();
+        f.commit().unwrap();
+        assert_eq!(std::fs::read(&target).unwrap(), b"new");
+        assert!(!stale.exists());
     }
 }

@@ -17,6 +17,7 @@ pub mod kernel;
 pub mod logging;
 pub mod memory;
 pub mod nested;
+pub mod persist;
 pub mod process_stats;
 pub mod seccomp;
 pub mod vmm;

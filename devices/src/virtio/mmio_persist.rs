@@ -10,6 +10,7 @@ use virtio_bindings::virtio_config::{
 use virtio_queue::{Queue, QueueState, QueueT};
 
 use super::mmio::{lock_device, MmioTransport};
+use super::VirtioDevice;
 
 /// virtio-queue's `QueueState`, which has no serde support, field for field.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -76,13 +77,16 @@ impl MmioTransport {
     /// Read with the vCPUs parked (no register writes in flight) and the device's event loop
     /// idle between events: the ring positions are those of the last request served.
     pub fn save_state(&self) -> MmioTransportState {
-        let live = {
-            let device = lock_device(&self.device);
-            if device.is_activated() {
-                device.queue_states()
-            } else {
-                Vec::new()
-            }
+        self.save_state_with(&*lock_device(&self.device))
+    }
+
+    /// [`Self::save_state`] with the device's lock already held by the caller (who keeps the
+    /// device quiet while it also saves guest memory).
+    pub fn save_state_with(&self, device: &(dyn VirtioDevice + Send)) -> MmioTransportState {
+        let live = if device.is_activated() {
+            device.queue_states()
+        } else {
+            Vec::new()
         };
         let queues = if live.len() == self.queues.len() {
             live.into_iter().map(QueueSnapshot::from).collect()
