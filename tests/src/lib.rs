@@ -7,3 +7,4 @@ pub mod elf;
 pub mod jailer;
 pub mod nested;
 pub mod probe;
+pub mod serve;
