@@ -103,11 +103,11 @@ mod tests {
         let target = dir.path().join("state");
         {
             let f = AtomicFile::create(&target).unwrap();
-            (&*f.file()).write_all(b"half").unwrap();
+            f.file().write_all(b"half").unwrap();
         }
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         let f = AtomicFile::create(&target).unwrap();
-        (&*f.file()).write_all(b"whole").unwrap();
+        f.file().write_all(b"whole").unwrap();
         f.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"whole");
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
@@ -122,7 +122,7 @@ mod tests {
             .join(format!(".state.tmp-{}", std::process::id()));
         std::fs::write(&stale, b"stale").unwrap();
         let f = AtomicFile::create(&target).unwrap();
-        (&*f.file()).write_all(b"new").unwrap();
+        f.file().write_all(b"new").unwrap();
         f.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), b"new");
         assert!(!stale.exists());

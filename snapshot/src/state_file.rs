@@ -97,7 +97,7 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Snaps
 pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<(), SnapshotError> {
     let bytes = encode(state)?;
     let file = AtomicFile::create(path)?;
-    (&*file.file())
+    file.file()
         .write_all(&bytes)
         .map_err(SnapshotError::io(file.temp_path()))?;
     file.commit()

@@ -21,7 +21,7 @@ use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 use crate::vstate::exit_counts::ExitCounts;
 use crate::vstate::pause::{RunSwitches, VcpuGate};
-use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuRequest};
+use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuChannels, VcpuRequest};
 use crate::vstate::vm::{Vm, VmError};
 
 mod restore;
@@ -261,7 +261,10 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
             index,
             fd,
             io.clone(),
-            events_tx.clone(),
+            VcpuChannels {
+                events: events_tx.clone(),
+                requests: requests_rx,
+            },
             RunSwitches {
                 stop: stop.clone(),
                 gate: gate.clone(),
@@ -274,7 +277,6 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
                     && config.seccomp_test_violation == Some(ThreadKind::Vcpu),
                 ..config.thread_seccomp(ThreadKind::Vcpu)
             },
-            requests_rx,
         ));
     }
     devices.start_event_loop(config.thread_seccomp(ThreadKind::Devices))?;

@@ -43,6 +43,12 @@ fn install_kick_handler() {
     });
 }
 
+/// How a vCPU thread and the VMM talk: events out (the vCPU stopped, first entry), requests in.
+pub struct VcpuChannels {
+    pub events: Sender<VmmEvent>,
+    pub requests: Receiver<VcpuRequest>,
+}
+
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
@@ -60,12 +66,12 @@ impl Vcpu {
         index: u8,
         fd: VcpuFd,
         io: Arc<IoManager>,
-        events: Sender<VmmEvent>,
+        channels: VcpuChannels,
         switches: RunSwitches,
         first_run: Arc<OnceLock<u64>>,
         seccomp: ThreadSeccomp,
-        requests: Receiver<VcpuRequest>,
     ) -> Self {
+        let VcpuChannels { events, requests } = channels;
         Self {
             index,
             fd,
