@@ -59,14 +59,16 @@ fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
     .to_string()
 }
 
-/// Boots the counting probe (with a vsock device when `vsock` is given), lets it count to 3,
+/// Boots the counting probe on `vcpus` vCPUs (the probe runs on the first; the others wait for
+/// an INIT-SIPI that never comes, so their MP state is saved and restored as such), with a vsock
+/// device when `vsock` is given; lets it count to 3,
 /// pauses it and snapshots it into `files`; returns the serve (still paused) and the console.
-fn boot_and_snapshot(files: &SnapshotFiles, vsock: Option<&Path>) -> Serve {
+fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> Serve {
     let s = Serve::start();
     s.ok(
         "PUT",
         "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+        &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": 64}).to_string(),
     );
     if let Some(uds) = vsock {
         s.ok(
@@ -114,7 +116,7 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     }
     let files = SnapshotFiles::new();
     let uds = files.path("v.sock");
-    let original = boot_and_snapshot(&files, Some(&uds));
+    let original = boot_and_snapshot(&files, 1, Some(&uds));
     let (_out, original_dir) = original.terminate();
     let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
     let last = *counts(&before).last().expect("the original counted");
@@ -153,7 +155,27 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
         !counts(&after).contains(&1),
         "the restored guest started over:\n{after}"
     );
-    let (_, _dir) = restored.terminate();
+
+    // A restored VM is snapshotted again, over the very files its memory is mapped from (the
+    // new files replace them by rename; the mapping keeps the old ones), and restored again.
+    restored.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let create = serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()});
+    restored.ok("PUT", "/snapshot/create", &create.to_string());
+    let (_, restored_dir) = restored.terminate();
+    let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
+    let last = *counts(&second).last().unwrap();
+    let again = Serve::start();
+    again.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), true),
+    );
+    let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(
+        &counts(&format!("{before}{second}{third}")),
+        "original + restored + restored again",
+    );
+    let (_, _dir) = again.terminate();
     assert!(!uds.exists());
 }
 
@@ -163,7 +185,7 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, None);
+    let original = boot_and_snapshot(&files, 2, None);
     let (_out, original_dir) = original.terminate();
     let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
     let last = *counts(&before).last().expect("the original counted");
@@ -176,6 +198,10 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
             &load_body(&files.state(), &files.mem(), true),
         );
         assert_eq!(copy.state(), "Running");
+        assert_eq!(
+            copy.call("GET", "/machine-config", None).json()["vcpu_count"],
+            2
+        );
     }
     for copy in &copies {
         let after = copy.wait_console(&format!("PROBE count {}\n", last + 3));
@@ -201,7 +227,7 @@ fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, None);
+    let original = boot_and_snapshot(&files, 1, None);
     let last = *counts(&original.console())
         .last()
         .expect("the original counted");
