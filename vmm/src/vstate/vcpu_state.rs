@@ -198,3 +198,120 @@ fn write_msrs(index: u8, fd: &VcpuFd, msrs: &[(u32, u64)]) -> Result<(), VcpuSta
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::vstate::vm::Vm;
+    use crate::vstate::vm_state::KvmVmState;
+    use vm_memory::{GuestAddress, GuestMemoryMmap};
+
+    const MSR_IA32_TSC: u32 = 0x10;
+
+    /// A VM with 64 MiB, or None (with a message) without /dev/kvm; with CI=true a missing
+    /// /dev/kvm fails the test instead.
+    fn vm(test: &str) -> Option<(Vm, GuestMemoryMmap)> {
+        let vm = match Vm::new() {
+            Ok(vm) => vm,
+            Err(e) => {
+                if std::env::var("CI").as_deref() == Ok("true") {
+                    panic!("{test}: KVM is required when CI=true: {e}");
+                }
+                eprintln!("skipping {test}: {e}");
+                return None;
+            }
+        };
+        let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
+        vm.register_memory(&mem).unwrap();
+        Some((vm, mem))
+    }
+
+    /// [`vm`] with vCPU 0 configured for boot.
+    fn vm_with_vcpu(test: &str) -> Option<(Vm, GuestMemoryMmap, VcpuFd)> {
+        let (vm, mem) = vm(test)?;
+        let fd = vm.fd().create_vcpu(0).unwrap();
+        arch::configure_vcpu(
+            vm.kvm(),
+            &fd,
+            &mem,
+            0,
+            1,
+            GuestAddress(0x100_0000),
+            GuestAddress(arch::layout::ZERO_PAGE_START),
+        )
+        .unwrap();
+        Some((vm, mem, fd))
+    }
+
+    #[test]
+    fn vcpu_and_vm_state_come_back_in_a_fresh_vm() {
+        let Some((vm, _mem, fd)) = vm_with_vcpu("vcpu_and_vm_state_come_back_in_a_fresh_vm") else {
+            return;
+        };
+        let mut regs = fd.get_regs().unwrap();
+        regs.rax = 0x1234_5678_9abc_def0;
+        regs.r15 = 42;
+        fd.set_regs(&regs).unwrap();
+        let saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        assert!(
+            saved.msrs.iter().any(|&(msr, _)| msr == MSR_IA32_TSC),
+            "the TSC is among the saved MSRs"
+        );
+        let vm_state = KvmVmState::save(vm.fd()).unwrap();
+        // Through the state file's encoding, as a snapshot carries them.
+        let path = std::path::Path::new("vcpu.snap");
+        let bytes = snapshot::state_file::encode(&(&saved, &vm_state)).unwrap();
+        let (saved, vm_state): (VcpuState, KvmVmState) =
+            snapshot::state_file::decode(path, &bytes).unwrap();
+
+        let Some((vm2, _mem2)) = vm("vcpu_and_vm_state_come_back_in_a_fresh_vm") else {
+            return;
+        };
+        let fd2 = vm2.fd().create_vcpu(0).unwrap();
+        vm_state.restore(vm2.fd()).unwrap();
+        saved.restore(&fd2).unwrap();
+        let again = VcpuState::save(0, &fd2, &vm2.msrs_to_save()).unwrap();
+        assert_eq!(again.regs.rax, 0x1234_5678_9abc_def0);
+        assert_eq!(again.regs.r15, 42);
+        assert_eq!(again.regs.rip, saved.regs.rip);
+        assert_eq!(
+            (
+                again.sregs.cr0,
+                again.sregs.cr3,
+                again.sregs.cr4,
+                again.sregs.efer
+            ),
+            (
+                saved.sregs.cr0,
+                saved.sregs.cr3,
+                saved.sregs.cr4,
+                saved.sregs.efer
+            )
+        );
+        assert_eq!(again.lapic.regs[..], saved.lapic.regs[..]);
+        assert_eq!(again.cpuid.len(), saved.cpuid.len());
+        let indices = |s: &VcpuState| s.msrs.iter().map(|&(i, _)| i).collect::<Vec<_>>();
+        assert_eq!(indices(&again), indices(&saved));
+        for (&(msr, value), &(_, before)) in again.msrs.iter().zip(&saved.msrs) {
+            if msr != MSR_IA32_TSC {
+                assert_eq!(value, before, "MSR {msr:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_state_with_a_foreign_msr_is_refused_by_name() {
+        let Some((vm, _mem, fd)) = vm_with_vcpu("a_state_with_a_foreign_msr_is_refused_by_name")
+        else {
+            return;
+        };
+        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        // An MSR index no CPU has.
+        saved.msrs.push((0x4000_ffff, 1));
+        let err = saved.restore(&fd).unwrap_err().to_string();
+        assert!(
+            err.contains("0x4000ffff") || err.contains("KVM_SET_MSRS"),
+            "{err}"
+        );
+    }
+}
