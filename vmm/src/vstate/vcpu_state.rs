@@ -210,7 +210,7 @@ mod tests {
 
     /// A VM with 64 MiB, or None (with a message) without /dev/kvm; with CI=true a missing
     /// /dev/kvm fails the test instead.
-    fn vm(test: &str) -> Option<(Vm, GuestMemoryMmap)> {
+    fn kvm_vm(test: &str) -> Option<(Vm, GuestMemoryMmap)> {
         let vm = match Vm::new() {
             Ok(vm) => vm,
             Err(e) => {
@@ -226,9 +226,9 @@ mod tests {
         Some((vm, mem))
     }
 
-    /// [`vm`] with vCPU 0 configured for boot.
+    /// [`kvm_vm`] with vCPU 0 configured for boot.
     fn vm_with_vcpu(test: &str) -> Option<(Vm, GuestMemoryMmap, VcpuFd)> {
-        let (vm, mem) = vm(test)?;
+        let (vm, mem) = kvm_vm(test)?;
         let fd = vm.fd().create_vcpu(0).unwrap();
         arch::configure_vcpu(
             vm.kvm(),
@@ -264,7 +264,7 @@ mod tests {
         let (saved, vm_state): (VcpuState, KvmVmState) =
             snapshot::state_file::decode(path, &bytes).unwrap();
 
-        let Some((vm2, _mem2)) = vm("vcpu_and_vm_state_come_back_in_a_fresh_vm") else {
+        let Some((vm2, _mem2)) = kvm_vm("vcpu_and_vm_state_come_back_in_a_fresh_vm") else {
             return;
         };
         let fd2 = vm2.fd().create_vcpu(0).unwrap();
