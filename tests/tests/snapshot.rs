@@ -5,9 +5,12 @@
 
 use std::path::{Path, PathBuf};
 
-use integration_tests::agentvm::require_kvm;
+use integration_tests::agentvm::{require_kvm, run_agentvm};
 use integration_tests::probe::probe_elf;
 use integration_tests::serve::Serve;
+
+/// Hang detector for one `agentvm snapshot` command.
+const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// Every `PROBE count <n>` of `console`, in order.
 fn counts(console: &str) -> Vec<u64> {
@@ -156,20 +159,50 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
         "the restored guest started over:\n{after}"
     );
 
-    // A restored VM is snapshotted again, over the very files its memory is mapped from (the
-    // new files replace them by rename; the mapping keeps the old ones), and restored again.
-    restored.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-    let create = serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()});
-    restored.ok("PUT", "/snapshot/create", &create.to_string());
+    // A restored VM is snapshotted again (with the CLI), over the very files its memory is
+    // mapped from (the new files replace them by rename; the mapping keeps the old ones), and
+    // restored again.
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let out = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot");
+        (out.status.code(), out.stderr_text())
+    };
+    let sock = restored.sock().as_os_str();
+    let (state, mem) = (files.state(), files.mem());
+    let (code, stderr) = cli(&[
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "--api-sock".as_ref(),
+        sock,
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        mem.as_os_str(),
+        "--keep-paused".as_ref(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(restored.state(), "Paused");
     let (_, restored_dir) = restored.terminate();
     let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
     let last = *counts(&second).last().unwrap();
     let again = Serve::start();
-    again.ok(
-        "PUT",
-        "/snapshot/load",
-        &load_body(&files.state(), &files.mem(), true),
-    );
+    let load = |snapshot: &Path| {
+        cli(&[
+            "snapshot".as_ref(),
+            "load".as_ref(),
+            "--api-sock".as_ref(),
+            again.sock().as_os_str(),
+            "--snapshot".as_ref(),
+            snapshot.as_os_str(),
+            "--mem".as_ref(),
+            mem.as_os_str(),
+            "--resume".as_ref(),
+        ])
+    };
+    let (code, stderr) = load(&files.path("missing.snap"));
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(stderr.contains("no such file"), "{stderr}");
+    let (code, stderr) = load(&state);
+    assert_eq!(code, Some(0), "{stderr}");
     let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
     assert_consecutive(
         &counts(&format!("{before}{second}{third}")),
