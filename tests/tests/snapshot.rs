@@ -120,6 +120,18 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     let files = SnapshotFiles::new();
     let uds = files.path("v.sock");
     let original = boot_and_snapshot(&files, 1, Some(&uds));
+    // While the snapshotted VM still holds its vsock socket, a restore (which listens on the same
+    // path) is refused by name and nothing runs.
+    let early = Serve::start();
+    early.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), true),
+        400,
+        "already exists",
+    );
+    assert_eq!(early.state(), "Not started");
+    drop(early);
     let (_out, original_dir) = original.terminate();
     let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
     let last = *counts(&before).last().expect("the original counted");
