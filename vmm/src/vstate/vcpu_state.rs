@@ -58,7 +58,8 @@ impl std::fmt::Debug for VcpuState {
 
 impl VcpuState {
     /// Reads every piece of state. `msr_indices` is KVM's list of MSRs to save
-    /// (KVM_GET_MSR_INDEX_LIST); those this vCPU cannot read are left out (see [`read_msrs`]).
+    /// (KVM_GET_MSR_INDEX_LIST); those this vCPU cannot read are left out (KVM lists some that
+    /// KVM_GET_MSRS refuses for this guest's CPUID).
     pub fn save(index: u8, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
         let kvm = |what| {
             move |source| VcpuStateError::Kvm {
