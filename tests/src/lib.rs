@@ -8,3 +8,4 @@ pub mod jailer;
 pub mod nested;
 pub mod probe;
 pub mod prometheus;
+pub mod serve;

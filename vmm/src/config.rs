@@ -38,7 +38,7 @@ pub struct VmConfig {
 /// A virtio-vsock device whose host side is a Unix socket (Firecracker's hybrid vsock): the host
 /// connects to `uds_path` and sends `CONNECT <port>\n`; guest connections to port P go to
 /// `<uds_path>_P`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
@@ -83,8 +83,7 @@ impl VmConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
-        validate_vcpus(self.vcpus as u64)?;
-        validate_mem_mib(self.mem_mib, host_mem_mib())?;
+        self.validate_machine()?;
         if !self.kernel.is_file() {
             return Err(ConfigError::KernelMissing(self.kernel.clone()));
         }
@@ -93,6 +92,14 @@ impl VmConfig {
                 return Err(ConfigError::InitrdMissing(initrd.clone()));
             }
         }
+        Ok(())
+    }
+
+    /// Everything but the boot files: what a VM restored from a snapshot (which has no kernel to
+    /// load) must pass.
+    pub fn validate_machine(&self) -> Result<(), ConfigError> {
+        validate_vcpus(self.vcpus as u64)?;
+        validate_mem_mib(self.mem_mib, host_mem_mib())?;
         if let Some(vsock) = &self.vsock {
             vsock.validate()?;
         }

@@ -17,6 +17,7 @@ use devices::virtio::vsock::{Vsock, VsockMetrics};
 use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
+use serde::{Deserialize, Serialize};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vm_memory::GuestMemoryMmap;
@@ -55,6 +56,16 @@ pub enum DeviceError {
     EventLoop(String),
     #[error("device event loop: {0}")]
     Seccomp(String),
+    #[error("snapshot device state: {0}")]
+    Restore(String),
+}
+
+/// Every device's state in a snapshot: COM1 and the virtio-mmio slots in slot order (the i8042
+/// has none worth keeping: it only forwards the reset line).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceStates {
+    pub serial: devices::legacy::SerialSnapshot,
+    pub virtio: Vec<devices::virtio::MmioTransportState>,
 }
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
@@ -67,6 +78,8 @@ pub struct DeviceManager {
     cmdline_args: Vec<String>,
     acpi_devices: Vec<arch::AcpiMmioDevice>,
     vsock_metrics: Option<VsockMetrics>,
+    /// The virtio-mmio transports in slot order, for snapshots.
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
 }
 
 impl DeviceManager {
@@ -76,6 +89,7 @@ impl DeviceManager {
         console: Box<dyn Write + Send>,
         events: Sender<VmmEvent>,
         vsock: Option<&VsockConfig>,
+        restore: Option<&DeviceStates>,
     ) -> Result<Self, DeviceError> {
         let mut io = IoManager::new();
         let mut event_manager = EventManager::<Subscriber>::new()
@@ -90,10 +104,14 @@ impl DeviceManager {
                 what: "the serial irqfd".into(),
                 source,
             })?;
-        let serial = Arc::new(Mutex::new(Serial::new(
-            EventFdTrigger::new(serial_irq),
-            console,
-        )));
+        let serial = match restore {
+            Some(states) => {
+                Serial::from_snapshot(&states.serial, EventFdTrigger::new(serial_irq), console)
+                    .map_err(DeviceError::Restore)?
+            }
+            None => Serial::new(EventFdTrigger::new(serial_irq), console),
+        };
+        let serial = Arc::new(Mutex::new(serial));
         io.register_pio(
             PioRange::new(PioAddress(SERIAL_COM1_BASE), SERIAL_PORT_LEN).map_err(|source| {
                 DeviceError::Bus {
@@ -133,6 +151,7 @@ impl DeviceManager {
             cmdline_args: Vec::new(),
             acpi_devices: Vec::new(),
             vsock_metrics: None,
+            transports: Vec::new(),
         };
 
         let rng = Arc::new(Mutex::new(Rng::new().map_err(|e| DeviceError::Create {
@@ -155,6 +174,9 @@ impl DeviceManager {
             manager.add_virtio_mmio(vm, mem, &mut io, device, "virtio-vsock")?;
         }
 
+        if let Some(states) = restore {
+            manager.restore_virtio(&states.virtio)?;
+        }
         manager.io = Arc::new(io);
         manager.event_manager = Some(event_manager);
         Ok(manager)
@@ -163,6 +185,58 @@ impl DeviceManager {
     /// The vsock device's traffic counters, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<VsockMetrics> {
         self.vsock_metrics.clone()
+    }
+
+    /// Puts saved transport state into the (fresh) virtio slots, which must be the same devices
+    /// in the same order; re-activates those the guest had activated.
+    fn restore_virtio(
+        &self,
+        states: &[devices::virtio::MmioTransportState],
+    ) -> Result<(), DeviceError> {
+        if states.len() != self.transports.len() {
+            return Err(DeviceError::Restore(format!(
+                "the snapshot has {} virtio devices, this VM has {}",
+                states.len(),
+                self.transports.len()
+            )));
+        }
+        for (slot, (transport, state)) in self.transports.iter().zip(states).enumerate() {
+            transport
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .restore_state(state)
+                .map_err(|e| DeviceError::Restore(format!("virtio slot {slot}: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// Every device's state, then `while_quiet` (saving guest memory) before any device may run
+    /// again: the device thread serves queues on its own, so without holding every device's lock
+    /// across both, a request served in between would be in memory but not in the ring positions
+    /// (and served twice after a restore). The vCPUs must be parked, so no register access is in
+    /// flight either.
+    pub fn save_state_quiesced<R>(&self, while_quiet: impl FnOnce() -> R) -> (DeviceStates, R) {
+        let transports: Vec<_> = self
+            .transports
+            .iter()
+            .map(|t| t.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let devices: Vec<_> = transports.iter().map(|t| t.device().clone()).collect();
+        let device_guards: Vec<_> = devices
+            .iter()
+            .map(|d| d.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let serial = self.serial.lock().unwrap_or_else(|e| e.into_inner());
+        let states = DeviceStates {
+            serial: serial.save_state(),
+            virtio: transports
+                .iter()
+                .zip(&device_guards)
+                .map(|(t, d)| t.save_state_with(&**d))
+                .collect(),
+        };
+        let result = while_quiet();
+        (states, result)
     }
 
     /// Puts a virtio device behind the next virtio-mmio slot: bus registration, ioeventfds for its
@@ -211,7 +285,9 @@ impl DeviceManager {
                 source,
             },
         )?;
-        io.register_mmio(range, Arc::new(Mutex::new(transport)))
+        let transport = Arc::new(Mutex::new(transport));
+        self.transports.push(transport.clone());
+        io.register_mmio(range, transport)
             .map_err(|source| DeviceError::Bus {
                 what: name.into(),
                 source,

@@ -20,6 +20,27 @@ pub enum VmmEvent {
     Stop,
     /// Pause or resume the vCPUs (the API's `PATCH /vm`); served by the thread waiting on the VM.
     Control(ControlRequest),
+    /// Write a snapshot of the paused VM (the API's `PUT /snapshot/create`); served by the thread
+    /// waiting on the VM.
+    CreateSnapshot(SnapshotRequest),
+}
+
+/// Where to write a snapshot and where its answer goes (a callback, as for [`ControlRequest`]).
+pub struct SnapshotRequest {
+    pub snapshot_path: std::path::PathBuf,
+    pub mem_file_path: std::path::PathBuf,
+    pub reply: Box<dyn FnOnce(Result<(), String>) + Send>,
+}
+
+impl fmt::Debug for SnapshotRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "SnapshotRequest({} + {})",
+            self.snapshot_path.display(),
+            self.mem_file_path.display()
+        )
+    }
 }
 
 /// What [`VmmEvent::Control`] asks for.

@@ -1,7 +1,8 @@
 //! agentvm's VMM: a KVM microVM built from rust-vmm crates.
 //!
-//! [`vmm::boot`] turns a [`config::VmConfig`] into a running VM; [`vmm::Vmm::wait`] blocks until it
-//! ends and says why ([`exit::VmOutcome`]).
+//! [`vmm::boot`] turns a [`config::VmConfig`] into a running VM, [`vmm::restore`] builds one from a
+//! snapshot ([`persist::MicrovmState`], files in the `snapshot` crate's formats);
+//! [`vmm::Vmm::wait`] blocks until it ends and says why ([`exit::VmOutcome`]).
 //!
 //! Every VMM thread runs under a seccomp filter for its kind ([`seccomp`]); the filters live in
 //! `vmm/seccomp/<target>.json` and are described in `vmm/seccomp/README.md`.
@@ -17,6 +18,7 @@ pub mod kernel;
 pub mod logging;
 pub mod memory;
 pub mod nested;
+pub mod persist;
 pub mod process_stats;
 pub mod seccomp;
 pub mod vmm;

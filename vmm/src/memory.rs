@@ -1,11 +1,19 @@
 //! Guest RAM: one memfd, mapped shared, cut into the regions the x86 layout needs (the 32-bit MMIO
 //! hole below 4 GiB stays unbacked). A memfd rather than anonymous memory because a snapshot can
 //! then write (or later mmap) guest RAM as a file without copying it through another buffer.
+//! A restored VM maps its snapshot's memory file privately instead: pages come from the page
+//! cache on first touch and are copied on first write, so the file is never changed and many VMs
+//! restored from it share its unchanged pages.
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use snapshot::MemoryLayout;
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -15,6 +23,69 @@ pub enum MemoryError {
     Resize { size: u64, source: std::io::Error },
     #[error("cannot map guest memory: {0}")]
     Map(vm_memory::mmap::FromRangesError),
+    #[error("cannot map the snapshot memory file at guest address {addr:#x}: {reason}")]
+    MapFile { addr: u64, reason: String },
+    #[error(
+        "the snapshot's memory layout {found:?} is not the one this agentvm builds for {mem_mib}          MiB ({expected:?})"
+    )]
+    Layout {
+        mem_mib: u64,
+        found: Vec<(u64, u64)>,
+        expected: Vec<(u64, u64)>,
+    },
+}
+
+/// Guest RAM regions as a snapshot records them.
+pub fn layout_of(mem: &GuestMemoryMmap) -> MemoryLayout {
+    MemoryLayout::packed(mem.iter().map(|r| (r.start_addr().0, r.len())))
+}
+
+/// Maps a snapshot's memory file as guest RAM (MAP_PRIVATE). The layout must be the one this
+/// build gives a guest of `mem_mib`: the restored VM gets the devices and tables of that size.
+pub fn map_memory_file(
+    file: File,
+    layout: &MemoryLayout,
+    mem_mib: u64,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    let expected: Vec<(u64, u64)> = arch::arch_memory_regions(mem_mib << 20)
+        .iter()
+        .map(|&(addr, len)| (addr.0, len as u64))
+        .collect();
+    let found: Vec<(u64, u64)> = layout
+        .regions
+        .iter()
+        .map(|r| (r.guest_addr, r.size))
+        .collect();
+    if found != expected {
+        return Err(MemoryError::Layout {
+            mem_mib,
+            found,
+            expected,
+        });
+    }
+    let file = std::sync::Arc::new(file);
+    let regions = layout
+        .regions
+        .iter()
+        .map(|r| {
+            let map_err = |reason: String| MemoryError::MapFile {
+                addr: r.guest_addr,
+                reason,
+            };
+            let mapping = MmapRegionBuilder::new(r.size as usize)
+                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| map_err("the region wraps the address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile {
+        addr: 0,
+        reason: e.to_string(),
+    })
 }
 
 /// Creates guest memory of `mem_bytes`, laid out per `arch::arch_memory_regions`.
@@ -49,7 +120,7 @@ pub fn create_guest_memory(mem_bytes: u64) -> Result<GuestMemoryMmap, MemoryErro
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     #[test]
     fn small_guest_is_one_region_and_is_writable() {
@@ -60,6 +131,30 @@ mod tests {
             mem.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
             0xdead_beef
         );
+    }
+
+    #[test]
+    fn memory_file_is_mapped_private_and_checked_against_the_layout() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let layout = MemoryLayout::packed([(0, 32 << 20)]);
+        let mut bytes = vec![0u8; 32 << 20];
+        bytes[0x2000..0x2004].copy_from_slice(&0xfeed_f00du32.to_le_bytes());
+        std::fs::write(&path, &bytes).unwrap();
+        let mem = map_memory_file(File::open(&path).unwrap(), &layout, 32).unwrap();
+        assert_eq!(layout_of(&mem), layout);
+        assert_eq!(
+            mem.read_obj::<u32>(GuestAddress(0x2000)).unwrap(),
+            0xfeed_f00d
+        );
+        mem.write_obj(1u32, GuestAddress(0x2000)).unwrap();
+        assert_eq!(
+            std::fs::read(&path).unwrap()[0x2000..0x2004],
+            0xfeed_f00du32.to_le_bytes(),
+            "a guest write must not reach the snapshot's file"
+        );
+        let err = map_memory_file(File::open(&path).unwrap(), &layout, 64).unwrap_err();
+        assert!(err.to_string().contains("not the one"), "{err}");
     }
 
     #[test]

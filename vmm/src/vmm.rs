@@ -7,11 +7,12 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use kvm_ioctls::VcpuFd;
 use linux_loader::cmdline::Cmdline;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 use vmm_sys_util::signal::Killable;
 
-use crate::config::{ConfigError, VmConfig};
+use crate::config::{ConfigError, VmConfig, VsockConfig};
 use crate::device_manager::{DeviceError, DeviceManager};
 use crate::exit::{VcpuControl, VcpuStop, VmOutcome, VmmEvent};
 use crate::kernel::{self, KernelError};
@@ -20,8 +21,13 @@ use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 use crate::vstate::exit_counts::ExitCounts;
 use crate::vstate::pause::{RunSwitches, VcpuGate};
-use crate::vstate::vcpu::{kick_signal, Vcpu};
+use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuChannels, VcpuRequest};
 use crate::vstate::vm::{Vm, VmError};
+
+mod restore;
+mod snapshot_create;
+
+pub use restore::{restore, RestoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -50,6 +56,14 @@ pub enum VmmError {
     PauseTimeout(Duration, usize, usize),
     #[error("cannot start vCPU thread {index}: {source}")]
     SpawnVcpu { index: u8, source: std::io::Error },
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    #[error("snapshot: {0}")]
+    VcpuState(#[from] crate::vstate::vcpu_state::VcpuStateError),
+    #[error("snapshot: {0}")]
+    VmState(#[from] crate::vstate::vm_state::VmStateError),
+    #[error("snapshot: {0}")]
+    SnapshotState(String),
 }
 
 /// Milestones of one boot (CLOCK_MONOTONIC ns, see [`process_stats::monotonic_ns`]), for
@@ -82,11 +96,21 @@ impl TimingsHandle {
     }
 }
 
+/// What a snapshot records about the machine besides its state: enough to build it again.
+#[derive(Debug, Clone)]
+struct Machine {
+    vcpus: u8,
+    mem_mib: u64,
+    vsock: Option<VsockConfig>,
+}
+
 /// A running VM. Dropping it stops and joins every thread it started.
 pub struct Vmm {
     // Field order matters for drop: threads are stopped in `Drop` before the VM fd and the
     // memory mapping go away.
     vcpu_threads: Vec<JoinHandle<()>>,
+    /// One per vCPU thread, in index order: work for a parked vCPU (saving its state).
+    vcpu_requests: Vec<Sender<VcpuRequest>>,
     stop: Arc<AtomicBool>,
     gate: Arc<VcpuGate>,
     exits: ExitCounts,
@@ -95,6 +119,7 @@ pub struct Vmm {
     devices: DeviceManager,
     timings: BootTimings,
     first_run: Arc<OnceLock<u64>>,
+    machine: Machine,
     // Dropped only once every vCPU thread has been joined (see `shutdown`).
     vm: Option<Vm>,
     mem: Option<GuestMemoryMmap>,
@@ -118,12 +143,13 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     let kvm_ready_ns = monotonic_ns();
 
     let (events_tx, events_rx) = channel();
-    let mut devices = DeviceManager::new(
+    let devices = DeviceManager::new(
         vm.fd(),
         &mem,
         console,
         events_tx.clone(),
         config.vsock.as_ref(),
+        None,
     )?;
 
     let loaded = kernel::load_kernel(&mem, &config.kernel, format, config.mem_mib)?;
@@ -154,18 +180,10 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     arch::set_acpi_rsdp(&mem, rsdp)?;
     let kernel_loaded_ns = monotonic_ns();
 
-    let stop = Arc::new(AtomicBool::new(false));
-    let gate = Arc::new(VcpuGate::default());
-    let exits = ExitCounts::default();
-    let first_run = Arc::new(OnceLock::new());
-    let io = devices.io_manager();
     let zero_page = GuestAddress(arch::layout::ZERO_PAGE_START);
-    let mut vcpus = Vec::with_capacity(config.vcpus as usize);
+    let mut vcpu_fds = Vec::with_capacity(config.vcpus as usize);
     for index in 0..config.vcpus {
-        let fd = vm
-            .fd()
-            .create_vcpu(index as u64)
-            .map_err(|source| VmmError::CreateVcpu { index, source })?;
+        let fd = create_vcpu(&vm, index)?;
         arch::configure_vcpu(
             vm.kvm(),
             &fd,
@@ -175,11 +193,78 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
             loaded.entry,
             zero_page,
         )?;
+        vcpu_fds.push(fd);
+    }
+    start(
+        config,
+        Built {
+            vm,
+            mem,
+            devices,
+            vcpu_fds,
+            events: (events_tx, events_rx),
+            timings: BootTimings {
+                build_start_ns,
+                kvm_ready_ns,
+                kernel_loaded_ns,
+                vcpus_started_ns: kernel_loaded_ns,
+                first_kvm_run_ns: None,
+                rss_before_guest: config.record_rss_before_guest.then(process_stats::rss),
+            },
+        },
+        false,
+    )
+}
+
+fn create_vcpu(vm: &Vm, index: u8) -> Result<VcpuFd, VmmError> {
+    vm.fd()
+        .create_vcpu(index as u64)
+        .map_err(|source| VmmError::CreateVcpu { index, source })
+}
+
+/// A VM with its memory, devices and vCPUs set up (from a kernel or from a snapshot), not yet
+/// running.
+struct Built {
+    vm: Vm,
+    mem: GuestMemoryMmap,
+    devices: DeviceManager,
+    vcpu_fds: Vec<VcpuFd>,
+    events: (Sender<VmmEvent>, Receiver<VmmEvent>),
+    timings: BootTimings,
+}
+
+/// Starts the device loop and one thread per vCPU. With `paused`, the vCPUs park before their
+/// first KVM_RUN until [`VcpuGate::resume`].
+fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError> {
+    let Built {
+        vm,
+        mem,
+        mut devices,
+        vcpu_fds,
+        events: (events_tx, events_rx),
+        timings,
+    } = built;
+    let stop = Arc::new(AtomicBool::new(false));
+    let gate = Arc::new(VcpuGate::default());
+    if paused {
+        gate.pause();
+    }
+    let exits = ExitCounts::default();
+    let first_run = Arc::new(OnceLock::new());
+    let io = devices.io_manager();
+    let mut vcpus = Vec::with_capacity(vcpu_fds.len());
+    let mut vcpu_requests = Vec::with_capacity(vcpu_fds.len());
+    for (index, fd) in (0u8..).zip(vcpu_fds) {
+        let (requests_tx, requests_rx) = channel();
+        vcpu_requests.push(requests_tx);
         vcpus.push(Vcpu::new(
             index,
             fd,
             io.clone(),
-            events_tx.clone(),
+            VcpuChannels {
+                events: events_tx.clone(),
+                requests: requests_rx,
+            },
             RunSwitches {
                 stop: stop.clone(),
                 gate: gate.clone(),
@@ -198,21 +283,20 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
 
     let mut vmm = Vmm {
         vcpu_threads: Vec::with_capacity(vcpus.len()),
+        vcpu_requests,
         stop,
         gate,
         exits,
         events_tx,
         events_rx,
         devices,
-        timings: BootTimings {
-            build_start_ns,
-            kvm_ready_ns,
-            kernel_loaded_ns,
-            vcpus_started_ns: kernel_loaded_ns,
-            first_kvm_run_ns: None,
-            rss_before_guest: config.record_rss_before_guest.then(process_stats::rss),
-        },
+        timings,
         first_run,
+        machine: Machine {
+            vcpus: config.vcpus,
+            mem_mib: config.mem_mib,
+            vsock: config.vsock.clone(),
+        },
         vm: Some(vm),
         mem: Some(mem),
         threads_stuck: false,
@@ -249,6 +333,18 @@ impl Vmm {
     /// Lets other parts of the process (signal handling, API, timers) end the VM.
     pub fn event_sender(&self) -> Sender<VmmEvent> {
         self.events_tx.clone()
+    }
+
+    pub fn vcpu_count(&self) -> u8 {
+        self.machine.vcpus
+    }
+
+    pub fn mem_mib(&self) -> u64 {
+        self.machine.mem_mib
+    }
+
+    pub fn vsock(&self) -> Option<&VsockConfig> {
+        self.machine.vsock.as_ref()
     }
 
     pub fn timings(&self) -> BootTimings {
@@ -317,6 +413,13 @@ impl Vmm {
                             Ok(())
                         }
                     };
+                    (request.reply)(result);
+                    continue;
+                }
+                VmmEvent::CreateSnapshot(request) => {
+                    let result = self
+                        .create_snapshot(&request.snapshot_path, &request.mem_file_path)
+                        .map_err(|e| e.to_string());
                     (request.reply)(result);
                     continue;
                 }

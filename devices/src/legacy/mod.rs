@@ -3,8 +3,10 @@
 
 mod i8042;
 mod serial;
+mod serial_persist;
 mod trigger;
 
 pub use i8042::{I8042, I8042_PORT_BASE, I8042_PORT_LEN};
 pub use serial::{Serial, SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN};
+pub use serial_persist::SerialSnapshot;
 pub use trigger::{CallbackTrigger, EventFdTrigger};

@@ -16,13 +16,13 @@ pub const SERIAL_PORT_LEN: u16 = 8;
 /// decides buffering. A write error on the host side (closed stdout, full disk) must not stop the
 /// guest, so it is logged once and further output is dropped.
 pub struct Serial {
-    inner: vm_superio::Serial<EventFdTrigger, NoEvents, SinkWriter>,
+    pub(super) inner: vm_superio::Serial<EventFdTrigger, NoEvents, SinkWriter>,
 }
 
 impl Serial {
     pub fn new(interrupt: EventFdTrigger, out: Box<dyn Write + Send>) -> Self {
         Self {
-            inner: vm_superio::Serial::new(interrupt, SinkWriter { out, failed: false }),
+            inner: vm_superio::Serial::new(interrupt, SinkWriter::new(out)),
         }
     }
 
@@ -39,9 +39,15 @@ impl Serial {
     }
 }
 
-struct SinkWriter {
+pub(super) struct SinkWriter {
     out: Box<dyn Write + Send>,
     failed: bool,
+}
+
+impl SinkWriter {
+    pub(super) fn new(out: Box<dyn Write + Send>) -> Self {
+        Self { out, failed: false }
+    }
 }
 
 impl Write for SinkWriter {

@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use virtio_queue::Queue;
+use virtio_queue::{Queue, QueueState};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::Interrupt;
@@ -81,4 +81,12 @@ pub trait VirtioDevice {
 
     /// Whether `activate` succeeded since the last reset.
     fn is_activated(&self) -> bool;
+
+    /// The live state of the device's queues (ring positions included) while activated, for a
+    /// snapshot; empty when not activated (the transport's registers are the whole story then).
+    fn queue_states(&self) -> Vec<QueueState>;
+
+    /// Called once the device was re-activated from a snapshot: whatever it held outside guest
+    /// memory (host connections, in-flight work) is gone, and the guest must be told so.
+    fn after_restore(&mut self) {}
 }

@@ -99,6 +99,15 @@ impl Interrupt {
 
     /// Device reset: nothing pending, no error. ConfigGeneration keeps counting so a driver can
     /// never see an old generation value paired with new contents.
+    /// Puts back the status a snapshot recorded (the line itself is level state in the irqchip,
+    /// restored with it).
+    pub(crate) fn restore(&self, status: u32, config_generation: u32, needs_reset: bool) {
+        self.status.store(status, Ordering::SeqCst);
+        self.config_generation
+            .store(config_generation, Ordering::SeqCst);
+        self.needs_reset.store(needs_reset, Ordering::SeqCst);
+    }
+
     pub(crate) fn reset(&self) {
         self.status.store(0, Ordering::SeqCst);
         self.needs_reset.store(false, Ordering::SeqCst);

@@ -52,23 +52,23 @@ pub fn kernel_cmdline_device(base: u64, gsi: u32) -> String {
 /// virtio-mmio register file and driver-status state machine for one device.
 pub struct MmioTransport {
     mem: GuestMemoryMmap,
-    device: Arc<Mutex<dyn VirtioDevice + Send>>,
+    pub(super) device: Arc<Mutex<dyn VirtioDevice + Send>>,
     // Constant for the device's lifetime; cached so identity and feature reads do not lock it.
-    device_type: u32,
-    device_features: u64,
+    pub(super) device_type: u32,
+    pub(super) device_features: u64,
     /// The queue registers as the driver wrote them; copies go to the device on activation.
-    queues: Vec<Queue>,
+    pub(super) queues: Vec<Queue>,
     queue_events: Vec<Arc<EventFd>>,
-    interrupt: Arc<Interrupt>,
+    pub(super) interrupt: Arc<Interrupt>,
     /// Status bits the driver set (DEVICE_NEEDS_RESET may be added by the transport).
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    driver_features: u64,
-    queue_sel: u32,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) driver_features: u64,
+    pub(super) queue_sel: u32,
 }
 
-fn lock_device(
+pub(super) fn lock_device(
     device: &Mutex<dyn VirtioDevice + Send>,
 ) -> MutexGuard<'_, dyn VirtioDevice + Send + 'static> {
     // A poisoned lock means a device method panicked earlier; its state is whatever it was,
@@ -382,7 +382,7 @@ impl MmioTransport {
         self.status |= VIRTIO_CONFIG_S_FEATURES_OK;
     }
 
-    fn activate(&mut self) {
+    pub(super) fn activate(&mut self) {
         self.status |= VIRTIO_CONFIG_S_DRIVER_OK;
         if let Some(index) = self.queues.iter().position(|q| !q.is_valid(&self.mem)) {
             self.enter_needs_reset(&format!(
@@ -513,7 +513,7 @@ impl MutDeviceMmio for MmioTransport {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use std::os::fd::AsRawFd;
 
     use super::*;
@@ -530,24 +530,24 @@ mod tests {
     const VERSION_1: u64 = 1 << VIRTIO_F_VERSION_1;
 
     /// Ring layout used for queue `i`: 16 descriptors fit in 0x100 bytes.
-    fn rings(i: u64) -> (u64, u64, u64) {
+    pub(crate) fn rings(i: u64) -> (u64, u64, u64) {
         let base = 0x10_000 + i * 0x1000;
         (base, base + 0x400, base + 0x800)
     }
 
-    fn transport(dev: DummyDevice) -> (MmioTransport, Arc<Mutex<DummyDevice>>) {
+    pub(crate) fn transport(dev: DummyDevice) -> (MmioTransport, Arc<Mutex<DummyDevice>>) {
         let dev = Arc::new(Mutex::new(dev));
         let t = MmioTransport::new(guest_memory(), dev.clone()).unwrap();
         (t, dev)
     }
 
-    fn read(t: &mut MmioTransport, offset: u32) -> u32 {
+    pub(crate) fn read(t: &mut MmioTransport, offset: u32) -> u32 {
         let mut data = [0xffu8; 4];
         t.mmio_read(MmioAddress(0), u64::from(offset), &mut data);
         u32::from_le_bytes(data)
     }
 
-    fn write(t: &mut MmioTransport, offset: u32, value: u32) {
+    pub(crate) fn write(t: &mut MmioTransport, offset: u32, value: u32) {
         t.mmio_write(MmioAddress(0), u64::from(offset), &value.to_le_bytes());
     }
 
@@ -590,7 +590,7 @@ mod tests {
     }
 
     /// A driver bringing up all queues of a two-queue device, up to DRIVER_OK.
-    fn bring_up(t: &mut MmioTransport) {
+    pub(crate) fn bring_up(t: &mut MmioTransport) {
         negotiate(t, VERSION_1);
         setup_queue(t, 0, 16, rings(0));
         setup_queue(t, 1, 8, rings(1));

@@ -31,6 +31,7 @@ mod device;
 mod events;
 mod interrupt;
 mod mmio;
+mod mmio_persist;
 pub mod rng;
 pub mod vsock;
 
@@ -40,6 +41,7 @@ pub use interrupt::{Interrupt, InterruptType};
 pub use mmio::{
     kernel_cmdline_device, MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET, VENDOR_ID,
 };
+pub use mmio_persist::{MmioTransportState, QueueSnapshot};
 
 use std::io;
 

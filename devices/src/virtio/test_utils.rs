@@ -92,6 +92,9 @@ pub struct DummyState {
     pub config_writes: Vec<(u64, Vec<u8>)>,
     pub notify_events: Vec<Arc<EventFd>>,
     pub interrupt: Option<Arc<Interrupt>>,
+    /// Queue states as activated (what `queue_states` reports while active).
+    pub live_queues: Vec<virtio_queue::QueueState>,
+    pub restored: usize,
 }
 
 /// A device that records what the transport does to it.
@@ -181,6 +184,7 @@ impl VirtioDevice for DummyDevice {
                 )
             })
             .collect();
+        self.state.live_queues = queues.iter().map(|q| q.queue.state()).collect();
         self.state.notify_events = queues.into_iter().map(|q| q.notify).collect();
         self.state.interrupt = Some(interrupt);
         self.active = true;
@@ -196,5 +200,17 @@ impl VirtioDevice for DummyDevice {
 
     fn is_activated(&self) -> bool {
         self.active
+    }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        if self.active {
+            self.state.live_queues.clone()
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn after_restore(&mut self) {
+        self.state.restored += 1;
     }
 }

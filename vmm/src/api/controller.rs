@@ -25,7 +25,7 @@ use crate::config::{
 use crate::exit::VmmEvent;
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::SeccompLevel;
-use crate::vmm::TimingsHandle;
+use crate::vmm::{RestoreConfig, TimingsHandle};
 use crate::vstate::exit_counts::{ExitCounts, ExitReason};
 
 use super::metrics::MetricsSnapshot;
@@ -72,8 +72,6 @@ pub struct Controller {
     host_mem_mib: Option<u64>,
 }
 
-const SNAPSHOT_MISSING: &str = "snapshots are not implemented yet: PUT /snapshot/create and \
-     PUT /snapshot/load arrive with the snapshot feature (the snapshot crate is still empty)";
 const NET_MISSING: &str = "network interfaces are not supported yet: agentvm has no virtio-net \
      device until the egress feature lands";
 
@@ -222,12 +220,57 @@ impl Controller {
         Err(Fault::bad_request(NET_MISSING))
     }
 
-    pub fn snapshot_create(&mut self, _request: SnapshotCreate) -> Result<(), Fault> {
-        Err(Fault::bad_request(SNAPSHOT_MISSING))
+    /// PUT /snapshot/create: where to send the request, once the body and the state allow it
+    /// (the microVM must be paused, as Firecracker requires).
+    pub fn snapshot_create_target(
+        &self,
+        request: &SnapshotCreate,
+    ) -> Result<Sender<VmmEvent>, Fault> {
+        super::snapshot::check_create(request)?;
+        match (&self.state, &self.vm) {
+            (VmState::Paused, Some(vm)) => Ok(vm.events.clone()),
+            (VmState::Running, _) => Err(Fault::bad_request(
+                "PUT /snapshot/create: the microVM must be paused first (PATCH /vm                  {\"state\": \"Paused\"})",
+            )),
+            (VmState::Stopped { reason }, _) => Err(Fault::bad_request(format!(
+                "PUT /snapshot/create: the microVM has stopped ({reason})"
+            ))),
+            _ => Err(Fault::bad_request(
+                "PUT /snapshot/create: the microVM is not running yet (InstanceStart, or PUT \
+                 /snapshot/load, first)",
+            )),
+        }
     }
 
-    pub fn snapshot_load(&mut self, _request: SnapshotLoad) -> Result<(), Fault> {
-        Err(Fault::bad_request(SNAPSHOT_MISSING))
+    /// PUT /snapshot/load, first half: only before InstanceStart (the VM is built from the
+    /// snapshot instead); the state is Starting until [`Controller::started`] or
+    /// [`Controller::start_failed`].
+    pub fn begin_load(&mut self, request: &SnapshotLoad) -> Result<RestoreConfig, Fault> {
+        if self.state != VmState::NotStarted {
+            return Err(Fault::bad_request(format!(
+                "PUT /snapshot/load: {}",
+                super::fault::AFTER_START
+            )));
+        }
+        let config = super::snapshot::restore_config(request, self.seccomp)?;
+        self.state = VmState::Starting;
+        Ok(config)
+    }
+
+    /// A snapshot was loaded: the machine is the snapshot's, running or paused.
+    pub fn loaded(
+        &mut self,
+        vm: StartedVm,
+        machine: MachineConfig,
+        vsock: Option<VsockConfig>,
+        paused: bool,
+    ) {
+        self.machine = machine;
+        self.vsock = vsock;
+        self.started(vm);
+        if paused {
+            self.state = VmState::Paused;
+        }
     }
 
     /// InstanceStart, first half: checks the pending configuration and hands out the VM's config;

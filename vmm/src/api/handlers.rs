@@ -42,6 +42,11 @@ pub enum VmmRequest {
         what: &'static str,
         reply: oneshot::Sender<Result<File, String>>,
     },
+    /// PUT /snapshot/load: build the VM from a snapshot instead of booting it.
+    LoadSnapshot {
+        config: crate::vmm::RestoreConfig,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
 }
 
 /// Every response body: whole (`Full`) or streamed from a job thread (`/sandbox/...`).
@@ -145,13 +150,11 @@ pub async fn handle(
         }
         Endpoint::PutSnapshotCreate => {
             let request: SnapshotCreate = parse_body("PUT /snapshot/create", body)?;
-            lock(&ctx.controller).snapshot_create(request)?;
-            Ok(Reply::NoContent)
+            super::snapshot::create(ctx, request).await
         }
         Endpoint::PutSnapshotLoad => {
             let request: SnapshotLoad = parse_body("PUT /snapshot/load", body)?;
-            lock(&ctx.controller).snapshot_load(request)?;
-            Ok(Reply::NoContent)
+            super::snapshot::load(ctx, request).await
         }
         Endpoint::PutActions => {
             let action: Action = parse_body("PUT /actions", body)?;
@@ -221,13 +224,13 @@ fn json<T: serde::Serialize>(value: &T) -> Result<Reply, Fault> {
         .map_err(|e| Fault::internal(format!("cannot encode the answer: {e}")))
 }
 
-fn send_to_vmm(ctx: &ApiContext, request: VmmRequest) -> Result<(), Fault> {
+pub(super) fn send_to_vmm(ctx: &ApiContext, request: VmmRequest) -> Result<(), Fault> {
     ctx.vmm_thread
         .send(request)
         .map_err(|_| Fault::bad_request("the VMM thread is no longer taking requests"))
 }
 
-async fn await_reply<T>(
+pub(super) async fn await_reply<T>(
     answer: oneshot::Receiver<T>,
     limit: Duration,
     what: &str,

@@ -6,7 +6,7 @@
 //! [`controller::Controller`] ([`handlers`]). Whatever must happen on the VMM thread (booting, which
 //! spawns the vCPU and device threads; opening log and metrics files, which the API thread's
 //! seccomp filter forbids) goes there as a [`handlers::VmmRequest`]; pause/resume go to the running
-//! VM's event channel. The `/sandbox/...` agent extensions ([`sandbox`]) run on job threads
+//! VM's event channel, and so does PUT /snapshot/create ([`snapshot`]). The `/sandbox/...` agent extensions ([`sandbox`]) run on job threads
 //! outside the API thread's filter ([`agent`]).
 //!
 //! Observability: `GET /metrics` ([`metrics`]: requests by route and status
@@ -30,5 +30,6 @@ pub mod request_counts;
 pub mod routes;
 pub mod sandbox;
 pub mod server;
+pub mod snapshot;
 pub mod upgrade;
 pub mod watch;

@@ -12,6 +12,7 @@ mod run;
 mod serve;
 mod session;
 mod signals;
+mod snapshot;
 mod terminal;
 mod timings;
 
@@ -57,6 +58,12 @@ enum Command {
     /// The sandbox host daemon: many sandboxes by ID over an HTTP API on a Unix socket, each a
     /// separate jailed VMM; sandboxes survive a daemon restart.
     Daemon(daemon::DaemonArgs),
+    /// Snapshots of a VM run by `agentvm serve`: create one (pause, write, resume) or build a
+    /// VM that has not started from one.
+    Snapshot {
+        #[command(subcommand)]
+        command: snapshot::SnapshotCommand,
+    },
     /// Manage guest kernels and initramfs images.
     Kernel {
         #[command(subcommand)]
@@ -120,6 +127,7 @@ pub fn main() -> ExitCode {
         Command::Boot(args) => boot::boot(args),
         Command::Serve(args) => serve::serve(args),
         Command::Daemon(args) => daemon::daemon(args),
+        Command::Snapshot { command } => snapshot::run(command),
         Command::Kernel { command } => kernel_cmd::run(command),
         Command::Bench { command } => bench::run(command),
     };

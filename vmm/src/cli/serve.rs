@@ -24,11 +24,12 @@ use vmm::api::agent::AgentWorker;
 use vmm::api::config_file::ConfigFile;
 use vmm::api::controller::{Controller, StartedVm};
 use vmm::api::handlers::{lock, ApiContext, SharedController, VmmRequest};
+use vmm::api::models::MachineConfig;
 use vmm::api::server::ApiServer;
 use vmm::config::VmConfig;
 use vmm::exit::{VmOutcome, VmmEvent};
 use vmm::seccomp::{SeccompLevel, ThreadKind, ThreadSeccomp};
-use vmm::vmm::Vmm;
+use vmm::vmm::{RestoreConfig, Vmm};
 
 #[derive(Args)]
 pub struct ServeArgs {
@@ -228,6 +229,17 @@ fn wait_for_start(
                     }
                 }
             }
+            VmmRequest::LoadSnapshot { config, reply } => {
+                match load_snapshot(&config, controller, args.console.as_deref()) {
+                    Ok(vm) => {
+                        let _ = reply.send(Ok(()));
+                        return BeforeStart::Started(Box::new(vm));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
             VmmRequest::Logger { config, reply } => {
                 let _ = reply.send(vmm::api::logger::apply(&config));
             }
@@ -264,6 +276,42 @@ fn boot(
                 exits: vm.exit_counts(),
                 vsock: vm.vsock_metrics(),
             });
+            Ok(vm)
+        }
+        Err(e) => {
+            controller.start_failed();
+            Err(e)
+        }
+    }
+}
+
+/// Builds the VM from a snapshot and moves the controller to Running or Paused (as the load asked),
+/// or back to NotStarted on failure.
+fn load_snapshot(
+    config: &RestoreConfig,
+    controller: &SharedController,
+    console: Option<&Path>,
+) -> Result<Vmm, String> {
+    let result = open_console(console)
+        .and_then(|console| vmm::vmm::restore(config, console).map_err(|e| e.to_string()));
+    let mut controller = lock(controller);
+    match result {
+        Ok(vm) => {
+            controller.loaded(
+                StartedVm {
+                    events: vm.event_sender(),
+                    timings: vm.timings_handle(),
+                    exits: vm.exit_counts(),
+                    vsock: vm.vsock_metrics(),
+                },
+                MachineConfig {
+                    vcpu_count: u64::from(vm.vcpu_count()),
+                    mem_size_mib: vm.mem_mib(),
+                    ..MachineConfig::default()
+                },
+                vm.vsock().cloned(),
+                !config.resume,
+            );
             Ok(vm)
         }
         Err(e) => {

@@ -149,6 +149,41 @@ fn no_thread_may_open_files() {
 }
 
 #[test]
+fn the_vmm_filter_creates_snapshot_files_but_opens_no_existing_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = std::ffi::CString::new(dir.path().join("new").into_os_string().into_encoded_bytes())
+        .unwrap();
+    let dir_path =
+        std::ffi::CString::new(dir.path().as_os_str().as_encoded_bytes().to_vec()).unwrap();
+    let create = move || {
+        // SAFETY: openat with valid NUL-terminated paths; the fds are left to _exit.
+        let fd = unsafe {
+            libc::open(
+                path.as_ptr(),
+                libc::O_RDWR | libc::O_CREAT | libc::O_EXCL | libc::O_CLOEXEC,
+                0o600,
+            )
+        };
+        // SAFETY: as above.
+        let dir_fd = unsafe { libc::open(dir_path.as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+        // SAFETY: exiting the forked child with a status that says what failed.
+        unsafe {
+            libc::_exit(if fd < 0 {
+                3
+            } else if dir_fd < 0 {
+                4
+            } else {
+                0
+            })
+        };
+    };
+    let (ended, stderr) = in_filtered_child(ThreadKind::Vmm, create);
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+    let (ended, _) = in_filtered_child(ThreadKind::Vmm, open_a_file);
+    assert!(matches!(ended, Ended::Signalled(libc::SIGSYS)), "{ended:?}");
+}
+
+#[test]
 fn the_vmm_filter_allows_the_vcpu_kick_signal() {
     // The vmm filter allows tgkill only with signal 34: glibc's SIGRTMIN.
     assert_eq!(crate::vstate::vcpu::kick_signal(), 34);

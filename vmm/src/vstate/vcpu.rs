@@ -2,7 +2,7 @@
 //! exit the VMM cannot handle as a precise reason (exit kind + guest RIP).
 
 use std::sync::atomic::Ordering;
-use std::sync::mpsc::Sender;
+use std::sync::mpsc::{Receiver, Sender};
 use std::sync::{Arc, Once, OnceLock};
 use std::thread::JoinHandle;
 
@@ -15,6 +15,16 @@ use crate::process_stats::monotonic_ns;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 use crate::vstate::exit_counts::{ExitCounts, ExitReason};
 use crate::vstate::pause::RunSwitches;
+use crate::vstate::vcpu_state::VcpuState;
+
+/// Work a parked vCPU thread does with its own fd (see `VcpuGate::park_while_paused`).
+pub enum VcpuRequest {
+    /// Read the vCPU's state for a snapshot; `msr_indices` is KVM's list of MSRs to save.
+    SaveState {
+        msr_indices: Arc<[u32]>,
+        reply: Sender<Result<VcpuState, String>>,
+    },
+}
 
 /// Real-time signal used to knock a vCPU thread out of KVM_RUN when the VM is being torn down.
 pub fn kick_signal() -> i32 {
@@ -33,6 +43,12 @@ fn install_kick_handler() {
     });
 }
 
+/// How a vCPU thread and the VMM talk: events out (the vCPU stopped, first entry), requests in.
+pub struct VcpuChannels {
+    pub events: Sender<VmmEvent>,
+    pub requests: Receiver<VcpuRequest>,
+}
+
 pub struct Vcpu {
     index: u8,
     fd: VcpuFd,
@@ -42,6 +58,7 @@ pub struct Vcpu {
     /// Set once, by whichever vCPU enters KVM_RUN first: the end of the VMM's own boot work.
     first_run: Arc<OnceLock<u64>>,
     seccomp: ThreadSeccomp,
+    requests: Receiver<VcpuRequest>,
 }
 
 impl Vcpu {
@@ -49,11 +66,12 @@ impl Vcpu {
         index: u8,
         fd: VcpuFd,
         io: Arc<IoManager>,
-        events: Sender<VmmEvent>,
+        channels: VcpuChannels,
         switches: RunSwitches,
         first_run: Arc<OnceLock<u64>>,
         seccomp: ThreadSeccomp,
     ) -> Self {
+        let VcpuChannels { events, requests } = channels;
         Self {
             index,
             fd,
@@ -62,6 +80,7 @@ impl Vcpu {
             switches,
             first_run,
             seccomp,
+            requests,
         }
     }
 
@@ -86,7 +105,8 @@ impl Vcpu {
 
     fn run_until_stop(&mut self) -> VcpuStop {
         loop {
-            self.switches.gate.park_while_paused(&self.switches.stop);
+            let gate = self.switches.gate.clone();
+            gate.park_while_paused(&self.switches.stop, || self.serve_requests());
             if self.switches.stop.load(Ordering::Acquire) {
                 return VcpuStop::Requested;
             }
@@ -107,6 +127,18 @@ impl Vcpu {
             }
             if let Some(ended) = ended {
                 return self.describe(ended);
+            }
+        }
+    }
+
+    fn serve_requests(&self) {
+        while let Ok(request) = self.requests.try_recv() {
+            match request {
+                VcpuRequest::SaveState { msr_indices, reply } => {
+                    let state = VcpuState::save(self.index, &self.fd, &msr_indices)
+                        .map_err(|e| e.to_string());
+                    let _ = reply.send(state);
+                }
             }
         }
     }

@@ -24,6 +24,8 @@ pub enum VmError {
     IrqChip(kvm_ioctls::Error),
     #[error("KVM_CREATE_PIT2 failed: {0}")]
     Pit(kvm_ioctls::Error),
+    #[error("KVM_GET_MSR_INDEX_LIST failed: {0}")]
+    MsrList(kvm_ioctls::Error),
     #[error("cannot register guest memory slot {slot} with KVM: {source}")]
     MemorySlot {
         slot: u32,
@@ -34,6 +36,9 @@ pub enum VmError {
 pub struct Vm {
     kvm: Kvm,
     fd: VmFd,
+    /// MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST), read now: /dev/kvm ioctls are not in the
+    /// filter of the thread that takes snapshots.
+    msrs_to_save: std::sync::Arc<[u32]>,
 }
 
 impl Vm {
@@ -65,7 +70,16 @@ impl Vm {
             ..Default::default()
         };
         fd.create_pit2(pit).map_err(VmError::Pit)?;
-        Ok(Self { kvm, fd })
+        let msrs_to_save = kvm
+            .get_msr_index_list()
+            .map_err(VmError::MsrList)?
+            .as_slice()
+            .into();
+        Ok(Self {
+            kvm,
+            fd,
+            msrs_to_save,
+        })
     }
 
     pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
@@ -92,5 +106,9 @@ impl Vm {
 
     pub fn fd(&self) -> &VmFd {
         &self.fd
+    }
+
+    pub fn msrs_to_save(&self) -> std::sync::Arc<[u32]> {
+        self.msrs_to_save.clone()
     }
 }

@@ -159,6 +159,13 @@ impl VirtioDevice for Rng {
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .map(|active| active.queue.state())
+            .collect()
+    }
 }
 
 #[cfg(test)]

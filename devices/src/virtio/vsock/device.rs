@@ -374,4 +374,17 @@ impl VirtioDevice for Vsock {
     fn is_activated(&self) -> bool {
         self.active.is_some()
     }
+
+    fn queue_states(&self) -> Vec<virtio_queue::QueueState> {
+        self.active
+            .iter()
+            .flat_map(|active| active.queues.iter().map(|q| q.state()))
+            .collect()
+    }
+
+    /// The host ends of the guest's connections belonged to the VMM that took the snapshot: the
+    /// guest is told its connections are gone (transport reset) rather than left waiting.
+    fn after_restore(&mut self) {
+        self.transport_reset();
+    }
 }

@@ -1,0 +1,250 @@
+//! The memory file: guest RAM regions back to back, raw, so a restore can mmap it directly.
+//! All-zero pages are not written (the file is sized first, so they read back as zeroes from
+//! holes): a freshly booted guest's memory is mostly zero and its file takes little disk.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::atomic_write::AtomicFile;
+use crate::SnapshotError;
+
+const PAGE: usize = 4096;
+/// Guest memory is copied through a buffer of this size.
+const CHUNK: usize = 1 << 20;
+
+/// One guest RAM region and where its bytes are in the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryRegion {
+    pub guest_addr: u64,
+    pub size: u64,
+    pub file_offset: u64,
+}
+
+/// Guest RAM as the memory file holds it; stored in the state file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemoryLayout {
+    pub regions: Vec<MemoryRegion>,
+}
+
+impl MemoryLayout {
+    /// Regions laid out back to back in the file, in the order given.
+    pub fn packed(regions: impl IntoIterator<Item = (u64, u64)>) -> Self {
+        let mut offset = 0;
+        let regions = regions
+            .into_iter()
+            .map(|(guest_addr, size)| {
+                let region = MemoryRegion {
+                    guest_addr,
+                    size,
+                    file_offset: offset,
+                };
+                offset += size;
+                region
+            })
+            .collect();
+        Self { regions }
+    }
+
+    /// Bytes of guest RAM (and of the memory file).
+    pub fn total_size(&self) -> u64 {
+        self.regions.iter().map(|r| r.size).sum()
+    }
+
+    /// A layout read from a state file is untrusted until this passes: page-aligned, non-empty,
+    /// packed regions whose guest ranges do not overlap.
+    pub fn validate(&self) -> Result<(), SnapshotError> {
+        let bad = |why: String| Err(SnapshotError::Layout(why));
+        if self.regions.is_empty() {
+            return bad("no memory regions".into());
+        }
+        let mut offset = 0u64;
+        let mut prev_end = 0u64;
+        for (i, r) in self.regions.iter().enumerate() {
+            if r.size == 0 || r.size % PAGE as u64 != 0 || r.guest_addr % PAGE as u64 != 0 {
+                return bad(format!(
+                    "region {i} ({:#x}+{:#x}) is empty or not page-aligned",
+                    r.guest_addr, r.size
+                ));
+            }
+            if r.file_offset != offset {
+                return bad(format!(
+                    "region {i} is at file offset {:#x}, expected {offset:#x}",
+                    r.file_offset
+                ));
+            }
+            let Some(end) = r.guest_addr.checked_add(r.size) else {
+                return bad(format!("region {i} wraps the address space"));
+            };
+            if i > 0 && r.guest_addr < prev_end {
+                return bad(format!("region {i} overlaps or precedes region {}", i - 1));
+            }
+            prev_end = end;
+            offset += r.size;
+        }
+        Ok(())
+    }
+}
+
+/// Writes guest RAM to `path` atomically. `read(region, offset, buf)` fills `buf` with the
+/// region's bytes from `offset` (the caller owns guest memory and how to read it safely).
+pub fn write_memory_file(
+    path: &Path,
+    layout: &MemoryLayout,
+    mut read: impl FnMut(&MemoryRegion, u64, &mut [u8]) -> std::io::Result<()>,
+) -> Result<(), SnapshotError> {
+    layout.validate()?;
+    let out = AtomicFile::create(path)?;
+    let temp = out.temp_path().to_path_buf();
+    out.file()
+        .set_len(layout.total_size())
+        .map_err(SnapshotError::io(&temp))?;
+    let mut buf = vec![0u8; CHUNK];
+    for region in &layout.regions {
+        let mut done = 0u64;
+        while done < region.size {
+            let len = CHUNK.min((region.size - done) as usize);
+            let chunk = &mut buf[..len];
+            read(region, done, chunk).map_err(|source| SnapshotError::Io {
+                path: path.to_path_buf(),
+                source: std::io::Error::new(
+                    source.kind(),
+                    format!(
+                        "reading guest memory at {:#x}: {source}",
+                        region.guest_addr + done
+                    ),
+                ),
+            })?;
+            write_nonzero_pages(out.file(), region.file_offset + done, chunk)
+                .map_err(SnapshotError::io(&temp))?;
+            done += len as u64;
+        }
+    }
+    out.commit()
+}
+
+/// Writes the runs of non-zero pages of `chunk` at `offset` onward; zero pages stay holes.
+fn write_nonzero_pages(file: &File, offset: u64, chunk: &[u8]) -> std::io::Result<()> {
+    let mut run_start: Option<usize> = None;
+    let mut at = 0;
+    while at <= chunk.len() {
+        let nonzero = at < chunk.len()
+            && chunk[at..(at + PAGE).min(chunk.len())]
+                .iter()
+                .any(|&b| b != 0);
+        match (run_start, nonzero) {
+            (None, true) => run_start = Some(at),
+            (Some(start), false) => {
+                file.write_all_at(&chunk[start..at.min(chunk.len())], offset + start as u64)?;
+                run_start = None;
+            }
+            _ => {}
+        }
+        at += PAGE;
+    }
+    Ok(())
+}
+
+/// Opens the memory file for a restore, refusing one whose size does not match `layout`.
+pub fn open_memory_file(path: &Path, layout: &MemoryLayout) -> Result<File, SnapshotError> {
+    layout.validate()?;
+    let file = File::open(path).map_err(SnapshotError::io(path))?;
+    let found = file.metadata().map_err(SnapshotError::io(path))?.len();
+    let expected = layout.total_size();
+    if found != expected {
+        return Err(SnapshotError::MemoryFileSize {
+            path: path.to_path_buf(),
+            found,
+            expected,
+        });
+    }
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    fn guest(layout: &MemoryLayout) -> Vec<Vec<u8>> {
+        layout
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, r)| {
+                let mut bytes = vec![0u8; r.size as usize];
+                // A few scattered non-zero pages, the rest zero.
+                for page in [0usize, 3, 300] {
+                    if let Some(p) = bytes.get_mut(page * PAGE..page * PAGE + 16) {
+                        p.fill(i as u8 + 1);
+                    }
+                }
+                if let Some(last) = bytes.last_mut() {
+                    *last = 0xee;
+                }
+                bytes
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trips_and_leaves_zero_pages_as_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let layout = MemoryLayout::packed([(0, 4 << 20), (1 << 32, 2 << 20)]);
+        let ram = guest(&layout);
+        write_memory_file(&path, &layout, |region, offset, buf| {
+            let i = layout.regions.iter().position(|r| r == region).unwrap();
+            let start = offset as usize;
+            buf.copy_from_slice(&ram[i][start..start + buf.len()]);
+            Ok(())
+        })
+        .unwrap();
+        let file = open_memory_file(&path, &layout).unwrap();
+        let meta = file.metadata().unwrap();
+        assert_eq!(meta.len(), 6 << 20);
+        assert!(
+            meta.blocks() * 512 < 1 << 20,
+            "zero pages were written: {} blocks",
+            meta.blocks()
+        );
+        let bytes = std::fs::read(&path).unwrap();
+        assert_eq!(&bytes[..4 << 20], &ram[0][..]);
+        assert_eq!(&bytes[4 << 20..], &ram[1][..]);
+    }
+
+    #[test]
+    fn wrong_size_memory_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("mem");
+        let layout = MemoryLayout::packed([(0, 2 << 20)]);
+        std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
+        let err = open_memory_file(&path, &layout).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                SnapshotError::MemoryFileSize {
+                    found: 1048576,
+                    expected: 2097152,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn bad_layouts_are_refused() {
+        let mut overlapping = MemoryLayout::packed([(0x10_0000, 0x10_0000), (0x18_0000, 0x1000)]);
+        assert!(overlapping.validate().is_err());
+        overlapping.regions.truncate(1);
+        assert!(overlapping.validate().is_ok());
+        assert!(MemoryLayout::packed([(0, 100)]).validate().is_err());
+        assert!(MemoryLayout { regions: vec![] }.validate().is_err());
+        let mut gap = MemoryLayout::packed([(0, 0x1000), (0x2000, 0x1000)]);
+        gap.regions[1].file_offset = 0x3000;
+        assert!(gap.validate().is_err());
+    }
+}

@@ -1,0 +1,363 @@
+//! Snapshots on this machine's KVM with the ring-3 probe guest in `count` mode (it prints
+//! `PROBE count <n>` for n = 1, 2, ... forever): a VM is booted under `agentvm serve`, paused and
+//! snapshotted over the API, ended; new serves load the snapshot, and the count goes on from
+//! where it stopped. Corrupt snapshots are refused with their reason and leave nothing running.
+
+use std::path::{Path, PathBuf};
+
+use integration_tests::agentvm::{require_kvm, run_agentvm};
+use integration_tests::probe::probe_elf;
+use integration_tests::serve::Serve;
+
+/// Hang detector for one `agentvm snapshot` command.
+const CLI_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Every `PROBE count <n>` of `console`, in order.
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
+/// Asserts `counts` goes up by one from its first element.
+fn assert_consecutive(counts: &[u64], what: &str) {
+    for pair in counts.windows(2) {
+        assert_eq!(pair[1], pair[0] + 1, "{what}: count jumps in {counts:?}");
+    }
+}
+
+/// A snapshot's two files, in a directory that outlives the VM that wrote them.
+struct SnapshotFiles {
+    dir: tempfile::TempDir,
+}
+
+impl SnapshotFiles {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    fn state(&self) -> PathBuf {
+        self.dir.path().join("vm.snap")
+    }
+
+    fn mem(&self) -> PathBuf {
+        self.dir.path().join("vm.mem")
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": resume,
+    })
+    .to_string()
+}
+
+/// Boots the counting probe on `vcpus` vCPUs (the probe runs on the first; the others wait for
+/// an INIT-SIPI that never comes, so their MP state is saved and restored as such), with a vsock
+/// device when `vsock` is given; lets it count to 3,
+/// pauses it and snapshots it into `files`; returns the serve (still paused) and the console.
+fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> Serve {
+    let s = Serve::start();
+    s.ok(
+        "PUT",
+        "/machine-config",
+        &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": 64}).to_string(),
+    );
+    if let Some(uds) = vsock {
+        s.ok(
+            "PUT",
+            "/vsock",
+            &serde_json::json!({"guest_cid": 3, "uds_path": uds}).to_string(),
+        );
+    }
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+    s.ok("PUT", "/boot-source", &boot.to_string());
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    s.wait_console("PROBE count 3\n");
+
+    let create = serde_json::json!({
+        "snapshot_path": files.state(),
+        "mem_file_path": files.mem(),
+        "snapshot_type": "Full",
+    })
+    .to_string();
+    // Firecracker's rule: only a paused VM is snapshotted.
+    s.refused("PUT", "/snapshot/create", &create, 400, "must be paused");
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let diff = create.replace("\"Full\"", "\"Diff\"");
+    s.refused("PUT", "/snapshot/create", &diff, 400, "Diff");
+    s.ok("PUT", "/snapshot/create", &create);
+    assert_eq!(s.state(), "Paused");
+    let mem_len = std::fs::metadata(files.mem()).expect("memory file").len();
+    assert_eq!(mem_len, 64 << 20, "the memory file holds all guest RAM");
+    // Loading is for a VM that has not started.
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), true),
+        400,
+        "not supported after starting",
+    );
+    s
+}
+
+#[test]
+fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let uds = files.path("v.sock");
+    let original = boot_and_snapshot(&files, 1, Some(&uds));
+    // While the snapshotted VM still holds its vsock socket, a restore (which listens on the same
+    // path) is refused by name and nothing runs.
+    let early = Serve::start();
+    early.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), true),
+        400,
+        "already exists",
+    );
+    assert_eq!(early.state(), "Not started");
+    drop(early);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+    assert!(!uds.exists(), "the ended VMM removed its vsock socket");
+
+    let restored = Serve::start();
+    restored.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), false),
+    );
+    assert_eq!(restored.state(), "Paused", "resume_vm false: loaded paused");
+    let machine = restored.call("GET", "/machine-config", None).json();
+    assert_eq!(machine["vcpu_count"], 1);
+    assert_eq!(machine["mem_size_mib"], 64);
+    assert!(
+        uds.exists(),
+        "the restored VM listens on the snapshot's vsock path"
+    );
+    restored.refused(
+        "PUT",
+        "/actions",
+        r#"{"action_type": "InstanceStart"}"#,
+        400,
+        "not supported after starting",
+    );
+    restored.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let after = restored.wait_console(&format!("PROBE count {}\n", last + 3));
+
+    // The two consoles are one stream: a line cut by the pause is finished by the restored VM.
+    let joined = format!("{before}{after}");
+    let all = counts(&joined);
+    assert_eq!(all.first(), Some(&1));
+    assert_consecutive(&all, "original + restored console");
+    assert!(
+        !counts(&after).contains(&1),
+        "the restored guest started over:\n{after}"
+    );
+
+    // A restored VM is snapshotted again (with the CLI), over the very files its memory is
+    // mapped from (the new files replace them by rename; the mapping keeps the old ones), and
+    // restored again.
+    let cli = |args: &[&std::ffi::OsStr]| {
+        let out = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot");
+        (out.status.code(), out.stderr_text())
+    };
+    let sock = restored.sock().as_os_str();
+    let (state, mem) = (files.state(), files.mem());
+    let (code, stderr) = cli(&[
+        "snapshot".as_ref(),
+        "create".as_ref(),
+        "--api-sock".as_ref(),
+        sock,
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        mem.as_os_str(),
+        "--keep-paused".as_ref(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(restored.state(), "Paused");
+    let (_, restored_dir) = restored.terminate();
+    let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
+    let last = *counts(&second).last().unwrap();
+    let again = Serve::start();
+    let load = |snapshot: &Path| {
+        cli(&[
+            "snapshot".as_ref(),
+            "load".as_ref(),
+            "--api-sock".as_ref(),
+            again.sock().as_os_str(),
+            "--snapshot".as_ref(),
+            snapshot.as_os_str(),
+            "--mem".as_ref(),
+            mem.as_os_str(),
+            "--resume".as_ref(),
+        ])
+    };
+    let (code, stderr) = load(&files.path("missing.snap"));
+    assert_eq!(code, Some(125), "{stderr}");
+    assert!(stderr.contains("no such file"), "{stderr}");
+    let (code, stderr) = load(&state);
+    assert_eq!(code, Some(0), "{stderr}");
+    let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(
+        &counts(&format!("{before}{second}{third}")),
+        "original + restored + restored again",
+    );
+    let (_, _dir) = again.terminate();
+    assert!(!uds.exists());
+}
+
+#[test]
+fn one_snapshot_restores_twice_and_the_copies_run_independently() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 2, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+
+    let copies = [Serve::start(), Serve::start()];
+    for copy in &copies {
+        copy.ok(
+            "PUT",
+            "/snapshot/load",
+            &load_body(&files.state(), &files.mem(), true),
+        );
+        assert_eq!(copy.state(), "Running");
+        assert_eq!(
+            copy.call("GET", "/machine-config", None).json()["vcpu_count"],
+            2
+        );
+    }
+    for copy in &copies {
+        let after = copy.wait_console(&format!("PROBE count {}\n", last + 3));
+        assert_consecutive(&counts(&format!("{before}{after}")), "restored copy");
+    }
+    // Pausing one copy stops it and not the other: they share nothing but the snapshot.
+    copies[0].ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let frozen = copies[0].console();
+    let other = *counts(&copies[1].console()).last().unwrap();
+    copies[1].wait_console(&format!("PROBE count {}\n", other + 3));
+    assert_eq!(copies[0].console(), frozen, "the paused copy kept counting");
+    // The snapshot files are the restores' source, never written by them.
+    let mem = std::fs::read(files.mem()).unwrap();
+    let [a, b] = copies;
+    let _ = a.terminate();
+    let _ = b.terminate();
+    assert_eq!(std::fs::read(files.mem()).unwrap(), mem);
+}
+
+#[test]
+fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let last = *counts(&original.console())
+        .last()
+        .expect("the original counted");
+    drop(original);
+    let state = std::fs::read(files.state()).unwrap();
+    let mem = std::fs::read(files.mem()).unwrap();
+    let variant = |name: &str, state: &[u8], mem_len: usize| {
+        let (s, m) = (
+            files.path(&format!("{name}.snap")),
+            files.path(&format!("{name}.mem")),
+        );
+        std::fs::write(&s, state).unwrap();
+        std::fs::write(&m, &mem[..mem_len]).unwrap();
+        (s, m)
+    };
+    let mut flipped = state.clone();
+    let middle = state.len() / 2;
+    flipped[middle] ^= 0x10;
+    let mut other_version = state.clone();
+    other_version[snapshot::state_file::VERSION_OFFSET] = 99;
+    let cases = [
+        (
+            "truncated",
+            variant("truncated", &state[..state.len() / 2], mem.len()),
+            "truncated state file",
+        ),
+        (
+            "flipped",
+            variant("flipped", &flipped, mem.len()),
+            "checksum mismatch",
+        ),
+        (
+            "version",
+            variant("version", &other_version, mem.len()),
+            "format version 99 is not supported",
+        ),
+        (
+            "short-mem",
+            variant("short-mem", &state, mem.len() / 2),
+            "memory file is 33554432 bytes",
+        ),
+        (
+            "not-a-snapshot",
+            variant("not-a-snapshot", b"{\"hello\": 1}", mem.len()),
+            "bad magic",
+        ),
+    ];
+
+    // One serve takes every refusal: a refused load leaves it as it was, ready for another.
+    let s = Serve::start();
+    for (name, (state_path, mem_path), needle) in &cases {
+        let fault = s.refused(
+            "PUT",
+            "/snapshot/load",
+            &load_body(state_path, mem_path, true),
+            400,
+            needle,
+        );
+        assert!(
+            fault.contains(&state_path.display().to_string())
+                || fault.contains(&mem_path.display().to_string()),
+            "{name}: the message names the file: {fault}"
+        );
+        assert_eq!(s.state(), "Not started", "{name}: nothing runs");
+        assert!(s.console().is_empty(), "{name}: a guest ran");
+    }
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.path("missing.snap"), &files.mem(), true),
+        400,
+        "no such file",
+    );
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        &serde_json::json!({"snapshot_path": files.state(), "mem_backend": {"backend_type": "Uffd", "backend_path": files.mem()}}).to_string(),
+        400,
+        "Uffd",
+    );
+    // The same serve then loads the good snapshot.
+    s.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.state(), &files.mem(), true),
+    );
+    s.wait_console(&format!("PROBE count {}\n", last + 2));
+}

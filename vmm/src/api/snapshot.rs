@@ -1,0 +1,224 @@
+//! `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's bodies): checks the body and the
+//! state, then hands the work to the thread that owns the VM: the running VM's event loop for a
+//! create (the VM must be paused), the pre-boot VMM thread for a load (the VM is built from the
+//! snapshot instead of booted).
+
+use std::path::Path;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use super::fault::Fault;
+use super::handlers::{await_reply, lock, send_to_vmm, ApiContext, Reply, VmmRequest};
+use super::models::{MemBackendType, SnapshotCreate, SnapshotLoad, SnapshotType};
+use crate::exit::{SnapshotRequest, VmmEvent};
+use crate::seccomp::SeccompLevel;
+use crate::vmm::RestoreConfig;
+
+/// Hang detector: writing guest memory out (or mapping it in and checking it) takes about a
+/// second per GiB on slow disks.
+const SNAPSHOT_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// The body's own rules (the state is the controller's business).
+pub fn check_create(request: &SnapshotCreate) -> Result<(), Fault> {
+    if request.snapshot_type == Some(SnapshotType::Diff) {
+        return Err(Fault::bad_request(
+            "PUT /snapshot/create: snapshot_type \"Diff\" is not supported yet (no dirty page \
+             tracking); use \"Full\"",
+        ));
+    }
+    check_target("snapshot_path", &request.snapshot_path)?;
+    check_target("mem_file_path", &request.mem_file_path)?;
+    if request.snapshot_path == request.mem_file_path {
+        return Err(Fault::bad_request(
+            "PUT /snapshot/create: snapshot_path and mem_file_path must be different files",
+        ));
+    }
+    Ok(())
+}
+
+/// A file the snapshot will create: a file name in an existing directory.
+fn check_target(field: &str, path: &Path) -> Result<(), Fault> {
+    if path.file_name().is_none() {
+        return Err(Fault::bad_request(format!(
+            "PUT /snapshot/create: {field} {} names no file",
+            path.display()
+        )));
+    }
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(Fault::bad_request(format!(
+            "PUT /snapshot/create: {field} {}: directory {} does not exist",
+            path.display(),
+            dir.display()
+        )));
+    }
+    if path.is_dir() {
+        return Err(Fault::bad_request(format!(
+            "PUT /snapshot/create: {field} {} is a directory",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// What the load body asks for, or why it cannot be served.
+pub fn restore_config(
+    request: &SnapshotLoad,
+    seccomp: SeccompLevel,
+) -> Result<RestoreConfig, Fault> {
+    let refuse = |why: &str| Err(Fault::bad_request(format!("PUT /snapshot/load: {why}")));
+    let mem_file_path = match (&request.mem_backend, &request.mem_file_path) {
+        (Some(_), Some(_)) => {
+            return refuse(
+                "give either mem_backend or the deprecated mem_file_path, not both (as \
+                 Firecracker)",
+            )
+        }
+        (None, None) => return refuse("mem_backend is required"),
+        (None, Some(path)) => path.clone(),
+        (Some(backend), None) => match backend.backend_type {
+            MemBackendType::File => backend.backend_path.clone(),
+            MemBackendType::Uffd => {
+                return refuse(
+                    "mem_backend.backend_type \"Uffd\" is not supported yet; use \"File\"",
+                )
+            }
+        },
+    };
+    if request.enable_diff_snapshots == Some(true) || request.track_dirty_pages == Some(true) {
+        return refuse(
+            "enable_diff_snapshots / track_dirty_pages: diff snapshots (dirty page tracking) are \
+             not supported yet",
+        );
+    }
+    if request
+        .network_overrides
+        .as_ref()
+        .is_some_and(|o| !o.is_empty())
+    {
+        return refuse("network_overrides: agentvm has no network interfaces to override yet");
+    }
+    for (field, path) in [
+        ("snapshot_path", &request.snapshot_path),
+        ("mem_backend.backend_path", &mem_file_path),
+    ] {
+        if !path.is_file() {
+            return Err(Fault::bad_request(format!(
+                "PUT /snapshot/load: {field} {}: no such file",
+                path.display()
+            )));
+        }
+    }
+    Ok(RestoreConfig {
+        snapshot_path: request.snapshot_path.clone(),
+        mem_file_path,
+        resume: request.resume_vm.unwrap_or(false),
+        seccomp,
+    })
+}
+
+pub async fn create(ctx: &ApiContext, request: SnapshotCreate) -> Result<Reply, Fault> {
+    let events = lock(&ctx.controller).snapshot_create_target(&request)?;
+    let (reply, answer) = oneshot::channel();
+    let request = SnapshotRequest {
+        snapshot_path: request.snapshot_path,
+        mem_file_path: request.mem_file_path,
+        reply: Box::new(move |result| {
+            let _ = reply.send(result);
+        }),
+    };
+    events
+        .send(VmmEvent::CreateSnapshot(request))
+        .map_err(|_| Fault::bad_request("PUT /snapshot/create: the microVM has stopped"))?;
+    await_reply(answer, SNAPSHOT_REPLY_TIMEOUT, "PUT /snapshot/create")
+        .await?
+        .map_err(|e| Fault::bad_request(format!("PUT /snapshot/create: {e}")))?;
+    Ok(Reply::NoContent)
+}
+
+pub async fn load(ctx: &ApiContext, request: SnapshotLoad) -> Result<Reply, Fault> {
+    let config = lock(&ctx.controller).begin_load(&request)?;
+    let (reply, answer) = oneshot::channel();
+    if let Err(fault) = send_to_vmm(ctx, VmmRequest::LoadSnapshot { config, reply }) {
+        lock(&ctx.controller).start_failed();
+        return Err(fault);
+    }
+    // The VMM thread moves the controller on (Running/Paused, or back to NotStarted) itself.
+    await_reply(answer, SNAPSHOT_REPLY_TIMEOUT, "PUT /snapshot/load")
+        .await?
+        .map_err(|e| Fault::bad_request(format!("PUT /snapshot/load: {e}")))?;
+    Ok(Reply::NoContent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::models::MemBackend;
+
+    fn load_body(dir: &Path) -> SnapshotLoad {
+        let snap = dir.join("vm.snap");
+        let mem = dir.join("vm.mem");
+        std::fs::write(&snap, b"x").unwrap();
+        std::fs::write(&mem, b"x").unwrap();
+        SnapshotLoad {
+            snapshot_path: snap,
+            mem_file_path: None,
+            mem_backend: Some(MemBackend {
+                backend_type: MemBackendType::File,
+                backend_path: mem,
+            }),
+            enable_diff_snapshots: None,
+            track_dirty_pages: None,
+            resume_vm: Some(true),
+            network_overrides: None,
+        }
+    }
+
+    #[test]
+    fn load_body_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = load_body(dir.path());
+        let config = restore_config(&ok, SeccompLevel::Off).unwrap();
+        assert!(config.resume);
+        assert_eq!(config.mem_file_path, dir.path().join("vm.mem"));
+
+        let mut uffd = ok.clone();
+        uffd.mem_backend.as_mut().unwrap().backend_type = MemBackendType::Uffd;
+        let err = restore_config(&uffd, SeccompLevel::Off).unwrap_err();
+        assert!(err.message.contains("Uffd"), "{err:?}");
+
+        let mut both = ok.clone();
+        both.mem_file_path = Some(dir.path().join("vm.mem"));
+        assert!(restore_config(&both, SeccompLevel::Off).is_err());
+
+        let mut missing = ok.clone();
+        missing.snapshot_path = dir.path().join("nope");
+        let err = restore_config(&missing, SeccompLevel::Off).unwrap_err();
+        assert!(err.message.contains("snapshot_path"), "{err:?}");
+
+        let mut diff = ok;
+        diff.enable_diff_snapshots = Some(true);
+        assert!(restore_config(&diff, SeccompLevel::Off).is_err());
+    }
+
+    #[test]
+    fn create_body_rules() {
+        let dir = tempfile::tempdir().unwrap();
+        let body = |snap: &str, mem: &str, kind| SnapshotCreate {
+            snapshot_path: dir.path().join(snap),
+            mem_file_path: dir.path().join(mem),
+            snapshot_type: kind,
+        };
+        assert!(check_create(&body("s", "m", None)).is_ok());
+        assert!(check_create(&body("s", "m", Some(SnapshotType::Full))).is_ok());
+        let err = check_create(&body("s", "m", Some(SnapshotType::Diff))).unwrap_err();
+        assert!(err.message.contains("Diff"), "{err:?}");
+        assert!(check_create(&body("s", "s", None)).is_err());
+        let err = check_create(&body("no/such/dir/s", "m", None)).unwrap_err();
+        assert!(err.message.contains("does not exist"), "{err:?}");
+    }
+}

@@ -1,0 +1,128 @@
+//! `agentvm snapshot create|load`: the per-VM API's snapshot requests from the command line, for a
+//! VM run by `agentvm serve --api-sock`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use agentvm_daemon::vm_client;
+use clap::{Args, Subcommand};
+use hyper::{Method, StatusCode};
+
+/// Hang detector for one API call: writing or mapping a large guest's memory takes seconds.
+const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+#[derive(Subcommand)]
+pub enum SnapshotCommand {
+    /// Pause the VM, write its snapshot (state file + memory file), and resume it unless
+    /// --keep-paused.
+    Create(CreateArgs),
+    /// Build a VM that has not started from a snapshot (instead of InstanceStart).
+    Load(LoadArgs),
+}
+
+#[derive(Args)]
+pub struct CreateArgs {
+    /// The VM's API socket (`agentvm serve --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// Where to write the state file.
+    #[arg(long, value_name = "FILE")]
+    snapshot: PathBuf,
+    /// Where to write guest memory.
+    #[arg(long, value_name = "FILE")]
+    mem: PathBuf,
+    /// Leave the VM paused after the snapshot.
+    #[arg(long)]
+    keep_paused: bool,
+}
+
+#[derive(Args)]
+pub struct LoadArgs {
+    /// The API socket of a VM that has not started (`agentvm serve --api-sock`).
+    #[arg(long, value_name = "PATH")]
+    api_sock: PathBuf,
+    /// The state file.
+    #[arg(long, value_name = "FILE")]
+    snapshot: PathBuf,
+    /// The memory file.
+    #[arg(long, value_name = "FILE")]
+    mem: PathBuf,
+    /// Run the VM at once instead of leaving it paused.
+    #[arg(long)]
+    resume: bool,
+}
+
+pub fn run(command: SnapshotCommand) -> Result<ExitCode, String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        match command {
+            SnapshotCommand::Create(args) => create(args).await,
+            SnapshotCommand::Load(args) => load(args).await,
+        }
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Absolute, so the VMM (whose working directory may differ) finds the same files.
+fn absolute(path: &Path) -> Result<PathBuf, String> {
+    std::path::absolute(path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+async fn call(
+    sock: &Path,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+) -> Result<(), String> {
+    let answer = vm_client::call(sock, method.clone(), path, Some(body), CALL_TIMEOUT).await?;
+    if answer.status == StatusCode::NO_CONTENT {
+        Ok(())
+    } else {
+        Err(format!(
+            "{method} {path}: {} {}",
+            answer.status.as_u16(),
+            answer.fault_message()
+        ))
+    }
+}
+
+async fn create(args: CreateArgs) -> Result<(), String> {
+    let sock = &args.api_sock;
+    let body = serde_json::json!({
+        "snapshot_path": absolute(&args.snapshot)?,
+        "mem_file_path": absolute(&args.mem)?,
+        "snapshot_type": "Full",
+    });
+    call(
+        sock,
+        Method::PATCH,
+        "/vm",
+        serde_json::json!({"state": "Paused"}),
+    )
+    .await?;
+    let created = call(sock, Method::PUT, "/snapshot/create", body).await;
+    // Resumed even when the snapshot failed: the VM was running before this command.
+    if !args.keep_paused {
+        call(
+            sock,
+            Method::PATCH,
+            "/vm",
+            serde_json::json!({"state": "Resumed"}),
+        )
+        .await?;
+    }
+    created
+}
+
+async fn load(args: LoadArgs) -> Result<(), String> {
+    let body = serde_json::json!({
+        "snapshot_path": absolute(&args.snapshot)?,
+        "mem_backend": {"backend_type": "File", "backend_path": absolute(&args.mem)?},
+        "resume_vm": args.resume,
+    });
+    call(&args.api_sock, Method::PUT, "/snapshot/load", body).await
+}
