@@ -76,8 +76,8 @@ class WatchHandle:
                 if self._on_event is not None:
                     self._on_event(event)
         except socket.timeout:
-            if not self._stopped.is_set():
-                self.error = UnavailableException("the watch stream stalled past its timeout")
+            # The caller's `timeout` passed without an event: the watch ends, as asked.
+            pass
         except (OSError, ValueError, http.client.HTTPException) as e:
             if not self._stopped.is_set():
                 self.error = UnavailableException(f"the watch stream broke off: {e}")

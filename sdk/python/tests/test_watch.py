@@ -80,6 +80,16 @@ class WatchTest(unittest.TestCase):
         self.assertEqual(handle.get_new_events(), [FilesystemEvent("created", "/w/a")])
         self.assertEqual(handle.get_new_events(), [])
 
+    def test_the_timeout_ends_a_quiet_watch_without_an_error(self):
+        release = threading.Event()
+        self.addCleanup(release.set)
+        self.daemon.on("GET", WATCH, Chunked([
+            line({"type": "created", "path": "/w/a", "is_dir": False}),
+            lambda: release.wait(30)]))
+        with self.sbx.files.watch("/w", timeout=0.2) as handle:
+            self.assertEqual(list(handle), [FilesystemEvent("created", "/w/a")])
+            self.assertIsNone(handle.error)
+
     def test_a_refused_watch_raises_the_typed_error(self):
         self.daemon.on("GET", WATCH, fault(404, "GET /sandbox/watch: /nope does not exist"))
         with self.assertRaises(NotFoundException) as caught:
