@@ -293,6 +293,10 @@ sdk_checks!(
     files_list,
     files_exists,
     files_missing_is_not_found,
+    watch_created,
+    pty_echo,
+    pty_resize,
+    pty_exit_code,
     killed_by_context_manager,
     kill_again_is_false,
 );

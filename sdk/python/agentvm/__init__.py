@@ -11,12 +11,15 @@ from .commands import CommandExitException, CommandResult, Commands
 from .exceptions import (ConflictException, InvalidArgumentException, NotFoundException,
                          SandboxException, TimeoutException, UnavailableException)
 from .files import EntryInfo, Files
+from .pty import Pty, PtyHandle, PtyResult
 from .sandbox import Sandbox, SandboxInfo
 from .transport import DEFAULT_SOCKET, SOCKET_ENV
+from .watch import FilesystemEvent, WatchHandle
 
 __all__ = [
     "Sandbox", "SandboxInfo", "Commands", "CommandResult", "CommandExitException", "Files",
-    "EntryInfo", "SandboxException", "InvalidArgumentException", "NotFoundException",
+    "EntryInfo", "FilesystemEvent", "WatchHandle", "Pty", "PtyHandle", "PtyResult",
+    "SandboxException", "InvalidArgumentException", "NotFoundException",
     "ConflictException", "TimeoutException", "UnavailableException", "DEFAULT_SOCKET",
     "SOCKET_ENV",
 ]

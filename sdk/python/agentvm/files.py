@@ -6,6 +6,7 @@ from typing import List, Optional, Union
 
 from .exceptions import InvalidArgumentException, NotFoundException
 from .transport import DaemonClient, segment
+from .watch import EventCallback, WatchHandle
 
 # Files move whole through memory here; the daemon refuses uploads over 64 MiB.
 FILE_TIMEOUT_S = 120.0
@@ -35,6 +36,7 @@ class Files:
     def __init__(self, client: DaemonClient, sandbox_id: str):
         self._client = client
         self._path = f"/sandboxes/{segment(sandbox_id)}/files"
+        self._watch_path = f"/sandboxes/{segment(sandbox_id)}/watch"
 
     def write(self, path: str, data: Union[str, bytes]) -> None:
         """Writes `data` (text as UTF-8) as the whole file; its parent directory must exist."""
@@ -72,3 +74,15 @@ class Files:
         except InvalidArgumentException:
             # The parent is not a directory.
             return False
+
+    def watch(self, path: str, *, recursive: bool = False,
+              on_event: Optional[EventCallback] = None,
+              timeout: Optional[float] = None) -> WatchHandle:
+        """Watches the directory `path` (and, with `recursive`, the directories under it) and
+        returns once the guest watches it. Events arrive on a background thread: `on_event` is
+        called there, and they are queued for the handle's `get_new_events()` and iteration.
+        `timeout` (seconds) ends the watch when no event arrives for that long; None: never."""
+        query = {"path": _check_absolute(path), "recursive": "true" if recursive else "false"}
+        connection, response = self._client.open("GET", self._watch_path, None, query,
+                                                  body_timeout=timeout)
+        return WatchHandle(connection, response, on_event)

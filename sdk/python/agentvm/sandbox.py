@@ -6,6 +6,7 @@ from typing import Any, Dict, List, Optional
 from .commands import TIMEOUT_MARGIN_S, Commands
 from .exceptions import NotFoundException
 from .files import Files
+from .pty import Pty
 from .transport import DaemonClient, segment
 
 DEFAULT_TEMPLATE = "default"
@@ -53,6 +54,7 @@ class Sandbox:
         self._client = client
         self.commands = Commands(client, sandbox_id)
         self.files = Files(client, sandbox_id)
+        self.pty = Pty(client, sandbox_id)
 
     @property
     def sandbox_id(self) -> str:

@@ -100,6 +100,8 @@ class DaemonClient:
                 raise error_for(response.status, response.read())
             if body_timeout is not SAME_TIMEOUT:
                 sock.settimeout(body_timeout)
+            # For streams another thread must interrupt: shutting this socket down wakes it.
+            connection.stream_sock = sock
             return connection, response
         except socket.timeout as e:
             connection.close()

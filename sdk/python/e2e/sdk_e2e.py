@@ -6,12 +6,16 @@ check and `SDK-DONE` at the end; exits non-zero if any check failed.
 
 import argparse
 import sys
+import threading
+import time
 
 from agentvm import (CommandExitException, ConflictException, InvalidArgumentException,
                      NotFoundException, Sandbox, TimeoutException)
 from agentvm.transport import DaemonClient
 
 SANDBOX_ID = "sdk-e2e"
+# A bound on each wait for the guest (not a speed check: the nested guest runs under TCG).
+WAIT_S = 60
 TEMPLATE = "l2"
 failures = []
 
@@ -134,6 +138,81 @@ def files_checks(sbx):
         guarded(name, body)
 
 
+def watch_checks(sbx):
+    def created_file_is_seen():
+        sbx.commands.run("mkdir -p /tmp/sdkwatch")
+        seen = threading.Event()
+        events = []
+
+        def on_event(event):
+            events.append(event)
+            if event.type == "created" and event.path == "/tmp/sdkwatch/new.txt":
+                seen.set()
+
+        with sbx.files.watch("/tmp/sdkwatch", on_event=on_event) as handle:
+            sbx.commands.run("echo hi > /tmp/sdkwatch/new.txt")
+            arrived = seen.wait(WAIT_S)
+            queued = handle.get_new_events()
+        check("watch_created", arrived and any(e.path == "/tmp/sdkwatch/new.txt"
+                                              for e in queued),
+              f"callback={events!r} queued={queued!r}")
+
+    guarded("watch_created", created_file_is_seen)
+
+
+class Screen:
+    """The terminal's output so far, with a wait for a text to appear in it."""
+
+    def __init__(self):
+        self.data = b""
+        self.changed = threading.Condition()
+
+    def on_data(self, data):
+        with self.changed:
+            self.data += data
+            self.changed.notify_all()
+
+    def wait_for(self, text):
+        deadline = time.monotonic() + WAIT_S
+        with self.changed:
+            while text.encode() not in self.data:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self.changed.wait(left)
+            return True
+
+
+def pty_checks(sbx):
+    screen = Screen()
+    handle = None
+
+    def echo():
+        nonlocal handle
+        handle = sbx.pty.create(cols=80, rows=24, on_data=screen.on_data)
+        # The shell prints the product, not the typed text: the echo proves a round trip.
+        handle.send_stdin("echo pty-$((6*7))\n")
+        check("pty_echo", handle.id >= 0 and screen.wait_for("pty-42"), repr(screen.data))
+
+    def resize():
+        handle.resize(100, 40)
+        handle.send_stdin("stty size\n")
+        check("pty_resize", screen.wait_for("40 100"), repr(screen.data))
+
+    def exit_code():
+        handle.send_stdin("exit 3\n")
+        result = handle.wait(timeout=WAIT_S)
+        check("pty_exit_code", result.exit_code == 3 and result.signal is None,
+              repr((result.exit_code, result.signal)))
+
+    for name, body in [("pty_echo", echo), ("pty_resize", resize),
+                       ("pty_exit_code", exit_code)]:
+        if name != "pty_echo" and handle is None:
+            report(name, False, "no session")
+            continue
+        guarded(name, body)
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--socket", required=True)
@@ -173,6 +252,8 @@ def main():
                       lambda: Sandbox.create(TEMPLATE, socket=args.socket, id=SANDBOX_ID))
         commands_checks(sbx)
         files_checks(sbx)
+        watch_checks(sbx)
+        pty_checks(sbx)
     # Leaving the block killed (destroyed) the sandbox.
     expect_raises("killed_by_context_manager", NotFoundException,
                   lambda: Sandbox.connect(SANDBOX_ID, socket=args.socket))

@@ -54,6 +54,14 @@ class Chunked:
         self.close = close
 
 
+class Upgrade:
+    """A 101 answer naming session `pty_id`; then every byte the client sends is echoed back
+    until the client closes its write half, and the server closes the connection."""
+
+    def __init__(self, pty_id: int):
+        self.pty_id = pty_id
+
+
 Handler = Callable[[Recorded], object]
 
 
@@ -90,6 +98,21 @@ class _RequestHandler(http.server.BaseHTTPRequestHandler):
         request = Recorded(self.command, url.path, parse_qs(url.query), dict(self.headers), body)
         daemon.requests.append(request)
         reply = daemon.answer(request)
+        if isinstance(reply, Upgrade):
+            self.send_response(101)
+            self.send_header("Connection", "Upgrade")
+            self.send_header("Upgrade", request.headers.get("Upgrade", ""))
+            self.send_header("X-Agentvm-Pty-Id", str(reply.pty_id))
+            self.end_headers()
+            self.wfile.flush()
+            while True:
+                data = self.rfile.read1(65536)
+                if not data:
+                    break
+                self.wfile.write(data)
+                self.wfile.flush()
+            self.close_connection = True
+            return
         if isinstance(reply, Chunked):
             self.send_response(200)
             self.send_header("Content-Type", reply.content_type)
