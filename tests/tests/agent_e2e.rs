@@ -116,6 +116,7 @@ e2e_checks!(
     cli_publish,
     cli_tty,
     api_sandbox,
+    snapshot_restore,
     daemon,
     version_mismatch,
 );
