@@ -104,6 +104,17 @@ impl Sandboxes {
                 state_file.display()
             )));
         }
+        let live = self
+            .records()
+            .values()
+            .filter(|r| r.info.state.is_live())
+            .count();
+        if live >= self.max_live {
+            return Err(Fault::conflict(format!(
+                "sandbox {id} is hibernated and {live} sandboxes are running, the daemon's limit \
+                 (--max-sandboxes); stop, hibernate or destroy one first"
+            )));
+        }
         let plan = self.launch.plan(
             &self.store,
             id,
@@ -111,10 +122,12 @@ impl Sandboxes {
                 mem_size_mib: info.mem_size_mib,
             },
         )?;
-        // A VMM that was SIGKILLed left its sockets: the new one could not bind them.
+        // A VMM or jailer that was SIGKILLed left its sockets or its jail: the new one could
+        // not bind or build them.
         for sock in [&plan.api_sock, &plan.vsock_uds] {
             remove_if_present(sock);
         }
+        self.remove_jail_leftovers(id);
         self.update(id, |r| {
             r.info.state = SandboxState::Starting;
             r.info.ended = None;
@@ -171,7 +184,9 @@ impl Sandboxes {
 
     /// The API socket of a sandbox's agent, restoring the sandbox first if it is hibernated.
     pub async fn agent_sock_restoring(self: &Arc<Self>, id: &str) -> Result<PathBuf, Fault> {
-        if self.get(id)?.state == SandboxState::Hibernated {
+        let info = self.get(id)?;
+        // A guest without an agent would be woken only to refuse the request.
+        if info.state == SandboxState::Hibernated && info.agent {
             self.restore(id).await?;
         }
         self.api_sock_for_agent(id)

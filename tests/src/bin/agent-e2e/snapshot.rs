@@ -3,11 +3,12 @@
 //! the snapshot with `resume_vm`, and the restored guest's agent accepts a new vsock connection:
 //! an exec sees the file written before the snapshot.
 
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::api::{request, wait_for_path, ApiResponse};
+use integration_tests::api::{request, ApiResponse};
 
 use crate::api::{exec_events, exec_ok, expect_status};
 use crate::{timed, Args};
@@ -50,8 +51,14 @@ impl Serve {
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", agentvm.display()))?;
         let serve = Serve(child);
-        if !wait_for_path(&sock, Duration::from_secs(30)) {
-            return Err(format!("the API socket {} did not appear", sock.display()));
+        // Connecting, not just seeing the file: between bind and listen a connect is refused
+        // (and the API client panics on that).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&sock).is_err() {
+            if Instant::now() >= deadline {
+                return Err(format!("the API socket {} did not answer", sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
         Ok(serve)
     }
