@@ -241,7 +241,8 @@ fn hibernate_and_exec(d: &Daemon) -> Check {
         ));
     }
     Ok(format!(
-        "hibernated in {hibernate_secs:.1} s, the next exec restored it and answered in          {restore_secs:.1} s"
+        "hibernated in {hibernate_secs:.1} s, the next exec restored it and answered in \
+         {restore_secs:.1} s"
     ))
 }
 
