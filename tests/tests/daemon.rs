@@ -254,6 +254,13 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
     d.refused("POST", "/sandboxes/ghost/stop", None, 404, "no sandbox");
     d.refused(
         "POST",
+        "/sandboxes/ghost/hibernate",
+        None,
+        404,
+        "no sandbox",
+    );
+    d.refused(
+        "POST",
         "/sandboxes/ghost/exec",
         Some("{}"),
         404,
@@ -318,6 +325,7 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
         "sandbox a is stopped (stopped through the API)",
     );
     d.refused("GET", "/sandboxes/a/metrics", None, 409, "is stopped");
+    d.refused("POST", "/sandboxes/a/hibernate", None, 409, "is stopped");
     d.expect("DELETE", "/sandboxes/a", None, 204);
     d.refused("GET", "/sandboxes/a", None, 404, "no sandbox");
     assert!(!d.state.join("sandboxes/a").exists());
@@ -469,6 +477,11 @@ fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
     let stopped = d.expect("POST", "/sandboxes/keep/stop", None, 200).json();
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert!(!alive(keep_pid));
+    // Hibernated straight from running; destroying it removes the snapshot with the rest.
+    let sleeper_pid = d.sandbox("sleeper")["pid"].as_u64().unwrap() as u32;
+    d.expect("POST", "/sandboxes/sleeper/hibernate", None, 200);
+    assert!(!alive(sleeper_pid));
+    assert!(snapshot.join("mem").is_file());
     for id in ["keep", "doomed", "quick", "sleeper"] {
         d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
