@@ -21,6 +21,16 @@ const MAX_SOCKET_PATH: usize = 107 - 6;
 /// Each configuration call; the VMM answers them at once.
 const CALL_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(20);
+/// Writing or mapping a snapshot moves the guest's whole memory: allow for a slow disk.
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
+/// Where the jail shows the files a VMM reads (read-only bind mounts).
+const JAIL_KERNEL: &str = "/boot/kernel";
+const JAIL_INITRD: &str = "/boot/initrd";
+const JAIL_SNAPSHOT_STATE: &str = "/snapshot/state";
+const JAIL_SNAPSHOT_MEM: &str = "/snapshot/mem";
+/// The files a hibernating VMM writes beside its sockets, before the daemon moves them.
+const HIBERNATE_STATE: &str = "hibernate.state";
+const HIBERNATE_MEM: &str = "hibernate.mem";
 
 /// How sandboxes are started.
 #[derive(Debug, Clone)]
@@ -50,6 +60,23 @@ pub struct Plan {
     vm_kernel: PathBuf,
     vm_initrd: Option<PathBuf>,
     vm_vsock_uds: PathBuf,
+    /// The snapshot a hibernated sandbox resumes from, as the VMM sees it (state, memory).
+    vm_snapshot: Option<(PathBuf, PathBuf)>,
+}
+
+/// What a sandbox's VMM starts from.
+#[derive(Debug, Clone, Copy)]
+pub enum Boot<'a> {
+    /// A fresh boot of the template's kernel.
+    Template(&'a Template),
+    /// A hibernated sandbox's snapshot (`<sandbox dir>/snapshot/`), for a guest of this size.
+    Snapshot { mem_size_mib: u64 },
+}
+
+/// Where sandbox `id`'s hibernation snapshot is kept: (state file, memory file).
+pub fn snapshot_files(store: &Store, id: &str) -> (PathBuf, PathBuf) {
+    let dir = store.sandbox_dir(id).join("snapshot");
+    (dir.join("state"), dir.join("mem"))
 }
 
 #[derive(Debug, Clone)]
@@ -60,11 +87,18 @@ struct CommandPlan {
 
 impl LaunchConfig {
     /// Lays out sandbox `id`'s files and its VMM command line.
-    pub fn plan(&self, store: &Store, id: &str, template: &Template) -> Result<Plan, Fault> {
+    pub fn plan(&self, store: &Store, id: &str, boot: Boot<'_>) -> Result<Plan, Fault> {
         let dir = store.sandbox_dir(id);
         let log = dir.join("vmm.log");
-        let kernel = template.kernel_image_path.clone();
-        let initrd = template.initrd_path.clone();
+        let (kernel, initrd, mem_size_mib) = match boot {
+            Boot::Template(t) => (
+                Some(t.kernel_image_path.clone()),
+                t.initrd_path.clone(),
+                t.mem_size_mib,
+            ),
+            Boot::Snapshot { mem_size_mib } => (None, None, mem_size_mib),
+        };
+        let snapshot = matches!(boot, Boot::Snapshot { .. }).then(|| snapshot_files(store, id));
         let plan = match &self.jail {
             None => {
                 let api_sock = dir.join("api.sock");
@@ -76,9 +110,10 @@ impl LaunchConfig {
                         program: self.agentvm.clone(),
                         args: serve_args(id, &api_sock, &console),
                     },
-                    vm_kernel: kernel,
+                    vm_kernel: kernel.unwrap_or_default(),
                     vm_initrd: initrd,
                     vm_vsock_uds: vsock_uds.clone(),
+                    vm_snapshot: snapshot,
                     api_sock,
                     vsock_uds,
                     log,
@@ -105,17 +140,26 @@ impl LaunchConfig {
                     path_arg(&store.jail_base())?,
                     "--device".to_string(),
                     "kvm".to_string(),
-                    "--mount".to_string(),
-                    format!("{}:/boot/kernel", path_arg(&kernel)?),
                     // The guest's memory plus the VMM's own: the cgroup stops a runaway VMM.
                     "--memory-limit-mib".to_string(),
-                    (template.mem_size_mib + 256).to_string(),
+                    (mem_size_mib + 256).to_string(),
                     "--pids-max".to_string(),
                     "512".to_string(),
                 ];
-                if let Some(initrd) = &initrd {
+                let mut mount = |src: &Path, dst: &str| -> Result<(), Fault> {
                     args.push("--mount".to_string());
-                    args.push(format!("{}:/boot/initrd", path_arg(initrd)?));
+                    args.push(format!("{}:{dst}", path_arg(src)?));
+                    Ok(())
+                };
+                if let Some(kernel) = &kernel {
+                    mount(kernel, JAIL_KERNEL)?;
+                }
+                if let Some(initrd) = &initrd {
+                    mount(initrd, JAIL_INITRD)?;
+                }
+                if let Some((state, mem)) = &snapshot {
+                    mount(state, JAIL_SNAPSHOT_STATE)?;
+                    mount(mem, JAIL_SNAPSHOT_MEM)?;
                 }
                 args.push("--".to_string());
                 args.extend(serve_args(
@@ -129,9 +173,15 @@ impl LaunchConfig {
                         program: jail.jailer.clone(),
                         args,
                     },
-                    vm_kernel: PathBuf::from("/boot/kernel"),
-                    vm_initrd: initrd.map(|_| PathBuf::from("/boot/initrd")),
+                    vm_kernel: PathBuf::from(JAIL_KERNEL),
+                    vm_initrd: initrd.map(|_| PathBuf::from(JAIL_INITRD)),
                     vm_vsock_uds: jail_run.join("vsock.sock"),
+                    vm_snapshot: snapshot.map(|_| {
+                        (
+                            PathBuf::from(JAIL_SNAPSHOT_STATE),
+                            PathBuf::from(JAIL_SNAPSHOT_MEM),
+                        )
+                    }),
                     api_sock: run.join("api.sock"),
                     vsock_uds: run.join("vsock.sock"),
                     log,
@@ -247,8 +297,50 @@ impl Plan {
         .await
     }
 
+    /// `PUT /snapshot/load` of the hibernation snapshot, resuming the guest.
+    pub async fn load_snapshot(&self) -> Result<(), Fault> {
+        let Some((state, mem)) = &self.vm_snapshot else {
+            return Err(Fault::internal(format!(
+                "sandbox {}: this VMM was not planned to resume from a snapshot",
+                self.id
+            )));
+        };
+        let body = serde_json::json!({
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "File", "backend_path": mem},
+            "resume_vm": true,
+        });
+        self.put_within("/snapshot/load", body, SNAPSHOT_TIMEOUT)
+            .await
+    }
+
+    /// Has the (paused) VMM write its snapshot beside its sockets (inside its jail's /run when
+    /// jailed, where it may write); returns the host paths of the state and memory files.
+    pub async fn create_snapshot(&self) -> Result<(PathBuf, PathBuf), Fault> {
+        let (vm_dir, host_dir) = match (self.vm_vsock_uds.parent(), self.vsock_uds.parent()) {
+            (Some(vm), Some(host)) => (vm, host),
+            _ => return Err(Fault::internal("the sandbox's sockets have no directory")),
+        };
+        let body = serde_json::json!({
+            "snapshot_path": vm_dir.join(HIBERNATE_STATE),
+            "mem_file_path": vm_dir.join(HIBERNATE_MEM),
+        });
+        self.put_within("/snapshot/create", body, SNAPSHOT_TIMEOUT)
+            .await?;
+        Ok((host_dir.join(HIBERNATE_STATE), host_dir.join(HIBERNATE_MEM)))
+    }
+
     async fn put(&self, path: &str, body: serde_json::Value) -> Result<(), Fault> {
-        let answer = vm_client::call(&self.api_sock, Method::PUT, path, Some(body), CALL_TIMEOUT)
+        self.put_within(path, body, CALL_TIMEOUT).await
+    }
+
+    async fn put_within(
+        &self,
+        path: &str,
+        body: serde_json::Value,
+        timeout: Duration,
+    ) -> Result<(), Fault> {
+        let answer = vm_client::call(&self.api_sock, Method::PUT, path, Some(body), timeout)
             .await
             .map_err(|e| Fault::unavailable(format!("sandbox {}: {e}", self.id)))?;
         if answer.status.is_success() {

@@ -79,6 +79,9 @@ pub enum SandboxState {
     Failed,
     /// Its VMM was gone when the daemon restarted.
     Lost,
+    /// Snapshotted to the state directory and its VMM ended (`POST /sandboxes/{id}/hibernate`);
+    /// `POST /sandboxes/{id}/resume` or the next agent request restores it.
+    Hibernated,
 }
 
 impl SandboxState {

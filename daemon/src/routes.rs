@@ -15,6 +15,7 @@ pub enum Endpoint {
     StopSandbox,
     PauseSandbox,
     ResumeSandbox,
+    HibernateSandbox,
     ListTemplates,
     GetTemplate,
     PutTemplate,
@@ -54,6 +55,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/sandboxes/{id}/stop", StopSandbox),
         route(Method::POST, "/sandboxes/{id}/pause", PauseSandbox),
         route(Method::POST, "/sandboxes/{id}/resume", ResumeSandbox),
+        route(Method::POST, "/sandboxes/{id}/hibernate", HibernateSandbox),
         route(
             Method::GET,
             "/sandboxes/{id}/metrics",

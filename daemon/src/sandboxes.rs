@@ -1,7 +1,7 @@
 //! The daemon's sandboxes: their records (kept in step with the state directory), their VMM
 //! processes, and what each API call does to them.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -9,11 +9,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use hyper::{Method, StatusCode};
 
 use crate::fault::Fault;
-use crate::launcher::LaunchConfig;
+use crate::launcher::{Boot, LaunchConfig};
 use crate::model::*;
 use crate::process;
 use crate::store::{SandboxRecord, Store};
 use crate::vm_client;
+
+mod hibernate;
 
 /// After SIGTERM, how long a VMM gets to end before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -31,6 +33,8 @@ pub struct Sandboxes {
     default_template: Option<DefaultTemplate>,
     max_live: usize,
     records: Mutex<BTreeMap<String, SandboxRecord>>,
+    /// Per sandbox: held while it hibernates or is restored.
+    transitions: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
 fn now_ms() -> u64 {
@@ -79,6 +83,7 @@ impl Sandboxes {
             default_template,
             max_live,
             records: Mutex::new(BTreeMap::new()),
+            transitions: Mutex::new(HashMap::new()),
         })
     }
 
@@ -115,7 +120,22 @@ impl Sandboxes {
                 (Some(pid), Some(ticks)) => process::is_same_process(pid, ticks),
                 _ => false,
             };
-            if record.info.state.is_live() {
+            let snapshot_kept = crate::launcher::snapshot_files(&self.store, &id)
+                .0
+                .is_file();
+            if record.info.state == SandboxState::Starting && record.booted && snapshot_kept {
+                // A restore from hibernation the previous daemon did not finish: the snapshot
+                // is still there to restore from.
+                if let (Some(pid), true) = (record.info.pid, alive) {
+                    let _ = process::signal(pid, libc::SIGKILL);
+                }
+                record.info.state = SandboxState::Hibernated;
+                record.info.pid = None;
+                record.pid_start_ticks = None;
+            } else if record.info.state == SandboxState::Hibernated && !snapshot_kept {
+                record.info.state = SandboxState::Lost;
+                record.info.ended = Some("its hibernation snapshot was gone".into());
+            } else if record.info.state.is_live() {
                 if !alive {
                     record.info.state = SandboxState::Lost;
                     record.info.ended = Some(format!(
@@ -263,7 +283,9 @@ impl Sandboxes {
             _ => self.resolve_template(&template_name).await?,
         };
         let template = apply_overrides(template, &request)?;
-        let plan = self.launch.plan(&self.store, &id, &template)?;
+        let plan = self
+            .launch
+            .plan(&self.store, &id, Boot::Template(&template))?;
 
         let record = SandboxRecord {
             info: SandboxInfo {
@@ -325,6 +347,33 @@ impl Sandboxes {
         template: &Template,
         deadline: Instant,
     ) -> Result<(), Fault> {
+        let pid = self.spawn_vmm(plan)?;
+        let alive = || {
+            self.get(&plan.id)
+                .map(|i| i.pid == Some(pid))
+                .unwrap_or(false)
+        };
+        plan.wait_for_api(deadline, alive).await?;
+        plan.configure(template).await?;
+        // Before InstanceStart: a guest that ends before its answer arrives has still booted.
+        self.update(&plan.id, |r| r.booted = true);
+        plan.instance_start().await?;
+        if template.agent {
+            plan.wait_for_agent(deadline, alive).await?;
+        } else {
+            // Running from InstanceStart on: a guest that ends at once has exited, not failed.
+            self.update(&plan.id, |r| {
+                if r.info.state == SandboxState::Starting {
+                    r.info.state = SandboxState::Running;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts the VMM process of `plan`, records its PID and reaps it on a thread that records
+    /// how it ended.
+    fn spawn_vmm(self: &Arc<Self>, plan: &crate::launcher::Plan) -> Result<u32, Fault> {
         let mut child = plan.spawn()?;
         let pid = child.id();
         let ticks = process::start_ticks(pid);
@@ -354,27 +403,7 @@ impl Sandboxes {
                 this.vmm_ended(&id, pid, reason);
             })
             .map_err(|e| Fault::internal(format!("cannot start a reaper thread: {e}")))?;
-        let alive = || {
-            self.get(&plan.id)
-                .map(|i| i.pid == Some(pid))
-                .unwrap_or(false)
-        };
-        plan.wait_for_api(deadline, alive).await?;
-        plan.configure(template).await?;
-        // Before InstanceStart: a guest that ends before its answer arrives has still booted.
-        self.update(&plan.id, |r| r.booted = true);
-        plan.instance_start().await?;
-        if template.agent {
-            plan.wait_for_agent(deadline, alive).await?;
-        } else {
-            // Running from InstanceStart on: a guest that ends at once has exited, not failed.
-            self.update(&plan.id, |r| {
-                if r.info.state == SandboxState::Starting {
-                    r.info.state = SandboxState::Running;
-                }
-            });
-        }
-        Ok(())
+        Ok(pid)
     }
 
     /// Ends a failed create: kills its VMM and forgets it.
@@ -444,13 +473,24 @@ impl Sandboxes {
         }
     }
 
-    /// `POST /sandboxes/{id}/stop`: ends the VM, keeps the record (state `stopped`).
+    /// `POST /sandboxes/{id}/stop`: ends the VM, keeps the record (state `stopped`); a
+    /// hibernated sandbox's snapshot is removed.
     pub async fn stop(&self, id: &str) -> Result<SandboxInfo, Fault> {
         let state = self.get(id)?.state;
         if state == SandboxState::Starting {
             return Err(Fault::conflict(format!(
                 "sandbox {id} is still being created"
             )));
+        }
+        if state == SandboxState::Hibernated {
+            self.update(id, |r| {
+                r.info.state = SandboxState::Stopped;
+                r.info.ended = Some("stopped through the API while hibernated".into());
+            });
+            let (state_file, mem_file) = crate::launcher::snapshot_files(&self.store, id);
+            for file in [state_file, mem_file] {
+                let _ = std::fs::remove_file(file);
+            }
         }
         if state.is_live() {
             // Marked first, so the reaper does not call the end an exit.
@@ -481,9 +521,17 @@ impl Sandboxes {
         self.store.remove_sandbox(id).map_err(Fault::internal)
     }
 
-    /// `POST /sandboxes/{id}/pause` and `/resume`, as the per-VM `PATCH /vm`.
-    pub async fn set_paused(&self, id: &str, paused: bool) -> Result<SandboxInfo, Fault> {
+    /// `POST /sandboxes/{id}/pause` and `/resume`, as the per-VM `PATCH /vm`; resuming a
+    /// hibernated sandbox restores it.
+    pub async fn set_paused(
+        self: &Arc<Self>,
+        id: &str,
+        paused: bool,
+    ) -> Result<SandboxInfo, Fault> {
         let info = self.get(id)?;
+        if !paused && info.state == SandboxState::Hibernated {
+            return self.restore(id).await;
+        }
         let (from, to, word) = if paused {
             (SandboxState::Running, SandboxState::Paused, "Paused")
         } else {

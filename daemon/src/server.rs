@@ -161,6 +161,7 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
         Endpoint::StopSandbox => ok(to_json(&sandboxes.stop(&param).await?)),
         Endpoint::PauseSandbox => ok(to_json(&sandboxes.set_paused(&param, true).await?)),
         Endpoint::ResumeSandbox => ok(to_json(&sandboxes.set_paused(&param, false).await?)),
+        Endpoint::HibernateSandbox => ok(to_json(&sandboxes.hibernate(&param).await?)),
         Endpoint::ListTemplates => {
             ok(serde_json::json!({ "templates": sandboxes.template_names()? }))
         }
@@ -177,7 +178,7 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
         }
         Endpoint::Forward { upstream, agent } => {
             let sock = if agent {
-                sandboxes.api_sock_for_agent(&param)?
+                sandboxes.agent_sock_restoring(&param).await?
             } else {
                 sandboxes.api_sock(&param)?
             };

@@ -10,8 +10,10 @@
 //!     cargo build --release -p vmm -p integration-tests && \
 //!     cargo test --release -p integration-tests --test agent_e2e -- --nocapture
 //!
-//! `AGENT_E2E_ONLY_API=1` passes the driver `--only api`, which runs just the API checks (one
-//! guest boot) when iterating on the API's `/sandbox/...` routes.
+//! `AGENT_E2E_ONLY_API=1` passes the driver `--only api`, which runs just the API checks: the
+//! per-VM `/sandbox/...` routes, `snapshot_restore` (a guest snapshotted under `serve` and
+//! restored by a second one) and the daemon (its sandbox hibernated and restored), when
+//! iterating on them.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
@@ -116,6 +118,7 @@ e2e_checks!(
     cli_publish,
     cli_tty,
     api_sandbox,
+    snapshot_restore,
     daemon,
     version_mismatch,
 );

@@ -1,6 +1,7 @@
 //! `agentvm daemon` over its real socket, with the ring-3 probe guest as the sandboxes' guest
 //! (jailed when the tests run as root, as in CI): every error class, the sandbox lifecycle, a
-//! daemon killed and restarted (sandboxes adopted, a vanished one reported lost), a second
+//! daemon killed and restarted (sandboxes adopted, a vanished one reported lost, a hibernated
+//! one kept and resumed from its snapshot), a second
 //! daemon refused, and 50 creates in parallel. The agent routes with a real Linux guest are in
 //! the agent-e2e driver (`daemon` check).
 //!
@@ -11,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use integration_tests::agentvm::{require_kvm, VmProcess};
-use integration_tests::api::{request, ApiResponse};
+use integration_tests::api::{request, wait_for_text, ApiResponse};
 use integration_tests::probe::probe_elf;
 
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -144,6 +145,24 @@ fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
+/// The console of sandbox `id`'s VMM: in its jail's /run when jailed.
+fn console_path(state: &Path, id: &str) -> PathBuf {
+    if is_root() {
+        state.join(format!("jail/agentvm/{id}/run/console.log"))
+    } else {
+        state.join(format!("sandboxes/{id}/console.log"))
+    }
+}
+
+/// The numbers of the probe's `PROBE count N` lines.
+fn counts(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("PROBE count "))
+        .filter_map(|n| n.trim().parse().ok())
+        .collect()
+}
+
 fn template(mode: &str) -> String {
     serde_json::json!({
         "kernel_image_path": probe_elf(),
@@ -235,6 +254,13 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
     d.refused("POST", "/sandboxes/ghost/stop", None, 404, "no sandbox");
     d.refused(
         "POST",
+        "/sandboxes/ghost/hibernate",
+        None,
+        404,
+        "no sandbox",
+    );
+    d.refused(
+        "POST",
         "/sandboxes/ghost/exec",
         Some("{}"),
         404,
@@ -299,6 +325,7 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
         "sandbox a is stopped (stopped through the API)",
     );
     d.refused("GET", "/sandboxes/a/metrics", None, 409, "is stopped");
+    d.refused("POST", "/sandboxes/a/hibernate", None, 409, "is stopped");
     d.expect("DELETE", "/sandboxes/a", None, 204);
     d.refused("GET", "/sandboxes/a", None, 404, "no sandbox");
     assert!(!d.state.join("sandboxes/a").exists());
@@ -348,6 +375,45 @@ fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
     assert_eq!(d.sandbox("quick")["ended"], "the guest shut down");
     assert_eq!(d.sandbox("quick")["template"], "(inline)");
 
+    // A hibernated sandbox: its VMM gone, its snapshot in the state directory.
+    d.expect(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "sleeper"}"#),
+        201,
+    );
+    let console = console_path(&d.state, "sleeper");
+    wait_for_text(&console, "PROBE count 2\n", EXIT_TIMEOUT).expect("the sleeper counts");
+    // Paused first, so that the console read here is the last thing the guest printed.
+    d.expect("POST", "/sandboxes/sleeper/pause", None, 200);
+    let before = std::fs::read_to_string(&console).unwrap();
+    let last = *counts(&before).last().unwrap();
+    let sleeper_pid = d.sandbox("sleeper")["pid"].as_u64().unwrap() as u32;
+    let hibernated = d
+        .expect("POST", "/sandboxes/sleeper/hibernate", None, 200)
+        .json();
+    assert_eq!(hibernated["state"], "hibernated", "{hibernated}");
+    assert!(hibernated.get("pid").is_none(), "{hibernated}");
+    assert!(!alive(sleeper_pid));
+    let snapshot = d.state.join("sandboxes/sleeper/snapshot");
+    assert!(snapshot.join("state").is_file() && snapshot.join("mem").is_file());
+    // Hibernating again changes nothing; a hibernated sandbox cannot be paused.
+    d.expect("POST", "/sandboxes/sleeper/hibernate", None, 200);
+    d.refused(
+        "POST",
+        "/sandboxes/sleeper/pause",
+        None,
+        409,
+        "is hibernated",
+    );
+    d.refused(
+        "GET",
+        "/sandboxes/sleeper/metrics",
+        None,
+        409,
+        "is hibernated",
+    );
+
     // The daemon dies; one VMM dies while it is down (the VMM itself when jailed, so that its
     // jailer still cleans up the jail and cgroup, as after a VMM crash).
     d.process.take().unwrap().signal(libc::SIGKILL).unwrap();
@@ -380,8 +446,30 @@ fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
         "{doomed}"
     );
     assert_eq!(d.sandbox("quick")["state"], "exited");
+    assert_eq!(d.sandbox("sleeper")["state"], "hibernated");
     let list = d.expect("GET", "/sandboxes", None, 200).json();
-    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 3, "{list}");
+    assert_eq!(list["sandboxes"].as_array().unwrap().len(), 4, "{list}");
+
+    // The hibernated sandbox resumes from its snapshot in a new VMM: the count goes on.
+    let resumed = d
+        .expect("POST", "/sandboxes/sleeper/resume", None, 200)
+        .json();
+    assert_eq!(resumed["state"], "running", "{resumed}");
+    assert!(
+        !snapshot.join("mem").exists(),
+        "the snapshot outlived the resume"
+    );
+    let after = wait_for_text(
+        &console,
+        &format!("PROBE count {}\n", last + 2),
+        EXIT_TIMEOUT,
+    )
+    .expect("the resumed sleeper counts on");
+    let after = counts(after.strip_prefix(before.as_str()).unwrap_or(&after));
+    assert!(
+        !after.is_empty() && !after.contains(&1) && after[0] <= last + 2,
+        "the resumed guest started over or skipped: {after:?} after {last}"
+    );
 
     // The adopted VMM is controlled as before.
     d.expect("POST", "/sandboxes/keep/resume", None, 200);
@@ -389,7 +477,12 @@ fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
     let stopped = d.expect("POST", "/sandboxes/keep/stop", None, 200).json();
     assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert!(!alive(keep_pid));
-    for id in ["keep", "doomed", "quick"] {
+    // Hibernated straight from running; destroying it removes the snapshot with the rest.
+    let sleeper_pid = d.sandbox("sleeper")["pid"].as_u64().unwrap() as u32;
+    d.expect("POST", "/sandboxes/sleeper/hibernate", None, 200);
+    assert!(!alive(sleeper_pid));
+    assert!(snapshot.join("mem").is_file());
+    for id in ["keep", "doomed", "quick", "sleeper"] {
         d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
     assert_eq!(

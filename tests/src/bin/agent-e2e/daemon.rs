@@ -1,7 +1,7 @@
 //! `agentvm daemon` with a real Linux guest: a jailed sandbox created from a template, exec,
 //! files, watch, a PTY session and a port tunnel forwarded to its agent (upgraded connections
 //! spliced through the daemon), the daemon killed and restarted (the sandbox adopted and still
-//! usable), then destroyed with nothing left running.
+//! usable), hibernated and restored by its next exec, then destroyed with nothing left running.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -169,6 +169,7 @@ fn daemon(args: &Args) -> Check {
             serve_pids()
         ));
     }
+    let hibernation = hibernate_and_exec(&d)?;
 
     expect_status(&d.call("DELETE", "/sandboxes/e2e", None), 204, "DELETE")?;
     expect_status(
@@ -202,8 +203,46 @@ fn daemon(args: &Args) -> Check {
     }
     Ok(format!(
         "jailed sandbox up with its agent in {:.1} s; exec, files; {watched}; {terminal}; \
-         {tunnel}; restart adoption, destroy",
+         {tunnel}; restart adoption; {hibernation}; destroy",
         boot.as_secs_f64()
+    ))
+}
+
+/// Hibernation: the sandbox's VMM ends; the next exec restores it in a new VMM and sees the
+/// file written before.
+fn hibernate_and_exec(d: &Daemon) -> Check {
+    let started = Instant::now();
+    let hibernated = d.call("POST", "/sandboxes/e2e/hibernate", None);
+    expect_status(&hibernated, 200, "POST /sandboxes/e2e/hibernate")?;
+    let hibernate_secs = started.elapsed().as_secs_f64();
+    if hibernated.json()["state"] != "hibernated" || !serve_pids().is_empty() {
+        return Err(format!(
+            "hibernated: {}, VMMs still running: {:?}",
+            hibernated.body,
+            serve_pids()
+        ));
+    }
+    let snapshot = d.state.join("sandboxes/e2e/snapshot");
+    if !snapshot.join("state").is_file() || !snapshot.join("mem").is_file() {
+        return Err(format!("no snapshot in {}", snapshot.display()));
+    }
+    let started = Instant::now();
+    let (out, _, last) = exec(d, r#"{"cmd": ["cat", "/tmp/daemon-file"]}"#)?;
+    let restore_secs = started.elapsed().as_secs_f64();
+    if out != "through the daemon" || last["exit_code"] != 0 {
+        return Err(format!("exec after hibernation: {out:?}, {last}"));
+    }
+    let resumed = d.call("GET", "/sandboxes/e2e", None);
+    if resumed.json()["state"] != "running" || serve_pids().is_empty() {
+        return Err(format!(
+            "after the restoring exec: {}, VMMs {:?}",
+            resumed.body,
+            serve_pids()
+        ));
+    }
+    Ok(format!(
+        "hibernated in {hibernate_secs:.1} s, the next exec restored it and answered in \
+         {restore_secs:.1} s"
     ))
 }
 

@@ -15,6 +15,7 @@ mod api;
 mod checks;
 mod cli;
 mod daemon;
+mod snapshot;
 mod vm;
 
 use std::path::PathBuf;
@@ -27,7 +28,7 @@ pub struct Args {
     pub kernel: PathBuf,
     pub initrd: PathBuf,
     pub work_dir: PathBuf,
-    /// `--only api`: run only the API checks (one guest boot), for iterating on them.
+    /// `--only api`: run only the API, snapshot and daemon checks, for iterating on them.
     pub only_api: bool,
 }
 
@@ -109,11 +110,13 @@ fn main() {
     }
     if args.only_api {
         api::checks(&args);
+        snapshot::checks(&args);
         daemon::checks(&args);
     } else {
         client_checks(&args);
         cli::checks(&args);
         api::checks(&args);
+        snapshot::checks(&args);
         daemon::checks(&args);
         version_mismatch(&args);
     }

@@ -1,0 +1,197 @@
+//! Snapshot and restore of a real Linux guest with an active virtio-vsock device: a guest booted
+//! by `agentvm serve` runs an exec, is paused and snapshotted, its VMM ends; a new `serve` loads
+//! the snapshot with `resume_vm`, and the restored guest's agent accepts a new vsock connection:
+//! an exec sees the file written before the snapshot.
+
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use integration_tests::api::{request, ApiResponse};
+
+use crate::api::{exec_events, exec_ok, expect_status};
+use crate::{timed, Args};
+
+type Check = Result<String, String>;
+
+/// The guest boots at TCG speed: /sandbox requests answer 409 until the VM is built and 503
+/// until its agent is up.
+const AGENT_UP_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a `serve` may take to end after SIGTERM.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `agentvm serve`, killed when dropped (unless it ended already).
+struct Serve(Child);
+
+impl Serve {
+    fn start(
+        agentvm: &Path,
+        dir: &Path,
+        name: &str,
+        config: Option<&Path>,
+    ) -> Result<Self, String> {
+        let sock = dir.join(format!("{name}.sock"));
+        let mut command = Command::new(agentvm);
+        command
+            .arg("serve")
+            .arg("--id")
+            .arg(format!("e2e-{name}"))
+            .arg("--api-sock")
+            .arg(&sock)
+            .arg("--console")
+            .arg(dir.join(format!("{name}.console")));
+        if let Some(config) = config {
+            command.arg("--config-file").arg(config);
+        }
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {e}", agentvm.display()))?;
+        let serve = Serve(child);
+        // Connecting, not just seeing the file: between bind and listen a connect is refused
+        // (and the API client panics on that).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while UnixStream::connect(&sock).is_err() {
+            if Instant::now() >= deadline {
+                return Err(format!("the API socket {} did not answer", sock.display()));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(serve)
+    }
+
+    /// Ends the VMM as an operator would (SIGTERM), so it removes its sockets.
+    fn terminate(mut self) -> Result<(), String> {
+        let pid = libc::pid_t::try_from(self.0.id()).map_err(|e| format!("pid: {e}"))?;
+        // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
+        if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
+            return Err(format!("SIGTERM: {}", std::io::Error::last_os_error()));
+        }
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        loop {
+            match self.0.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(100))
+                }
+                Ok(None) => return Err("serve did not end after SIGTERM".into()),
+                Err(e) => return Err(format!("wait for serve: {e}")),
+            }
+        }
+    }
+}
+
+impl Drop for Serve {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+pub fn checks(args: &Args) {
+    timed("snapshot_restore", || snapshot_restore(args));
+}
+
+fn snapshot_restore(args: &Args) -> Check {
+    let dir = args.work_dir.join("snapshot");
+    std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let config = dir.join("vm.json");
+    let vm = serde_json::json!({
+        "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
+    });
+    std::fs::write(&config, vm.to_string()).map_err(|e| format!("vm.json: {e}"))?;
+    let original = Serve::start(&args.agentvm, &dir, "original", Some(&config))?;
+    let sock = dir.join("original.sock");
+    let write = serde_json::json!({"cmd": ["sh", "-c", "echo before-snapshot > /tmp/snap-file"]})
+        .to_string();
+    let first = until_agent_up(&sock, || {
+        request(&sock, "POST", "/sandbox/exec", Some(&write))
+    })?;
+    let (_, _, last) = exec_events(&first)?;
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
+        return Err(format!("exec before the snapshot: {last}"));
+    }
+
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    expect_status(
+        &request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+        204,
+        "PATCH /vm Paused",
+    )?;
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+    let started = Instant::now();
+    expect_status(
+        &request(&sock, "PUT", "/snapshot/create", Some(&create)),
+        204,
+        "PUT /snapshot/create",
+    )?;
+    let create_secs = started.elapsed().as_secs_f64();
+    original.terminate()?;
+
+    let restored = Serve::start(&args.agentvm, &dir, "restored", None)?;
+    let sock = dir.join("restored.sock");
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let started = Instant::now();
+    expect_status(
+        &request(&sock, "PUT", "/snapshot/load", Some(&load)),
+        204,
+        "PUT /snapshot/load",
+    )?;
+    let read = serde_json::json!({"cmd": ["cat", "/tmp/snap-file"]}).to_string();
+    let answer = until_agent_up(&sock, || {
+        request(&sock, "POST", "/sandbox/exec", Some(&read))
+    })
+    .and_then(|answer| exec_events(&answer))
+    .map_err(|e| format!("{e}\n{}", console_tail(&dir.join("restored.console"))))?;
+    let first_exec_secs = started.elapsed().as_secs_f64();
+    let (stdout, _, last) = answer;
+    if stdout != "before-snapshot\n"
+        || last != serde_json::json!({"exit_code": 0, "timed_out": false})
+    {
+        return Err(format!(
+            "exec after the restore: stdout {stdout:?}, last {last}"
+        ));
+    }
+    // A second connection after the restore works as well.
+    exec_ok(&sock, "/sandbox", "echo after-restore > /tmp/snap-file")?;
+    drop(restored);
+    Ok(format!(
+        "snapshot written in {create_secs:.1} s; restored guest's first exec result {first_exec_secs:.1} s \
+         after the load saw the file written before the snapshot"
+    ))
+}
+
+fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
+    let deadline = Instant::now() + AGENT_UP_TIMEOUT;
+    loop {
+        let answer = call();
+        if !matches!(answer.status, 409 | 503) || Instant::now() >= deadline {
+            return Ok(answer);
+        }
+        if !sock.exists() {
+            return Err(format!(
+                "serve ended while waiting for the agent: {answer:?}"
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn console_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    format!(
+        "console of the restored guest (last 30 lines):\n{}",
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    )
+}
