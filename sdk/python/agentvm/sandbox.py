@@ -118,7 +118,15 @@ class Sandbox:
         return SandboxInfo.from_json(self._client.call_json("POST", self._sandbox_path("/pause")))
 
     def resume(self) -> SandboxInfo:
-        return SandboxInfo.from_json(self._client.call_json("POST", self._sandbox_path("/resume")))
+        """Resumes a paused sandbox, or restores a hibernated one."""
+        return SandboxInfo.from_json(
+            self._client.call_json("POST", self._sandbox_path("/resume"), timeout=180))
+
+    def hibernate(self) -> SandboxInfo:
+        """Snapshots the sandbox to the daemon's disk and ends its VM (state `hibernated`); the
+        next command, file call or `resume()` restores it."""
+        return SandboxInfo.from_json(
+            self._client.call_json("POST", self._sandbox_path("/hibernate"), timeout=180))
 
     def metrics(self) -> str:
         """The sandbox VMM's metrics, Prometheus text format."""

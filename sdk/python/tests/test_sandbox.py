@@ -71,16 +71,18 @@ class SandboxTest(unittest.TestCase):
         self.assertIsNone(listed[0].ended)
         self.assertEqual(listed[0].raw["future_field"], 1)
 
-    def test_stop_pause_resume_post_to_their_routes(self):
-        for action, state in [("stop", "stopped"), ("pause", "paused"), ("resume", "running")]:
+    def test_stop_pause_resume_hibernate_post_to_their_routes(self):
+        for action, state in [("stop", "stopped"), ("pause", "paused"), ("resume", "running"),
+                              ("hibernate", "hibernated")]:
             self.daemon.on("POST", f"/sandboxes/sb-1/{action}", Reply(200, info(state=state)))
         sbx = Sandbox("sb-1", _client(self.daemon.socket))
         self.assertEqual(sbx.stop().state, "stopped")
         self.assertEqual(sbx.pause().state, "paused")
         self.assertEqual(sbx.resume().state, "running")
+        self.assertEqual(sbx.hibernate().state, "hibernated")
         self.assertEqual([(r.method, r.path) for r in self.daemon.requests],
                          [("POST", "/sandboxes/sb-1/stop"), ("POST", "/sandboxes/sb-1/pause"),
-                          ("POST", "/sandboxes/sb-1/resume")])
+                          ("POST", "/sandboxes/sb-1/resume"), ("POST", "/sandboxes/sb-1/hibernate")])
 
     def test_kill_deletes_and_says_whether_the_sandbox_was_there(self):
         self.daemon.on("DELETE", "/sandboxes/sb-1", Reply(204))
