@@ -80,6 +80,8 @@ pub struct DeviceManager {
     vsock_metrics: Option<VsockMetrics>,
     /// The virtio-mmio transports in slot order, for snapshots.
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    /// Their device names, in the same order (for diagnostics).
+    transport_names: Vec<&'static str>,
 }
 
 impl DeviceManager {
@@ -152,6 +154,7 @@ impl DeviceManager {
             acpi_devices: Vec::new(),
             vsock_metrics: None,
             transports: Vec::new(),
+            transport_names: Vec::new(),
         };
 
         let rng = Arc::new(Mutex::new(Rng::new().map_err(|e| DeviceError::Create {
@@ -180,6 +183,15 @@ impl DeviceManager {
         manager.io = Arc::new(io);
         manager.event_manager = Some(event_manager);
         Ok(manager)
+    }
+
+    /// Each virtio-mmio transport with its device's name, in slot order.
+    pub fn named_transports(&self) -> Vec<(&'static str, Arc<Mutex<MmioTransport>>)> {
+        self.transport_names
+            .iter()
+            .copied()
+            .zip(self.transports.iter().cloned())
+            .collect()
     }
 
     /// The vsock device's traffic counters, if the VM has one.
@@ -287,6 +299,7 @@ impl DeviceManager {
         )?;
         let transport = Arc::new(Mutex::new(transport));
         self.transports.push(transport.clone());
+        self.transport_names.push(name);
         io.register_mmio(range, transport)
             .map_err(|source| DeviceError::Bus {
                 what: name.into(),

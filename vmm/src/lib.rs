@@ -11,6 +11,7 @@ pub mod api;
 pub mod artefacts;
 pub mod config;
 pub mod device_manager;
+pub mod diagnostics;
 pub mod exit;
 pub mod host;
 pub mod image_map;

@@ -361,6 +361,14 @@ impl Vmm {
         self.devices.vsock_metrics()
     }
 
+    /// A handle for the SIGUSR1 state dump, usable from any thread while the VM runs.
+    pub fn diagnostics(&self) -> crate::diagnostics::Diagnostics {
+        crate::diagnostics::Diagnostics {
+            transports: self.devices.named_transports(),
+            exits: self.exits.clone(),
+        }
+    }
+
     /// Timings that stay readable after [`Vmm::wait`] consumed the VM.
     pub fn timings_handle(&self) -> TimingsHandle {
         TimingsHandle {

@@ -89,4 +89,11 @@ pub trait VirtioDevice {
     /// Called once the device was re-activated from a snapshot: whatever it held outside guest
     /// memory (host connections, in-flight work) is gone, and the guest must be told so.
     fn after_restore(&mut self) {}
+
+    /// The device's live state in a few lines (queue positions, pending work, connections),
+    /// for diagnosing a guest that stalled; empty when there is nothing beyond the transport's
+    /// registers to tell.
+    fn diagnostics(&self) -> String {
+        String::new()
+    }
 }

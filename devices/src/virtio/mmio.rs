@@ -148,6 +148,28 @@ impl MmioTransport {
         &self.device
     }
 
+    /// Registers and interrupt state, then the device's own [`VirtioDevice::diagnostics`], one
+    /// item per line. The device lock is only tried for `wait`.
+    pub fn diagnostics(&self, wait: std::time::Duration) -> String {
+        let mut out = format!(
+            "status {:#x} interrupt_status {:#x} needs_reset {} queues {}",
+            self.status(),
+            self.interrupt.status(),
+            self.interrupt.needs_reset(),
+            self.queues.len()
+        );
+        match super::diagnostics::try_lock_for(&*self.device, wait) {
+            Some(device) => {
+                for line in device.diagnostics().lines() {
+                    out.push_str("\n  ");
+                    out.push_str(line);
+                }
+            }
+            None => out.push_str(&format!("\n  device lock held for more than {wait:?}")),
+        }
+        out
+    }
+
     /// The Status register as the driver would read it.
     pub fn status(&self) -> u32 {
         let mut status = self.status;

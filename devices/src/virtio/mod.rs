@@ -28,6 +28,7 @@
 //! ```
 
 mod device;
+pub mod diagnostics;
 mod events;
 mod interrupt;
 mod mmio;

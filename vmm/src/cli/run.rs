@@ -117,7 +117,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     let vm = vmm::vmm::boot(&config, Box::new(demux)).map_err(|e| e.to_string())?;
     let stop = vm.event_sender();
     let _signals = SignalForwarder::start(
-        super::signals::to_vm(vm.event_sender()),
+        super::signals::to_vm(vm.event_sender(), Some(vm.diagnostics())),
         args.machine.seccomp(),
     )?;
     let timings = vm.timings_handle();

@@ -106,14 +106,19 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
 
     // Before the VM exists a signal only ends the wait below; afterwards it ends the VM.
     let signalled = Arc::new(AtomicI32::new(0));
-    let vm_events: Arc<Mutex<Option<Sender<VmmEvent>>>> = Arc::new(Mutex::new(None));
+    type VmHandles = Option<(Sender<VmmEvent>, vmm::diagnostics::Diagnostics)>;
+    let vm_handles: Arc<Mutex<VmHandles>> = Arc::new(Mutex::new(None));
     let _signals = {
-        let (signalled, vm_events) = (signalled.clone(), vm_events.clone());
+        let (signalled, vm_handles) = (signalled.clone(), vm_handles.clone());
         SignalForwarder::start(
             move |sig| {
+                let vm = vm_handles.lock().unwrap_or_else(|e| e.into_inner());
+                if super::signals::is_dump_request(sig) {
+                    super::signals::log_state_dump(vm.as_ref().map(|(_, d)| d));
+                    return true;
+                }
                 signalled.store(sig, Ordering::Release);
-                let events = vm_events.lock().unwrap_or_else(|e| e.into_inner());
-                if let Some(events) = events.as_ref() {
+                if let Some((events, _)) = vm.as_ref() {
                     let _ = events.send(VmmEvent::Signal(sig));
                 }
                 true
@@ -163,7 +168,8 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     };
     // Requests still queued for the pre-boot VMM thread get "dropped" answers.
     drop(vmm_rx);
-    *vm_events.lock().unwrap_or_else(|e| e.into_inner()) = Some(vm.event_sender());
+    *vm_handles.lock().unwrap_or_else(|e| e.into_inner()) =
+        Some((vm.event_sender(), vm.diagnostics()));
     // A signal that arrived while the VM was being built.
     let early = signalled.load(Ordering::Acquire);
     if early != 0 {

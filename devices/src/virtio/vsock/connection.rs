@@ -471,6 +471,30 @@ impl Connection {
         }
     }
 
+    /// State and credit in both directions on one line.
+    pub fn diagnostics(&self) -> String {
+        format!(
+            "{:?} owed {:?} to-host: recv_cnt {} fwd_cnt {} last_fwd_cnt_sent {} buffered {} | \
+             to-guest: rx_cnt {} peer_buf_alloc {} peer_fwd_cnt {} credit {} \
+             credit_request_sent {} | host readable {} eof {} hup {} | guest_shutdown {:#x}",
+            self.state,
+            self.owed,
+            self.recv_cnt,
+            self.fwd_cnt,
+            self.last_fwd_cnt_sent,
+            self.tx_buf.len(),
+            self.rx_cnt,
+            self.peer_buf_alloc,
+            self.peer_fwd_cnt,
+            self.peer_credit(),
+            self.credit_request_sent,
+            self.host_readable,
+            self.host_eof,
+            self.host_hup,
+            self.guest_shutdown
+        )
+    }
+
     /// An OP_RST for this connection (it is being dropped).
     pub fn rst_packet(&self) -> Header {
         self.header(Op::Rst, 0, 0)

@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::metrics::VsockMetrics;
 use super::packet::{read_tx_packet, Buffers, Header, HDR_LEN, MAX_PAYLOAD};
 use super::unix_backend::{BackendError, UnixBackend};
+use crate::virtio::diagnostics::describe_queue;
 use crate::virtio::{
     ActivateError, ActivatedQueue, DeviceEvents, Error, Interrupt, InterruptType, VirtioDevice,
 };
@@ -386,5 +387,25 @@ impl VirtioDevice for Vsock {
     /// guest is told its connections are gone (transport reset) rather than left waiting.
     fn after_restore(&mut self) {
         self.transport_reset();
+    }
+
+    fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "vsock cid {} transport_reset_pending {}",
+            self.guest_cid, self.transport_reset_pending
+        );
+        match &self.active {
+            None => out.push_str(" (not activated)"),
+            Some(active) => {
+                out.push_str(&format!(" broken {}", active.broken));
+                for (name, queue) in ["rx", "tx", "event"].iter().zip(&active.queues) {
+                    out.push('\n');
+                    out.push_str(&describe_queue(name, queue, &active.mem));
+                }
+            }
+        }
+        out.push('\n');
+        out.push_str(&self.backend.diagnostics());
+        out
     }
 }

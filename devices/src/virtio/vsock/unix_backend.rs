@@ -409,6 +409,34 @@ impl UnixBackend {
         self.control.len() + self.rx_ready.len()
     }
 
+    /// Pending host work and every connection with its credit state, one per line.
+    pub fn diagnostics(&self) -> String {
+        let mut out = format!(
+            "backend: {} connection(s), {} handshake(s), rx_ready {:?}, {} control packet(s), \
+             {} socket(s) to close",
+            self.conns.len(),
+            self.handshakes.len(),
+            self.rx_ready,
+            self.control.len(),
+            self.closing.len()
+        );
+        let mut keys: Vec<&ConnKey> = self.conns.keys().collect();
+        keys.sort();
+        for key in keys {
+            let conn = &self.conns[key];
+            let fd = conn.stream().as_raw_fd();
+            out.push_str(&format!(
+                "\nconn host {} guest {} fd {fd} watched {:?} has_rx_work {}: {}",
+                key.0,
+                key.1,
+                self.registered.get(&fd),
+                conn.has_rx_work(),
+                conn.diagnostics()
+            ));
+        }
+        out
+    }
+
     /// Whether [`Self::next_rx_packet`] may produce something.
     pub fn has_rx_work(&self) -> bool {
         !self.control.is_empty() || !self.rx_ready.is_empty()

@@ -14,13 +14,16 @@ use crate::{timed, Args};
 
 type Check = Result<String, String>;
 
-fn run_cmd(args: &Args) -> Command {
+/// `agentvm run` with the test guest; its console goes to `<work>/cli-<name>.console`.
+fn run_cmd(args: &Args, name: &str) -> Command {
     let mut cmd = Command::new(&args.agentvm);
     cmd.arg("run")
         .arg("--kernel")
         .arg(&args.kernel)
         .arg("--initrd")
         .arg(&args.initrd)
+        .arg("--console")
+        .arg(args.work_dir.join(format!("cli-{name}.console")))
         .args(["--vcpus", "2", "--mem-mib", "256"]);
     cmd
 }
@@ -59,7 +62,7 @@ pub fn checks(args: &Args) {
 }
 
 fn exit_status(args: &Args) -> Check {
-    let mut cmd = run_cmd(args);
+    let mut cmd = run_cmd(args, "exit-status");
     cmd.args(["--", "sh", "-c", "echo out; echo err >&2; exit 5"]);
     // A hang detector, not a performance limit: the VM is killed if it never ends.
     let out = VmProcess::spawn(cmd)
@@ -80,11 +83,12 @@ fn exit_status(args: &Args) -> Check {
 
 fn stdin(args: &Args) -> Check {
     let mut child = Reap(
-        run_cmd(args)
+        run_cmd(args, "stdin")
             .args(["-i", "--", "sh", "-c", "wc -c; echo done >&2"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
+            // Not piped: nobody would read it, and it carries agentvm's own log.
+            .stderr(Stdio::inherit())
             .spawn()
             .map_err(|e| format!("agentvm run -i: {e}"))?,
     );
@@ -109,7 +113,7 @@ fn stdin(args: &Args) -> Check {
 fn publish(args: &Args) -> Check {
     const HOST: &str = "127.0.0.1:18080";
     let mut child = Reap(
-        run_cmd(args)
+        run_cmd(args, "publish")
             .args(["--publish", &format!("{HOST}:8000"), "--"])
             .args(["httpd", "-f", "-p", "8000", "-h", "/etc"])
             .stdin(Stdio::null())
@@ -226,7 +230,7 @@ fn tty(args: &Args) -> Check {
     let (master, slave) = open_pty()?;
     set_winsize(&master, 30, 90)?;
     let slave_raw = slave.as_raw_fd();
-    let mut cmd = run_cmd(args);
+    let mut cmd = run_cmd(args, "tty");
     cmd.args(["-it", "--", "sh"]);
     let dup = |fd: &OwnedFd| -> Result<Stdio, String> {
         Ok(Stdio::from(fd.try_clone().map_err(|e| e.to_string())?))

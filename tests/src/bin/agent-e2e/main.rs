@@ -17,8 +17,9 @@ mod cli;
 mod daemon;
 mod snapshot;
 mod vm;
+mod watchdog;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use vm::{BootOptions, Guest};
@@ -78,11 +79,17 @@ pub fn report(name: &str, result: Result<String, String>) {
     println!("E2E {name} {verdict} {}", detail.replace('\n', "\\n"));
 }
 
-/// Runs `check` and reports it with its duration.
+/// Where the checks' guests write their consoles (the watchdog shows their tails).
+static WORK_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Runs `check` under the [`watchdog`] and reports it with its duration.
 pub fn timed(name: &str, check: impl FnOnce() -> Result<String, String>) {
     let start = Instant::now();
     progress(format_args!("{name} ..."));
+    let work_dir = WORK_DIR.get().map_or(Path::new("/tmp"), |p| p.as_path());
+    let watchdog = watchdog::Watchdog::start(name, work_dir);
     let result = check();
+    watchdog.finish(result.is_err());
     let secs = start.elapsed().as_secs_f64();
     match &result {
         Ok(_) => progress(format_args!("{name} ok after {secs:.1} s")),
@@ -108,6 +115,7 @@ fn main() {
         eprintln!("agent-e2e: cannot create {}: {e}", args.work_dir.display());
         std::process::exit(2);
     }
+    let _ = WORK_DIR.set(args.work_dir.clone());
     if args.only_api {
         api::checks(&args);
         snapshot::checks(&args);
