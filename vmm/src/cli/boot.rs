@@ -86,11 +86,10 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
         None => Box::new(std::io::stdout()),
     };
     let vm = vmm::vmm::boot(&config, console).map_err(|e| e.to_string())?;
-    let _signals =
-        SignalForwarder::start(
-            super::signals::to_vm(vm.event_sender(), Some(vm.diagnostics())),
-            config.seccomp,
-        )?;
+    let _signals = SignalForwarder::start(
+        super::signals::to_vm(vm.event_sender(), Some(vm.diagnostics())),
+        config.seccomp,
+    )?;
     // Opened before the filter, which allows no open.
     let report = match &args.report_timings {
         Some(path) => Some(super::timings::ReportFile::create(path)?),
