@@ -294,3 +294,48 @@ fn vsock_socket_lives_as_long_as_the_vm() {
     assert!(out.stderr_text().contains("already exists"), "{out:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// SIGUSR1 logs a state dump (vCPU exits, each virtio device's registers, rings and vsock
+/// connections) and changes nothing: the guest goes on, and SIGTERM still ends it as usual.
+#[test]
+fn sigusr1_logs_a_state_dump_and_the_vm_goes_on() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("agentvm-dump-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let socket = dir.join("v.sock");
+    let probe = probe_elf();
+    let vm = VmProcess::agentvm([
+        "boot".as_ref(),
+        "--kernel".as_ref(),
+        probe.as_os_str(),
+        "--cmdline".as_ref(),
+        "probe.mode=count".as_ref(),
+        "--vsock-uds".as_ref(),
+        socket.as_os_str(),
+    ])
+    .unwrap();
+    vm.wait_for_stdout(b"PROBE count 3\n", BOOT_TIMEOUT)
+        .unwrap();
+    vm.signal(libc::SIGUSR1).unwrap();
+    // The count going on after the dump shows the guest was not stopped by it.
+    vm.wait_for_stdout(b"PROBE count 30\n", BOOT_TIMEOUT)
+        .unwrap();
+    vm.signal(libc::SIGTERM).unwrap();
+    let out = vm.wait(STOP_TIMEOUT).unwrap();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    let stderr = out.stderr_text();
+    for expected in [
+        "state dump (SIGUSR1)",
+        "vCPU exits: io_in ",
+        "virtio-rng: status ",
+        "virtio-vsock: status ",
+        "vsock cid 3",
+        "backend: 0 connection(s)",
+    ] {
+        assert!(stderr.contains(expected), "no {expected:?} in\n{out:?}");
+    }
+    assert!(!socket.exists(), "{} left behind", socket.display());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -364,7 +364,12 @@ impl Vmm {
     /// A handle for the SIGUSR1 state dump, usable from any thread while the VM runs.
     pub fn diagnostics(&self) -> crate::diagnostics::Diagnostics {
         crate::diagnostics::Diagnostics {
-            transports: self.devices.named_transports(),
+            transports: self
+                .devices
+                .named_transports()
+                .into_iter()
+                .map(|(name, t)| (name, std::sync::Arc::downgrade(&t)))
+                .collect(),
             exits: self.exits.clone(),
         }
     }

@@ -48,7 +48,9 @@ fn wait_with_deadline(
             return Ok(status);
         }
         if Instant::now() > deadline {
-            return Err(format!("agentvm run still running after {limit:?}"));
+            let what = format!("agentvm run still running after {limit:?}");
+            crate::watchdog::describe_stall(&what);
+            return Err(what);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

@@ -32,6 +32,7 @@ impl Watchdog {
         let (done, finished) = channel::<()>();
         let (name, work_dir) = (name.to_string(), work_dir.to_path_buf());
         let started = SystemTime::now();
+        *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((work_dir.clone(), started));
         let thread = {
             let work_dir = work_dir.clone();
             std::thread::spawn(move || {
@@ -55,7 +56,9 @@ impl Watchdog {
         }
     }
 
-    /// Ends the watch; for a failed check, describes the processes it left running.
+    /// Ends the watch; for a failed check, describes the processes it left running (often none:
+    /// checks kill their VMs as they fail, so a check that sees a stall calls
+    /// [`describe_stall`] first).
     pub fn finish(mut self, failed: bool) {
         self.stop();
         if failed {
@@ -65,11 +68,26 @@ impl Watchdog {
     }
 
     fn stop(&mut self) {
+        CURRENT.lock().unwrap_or_else(|e| e.into_inner()).take();
         drop(self.done.take());
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
     }
+}
+
+/// Where the running check's guests write their consoles and when it started.
+static CURRENT: std::sync::Mutex<Option<(PathBuf, SystemTime)>> = std::sync::Mutex::new(None);
+
+/// Describes the agentvm processes now (they are left running), for a check that found one
+/// stalled (`what`) before it kills it.
+pub fn describe_stall(what: &str) {
+    let current = CURRENT.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let Some((work_dir, started)) = current else {
+        return;
+    };
+    eprintln!("agent-e2e: stalled: {what}; the agentvm processes:");
+    diagnose(&work_dir, started, false);
 }
 
 impl Drop for Watchdog {
