@@ -1,0 +1,74 @@
+//! Which guest pages changed since the last snapshot, for a diff snapshot: the union of KVM's
+//! dirty log (pages the guest wrote) and vm-memory's per-region bitmap (pages the VMM wrote:
+//! virtio used rings, received vsock packets, entropy; KVM never sees those writes). Reading
+//! either one also clears it, so the next diff starts from this moment.
+
+use kvm_ioctls::VmFd;
+use snapshot::PageRun;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MmapRegion};
+
+use super::VmmError;
+use crate::memory;
+use devices::GuestMemoryMmap;
+
+const PAGE: u64 = 4096;
+
+/// Takes (and clears) both dirty logs: the dirty pages as runs of memory-file pages. Guest RAM
+/// must have been registered with dirty logging (slot i = region i), the vCPUs paused and the
+/// devices quiet, so nothing is written between this and the copy.
+pub(super) fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<PageRun>, VmmError> {
+    let layout = memory::layout_of(mem);
+    let mut runs: Vec<PageRun> = Vec::new();
+    for (slot, (region, placed)) in mem.iter().zip(&layout.regions).enumerate() {
+        let kvm = vm
+            .get_dirty_log(slot as u32, region.len() as usize)
+            .map_err(|e| {
+                VmmError::SnapshotState(format!(
+                    "cannot read KVM's dirty log of memory slot {slot}: {e}"
+                ))
+            })?;
+        let vmm = MmapRegion::bitmap(region).get_and_reset();
+        let first_page = placed.file_offset / PAGE;
+        let pages = region.len() / PAGE;
+        for page in 0..pages {
+            let word = (page / 64) as usize;
+            let bit = 1u64 << (page % 64);
+            let dirty = kvm.get(word).is_some_and(|w| w & bit != 0)
+                || vmm.get(word).is_some_and(|w| w & bit != 0);
+            if dirty {
+                push_page(&mut runs, first_page + page);
+            }
+        }
+    }
+    Ok(runs)
+}
+
+/// Clears both dirty logs (after a full snapshot: the next diff is relative to it).
+pub(super) fn reset_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), VmmError> {
+    take_dirty_pages(vm, mem).map(drop)
+}
+
+fn push_page(runs: &mut Vec<PageRun>, page: u64) {
+    match runs.last_mut() {
+        Some(run) if run.first_page + run.pages == page => run.pages += 1,
+        _ => runs.push(PageRun {
+            first_page: page,
+            pages: 1,
+        }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn consecutive_pages_make_one_run() {
+        let mut runs = Vec::new();
+        for page in [1, 2, 3, 7, 9, 10] {
+            push_page(&mut runs, page);
+        }
+        let got: Vec<_> = runs.iter().map(|r| (r.first_page, r.pages)).collect();
+        assert_eq!(got, [(1, 3), (7, 1), (9, 2)]);
+    }
+}
