@@ -203,6 +203,7 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
     let last = *counts(&second).last().unwrap();
     let again = Serve::start();
+    let moved_uds = files.path("moved.sock");
     let load = |snapshot: &Path| {
         cli(&[
             "snapshot".as_ref(),
@@ -214,6 +215,10 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
             "--mem".as_ref(),
             mem.as_os_str(),
             "--resume".as_ref(),
+            "--vsock-uds-path".as_ref(),
+            moved_uds.as_os_str(),
+            "--vsock-guest-cid".as_ref(),
+            "9".as_ref(),
         ])
     };
     let (code, stderr) = load(&files.path("missing.snap"));
@@ -221,13 +226,17 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     assert!(stderr.contains("no such file"), "{stderr}");
     let (code, stderr) = load(&state);
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        moved_uds.exists() && !uds.exists(),
+        "--vsock-uds-path: the restored VM listens on the given path instead"
+    );
     let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
     assert_consecutive(
         &counts(&format!("{before}{second}{third}")),
         "original + restored + restored again",
     );
     let (_, _dir) = again.terminate();
-    assert!(!uds.exists());
+    assert!(!uds.exists() && !moved_uds.exists());
 }
 
 #[test]

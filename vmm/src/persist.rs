@@ -22,7 +22,8 @@ pub struct MicrovmState {
     /// merged from. It stands in for that diff as the base of later diffs (a VM that took the
     /// diff goes on taking diffs against it), see [`MicrovmState::identity`].
     pub merged_from: Option<[u8; 32]>,
-    /// The vsock device as configured; the restored VM listens on the same Unix socket path.
+    /// The vsock device as configured; the restored VM listens on the same Unix socket path
+    /// unless the load gives a `vsock_override`.
     pub vsock: Option<VsockConfig>,
     pub vm: KvmVmState,
     pub vcpus: Vec<VcpuState>,

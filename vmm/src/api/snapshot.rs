@@ -1,4 +1,5 @@
-//! `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's bodies): checks the body and the
+//! `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's bodies, plus `vsock_override` on
+//! load, agentvm's analogue of `network_overrides` for its vsock device): checks the body and the
 //! state, then hands the work to the thread that owns the VM: the running VM's event loop for a
 //! create (the VM must be paused), the pre-boot VMM thread for a load (the VM is built from the
 //! snapshot instead of booted).
