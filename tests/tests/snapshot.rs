@@ -566,10 +566,11 @@ fn a_diff_snapshot_merged_onto_its_base_is_the_full_snapshot_of_its_moment() {
         stderr.contains("do not belong together"),
         "{code:?} {stderr}"
     );
-    let (code, stderr) = merge(&files, "merged", "diff2", "merged2");
+    // In place: the merge replaces its base (the mapped restore keeps the old file).
+    let (code, stderr) = merge(&files, "merged", "diff2", "merged");
     assert_eq!(code, Some(0), "{stderr}");
     assert!(
-        std::fs::read(files.path("merged2.mem")).unwrap()
+        std::fs::read(files.path("merged.mem")).unwrap()
             == std::fs::read(files.path("full2.mem")).unwrap(),
         "merged + diff2 differs from the second full snapshot's memory"
     );

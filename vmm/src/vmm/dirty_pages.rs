@@ -30,13 +30,17 @@ pub(super) fn take_dirty_pages(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<Vec<P
         let vmm = MmapRegion::bitmap(region).get_and_reset();
         let first_page = placed.file_offset / PAGE;
         let pages = region.len() / PAGE;
-        for page in 0..pages {
-            let word = (page / 64) as usize;
-            let bit = 1u64 << (page % 64);
-            let dirty = kvm.get(word).is_some_and(|w| w & bit != 0)
-                || vmm.get(word).is_some_and(|w| w & bit != 0);
-            if dirty {
-                push_page(&mut runs, first_page + page);
+        let words = kvm.len().max(vmm.len());
+        for word in 0..words {
+            let mut bits =
+                kvm.get(word).copied().unwrap_or(0) | vmm.get(word).copied().unwrap_or(0);
+            // Clean words (most of a large guest) cost one test each.
+            while bits != 0 {
+                let page = word as u64 * 64 + u64::from(bits.trailing_zeros());
+                bits &= bits - 1;
+                if page < pages {
+                    push_page(&mut runs, first_page + page);
+                }
             }
         }
     }
