@@ -24,6 +24,7 @@
 //! Everything sits in `[ACPI_START, ACPI_END)`, inside the legacy BIOS hole that the e820 map
 //! leaves out of RAM: Linux maps it like firmware tables and never allocates it.
 
+use crate::GuestMemoryMmap;
 use acpi_tables::fadt::{FADTBuilder, Flags, FADT};
 use acpi_tables::gas::{AccessSize, AddressSpace, GAS};
 use acpi_tables::madt::{
@@ -33,7 +34,7 @@ use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
 use acpi_tables::{aml, Aml};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::MAX_CPU_COUNT;
 use crate::layout::{ACPI_END, ACPI_START, IOAPIC_ADDR, IRQ_MAX, LAPIC_ADDR};

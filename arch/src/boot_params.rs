@@ -2,12 +2,13 @@
 //! (Documentation/arch/x86/boot.rst): setup header, command line and initrd location, and the
 //! e820 memory map, plus placement of the initrd in guest RAM.
 
+use crate::GuestMemoryMmap;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{
     boot_e820_entry, boot_params, setup_header, E820_MAX_ENTRIES_ZEROPAGE,
 };
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::layout::{
     CMDLINE_MAX_SIZE, HIMEM_START, MMIO_GAP_END, MMIO_GAP_START, MPTABLE_START, PAGE_SIZE,

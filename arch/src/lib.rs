@@ -24,7 +24,12 @@ mod test_bytes;
 mod test_kvm;
 
 use kvm_ioctls::{Kvm, VcpuFd};
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
+
+/// Guest RAM as the whole VMM sees it. Every write the VMM makes through vm-memory marks its page
+/// in the region's bitmap: KVM's dirty log only sees the guest's own writes, and a diff snapshot
+/// must also carry what the VMM wrote (virtio used rings, received packets, boot structures).
+pub type GuestMemoryMmap = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 pub use acpi::{setup_acpi, AcpiMmioDevice};
 pub use boot_params::{initrd_load_addr, initrd_load_addr_above, set_acpi_rsdp, write_boot_params};

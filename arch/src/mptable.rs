@@ -12,7 +12,8 @@
 //!
 //! Everything must fit in the EBDA's last KiB, which caps the table at 37 vCPUs.
 
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use crate::GuestMemoryMmap;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::cpuid::MAX_CPU_COUNT;
 use crate::layout::{EBDA_END, IOAPIC_ADDR, IRQ_MAX, LAPIC_ADDR, MPTABLE_START};

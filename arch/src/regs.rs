@@ -1,9 +1,10 @@
 //! General, segment/control and FPU registers for entering a 64-bit kernel, plus the boot GDT,
 //! IDT and identity-mapped page tables they point at.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_fpu, kvm_regs, kvm_sregs};
 use kvm_ioctls::VcpuFd;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::gdt::{self, kvm_segment_from_gdt, CODE_INDEX, DATA_INDEX, TSS_INDEX};
 use crate::layout::{
@@ -200,7 +201,6 @@ fn write_bytes(mem: &GuestMemoryMmap, what: &'static str, addr: u64, bytes: &[u8
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::GuestMemoryMmap;
 
     fn mem(size: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), size)]).unwrap()

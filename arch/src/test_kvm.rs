@@ -2,9 +2,10 @@
 //! a few guest instructions on the boot state. They skip (with a message) when /dev/kvm cannot
 //! be opened, unless CI=true, where that is a failure.
 
+use crate::GuestMemoryMmap;
 use kvm_bindings::{kvm_userspace_memory_region, Msrs, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::boot_params::write_boot_params;
 use crate::cpuid::find;

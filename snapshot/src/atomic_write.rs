@@ -9,6 +9,7 @@ use crate::SnapshotError;
 
 /// A temporary file in the target's directory; removed on drop unless [`AtomicFile::commit`]
 /// renamed it into place.
+#[derive(Debug)]
 pub struct AtomicFile {
     file: File,
     temp: PathBuf,

@@ -6,13 +6,25 @@
 //!   final name. Loading checks every header field before decoding and names what is wrong.
 //! * the **memory file** ([`memory_file`]): guest RAM regions back to back, raw, sparse where a
 //!   page is all zeroes; its [`MemoryLayout`] (region guest addresses and sizes) travels in the
-//!   state file, and loading checks that the memory file is exactly that long.
+//!   state file, and loading checks that the memory file is exactly that long. A diff memory file
+//!   ([`MemoryKind::Diff`]) has the same size but holds only the pages dirtied since its base
+//!   snapshot; [`merge_memory_files`] applies it onto the base's memory file.
+//!
+//! A snapshot is written as two temporary files; the memory file is renamed into place first and
+//! the state file last, so a failed write never pairs a new memory file with an old state file.
 
 pub mod atomic_write;
 pub mod error;
 pub mod memory_file;
 pub mod state_file;
 
+pub use atomic_write::AtomicFile;
 pub use error::SnapshotError;
-pub use memory_file::{open_memory_file, write_memory_file, MemoryLayout, MemoryRegion};
-pub use state_file::{read_state_file, write_state_file, FORMAT_VERSION, MAGIC};
+pub use memory_file::{
+    merge_memory_files, open_memory_file, prepare_memory_file, write_memory_file, MemoryKind,
+    MemoryLayout, MemoryRegion, PageRun,
+};
+pub use state_file::{
+    prepare_state_file, read_state_file, read_state_file_with_checksum, write_state_file,
+    FORMAT_VERSION, MAGIC,
+};

@@ -88,24 +88,85 @@ impl MemoryLayout {
     }
 }
 
+/// A run of consecutive pages of the memory file (page = 4 KiB, counted from the file's start).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PageRun {
+    pub first_page: u64,
+    pub pages: u64,
+}
+
+/// What a memory file holds; recorded in the state file beside the layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemoryKind {
+    /// All of guest RAM.
+    Full,
+    /// Only the pages in `dirty` (written at their offsets; holes elsewhere), as they were when
+    /// this snapshot was taken; the rest is the memory of the snapshot whose state file's
+    /// checksum is `base`. Restoring needs `agentvm snapshot merge` onto that base first.
+    Diff { base: [u8; 32], dirty: Vec<PageRun> },
+}
+
+impl MemoryLayout {
+    /// Refuses page runs that reach past the memory file (a diff read from an untrusted file).
+    pub fn check_runs(&self, runs: &[PageRun]) -> Result<(), SnapshotError> {
+        let pages = self.total_size() / PAGE as u64;
+        for run in runs {
+            let end = run.first_page.checked_add(run.pages);
+            if run.pages == 0 || end.is_none_or(|end| end > pages) {
+                return Err(SnapshotError::Layout(format!(
+                    "dirty page run {}+{} is outside the {pages}-page memory file",
+                    run.first_page, run.pages
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Writes guest RAM to `path` atomically. `read(region, offset, buf)` fills `buf` with the
 /// region's bytes from `offset` (the caller owns guest memory and how to read it safely).
 pub fn write_memory_file(
     path: &Path,
     layout: &MemoryLayout,
-    mut read: impl FnMut(&MemoryRegion, u64, &mut [u8]) -> std::io::Result<()>,
+    read: impl FnMut(&MemoryRegion, u64, &mut [u8]) -> std::io::Result<()>,
 ) -> Result<(), SnapshotError> {
+    prepare_memory_file(path, layout, None, read)?.commit()
+}
+
+/// Writes guest RAM (all of it, or only the `dirty` page runs for a diff) to a temporary file
+/// beside `path`, synced but not yet renamed: the caller commits it together with its state file,
+/// state file last, so a failure in between leaves the previous snapshot as it was.
+pub fn prepare_memory_file(
+    path: &Path,
+    layout: &MemoryLayout,
+    dirty: Option<&[PageRun]>,
+    mut read: impl FnMut(&MemoryRegion, u64, &mut [u8]) -> std::io::Result<()>,
+) -> Result<AtomicFile, SnapshotError> {
     layout.validate()?;
+    let whole: Vec<PageRun>;
+    let runs = match dirty {
+        Some(runs) => {
+            layout.check_runs(runs)?;
+            runs
+        }
+        None => {
+            whole = vec![PageRun {
+                first_page: 0,
+                pages: layout.total_size() / PAGE as u64,
+            }];
+            &whole
+        }
+    };
     let out = AtomicFile::create(path)?;
     let temp = out.temp_path().to_path_buf();
     out.file()
         .set_len(layout.total_size())
         .map_err(SnapshotError::io(&temp))?;
     let mut buf = vec![0u8; CHUNK];
-    for region in &layout.regions {
-        let mut done = 0u64;
-        while done < region.size {
-            let len = CHUNK.min((region.size - done) as usize);
+    for (region, start, end) in runs.iter().flat_map(|run| run_in_regions(layout, run)) {
+        let mut done = start;
+        while done < end {
+            let len = CHUNK.min((end - done) as usize);
             let chunk = &mut buf[..len];
             read(region, done, chunk).map_err(|source| SnapshotError::Io {
                 path: path.to_path_buf(),
@@ -122,7 +183,61 @@ pub fn write_memory_file(
             done += len as u64;
         }
     }
-    out.commit()
+    out.file().sync_all().map_err(SnapshotError::io(&temp))?;
+    Ok(out)
+}
+
+/// The parts of `run` (file pages) in each region: (region, start, end) as offsets in the region.
+fn run_in_regions<'a>(
+    layout: &'a MemoryLayout,
+    run: &PageRun,
+) -> impl Iterator<Item = (&'a MemoryRegion, u64, u64)> + 'a {
+    let run_start = run.first_page * PAGE as u64;
+    let run_end = run_start + run.pages * PAGE as u64;
+    layout.regions.iter().filter_map(move |r| {
+        let start = run_start.max(r.file_offset);
+        let end = run_end.min(r.file_offset + r.size);
+        (start < end).then(|| (r, start - r.file_offset, end - r.file_offset))
+    })
+}
+
+/// Applies a diff memory file onto its base: a new memory file at `out` (temporary until the
+/// caller commits it) holding the base's pages, with the diff's `dirty` pages over them. The
+/// caller checks that the two belong together (the diff's state file names its base).
+pub fn merge_memory_files(
+    base: &Path,
+    diff: &Path,
+    layout: &MemoryLayout,
+    dirty: &[PageRun],
+    out: &Path,
+) -> Result<AtomicFile, SnapshotError> {
+    let base_file = open_memory_file(base, layout)?;
+    let diff_file = open_memory_file(diff, layout)?;
+    layout.check_runs(dirty)?;
+    let merged = prepare_memory_file(out, layout, None, |region, offset, buf| {
+        base_file.read_exact_at(buf, region.file_offset + offset)
+    })?;
+    let temp = merged.temp_path().to_path_buf();
+    let mut buf = vec![0u8; CHUNK];
+    for run in dirty {
+        let mut at = run.first_page * PAGE as u64;
+        let end = at + run.pages * PAGE as u64;
+        while at < end {
+            let len = CHUNK.min((end - at) as usize);
+            let chunk = &mut buf[..len];
+            diff_file
+                .read_exact_at(chunk, at)
+                .map_err(SnapshotError::io(diff))?;
+            // Written even when zero: the page may be non-zero in the base.
+            merged
+                .file()
+                .write_all_at(chunk, at)
+                .map_err(SnapshotError::io(&temp))?;
+            at += len as u64;
+        }
+    }
+    merged.file().sync_all().map_err(SnapshotError::io(&temp))?;
+    Ok(merged)
 }
 
 /// Writes the runs of non-zero pages of `chunk` at `offset` onward; zero pages stay holes.
@@ -213,6 +328,60 @@ mod tests {
         let bytes = std::fs::read(&path).unwrap();
         assert_eq!(&bytes[..4 << 20], &ram[0][..]);
         assert_eq!(&bytes[4 << 20..], &ram[1][..]);
+    }
+
+    #[test]
+    fn diff_holds_only_dirty_pages_and_merges_onto_its_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let layout = MemoryLayout::packed([(0, 1 << 20), (1 << 32, 1 << 20)]);
+        let before: Vec<u8> = (0..2 << 20).map(|i| (i / PAGE) as u8 | 1).collect();
+        let mut after = before.clone();
+        // Page 3 rewritten, page 4 zeroed, page 300 (second region) rewritten.
+        after[3 * PAGE..4 * PAGE].fill(0xaa);
+        after[4 * PAGE..5 * PAGE].fill(0);
+        after[300 * PAGE..301 * PAGE].fill(0xbb);
+        let dirty = [
+            PageRun {
+                first_page: 3,
+                pages: 2,
+            },
+            PageRun {
+                first_page: 300,
+                pages: 1,
+            },
+        ];
+        let from = |ram: &[u8]| {
+            let ram = ram.to_vec();
+            move |region: &MemoryRegion, offset: u64, buf: &mut [u8]| {
+                let at = (region.file_offset + offset) as usize;
+                buf.copy_from_slice(&ram[at..at + buf.len()]);
+                Ok(())
+            }
+        };
+        let base = dir.path().join("base");
+        let diff = dir.path().join("diff");
+        let merged = dir.path().join("merged");
+        write_memory_file(&base, &layout, from(&before)).unwrap();
+        prepare_memory_file(&diff, &layout, Some(&dirty), from(&after))
+            .unwrap()
+            .commit()
+            .unwrap();
+        let diff_bytes = std::fs::read(&diff).unwrap();
+        assert_eq!(diff_bytes.len(), 2 << 20);
+        assert_eq!(&diff_bytes[..3 * PAGE], &vec![0u8; 3 * PAGE][..]);
+        assert_eq!(&diff_bytes[3 * PAGE..4 * PAGE], &after[3 * PAGE..4 * PAGE]);
+        merge_memory_files(&base, &diff, &layout, &dirty, &merged)
+            .unwrap()
+            .commit()
+            .unwrap();
+        assert!(std::fs::read(&merged).unwrap() == after);
+
+        let outside = [PageRun {
+            first_page: 511,
+            pages: 2,
+        }];
+        let err = merge_memory_files(&base, &diff, &layout, &outside, &merged).unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
     }
 
     #[test]

@@ -24,7 +24,7 @@ use crate::SnapshotError;
 pub const MAGIC: [u8; 8] = *b"AGVMSNAP";
 /// Bumped whenever the payload's types change shape: postcard has no field names or tags, so a
 /// reader must know the exact layout the writer used.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// Byte offset of the version field, for tests that forge other versions.
 pub const VERSION_OFFSET: usize = 8;
@@ -93,18 +93,39 @@ pub fn decode<T: DeserializeOwned>(path: &Path, bytes: &[u8]) -> Result<T, Snaps
     })
 }
 
-/// Writes `state` to `path` atomically (temporary file, fsync, rename).
-pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<(), SnapshotError> {
+/// Writes `state` to `path` atomically (temporary file, fsync, rename); returns its checksum, which
+/// identifies the snapshot (a diff snapshot names its base by it).
+pub fn write_state_file<T: Serialize>(path: &Path, state: &T) -> Result<[u8; 32], SnapshotError> {
+    let (file, checksum) = prepare_state_file(path, state)?;
+    file.commit()?;
+    Ok(checksum)
+}
+
+/// Writes `state` to a temporary file beside `path`, for the caller to commit once the memory
+/// file beside it is in place; returns the file and the payload's checksum.
+pub fn prepare_state_file<T: Serialize>(
+    path: &Path,
+    state: &T,
+) -> Result<(AtomicFile, [u8; 32]), SnapshotError> {
     let bytes = encode(state)?;
+    let mut checksum = [0u8; 32];
+    checksum.copy_from_slice(&bytes[20..HEADER_LEN]);
     let file = AtomicFile::create(path)?;
     file.file()
         .write_all(&bytes)
         .map_err(SnapshotError::io(file.temp_path()))?;
-    file.commit()
+    Ok((file, checksum))
 }
 
 /// Reads and checks the state file at `path`.
 pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotError> {
+    read_state_file_with_checksum(path).map(|(state, _)| state)
+}
+
+/// Reads and checks the state file at `path`; also returns its checksum (the snapshot's identity).
+pub fn read_state_file_with_checksum<T: DeserializeOwned>(
+    path: &Path,
+) -> Result<(T, [u8; 32]), SnapshotError> {
     let file = std::fs::File::open(path).map_err(SnapshotError::io(path))?;
     let len = file.metadata().map_err(SnapshotError::io(path))?.len();
     if len > MAX_STATE_FILE {
@@ -117,7 +138,10 @@ pub fn read_state_file<T: DeserializeOwned>(path: &Path) -> Result<T, SnapshotEr
     file.take(MAX_STATE_FILE)
         .read_to_end(&mut bytes)
         .map_err(SnapshotError::io(path))?;
-    decode(path, &bytes)
+    let state = decode(path, &bytes)?;
+    let mut checksum = [0u8; 32];
+    checksum.copy_from_slice(&bytes[20..HEADER_LEN]);
+    Ok((state, checksum))
 }
 
 #[cfg(test)]

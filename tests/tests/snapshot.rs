@@ -96,7 +96,13 @@ fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> 
     s.refused("PUT", "/snapshot/create", &create, 400, "must be paused");
     s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let diff = create.replace("\"Full\"", "\"Diff\"");
-    s.refused("PUT", "/snapshot/create", &diff, 400, "Diff");
+    s.refused(
+        "PUT",
+        "/snapshot/create",
+        &diff,
+        400,
+        "needs dirty page tracking",
+    );
     s.ok("PUT", "/snapshot/create", &create);
     assert_eq!(s.state(), "Paused");
     let mem_len = std::fs::metadata(files.mem()).expect("memory file").len();
@@ -197,6 +203,7 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
     let last = *counts(&second).last().unwrap();
     let again = Serve::start();
+    let moved_uds = files.path("moved.sock");
     let load = |snapshot: &Path| {
         cli(&[
             "snapshot".as_ref(),
@@ -208,6 +215,10 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
             "--mem".as_ref(),
             mem.as_os_str(),
             "--resume".as_ref(),
+            "--vsock-uds-path".as_ref(),
+            moved_uds.as_os_str(),
+            "--vsock-guest-cid".as_ref(),
+            "9".as_ref(),
         ])
     };
     let (code, stderr) = load(&files.path("missing.snap"));
@@ -215,13 +226,17 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     assert!(stderr.contains("no such file"), "{stderr}");
     let (code, stderr) = load(&state);
     assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        moved_uds.exists() && !uds.exists(),
+        "--vsock-uds-path: the restored VM listens on the given path instead"
+    );
     let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
     assert_consecutive(
         &counts(&format!("{before}{second}{third}")),
         "original + restored + restored again",
     );
     let (_, _dir) = again.terminate();
-    assert!(!uds.exists());
+    assert!(!uds.exists() && !moved_uds.exists());
 }
 
 #[test]
@@ -230,19 +245,22 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, 2, None);
-    let (_out, original_dir) = original.terminate();
-    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let uds = files.path("v.sock");
+    // The original stays alive (paused, holding its vsock socket) while two copies run: each
+    // copy listens on its own vsock path given by vsock_override.
+    let original = boot_and_snapshot(&files, 2, Some(&uds));
+    let before = original.console();
     let last = *counts(&before).last().expect("the original counted");
 
     let copies = [Serve::start(), Serve::start()];
-    for copy in &copies {
-        copy.ok(
-            "PUT",
-            "/snapshot/load",
-            &load_body(&files.state(), &files.mem(), true),
-        );
+    let copy_socks = [files.path("copy-a.sock"), files.path("copy-b.sock")];
+    for ((copy, sock), cid) in copies.iter().zip(&copy_socks).zip([5, 6]) {
+        let mut body: serde_json::Value =
+            serde_json::from_str(&load_body(&files.state(), &files.mem(), true)).unwrap();
+        body["vsock_override"] = serde_json::json!({"uds_path": sock, "guest_cid": cid});
+        copy.ok("PUT", "/snapshot/load", &body.to_string());
         assert_eq!(copy.state(), "Running");
+        assert!(sock.exists(), "the copy listens on its own vsock path");
         assert_eq!(
             copy.call("GET", "/machine-config", None).json()["vcpu_count"],
             2
@@ -258,11 +276,20 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
     let other = *counts(&copies[1].console()).last().unwrap();
     copies[1].wait_console(&format!("PROBE count {}\n", other + 3));
     assert_eq!(copies[0].console(), frozen, "the paused copy kept counting");
+    assert!(
+        uds.exists(),
+        "the original still holds the snapshot's vsock path"
+    );
     // The snapshot files are the restores' source, never written by them.
     let mem = std::fs::read(files.mem()).unwrap();
     let [a, b] = copies;
     let _ = a.terminate();
     let _ = b.terminate();
+    assert!(
+        copy_socks.iter().all(|s| !s.exists()),
+        "copies removed their sockets"
+    );
+    drop(original);
     assert_eq!(std::fs::read(files.mem()).unwrap(), mem);
 }
 
@@ -353,6 +380,17 @@ fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
         400,
         "Uffd",
     );
+    let mut no_vsock: serde_json::Value =
+        serde_json::from_str(&load_body(&files.state(), &files.mem(), true)).unwrap();
+    no_vsock["vsock_override"] = serde_json::json!({"uds_path": files.path("v.sock")});
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        &no_vsock.to_string(),
+        400,
+        "vsock_override: the snapshot's VM has no vsock device",
+    );
+    assert_eq!(s.state(), "Not started");
     // The same serve then loads the good snapshot.
     s.ok(
         "PUT",
@@ -360,4 +398,180 @@ fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
         &load_body(&files.state(), &files.mem(), true),
     );
     s.wait_console(&format!("PROBE count {}\n", last + 2));
+}
+
+/// `agentvm snapshot ...` with `args`: its exit code and stderr.
+fn snapshot_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    let mut all: Vec<&std::ffi::OsStr> = vec!["snapshot".as_ref()];
+    all.extend_from_slice(args);
+    let out = run_agentvm(&all, CLI_TIMEOUT).expect("agentvm snapshot");
+    (out.status.code(), out.stderr_text())
+}
+
+/// `agentvm snapshot merge` of `diff` onto `base` into `out` (each a file-name stem in `files`).
+fn merge(files: &SnapshotFiles, base: &str, diff: &str, out: &str) -> (Option<i32>, String) {
+    let p = |stem: &str, ext: &str| files.path(&format!("{stem}.{ext}")).into_os_string();
+    let args = [
+        "merge".into(),
+        "--base-snapshot".into(),
+        p(base, "snap"),
+        "--base-mem".into(),
+        p(base, "mem"),
+        "--diff-snapshot".into(),
+        p(diff, "snap"),
+        "--diff-mem".into(),
+        p(diff, "mem"),
+        "--out-snapshot".into(),
+        p(out, "snap"),
+        "--out-mem".into(),
+        p(out, "mem"),
+    ];
+    let args: Vec<std::ffi::OsString> = args.into_iter().collect();
+    let refs: Vec<&std::ffi::OsStr> = args.iter().map(|a| a.as_os_str()).collect();
+    snapshot_cli(&refs)
+}
+
+fn create_body(files: &SnapshotFiles, stem: &str, kind: &str) -> String {
+    serde_json::json!({
+        "snapshot_path": files.path(&format!("{stem}.snap")),
+        "mem_file_path": files.path(&format!("{stem}.mem")),
+        "snapshot_type": kind,
+    })
+    .to_string()
+}
+
+/// Bytes of disk a (sparse) file takes.
+fn allocated(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata(path).unwrap().blocks() * 512
+}
+
+#[test]
+fn a_diff_snapshot_merged_onto_its_base_is_the_full_snapshot_of_its_moment() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let s = Serve::start();
+    s.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64, "track_dirty_pages": true}"#,
+    );
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+    s.ok("PUT", "/boot-source", &boot.to_string());
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    s.wait_console("PROBE count 3\n");
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    // A diff needs a base to be a diff of.
+    s.refused(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "diff", "Diff"),
+        400,
+        "take a Full snapshot first",
+    );
+    s.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "base", "Full"),
+    );
+    s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let counted = *counts(&s.console()).last().unwrap();
+    s.wait_console(&format!("PROBE count {}\n", counted + 3));
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    // A diff and a full snapshot of the same paused moment.
+    s.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "diff", "Diff"),
+    );
+    s.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "full", "Full"),
+    );
+    let (_, original_dir) = s.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().unwrap();
+
+    assert_eq!(
+        std::fs::metadata(files.path("diff.mem")).unwrap().len(),
+        64 << 20,
+        "a diff memory file has the full size (holes where nothing changed)"
+    );
+    assert!(
+        allocated(&files.path("diff.mem")) < allocated(&files.path("full.mem")),
+        "the diff holds fewer pages than the full snapshot ({} vs {} bytes)",
+        allocated(&files.path("diff.mem")),
+        allocated(&files.path("full.mem"))
+    );
+
+    // A diff alone cannot be restored.
+    let lone = Serve::start();
+    lone.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&files.path("diff.snap"), &files.path("diff.mem"), true),
+        400,
+        "is a diff snapshot",
+    );
+    assert_eq!(lone.state(), "Not started");
+
+    // Files that do not belong together are refused, by name.
+    let (code, stderr) = merge(&files, "full", "diff", "bad");
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("do not belong together"), "{stderr}");
+    let (code, stderr) = merge(&files, "base", "full", "bad");
+    assert_ne!(code, Some(0));
+    assert!(stderr.contains("not a diff"), "{stderr}");
+    assert!(!files.path("bad.mem").exists() && !files.path("bad.snap").exists());
+
+    let (code, stderr) = merge(&files, "base", "diff", "merged");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        std::fs::read(files.path("merged.mem")).unwrap()
+            == std::fs::read(files.path("full.mem")).unwrap(),
+        "base + diff differs from the full snapshot's memory"
+    );
+
+    // The merged snapshot restores, with dirty tracking, and counts on from the diff's moment.
+    let mut load: serde_json::Value = serde_json::from_str(&load_body(
+        &files.path("merged.snap"),
+        &files.path("merged.mem"),
+        true,
+    ))
+    .unwrap();
+    load["track_dirty_pages"] = true.into();
+    lone.ok("PUT", "/snapshot/load", &load.to_string());
+    let after = lone.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(&counts(&format!("{before}{after}")), "original + merged");
+    assert!(!counts(&after).contains(&1), "started over:\n{after}");
+
+    // Diffs chain: the restored VM's next diff is against the merged snapshot, and only there.
+    lone.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    lone.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "diff2", "Diff"),
+    );
+    lone.ok(
+        "PUT",
+        "/snapshot/create",
+        &create_body(&files, "full2", "Full"),
+    );
+    let (code, stderr) = merge(&files, "base", "diff2", "bad");
+    assert!(
+        stderr.contains("do not belong together"),
+        "{code:?} {stderr}"
+    );
+    // In place: the merge replaces its base (the mapped restore keeps the old file).
+    let (code, stderr) = merge(&files, "merged", "diff2", "merged");
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        std::fs::read(files.path("merged.mem")).unwrap()
+            == std::fs::read(files.path("full2.mem")).unwrap(),
+        "merged + diff2 differs from the second full snapshot's memory"
+    );
 }

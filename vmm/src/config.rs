@@ -29,6 +29,8 @@ pub struct VmConfig {
     pub record_rss_before_guest: bool,
     /// A virtio-vsock device (the guest agent's channel), if any.
     pub vsock: Option<VsockConfig>,
+    /// KVM dirty-page logging on guest RAM, so the VM can take diff snapshots.
+    pub track_dirty_pages: bool,
     /// Whether the VMM's threads run under their seccomp filters (Off only for debugging).
     pub seccomp: SeccompLevel,
     /// Test-only: the thread kind that makes a forbidden syscall once its filter is on.

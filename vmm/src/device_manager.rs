@@ -15,12 +15,12 @@ use devices::legacy::{
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockMetrics};
 use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
+use devices::GuestMemoryMmap;
 use event_manager::{EventManager, EventOps, Events, MutEventSubscriber, SubscriberOps};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use serde::{Deserialize, Serialize};
 use vm_device::bus::{MmioAddress, MmioRange, PioAddress, PioRange};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
-use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

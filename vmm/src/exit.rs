@@ -29,6 +29,8 @@ pub enum VmmEvent {
 pub struct SnapshotRequest {
     pub snapshot_path: std::path::PathBuf,
     pub mem_file_path: std::path::PathBuf,
+    /// Only the pages dirtied since the previous snapshot (`snapshot_type: "Diff"`).
+    pub diff: bool,
     pub reply: Box<dyn FnOnce(Result<(), String>) + Send>,
 }
 

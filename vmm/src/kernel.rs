@@ -4,9 +4,10 @@ use std::fs::File;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 
+use devices::GuestMemoryMmap;
 use linux_loader::loader::bootparam::setup_header;
 use linux_loader::loader::{bzimage::BzImage, KernelLoader};
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
 
 /// Offset of the 64-bit entry point (`startup_64`) from the start of a bzImage's protected-mode code.
 const BZIMAGE_64BIT_ENTRY_OFFSET: u64 = 0x200;

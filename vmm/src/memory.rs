@@ -8,12 +8,11 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
+use devices::GuestMemoryMmap;
 use snapshot::MemoryLayout;
+use vm_memory::bitmap::{AtomicBitmap, NewBitmap};
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
-};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
 #[derive(Debug, thiserror::Error)]
 pub enum MemoryError {
@@ -72,12 +71,17 @@ pub fn map_memory_file(
                 addr: r.guest_addr,
                 reason,
             };
-            let mapping = MmapRegionBuilder::new(r.size as usize)
-                .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-                .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-                .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| map_err(e.to_string()))?;
+            // A bitmap as long as the region (the builder's default tracks nothing), so the
+            // VMM's writes after a restore are in the next diff snapshot.
+            let mapping = MmapRegionBuilder::new_with_bitmap(
+                r.size as usize,
+                AtomicBitmap::with_len(r.size as usize),
+            )
+            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .build()
+            .map_err(|e| map_err(e.to_string()))?;
             GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
                 .ok_or_else(|| map_err("the region wraps the address space".into()))
         })
@@ -148,6 +152,11 @@ mod tests {
             0xfeed_f00d
         );
         mem.write_obj(1u32, GuestAddress(0x2000)).unwrap();
+        let region = mem.iter().next().unwrap();
+        assert!(
+            vm_memory::MmapRegion::bitmap(region).is_addr_set(0x2000),
+            "a VMM write to restored memory must be tracked for diff snapshots"
+        );
         assert_eq!(
             std::fs::read(&path).unwrap()[0x2000..0x2004],
             0xfeed_f00du32.to_le_bytes(),

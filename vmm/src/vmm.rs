@@ -7,9 +7,10 @@ use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use devices::GuestMemoryMmap;
 use kvm_ioctls::VcpuFd;
 use linux_loader::cmdline::Cmdline;
-use vm_memory::{GuestAddress, GuestMemoryMmap};
+use vm_memory::GuestAddress;
 use vmm_sys_util::signal::Killable;
 
 use crate::config::{ConfigError, VmConfig, VsockConfig};
@@ -24,6 +25,7 @@ use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuChannels, VcpuRequest};
 use crate::vstate::vm::{Vm, VmError};
 
+mod dirty_pages;
 mod restore;
 mod snapshot_create;
 
@@ -102,6 +104,7 @@ struct Machine {
     vcpus: u8,
     mem_mib: u64,
     vsock: Option<VsockConfig>,
+    track_dirty_pages: bool,
 }
 
 /// A running VM. Dropping it stops and joins every thread it started.
@@ -120,6 +123,10 @@ pub struct Vmm {
     timings: BootTimings,
     first_run: Arc<OnceLock<u64>>,
     machine: Machine,
+    /// The state-file checksum of the snapshot this VM's memory last matched (the last one
+    /// written, or the one it was restored from): the base of the next diff snapshot. None
+    /// until then, or after a snapshot failed (the dirty log was consumed).
+    last_snapshot: Option<[u8; 32]>,
     // Dropped only once every vCPU thread has been joined (see `shutdown`).
     vm: Option<Vm>,
     mem: Option<GuestMemoryMmap>,
@@ -139,7 +146,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
     let vm = Vm::new()?;
     let mem_bytes = config.mem_mib << 20;
     let mem = memory::create_guest_memory(mem_bytes)?;
-    vm.register_memory(&mem)?;
+    vm.register_memory(&mem, config.track_dirty_pages)?;
     let kvm_ready_ns = monotonic_ns();
 
     let (events_tx, events_rx) = channel();
@@ -296,7 +303,9 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
             vcpus: config.vcpus,
             mem_mib: config.mem_mib,
             vsock: config.vsock.clone(),
+            track_dirty_pages: config.track_dirty_pages,
         },
+        last_snapshot: None,
         vm: Some(vm),
         mem: Some(mem),
         threads_stuck: false,
@@ -431,7 +440,11 @@ impl Vmm {
                 }
                 VmmEvent::CreateSnapshot(request) => {
                     let result = self
-                        .create_snapshot(&request.snapshot_path, &request.mem_file_path)
+                        .create_snapshot(
+                            &request.snapshot_path,
+                            &request.mem_file_path,
+                            request.diff,
+                        )
                         .map_err(|e| e.to_string());
                     (request.reply)(result);
                     continue;

@@ -17,7 +17,7 @@ use super::exec_trace::ExecObserver;
 use super::fault::Fault;
 use super::models::{
     BootSource, InstanceInfo, MachineConfig, MachineConfigPatch, NetworkInterface, SnapshotCreate,
-    SnapshotLoad, Vsock,
+    SnapshotLoad, SnapshotType, Vsock,
 };
 use crate::config::{
     host_mem_mib, VmConfig, VsockConfig, LINUX_BASE_CMDLINE, MAX_VCPUS, MIN_MEM_MIB,
@@ -227,6 +227,13 @@ impl Controller {
         request: &SnapshotCreate,
     ) -> Result<Sender<VmmEvent>, Fault> {
         super::snapshot::check_create(request)?;
+        if request.snapshot_type == Some(SnapshotType::Diff) && !self.machine.track_dirty_pages {
+            return Err(Fault::bad_request(
+                "PUT /snapshot/create: snapshot_type \"Diff\" needs dirty page tracking: set \
+                 track_dirty_pages in PUT /machine-config before InstanceStart (or in PUT \
+                 /snapshot/load)",
+            ));
+        }
         match (&self.state, &self.vm) {
             (VmState::Paused, Some(vm)) => Ok(vm.events.clone()),
             (VmState::Running, _) => Err(Fault::bad_request(
@@ -297,6 +304,7 @@ impl Controller {
             record_rss_before_guest: false,
             vsock: self.vsock.clone(),
             seccomp: self.seccomp,
+            track_dirty_pages: self.machine.track_dirty_pages,
             seccomp_test_violation: None,
         };
         // The full `VmConfig::validate` runs on the VMM thread as it boots (it reads /proc, which
@@ -451,12 +459,6 @@ fn check_machine_config(config: &MachineConfig, host_mib: Option<u64>) -> Result
     if config.smt {
         return Err(Fault::bad_request(
             "smt: simultaneous multithreading is not supported by agentvm's machine model",
-        ));
-    }
-    if config.track_dirty_pages {
-        return Err(Fault::bad_request(
-            "track_dirty_pages: dirty page tracking serves diff snapshots, which agentvm does not \
-             have yet",
         ));
     }
     Ok(())

@@ -117,6 +117,19 @@ pub struct SnapshotLoad {
     pub resume_vm: Option<bool>,
     #[serde(default)]
     pub network_overrides: Option<Vec<serde_json::Value>>,
+    /// Another Unix socket path (and optionally CID) for the restored VM's vsock device, so
+    /// several VMs restored from one snapshot can run at once (agentvm's analogue of
+    /// Firecracker's `network_overrides`).
+    #[serde(default)]
+    pub vsock_override: Option<VsockOverride>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockOverride {
+    pub uds_path: PathBuf,
+    #[serde(default)]
+    pub guest_cid: Option<u64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]

@@ -1,4 +1,5 @@
-//! `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's bodies): checks the body and the
+//! `PUT /snapshot/create` and `PUT /snapshot/load` (Firecracker's bodies, plus `vsock_override` on
+//! load, agentvm's analogue of `network_overrides` for its vsock device): checks the body and the
 //! state, then hands the work to the thread that owns the VM: the running VM's event loop for a
 //! create (the VM must be paused), the pre-boot VMM thread for a load (the VM is built from the
 //! snapshot instead of booted).
@@ -21,12 +22,6 @@ const SNAPSHOT_REPLY_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The body's own rules (the state is the controller's business).
 pub fn check_create(request: &SnapshotCreate) -> Result<(), Fault> {
-    if request.snapshot_type == Some(SnapshotType::Diff) {
-        return Err(Fault::bad_request(
-            "PUT /snapshot/create: snapshot_type \"Diff\" is not supported yet (no dirty page \
-             tracking); use \"Full\"",
-        ));
-    }
     check_target("snapshot_path", &request.snapshot_path)?;
     check_target("mem_file_path", &request.mem_file_path)?;
     if request.snapshot_path == request.mem_file_path {
@@ -89,11 +84,24 @@ pub fn restore_config(
             }
         },
     };
-    if request.enable_diff_snapshots == Some(true) || request.track_dirty_pages == Some(true) {
-        return refuse(
-            "enable_diff_snapshots / track_dirty_pages: diff snapshots (dirty page tracking) are \
-             not supported yet",
-        );
+    if let Some(o) = &request.vsock_override {
+        if o.uds_path.file_name().is_none()
+            || o.uds_path
+                .parent()
+                .is_some_and(|d| !d.as_os_str().is_empty() && !d.is_dir())
+        {
+            return refuse(&format!(
+                "vsock_override.uds_path {}: not a file name in an existing directory",
+                o.uds_path.display()
+            ));
+        }
+        if o.guest_cid
+            .is_some_and(|cid| cid < 3 || cid > u64::from(u32::MAX))
+        {
+            return refuse(
+                "vsock_override.guest_cid must be at least 3 (0-2 are reserved) and fit in 32 bits",
+            );
+        }
     }
     if request
         .network_overrides
@@ -117,6 +125,13 @@ pub fn restore_config(
         snapshot_path: request.snapshot_path.clone(),
         mem_file_path,
         resume: request.resume_vm.unwrap_or(false),
+        // Firecracker's deprecated name for the same switch is accepted too.
+        track_dirty_pages: request.track_dirty_pages.or(request.enable_diff_snapshots)
+            == Some(true),
+        vsock_override: request
+            .vsock_override
+            .as_ref()
+            .map(|o| (o.uds_path.clone(), o.guest_cid)),
         seccomp,
     })
 }
@@ -127,6 +142,7 @@ pub async fn create(ctx: &ApiContext, request: SnapshotCreate) -> Result<Reply, 
     let request = SnapshotRequest {
         snapshot_path: request.snapshot_path,
         mem_file_path: request.mem_file_path,
+        diff: request.snapshot_type == Some(SnapshotType::Diff),
         reply: Box::new(move |result| {
             let _ = reply.send(result);
         }),
@@ -175,6 +191,7 @@ mod tests {
             track_dirty_pages: None,
             resume_vm: Some(true),
             network_overrides: None,
+            vsock_override: None,
         }
     }
 
@@ -200,9 +217,32 @@ mod tests {
         let err = restore_config(&missing, SeccompLevel::Off).unwrap_err();
         assert!(err.message.contains("snapshot_path"), "{err:?}");
 
-        let mut diff = ok;
+        let mut diff = ok.clone();
         diff.enable_diff_snapshots = Some(true);
-        assert!(restore_config(&diff, SeccompLevel::Off).is_err());
+        assert!(
+            restore_config(&diff, SeccompLevel::Off)
+                .unwrap()
+                .track_dirty_pages
+        );
+
+        let mut fork = ok;
+        fork.vsock_override = Some(crate::api::models::VsockOverride {
+            uds_path: dir.path().join("fork.sock"),
+            guest_cid: Some(7),
+        });
+        let config = restore_config(&fork, SeccompLevel::Off).unwrap();
+        assert_eq!(
+            config.vsock_override,
+            Some((dir.path().join("fork.sock"), Some(7)))
+        );
+        let mut bad = fork.clone();
+        bad.vsock_override.as_mut().unwrap().uds_path = dir.path().join("no/such/dir/v.sock");
+        let err = restore_config(&bad, SeccompLevel::Off).unwrap_err();
+        assert!(err.message.contains("vsock_override.uds_path"), "{err:?}");
+        let mut reserved = fork;
+        reserved.vsock_override.as_mut().unwrap().guest_cid = Some(2);
+        let err = restore_config(&reserved, SeccompLevel::Off).unwrap_err();
+        assert!(err.message.contains("guest_cid"), "{err:?}");
     }
 
     #[test]
@@ -215,8 +255,7 @@ mod tests {
         };
         assert!(check_create(&body("s", "m", None)).is_ok());
         assert!(check_create(&body("s", "m", Some(SnapshotType::Full))).is_ok());
-        let err = check_create(&body("s", "m", Some(SnapshotType::Diff))).unwrap_err();
-        assert!(err.message.contains("Diff"), "{err:?}");
+        assert!(check_create(&body("s", "m", Some(SnapshotType::Diff))).is_ok());
         assert!(check_create(&body("s", "s", None)).is_err());
         let err = check_create(&body("no/such/dir/s", "m", None)).unwrap_err();
         assert!(err.message.contains("does not exist"), "{err:?}");

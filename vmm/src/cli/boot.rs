@@ -75,6 +75,7 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
             uds_path,
         }),
         seccomp: args.machine.seccomp(),
+        track_dirty_pages: false,
         seccomp_test_violation: args.seccomp_test_violation,
     };
     let console: Box<dyn Write + Send> = match &args.machine.console {

@@ -105,6 +105,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             uds_path: uds_path.clone(),
         }),
         seccomp: args.machine.seccomp(),
+        track_dirty_pages: false,
         seccomp_test_violation: None,
     };
     let log: Option<Box<dyn Write + Send>> = match &args.machine.console {

@@ -313,6 +313,7 @@ fn load_snapshot(
                 MachineConfig {
                     vcpu_count: u64::from(vm.vcpu_count()),
                     mem_size_mib: vm.mem_mib(),
+                    track_dirty_pages: config.track_dirty_pages,
                     ..MachineConfig::default()
                 },
                 vm.vsock().cloned(),

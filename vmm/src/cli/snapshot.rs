@@ -1,5 +1,6 @@
 //! `agentvm snapshot create|load`: the per-VM API's snapshot requests from the command line, for a
-//! VM run by `agentvm serve --api-sock`.
+//! VM run by `agentvm serve --api-sock`; `agentvm snapshot merge`: a diff snapshot onto its base,
+//! offline.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -19,6 +20,31 @@ pub enum SnapshotCommand {
     Create(CreateArgs),
     /// Build a VM that has not started from a snapshot (instead of InstanceStart).
     Load(LoadArgs),
+    /// Apply a diff snapshot onto its base: a full snapshot of the diff's moment. Checks that
+    /// the diff was taken against that base. The outputs may name the inputs (merge in place).
+    Merge(MergeArgs),
+}
+
+#[derive(Args)]
+pub struct MergeArgs {
+    /// The base snapshot's state file (a full snapshot, or an earlier merge).
+    #[arg(long, value_name = "FILE")]
+    base_snapshot: PathBuf,
+    /// The base snapshot's memory file.
+    #[arg(long, value_name = "FILE")]
+    base_mem: PathBuf,
+    /// The diff snapshot's state file.
+    #[arg(long, value_name = "FILE")]
+    diff_snapshot: PathBuf,
+    /// The diff snapshot's memory file.
+    #[arg(long, value_name = "FILE")]
+    diff_mem: PathBuf,
+    /// Where to write the merged state file.
+    #[arg(long, value_name = "FILE")]
+    out_snapshot: PathBuf,
+    /// Where to write the merged memory file.
+    #[arg(long, value_name = "FILE")]
+    out_mem: PathBuf,
 }
 
 #[derive(Args)]
@@ -35,6 +61,10 @@ pub struct CreateArgs {
     /// Leave the VM paused after the snapshot.
     #[arg(long)]
     keep_paused: bool,
+    /// Write only the pages changed since the VM's previous snapshot (or the snapshot it was
+    /// restored from); needs track_dirty_pages. Restore it after `agentvm snapshot merge`.
+    #[arg(long)]
+    diff: bool,
 }
 
 #[derive(Args)]
@@ -51,6 +81,16 @@ pub struct LoadArgs {
     /// Run the VM at once instead of leaving it paused.
     #[arg(long)]
     resume: bool,
+    /// Track dirty pages so the restored VM can take diff snapshots (against this snapshot).
+    #[arg(long)]
+    track_dirty_pages: bool,
+    /// Listen for the guest's vsock connections on this Unix socket instead of the snapshot's
+    /// (several VMs restored from one snapshot at once each need their own).
+    #[arg(long, value_name = "PATH")]
+    vsock_uds_path: Option<PathBuf>,
+    /// Give the restored guest this vsock CID instead of the snapshot's (with --vsock-uds-path).
+    #[arg(long, value_name = "CID", requires = "vsock_uds_path")]
+    vsock_guest_cid: Option<u64>,
 }
 
 pub fn run(command: SnapshotCommand) -> Result<ExitCode, String> {
@@ -62,6 +102,7 @@ pub fn run(command: SnapshotCommand) -> Result<ExitCode, String> {
         match command {
             SnapshotCommand::Create(args) => create(args).await,
             SnapshotCommand::Load(args) => load(args).await,
+            SnapshotCommand::Merge(args) => merge(args),
         }
     })?;
     Ok(ExitCode::SUCCESS)
@@ -95,7 +136,7 @@ async fn create(args: CreateArgs) -> Result<(), String> {
     let body = serde_json::json!({
         "snapshot_path": absolute(&args.snapshot)?,
         "mem_file_path": absolute(&args.mem)?,
-        "snapshot_type": "Full",
+        "snapshot_type": if args.diff { "Diff" } else { "Full" },
     });
     call(
         sock,
@@ -119,10 +160,29 @@ async fn create(args: CreateArgs) -> Result<(), String> {
 }
 
 async fn load(args: LoadArgs) -> Result<(), String> {
-    let body = serde_json::json!({
+    let mut body = serde_json::json!({
         "snapshot_path": absolute(&args.snapshot)?,
         "mem_backend": {"backend_type": "File", "backend_path": absolute(&args.mem)?},
         "resume_vm": args.resume,
+        "track_dirty_pages": args.track_dirty_pages,
     });
+    if let Some(path) = &args.vsock_uds_path {
+        body["vsock_override"] = serde_json::json!({
+            "uds_path": absolute(path)?,
+            "guest_cid": args.vsock_guest_cid,
+        });
+    }
     call(&args.api_sock, Method::PUT, "/snapshot/load", body).await
+}
+
+fn merge(args: MergeArgs) -> Result<(), String> {
+    vmm::snapshot_merge::merge(&vmm::snapshot_merge::MergePaths {
+        base_snapshot: args.base_snapshot,
+        base_mem: args.base_mem,
+        diff_snapshot: args.diff_snapshot,
+        diff_mem: args.diff_mem,
+        out_snapshot: args.out_snapshot,
+        out_mem: args.out_mem,
+    })
+    .map_err(|e| format!("snapshot merge: {e}"))
 }

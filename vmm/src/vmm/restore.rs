@@ -8,13 +8,14 @@ use std::path::PathBuf;
 use std::sync::mpsc::channel;
 
 use super::{create_vcpu, start, BootTimings, Built, Vmm, VmmError};
-use crate::config::VmConfig;
+use crate::config::{VmConfig, VsockConfig};
 use crate::device_manager::DeviceManager;
 use crate::memory;
 use crate::persist::MicrovmState;
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::SeccompLevel;
 use crate::vstate::vm::Vm;
+use snapshot::MemoryKind;
 
 /// What `PUT /snapshot/load` asks for.
 #[derive(Debug, Clone)]
@@ -24,12 +25,38 @@ pub struct RestoreConfig {
     /// Run the vCPUs at once; otherwise the VM starts paused.
     pub resume: bool,
     pub seccomp: SeccompLevel,
+    /// KVM dirty logging on guest RAM, so the restored VM can take diff snapshots (relative to
+    /// this snapshot).
+    pub track_dirty_pages: bool,
+    /// Another vsock Unix socket path and optionally CID than the snapshot's, so several VMs
+    /// restored from one snapshot do not collide.
+    pub vsock_override: Option<(PathBuf, Option<u64>)>,
 }
 
 pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Result<Vmm, VmmError> {
     let build_start_ns = monotonic_ns();
-    let state: MicrovmState = snapshot::read_state_file(&request.snapshot_path)?;
+    let (state, checksum): (MicrovmState, _) =
+        snapshot::read_state_file_with_checksum(&request.snapshot_path)?;
     check_consistent(&state)?;
+    if let MemoryKind::Diff { .. } = state.memory_kind {
+        return Err(VmmError::SnapshotState(format!(
+            "{} is a diff snapshot: its memory file holds only the pages changed since its base; \
+             merge it onto the base first (agentvm snapshot merge)",
+            request.snapshot_path.display()
+        )));
+    }
+    let vsock = match (&request.vsock_override, &state.vsock) {
+        (None, vsock) => vsock.clone(),
+        (Some((uds_path, guest_cid)), Some(saved)) => Some(VsockConfig {
+            guest_cid: guest_cid.unwrap_or(saved.guest_cid),
+            uds_path: uds_path.clone(),
+        }),
+        (Some(_), None) => {
+            return Err(VmmError::SnapshotState(
+                "vsock_override: the snapshot's VM has no vsock device".into(),
+            ))
+        }
+    };
     let config = VmConfig {
         vcpus: state.vcpu_count,
         mem_mib: state.mem_mib,
@@ -38,8 +65,9 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         cmdline: String::new(),
         skip_linux_host_check: true,
         record_rss_before_guest: false,
-        vsock: state.vsock.clone(),
+        vsock,
         seccomp: request.seccomp,
+        track_dirty_pages: request.track_dirty_pages,
         seccomp_test_violation: None,
     };
     config.validate_machine()?;
@@ -48,7 +76,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
 
     let vm = Vm::new()?;
     let mem = memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?;
-    vm.register_memory(&mem)?;
+    vm.register_memory(&mem, config.track_dirty_pages)?;
     let kvm_ready_ns = monotonic_ns();
 
     let (events_tx, events_rx) = channel();
@@ -70,7 +98,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         vcpu.restore(fd)?;
     }
     let loaded_ns = monotonic_ns();
-    start(
+    let mut vmm = start(
         &config,
         Built {
             vm,
@@ -88,7 +116,9 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
             },
         },
         !request.resume,
-    )
+    )?;
+    vmm.last_snapshot = Some(state.identity(checksum));
+    Ok(vmm)
 }
 
 /// The parts of the state file that must agree with each other (the file passed its checksum,

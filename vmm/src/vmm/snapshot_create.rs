@@ -1,14 +1,18 @@
 //! Writing a snapshot of a paused VM: each vCPU's state (read by its own parked thread), the VM's
-//! KVM state, every device's state, guest memory to the memory file, then the state file (last,
-//! so a state file on disk always has its complete memory file beside it).
+//! KVM state, every device's state, guest memory (all of it, or for a diff only the pages dirtied
+//! since the previous snapshot) and the state file. Both are written to temporary files first;
+//! the memory file is renamed into place before the state file, so a failure at any step leaves
+//! the previous snapshot at these paths whole (never a new memory file beside an old state file).
 
 use std::path::Path;
 use std::sync::mpsc::channel;
 use std::sync::Arc;
 use std::time::Duration;
 
+use snapshot::MemoryKind;
 use vm_memory::{Bytes, GuestAddress};
 
+use super::dirty_pages::{reset_dirty_pages, take_dirty_pages};
 use super::{Vmm, VmmError};
 use crate::memory;
 use crate::persist::MicrovmState;
@@ -24,6 +28,7 @@ impl Vmm {
         &mut self,
         snapshot_path: &Path,
         mem_file_path: &Path,
+        diff: bool,
     ) -> Result<(), VmmError> {
         let total = self.vcpu_threads.len();
         if !self.gate.is_paused() || self.gate.parked() != total {
@@ -31,30 +36,92 @@ impl Vmm {
                 "the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})".into(),
             ));
         }
+        if diff && !self.machine.track_dirty_pages {
+            return Err(VmmError::SnapshotState(
+                "a diff snapshot needs track_dirty_pages (PUT /machine-config)".into(),
+            ));
+        }
+        let base = match (diff, self.last_snapshot) {
+            (true, None) => {
+                return Err(VmmError::SnapshotState(
+                    "a diff snapshot needs a base: take a Full snapshot first (or the last \
+                     snapshot failed)"
+                        .into(),
+                ))
+            }
+            (true, Some(base)) => Some(base),
+            (false, _) => None,
+        };
+        // Whatever happens next may consume the dirty log: until this snapshot is complete,
+        // there is no base for a diff.
+        self.last_snapshot = None;
+        let checksum = self.write_snapshot(snapshot_path, mem_file_path, base)?;
+        self.last_snapshot = Some(checksum);
+        Ok(())
+    }
+
+    /// Writes the snapshot (a diff against `base` if given); returns its state file's checksum.
+    fn write_snapshot(
+        &self,
+        snapshot_path: &Path,
+        mem_file_path: &Path,
+        base: Option<[u8; 32]>,
+    ) -> Result<[u8; 32], VmmError> {
         let (Some(vm), Some(mem)) = (self.vm.as_ref(), self.mem.as_ref()) else {
             return Err(VmmError::SnapshotState("the microVM is gone".into()));
         };
         let vcpus = self.save_vcpus(vm.msrs_to_save())?;
         let vm_state = KvmVmState::save(vm.fd())?;
         let layout = memory::layout_of(mem);
+        let track = self.machine.track_dirty_pages;
+        // The dirty logs are read (and cleared) in the same quiet moment as the copy, so no
+        // write falls between them.
         let (devices, written) = self.devices.save_state_quiesced(|| {
-            snapshot::write_memory_file(mem_file_path, &layout, |region, offset, buf| {
-                mem.read_slice(buf, GuestAddress(region.guest_addr + offset))
-                    .map_err(std::io::Error::other)
-            })
+            let (kind, dirty) = match base {
+                Some(base) => {
+                    let dirty = take_dirty_pages(vm.fd(), mem)?;
+                    (
+                        MemoryKind::Diff {
+                            base,
+                            dirty: dirty.clone(),
+                        },
+                        Some(dirty),
+                    )
+                }
+                None => {
+                    if track {
+                        reset_dirty_pages(vm.fd(), mem)?;
+                    }
+                    (MemoryKind::Full, None)
+                }
+            };
+            let file = snapshot::prepare_memory_file(
+                mem_file_path,
+                &layout,
+                dirty.as_deref(),
+                |region, offset, buf| {
+                    mem.read_slice(buf, GuestAddress(region.guest_addr + offset))
+                        .map_err(std::io::Error::other)
+                },
+            )?;
+            Ok::<_, VmmError>((file, kind))
         });
-        written?;
+        let (mem_file, memory_kind) = written?;
         let state = MicrovmState {
             vcpu_count: self.machine.vcpus,
             mem_mib: self.machine.mem_mib,
             memory: layout,
+            memory_kind,
+            merged_from: None,
             vsock: self.machine.vsock.clone(),
             vm: vm_state,
             vcpus,
             devices,
         };
-        snapshot::write_state_file(snapshot_path, &state)?;
-        Ok(())
+        let (state_file, checksum) = snapshot::prepare_state_file(snapshot_path, &state)?;
+        mem_file.commit()?;
+        state_file.commit()?;
+        Ok(checksum)
     }
 
     /// Asks every parked vCPU thread for its state (the vCPU fd belongs to its thread).

@@ -205,7 +205,8 @@ mod tests {
     use super::*;
     use crate::vstate::vm::Vm;
     use crate::vstate::vm_state::KvmVmState;
-    use vm_memory::{GuestAddress, GuestMemoryMmap};
+    use devices::GuestMemoryMmap;
+    use vm_memory::GuestAddress;
 
     const MSR_IA32_TSC: u32 = 0x10;
 
@@ -223,7 +224,7 @@ mod tests {
             }
         };
         let mem = crate::memory::create_guest_memory(64 << 20).unwrap();
-        vm.register_memory(&mem).unwrap();
+        vm.register_memory(&mem, false).unwrap();
         Some((vm, mem))
     }
 

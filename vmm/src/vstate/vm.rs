@@ -1,8 +1,9 @@
 //! The KVM VM: irqchip, PIT and guest memory slots.
 
+use devices::GuestMemoryMmap;
 use kvm_bindings::{kvm_pit_config, kvm_userspace_memory_region, KVM_PIT_SPEAKER_DUMMY};
 use kvm_ioctls::{Kvm, VmFd};
-use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 /// Three pages just below the BIOS area that Intel VMX needs for its real-mode TSS; an address in
 /// the MMIO gap that guest RAM never uses.
@@ -82,12 +83,23 @@ impl Vm {
         })
     }
 
-    pub fn register_memory(&self, mem: &GuestMemoryMmap) -> Result<(), VmError> {
+    /// Gives KVM guest RAM, one slot per region in order (slot = region index, which
+    /// `dirty_pages` relies on). `track_dirty_pages` turns on KVM's dirty log for diff snapshots.
+    pub fn register_memory(
+        &self,
+        mem: &GuestMemoryMmap,
+        track_dirty_pages: bool,
+    ) -> Result<(), VmError> {
+        let flags = if track_dirty_pages {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        };
         for (slot, region) in mem.iter().enumerate() {
             let slot = slot as u32;
             let region_desc = kvm_userspace_memory_region {
                 slot,
-                flags: 0,
+                flags,
                 guest_phys_addr: region.start_addr().0,
                 memory_size: region.len(),
                 userspace_addr: region.as_ptr() as u64,
