@@ -22,5 +22,6 @@ pub mod nested;
 pub mod persist;
 pub mod process_stats;
 pub mod seccomp;
+pub mod uffd;
 pub mod vmm;
 pub mod vstate;

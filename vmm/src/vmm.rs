@@ -19,6 +19,7 @@ use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::uffd::{UffdBackend, UffdMetrics};
 use crate::vstate::exit_counts::ExitCounts;
 use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuChannels, VcpuRequest};
@@ -27,7 +28,7 @@ use crate::vstate::vm::{Vm, VmError};
 mod restore;
 mod snapshot_create;
 
-pub use restore::{restore, RestoreConfig};
+pub use restore::{restore, MemoryBackend, RestoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -64,6 +65,8 @@ pub enum VmmError {
     VmState(#[from] crate::vstate::vm_state::VmStateError),
     #[error("snapshot: {0}")]
     SnapshotState(String),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
 }
 
 /// Milestones of one boot (CLOCK_MONOTONIC ns, see [`process_stats::monotonic_ns`]), for
@@ -120,6 +123,9 @@ pub struct Vmm {
     timings: BootTimings,
     first_run: Arc<OnceLock<u64>>,
     machine: Machine,
+    /// Stopped in `shutdown` after the vCPU threads: a vCPU blocked on a fault only gets out
+    /// once the handler fills its page.
+    memory_backend: Option<UffdBackend>,
     // Dropped only once every vCPU thread has been joined (see `shutdown`).
     vm: Option<Vm>,
     mem: Option<GuestMemoryMmap>,
@@ -211,6 +217,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
                 first_kvm_run_ns: None,
                 rss_before_guest: config.record_rss_before_guest.then(process_stats::rss),
             },
+            memory_backend: None,
         },
         false,
     )
@@ -231,6 +238,8 @@ struct Built {
     vcpu_fds: Vec<VcpuFd>,
     events: (Sender<VmmEvent>, Receiver<VmmEvent>),
     timings: BootTimings,
+    /// The userfaultfd handler serving guest memory (a uffd restore).
+    memory_backend: Option<UffdBackend>,
 }
 
 /// Starts the device loop and one thread per vCPU. With `paused`, the vCPUs park before their
@@ -243,6 +252,7 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
         vcpu_fds,
         events: (events_tx, events_rx),
         timings,
+        memory_backend,
     } = built;
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(VcpuGate::default());
@@ -297,6 +307,7 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
             mem_mib: config.mem_mib,
             vsock: config.vsock.clone(),
         },
+        memory_backend,
         vm: Some(vm),
         mem: Some(mem),
         threads_stuck: false,
@@ -354,6 +365,11 @@ impl Vmm {
     /// vCPU exits by reason, readable while the VM runs (and after).
     pub fn exit_counts(&self) -> ExitCounts {
         self.exits.clone()
+    }
+
+    /// The userfaultfd counters, if guest memory is served by a uffd handler.
+    pub fn uffd_metrics(&self) -> Option<UffdMetrics> {
+        self.memory_backend.as_ref().map(UffdBackend::metrics)
     }
 
     /// The vsock device's packet and byte counters, if the VM has one.
@@ -424,6 +440,7 @@ impl Vmm {
                     (request.reply)(result);
                     continue;
                 }
+                VmmEvent::MemoryBackendFailed(why) => break VmOutcome::MemoryBackendFailed(why),
                 VmmEvent::CreateSnapshot(request) => {
                     let result = self
                         .create_snapshot(&request.snapshot_path, &request.mem_file_path)
@@ -491,6 +508,9 @@ impl Vmm {
             }
         }
         self.devices.shutdown();
+        if let Some(backend) = self.memory_backend.as_mut() {
+            backend.finish();
+        }
     }
 }
 

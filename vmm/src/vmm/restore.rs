@@ -1,5 +1,6 @@
 //! Building a VM from a snapshot: the same machine as the one saved (vCPU count, memory layout,
-//! devices in the same slots), guest RAM mapped privately from the memory file, then the saved
+//! devices in the same slots), guest RAM mapped privately from the memory file (or, with the
+//! uffd backend, anonymous and filled on demand by a userfaultfd handler), then the saved
 //! device, VM and vCPU state written over the fresh one instead of loading a kernel. Everything
 //! is checked before any vCPU runs: a bad snapshot leaves nothing running.
 
@@ -13,14 +14,26 @@ use crate::device_manager::DeviceManager;
 use crate::memory;
 use crate::persist::MicrovmState;
 use crate::process_stats::monotonic_ns;
-use crate::seccomp::SeccompLevel;
+use crate::seccomp::{SeccompLevel, ThreadKind};
+use crate::uffd::{UffdBackend, UffdSetup};
 use crate::vstate::vm::Vm;
+
+/// How guest memory comes back from the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// mmap MAP_PRIVATE: the kernel's page cache faults pages in.
+    File,
+    /// Anonymous memory registered with userfaultfd; a handler thread copies pages in on first
+    /// touch, after prefetching the recorded working set (see [`crate::uffd`]).
+    Uffd,
+}
 
 /// What `PUT /snapshot/load` asks for.
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     pub snapshot_path: PathBuf,
     pub mem_file_path: PathBuf,
+    pub backend: MemoryBackend,
     /// Run the vCPUs at once; otherwise the VM starts paused.
     pub resume: bool,
     pub seccomp: SeccompLevel,
@@ -44,14 +57,37 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
     };
     config.validate_machine()?;
     let mem_file = snapshot::open_memory_file(&request.mem_file_path, &state.memory)?;
+    let working_set = match request.backend {
+        MemoryBackend::Uffd => usable_working_set(&request.mem_file_path, &mem_file)?,
+        MemoryBackend::File => None,
+    };
     crate::host::check_kvm_access()?;
 
+    let (events_tx, events_rx) = channel();
     let vm = Vm::new()?;
-    let mem = memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?;
+    let (mem, memory_backend) = match request.backend {
+        MemoryBackend::File => (
+            memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?,
+            None,
+        ),
+        MemoryBackend::Uffd => {
+            let mem = memory::map_anonymous(&state.memory, state.mem_mib)?;
+            // Started before anything (KVM, device restore) can touch guest memory.
+            let backend = UffdBackend::start(UffdSetup {
+                mem: &mem,
+                layout: &state.memory,
+                mem_file,
+                mem_file_path: request.mem_file_path.clone(),
+                working_set,
+                events: events_tx.clone(),
+                seccomp: config.thread_seccomp(ThreadKind::UffdHandler),
+            })?;
+            (mem, Some(backend))
+        }
+    };
     vm.register_memory(&mem)?;
     let kvm_ready_ns = monotonic_ns();
 
-    let (events_tx, events_rx) = channel();
     let devices = DeviceManager::new(
         vm.fd(),
         &mem,
@@ -86,9 +122,32 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
                 first_kvm_run_ns: None,
                 rss_before_guest: None,
             },
+            memory_backend,
         },
         !request.resume,
     )
+}
+
+/// The working set recorded for this memory file by an earlier uffd restore, if there is one and
+/// it is this file's (a set left from an earlier snapshot under the same name is ignored, and a
+/// new one recorded). A corrupt set is refused: it says something is wrong with the snapshot.
+fn usable_working_set(
+    mem_file_path: &std::path::Path,
+    mem_file: &std::fs::File,
+) -> Result<Option<snapshot::WorkingSet>, VmmError> {
+    let path = snapshot::working_set_path(mem_file_path);
+    let Some(set) = snapshot::read_working_set(&path)? else {
+        return Ok(None);
+    };
+    if set.matches(snapshot::memory_file_identity(mem_file_path, mem_file)?) {
+        Ok(Some(set))
+    } else {
+        tracing::warn!(
+            "{}: recorded for another memory file (size or mtime differ); recording a new one",
+            path.display()
+        );
+        Ok(None)
+    }
 }
 
 /// The parts of the state file that must agree with each other (the file passed its checksum,
