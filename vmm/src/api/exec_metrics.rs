@@ -175,4 +175,26 @@ mod tests {
         assert_eq!(counts.latency_buckets[last], (f64::INFINITY, 3));
         assert!((counts.latency_sum_seconds - 1000.0038).abs() < 1e-9);
     }
+
+    #[test]
+    fn the_first_result_hook_runs_once_at_the_first_result() {
+        use std::sync::atomic::AtomicUsize;
+        let metrics = ExecMetrics::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        metrics.when_first_result(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        metrics.record(ExecOutcome::Error, Duration::from_millis(1));
+        assert_eq!(calls.load(Ordering::Relaxed), 0, "an error is not a result");
+        metrics.record(ExecOutcome::ExitedZero, Duration::from_millis(1));
+        metrics.record(ExecOutcome::ExitedZero, Duration::from_millis(1));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        // Registered after the first result: runs at once.
+        let late = calls.clone();
+        metrics.when_first_result(move || {
+            late.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
+    }
 }

@@ -44,11 +44,14 @@ impl UffdCounts {
         }
     }
 
-    pub(super) fn served(&self, zero: bool, ns: u64) {
+    pub(super) fn served(&self, zero: bool) {
         self.faults.fetch_add(1, Ordering::Relaxed);
         if zero {
             self.zero_pages.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    pub(super) fn serve_time(&self, ns: u64) {
         self.serve_ns.fetch_add(ns, Ordering::Relaxed);
     }
 

@@ -243,3 +243,6 @@ impl Drop for UffdBackend {
         self.stop_thread();
     }
 }
+
+#[cfg(test)]
+mod tests;
