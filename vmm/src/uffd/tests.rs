@@ -19,7 +19,7 @@ fn memory_file(dir: &std::path::Path) -> (PathBuf, MemoryLayout) {
     snapshot::write_memory_file(&path, &layout, |_, offset, buf| {
         for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
             let index = offset / PAGE_SIZE + i as u64;
-            if index % 4 != 0 {
+            if !index.is_multiple_of(4) {
                 page[..4].copy_from_slice(&(index as u32 + 1).to_le_bytes());
             }
         }
@@ -27,6 +27,15 @@ fn memory_file(dir: &std::path::Path) -> (PathBuf, MemoryLayout) {
     })
     .unwrap();
     (path, layout)
+}
+
+/// What [`memory_file`] put at the start of `page`.
+fn first_word(page: u64) -> u32 {
+    if page.is_multiple_of(4) {
+        0
+    } else {
+        page as u32 + 1
+    }
 }
 
 fn start(
@@ -63,8 +72,7 @@ fn faults_are_served_from_the_file_recorded_and_prefetched_next_time() {
     let touched = [5u64, 4, 7, 300];
     for page in touched {
         let value: u32 = mem.read_obj(GuestAddress(page * PAGE_SIZE)).unwrap();
-        let expected = if page % 4 == 0 { 0 } else { page as u32 + 1 };
-        assert_eq!(value, expected, "page {page}");
+        assert_eq!(value, first_word(page), "page {page}");
     }
     // A write lands in guest memory only, never in the file.
     mem.write_obj(0xdead_u32, GuestAddress(5 * PAGE_SIZE))
@@ -90,8 +98,7 @@ fn faults_are_served_from_the_file_recorded_and_prefetched_next_time() {
     assert_eq!(backend.metrics().totals().prefetched, 4);
     for page in touched {
         let value: u32 = mem.read_obj(GuestAddress(page * PAGE_SIZE)).unwrap();
-        let expected = if page % 4 == 0 { 0 } else { page as u32 + 1 };
-        assert_eq!(value, expected, "prefetched page {page}");
+        assert_eq!(value, first_word(page), "prefetched page {page}");
     }
     assert_eq!(
         backend.metrics().totals().faults,
