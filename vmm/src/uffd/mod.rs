@@ -191,6 +191,18 @@ impl UffdBackend {
         if !self.stop_thread() {
             return;
         }
+        let totals = self.counts.totals();
+        tracing::info!(
+            faults = totals.faults,
+            zero_pages = totals.zero_pages,
+            prefetched = totals.prefetched,
+            faults_per_second = if totals.serve_seconds > 0.0 {
+                (totals.faults as f64 / totals.serve_seconds) as u64
+            } else {
+                0
+            },
+            "uffd restore: guest memory served"
+        );
         self.write_recording();
     }
 

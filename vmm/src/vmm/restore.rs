@@ -173,3 +173,38 @@ fn check_consistent(state: &MicrovmState) -> Result<(), VmmError> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_working_set_of_another_memory_file_is_ignored_and_a_corrupt_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("vm.mem");
+        std::fs::write(&mem, vec![1u8; 8 << 12]).unwrap();
+        let file = std::fs::File::open(&mem).unwrap();
+        assert!(
+            usable_working_set(&mem, &file).unwrap().is_none(),
+            "none yet"
+        );
+        let identity = snapshot::memory_file_identity(&mem, &file).unwrap();
+        let set = snapshot::WorkingSet {
+            mem_file_len: identity.0,
+            mem_file_mtime_ns: identity.1,
+            pages: vec![3, 1],
+        };
+        let ws = snapshot::working_set_path(&mem);
+        snapshot::write_working_set(&ws, &set).unwrap();
+        assert_eq!(usable_working_set(&mem, &file).unwrap(), Some(set.clone()));
+        let stale = snapshot::WorkingSet {
+            mem_file_mtime_ns: identity.1 + 1,
+            ..set
+        };
+        snapshot::write_working_set(&ws, &stale).unwrap();
+        assert!(usable_working_set(&mem, &file).unwrap().is_none(), "stale");
+        std::fs::write(&ws, b"AGVMWSET\x01").unwrap();
+        let err = usable_working_set(&mem, &file).unwrap_err().to_string();
+        assert!(err.contains("vm.mem.ws: truncated"), "{err}");
+    }
+}
