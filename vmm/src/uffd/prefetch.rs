@@ -3,7 +3,8 @@
 //! first steps after a restore do not wait on faults one page at a time.
 
 use std::fs::File;
-use std::os::unix::fs::FileExt;
+use std::io;
+use std::os::fd::AsRawFd;
 use std::time::Instant;
 
 use super::counts::UffdCounts;
@@ -61,14 +62,10 @@ pub(super) fn prefetch(
             .ok_or_else(|| format!("working-set page {first} is outside guest memory"))?;
         let run = &mut buf[..count];
         let len = count as u64 * PAGE_SIZE;
-        // SAFETY: `Page` is a #[repr(C)] array of bytes, so `count` pages are
-        // `count * PAGE_SIZE` contiguous, initialised bytes owned by `buf`.
-        let bytes =
-            unsafe { std::slice::from_raw_parts_mut(run.as_mut_ptr().cast::<u8>(), len as usize) };
-        file.read_exact_at(bytes, offset)
+        read_run(file, run, offset)
             .map_err(|e| format!("prefetch: reading the memory file at {offset:#x}: {e}"))?;
         let dst = range.host_addr + (offset - range.file_offset);
-        uffd.copy(dst, bytes.as_ptr(), len).map_err(|e| {
+        uffd.copy(dst, run.as_ptr().cast(), len).map_err(|e| {
             format!(
                 "prefetch: copying {count} pages to guest {:#x}: {e}",
                 range.guest_addr + (offset - range.file_offset)
@@ -78,6 +75,43 @@ pub(super) fn prefetch(
     }
     counts.prefetched(copied, started.elapsed().as_nanos() as u64);
     Ok(copied)
+}
+
+/// Fills `run` from `file` at `offset` with pread(2) straight into the page-aligned buffer
+/// (std's `read_exact_at` wants a byte slice, which a slice of `Page`s is not).
+fn read_run(file: &File, run: &mut [Page], offset: u64) -> io::Result<()> {
+    let len = std::mem::size_of_val(run);
+    let base = run.as_mut_ptr().cast::<u8>();
+    let mut done = 0usize;
+    while done < len {
+        let at = offset + done as u64;
+        // SAFETY: pread writes at most `len - done` bytes at `base + done`, which stays inside
+        // `run` (borrowed mutably here, `len` bytes long).
+        let n = unsafe {
+            libc::pread(
+                file.as_raw_fd(),
+                base.add(done).cast(),
+                len - done,
+                at as libc::off_t,
+            )
+        };
+        match n {
+            n if n > 0 => done += n as usize,
+            0 => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("the file ends before {:#x}", offset + len as u64),
+                ))
+            }
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -140,3 +140,37 @@ fn a_page_the_file_cannot_give_is_reported_and_the_toucher_released() {
     }
     backend.finish();
 }
+
+#[test]
+fn a_working_set_the_file_cannot_give_fails_the_restore() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, layout) = memory_file(dir.path());
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .and_then(|f| f.set_len(4 * PAGE_SIZE))
+        .unwrap();
+    let mem = memory::map_anonymous(&layout, 2).unwrap();
+    let (events, _failures) = channel();
+    let set = WorkingSet {
+        mem_file_len: 2 * MIB,
+        mem_file_mtime_ns: 0,
+        pages: vec![2, 3, 4, 5],
+    };
+    let err = UffdBackend::start(UffdSetup {
+        mem: &mem,
+        layout: &layout,
+        mem_file: File::open(&path).unwrap(),
+        mem_file_path: path.clone(),
+        working_set: Some(set),
+        events,
+        seccomp: ThreadSeccomp::default(),
+    })
+    .err()
+    .expect("a prefetch past the end of the file fails");
+    assert!(
+        err.to_string()
+            .contains("prefetch: reading the memory file at 0x2000: the file ends before 0x6000"),
+        "{err}"
+    );
+}
