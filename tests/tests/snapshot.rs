@@ -417,28 +417,25 @@ fn uffd_restore_counts_on_records_its_working_set_and_the_next_restore_prefetche
     let pages = (recorded.len() as u64 - 68) / 8;
     assert!(pages >= 1, "empty working set");
 
-    // Second uffd restore (by the CLI): the recorded pages are prefetched, so the guest counts on with
-    // fewer faults; then it is snapshotted (reading pages it never touched through the
+    // Second uffd restore (by the CLI): the recorded pages are prefetched, so the guest counts
+    // on with fewer faults; then it is snapshotted (reading pages it never touched through the
     // handler) and that snapshot is restored from its file.
     let second = Serve::start();
     let (state, mem) = (files.state(), files.mem());
-    let load = run_agentvm(
-        &[
-            "snapshot".as_ref(),
-            "load".as_ref(),
-            "--api-sock".as_ref(),
-            second.sock().as_os_str(),
-            "--snapshot".as_ref(),
-            state.as_os_str(),
-            "--mem".as_ref(),
-            mem.as_os_str(),
-            "--backend".as_ref(),
-            "uffd".as_ref(),
-            "--resume".as_ref(),
-        ],
-        CLI_TIMEOUT,
-    )
-    .expect("agentvm snapshot load --backend uffd");
+    let args: [&std::ffi::OsStr; 11] = [
+        "snapshot".as_ref(),
+        "load".as_ref(),
+        "--api-sock".as_ref(),
+        second.sock().as_os_str(),
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        mem.as_os_str(),
+        "--backend".as_ref(),
+        "uffd".as_ref(),
+        "--resume".as_ref(),
+    ];
+    let load = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot load --backend uffd");
     assert_eq!(load.status.code(), Some(0), "{}", load.stderr_text());
     let after = second.wait_console(&format!("PROBE count {}\n", last + 3));
     assert_consecutive(
