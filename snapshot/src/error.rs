@@ -44,6 +44,8 @@ pub enum SnapshotError {
         found: u64,
         expected: u64,
     },
+    #[error("{path}: {reason}")]
+    WorkingSet { path: PathBuf, reason: String },
     #[error("invalid memory layout in the snapshot: {0}")]
     Layout(String),
 }

@@ -9,6 +9,8 @@
 //!   state file, and loading checks that the memory file is exactly that long. A diff memory file
 //!   ([`MemoryKind::Diff`]) has the same size but holds only the pages dirtied since its base
 //!   snapshot; [`merge_memory_files`] applies it onto the base's memory file.
+//! * the **working-set file** ([`working_set`]): the pages a userfaultfd restore faulted in first,
+//!   prefetched in one pass by later restores.
 //!
 //! A snapshot is written as two temporary files; the memory file is renamed into place first and
 //! the state file last, so a failed write never pairs a new memory file with an old state file.
@@ -17,6 +19,7 @@ pub mod atomic_write;
 pub mod error;
 pub mod memory_file;
 pub mod state_file;
+pub mod working_set;
 
 pub use atomic_write::AtomicFile;
 pub use error::SnapshotError;
@@ -27,4 +30,7 @@ pub use memory_file::{
 pub use state_file::{
     prepare_state_file, read_state_file, read_state_file_with_checksum, write_state_file,
     FORMAT_VERSION, MAGIC,
+};
+pub use working_set::{
+    memory_file_identity, read_working_set, working_set_path, write_working_set, WorkingSet,
 };

@@ -102,6 +102,15 @@ impl Serve {
         (out, self.dir)
     }
 
+    /// Waits for the serve to exit by itself (the VM ended), without signalling it.
+    pub fn wait_exit(self) -> (VmOutput, tempfile::TempDir) {
+        let out = self
+            .process
+            .wait(EXIT_TIMEOUT)
+            .expect("agentvm serve exits by itself");
+        (out, self.dir)
+    }
+
     pub fn sock(&self) -> &Path {
         &self.sock
     }

@@ -54,12 +54,26 @@ impl SnapshotFiles {
 }
 
 fn load_body(state: &Path, mem: &Path, resume: bool) -> String {
+    load_body_with(state, mem, resume, "File")
+}
+
+/// A load body with the given `backend_type` ("File" or "Uffd").
+fn load_body_with(state: &Path, mem: &Path, resume: bool, backend: &str) -> String {
     serde_json::json!({
         "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "mem_backend": {"backend_type": backend, "backend_path": mem},
         "resume_vm": resume,
     })
     .to_string()
+}
+
+/// The value of the unlabelled (but for `id`) sample `name` in `GET /metrics`.
+fn metric(s: &Serve, name: &str) -> Option<f64> {
+    let text = s.call("GET", "/metrics", None).body;
+    text.lines()
+        .find(|l| l.starts_with(&format!("{name}{{")))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
 }
 
 /// Boots the counting probe on `vcpus` vCPUs (the probe runs on the first; the others wait for
@@ -350,35 +364,44 @@ fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
 
     // One serve takes every refusal: a refused load leaves it as it was, ready for another.
     let s = Serve::start();
-    for (name, (state_path, mem_path), needle) in &cases {
+    let backends = ["File", "Uffd"];
+    for ((name, (state_path, mem_path), needle), backend) in cases
+        .iter()
+        .flat_map(|case| backends.iter().map(move |b| (case, b)))
+    {
         let fault = s.refused(
             "PUT",
             "/snapshot/load",
-            &load_body(state_path, mem_path, true),
+            &load_body_with(state_path, mem_path, true, backend),
             400,
             needle,
         );
         assert!(
             fault.contains(&state_path.display().to_string())
                 || fault.contains(&mem_path.display().to_string()),
-            "{name}: the message names the file: {fault}"
+            "{name} ({backend}): the message names the file: {fault}"
         );
         assert_eq!(s.state(), "Not started", "{name}: nothing runs");
         assert!(s.console().is_empty(), "{name}: a guest ran");
     }
+    // A corrupt working set (uffd only) is refused by name too.
+    let ws = files.path("vm.mem.ws");
+    std::fs::write(&ws, b"AGVMWSET garbage").unwrap();
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body_with(&files.state(), &files.mem(), true, "Uffd"),
+        400,
+        &format!("{}: truncated", ws.display()),
+    );
+    assert_eq!(s.state(), "Not started");
+    std::fs::remove_file(&ws).unwrap();
     s.refused(
         "PUT",
         "/snapshot/load",
         &load_body(&files.path("missing.snap"), &files.mem(), true),
         400,
         "no such file",
-    );
-    s.refused(
-        "PUT",
-        "/snapshot/load",
-        &serde_json::json!({"snapshot_path": files.state(), "mem_backend": {"backend_type": "Uffd", "backend_path": files.mem()}}).to_string(),
-        400,
-        "Uffd",
     );
     let mut no_vsock: serde_json::Value =
         serde_json::from_str(&load_body(&files.state(), &files.mem(), true)).unwrap();
@@ -391,6 +414,7 @@ fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
         "vsock_override: the snapshot's VM has no vsock device",
     );
     assert_eq!(s.state(), "Not started");
+
     // The same serve then loads the good snapshot.
     s.ok(
         "PUT",
@@ -574,4 +598,121 @@ fn a_diff_snapshot_merged_onto_its_base_is_the_full_snapshot_of_its_moment() {
             == std::fs::read(files.path("full2.mem")).unwrap(),
         "merged + diff2 differs from the second full snapshot's memory"
     );
+}
+
+#[test]
+fn uffd_restore_counts_on_records_its_working_set_and_the_next_restore_prefetches_it() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+    let ws = files.path("vm.mem.ws");
+    let uffd_load = || load_body_with(&files.state(), &files.mem(), true, "Uffd");
+
+    // First uffd restore: every page comes in by a fault; nothing to prefetch yet.
+    let first = Serve::start();
+    first.ok("PUT", "/snapshot/load", &uffd_load());
+    assert_eq!(first.state(), "Running");
+    let after = first.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(&counts(&format!("{before}{after}")), "uffd restore");
+    let faults = metric(&first, "agentvm_uffd_faults_total").expect("uffd fault counter");
+    assert!(faults >= 1.0, "the guest ran without a single fault");
+    assert_eq!(
+        metric(&first, "agentvm_uffd_prefetched_pages_total"),
+        Some(0.0)
+    );
+    assert!(!ws.exists(), "the working set is written when the VM stops");
+    let _ = first.terminate();
+    let recorded = std::fs::read(&ws).expect("the first uffd restore recorded a working set");
+    let pages = (recorded.len() as u64 - 68) / 8;
+    assert!(pages >= 1, "empty working set");
+
+    // Second uffd restore (by the CLI): the recorded pages are prefetched, so the guest counts
+    // on with fewer faults; then it is snapshotted (reading pages it never touched through the
+    // handler) and that snapshot is restored from its file.
+    let second = Serve::start();
+    let (state, mem) = (files.state(), files.mem());
+    let args: [&std::ffi::OsStr; 11] = [
+        "snapshot".as_ref(),
+        "load".as_ref(),
+        "--api-sock".as_ref(),
+        second.sock().as_os_str(),
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        mem.as_os_str(),
+        "--backend".as_ref(),
+        "uffd".as_ref(),
+        "--resume".as_ref(),
+    ];
+    let load = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot load --backend uffd");
+    assert_eq!(load.status.code(), Some(0), "{}", load.stderr_text());
+    let after = second.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(
+        &counts(&format!("{before}{after}")),
+        "prefetched uffd restore",
+    );
+    assert_eq!(
+        metric(&second, "agentvm_uffd_prefetched_pages_total"),
+        Some(pages as f64),
+        "every recorded page was prefetched"
+    );
+    second.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let (state2, mem2) = (files.path("again.snap"), files.path("again.mem"));
+    second.ok(
+        "PUT",
+        "/snapshot/create",
+        &serde_json::json!({"snapshot_path": state2, "mem_file_path": mem2}).to_string(),
+    );
+    let (_, second_dir) = second.terminate();
+    let second_console = std::fs::read_to_string(second_dir.path().join("console")).unwrap();
+    assert_eq!(
+        std::fs::read(&ws).unwrap(),
+        recorded,
+        "a restore that prefetched keeps the recorded set"
+    );
+    let third = Serve::start();
+    third.ok("PUT", "/snapshot/load", &load_body(&state2, &mem2, true));
+    let last2 = *counts(&second_console).last().unwrap();
+    let after = third.wait_console(&format!("PROBE count {}\n", last2 + 2));
+    assert_consecutive(
+        &counts(&format!("{second_console}{after}")),
+        "file restore of a snapshot taken from a uffd restore",
+    );
+    assert_eq!(metric(&third, "agentvm_uffd_faults_total"), None);
+    let _ = third.terminate();
+}
+
+#[test]
+fn a_uffd_handler_that_cannot_read_a_page_ends_the_vm_with_the_reason() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    drop(original);
+    let s = Serve::start();
+    s.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body_with(&files.state(), &files.mem(), false, "Uffd"),
+    );
+    // The memory file loses its pages under the paused VM: the first fault cannot be served.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(files.mem())
+        .and_then(|f| f.set_len(0))
+        .expect("truncate the memory file");
+    s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    let (out, _dir) = s.wait_exit();
+    let stderr = out.stderr_text();
+    assert!(
+        stderr.contains("guest memory: reading guest page"),
+        "the VM did not end on the handler's error:\n{stderr}"
+    );
+    assert!(!out.status.success(), "{stderr}");
 }

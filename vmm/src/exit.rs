@@ -23,6 +23,9 @@ pub enum VmmEvent {
     /// Write a snapshot of the paused VM (the API's `PUT /snapshot/create`); served by the thread
     /// waiting on the VM.
     CreateSnapshot(SnapshotRequest),
+    /// The userfaultfd handler could not serve a page of guest memory (a uffd restore): the VM
+    /// cannot go on.
+    MemoryBackendFailed(String),
 }
 
 /// Where to write a snapshot and where its answer goes (a callback, as for [`ControlRequest`]).
@@ -179,6 +182,8 @@ pub enum VmOutcome {
     VcpuFailed { index: u8, stop: VcpuStop },
     /// The host asked for the VM to end ([`VmmEvent::Stop`]).
     Stopped,
+    /// Guest memory could not be served (see [`VmmEvent::MemoryBackendFailed`]).
+    MemoryBackendFailed(String),
 }
 
 impl VmOutcome {
@@ -204,6 +209,7 @@ impl fmt::Display for VmOutcome {
                 )
             }
             VmOutcome::VcpuFailed { index, stop } => write!(f, "vCPU {index}: {stop}"),
+            VmOutcome::MemoryBackendFailed(why) => write!(f, "guest memory: {why}"),
         }
     }
 }

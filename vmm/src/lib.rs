@@ -23,5 +23,6 @@ pub mod persist;
 pub mod process_stats;
 pub mod seccomp;
 pub mod snapshot_merge;
+pub mod uffd;
 pub mod vmm;
 pub mod vstate;

@@ -39,13 +39,9 @@ pub fn layout_of(mem: &GuestMemoryMmap) -> MemoryLayout {
     MemoryLayout::packed(mem.iter().map(|r| (r.start_addr().0, r.len())))
 }
 
-/// Maps a snapshot's memory file as guest RAM (MAP_PRIVATE). The layout must be the one this
-/// build gives a guest of `mem_mib`: the restored VM gets the devices and tables of that size.
-pub fn map_memory_file(
-    file: File,
-    layout: &MemoryLayout,
-    mem_mib: u64,
-) -> Result<GuestMemoryMmap, MemoryError> {
+/// Refuses a snapshot layout other than the one this build gives a guest of `mem_mib`: the
+/// restored VM gets the devices and tables of that size.
+fn check_layout(layout: &MemoryLayout, mem_mib: u64) -> Result<(), MemoryError> {
     let expected: Vec<(u64, u64)> = arch::arch_memory_regions(mem_mib << 20)
         .iter()
         .map(|&(addr, len)| (addr.0, len as u64))
@@ -62,6 +58,48 @@ pub fn map_memory_file(
             expected,
         });
     }
+    Ok(())
+}
+
+/// Maps guest RAM for a userfaultfd restore: anonymous, private and untouched, so every page's
+/// first touch is a missing fault for the handler to fill.
+pub fn map_anonymous(layout: &MemoryLayout, mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+    check_layout(layout, mem_mib)?;
+    let regions = layout
+        .regions
+        .iter()
+        .map(|r| {
+            let map_err = |reason: String| MemoryError::MapFile {
+                addr: r.guest_addr,
+                reason,
+            };
+            // A bitmap as long as the region, as in `map_memory_file`: the VMM's writes after a
+            // restore must be in the next diff snapshot.
+            let mapping = MmapRegionBuilder::new_with_bitmap(
+                r.size as usize,
+                AtomicBitmap::with_len(r.size as usize),
+            )
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
+                .build()
+                .map_err(|e| map_err(e.to_string()))?;
+            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
+                .ok_or_else(|| map_err("the region wraps the address space".into()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile {
+        addr: 0,
+        reason: e.to_string(),
+    })
+}
+
+/// Maps a snapshot's memory file as guest RAM (MAP_PRIVATE), after [`check_layout`].
+pub fn map_memory_file(
+    file: File,
+    layout: &MemoryLayout,
+    mem_mib: u64,
+) -> Result<GuestMemoryMmap, MemoryError> {
+    check_layout(layout, mem_mib)?;
     let file = std::sync::Arc::new(file);
     let regions = layout
         .regions

@@ -20,6 +20,7 @@ use crate::kernel::{self, KernelError};
 use crate::memory::{self, MemoryError};
 use crate::process_stats::{self, monotonic_ns, Rss};
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use crate::uffd::{UffdBackend, UffdMetrics};
 use crate::vstate::exit_counts::ExitCounts;
 use crate::vstate::pause::{RunSwitches, VcpuGate};
 use crate::vstate::vcpu::{kick_signal, Vcpu, VcpuChannels, VcpuRequest};
@@ -29,7 +30,7 @@ mod dirty_pages;
 mod restore;
 mod snapshot_create;
 
-pub use restore::{restore, RestoreConfig};
+pub use restore::{restore, MemoryBackend, RestoreConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
@@ -66,6 +67,8 @@ pub enum VmmError {
     VmState(#[from] crate::vstate::vm_state::VmStateError),
     #[error("snapshot: {0}")]
     SnapshotState(String),
+    #[error(transparent)]
+    Uffd(#[from] crate::uffd::UffdError),
 }
 
 /// Milestones of one boot (CLOCK_MONOTONIC ns, see [`process_stats::monotonic_ns`]), for
@@ -127,6 +130,9 @@ pub struct Vmm {
     /// written, or the one it was restored from): the base of the next diff snapshot. None
     /// until then, or after a snapshot failed (the dirty log was consumed).
     last_snapshot: Option<[u8; 32]>,
+    /// Stopped in `shutdown` after the vCPU threads: a vCPU blocked on a fault only gets out
+    /// once the handler fills its page.
+    memory_backend: Option<UffdBackend>,
     // Dropped only once every vCPU thread has been joined (see `shutdown`).
     vm: Option<Vm>,
     mem: Option<GuestMemoryMmap>,
@@ -218,6 +224,7 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
                 first_kvm_run_ns: None,
                 rss_before_guest: config.record_rss_before_guest.then(process_stats::rss),
             },
+            memory_backend: None,
         },
         false,
     )
@@ -238,6 +245,8 @@ struct Built {
     vcpu_fds: Vec<VcpuFd>,
     events: (Sender<VmmEvent>, Receiver<VmmEvent>),
     timings: BootTimings,
+    /// The userfaultfd handler serving guest memory (a uffd restore).
+    memory_backend: Option<UffdBackend>,
 }
 
 /// Starts the device loop and one thread per vCPU. With `paused`, the vCPUs park before their
@@ -250,6 +259,7 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
         vcpu_fds,
         events: (events_tx, events_rx),
         timings,
+        memory_backend,
     } = built;
     let stop = Arc::new(AtomicBool::new(false));
     let gate = Arc::new(VcpuGate::default());
@@ -306,6 +316,7 @@ fn start(config: &VmConfig, built: Built, paused: bool) -> Result<Vmm, VmmError>
             track_dirty_pages: config.track_dirty_pages,
         },
         last_snapshot: None,
+        memory_backend,
         vm: Some(vm),
         mem: Some(mem),
         threads_stuck: false,
@@ -363,6 +374,11 @@ impl Vmm {
     /// vCPU exits by reason, readable while the VM runs (and after).
     pub fn exit_counts(&self) -> ExitCounts {
         self.exits.clone()
+    }
+
+    /// The userfaultfd counters, if guest memory is served by a uffd handler.
+    pub fn uffd_metrics(&self) -> Option<UffdMetrics> {
+        self.memory_backend.as_ref().map(UffdBackend::metrics)
     }
 
     /// The vsock device's packet and byte counters, if the VM has one.
@@ -438,6 +454,7 @@ impl Vmm {
                     (request.reply)(result);
                     continue;
                 }
+                VmmEvent::MemoryBackendFailed(why) => break VmOutcome::MemoryBackendFailed(why),
                 VmmEvent::CreateSnapshot(request) => {
                     let result = self
                         .create_snapshot(
@@ -509,6 +526,9 @@ impl Vmm {
             }
         }
         self.devices.shutdown();
+        if let Some(backend) = self.memory_backend.as_mut() {
+            backend.finish();
+        }
     }
 }
 

@@ -25,6 +25,7 @@ use crate::config::{
 use crate::exit::VmmEvent;
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::SeccompLevel;
+use crate::uffd::UffdMetrics;
 use crate::vmm::{RestoreConfig, TimingsHandle};
 use crate::vstate::exit_counts::{ExitCounts, ExitReason};
 
@@ -50,6 +51,8 @@ pub struct StartedVm {
     pub exits: ExitCounts,
     /// None: the VM has no vsock device.
     pub vsock: Option<VsockMetrics>,
+    /// The userfaultfd counters of a uffd restore (None: memory is not served by uffd).
+    pub uffd: Option<UffdMetrics>,
 }
 
 pub struct Controller {
@@ -274,6 +277,10 @@ impl Controller {
     ) {
         self.machine = machine;
         self.vsock = vsock;
+        if let Some(uffd) = vm.uffd.clone() {
+            // The working set is what the guest touched until it first answered an exec.
+            self.exec.when_first_result(move || uffd.end_recording());
+        }
         self.started(vm);
         if paused {
             self.state = VmState::Paused;
@@ -422,6 +429,11 @@ impl Controller {
                 .as_ref()
                 .and_then(|vm| vm.vsock.as_ref())
                 .map(VsockMetrics::snapshot),
+            uffd: self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.uffd.as_ref())
+                .map(|u| u.totals()),
             boot_time_us: timings.and_then(|t| {
                 t.first_kvm_run_ns
                     .map(|first| first.saturating_sub(t.build_start_ns) / 1000)

@@ -3,7 +3,7 @@
 //! a reader may see a count a moment before the matching histogram bucket, never a torn value.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use crate::process_stats::monotonic_ns;
@@ -65,7 +65,11 @@ struct Counters {
     buckets: [AtomicU64; LATENCY_BUCKETS.len() + 1],
     sum_us: AtomicU64,
     first_result_ns: OnceLock<u64>,
+    /// Runs once, when the first result arrives (a uffd restore ends its working-set recording).
+    on_first_result: Mutex<Option<FirstResultHook>>,
 }
+
+type FirstResultHook = Box<dyn FnOnce() + Send>;
 
 /// Shared by the controller and every exec job. Cheap to clone.
 #[derive(Clone, Default)]
@@ -87,8 +91,15 @@ impl ExecMetrics {
     /// One exec ended `outcome`, `latency` after its request arrived.
     pub fn record(&self, outcome: ExecOutcome, latency: Duration) {
         let c = &self.0;
-        if outcome.is_result() {
-            let _ = c.first_result_ns.set(monotonic_ns());
+        if outcome.is_result() && c.first_result_ns.set(monotonic_ns()).is_ok() {
+            let hook = c
+                .on_first_result
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take();
+            if let Some(hook) = hook {
+                hook();
+            }
         }
         let seconds = latency.as_secs_f64();
         let bucket = LATENCY_BUCKETS
@@ -99,6 +110,21 @@ impl ExecMetrics {
         c.sum_us
             .fetch_add(latency.as_micros() as u64, Ordering::Relaxed);
         c.outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Calls `hook` when the first exec result arrives (at once if it already has).
+    pub fn when_first_result(&self, hook: impl FnOnce() + Send + 'static) {
+        let mut slot = self
+            .0
+            .on_first_result
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if self.0.first_result_ns.get().is_some() {
+            drop(slot);
+            hook();
+        } else {
+            *slot = Some(Box::new(hook));
+        }
     }
 
     pub fn snapshot(&self) -> ExecCounts {
@@ -148,5 +174,27 @@ mod tests {
         assert_eq!(counts.latency_buckets[last - 1], (600.0, 2));
         assert_eq!(counts.latency_buckets[last], (f64::INFINITY, 3));
         assert!((counts.latency_sum_seconds - 1000.0038).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_first_result_hook_runs_once_at_the_first_result() {
+        use std::sync::atomic::AtomicUsize;
+        let metrics = ExecMetrics::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        metrics.when_first_result(move || {
+            counter.fetch_add(1, Ordering::Relaxed);
+        });
+        metrics.record(ExecOutcome::Error, Duration::from_millis(1));
+        assert_eq!(calls.load(Ordering::Relaxed), 0, "an error is not a result");
+        metrics.record(ExecOutcome::ExitedZero, Duration::from_millis(1));
+        metrics.record(ExecOutcome::ExitedZero, Duration::from_millis(1));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+        // Registered after the first result: runs at once.
+        let late = calls.clone();
+        metrics.when_first_result(move || {
+            late.fetch_add(1, Ordering::Relaxed);
+        });
+        assert_eq!(calls.load(Ordering::Relaxed), 2);
     }
 }

@@ -12,6 +12,7 @@ use devices::virtio::vsock::VsockCounts;
 
 use super::exec_metrics::ExecCounts;
 use super::request_counts::RequestCount;
+use crate::uffd::UffdTotals;
 use crate::vstate::exit_counts::ExitReason;
 
 /// The counters at one moment.
@@ -32,6 +33,8 @@ pub struct MetricsSnapshot {
     pub vcpu_exits: Vec<(ExitReason, u64)>,
     /// None: the VM has no vsock device (or is not running).
     pub vsock: Option<VsockCounts>,
+    /// None: guest memory is not served by a userfaultfd handler.
+    pub uffd: Option<UffdTotals>,
     pub exec: ExecCounts,
 }
 
@@ -72,6 +75,12 @@ impl MetricsSnapshot {
                 "rx_packets": v.rx_packets, "rx_bytes": v.rx_bytes,
             })
         });
+        let uffd = self.uffd.map(|u| {
+            serde_json::json!({
+                "faults": u.faults, "zero_pages": u.zero_pages, "prefetched_pages": u.prefetched,
+                "fault_service_seconds": u.serve_seconds, "prefetch_seconds": u.prefetch_seconds,
+            })
+        });
         let mut line = serde_json::json!({
             "utc_timestamp_ms": utc_timestamp_ms,
             "id": self.id,
@@ -84,6 +93,7 @@ impl MetricsSnapshot {
             "uptime_ms": self.uptime_ms,
             "vcpu_exits": exits,
             "vsock": vsock,
+            "uffd": uffd,
             "exec": {
                 "outcomes": outcomes,
                 "count": self.exec.count,
@@ -179,6 +189,39 @@ impl MetricsSnapshot {
                     let labels = [("device", "vsock".into()), ("direction", direction.into())];
                     text.sample(name, &labels, n);
                 }
+            }
+        }
+        if let Some(u) = self.uffd {
+            let counters = [
+                (
+                    "agentvm_uffd_faults_total",
+                    "Guest page faults served by the userfaultfd handler (uffd restore).",
+                    u.faults.to_string(),
+                ),
+                (
+                    "agentvm_uffd_zero_pages_total",
+                    "Of those, pages mapped as the zero page (holes in the memory file).",
+                    u.zero_pages.to_string(),
+                ),
+                (
+                    "agentvm_uffd_prefetched_pages_total",
+                    "Pages copied in from the recorded working set before the vCPUs ran.",
+                    u.prefetched.to_string(),
+                ),
+                (
+                    "agentvm_uffd_fault_service_seconds_total",
+                    "Time spent serving faults; faults_total / this = faults served per second.",
+                    format!("{:.6}", u.serve_seconds),
+                ),
+                (
+                    "agentvm_uffd_prefetch_seconds_total",
+                    "Time spent prefetching the working set.",
+                    format!("{:.6}", u.prefetch_seconds),
+                ),
+            ];
+            for (name, help, value) in counters {
+                text.family(name, "counter", help);
+                text.sample(name, &[], value);
             }
         }
         text.family(
@@ -282,6 +325,13 @@ mod tests {
                 rx_packets: 4,
                 rx_bytes: 200,
             }),
+            uffd: Some(UffdTotals {
+                faults: 12,
+                zero_pages: 2,
+                prefetched: 30,
+                serve_seconds: 0.003,
+                prefetch_seconds: 0.001,
+            }),
             exec: exec.snapshot(),
         }
     }
@@ -300,6 +350,9 @@ mod tests {
         has("agentvm_device_bytes_total{id=\"a\\\"b\",device=\"vsock\",direction=\"rx\"} 200\n");
         has("agentvm_exec_total{id=\"a\\\"b\",outcome=\"exited_nonzero\"} 1\n");
         has("# TYPE agentvm_exec_duration_seconds histogram\n");
+        has("agentvm_uffd_faults_total{id=\"a\\\"b\"} 12\n");
+        has("agentvm_uffd_prefetched_pages_total{id=\"a\\\"b\"} 30\n");
+        has("agentvm_uffd_fault_service_seconds_total{id=\"a\\\"b\"} 0.003000\n");
         has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"0.01\"} 0\n");
         has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"0.025\"} 1\n");
         has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"+Inf\"} 1\n");

@@ -14,7 +14,7 @@ use super::handlers::{await_reply, lock, send_to_vmm, ApiContext, Reply, VmmRequ
 use super::models::{MemBackendType, SnapshotCreate, SnapshotLoad, SnapshotType};
 use crate::exit::{SnapshotRequest, VmmEvent};
 use crate::seccomp::SeccompLevel;
-use crate::vmm::RestoreConfig;
+use crate::vmm::{MemoryBackend, RestoreConfig};
 
 /// Hang detector: writing guest memory out (or mapping it in and checking it) takes about a
 /// second per GiB on slow disks.
@@ -66,7 +66,7 @@ pub fn restore_config(
     seccomp: SeccompLevel,
 ) -> Result<RestoreConfig, Fault> {
     let refuse = |why: &str| Err(Fault::bad_request(format!("PUT /snapshot/load: {why}")));
-    let mem_file_path = match (&request.mem_backend, &request.mem_file_path) {
+    let (mem_file_path, backend) = match (&request.mem_backend, &request.mem_file_path) {
         (Some(_), Some(_)) => {
             return refuse(
                 "give either mem_backend or the deprecated mem_file_path, not both (as \
@@ -74,15 +74,16 @@ pub fn restore_config(
             )
         }
         (None, None) => return refuse("mem_backend is required"),
-        (None, Some(path)) => path.clone(),
-        (Some(backend), None) => match backend.backend_type {
-            MemBackendType::File => backend.backend_path.clone(),
-            MemBackendType::Uffd => {
-                return refuse(
-                    "mem_backend.backend_type \"Uffd\" is not supported yet; use \"File\"",
-                )
-            }
-        },
+        (None, Some(path)) => (path.clone(), MemoryBackend::File),
+        // Unlike Firecracker, a Uffd backend_path is the memory file itself: agentvm serves the
+        // faults from an in-process handler thread rather than an external handler process.
+        (Some(backend), None) => (
+            backend.backend_path.clone(),
+            match backend.backend_type {
+                MemBackendType::File => MemoryBackend::File,
+                MemBackendType::Uffd => MemoryBackend::Uffd,
+            },
+        ),
     };
     if let Some(o) = &request.vsock_override {
         if o.uds_path.file_name().is_none()
@@ -124,6 +125,7 @@ pub fn restore_config(
     Ok(RestoreConfig {
         snapshot_path: request.snapshot_path.clone(),
         mem_file_path,
+        backend,
         resume: request.resume_vm.unwrap_or(false),
         // Firecracker's deprecated name for the same switch is accepted too.
         track_dirty_pages: request.track_dirty_pages.or(request.enable_diff_snapshots)
@@ -203,10 +205,13 @@ mod tests {
         assert!(config.resume);
         assert_eq!(config.mem_file_path, dir.path().join("vm.mem"));
 
+        assert_eq!(config.backend, MemoryBackend::File);
+
         let mut uffd = ok.clone();
         uffd.mem_backend.as_mut().unwrap().backend_type = MemBackendType::Uffd;
-        let err = restore_config(&uffd, SeccompLevel::Off).unwrap_err();
-        assert!(err.message.contains("Uffd"), "{err:?}");
+        let config = restore_config(&uffd, SeccompLevel::Off).unwrap();
+        assert_eq!(config.backend, MemoryBackend::Uffd);
+        assert_eq!(config.mem_file_path, dir.path().join("vm.mem"));
 
         let mut both = ok.clone();
         both.mem_file_path = Some(dir.path().join("vm.mem"));

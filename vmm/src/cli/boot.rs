@@ -56,6 +56,13 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
             "--seccomp-test-violation api: boot has no api thread (see agentvm serve)".into(),
         );
     }
+    if args.seccomp_test_violation == Some(ThreadKind::UffdHandler) {
+        return Err(
+            "--seccomp-test-violation uffd-handler: boot has no uffd handler (only a uffd \
+             snapshot restore under agentvm serve does)"
+                .into(),
+        );
+    }
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     let cmdline = if args.no_base_cmdline {
         args.cmdline.clone()

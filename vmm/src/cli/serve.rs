@@ -281,6 +281,7 @@ fn boot(
                 timings: vm.timings_handle(),
                 exits: vm.exit_counts(),
                 vsock: vm.vsock_metrics(),
+                uffd: None,
             });
             Ok(vm)
         }
@@ -309,6 +310,7 @@ fn load_snapshot(
                     timings: vm.timings_handle(),
                     exits: vm.exit_counts(),
                     vsock: vm.vsock_metrics(),
+                    uffd: vm.uffd_metrics(),
                 },
                 MachineConfig {
                     vcpu_count: u64::from(vm.vcpu_count()),

@@ -67,6 +67,12 @@ pub struct CreateArgs {
     diff: bool,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum Backend {
+    File,
+    Uffd,
+}
+
 #[derive(Args)]
 pub struct LoadArgs {
     /// The API socket of a VM that has not started (`agentvm serve --api-sock`).
@@ -78,6 +84,11 @@ pub struct LoadArgs {
     /// The memory file.
     #[arg(long, value_name = "FILE")]
     mem: PathBuf,
+    /// How guest memory comes back: `file` maps the memory file privately (the page cache
+    /// faults pages in); `uffd` serves first touches from a userfaultfd handler thread and
+    /// prefetches the working set recorded by an earlier uffd restore (`<mem>.ws`).
+    #[arg(long, value_enum, default_value_t = Backend::File)]
+    backend: Backend,
     /// Run the VM at once instead of leaving it paused.
     #[arg(long)]
     resume: bool,
@@ -160,9 +171,13 @@ async fn create(args: CreateArgs) -> Result<(), String> {
 }
 
 async fn load(args: LoadArgs) -> Result<(), String> {
+    let backend_type = match args.backend {
+        Backend::File => "File",
+        Backend::Uffd => "Uffd",
+    };
     let mut body = serde_json::json!({
         "snapshot_path": absolute(&args.snapshot)?,
-        "mem_backend": {"backend_type": "File", "backend_path": absolute(&args.mem)?},
+        "mem_backend": {"backend_type": backend_type, "backend_path": absolute(&args.mem)?},
         "resume_vm": args.resume,
         "track_dirty_pages": args.track_dirty_pages,
     });

@@ -35,6 +35,7 @@ pub struct Filters {
     vmm: BpfProgram,
     api: BpfProgram,
     agent_jobs: BpfProgram,
+    uffd_handler: BpfProgram,
 }
 
 impl Filters {
@@ -45,6 +46,7 @@ impl Filters {
             ThreadKind::Vmm => &self.vmm,
             ThreadKind::Api => &self.api,
             ThreadKind::AgentJobs => &self.agent_jobs,
+            ThreadKind::UffdHandler => &self.uffd_handler,
         }
     }
 
@@ -63,6 +65,7 @@ impl Filters {
             vmm: take(ThreadKind::Vmm)?,
             api: take(ThreadKind::Api)?,
             agent_jobs: take(ThreadKind::AgentJobs)?,
+            uffd_handler: take(ThreadKind::UffdHandler)?,
         })
     }
 }

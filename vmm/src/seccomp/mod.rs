@@ -34,15 +34,18 @@ pub enum ThreadKind {
     /// `agentvm serve`'s guest agent jobs (`/sandbox/...` requests): the agent client over the
     /// VM's vsock Unix socket, on threads of their own.
     AgentJobs,
+    /// The userfaultfd handler of a uffd restore: serves guest page faults from the memory file.
+    UffdHandler,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 5] = [
+    pub const ALL: [ThreadKind; 6] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::AgentJobs,
+        ThreadKind::UffdHandler,
     ];
 
     /// The filter's name in the JSON file.
@@ -53,6 +56,7 @@ impl ThreadKind {
             ThreadKind::Vmm => "vmm",
             ThreadKind::Api => "api",
             ThreadKind::AgentJobs => "agent_jobs",
+            ThreadKind::UffdHandler => "uffd_handler",
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Building a VM from a snapshot: the same machine as the one saved (vCPU count, memory layout,
-//! devices in the same slots), guest RAM mapped privately from the memory file, then the saved
+//! devices in the same slots), guest RAM mapped privately from the memory file (or, with the
+//! uffd backend, anonymous and filled on demand by a userfaultfd handler), then the saved
 //! device, VM and vCPU state written over the fresh one instead of loading a kernel. Everything
 //! is checked before any vCPU runs: a bad snapshot leaves nothing running.
 
@@ -13,15 +14,27 @@ use crate::device_manager::DeviceManager;
 use crate::memory;
 use crate::persist::MicrovmState;
 use crate::process_stats::monotonic_ns;
-use crate::seccomp::SeccompLevel;
+use crate::seccomp::{SeccompLevel, ThreadKind};
+use crate::uffd::{UffdBackend, UffdSetup};
 use crate::vstate::vm::Vm;
 use snapshot::MemoryKind;
+
+/// How guest memory comes back from the memory file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryBackend {
+    /// mmap MAP_PRIVATE: the kernel's page cache faults pages in.
+    File,
+    /// Anonymous memory registered with userfaultfd; a handler thread copies pages in on first
+    /// touch, after prefetching the recorded working set (see [`crate::uffd`]).
+    Uffd,
+}
 
 /// What `PUT /snapshot/load` asks for.
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     pub snapshot_path: PathBuf,
     pub mem_file_path: PathBuf,
+    pub backend: MemoryBackend,
     /// Run the vCPUs at once; otherwise the VM starts paused.
     pub resume: bool,
     pub seccomp: SeccompLevel,
@@ -72,14 +85,37 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
     };
     config.validate_machine()?;
     let mem_file = snapshot::open_memory_file(&request.mem_file_path, &state.memory)?;
+    let working_set = match request.backend {
+        MemoryBackend::Uffd => usable_working_set(&request.mem_file_path, &mem_file)?,
+        MemoryBackend::File => None,
+    };
     crate::host::check_kvm_access()?;
 
+    let (events_tx, events_rx) = channel();
     let vm = Vm::new()?;
-    let mem = memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?;
+    let (mem, memory_backend) = match request.backend {
+        MemoryBackend::File => (
+            memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?,
+            None,
+        ),
+        MemoryBackend::Uffd => {
+            let mem = memory::map_anonymous(&state.memory, state.mem_mib)?;
+            // Started before anything (KVM, device restore) can touch guest memory.
+            let backend = UffdBackend::start(UffdSetup {
+                mem: &mem,
+                layout: &state.memory,
+                mem_file,
+                mem_file_path: request.mem_file_path.clone(),
+                working_set,
+                events: events_tx.clone(),
+                seccomp: config.thread_seccomp(ThreadKind::UffdHandler),
+            })?;
+            (mem, Some(backend))
+        }
+    };
     vm.register_memory(&mem, config.track_dirty_pages)?;
     let kvm_ready_ns = monotonic_ns();
 
-    let (events_tx, events_rx) = channel();
     let devices = DeviceManager::new(
         vm.fd(),
         &mem,
@@ -114,11 +150,34 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
                 first_kvm_run_ns: None,
                 rss_before_guest: None,
             },
+            memory_backend,
         },
         !request.resume,
     )?;
     vmm.last_snapshot = Some(state.identity(checksum));
     Ok(vmm)
+}
+
+/// The working set recorded for this memory file by an earlier uffd restore, if there is one and
+/// it is this file's (a set left from an earlier snapshot under the same name is ignored, and a
+/// new one recorded). A corrupt set is refused: it says something is wrong with the snapshot.
+fn usable_working_set(
+    mem_file_path: &std::path::Path,
+    mem_file: &std::fs::File,
+) -> Result<Option<snapshot::WorkingSet>, VmmError> {
+    let path = snapshot::working_set_path(mem_file_path);
+    let Some(set) = snapshot::read_working_set(&path)? else {
+        return Ok(None);
+    };
+    if set.matches(snapshot::memory_file_identity(mem_file_path, mem_file)?) {
+        Ok(Some(set))
+    } else {
+        tracing::warn!(
+            "{}: recorded for another memory file (size or mtime differ); recording a new one",
+            path.display()
+        );
+        Ok(None)
+    }
 }
 
 /// The parts of the state file that must agree with each other (the file passed its checksum,
@@ -143,4 +202,39 @@ fn check_consistent(state: &MicrovmState) -> Result<(), VmmError> {
         ));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_working_set_of_another_memory_file_is_ignored_and_a_corrupt_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = dir.path().join("vm.mem");
+        std::fs::write(&mem, vec![1u8; 8 << 12]).unwrap();
+        let file = std::fs::File::open(&mem).unwrap();
+        assert!(
+            usable_working_set(&mem, &file).unwrap().is_none(),
+            "none yet"
+        );
+        let identity = snapshot::memory_file_identity(&mem, &file).unwrap();
+        let set = snapshot::WorkingSet {
+            mem_file_len: identity.0,
+            mem_file_mtime_ns: identity.1,
+            pages: vec![3, 1],
+        };
+        let ws = snapshot::working_set_path(&mem);
+        snapshot::write_working_set(&ws, &set).unwrap();
+        assert_eq!(usable_working_set(&mem, &file).unwrap(), Some(set.clone()));
+        let stale = snapshot::WorkingSet {
+            mem_file_mtime_ns: identity.1 + 1,
+            ..set
+        };
+        snapshot::write_working_set(&ws, &stale).unwrap();
+        assert!(usable_working_set(&mem, &file).unwrap().is_none(), "stale");
+        std::fs::write(&ws, b"AGVMWSET\x01").unwrap();
+        let err = usable_working_set(&mem, &file).unwrap_err().to_string();
+        assert!(err.contains("vm.mem.ws: truncated"), "{err}");
+    }
 }

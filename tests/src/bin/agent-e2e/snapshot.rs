@@ -1,7 +1,9 @@
 //! Snapshot and restore of a real Linux guest with an active virtio-vsock device: a guest booted
 //! by `agentvm serve` runs an exec, is paused and snapshotted, its VMM ends; a new `serve` loads
 //! the snapshot with `resume_vm`, and the restored guest's agent accepts a new vsock connection:
-//! an exec sees the file written before the snapshot.
+//! an exec sees the file written before the snapshot. Then the same snapshot is restored twice
+//! with the uffd backend: the first records the working set (`mem.ws`, written when its VMM
+//! ends), the second prefetches it; both answer the exec.
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -164,11 +166,110 @@ fn snapshot_restore(args: &Args) -> Check {
     }
     // A second connection after the restore works as well.
     exec_ok(&sock, "/sandbox", "echo after-restore > /tmp/snap-file")?;
-    drop(restored);
+    // Ended with SIGTERM so that it removes the vsock socket the uffd restores listen on.
+    restored.terminate()?;
+
+    let recording = uffd_restore(args, &dir, "uffd-first", &state, &mem)?;
+    if recording.prefetched != 0.0 || recording.faults < 1.0 {
+        return Err(format!(
+            "first uffd restore: expected faults and no prefetch, got {recording:?}"
+        ));
+    }
+    let ws = dir.join("mem.ws");
+    let ws_pages = std::fs::metadata(&ws)
+        .map(|m| (m.len().saturating_sub(68)) / 8)
+        .map_err(|e| {
+            format!(
+                "the first uffd restore recorded no working set {}: {e}",
+                ws.display()
+            )
+        })?;
+    let prefetching = uffd_restore(args, &dir, "uffd-second", &state, &mem)?;
+    if prefetching.prefetched < 1.0 || prefetching.prefetched > ws_pages as f64 {
+        return Err(format!(
+            "second uffd restore: expected up to {ws_pages} pages prefetched, got {prefetching:?}"
+        ));
+    }
     Ok(format!(
         "snapshot written in {create_secs:.1} s; restored guest's first exec result {first_exec_secs:.1} s \
-         after the load saw the file written before the snapshot"
+         after the load saw the file written before the snapshot; uffd restore: first exec \
+         {:.1} s, {} faults, working set {ws_pages} pages; uffd + prefetch: first exec {:.1} s, \
+         {} pages prefetched, {} faults",
+        recording.first_exec_secs,
+        recording.faults,
+        prefetching.first_exec_secs,
+        prefetching.prefetched,
+        prefetching.faults,
     ))
+}
+
+/// What one uffd restore showed.
+#[derive(Debug)]
+struct UffdRestore {
+    first_exec_secs: f64,
+    faults: f64,
+    prefetched: f64,
+}
+
+/// Restores the snapshot with the uffd backend in a new serve, checks that its agent answers an
+/// exec that sees the file written before the snapshot, reads the uffd counters, and ends it
+/// with SIGTERM (which writes the working set if this restore recorded one).
+fn uffd_restore(
+    args: &Args,
+    dir: &Path,
+    name: &str,
+    state: &Path,
+    mem: &Path,
+) -> Result<UffdRestore, String> {
+    let serve = Serve::start(&args.agentvm, dir, name, None)?;
+    let sock = dir.join(format!("{name}.sock"));
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "Uffd", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let started = Instant::now();
+    expect_status(
+        &request(&sock, "PUT", "/snapshot/load", Some(&load)),
+        204,
+        &format!("PUT /snapshot/load ({name})"),
+    )?;
+    let read = serde_json::json!({"cmd": ["cat", "/tmp/snap-file"]}).to_string();
+    let (stdout, _, last) = until_agent_up(&sock, || {
+        request(&sock, "POST", "/sandbox/exec", Some(&read))
+    })
+    .and_then(|answer| exec_events(&answer))
+    .map_err(|e| {
+        format!(
+            "{name}: {e}\n{}",
+            console_tail(&dir.join(format!("{name}.console")))
+        )
+    })?;
+    let first_exec_secs = started.elapsed().as_secs_f64();
+    if stdout != "before-snapshot\n"
+        || last != serde_json::json!({"exit_code": 0, "timed_out": false})
+    {
+        return Err(format!(
+            "{name}: exec after the uffd restore: stdout {stdout:?}, last {last}"
+        ));
+    }
+    let metrics = request(&sock, "GET", "/metrics", None).body;
+    let metric = |family: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{family}{{")))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .ok_or_else(|| format!("{name}: no {family} in GET /metrics:\n{metrics}"))
+    };
+    let restore = UffdRestore {
+        first_exec_secs,
+        faults: metric("agentvm_uffd_faults_total")?,
+        prefetched: metric("agentvm_uffd_prefetched_pages_total")?,
+    };
+    serve.terminate()?;
+    Ok(restore)
 }
 
 fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {

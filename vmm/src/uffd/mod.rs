@@ -1,0 +1,261 @@
+//! Restoring guest memory through userfaultfd (`PUT /snapshot/load` with backend_type "Uffd"):
+//! guest RAM is anonymous memory registered in missing mode; a handler thread fills each page on
+//! its first touch from the memory file. With a working set recorded by an earlier restore
+//! (`<mem file>.ws`), those pages are copied in one batched pass before the vCPUs run, the rest
+//! stay lazy. A restore with no working set records one: the pages faulted, in order, until the
+//! first `/sandbox/exec` result (or the VM's end), written when the VM stops.
+//!
+//! Teardown order matters: the handler keeps serving until every vCPU thread has been joined
+//! (a vCPU blocked on a fault only gets out when its page arrives), then stops. If the handler
+//! fails, it reports the error on the VM's event channel (the VM ends with that error) and closes
+//! the userfaultfd, which releases every blocked faulter, so no vCPU waits forever.
+
+mod counts;
+mod handler;
+mod prefetch;
+mod sys;
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::mpsc::Sender;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use snapshot::{MemoryLayout, WorkingSet};
+use devices::GuestMemoryMmap;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+pub use counts::{UffdCounts, UffdMetrics, UffdTotals};
+
+use crate::exit::VmmEvent;
+use crate::seccomp::{ThreadKind, ThreadSeccomp};
+use handler::FaultServer;
+use sys::Uffd;
+
+const PAGE_SIZE: u64 = 4096;
+
+/// One page, aligned as UFFDIO_COPY needs its source.
+#[repr(C, align(4096))]
+#[derive(Clone)]
+struct Page([u8; PAGE_SIZE as usize]);
+
+impl Default for Page {
+    fn default() -> Self {
+        Page([0; PAGE_SIZE as usize])
+    }
+}
+
+/// One guest RAM region: where it is mapped, where it is in the guest and in the memory file.
+#[derive(Debug, Clone, Copy)]
+struct GuestRange {
+    host_addr: u64,
+    guest_addr: u64,
+    len: u64,
+    file_offset: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum UffdError {
+    #[error("userfaultfd: {0}")]
+    Create(std::io::Error),
+    #[error("userfaultfd: cannot register guest memory at {guest_addr:#x}: {source}")]
+    Register {
+        guest_addr: u64,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Prefetch(String),
+    #[error("cannot start the userfaultfd handler thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("cannot create the handler's stop eventfd: {0}")]
+    EventFd(std::io::Error),
+}
+
+/// Where a restore's working set goes (when it has none yet) and the memory file it belongs to.
+struct Recording {
+    path: PathBuf,
+    identity: (u64, u64),
+}
+
+/// What [`UffdBackend::start`] is given.
+pub struct UffdSetup<'a> {
+    pub mem: &'a GuestMemoryMmap,
+    pub layout: &'a MemoryLayout,
+    pub mem_file: File,
+    pub mem_file_path: PathBuf,
+    /// The working set to prefetch, if a valid one for this memory file exists.
+    pub working_set: Option<WorkingSet>,
+    pub events: Sender<VmmEvent>,
+    pub seccomp: ThreadSeccomp,
+}
+
+/// The running handler of one VM's memory. Dropping it stops the thread (see [`Self::finish`]).
+pub struct UffdBackend {
+    stop: EventFd,
+    thread: Option<JoinHandle<()>>,
+    counts: UffdMetrics,
+    recording: Option<Recording>,
+}
+
+impl UffdBackend {
+    /// Registers every region of `mem` (freshly mapped anonymous, untouched), prefetches the
+    /// working set, and starts the handler thread; guest memory may be touched from then on.
+    pub fn start(setup: UffdSetup<'_>) -> Result<Self, UffdError> {
+        let uffd = Uffd::new().map_err(UffdError::Create)?;
+        let ranges: Vec<GuestRange> = setup
+            .mem
+            .iter()
+            .zip(&setup.layout.regions)
+            .map(|(region, saved)| GuestRange {
+                host_addr: region.as_ptr() as u64,
+                guest_addr: saved.guest_addr,
+                len: region.len(),
+                file_offset: saved.file_offset,
+            })
+            .collect();
+        for r in &ranges {
+            uffd.register_missing(r.host_addr, r.len)
+                .map_err(|source| UffdError::Register {
+                    guest_addr: r.guest_addr,
+                    source,
+                })?;
+        }
+        let counts = UffdMetrics::default();
+        let identity = snapshot::memory_file_identity(&setup.mem_file_path, &setup.mem_file)
+            .map_err(|e| UffdError::Prefetch(e.to_string()))?;
+        let recording = match &setup.working_set {
+            Some(set) => {
+                let copied =
+                    prefetch::prefetch(&uffd, &setup.mem_file, &ranges, &set.pages, &counts)
+                        .map_err(UffdError::Prefetch)?;
+                tracing::info!(
+                    pages = copied,
+                    seconds = counts.totals().prefetch_seconds,
+                    "uffd restore: working set prefetched"
+                );
+                None
+            }
+            None => {
+                counts.start_recording();
+                Some(Recording {
+                    path: snapshot::working_set_path(&setup.mem_file_path),
+                    identity,
+                })
+            }
+        };
+        let stop = EventFd::new(EFD_NONBLOCK).map_err(UffdError::EventFd)?;
+        let thread_stop = stop.try_clone().map_err(UffdError::EventFd)?;
+        let thread_counts = counts.clone();
+        let events = setup.events;
+        let file = setup.mem_file;
+        let seccomp = setup.seccomp;
+        let thread = std::thread::Builder::new()
+            .name("uffd_handler".into())
+            .spawn(move || {
+                let served = seccomp
+                    .enter(ThreadKind::UffdHandler)
+                    .map_err(|e| format!("uffd handler thread: {e}"))
+                    .and_then(|()| {
+                        FaultServer {
+                            uffd: &uffd,
+                            stop: &thread_stop,
+                            file: &file,
+                            ranges: &ranges,
+                            counts: &thread_counts,
+                        }
+                        .run()
+                    });
+                if let Err(e) = served {
+                    tracing::error!("{e}");
+                    let _ = events.send(VmmEvent::MemoryBackendFailed(e));
+                }
+                // Dropping `uffd` here closes it, which releases any vCPU still waiting on a
+                // fault (the VM is being torn down on the error just sent).
+            })
+            .map_err(UffdError::Spawn)?;
+        Ok(Self {
+            stop,
+            thread: Some(thread),
+            counts,
+            recording,
+        })
+    }
+
+    pub fn metrics(&self) -> UffdMetrics {
+        self.counts.clone()
+    }
+
+    /// Stops the handler (only once no vCPU can fault any more) and writes the working set if
+    /// this restore recorded one. Idempotent.
+    pub fn finish(&mut self) {
+        if !self.stop_thread() {
+            return;
+        }
+        let totals = self.counts.totals();
+        tracing::info!(
+            faults = totals.faults,
+            zero_pages = totals.zero_pages,
+            prefetched = totals.prefetched,
+            faults_per_second = if totals.serve_seconds > 0.0 {
+                (totals.faults as f64 / totals.serve_seconds) as u64
+            } else {
+                0
+            },
+            "uffd restore: guest memory served"
+        );
+        self.write_recording();
+    }
+
+    /// Stops and joins the handler thread; false if it had already been stopped.
+    fn stop_thread(&mut self) -> bool {
+        let Some(thread) = self.thread.take() else {
+            return false;
+        };
+        self.counts.end_recording();
+        let _ = self.stop.write(1);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !thread.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        if thread.is_finished() {
+            let _ = thread.join();
+        } else {
+            tracing::error!("the uffd handler thread did not stop within 5 s; leaving it detached");
+        }
+        true
+    }
+
+    fn write_recording(&mut self) {
+        if let Some(recording) = self.recording.take() {
+            let pages = self.counts.take_recorded();
+            if pages.is_empty() {
+                return;
+            }
+            let set = WorkingSet {
+                mem_file_len: recording.identity.0,
+                mem_file_mtime_ns: recording.identity.1,
+                pages,
+            };
+            match snapshot::write_working_set(&recording.path, &set) {
+                Ok(()) => tracing::info!(
+                    pages = set.pages.len(),
+                    path = %recording.path.display(),
+                    "uffd restore: working set recorded"
+                ),
+                Err(e) => tracing::warn!("uffd restore: cannot write the working set: {e}"),
+            }
+        }
+    }
+}
+
+/// A backend dropped without [`UffdBackend::finish`] (a restore that failed before the VM ran)
+/// stops its thread and records nothing.
+impl Drop for UffdBackend {
+    fn drop(&mut self) {
+        self.stop_thread();
+    }
+}
+
+#[cfg(test)]
+mod tests;
