@@ -123,10 +123,12 @@ mod tests {
     use super::*;
 
     fn file_with(bytes: &[u8]) -> (File, std::path::PathBuf) {
+        // Tests run in parallel: each file needs its own name (two of them have the same size).
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::env::temp_dir().join(format!(
             "agentvm-image-map-{}-{}",
             std::process::id(),
-            bytes.len()
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         std::fs::write(&path, bytes).unwrap();
         (File::open(&path).unwrap(), path)
