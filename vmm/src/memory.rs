@@ -81,8 +81,8 @@ pub fn map_anonymous(layout: &MemoryLayout, mem_mib: u64) -> Result<GuestMemoryM
             )
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
             .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-                .build()
-                .map_err(|e| map_err(e.to_string()))?;
+            .build()
+            .map_err(|e| map_err(e.to_string()))?;
             GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
                 .ok_or_else(|| map_err("the region wraps the address space".into()))
         })

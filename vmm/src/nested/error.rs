@@ -67,6 +67,20 @@ pub enum NestedError {
         tail: String,
     },
 
+    /// L1 wrote nothing, not even its heartbeat, for `silent` while scenario `name` ran: the
+    /// emulated L1 has stopped running (a fault of the test host, QEMU TCG with nested SVM, not
+    /// of what ran in it). `cpus` is where QEMU says L1's CPUs were.
+    #[error(
+        "L1 wedged while scenario '{name}' ran: no output, not even its heartbeat, for \
+         {silent:?}\n--- L1 CPUs (QEMU monitor) ---\n{cpus}\n{tail}"
+    )]
+    L1Wedged {
+        name: String,
+        silent: Duration,
+        cpus: String,
+        tail: String,
+    },
+
     /// The results channel (L1's second serial port) carried something that does not follow the
     /// framing.
     #[error("nested host results framing broken: {detail}\n{tail}")]
@@ -82,6 +96,12 @@ impl NestedError {
             self,
             NestedError::QemuMissing { .. } | NestedError::KvmUnavailable { .. }
         )
+    }
+
+    /// True when L1 itself stopped running ([`NestedError::L1Wedged`]): running the same thing in
+    /// a fresh L1 is meaningful, unlike after any other failure.
+    pub fn is_l1_wedged(&self) -> bool {
+        matches!(self, NestedError::L1Wedged { .. })
     }
 
     pub(crate) fn io(context: impl Into<String>, source: io::Error) -> Self {

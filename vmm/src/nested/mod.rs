@@ -13,6 +13,7 @@
 //! included; QEMU also dies with this process (PR_SET_PDEATHSIG).
 
 mod error;
+mod hmp;
 mod initramfs;
 mod protocol;
 mod qemu;
@@ -134,6 +135,11 @@ const REPORT_GRACE: Duration = Duration::from_secs(60);
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 const TAIL_LINES: usize = 30;
+/// L1's init writes a heartbeat on its console every few seconds (see script.rs); this long
+/// without a byte on either serial port means L1 has stopped running (a wedge of the emulation:
+/// QEMU TCG with nested SVM has frozen whole L1s, timers and all, so even a scenario's own
+/// watchdog cannot act).
+const L1_SILENCE_LIMIT: Duration = Duration::from_secs(90);
 const L1_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet mitigations=off";
 
 #[derive(Clone, Copy)]
@@ -192,6 +198,7 @@ impl NestedHost {
             console: work.path().join("console.log"),
             results: work.path().join("results.log"),
             qemu_stderr: work.path().join("qemu.stderr"),
+            monitor: work.path().join("monitor.sock"),
         };
         let args = self.qemu_args(&cpio, &logs);
         self.say(format_args!(
@@ -229,8 +236,6 @@ impl NestedHost {
             "-no-reboot",
             "-display",
             "none",
-            "-monitor",
-            "none",
         ] {
             push(s);
         }
@@ -240,6 +245,12 @@ impl NestedHost {
         push(&self.l1_cpus.to_string());
         push("-append");
         push(L1_CMDLINE);
+        // Read only when L1 wedges (see hmp.rs).
+        let mut monitor = OsString::from("unix:");
+        monitor.push(qemu::opt_escape(&logs.monitor));
+        monitor.push(",server=on,wait=off");
+        a.push("-monitor".into());
+        a.push(monitor);
         a.push("-kernel".into());
         a.push(self.inputs.l1_kernel.clone().into_os_string());
         a.push("-initrd".into());
@@ -335,9 +346,26 @@ impl NestedHost {
         let mut l1_boot = Duration::ZERO;
         let mut kvm_ready = Duration::ZERO;
         let mut total = Duration::ZERO;
+        let (mut written, mut last_output) = (0, Instant::now());
 
         loop {
             let exited = vm.try_wait()?;
+            let now_written = logs.written();
+            if now_written != written {
+                (written, last_output) = (now_written, Instant::now());
+            }
+            if let (Phase::Scenario(idx), None) = (&phase, &exited) {
+                if last_output.elapsed() >= L1_SILENCE_LIMIT {
+                    let cpus = hmp::cpu_summary(&logs.monitor);
+                    vm.kill();
+                    return Err(NestedError::L1Wedged {
+                        name: scenarios[*idx].name.clone(),
+                        silent: L1_SILENCE_LIMIT,
+                        cpus,
+                        tail: logs.tail(),
+                    });
+                }
+            }
             // Read after try_wait so that everything QEMU wrote before exiting is seen.
             let bytes = results_tail.read_new()?;
             let events = parser.feed(&bytes).map_err(|detail| NestedError::Framing {
@@ -531,9 +559,20 @@ struct Logs {
     console: PathBuf,
     results: PathBuf,
     qemu_stderr: PathBuf,
+    /// QEMU's human monitor socket.
+    monitor: PathBuf,
 }
 
 impl Logs {
+    /// Bytes L1 has written on both serial ports so far.
+    fn written(&self) -> u64 {
+        [&self.console, &self.results]
+            .iter()
+            .filter_map(|p| std::fs::metadata(p).ok())
+            .map(|m| m.len())
+            .sum()
+    }
+
     fn console_text(&self) -> String {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
@@ -542,7 +581,9 @@ impl Logs {
 
     /// The end of L1's console and of QEMU's stderr, for error messages.
     fn tail(&self) -> String {
-        let console = qemu::log_tail(&self.console, TAIL_LINES, &|_| false);
+        let console = qemu::log_tail(&self.console, TAIL_LINES, &|l| {
+            l.starts_with(script::HEARTBEAT_PREFIX)
+        });
         let stderr = qemu::log_tail(&self.qemu_stderr, TAIL_LINES, &|l| {
             l.contains("TCG doesn't support requested feature")
         });

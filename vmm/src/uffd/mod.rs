@@ -21,8 +21,8 @@ use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use snapshot::{MemoryLayout, WorkingSet};
 use devices::GuestMemoryMmap;
+use snapshot::{MemoryLayout, WorkingSet};
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 

@@ -75,7 +75,15 @@ pub fn run_nested(
     let mut peer_hang = None;
     let run = match host.run(&scenarios) {
         Ok(run) => run,
-        Err(NestedError::ScenarioStuck { name, waited, tail }) if name.starts_with(PEER_NAME) => {
+        Err(
+            NestedError::ScenarioStuck { name, waited, tail }
+            | NestedError::L1Wedged {
+                name,
+                silent: waited,
+                tail,
+                ..
+            },
+        ) if name.starts_with(PEER_NAME) => {
             eprintln!(
                 "bench: the nested host stopped responding while '{name}' ran; booting it again \
                  for agentvm alone"
