@@ -16,6 +16,9 @@ use crate::sys::{self, ChildExit, Forked};
 
 /// Signals the jailer passes on to the VMM.
 const FORWARDED: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
+/// Passed on too, but they ask for no end (SIGUSR1: agentvm's state dump), so no grace starts.
+/// Safe to send early: PID 1 of a namespace ignores signals it has no handler for.
+const PASSED_ON_ONLY: [libc::c_int; 1] = [libc::SIGUSR1];
 /// After forwarding a signal, how long the VMM has to end before it is killed. The VMM handles
 /// SIGINT/SIGTERM/SIGHUP; a program without a handler ignores them as PID 1 of its namespace.
 pub const FORWARD_GRACE: Duration = Duration::from_secs(10);
@@ -49,6 +52,7 @@ pub fn run(config: &JailConfig) -> Result<Outcome> {
 
     // Blocked before the fork, so none can arrive unnoticed; the child unblocks them.
     let mut waited: Vec<libc::c_int> = FORWARDED.to_vec();
+    waited.extend(PASSED_ON_ONLY);
     waited.push(libc::SIGCHLD);
     let waited = sys::sigset(&waited);
     sys::set_signal_mask(libc::SIG_BLOCK, &waited)?;
@@ -170,6 +174,11 @@ impl Sandbox {
                         seen.forwarded = Some(signal);
                         let grace = Instant::now() + FORWARD_GRACE;
                         kill_at = Some(kill_at.map_or(grace, |k| k.min(grace)));
+                    }
+                }
+                Some(signal) if PASSED_ON_ONLY.contains(&signal) => {
+                    if self.reaped.is_none() {
+                        sys::kill(self.pid, signal)?;
                     }
                 }
                 _ => {}

@@ -247,30 +247,43 @@ impl VmProcess {
 
     /// Blocks until `needle` appears on stdout. Fails if `timeout` passes or stdout closes first.
     pub fn wait_for_stdout(&self, needle: &[u8], timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_for(&self.stdout, "stdout", needle, timeout)
+    }
+
+    /// Blocks until `needle` appears on stderr. Fails if `timeout` passes or stderr closes first.
+    pub fn wait_for_stderr(&self, needle: &[u8], timeout: Duration) -> Result<(), HarnessError> {
+        self.wait_for(&self.stderr, "stderr", needle, timeout)
+    }
+
+    fn wait_for(
+        &self,
+        stream: &Captured,
+        name: &str,
+        needle: &[u8],
+        timeout: Duration,
+    ) -> Result<(), HarnessError> {
         let deadline = Instant::now() + timeout;
-        let mut state = self.stdout.state.lock().expect("capture lock poisoned");
+        let mut state = stream.state.lock().expect("capture lock poisoned");
         loop {
             if state.bytes.windows(needle.len()).any(|w| w == needle) {
                 return Ok(());
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if state.eof || left.is_zero() {
-                let stdout = tail(&state.bytes);
                 drop(state);
                 return Err(HarnessError::NoMatch {
-                    what: String::from_utf8_lossy(needle).into_owned(),
+                    what: format!("{} on {name}", String::from_utf8_lossy(needle)),
                     after: timeout,
                     state: if left.is_zero() {
                         "still running".into()
                     } else {
-                        "closed stdout".into()
+                        format!("closed {name}")
                     },
-                    stdout,
+                    stdout: tail(&self.stdout.snapshot()),
                     stderr: tail(&self.stderr.snapshot()),
                 });
             }
-            state = self
-                .stdout
+            state = stream
                 .changed
                 .wait_timeout(state, left)
                 .expect("capture lock poisoned")

@@ -344,6 +344,16 @@ fn sigterm_to_the_jailer_stops_the_vmm_and_cleans_up() {
         nspid.ends_with(" 1"),
         "VMM is not PID 1 of its namespace: {nspid}"
     );
+    // SIGUSR1 is passed on for the VMM's state dump and ends nothing.
+    jailed.signal(libc::SIGUSR1).unwrap();
+    jailed
+        .wait_for_stderr(b"state dump (SIGUSR1)", RUN_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        sandbox_pid(jailed.pid()),
+        vmm,
+        "the VMM changed after SIGUSR1"
+    );
     jailed.signal(libc::SIGTERM).unwrap();
     let out = jailed.wait(RUN_TIMEOUT).unwrap();
     // The VMM's own status for "stopped by SIGTERM", passed through.
