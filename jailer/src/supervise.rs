@@ -176,10 +176,8 @@ impl Sandbox {
                         kill_at = Some(kill_at.map_or(grace, |k| k.min(grace)));
                     }
                 }
-                Some(signal) if PASSED_ON_ONLY.contains(&signal) => {
-                    if self.reaped.is_none() {
-                        sys::kill(self.pid, signal)?;
-                    }
+                Some(signal) if PASSED_ON_ONLY.contains(&signal) && self.reaped.is_none() => {
+                    sys::kill(self.pid, signal)?;
                 }
                 _ => {}
             }
