@@ -133,14 +133,12 @@ pub fn restore(args: RestoreArgs) -> Result<ExitCode, String> {
     if let Some(out) = &args.out {
         super::check_writable(out)?;
     }
-    vmm::host::check_kvm_access().map_err(|e| e.to_string())?;
     let kernel = match &args.kernel {
-        Some(k) => std::path::absolute(k).map_err(|e| format!("{}: {e}", k.display()))?,
+        Some(k) if !k.is_file() => return Err(format!("--kernel {}: no such file", k.display())),
+        Some(k) => std::path::absolute(k).map_err(|e| format!("--kernel {}: {e}", k.display()))?,
         None => default_probe()?,
     };
-    if !kernel.is_file() {
-        return Err(format!("--kernel {}: no such file", kernel.display()));
-    }
+    vmm::host::check_kvm_access().map_err(|e| e.to_string())?;
     let (exe, dir) = super::child::self_and_workdir()?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -40,6 +40,35 @@ pub struct RestoreDocument {
     pub snapshot: SnapshotInfo,
     /// `file`, `uffd`, `uffd_prefetch`, `cold_boot`, then `fork` (when asked for).
     pub sections: Vec<Section>,
+    /// What the backend columns' figures mean.
+    pub notes: Vec<String>,
+}
+
+fn notes() -> Vec<String> {
+    vec![
+        "every column: a fresh `agentvm serve` per run (its start-up not counted); restores: PUT \
+         /snapshot/load with resume_vm; cold boot: the same guest configured, then PUT /actions \
+         InstanceStart"
+            .into(),
+        "VMM: load -> first KVM_RUN is measured inside the VMM (GET /metrics boot_time_us): from \
+         the VMM thread taking the load (state file read, memory mapped or registered with \
+         userfaultfd, working set prefetched, devices, VM and vCPU state restored) to a vCPU \
+         entering the guest; cold boot: from the VM build (kernel loaded) to the first KVM_RUN. It \
+         does not depend on guest speed"
+            .into(),
+        "request -> first console line is guest-bound: after a restore the probe guest is in the \
+         middle of its spin loop between two `count` lines, so it includes up to one such period; \
+         a cold boot's first line is the probe's banner. The Linux guest's restore-to-first-exec \
+         figure needs the nested test host and is not measured here"
+            .into(),
+        "uffd figures come from GET /metrics once the guest printed: pages served on demand = \
+         faults + zero pages; uffd = no working set (each page on first touch), uffd+prefetch = \
+         the set recorded by a first uffd restore copied in before the vCPUs run; per second = \
+         on-demand pages / the handler's service time"
+            .into(),
+        "RSS (/proc/PID/status) and PSS (/proc/PID/smaps_rollup) of the VMM once the guest printed"
+            .into(),
+    ]
 }
 
 fn section_id(mode: Mode) -> &'static str {
@@ -217,6 +246,7 @@ impl RestoreDocument {
             guest,
             snapshot,
             sections,
+            notes: notes(),
         }
     }
 
@@ -257,6 +287,9 @@ impl RestoreDocument {
         );
         let modes: Vec<&Section> = self.sections.iter().filter(|s| s.id != "fork").collect();
         render_columns(&mut t, &modes);
+        for n in &self.notes {
+            let _ = writeln!(t, "note: {n}");
+        }
         if let Some(fork) = self.sections.iter().find(|s| s.id == "fork") {
             let _ = writeln!(t);
             let _ = writeln!(t, "fork of {} VMs from the one snapshot", self.fork);

@@ -17,7 +17,7 @@ use super::child::{die_with_parent, kill_and_reap};
 
 /// Hang detector of one API call (a snapshot of a large guest takes seconds).
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long `serve` may take to create its API socket.
+/// How long `serve` may take to listen on its API socket.
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a SIGTERM'd `serve` may take to tear its VM down (and write a working set).
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -86,13 +86,14 @@ impl ServeVm {
 
     fn wait_for_socket(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
-        while !self.sock.exists() {
+        // The socket file appears at bind(2), before listen(2): wait until it takes connections.
+        while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
             if let Ok(Some(status)) = self.child.try_wait() {
                 return Err(self.failure(&format!("ended before its API socket ({status})")));
             }
             if Instant::now() >= deadline {
                 return Err(self.failure(&format!(
-                    "made no API socket within {} s",
+                    "did not listen on its API socket within {} s",
                     SOCKET_TIMEOUT.as_secs()
                 )));
             }
