@@ -116,12 +116,21 @@ fn restore_bench_reports_every_backend_the_cold_boot_and_the_fork() {
         positive(s, "vmm_load_to_first_run", 2);
         positive(s, "request_round_trip", 2);
         positive(s, "request_to_console_line", 2);
+        positive(s, "vmm_load_to_kvm_ready", 2);
+        for phase in ["vmm_kvm_ready_to_loaded", "vmm_loaded_to_first_run"] {
+            assert_eq!(figure(s, phase)["agentvm"]["n"], 2, "{id} {phase}: {s:#}");
+        }
         for sample in s["samples"].as_array().unwrap() {
             let ns = |k: &str| {
                 sample[k]
                     .as_u64()
                     .unwrap_or_else(|| panic!("{k}: {sample}"))
             };
+            assert!(
+                ns("vmm_to_kvm_ready_us") <= ns("vmm_to_loaded_us")
+                    && ns("vmm_to_loaded_us") <= ns("vmm_to_first_run_us"),
+                "the VMM's phases in order: {sample}"
+            );
             assert!(
                 ns("request_ns") <= ns("request_to_console_line_ns"),
                 "the guest printed after the request was answered: {sample}"

@@ -87,6 +87,12 @@ pub struct RestoreSample {
     pub request_ns: u64,
     /// Inside the VMM: the load (cold boot: the VM build) began to the first KVM_RUN.
     pub vmm_to_first_run_us: u64,
+    /// Of which: to the VM created with guest memory registered (state file read and checked,
+    /// memory mapped or registered with userfaultfd, working set prefetched; cold boot: VM and
+    /// memory created).
+    pub vmm_to_kvm_ready_us: u64,
+    /// Of which: to the device, VM and vCPU state restored (cold boot: kernel loaded).
+    pub vmm_to_loaded_us: u64,
     /// The client's request until the guest's first complete console line.
     pub request_to_console_line_ns: u64,
     /// Pages the uffd handler filled on demand (faults + zero pages), once the guest printed.
@@ -470,6 +476,12 @@ fn sample_of(
     Ok(RestoreSample {
         request_ns: answered.saturating_sub(start),
         vmm_to_first_run_us: metrics.build_to_first_run_us.unwrap_or_default(),
+        vmm_to_kvm_ready_us: metrics
+            .build_to_kvm_ready_us
+            .ok_or_else(|| vm.failure("GET /metrics has no agentvm_boot_kvm_ready_seconds"))?,
+        vmm_to_loaded_us: metrics
+            .build_to_loaded_us
+            .ok_or_else(|| vm.failure("GET /metrics has no agentvm_boot_loaded_seconds"))?,
         request_to_console_line_ns: printed.saturating_sub(start),
         uffd_on_demand_pages: metrics
             .uffd_faults

@@ -84,6 +84,11 @@ fn ms(ns: u64) -> f64 {
     ns as f64 / 1e6
 }
 
+/// `to - from` (µs) in ms; `None` for a span that ran backwards (a broken report).
+fn span_us_ms(from: u64, to: u64) -> Option<f64> {
+    to.checked_sub(from).map(|d| d as f64 / 1000.0)
+}
+
 fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
 }
@@ -100,6 +105,24 @@ fn mode_section(mode: Mode, samples: &[RestoreSample]) -> Section {
             "VMM: load (cold: build) -> first KVM_RUN",
             Unit::Ms,
             &all(|s| s.vmm_to_first_run_us as f64 / 1000.0),
+        ),
+        Figure::new(
+            "vmm_load_to_kvm_ready",
+            "  load -> VM + guest memory ready",
+            Unit::Ms,
+            &all(|s| s.vmm_to_kvm_ready_us as f64 / 1000.0),
+        ),
+        Figure::new(
+            "vmm_kvm_ready_to_loaded",
+            "  memory ready -> device/VM/vCPU state in",
+            Unit::Ms,
+            &some(|s| span_us_ms(s.vmm_to_kvm_ready_us, s.vmm_to_loaded_us)),
+        ),
+        Figure::new(
+            "vmm_loaded_to_first_run",
+            "  state in -> first KVM_RUN (vCPU threads)",
+            Unit::Ms,
+            &some(|s| span_us_ms(s.vmm_to_loaded_us, s.vmm_to_first_run_us)),
         ),
         Figure::new(
             "request_round_trip",
@@ -356,6 +379,8 @@ mod tests {
         RestoreSample {
             request_ns: ms * 1_000_000,
             vmm_to_first_run_us: ms * 500,
+            vmm_to_kvm_ready_us: ms * 200,
+            vmm_to_loaded_us: ms * 300,
             request_to_console_line_ns: ms * 2_000_000,
             uffd_on_demand_pages: uffd.then_some(100),
             uffd_prefetched_pages: uffd.then_some(0),

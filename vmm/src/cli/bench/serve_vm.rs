@@ -31,6 +31,10 @@ const POLL: Duration = Duration::from_micros(100);
 pub struct VmMetrics {
     /// VM build start (kernel load or snapshot load) to the first KVM_RUN, in µs.
     pub build_to_first_run_us: Option<u64>,
+    /// Build start to the VM created with guest memory registered, in µs.
+    pub build_to_kvm_ready_us: Option<u64>,
+    /// Build start to the guest (kernel or snapshot state) loaded, in µs.
+    pub build_to_loaded_us: Option<u64>,
     pub uffd_faults: Option<u64>,
     pub uffd_zero_pages: Option<u64>,
     pub uffd_prefetched_pages: Option<u64>,
@@ -265,8 +269,11 @@ fn parse_metrics(text: &str) -> VmMetrics {
         })
     };
     let count = |name: &str| value(name).map(|v| v as u64);
+    let us = |name: &str| value(name).map(|s| (s * 1e6).round() as u64);
     VmMetrics {
-        build_to_first_run_us: value("agentvm_boot_time_seconds").map(|s| (s * 1e6).round() as u64),
+        build_to_first_run_us: us("agentvm_boot_time_seconds"),
+        build_to_kvm_ready_us: us("agentvm_boot_kvm_ready_seconds"),
+        build_to_loaded_us: us("agentvm_boot_loaded_seconds"),
         uffd_faults: count("agentvm_uffd_faults_total"),
         uffd_zero_pages: count("agentvm_uffd_zero_pages_total"),
         uffd_prefetched_pages: count("agentvm_uffd_prefetched_pages_total"),
@@ -293,11 +300,14 @@ mod tests {
     fn metrics_text_is_read_by_name_whatever_the_labels() {
         let text = "# HELP agentvm_boot_time_seconds x\n\
                     agentvm_boot_time_seconds{id=\"a\"} 0.001500\n\
+                    agentvm_boot_loaded_seconds{id=\"a\"} 0.001200\n\
                     agentvm_uffd_faults_total{id=\"a\"} 12\n\
                     agentvm_uffd_faults_totally{id=\"a\"} 99\n\
                     agentvm_uffd_fault_service_seconds_total 0.003000\n";
         let m = parse_metrics(text);
         assert_eq!(m.build_to_first_run_us, Some(1500));
+        assert_eq!(m.build_to_loaded_us, Some(1200));
+        assert_eq!(m.build_to_kvm_ready_us, None);
         assert_eq!(m.uffd_faults, Some(12));
         assert_eq!(m.uffd_fault_service_s, Some(0.003));
         assert_eq!(m.uffd_prefetched_pages, None);
