@@ -36,11 +36,13 @@ pub struct RestoreArgs {
     /// Restores per backend (and cold boots), after one uncounted warm-up of each.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..=1000))]
     iterations: u32,
-    /// VMs restored at once from the snapshot (file backend) for the fork figures; 0 skips them.
+    /// VMs restored at once from the snapshot (file backend) for the fork figures, one round
+    /// per iteration; 0 skips them.
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(0..=500))]
     fork: u32,
     /// The guest to boot and snapshot (default: the ring-3 probe built by the integration
-    /// tests, target/guests/x86_64-unknown-linux-gnu/release/probe).
+    /// tests, target/guests/x86_64-unknown-linux-gnu/release/probe). It must write lines to
+    /// its serial console: 3 before the snapshot, and one after each restore or boot.
     #[arg(long, value_name = "PATH")]
     kernel: Option<PathBuf>,
     /// The guest's command line.
