@@ -109,13 +109,13 @@ impl ServeVm {
     /// `what` about this serve, with the end of its stderr.
     pub fn failure(&self, what: &str) -> String {
         let stderr = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let tail: Vec<&str> = stderr.lines().rev().take(10).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
-        format!(
-            "agentvm serve {}: {what}\n{}",
-            self.sock.display(),
-            tail.join("\n")
-        )
+        let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+        let tail = &lines[lines.len().saturating_sub(10)..];
+        let mut message = format!("agentvm serve {}: {what}", self.sock.display());
+        if !tail.is_empty() {
+            message = format!("{message}\nits stderr ends:\n{}", tail.join("\n"));
+        }
+        message
     }
 
     /// One API call that must answer 204.
