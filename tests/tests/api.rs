@@ -865,7 +865,16 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
     let flushed: serde_json::Value = serde_json::from_str(line.lines().last().unwrap()).unwrap();
     assert_eq!(flushed["id"], "sbx-1");
     assert_eq!(flushed["state"], "Running");
-    assert!(flushed["boot_time_us"].as_u64().is_some(), "{flushed}");
+    let us = |k: &str| {
+        flushed[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {flushed}"))
+    };
+    assert!(
+        us("boot_kvm_ready_us") <= us("boot_loaded_us")
+            && us("boot_loaded_us") <= us("boot_time_us"),
+        "boot phases in order: {flushed}"
+    );
     assert!(flushed["api_requests"].as_u64().unwrap() > 10, "{flushed}");
     assert!(
         flushed["vcpu_exits"]["io_out"].as_u64().unwrap() >= io_out,

@@ -486,3 +486,33 @@ fn exec_bench_measures_agentvm_and_reports_the_peer() {
         ),
     }
 }
+
+#[test]
+fn restore_bench_refuses_bad_arguments_before_any_boot() {
+    for (flag, value) in [
+        ("--iterations", "0"),
+        ("--iterations", "some"),
+        ("--fork", "501"),
+        ("--mem-mib", "8"),
+    ] {
+        let out = agentvm(&["bench", "restore", flag, value]);
+        assert_clear_error(&out, &[flag, value]);
+        assert_eq!(out.status.code(), Some(2), "{flag} {value}: usage error");
+    }
+    let out = agentvm(&["bench", "restore", "--kernel", "/nonexistent-agentvm-guest"]);
+    assert_clear_error(
+        &out,
+        &["--kernel /nonexistent-agentvm-guest", "no such file"],
+    );
+    assert_eq!(out.status.code(), Some(125));
+    let out = agentvm(&[
+        "bench",
+        "restore",
+        "--out",
+        "/nonexistent-agentvm-dir/restore.json",
+    ]);
+    assert_clear_error(
+        &out,
+        &["--out", "/nonexistent-agentvm-dir", "does not exist"],
+    );
+}

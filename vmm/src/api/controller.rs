@@ -438,6 +438,10 @@ impl Controller {
                 t.first_kvm_run_ns
                     .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
             }),
+            boot_kvm_ready_us: timings
+                .map(|t| t.kvm_ready_ns.saturating_sub(t.build_start_ns) / 1000),
+            boot_loaded_us: timings
+                .map(|t| t.kernel_loaded_ns.saturating_sub(t.build_start_ns) / 1000),
             uptime_ms: self.started_at.map(|t| t.elapsed().as_millis() as u64),
             vcpu_exits: match &self.vm {
                 Some(vm) => vm.exits.snapshot(),

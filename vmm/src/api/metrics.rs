@@ -25,6 +25,13 @@ pub struct MetricsSnapshot {
     pub requests: Vec<RequestCount>,
     /// From the start of VM building to the first KVM_RUN.
     pub boot_time_us: Option<u64>,
+    /// From the start of VM building to the VM created with guest memory registered (a
+    /// snapshot load: state file read and checked, memory mapped, uffd working set prefetched).
+    pub boot_kvm_ready_us: Option<u64>,
+    /// From the start of VM building to the guest loaded (kernel and boot tables in memory, or
+    /// the snapshot's device, VM and vCPU state restored); the rest to the first KVM_RUN is
+    /// starting the vCPU threads.
+    pub boot_loaded_us: Option<u64>,
     /// From the VMM process's start to InstanceStart done (the VM running).
     pub start_to_running_us: Option<u64>,
     /// From the VMM process's start to the first `/sandbox/exec` exit status.
@@ -88,6 +95,8 @@ impl MetricsSnapshot {
             "api_requests": self.requests.iter().map(|r| r.count).sum::<u64>(),
             "api_requests_by_route": requests,
             "boot_time_us": self.boot_time_us,
+            "boot_kvm_ready_us": self.boot_kvm_ready_us,
+            "boot_loaded_us": self.boot_loaded_us,
             "start_to_running_us": self.start_to_running_us,
             "start_to_first_exec_us": self.start_to_first_exec_us,
             "uptime_ms": self.uptime_ms,
@@ -136,6 +145,16 @@ impl MetricsSnapshot {
                 "agentvm_boot_time_seconds",
                 "From the start of VM building to the first guest entry.",
                 self.boot_time_us,
+            ),
+            (
+                "agentvm_boot_kvm_ready_seconds",
+                "From the start of VM building to the VM created with guest memory registered.",
+                self.boot_kvm_ready_us,
+            ),
+            (
+                "agentvm_boot_loaded_seconds",
+                "From the start of VM building to the guest (kernel or snapshot state) loaded.",
+                self.boot_loaded_us,
             ),
             (
                 "agentvm_start_to_running_seconds",
@@ -315,6 +334,8 @@ mod tests {
                 count: 7,
             }],
             boot_time_us: Some(1500),
+            boot_kvm_ready_us: Some(700),
+            boot_loaded_us: Some(1200),
             start_to_running_us: Some(2_500_000),
             start_to_first_exec_us: None,
             uptime_ms: None,
@@ -345,6 +366,8 @@ mod tests {
         has("agentvm_vm_state{id=\"a\\\"b\",state=\"Running\"} 1\n");
         has("agentvm_vm_state{id=\"a\\\"b\",state=\"Paused\"} 0\n");
         has("agentvm_boot_time_seconds{id=\"a\\\"b\"} 0.001500\n");
+        has("agentvm_boot_kvm_ready_seconds{id=\"a\\\"b\"} 0.000700\n");
+        has("agentvm_boot_loaded_seconds{id=\"a\\\"b\"} 0.001200\n");
         has("agentvm_start_to_running_seconds{id=\"a\\\"b\"} 2.500000\n");
         has("agentvm_api_requests_total{id=\"a\\\"b\",method=\"PUT\",route=\"/actions\",status=\"204\"} 7\n");
         has("agentvm_device_bytes_total{id=\"a\\\"b\",device=\"vsock\",direction=\"rx\"} 200\n");

@@ -27,6 +27,9 @@ mod output;
 mod peer;
 mod qemu_files;
 mod report;
+mod restore;
+mod restore_report;
+mod serve_vm;
 mod stats;
 mod vhost_modules;
 
@@ -56,6 +59,11 @@ pub enum BenchCommand {
     /// Warm-VM benchmark: exec and protocol round trips, streamed output throughput and the VMM's
     /// CPU time per request (medians and p99), beside QEMU microvm with vhost-vsock.
     Exec(exec::ExecArgs),
+    /// Snapshot restore benchmark: one guest snapshotted once, then restores by the `file`,
+    /// `uffd` and `uffd+prefetch` backends beside a cold boot (medians and p99 of the VMM's
+    /// load-to-first-KVM_RUN, the first guest output, uffd pages and RSS), and N concurrent
+    /// restores (fork).
+    Restore(restore::RestoreArgs),
     /// Inside the nested test host: one warm VM (agentvm, or the peer with --qemu), exec figures
     /// as JSON on stdout.
     #[command(hide = true)]
@@ -96,6 +104,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
     match command {
         BenchCommand::Boot(args) => boot(args),
         BenchCommand::Exec(args) => exec::exec(args),
+        BenchCommand::Restore(args) => restore::restore(args),
         BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
@@ -163,19 +172,30 @@ fn guest_info(artefacts: &Artefacts, command: &str) -> GuestInfo {
 
 /// Prints the document (table or JSON), writes it to `out`; fails when a part was not measured.
 fn emit(doc: &Document, json_output: bool, out: Option<&Path>) -> Result<ExitCode, String> {
+    emit_json_or_table(doc, &doc.to_table(), doc.errors(), json_output, out)
+}
+
+/// Prints `doc` as JSON or `table`, writes the JSON to `out`; fails with `errors` (the parts
+/// that were not measured) when there are any.
+fn emit_json_or_table<T: serde::Serialize>(
+    doc: &T,
+    table: &str,
+    errors: Vec<String>,
+    json_output: bool,
+    out: Option<&Path>,
+) -> Result<ExitCode, String> {
     let json =
         serde_json::to_string_pretty(doc).map_err(|e| format!("cannot encode the results: {e}"))?;
     if json_output {
         println!("{json}");
     } else {
-        print!("{}", doc.to_table());
+        print!("{table}");
     }
     if let Some(out) = out {
         std::fs::write(out, format!("{json}\n"))
             .map_err(|e| format!("cannot write {}: {e}", out.display()))?;
         eprintln!("bench: wrote {}", out.display());
     }
-    let errors = doc.errors();
     if errors.is_empty() {
         Ok(ExitCode::SUCCESS)
     } else {

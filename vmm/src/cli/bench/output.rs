@@ -15,15 +15,20 @@ pub enum Unit {
     Us,
     Mib,
     MibPerS,
+    /// Guest pages (4 KiB).
+    Pages,
+    PerS,
 }
 
 impl Unit {
-    fn label(self) -> &'static str {
+    pub(super) fn label(self) -> &'static str {
         match self {
             Unit::Ms => "ms",
             Unit::Us => "µs",
             Unit::Mib => "MiB",
             Unit::MibPerS => "MiB/s",
+            Unit::Pages => "pages",
+            Unit::PerS => "/s",
         }
     }
 }
@@ -240,9 +245,10 @@ fn cell(s: Option<Summary>, unit: Unit) -> String {
 }
 
 /// Three significant-ish digits, enough for figures whose run-to-run noise is larger.
-fn num(v: f64, unit: Unit) -> String {
+pub(super) fn num(v: f64, unit: Unit) -> String {
     let digits = match unit {
         Unit::Mib | Unit::MibPerS => 1,
+        Unit::Pages | Unit::PerS => 0,
         Unit::Ms | Unit::Us if v.abs() < 10.0 => 2,
         Unit::Ms | Unit::Us if v.abs() < 1000.0 => 1,
         Unit::Ms | Unit::Us => 0,
