@@ -19,6 +19,7 @@ use std::time::Duration;
 use agentvm_client::{AgentClient, ClientError, ErrorCode};
 use agentvm_protocol::AGENT_VSOCK_PORT;
 
+use super::after_restore::{self, AfterRestoreGate, AfterRestoreStep};
 use super::fault::Fault;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
@@ -35,6 +36,8 @@ pub struct AgentWorker {
     jobs: Sender<Job>,
     running: Arc<AtomicUsize>,
     agent: Arc<Mutex<Option<(PathBuf, AgentClient)>>>,
+    /// Closed while a restored VM's after-restore step runs (see [`after_restore`]).
+    after_restore: AfterRestoreGate,
 }
 
 impl AgentWorker {
@@ -73,7 +76,39 @@ impl AgentWorker {
             jobs,
             running: Arc::new(AtomicUsize::new(0)),
             agent: Arc::new(Mutex::new(None)),
+            after_restore: AfterRestoreGate::default(),
         })
+    }
+
+    /// Starts a restored VM's after-restore step on a job thread; `/sandbox/...` requests wait for
+    /// it from now on. Call it under the controller's lock, as the VM becomes Running.
+    pub fn begin_after_restore(&self, step: AfterRestoreStep) {
+        self.after_restore.close();
+        let gate = self.after_restore.clone();
+        let metrics = step.metrics.clone();
+        let submitted = self.submit(move || {
+            // Opens the gate however the step ends, a panic included.
+            struct Open(AfterRestoreGate);
+            impl Drop for Open {
+                fn drop(&mut self) {
+                    self.0.open();
+                }
+            }
+            let _open = Open(gate);
+            after_restore::run(step, after_restore::AFTER_RESTORE_CONNECT_TIMEOUT);
+        });
+        if let Err(fault) = submitted {
+            metrics.record(
+                after_restore::AfterRestoreOutcome::Failed,
+                std::time::Duration::ZERO,
+            );
+            tracing::warn!(
+                "after restore: failed: cannot start its job: {}; the guest's clock and RNG stay \
+                 as snapshotted",
+                fault.message
+            );
+            self.after_restore.open();
+        }
     }
 
     /// Runs `job` on a job thread, unless [`MAX_JOBS`] are running (503).
@@ -105,7 +140,15 @@ impl AgentWorker {
 
     /// The VM's agent client (on a job thread): the cached one while its connection is up,
     /// otherwise a new connection through `uds` within [`AGENT_CONNECT_TIMEOUT`].
+    /// After a restore, first waits for the after-restore step, so that the guest's clock is
+    /// right before anything runs there.
     pub fn client(&self, uds: &Path) -> Result<AgentClient, Fault> {
+        if !self.after_restore.wait_open(after_restore::GATE_WAIT_LIMIT) {
+            tracing::warn!(
+                "the after-restore step still runs after {:?}; going on without it",
+                after_restore::GATE_WAIT_LIMIT
+            );
+        }
         let mut cached = self.agent.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((path, client)) = cached.as_ref() {
             if path == uds && client.closed_reason().is_none() {

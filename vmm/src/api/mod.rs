@@ -13,6 +13,7 @@
 //! ([`request_counts`]), boot milestones, vCPU exits, vsock traffic, exec outcomes and latency
 //! ([`exec_metrics`])), and the exec audit log ([`audit`], fed by [`exec_trace`]).
 
+pub mod after_restore;
 pub mod agent;
 pub mod audit;
 pub mod config_file;
