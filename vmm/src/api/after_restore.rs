@@ -168,7 +168,8 @@ pub fn run(step: AfterRestoreStep, connect_timeout: Duration) {
         AfterRestoreOutcome::Done => {
             tracing::info!("after restore: {detail} ({took:?})")
         }
-        AfterRestoreOutcome::Skipped => tracing::info!(
+        // A warning: whoever relies on the guest's clock or randomness should know it is stale.
+        AfterRestoreOutcome::Skipped => tracing::warn!(
             "after restore: skipped: {detail}; the guest's clock and RNG stay as snapshotted"
         ),
         AfterRestoreOutcome::Failed => tracing::warn!(
