@@ -149,16 +149,21 @@ impl AfterRestoreGate {
 }
 
 /// Runs the step (on a job thread): connects to the agent, retrying until the connect deadline,
-/// and sends it the host's time and fresh entropy. Records and logs the outcome.
-pub fn run(step: AfterRestoreStep, connect_timeout: Duration) {
+/// and sends it the host's time and fresh entropy. Records and logs the outcome. Returns the
+/// agent connection when it worked, for the requests that follow to reuse.
+pub fn run(step: AfterRestoreStep, connect_timeout: Duration) -> Option<AgentClient> {
     let began = Instant::now();
+    let mut connected = None;
     let (outcome, detail) = match &step.route {
         AgentRoute::None(why) => (AfterRestoreOutcome::Skipped, (*why).to_string()),
         AgentRoute::Vsock(uds) => match refresh_guest(uds, connect_timeout) {
-            Ok(()) => (
-                AfterRestoreOutcome::Done,
-                "the guest agent set its clock to the host's and took fresh entropy".into(),
-            ),
+            Ok(client) => {
+                connected = Some(client);
+                (
+                    AfterRestoreOutcome::Done,
+                    "the guest agent set its clock to the host's and took fresh entropy".into(),
+                )
+            }
             Err(why) => (AfterRestoreOutcome::Failed, why),
         },
     };
@@ -177,9 +182,10 @@ pub fn run(step: AfterRestoreStep, connect_timeout: Duration) {
              snapshotted"
         ),
     }
+    connected
 }
 
-fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<(), String> {
+fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<AgentClient, String> {
     let client =
         AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, connect_timeout).map_err(|e| {
             format!(
@@ -198,11 +204,12 @@ fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<(), String> {
         .map_err(|_| "the host clock is past what fits in 64-bit nanoseconds".to_string())?;
     client
         .after_restore(realtime_ns, &entropy)
-        .map_err(|e| format!("the guest agent refused AfterRestore: {e}"))
+        .map_err(|e| format!("the guest agent refused AfterRestore: {e}"))?;
+    Ok(client)
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     #[test]
@@ -252,6 +259,112 @@ mod tests {
         let counts = metrics.snapshot();
         assert_eq!(counts.outcomes[2], (AfterRestoreOutcome::Failed, 1));
         assert!(counts.last_duration_seconds.is_some());
+    }
+
+    /// A guest agent behind a hybrid-vsock socket at `uds` that answers one `AfterRestore` with
+    /// `answer` (None: Done) and returns what it was sent.
+    pub(crate) fn fake_agent(
+        uds: &Path,
+        answer: Option<agentvm_protocol::ErrorCode>,
+    ) -> std::thread::JoinHandle<agentvm_protocol::AfterRestore> {
+        use agentvm_protocol::{Done, ErrorMsg, Features, FrameReader, FrameWriter, Hello};
+        use agentvm_protocol::{Message, Role};
+        use std::io::{Read, Write};
+        let listener = std::os::unix::net::UnixListener::bind(uds).unwrap();
+        std::thread::spawn(move || {
+            let (mut stream, _) = listener.accept().unwrap();
+            let mut line = Vec::new();
+            let mut byte = [0u8; 1];
+            while byte[0] != b'\n' {
+                stream.read_exact(&mut byte).unwrap();
+                line.push(byte[0]);
+            }
+            assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes());
+            stream.write_all(b"OK 1073741824\n").unwrap();
+            let mut reader = FrameReader::new(stream.try_clone().unwrap());
+            let mut writer = FrameWriter::new(stream);
+            let hello = Hello::new(Role::Guest, "fake-agent", Features::ALL);
+            agentvm_protocol::handshake(&mut reader, &mut writer, &hello).unwrap();
+            let request = match reader.read_message().unwrap() {
+                Some(Message::AfterRestore(request)) => request,
+                other => panic!("expected AfterRestore, got {other:?}"),
+            };
+            let id = request.id;
+            let reply = match answer {
+                None => Message::Done(Done { id }),
+                Some(code) => Message::ErrorMsg(ErrorMsg {
+                    id,
+                    code,
+                    message: "cannot set the guest clock".into(),
+                }),
+            };
+            writer.write_message(&reply).unwrap();
+            writer.flush().unwrap();
+            request
+        })
+    }
+
+    fn now_ns() -> i64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as i64
+    }
+
+    #[test]
+    fn the_agent_gets_the_host_clock_and_fresh_entropy() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let metrics = AfterRestoreMetrics::default();
+        let mut sent = Vec::new();
+        for _ in 0..2 {
+            let _ = std::fs::remove_file(&uds);
+            let agent = fake_agent(&uds, None);
+            let before = now_ns();
+            let client = run(
+                AfterRestoreStep {
+                    route: AgentRoute::Vsock(uds.clone()),
+                    metrics: metrics.clone(),
+                },
+                AFTER_RESTORE_CONNECT_TIMEOUT,
+            );
+            let after = now_ns();
+            assert!(client.is_some(), "the connection is handed on");
+            let request = agent.join().unwrap();
+            assert!(
+                (before..=after).contains(&request.realtime_ns),
+                "{before} <= {} <= {after}",
+                request.realtime_ns
+            );
+            assert_eq!(request.entropy.len(), ENTROPY_BYTES);
+            sent.push(request.entropy);
+        }
+        assert_ne!(sent[0], sent[1], "each restore gets its own entropy");
+        assert_eq!(
+            metrics.snapshot().outcomes[0],
+            (AfterRestoreOutcome::Done, 2)
+        );
+    }
+
+    #[test]
+    fn an_agent_refusal_fails_the_step() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let agent = fake_agent(&uds, Some(agentvm_protocol::ErrorCode::PermissionDenied));
+        let metrics = AfterRestoreMetrics::default();
+        let client = run(
+            AfterRestoreStep {
+                route: AgentRoute::Vsock(uds),
+                metrics: metrics.clone(),
+            },
+            AFTER_RESTORE_CONNECT_TIMEOUT,
+        );
+        agent.join().unwrap();
+        assert!(client.is_none());
+        assert_eq!(
+            metrics.snapshot().outcomes[2],
+            (AfterRestoreOutcome::Failed, 1)
+        );
     }
 
     #[test]

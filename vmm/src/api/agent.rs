@@ -86,6 +86,8 @@ impl AgentWorker {
         self.after_restore.close();
         let gate = self.after_restore.clone();
         let metrics = step.metrics.clone();
+        let cache = self.agent.clone();
+        let route = step.route.clone();
         let submitted = self.submit(move || {
             // Opens the gate however the step ends, a panic included.
             struct Open(AfterRestoreGate);
@@ -95,7 +97,12 @@ impl AgentWorker {
                 }
             }
             let _open = Open(gate);
-            after_restore::run(step, after_restore::AFTER_RESTORE_CONNECT_TIMEOUT);
+            let client = after_restore::run(step, after_restore::AFTER_RESTORE_CONNECT_TIMEOUT);
+            // The first request after the restore reuses the step's connection (set before the
+            // gate opens).
+            if let (Some(client), after_restore::AgentRoute::Vsock(uds)) = (client, route) {
+                *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((uds, client));
+            }
         });
         if let Err(fault) = submitted {
             metrics.record(
@@ -186,5 +193,40 @@ pub fn agent_fault(what: &str, error: ClientError) -> Fault {
         },
         ClientError::InvalidArgument(_) => Fault::bad_request(message),
         _ => Fault::unavailable(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::after_restore::tests::fake_agent;
+    use crate::api::after_restore::{AfterRestoreMetrics, AfterRestoreOutcome, AgentRoute};
+    use crate::seccomp::SeccompLevel;
+
+    #[test]
+    fn requests_wait_for_the_after_restore_step_and_reuse_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        // It accepts one connection only: a request that did not wait for the step (or did not
+        // reuse its connection) finds nobody answering its own.
+        let agent = fake_agent(&uds, None);
+        let worker = AgentWorker::start(ThreadSeccomp {
+            level: SeccompLevel::Off,
+            test_violation: false,
+        })
+        .unwrap();
+        let metrics = AfterRestoreMetrics::default();
+        worker.begin_after_restore(AfterRestoreStep {
+            route: AgentRoute::Vsock(uds.clone()),
+            metrics: metrics.clone(),
+        });
+        let client = worker.client(&uds);
+        assert_eq!(
+            metrics.snapshot().outcomes[0],
+            (AfterRestoreOutcome::Done, 1),
+            "the request went ahead before the step ended"
+        );
+        assert!(client.is_ok(), "{:?}", client.err());
+        agent.join().unwrap();
     }
 }
