@@ -193,8 +193,7 @@ fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<AgentClient, S
                 uds.display()
             )
         })?;
-    let mut entropy = [0u8; ENTROPY_BYTES];
-    getrandom::fill(&mut entropy).map_err(|e| format!("cannot read host entropy: {e}"))?;
+    let entropy = host_entropy()?;
     // Read as late as possible: the guest's clock is set to this instant plus the call's
     // one-way latency (well under a millisecond over vsock).
     let now = SystemTime::now()
@@ -206,6 +205,27 @@ fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<AgentClient, S
         .after_restore(realtime_ns, &entropy)
         .map_err(|e| format!("the guest agent refused AfterRestore: {e}"))?;
     Ok(client)
+}
+
+/// [`ENTROPY_BYTES`] from the getrandom(2) syscall. rustix's rather than the getrandom crate's:
+/// in this static build that crate cannot find glibc's `getrandom` (dlsym) and falls back to
+/// opening `/dev/urandom`, which the `agent_jobs` filter forbids.
+fn host_entropy() -> Result<[u8; ENTROPY_BYTES], String> {
+    let mut entropy = [0u8; ENTROPY_BYTES];
+    let mut filled = 0;
+    // Requests up to 256 bytes are served whole once the pool is initialised; the loop covers a
+    // signal arriving first.
+    while filled < entropy.len() {
+        match rustix::rand::getrandom(
+            &mut entropy[filled..],
+            rustix::rand::GetRandomFlags::empty(),
+        ) {
+            Ok(n) => filled += n,
+            Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(format!("cannot read host entropy (getrandom): {e}")),
+        }
+    }
+    Ok(entropy)
 }
 
 #[cfg(test)]
@@ -262,7 +282,7 @@ pub(crate) mod tests {
     }
 
     /// A guest agent behind a hybrid-vsock socket at `uds` that answers one `AfterRestore` with
-    /// `answer` (None: Done) and returns what it was sent.
+    /// `answer` (None: Done) and, once the host hung up, returns what it was sent.
     pub(crate) fn fake_agent(
         uds: &Path,
         answer: Option<agentvm_protocol::ErrorCode>,
@@ -281,6 +301,10 @@ pub(crate) mod tests {
             }
             assert_eq!(line, format!("CONNECT {AGENT_VSOCK_PORT}\n").as_bytes());
             stream.write_all(b"OK 1073741824\n").unwrap();
+            // Hang detector: a host that never hangs up fails the test instead of stalling it.
+            stream
+                .set_read_timeout(Some(Duration::from_secs(30)))
+                .unwrap();
             let mut reader = FrameReader::new(stream.try_clone().unwrap());
             let mut writer = FrameWriter::new(stream);
             let hello = Hello::new(Role::Guest, "fake-agent", Features::ALL);
@@ -300,6 +324,8 @@ pub(crate) mod tests {
             };
             writer.write_message(&reply).unwrap();
             writer.flush().unwrap();
+            // Like a real agent, it keeps the connection until the host hangs up.
+            while let Ok(Some(_)) = reader.read_message() {}
             request
         })
     }
@@ -330,6 +356,7 @@ pub(crate) mod tests {
             );
             let after = now_ns();
             assert!(client.is_some(), "the connection is handed on");
+            drop(client);
             let request = agent.join().unwrap();
             assert!(
                 (before..=after).contains(&request.realtime_ns),
