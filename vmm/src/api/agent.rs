@@ -84,38 +84,46 @@ impl AgentWorker {
     /// it from now on. Call it under the controller's lock, as the VM becomes Running.
     pub fn begin_after_restore(&self, step: AfterRestoreStep) {
         self.after_restore.close();
-        let gate = self.after_restore.clone();
-        let metrics = step.metrics.clone();
+        // Opens the gate however the step ends: run, panicked, or never started (the job is
+        // dropped when no job thread can take it).
+        struct StepEnd {
+            gate: AfterRestoreGate,
+            metrics: after_restore::AfterRestoreMetrics,
+            ran: bool,
+        }
+        impl Drop for StepEnd {
+            fn drop(&mut self) {
+                if !self.ran {
+                    self.metrics.record(
+                        after_restore::AfterRestoreOutcome::Failed,
+                        std::time::Duration::ZERO,
+                    );
+                    tracing::warn!(
+                        "after restore: failed: its job did not run (no job thread); the \
+                         guest's clock and RNG stay as snapshotted"
+                    );
+                }
+                self.gate.open();
+            }
+        }
+        let mut end = StepEnd {
+            gate: self.after_restore.clone(),
+            metrics: step.metrics.clone(),
+            ran: false,
+        };
         let cache = self.agent.clone();
         let route = step.route.clone();
-        let submitted = self.submit(move || {
-            // Opens the gate however the step ends, a panic included.
-            struct Open(AfterRestoreGate);
-            impl Drop for Open {
-                fn drop(&mut self) {
-                    self.0.open();
-                }
-            }
-            let _open = Open(gate);
+        // An Err here dropped the job, and with it `end`, which counted and logged it.
+        let _ = self.submit(move || {
+            end.ran = true;
             let client = after_restore::run(step, after_restore::AFTER_RESTORE_CONNECT_TIMEOUT);
             // The first request after the restore reuses the step's connection (set before the
             // gate opens).
             if let (Some(client), after_restore::AgentRoute::Vsock(uds)) = (client, route) {
                 *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((uds, client));
             }
+            drop(end);
         });
-        if let Err(fault) = submitted {
-            metrics.record(
-                after_restore::AfterRestoreOutcome::Failed,
-                std::time::Duration::ZERO,
-            );
-            tracing::warn!(
-                "after restore: failed: cannot start its job: {}; the guest's clock and RNG stay \
-                 as snapshotted",
-                fault.message
-            );
-            self.after_restore.open();
-        }
     }
 
     /// Runs `job` on a job thread, unless [`MAX_JOBS`] are running (503).
