@@ -5,7 +5,7 @@
 //! with the uffd backend: the first records the working set (`mem.ws`, written when its VMM
 //! ends), the second prefetches it; both answer the exec.
 //!
-//! The restores come [`RESTORE_GAP`] after the snapshot, and each one's first exec reads the
+//! The restores come at least [`RESTORE_GAP`] after the snapshot, and each one's first exec reads the
 //! guest's wall clock and 16 bytes of `/dev/urandom`: the clock must be the host's (the VMM's
 //! after-restore step set it; without it the guest lags by the gap), and the three restores of
 //! the one snapshot must read different random bytes (the step credited fresh entropy; without
@@ -29,8 +29,10 @@ const AGENT_UP_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long a `serve` may take to end after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 /// Between the snapshot and the first restore: a guest whose clock is not corrected lags by this
-/// much, well beyond [`CLOCK_TOLERANCE_SECS`].
-const RESTORE_GAP: Duration = Duration::from_secs(5);
+/// much (plus the VMM's start and the load), less the time from the load to its first exec's
+/// `date`, which at TCG speed can take a few seconds; so well beyond that and
+/// [`CLOCK_TOLERANCE_SECS`] together.
+const RESTORE_GAP: Duration = Duration::from_secs(10);
 /// How far the restored guest's clock may be from the host's while its first exec runs.
 const CLOCK_TOLERANCE_SECS: f64 = 2.0;
 /// The first exec after each restore: the file from before the snapshot, the wall clock, and
