@@ -208,10 +208,12 @@ fn snapshot_restore(args: &Args) -> Check {
         }
     }
     let worst_skew = views.iter().map(|v| v.clock_skew_secs).fold(0.0, f64::max);
+    let widest_window = views.iter().map(|v| v.window_secs).fold(0.0, f64::max);
     Ok(format!(
         "snapshot written in {create_secs:.1} s; restored {} s later, the guest's first exec result \
          {first_exec_secs:.1} s after the load saw the file written before the snapshot, its clock \
-         at most {worst_skew:.2} s off the host's in all three restores, and three different \
+         at most {worst_skew:.2} s off the host's in all three restores (exec windows up to \
+         {widest_window:.2} s), and three different \
          /dev/urandom reads; uffd restore: first exec \
          {:.1} s, {} faults, working set {ws_pages} pages; uffd + prefetch: first exec {:.1} s, \
          {} pages prefetched, {} faults",
@@ -240,6 +242,8 @@ struct RestoredView {
     clock_skew_secs: f64,
     /// 16 bytes of the guest's /dev/urandom, in hex.
     random: String,
+    /// From sending the exec to its answer: the host-side window the guest's `date` fell in.
+    window_secs: f64,
 }
 
 /// Seconds since the Unix epoch on this host (L1).
@@ -311,6 +315,7 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
     Ok(RestoredView {
         clock_skew_secs,
         random,
+        window_secs: latest - earliest,
     })
 }
 
