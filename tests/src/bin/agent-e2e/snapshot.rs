@@ -283,6 +283,15 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
             "{name}: first exec after the restore: stdout {stdout:?}, last {last}"
         ));
     }
+    // First, so that a failed step is reported as such (its reason is in serve's log).
+    let metrics = request(sock, "GET", "/metrics", None).body;
+    if !metrics.lines().any(|l| {
+        l.starts_with("agentvm_after_restore_total{") && l.ends_with("outcome=\"done\"} 1")
+    }) {
+        return Err(format!(
+            "{name}: the after-restore step is not counted as done:\n{metrics}"
+        ));
+    }
     let guest: f64 = lines[1]
         .parse()
         .map_err(|e| format!("{name}: guest date {:?}: {e}", lines[1]))?;
@@ -298,14 +307,6 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
     let random = lines[2].to_string();
     if random.len() != 32 {
         return Err(format!("{name}: /dev/urandom read {random:?}"));
-    }
-    let metrics = request(sock, "GET", "/metrics", None).body;
-    if !metrics.lines().any(|l| {
-        l.starts_with("agentvm_after_restore_total{") && l.ends_with("outcome=\"done\"} 1")
-    }) {
-        return Err(format!(
-            "{name}: the after-restore step is not counted as done:\n{metrics}"
-        ));
     }
     let clock_skew_secs = if guest < earliest {
         earliest - guest
