@@ -76,6 +76,31 @@ fn metric(s: &Serve, name: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// Waits until `GET /metrics` counts `n` after-restore steps that ended `outcome` (the step runs
+/// in the background once a loaded VM runs); the probe guest has no agent, so each is skipped.
+fn wait_after_restore(s: &Serve, outcome: &str, n: u64) {
+    let sample = format!("outcome=\"{outcome}\"}} {n}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let text = s.call("GET", "/metrics", None).body;
+        if text
+            .lines()
+            .any(|l| l.starts_with("agentvm_after_restore_total{") && l.ends_with(&sample))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no after-restore step ended {outcome} ({n}) in:\n{text}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// The log line of a skipped after-restore step of a probe snapshot with a vsock device.
+const NO_DRIVER_SKIP: &str =
+    "after restore: skipped: the guest had not set up its vsock device when the snapshot was taken";
+
 /// Boots the counting probe on `vcpus` vCPUs (the probe runs on the first; the others wait for
 /// an INIT-SIPI that never comes, so their MP state is saved and restored as such), with a vsock
 /// device when `vsock` is given; lets it count to 3,
@@ -178,8 +203,20 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
         400,
         "not supported after starting",
     );
+    // Loaded paused: the guest is told the time only when it runs.
+    assert_eq!(
+        metric(&restored, "agentvm_after_restore_duration_seconds"),
+        None
+    );
     restored.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
     let after = restored.wait_console(&format!("PROBE count {}\n", last + 3));
+    // The probe never drove its vsock device: no agent can be there, so the step is skipped
+    // at once, and only once (a pause and resume do not repeat it).
+    wait_after_restore(&restored, "skipped", 1);
+    restored.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    restored.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    wait_after_restore(&restored, "skipped", 1);
+    wait_after_restore(&restored, "failed", 0);
 
     // The two consoles are one stream: a line cut by the pause is finished by the restored VM.
     let joined = format!("{before}{after}");
@@ -213,7 +250,9 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     ]);
     assert_eq!(code, Some(0), "{stderr}");
     assert_eq!(restored.state(), "Paused");
-    let (_, restored_dir) = restored.terminate();
+    let (restored_out, restored_dir) = restored.terminate();
+    let log = restored_out.stderr_text();
+    assert_eq!(log.matches(NO_DRIVER_SKIP).count(), 1, "{log}");
     let second = std::fs::read_to_string(restored_dir.path().join("console")).unwrap();
     let last = *counts(&second).last().unwrap();
     let again = Serve::start();
@@ -245,6 +284,8 @@ fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
         "--vsock-uds-path: the restored VM listens on the given path instead"
     );
     let third = again.wait_console(&format!("PROBE count {}\n", last + 3));
+    wait_after_restore(&again, "skipped", 1);
+    assert!(metric(&again, "agentvm_after_restore_duration_seconds").is_some());
     assert_consecutive(
         &counts(&format!("{before}{second}{third}")),
         "original + restored + restored again",
@@ -626,7 +667,13 @@ fn uffd_restore_counts_on_records_its_working_set_and_the_next_restore_prefetche
         Some(0.0)
     );
     assert!(!ws.exists(), "the working set is written when the VM stops");
-    let _ = first.terminate();
+    wait_after_restore(&first, "skipped", 1);
+    let (first_out, _first_dir) = first.terminate();
+    let log = first_out.stderr_text();
+    assert!(
+        log.contains("after restore: skipped: the microVM has no vsock device"),
+        "{log}"
+    );
     let recorded = std::fs::read(&ws).expect("the first uffd restore recorded a working set");
     let pages = (recorded.len() as u64 - 68) / 8;
     assert!(pages >= 1, "empty working set");

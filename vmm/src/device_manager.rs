@@ -68,6 +68,9 @@ pub struct DeviceStates {
     pub virtio: Vec<devices::virtio::MmioTransportState>,
 }
 
+/// The vsock device's name among the virtio-mmio transports.
+const VSOCK_NAME: &str = "virtio-vsock";
+
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
 pub struct DeviceManager {
@@ -174,7 +177,7 @@ impl DeviceManager {
             manager.vsock_metrics = Some(device.metrics());
             let device = Arc::new(Mutex::new(device));
             event_manager.add_subscriber(device.clone());
-            manager.add_virtio_mmio(vm, mem, &mut io, device, "virtio-vsock")?;
+            manager.add_virtio_mmio(vm, mem, &mut io, device, VSOCK_NAME)?;
         }
 
         if let Some(states) = restore {
@@ -192,6 +195,19 @@ impl DeviceManager {
             .copied()
             .zip(self.transports.iter().cloned())
             .collect()
+    }
+
+    /// Whether the guest's driver has activated the vsock device (false without one): without a
+    /// driver no guest agent can answer over vsock.
+    pub fn vsock_driver_ready(&self) -> bool {
+        self.named_transports()
+            .into_iter()
+            .filter(|(name, _)| *name == VSOCK_NAME)
+            .any(|(_, transport)| {
+                let transport = transport.lock().unwrap_or_else(|e| e.into_inner());
+                let device = transport.device().lock().unwrap_or_else(|e| e.into_inner());
+                device.is_activated()
+            })
     }
 
     /// The vsock device's traffic counters, if the VM has one.

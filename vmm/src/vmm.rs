@@ -381,6 +381,12 @@ impl Vmm {
         self.memory_backend.as_ref().map(UffdBackend::metrics)
     }
 
+    /// Whether the guest's driver has set up the vsock device (after a restore: had, when the
+    /// snapshot was taken). False without a vsock device.
+    pub fn vsock_driver_ready(&self) -> bool {
+        self.devices.vsock_driver_ready()
+    }
+
     /// The vsock device's packet and byte counters, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<devices::virtio::vsock::VsockMetrics> {
         self.devices.vsock_metrics()

@@ -19,6 +19,7 @@ use std::time::Duration;
 use agentvm_client::{AgentClient, ClientError, ErrorCode};
 use agentvm_protocol::AGENT_VSOCK_PORT;
 
+use super::after_restore::{self, AfterRestoreGate, AfterRestoreStep};
 use super::fault::Fault;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
@@ -35,6 +36,8 @@ pub struct AgentWorker {
     jobs: Sender<Job>,
     running: Arc<AtomicUsize>,
     agent: Arc<Mutex<Option<(PathBuf, AgentClient)>>>,
+    /// Closed while a restored VM's after-restore step runs (see [`after_restore`]).
+    after_restore: AfterRestoreGate,
 }
 
 impl AgentWorker {
@@ -73,7 +76,54 @@ impl AgentWorker {
             jobs,
             running: Arc::new(AtomicUsize::new(0)),
             agent: Arc::new(Mutex::new(None)),
+            after_restore: AfterRestoreGate::default(),
         })
+    }
+
+    /// Starts a restored VM's after-restore step on a job thread; `/sandbox/...` requests wait for
+    /// it from now on. Call it under the controller's lock, as the VM becomes Running.
+    pub fn begin_after_restore(&self, step: AfterRestoreStep) {
+        self.after_restore.close();
+        // Opens the gate however the step ends: run, panicked, or never started (the job is
+        // dropped when no job thread can take it).
+        struct StepEnd {
+            gate: AfterRestoreGate,
+            metrics: after_restore::AfterRestoreMetrics,
+            ran: bool,
+        }
+        impl Drop for StepEnd {
+            fn drop(&mut self) {
+                if !self.ran {
+                    self.metrics.record(
+                        after_restore::AfterRestoreOutcome::Failed,
+                        std::time::Duration::ZERO,
+                    );
+                    tracing::warn!(
+                        "after restore: failed: its job did not run (no job thread); the \
+                         guest's clock and RNG stay as snapshotted"
+                    );
+                }
+                self.gate.open();
+            }
+        }
+        let mut end = StepEnd {
+            gate: self.after_restore.clone(),
+            metrics: step.metrics.clone(),
+            ran: false,
+        };
+        let cache = self.agent.clone();
+        let route = step.route.clone();
+        // An Err here dropped the job, and with it `end`, which counted and logged it.
+        let _ = self.submit(move || {
+            end.ran = true;
+            let client = after_restore::run(step, after_restore::AFTER_RESTORE_CONNECT_TIMEOUT);
+            // The first request after the restore reuses the step's connection (set before the
+            // gate opens).
+            if let (Some(client), after_restore::AgentRoute::Vsock(uds)) = (client, route) {
+                *cache.lock().unwrap_or_else(|e| e.into_inner()) = Some((uds, client));
+            }
+            drop(end);
+        });
     }
 
     /// Runs `job` on a job thread, unless [`MAX_JOBS`] are running (503).
@@ -105,7 +155,15 @@ impl AgentWorker {
 
     /// The VM's agent client (on a job thread): the cached one while its connection is up,
     /// otherwise a new connection through `uds` within [`AGENT_CONNECT_TIMEOUT`].
+    /// After a restore, first waits for the after-restore step, so that the guest's clock is
+    /// right before anything runs there.
     pub fn client(&self, uds: &Path) -> Result<AgentClient, Fault> {
+        if !self.after_restore.wait_open(after_restore::GATE_WAIT_LIMIT) {
+            tracing::warn!(
+                "the after-restore step still runs after {:?}; going on without it",
+                after_restore::GATE_WAIT_LIMIT
+            );
+        }
         let mut cached = self.agent.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((path, client)) = cached.as_ref() {
             if path == uds && client.closed_reason().is_none() {
@@ -143,5 +201,44 @@ pub fn agent_fault(what: &str, error: ClientError) -> Fault {
         },
         ClientError::InvalidArgument(_) => Fault::bad_request(message),
         _ => Fault::unavailable(message),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::after_restore::tests::fake_agent;
+    use crate::api::after_restore::{AfterRestoreMetrics, AfterRestoreOutcome, AgentRoute};
+    use crate::seccomp::SeccompLevel;
+
+    #[test]
+    fn requests_wait_for_the_after_restore_step_and_reuse_its_connection() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        // It accepts one connection only: a request that did not wait for the step (or did not
+        // reuse its connection) finds nobody answering its own.
+        let agent = fake_agent(&uds, None);
+        // Under the real `agent_jobs` filter: the step's syscalls (connect, getrandom, ...) are
+        // allowed there, or the test process dies of SIGSYS.
+        let worker = AgentWorker::start(ThreadSeccomp {
+            level: SeccompLevel::Enforce,
+            test_violation: false,
+        })
+        .unwrap();
+        let metrics = AfterRestoreMetrics::default();
+        worker.begin_after_restore(AfterRestoreStep {
+            route: AgentRoute::Vsock(uds.clone()),
+            metrics: metrics.clone(),
+        });
+        let client = worker.client(&uds);
+        assert_eq!(
+            metrics.snapshot().outcomes[0],
+            (AfterRestoreOutcome::Done, 1),
+            "the request went ahead before the step ended"
+        );
+        assert!(client.is_ok(), "{:?}", client.err());
+        drop(client);
+        drop(worker);
+        agent.join().unwrap();
     }
 }

@@ -11,6 +11,7 @@ use std::time::Instant;
 use devices::virtio::vsock::VsockMetrics;
 use hyper::Method;
 
+use super::after_restore::{self, AfterRestoreMetrics, AfterRestoreStep, AgentRoute};
 use super::audit::AuditLog;
 use super::exec_metrics::ExecMetrics;
 use super::exec_trace::ExecObserver;
@@ -73,6 +74,9 @@ pub struct Controller {
     running_ns: Option<u64>,
     /// Read once at start-up: the API thread's seccomp filter allows no file opening.
     host_mem_mib: Option<u64>,
+    /// A loaded VM's after-restore step, until the VM first runs.
+    after_restore_due: Option<AgentRoute>,
+    after_restore: AfterRestoreMetrics,
 }
 
 const NET_MISSING: &str = "network interfaces are not supported yet: agentvm has no virtio-net \
@@ -97,6 +101,8 @@ impl Controller {
             vmm_start_ns,
             running_ns: None,
             host_mem_mib: host_mem_mib(),
+            after_restore_due: None,
+            after_restore: AfterRestoreMetrics::default(),
         }
     }
 
@@ -268,13 +274,21 @@ impl Controller {
     }
 
     /// A snapshot was loaded: the machine is the snapshot's, running or paused.
+    /// `vsock_driver_ready`: the guest had set up its vsock device when the snapshot was taken.
+    /// Once the VM runs, [`Controller::take_after_restore`] hands out its after-restore step.
     pub fn loaded(
         &mut self,
         vm: StartedVm,
         machine: MachineConfig,
         vsock: Option<VsockConfig>,
+        vsock_driver_ready: bool,
         paused: bool,
     ) {
+        self.after_restore_due = Some(match &vsock {
+            None => AgentRoute::None(after_restore::NO_VSOCK),
+            Some(_) if !vsock_driver_ready => AgentRoute::None(after_restore::NO_VSOCK_DRIVER),
+            Some(v) => AgentRoute::Vsock(v.uds_path.clone()),
+        });
         self.machine = machine;
         self.vsock = vsock;
         if let Some(uffd) = vm.uffd.clone() {
@@ -324,6 +338,17 @@ impl Controller {
         }
         self.state = VmState::Starting;
         Ok(config)
+    }
+
+    /// The after-restore step of a loaded VM that now runs (once per load).
+    pub fn take_after_restore(&mut self) -> Option<AfterRestoreStep> {
+        if self.state != VmState::Running {
+            return None;
+        }
+        self.after_restore_due.take().map(|route| AfterRestoreStep {
+            route,
+            metrics: self.after_restore.clone(),
+        })
     }
 
     pub fn start_failed(&mut self) {
@@ -434,6 +459,7 @@ impl Controller {
                 .as_ref()
                 .and_then(|vm| vm.uffd.as_ref())
                 .map(|u| u.totals()),
+            after_restore: self.after_restore.snapshot(),
             boot_time_us: timings.and_then(|t| {
                 t.first_kvm_run_ns
                     .map(|first| first.saturating_sub(t.build_start_ns) / 1000)

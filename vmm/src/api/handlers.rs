@@ -46,6 +46,8 @@ pub enum VmmRequest {
     LoadSnapshot {
         config: crate::vmm::RestoreConfig,
         reply: oneshot::Sender<Result<(), String>>,
+        /// Runs the after-restore step once the loaded VM runs (see [`super::after_restore`]).
+        agent: super::agent::AgentWorker,
     },
 }
 
@@ -267,6 +269,7 @@ async fn pause_or_resume(ctx: &ApiContext, pause: bool) -> Result<Reply, Fault> 
     };
     let (reply, answer) = oneshot::channel();
     let controller = ctx.controller.clone();
+    let agent = ctx.agent.clone();
     let request = ControlRequest {
         action: if pause {
             VcpuControl::Pause
@@ -276,7 +279,12 @@ async fn pause_or_resume(ctx: &ApiContext, pause: bool) -> Result<Reply, Fault> 
         // Runs on the VMM thread: the state changes together with the vCPUs.
         reply: Box::new(move |result: Result<(), String>| {
             if result.is_ok() {
-                lock(&controller).set_paused(pause);
+                let mut controller = lock(&controller);
+                controller.set_paused(pause);
+                // The first resume of a VM loaded paused: its guest learns the time now.
+                if let Some(step) = controller.take_after_restore() {
+                    agent.begin_after_restore(step);
+                }
             }
             let _ = reply.send(result);
         }),

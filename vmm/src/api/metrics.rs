@@ -10,6 +10,7 @@ use std::fmt::Write;
 
 use devices::virtio::vsock::VsockCounts;
 
+use super::after_restore::AfterRestoreCounts;
 use super::exec_metrics::ExecCounts;
 use super::request_counts::RequestCount;
 use crate::uffd::UffdTotals;
@@ -43,6 +44,8 @@ pub struct MetricsSnapshot {
     /// None: guest memory is not served by a userfaultfd handler.
     pub uffd: Option<UffdTotals>,
     pub exec: ExecCounts,
+    /// How the after-restore steps of `PUT /snapshot/load` ended.
+    pub after_restore: AfterRestoreCounts,
 }
 
 const STATES: [&str; 4] = ["Not started", "Running", "Paused", "Stopped"];
@@ -88,6 +91,12 @@ impl MetricsSnapshot {
                 "fault_service_seconds": u.serve_seconds, "prefetch_seconds": u.prefetch_seconds,
             })
         });
+        let after_restore: serde_json::Map<String, serde_json::Value> = self
+            .after_restore
+            .outcomes
+            .iter()
+            .map(|(outcome, count)| (outcome.as_str().to_string(), (*count).into()))
+            .collect();
         let mut line = serde_json::json!({
             "utc_timestamp_ms": utc_timestamp_ms,
             "id": self.id,
@@ -108,6 +117,10 @@ impl MetricsSnapshot {
                 "count": self.exec.count,
                 "latency_sum_seconds": self.exec.latency_sum_seconds,
                 "latency_buckets": buckets,
+            },
+            "after_restore": {
+                "outcomes": after_restore,
+                "last_duration_seconds": self.after_restore.last_duration_seconds,
             },
         })
         .to_string();
@@ -268,6 +281,25 @@ impl MetricsSnapshot {
             format!("{:.6}", self.exec.latency_sum_seconds),
         );
         text.sample(&format!("{LATENCY}_count"), &[], self.exec.count);
+        text.family(
+            "agentvm_after_restore_total",
+            "counter",
+            "After-restore steps (guest clock and entropy refresh after PUT /snapshot/load) \
+             ended, by outcome: done, skipped (no guest agent can be there), failed.",
+        );
+        for (outcome, count) in &self.after_restore.outcomes {
+            let labels = [("outcome", outcome.as_str().into())];
+            text.sample("agentvm_after_restore_total", &labels, count);
+        }
+        if let Some(seconds) = self.after_restore.last_duration_seconds {
+            const DURATION: &str = "agentvm_after_restore_duration_seconds";
+            text.family(
+                DURATION,
+                "gauge",
+                "The last after-restore step, from the restored VM running to its end.",
+            );
+            text.sample(DURATION, &[], format!("{seconds:.6}"));
+        }
         text.out
     }
 }
@@ -318,12 +350,15 @@ fn escape_label(value: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::api::after_restore::{AfterRestoreMetrics, AfterRestoreOutcome};
     use crate::api::exec_metrics::{ExecMetrics, ExecOutcome};
     use std::time::Duration;
 
     fn snapshot() -> MetricsSnapshot {
         let exec = ExecMetrics::default();
         exec.record(ExecOutcome::ExitedNonZero, Duration::from_millis(20));
+        let after_restore = AfterRestoreMetrics::default();
+        after_restore.record(AfterRestoreOutcome::Skipped, Duration::from_micros(250));
         MetricsSnapshot {
             id: "a\"b".into(),
             state: "Running".into(),
@@ -354,6 +389,7 @@ mod tests {
                 prefetch_seconds: 0.001,
             }),
             exec: exec.snapshot(),
+            after_restore: after_restore.snapshot(),
         }
     }
 
@@ -381,6 +417,9 @@ mod tests {
         has("agentvm_exec_duration_seconds_bucket{id=\"a\\\"b\",le=\"+Inf\"} 1\n");
         has("agentvm_exec_duration_seconds_count{id=\"a\\\"b\"} 1\n");
         has("agentvm_exec_duration_seconds_sum{id=\"a\\\"b\"} 0.020000\n");
+        has("agentvm_after_restore_total{id=\"a\\\"b\",outcome=\"skipped\"} 1\n");
+        has("agentvm_after_restore_total{id=\"a\\\"b\",outcome=\"done\"} 0\n");
+        has("agentvm_after_restore_duration_seconds{id=\"a\\\"b\"} 0.000250\n");
         assert!(!text.contains("agentvm_uptime_seconds"), "{text}");
         assert!(!text.contains("agentvm_start_to_first_exec"), "{text}");
     }
@@ -398,5 +437,7 @@ mod tests {
         assert_eq!(value["exec"]["outcomes"]["exited_nonzero"], 1);
         assert_eq!(value["exec"]["latency_buckets"]["+Inf"], 1);
         assert!(value["uptime_ms"].is_null());
+        assert_eq!(value["after_restore"]["outcomes"]["skipped"], 1);
+        assert_eq!(value["after_restore"]["last_duration_seconds"], 0.00025);
     }
 }

@@ -7,12 +7,14 @@
 //! spawns the vCPU and device threads; opening log and metrics files, which the API thread's
 //! seccomp filter forbids) goes there as a [`handlers::VmmRequest`]; pause/resume go to the running
 //! VM's event channel, and so does PUT /snapshot/create ([`snapshot`]). The `/sandbox/...` agent extensions ([`sandbox`]) run on job threads
-//! outside the API thread's filter ([`agent`]).
+//! outside the API thread's filter ([`agent`]); so does the after-restore step that gives a
+//! loaded VM's guest the host's time and fresh entropy ([`after_restore`]).
 //!
 //! Observability: `GET /metrics` ([`metrics`]: requests by route and status
 //! ([`request_counts`]), boot milestones, vCPU exits, vsock traffic, exec outcomes and latency
 //! ([`exec_metrics`])), and the exec audit log ([`audit`], fed by [`exec_trace`]).
 
+pub mod after_restore;
 pub mod agent;
 pub mod audit;
 pub mod config_file;

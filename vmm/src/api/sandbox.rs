@@ -30,9 +30,13 @@ pub const MAX_FILE_UPLOAD_BYTES: u64 = 64 * 1024 * 1024;
 /// Chunks in flight between a job thread and the HTTP connection, each at most the protocol's
 /// chunk size: this bounds the memory one streaming request holds.
 pub(super) const STREAM_DEPTH: usize = 8;
-/// How long a request waits for its job's first answer beyond connecting: one agent call.
+/// How long a request waits for its job's first answer: a restored VM's after-restore step
+/// (which the job waits for first), connecting, and one agent call.
 const FIRST_ANSWER_TIMEOUT: Duration = Duration::from_secs(
-    AGENT_CONNECT_TIMEOUT.as_secs() + agentvm_client::DEFAULT_CALL_TIMEOUT.as_secs() + 5,
+    super::after_restore::GATE_WAIT_LIMIT.as_secs()
+        + AGENT_CONNECT_TIMEOUT.as_secs()
+        + agentvm_client::DEFAULT_CALL_TIMEOUT.as_secs()
+        + 5,
 );
 /// How often a streaming job with no output checks whether its HTTP client went away.
 pub(super) const CLIENT_GONE_POLL: Duration = Duration::from_secs(1);

@@ -161,7 +161,12 @@ pub async fn create(ctx: &ApiContext, request: SnapshotCreate) -> Result<Reply, 
 pub async fn load(ctx: &ApiContext, request: SnapshotLoad) -> Result<Reply, Fault> {
     let config = lock(&ctx.controller).begin_load(&request)?;
     let (reply, answer) = oneshot::channel();
-    if let Err(fault) = send_to_vmm(ctx, VmmRequest::LoadSnapshot { config, reply }) {
+    let load = VmmRequest::LoadSnapshot {
+        config,
+        reply,
+        agent: ctx.agent.clone(),
+    };
+    if let Err(fault) = send_to_vmm(ctx, load) {
         lock(&ctx.controller).start_failed();
         return Err(fault);
     }

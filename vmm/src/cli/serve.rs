@@ -235,17 +235,19 @@ fn wait_for_start(
                     }
                 }
             }
-            VmmRequest::LoadSnapshot { config, reply } => {
-                match load_snapshot(&config, controller, args.console.as_deref()) {
-                    Ok(vm) => {
-                        let _ = reply.send(Ok(()));
-                        return BeforeStart::Started(Box::new(vm));
-                    }
-                    Err(e) => {
-                        let _ = reply.send(Err(e));
-                    }
+            VmmRequest::LoadSnapshot {
+                config,
+                reply,
+                agent,
+            } => match load_snapshot(&config, controller, &agent, args.console.as_deref()) {
+                Ok(vm) => {
+                    let _ = reply.send(Ok(()));
+                    return BeforeStart::Started(Box::new(vm));
                 }
-            }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            },
             VmmRequest::Logger { config, reply } => {
                 let _ = reply.send(vmm::api::logger::apply(&config));
             }
@@ -297,6 +299,7 @@ fn boot(
 fn load_snapshot(
     config: &RestoreConfig,
     controller: &SharedController,
+    agent: &AgentWorker,
     console: Option<&Path>,
 ) -> Result<Vmm, String> {
     let result = open_console(console)
@@ -319,8 +322,14 @@ fn load_snapshot(
                     ..MachineConfig::default()
                 },
                 vm.vsock().cloned(),
+                vm.vsock_driver_ready(),
                 !config.resume,
             );
+            // Under the controller's lock with the state change: no `/sandbox/...` request
+            // gets in before the step.
+            if let Some(step) = controller.take_after_restore() {
+                agent.begin_after_restore(step);
+            }
             Ok(vm)
         }
         Err(e) => {

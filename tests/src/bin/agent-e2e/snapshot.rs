@@ -4,6 +4,12 @@
 //! an exec sees the file written before the snapshot. Then the same snapshot is restored twice
 //! with the uffd backend: the first records the working set (`mem.ws`, written when its VMM
 //! ends), the second prefetches it; both answer the exec.
+//!
+//! The restores come at least [`RESTORE_GAP`] after the snapshot, and each one's first exec reads the
+//! guest's wall clock and 16 bytes of `/dev/urandom`: the clock must be the host's (the VMM's
+//! after-restore step set it; without it the guest lags by the gap), and the three restores of
+//! the one snapshot must read different random bytes (the step credited fresh entropy; without
+//! it each copy continues the snapshot's RNG state).
 
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -22,6 +28,17 @@ type Check = Result<String, String>;
 const AGENT_UP_TIMEOUT: Duration = Duration::from_secs(240);
 /// How long a `serve` may take to end after SIGTERM.
 const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
+/// Between the snapshot and the first restore: a guest whose clock is not corrected lags by this
+/// much (plus the VMM's start and the load), less the time from the load to its first exec's
+/// `date`, which at TCG speed can take a few seconds; so well beyond that and
+/// [`CLOCK_TOLERANCE_SECS`] together.
+const RESTORE_GAP: Duration = Duration::from_secs(10);
+/// How far the restored guest's clock may be from the host's while its first exec runs.
+const CLOCK_TOLERANCE_SECS: f64 = 2.0;
+/// The first exec after each restore: the file from before the snapshot, the wall clock, and
+/// 16 random bytes as hex, one per line.
+const FIRST_EXEC: &str =
+    "cat /tmp/snap-file; date +%s.%N; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
 
 /// `agentvm serve`, killed when dropped (unless it ended already).
 struct Serve(Child);
@@ -134,6 +151,7 @@ fn snapshot_restore(args: &Args) -> Check {
     )?;
     let create_secs = started.elapsed().as_secs_f64();
     original.terminate()?;
+    std::thread::sleep(RESTORE_GAP);
 
     let restored = Serve::start(&args.agentvm, &dir, "restored", None)?;
     let sock = dir.join("restored.sock");
@@ -149,21 +167,8 @@ fn snapshot_restore(args: &Args) -> Check {
         204,
         "PUT /snapshot/load",
     )?;
-    let read = serde_json::json!({"cmd": ["cat", "/tmp/snap-file"]}).to_string();
-    let answer = until_agent_up(&sock, || {
-        request(&sock, "POST", "/sandbox/exec", Some(&read))
-    })
-    .and_then(|answer| exec_events(&answer))
-    .map_err(|e| format!("{e}\n{}", console_tail(&dir.join("restored.console"))))?;
+    let file_restore = first_exec_after_restore(&sock, &dir, "restored")?;
     let first_exec_secs = started.elapsed().as_secs_f64();
-    let (stdout, _, last) = answer;
-    if stdout != "before-snapshot\n"
-        || last != serde_json::json!({"exit_code": 0, "timed_out": false})
-    {
-        return Err(format!(
-            "exec after the restore: stdout {stdout:?}, last {last}"
-        ));
-    }
     // A second connection after the restore works as well.
     exec_ok(&sock, "/sandbox", "echo after-restore > /tmp/snap-file")?;
     // Ended with SIGTERM so that it removes the vsock socket the uffd restores listen on.
@@ -190,11 +195,29 @@ fn snapshot_restore(args: &Args) -> Check {
             "second uffd restore: expected up to {ws_pages} pages prefetched, got {prefetching:?}"
         ));
     }
+    let views = [&file_restore, &recording.view, &prefetching.view];
+    for (i, a) in views.iter().enumerate() {
+        for b in &views[i + 1..] {
+            if a.random == b.random {
+                return Err(format!(
+                    "two restores of one snapshot read the same /dev/urandom bytes {}: the \
+                     guest's RNG was not reseeded after the restore",
+                    a.random
+                ));
+            }
+        }
+    }
+    let worst_skew = views.iter().map(|v| v.clock_skew_secs).fold(0.0, f64::max);
+    let widest_window = views.iter().map(|v| v.window_secs).fold(0.0, f64::max);
     Ok(format!(
-        "snapshot written in {create_secs:.1} s; restored guest's first exec result {first_exec_secs:.1} s \
-         after the load saw the file written before the snapshot; uffd restore: first exec \
+        "snapshot written in {create_secs:.1} s; restored {} s later, the guest's first exec result \
+         {first_exec_secs:.1} s after the load saw the file written before the snapshot, its clock \
+         at most {worst_skew:.2} s off the host's in all three restores (exec windows up to \
+         {widest_window:.2} s), and three different \
+         /dev/urandom reads; uffd restore: first exec \
          {:.1} s, {} faults, working set {ws_pages} pages; uffd + prefetch: first exec {:.1} s, \
          {} pages prefetched, {} faults",
+        RESTORE_GAP.as_secs(),
         recording.first_exec_secs,
         recording.faults,
         prefetching.first_exec_secs,
@@ -209,6 +232,92 @@ struct UffdRestore {
     first_exec_secs: f64,
     faults: f64,
     prefetched: f64,
+    view: RestoredView,
+}
+
+/// What a restored guest's first exec showed.
+#[derive(Debug)]
+struct RestoredView {
+    /// |guest wall clock - host wall clock| while the exec ran.
+    clock_skew_secs: f64,
+    /// 16 bytes of the guest's /dev/urandom, in hex.
+    random: String,
+    /// From sending the exec to its answer: the host-side window the guest's `date` fell in.
+    window_secs: f64,
+}
+
+/// Seconds since the Unix epoch on this host (L1).
+fn host_now() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// Runs [`FIRST_EXEC`] in the guest restored under the serve `name` (waiting for its agent),
+/// checks that it sees the file from before the snapshot and that the guest's clock is the
+/// host's, and that the VMM's after-restore step is counted as done.
+fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<RestoredView, String> {
+    let body = serde_json::json!({"cmd": ["sh", "-c", FIRST_EXEC]}).to_string();
+    // The host's clock just before the answering attempt was sent, and after its answer.
+    let sent = std::cell::Cell::new(0.0);
+    let answer = until_agent_up(sock, || {
+        sent.set(host_now());
+        request(sock, "POST", "/sandbox/exec", Some(&body))
+    });
+    let answered = host_now();
+    let (stdout, _, last) = answer
+        .and_then(|answer| exec_events(&answer))
+        .map_err(|e| {
+            format!(
+                "{name}: {e}\n{}",
+                console_tail(&dir.join(format!("{name}.console")))
+            )
+        })?;
+    let lines: Vec<&str> = stdout.lines().collect();
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false})
+        || lines.len() != 3
+        || lines[0] != "before-snapshot"
+    {
+        return Err(format!(
+            "{name}: first exec after the restore: stdout {stdout:?}, last {last}"
+        ));
+    }
+    // First, so that a failed step is reported as such (its reason is in serve's log).
+    let metrics = request(sock, "GET", "/metrics", None).body;
+    if !metrics.lines().any(|l| {
+        l.starts_with("agentvm_after_restore_total{") && l.ends_with("outcome=\"done\"} 1")
+    }) {
+        return Err(format!(
+            "{name}: the after-restore step is not counted as done:\n{metrics}"
+        ));
+    }
+    let guest: f64 = lines[1]
+        .parse()
+        .map_err(|e| format!("{name}: guest date {:?}: {e}", lines[1]))?;
+    let (earliest, latest) = (sent.get(), answered);
+    if guest < earliest - CLOCK_TOLERANCE_SECS || guest > latest + CLOCK_TOLERANCE_SECS {
+        return Err(format!(
+            "{name}: the restored guest's clock reads {guest:.3} during an exec the host ran \
+             from {earliest:.3} to {latest:.3} ({:+.3} s from the host's): the clock was not \
+             set after the restore",
+            guest - earliest
+        ));
+    }
+    let random = lines[2].to_string();
+    if random.len() != 32 {
+        return Err(format!("{name}: /dev/urandom read {random:?}"));
+    }
+    let clock_skew_secs = if guest < earliest {
+        earliest - guest
+    } else {
+        (guest - latest).max(0.0)
+    };
+    Ok(RestoredView {
+        clock_skew_secs,
+        random,
+        window_secs: latest - earliest,
+    })
 }
 
 /// Restores the snapshot with the uffd backend in a new serve, checks that its agent answers an
@@ -235,25 +344,8 @@ fn uffd_restore(
         204,
         &format!("PUT /snapshot/load ({name})"),
     )?;
-    let read = serde_json::json!({"cmd": ["cat", "/tmp/snap-file"]}).to_string();
-    let (stdout, _, last) = until_agent_up(&sock, || {
-        request(&sock, "POST", "/sandbox/exec", Some(&read))
-    })
-    .and_then(|answer| exec_events(&answer))
-    .map_err(|e| {
-        format!(
-            "{name}: {e}\n{}",
-            console_tail(&dir.join(format!("{name}.console")))
-        )
-    })?;
+    let view = first_exec_after_restore(&sock, dir, name)?;
     let first_exec_secs = started.elapsed().as_secs_f64();
-    if stdout != "before-snapshot\n"
-        || last != serde_json::json!({"exit_code": 0, "timed_out": false})
-    {
-        return Err(format!(
-            "{name}: exec after the uffd restore: stdout {stdout:?}, last {last}"
-        ));
-    }
     let metrics = request(&sock, "GET", "/metrics", None).body;
     let metric = |family: &str| {
         metrics
@@ -267,6 +359,7 @@ fn uffd_restore(
         first_exec_secs,
         faults: metric("agentvm_uffd_faults_total")?,
         prefetched: metric("agentvm_uffd_prefetched_pages_total")?,
+        view,
     };
     serve.terminate()?;
     Ok(restore)
