@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use agentvm_client::AgentClient;
+use agentvm_client::{AgentClient, ClientError};
 use agentvm_protocol::AGENT_VSOCK_PORT;
 
 /// How long the step waits for the guest agent to accept a connection: it must first see the
@@ -185,26 +185,74 @@ pub fn run(step: AfterRestoreStep, connect_timeout: Duration) -> Option<AgentCli
     connected
 }
 
+/// How long to wait before connecting again after the agent closed a fresh connection.
+const RECONNECT_PAUSE: Duration = Duration::from_millis(100);
+
+/// Whether a connect that reached a listener but then lost the connection is worth repeating:
+/// right after a restore the guest's vsock transport reset can close a connection its agent had
+/// just accepted, before the agent's Hello.
+fn closed_early(e: &ClientError) -> bool {
+    match e {
+        ClientError::Handshake(agentvm_protocol::Error::ClosedBeforeHello)
+        | ClientError::ConnectionClosed(_) => true,
+        ClientError::Io(io) => matches!(
+            io.kind(),
+            std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+        ),
+        _ => false,
+    }
+}
+
+/// Connects and sends AfterRestore, again (until `connect_timeout`) whenever the connection is
+/// lost early: right after a restore the guest's vsock transport reset can close a connection
+/// its agent had just accepted.
 fn refresh_guest(uds: &Path, connect_timeout: Duration) -> Result<AgentClient, String> {
-    let client =
-        AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, connect_timeout).map_err(|e| {
-            format!(
-                "the guest agent does not answer (vsock port {AGENT_VSOCK_PORT} via {}): {e}",
-                uds.display()
-            )
-        })?;
-    let entropy = host_entropy()?;
+    let deadline = Instant::now() + connect_timeout;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = AgentClient::connect_vsock_uds(uds, AGENT_VSOCK_PORT, left)
+            .map_err(|e| {
+                let why = format!(
+                    "the guest agent does not answer (vsock port {AGENT_VSOCK_PORT} via {}): {e}",
+                    uds.display()
+                );
+                (closed_early(&e), why)
+            })
+            .and_then(|client| send_after_restore(&client).map(|()| client));
+        match result {
+            Ok(client) => return Ok(client),
+            Err((true, why)) if Instant::now() + RECONNECT_PAUSE < deadline => {
+                tracing::debug!("after restore: {why}; connecting again");
+                std::thread::sleep(RECONNECT_PAUSE);
+            }
+            Err((_, why)) => return Err(why),
+        }
+    }
+}
+
+/// The AfterRestore call; the error says whether the connection was lost (worth a new one).
+fn send_after_restore(client: &AgentClient) -> Result<(), (bool, String)> {
+    let entropy = host_entropy().map_err(|e| (false, e))?;
     // Read as late as possible: the guest's clock is set to this instant plus the call's
     // one-way latency (well under a millisecond over vsock).
-    let now = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_err(|e| format!("the host clock is before the Unix epoch: {e}"))?;
-    let realtime_ns = i64::try_from(now.as_nanos())
-        .map_err(|_| "the host clock is past what fits in 64-bit nanoseconds".to_string())?;
-    client
-        .after_restore(realtime_ns, &entropy)
-        .map_err(|e| format!("the guest agent refused AfterRestore: {e}"))?;
-    Ok(client)
+    let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| {
+        (
+            false,
+            format!("the host clock is before the Unix epoch: {e}"),
+        )
+    })?;
+    let realtime_ns = i64::try_from(now.as_nanos()).map_err(|_| {
+        (
+            false,
+            "the host clock is past what fits in 64-bit nanoseconds".to_string(),
+        )
+    })?;
+    client.after_restore(realtime_ns, &entropy).map_err(|e| {
+        (
+            closed_early(&e),
+            format!("the guest agent refused AfterRestore: {e}"),
+        )
+    })
 }
 
 /// [`ENTROPY_BYTES`] from the getrandom(2) syscall. rustix's rather than the getrandom crate's:
@@ -287,11 +335,29 @@ pub(crate) mod tests {
         uds: &Path,
         answer: Option<agentvm_protocol::ErrorCode>,
     ) -> std::thread::JoinHandle<agentvm_protocol::AfterRestore> {
+        fake_agent_after_drops(uds, answer, 0)
+    }
+
+    /// [`fake_agent`] that first closes `drops` connections right after the vsock `OK` line, as
+    /// a guest's transport reset can just after a restore.
+    fn fake_agent_after_drops(
+        uds: &Path,
+        answer: Option<agentvm_protocol::ErrorCode>,
+        drops: usize,
+    ) -> std::thread::JoinHandle<agentvm_protocol::AfterRestore> {
         use agentvm_protocol::{Done, ErrorMsg, Features, FrameReader, FrameWriter, Hello};
         use agentvm_protocol::{Message, Role};
         use std::io::{Read, Write};
         let listener = std::os::unix::net::UnixListener::bind(uds).unwrap();
         std::thread::spawn(move || {
+            for _ in 0..drops {
+                let (mut stream, _) = listener.accept().unwrap();
+                let mut byte = [0u8; 1];
+                while byte[0] != b'\n' {
+                    stream.read_exact(&mut byte).unwrap();
+                }
+                stream.write_all(b"OK 1073741824\n").unwrap();
+            }
             let (mut stream, _) = listener.accept().unwrap();
             let mut line = Vec::new();
             let mut byte = [0u8; 1];
@@ -371,6 +437,17 @@ pub(crate) mod tests {
             metrics.snapshot().outcomes[0],
             (AfterRestoreOutcome::Done, 2)
         );
+    }
+
+    #[test]
+    fn connections_closed_by_the_transport_reset_are_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let uds = dir.path().join("v.sock");
+        let agent = fake_agent_after_drops(&uds, None, 2);
+        let client = refresh_guest(&uds, Duration::from_secs(10));
+        assert!(client.is_ok(), "{:?}", client.err());
+        drop(client);
+        assert_eq!(agent.join().unwrap().entropy.len(), ENTROPY_BYTES);
     }
 
     #[test]
