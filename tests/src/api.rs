@@ -293,6 +293,19 @@ pub fn wait_for_path(path: &Path, timeout: Duration) -> bool {
     true
 }
 
+/// Waits until something accepts connections on the Unix socket `sock` (its file appears at
+/// bind(), a moment before listen(): a connect in between is refused). False on timeout.
+pub fn wait_for_listener(sock: &Path, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while UnixStream::connect(sock).is_err() {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    true
+}
+
 /// Waits until the file at `path` contains `needle`; returns its content, or None on timeout.
 pub fn wait_for_text(path: &Path, needle: &str, timeout: Duration) -> Option<String> {
     let deadline = Instant::now() + timeout;

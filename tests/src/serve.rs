@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::agentvm::{VmOutput, VmProcess};
-use crate::api::{request, wait_for_path, wait_for_text, ApiResponse};
+use crate::api::{request, wait_for_listener, wait_for_text, ApiResponse};
 
 /// Hang detectors, not performance limits.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -32,7 +32,7 @@ impl Serve {
         ])
         .expect("start agentvm serve");
         assert!(
-            wait_for_path(&sock, START_TIMEOUT),
+            wait_for_listener(&sock, START_TIMEOUT),
             "the API socket {} did not appear",
             sock.display()
         );

@@ -1,7 +1,9 @@
 //! `AfterRestore`: a restored snapshot wakes up with the wall clock and the RNG state of the
 //! moment it was taken. The host sends its time and fresh entropy; the agent sets
 //! `CLOCK_REALTIME` and mixes the entropy into the kernel pool with `RNDADDENTROPY`, crediting
-//! it, so that `getrandom` output differs from the snapshot's other clones.
+//! it, then forces the CRNG to reseed from the pool with `RNDRESEEDCRNG`: adding entropy alone
+//! changes nothing `getrandom` returns until the kernel's periodic reseed (up to a minute), so
+//! two clones of one snapshot would read the same bytes until then.
 
 use std::fs::OpenOptions;
 use std::io;
@@ -18,6 +20,10 @@ pub const RANDOM_DEVICE: &str = "/dev/urandom";
 /// `RNDADDENTROPY` = `_IOW('R', 0x03, int[2])` from `<linux/random.h>` (the libc crate does not
 /// define it): direction write (1 << 30), argument size 8 (<< 16), type 'R' (<< 8), number 3.
 const RNDADDENTROPY: u32 = (1 << 30) | (8 << 16) | ((b'R' as u32) << 8) | 0x03;
+
+/// `RNDRESEEDCRNG` = `_IO('R', 0x07)` from `<linux/random.h>` (Linux 4.17+; not in the libc
+/// crate): no argument, type 'R' (<< 8), number 7.
+const RNDRESEEDCRNG: u32 = ((b'R' as u32) << 8) | 0x07;
 
 /// The `struct rand_pool_info` the ioctl takes: `int entropy_count` (bits credited), `int
 /// buf_size` (bytes), then the bytes, in native byte order.
@@ -59,6 +65,19 @@ pub fn add_entropy(device: &Path, entropy: &[u8]) -> Result<(), ServiceError> {
     let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) };
     if rc != 0 {
         return Err(fail(&io::Error::last_os_error()));
+    }
+    // SAFETY: RNDRESEEDCRNG takes no argument and touches no memory of ours.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), RNDRESEEDCRNG as _) };
+    if rc != 0 {
+        let e = io::Error::last_os_error();
+        return Err(ServiceError::new(
+            ErrorCode::from_io(&e),
+            format!(
+                "cannot reseed the kernel's CRNG through {} (RNDRESEEDCRNG): {}",
+                device.display(),
+                os_reason(&e)
+            ),
+        ));
     }
     Ok(())
 }
@@ -112,6 +131,8 @@ mod tests {
     fn ioctl_number_matches_the_kernel_header() {
         // <linux/random.h>: #define RNDADDENTROPY _IOW('R', 0x03, int [2]) == 0x40085203 on x86.
         assert_eq!(RNDADDENTROPY, 0x4008_5203);
+        // #define RNDRESEEDCRNG _IO('R', 0x07) == 0x5207.
+        assert_eq!(RNDRESEEDCRNG, 0x5207);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use base64::Engine;
 use integration_tests::api::{
-    header, request, request_bytes, stream_lines, upgrade, wait_for_path, ApiResponse, Upgrade,
+    header, request, request_bytes, stream_lines, upgrade, wait_for_listener, ApiResponse, Upgrade,
 };
 use integration_tests::prometheus;
 
@@ -67,8 +67,8 @@ fn api_sandbox(args: &Args) -> Check {
         .spawn()
         .map_err(|e| format!("cannot start {}: {e}", args.agentvm.display()))?;
     let _serve = Serve(child);
-    if !wait_for_path(&sock, Duration::from_secs(30)) {
-        return Err("the API socket did not appear".into());
+    if !wait_for_listener(&sock, Duration::from_secs(30)) {
+        return Err("nothing listens on the API socket".into());
     }
 
     let exec = r#"{"cmd": ["sh", "-c", "echo out; echo err >&2; exit 3"]}"#;

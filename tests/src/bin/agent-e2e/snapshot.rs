@@ -35,10 +35,10 @@ const EXIT_TIMEOUT: Duration = Duration::from_secs(30);
 const RESTORE_GAP: Duration = Duration::from_secs(10);
 /// How far the restored guest's clock may be from the host's while its first exec runs.
 const CLOCK_TOLERANCE_SECS: f64 = 2.0;
-/// The first exec after each restore: the file from before the snapshot, the wall clock, and
-/// 16 random bytes as hex, one per line.
+/// The first exec after each restore: the file from before the snapshot, the wall clock (whole
+/// seconds: busybox's `date` has no `%N`), and 16 random bytes as hex, one per line.
 const FIRST_EXEC: &str =
-    "cat /tmp/snap-file; date +%s.%N; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
+    "cat /tmp/snap-file; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
 
 /// `agentvm serve`, killed when dropped (unless it ended already).
 struct Serve(Child);
@@ -296,7 +296,8 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
         .parse()
         .map_err(|e| format!("{name}: guest date {:?}: {e}", lines[1]))?;
     let (earliest, latest) = (sent.get(), answered);
-    if guest < earliest - CLOCK_TOLERANCE_SECS || guest > latest + CLOCK_TOLERANCE_SECS {
+    // Whole seconds: the guest's instant lies in [guest, guest + 1).
+    if guest + 1.0 < earliest - CLOCK_TOLERANCE_SECS || guest > latest + CLOCK_TOLERANCE_SECS {
         return Err(format!(
             "{name}: the restored guest's clock reads {guest:.3} during an exec the host ran \
              from {earliest:.3} to {latest:.3} ({:+.3} s from the host's): the clock was not \
@@ -308,8 +309,8 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
     if random.len() != 32 {
         return Err(format!("{name}: /dev/urandom read {random:?}"));
     }
-    let clock_skew_secs = if guest < earliest {
-        earliest - guest
+    let clock_skew_secs = if guest + 1.0 < earliest {
+        earliest - (guest + 1.0)
     } else {
         (guest - latest).max(0.0)
     };
