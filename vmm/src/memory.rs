@@ -64,33 +64,7 @@ fn check_layout(layout: &MemoryLayout, mem_mib: u64) -> Result<(), MemoryError> 
 /// Maps guest RAM for a userfaultfd restore: anonymous, private and untouched, so every page's
 /// first touch is a missing fault for the handler to fill.
 pub fn map_anonymous(layout: &MemoryLayout, mem_mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
-    check_layout(layout, mem_mib)?;
-    let regions = layout
-        .regions
-        .iter()
-        .map(|r| {
-            let map_err = |reason: String| MemoryError::MapFile {
-                addr: r.guest_addr,
-                reason,
-            };
-            // A bitmap as long as the region, as in `map_memory_file`: the VMM's writes after a
-            // restore must be in the next diff snapshot.
-            let mapping = MmapRegionBuilder::new_with_bitmap(
-                r.size as usize,
-                AtomicBitmap::with_len(r.size as usize),
-            )
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
-            GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
-                .ok_or_else(|| map_err("the region wraps the address space".into()))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::MapFile {
-        addr: 0,
-        reason: e.to_string(),
-    })
+    map_restored(layout, mem_mib, None)
 }
 
 /// Maps a snapshot's memory file as guest RAM (MAP_PRIVATE), after [`check_layout`].
@@ -99,8 +73,17 @@ pub fn map_memory_file(
     layout: &MemoryLayout,
     mem_mib: u64,
 ) -> Result<GuestMemoryMmap, MemoryError> {
+    map_restored(layout, mem_mib, Some(std::sync::Arc::new(file)))
+}
+
+/// Guest RAM laid out as `layout` says, private, backed by `file` at each region's offset or
+/// anonymous without one.
+fn map_restored(
+    layout: &MemoryLayout,
+    mem_mib: u64,
+    file: Option<std::sync::Arc<File>>,
+) -> Result<GuestMemoryMmap, MemoryError> {
     check_layout(layout, mem_mib)?;
-    let file = std::sync::Arc::new(file);
     let regions = layout
         .regions
         .iter()
@@ -111,15 +94,19 @@ pub fn map_memory_file(
             };
             // A bitmap as long as the region (the builder's default tracks nothing), so the
             // VMM's writes after a restore are in the next diff snapshot.
-            let mapping = MmapRegionBuilder::new_with_bitmap(
+            let mut builder = MmapRegionBuilder::new_with_bitmap(
                 r.size as usize,
                 AtomicBitmap::with_len(r.size as usize),
             )
-            .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
-            .build()
-            .map_err(|e| map_err(e.to_string()))?;
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE);
+            builder = match &file {
+                Some(file) => builder
+                    .with_file_offset(FileOffset::from_arc(file.clone(), r.file_offset))
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE),
+                None => builder
+                    .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+            };
+            let mapping = builder.build().map_err(|e| map_err(e.to_string()))?;
             GuestRegionMmap::new(mapping, GuestAddress(r.guest_addr))
                 .ok_or_else(|| map_err("the region wraps the address space".into()))
         })

@@ -130,7 +130,19 @@ async fn call(
     path: &str,
     body: serde_json::Value,
 ) -> Result<(), String> {
-    let answer = vm_client::call(sock, method.clone(), path, Some(body), CALL_TIMEOUT).await?;
+    call_expecting_no_content(sock, method, path, body, CALL_TIMEOUT).await
+}
+
+/// One per-VM API call that must answer 204; any other status is an error with the API's
+/// `fault_message`. Shared with `bench restore`, which drives serves the same way.
+pub(crate) async fn call_expecting_no_content(
+    sock: &Path,
+    method: Method,
+    path: &str,
+    body: serde_json::Value,
+    timeout: Duration,
+) -> Result<(), String> {
+    let answer = vm_client::call(sock, method.clone(), path, Some(body), timeout).await?;
     if answer.status == StatusCode::NO_CONTENT {
         Ok(())
     } else {

@@ -155,18 +155,7 @@ fn snapshot_restore(args: &Args) -> Check {
 
     let restored = Serve::start(&args.agentvm, &dir, "restored", None)?;
     let sock = dir.join("restored.sock");
-    let load = serde_json::json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
-        "resume_vm": true,
-    })
-    .to_string();
-    let started = Instant::now();
-    expect_status(
-        &request(&sock, "PUT", "/snapshot/load", Some(&load)),
-        204,
-        "PUT /snapshot/load",
-    )?;
+    let started = load_snapshot(&sock, &state, &mem, "File", "PUT /snapshot/load")?;
     let file_restore = first_exec_after_restore(&sock, &dir, "restored")?;
     let first_exec_secs = started.elapsed().as_secs_f64();
     // A second connection after the restore works as well.
@@ -333,16 +322,11 @@ fn uffd_restore(
 ) -> Result<UffdRestore, String> {
     let serve = Serve::start(&args.agentvm, dir, name, None)?;
     let sock = dir.join(format!("{name}.sock"));
-    let load = serde_json::json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "Uffd", "backend_path": mem},
-        "resume_vm": true,
-    })
-    .to_string();
-    let started = Instant::now();
-    expect_status(
-        &request(&sock, "PUT", "/snapshot/load", Some(&load)),
-        204,
+    let started = load_snapshot(
+        &sock,
+        state,
+        mem,
+        "Uffd",
         &format!("PUT /snapshot/load ({name})"),
     )?;
     let view = first_exec_after_restore(&sock, dir, name)?;
@@ -389,4 +373,27 @@ fn console_tail(path: &Path) -> String {
         "console of the restored guest (last 30 lines):\n{}",
         lines[lines.len().saturating_sub(30)..].join("\n")
     )
+}
+
+/// `PUT /snapshot/load` of `state` + `mem` through `backend`, resumed; when it was sent.
+fn load_snapshot(
+    sock: &Path,
+    state: &Path,
+    mem: &Path,
+    backend: &str,
+    what: &str,
+) -> Result<Instant, String> {
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": backend, "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let started = Instant::now();
+    expect_status(
+        &request(sock, "PUT", "/snapshot/load", Some(&load)),
+        204,
+        what,
+    )?;
+    Ok(started)
 }

@@ -244,16 +244,7 @@ pub async fn call(
     path: String,
     body: serde_json::Value,
 ) -> Result<(), String> {
-    let answer = vm_client::call(&sock, method.clone(), &path, Some(body), CALL_TIMEOUT).await?;
-    if answer.status == StatusCode::NO_CONTENT {
-        Ok(())
-    } else {
-        Err(format!(
-            "{method} {path}: {} {}",
-            answer.status.as_u16(),
-            answer.fault_message()
-        ))
-    }
+    crate::cli::snapshot::call_expecting_no_content(&sock, method, &path, body, CALL_TIMEOUT).await
 }
 
 /// The samples the benchmark needs from `GET /metrics`'s Prometheus text (every sample carries
