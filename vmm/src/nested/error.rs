@@ -67,11 +67,12 @@ pub enum NestedError {
         tail: String,
     },
 
-    /// L1 wrote nothing, not even its heartbeat, for `silent` while scenario `name` ran: the
-    /// emulated L1 has stopped running (a fault of the test host, QEMU TCG with nested SVM, not
+    /// L1 wrote neither its heartbeat nor anything on the results port for `silent` while
+    /// scenario `name` ran (its kernel may still print, typically soft lockups): the emulated L1
+    /// has stopped running (a fault of the test host, QEMU TCG with nested SVM, not
     /// of what ran in it). `cpus` is where QEMU says L1's CPUs were.
     #[error(
-        "L1 wedged while scenario '{name}' ran: no output, not even its heartbeat, for \
+        "L1 wedged while scenario '{name}' ran: no heartbeat from its init and no result for \
          {silent:?}\n--- L1 CPUs (QEMU monitor) ---\n{cpus}\n{tail}"
     )]
     L1Wedged {

@@ -15,6 +15,7 @@
 mod error;
 mod hmp;
 mod initramfs;
+mod liveness;
 mod protocol;
 mod qemu;
 mod script;
@@ -136,9 +137,9 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 const POLL: Duration = Duration::from_millis(50);
 const TAIL_LINES: usize = 30;
 /// L1's init writes a heartbeat on its console every few seconds (see script.rs); this long
-/// without a byte on either serial port means L1 has stopped running (a wedge of the emulation:
-/// QEMU TCG with nested SVM has frozen whole L1s, timers and all, so even a scenario's own
-/// watchdog cannot act).
+/// without one, and without progress on the results port, means L1 has stopped running (a wedge
+/// of the emulation: QEMU TCG with nested SVM has frozen whole L1s, or left their kernel printing
+/// soft-lockup reports while no process ran, so even a scenario's own watchdog cannot act).
 const L1_SILENCE_LIMIT: Duration = Duration::from_secs(90);
 const L1_CMDLINE: &str = "console=ttyS0 reboot=t panic=-1 quiet mitigations=off";
 
@@ -346,16 +347,16 @@ impl NestedHost {
         let mut l1_boot = Duration::ZERO;
         let mut kvm_ready = Duration::ZERO;
         let mut total = Duration::ZERO;
-        let (mut written, mut last_output) = (0, Instant::now());
+        let mut console_tail = qemu::Tail::new(&logs.console);
+        let mut liveness = liveness::Liveness::new();
 
         loop {
             let exited = vm.try_wait()?;
-            let now_written = logs.written();
-            if now_written != written {
-                (written, last_output) = (now_written, Instant::now());
-            }
+            // Read after try_wait so that everything QEMU wrote before exiting is seen.
+            let bytes = results_tail.read_new()?;
+            liveness.observe(&console_tail.read_new()?, &bytes);
             if let (Phase::Scenario(idx), None) = (&phase, &exited) {
-                if last_output.elapsed() >= L1_SILENCE_LIMIT {
+                if liveness.silent_for() >= L1_SILENCE_LIMIT {
                     let cpus = hmp::cpu_summary(&logs.monitor);
                     vm.kill();
                     return Err(NestedError::L1Wedged {
@@ -366,8 +367,6 @@ impl NestedHost {
                     });
                 }
             }
-            // Read after try_wait so that everything QEMU wrote before exiting is seen.
-            let bytes = results_tail.read_new()?;
             let events = parser.feed(&bytes).map_err(|detail| NestedError::Framing {
                 detail,
                 tail: logs.tail(),
@@ -564,15 +563,6 @@ struct Logs {
 }
 
 impl Logs {
-    /// Bytes L1 has written on both serial ports so far.
-    fn written(&self) -> u64 {
-        [&self.console, &self.results]
-            .iter()
-            .filter_map(|p| std::fs::metadata(p).ok())
-            .map(|m| m.len())
-            .sum()
-    }
-
     fn console_text(&self) -> String {
         std::fs::read(&self.console)
             .map(|b| String::from_utf8_lossy(&b).into_owned())
