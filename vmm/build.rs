@@ -5,6 +5,11 @@
 //! a u32 filter count, then per filter a u8 name length, the name, a u32 instruction count and the
 //! instructions (u16 code, u8 jt, u8 jf, u32 k); all little-endian. seccompiler has no
 //! serialised form of its own, and a hand-rolled one this small needs no serde at run time.
+//!
+//! It also builds the isolate-tier guest image (build/isolate_guest.rs).
+
+#[path = "build/isolate_guest.rs"]
+mod isolate_guest;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -62,6 +67,8 @@ fn main() {
     let out = PathBuf::from(env("OUT_DIR")).join("seccomp_filters.bin");
     std::fs::write(&out, blob)
         .unwrap_or_else(|e| fail(format!("cannot write {}: {e}", out.display())));
+
+    isolate_guest::build(&manifest_dir, &PathBuf::from(env("OUT_DIR")));
 }
 
 fn env(name: &str) -> String {

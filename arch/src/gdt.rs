@@ -7,15 +7,15 @@
 use kvm_bindings::kvm_segment;
 
 /// Access byte: present.
-const ACCESS_PRESENT: u8 = 1 << 7;
+pub const ACCESS_PRESENT: u8 = 1 << 7;
 /// Access byte: code/data descriptor (as opposed to a system descriptor).
-const ACCESS_CODE_DATA: u8 = 1 << 4;
+pub const ACCESS_CODE_DATA: u8 = 1 << 4;
 /// Type nibble for code: execute/read, accessed.
-const TYPE_CODE_EXEC_READ_ACCESSED: u8 = 0xb;
+pub const TYPE_CODE_EXEC_READ_ACCESSED: u8 = 0xb;
 /// Type nibble for data: read/write, accessed.
-const TYPE_DATA_READ_WRITE_ACCESSED: u8 = 0x3;
+pub const TYPE_DATA_READ_WRITE_ACCESSED: u8 = 0x3;
 /// Type nibble for a system descriptor: busy 64-bit TSS.
-const TYPE_TSS64_BUSY: u8 = 0xb;
+pub const TYPE_TSS64_BUSY: u8 = 0xb;
 
 /// Flags nibble: granularity (limit counted in 4 KiB units).
 pub const FLAG_GRANULARITY: u8 = 1 << 3;

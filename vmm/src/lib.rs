@@ -15,6 +15,7 @@ pub mod diagnostics;
 pub mod exit;
 pub mod host;
 pub mod image_map;
+pub mod isolate;
 pub mod kernel;
 pub mod logging;
 pub mod memory;

@@ -33,7 +33,7 @@ pub fn kick_signal() -> i32 {
 
 /// Installs the (empty) handler for the kick signal once per process: its only job is to make
 /// KVM_RUN return EINTR instead of killing the process.
-fn install_kick_handler() {
+pub(crate) fn install_kick_handler() {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
         extern "C" fn noop(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}

@@ -22,12 +22,13 @@ mod checks;
 mod entry;
 mod hog;
 mod hw;
-mod memfuncs;
 mod mptable;
 mod serial;
 mod zeropage;
 
 use core::fmt::{self, Write};
+
+use freestanding as _;
 
 use serial::{check_line, marker_line, Com1, Escaped};
 use zeropage::ZeroPage;

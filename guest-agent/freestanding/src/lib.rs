@@ -1,6 +1,11 @@
 //! The C memory functions the compiler emits calls to. The host target's `compiler_builtins` leaves
 //! them to libc, which a freestanding image does not have. `rep movsb`/`rep stosb` run natively in
 //! ring 3 and cannot be turned back into calls to these functions by the optimiser.
+//!
+//! A crate that depends on this one must name it (`use freestanding as _;`) so that its symbols are
+//! linked in.
+
+#![no_std]
 
 use core::arch::asm;
 

@@ -1,0 +1,196 @@
+//! The host's side of the guest's calls (see `isolate_abi::Call`): payloads are read from and
+//! answers written to the mailbox while the vCPU is stopped in the exit.
+
+use std::collections::HashMap;
+
+use isolate_abi::{layout, Call, ErrorKind, Reader, Value, Writer};
+
+use super::ram::GuestRam;
+use super::IsolateError;
+
+/// The key/value store the guest's `kv_get`/`kv_put` reach: per caller (a sandbox, a CLI run),
+/// bounded in total size.
+#[derive(Debug, Clone)]
+pub struct KvStore {
+    entries: HashMap<Vec<u8>, Vec<u8>>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl KvStore {
+    pub fn new(max_bytes: usize) -> Self {
+        KvStore {
+            entries: HashMap::new(),
+            bytes: 0,
+            max_bytes,
+        }
+    }
+
+    pub fn get(&self, key: &[u8]) -> Option<&[u8]> {
+        self.entries.get(key).map(Vec::as_slice)
+    }
+
+    /// False (and nothing stored) when the store would exceed its size.
+    pub fn put(&mut self, key: &[u8], value: &[u8]) -> bool {
+        let old = self.entries.get(key).map_or(0, |v| key.len() + v.len());
+        let new_total = self.bytes - old + key.len() + value.len();
+        if new_total > self.max_bytes {
+            return false;
+        }
+        self.entries.insert(key.to_vec(), value.to_vec());
+        self.bytes = new_total;
+        true
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+/// What the run loop does after a call.
+pub enum After {
+    Resume,
+    Finished(Result<Vec<Value>, IsolateError>),
+}
+
+/// The caller's side of a run: its key/value store and where guest log lines go.
+pub struct HostContext<'a> {
+    pub kv: &'a mut KvStore,
+    pub log: &'a mut dyn FnMut(&str),
+}
+
+/// Largest value the guest can read back in one answer: the mailbox minus the two u32 headers.
+const MAX_VALUE: usize = layout::MAILBOX_SIZE as usize - 8;
+
+pub fn handle(call: u32, ram: &mut GuestRam, ctx: &mut HostContext<'_>) -> After {
+    match handle_inner(call, ram, ctx) {
+        Ok(after) => after,
+        Err(e) => After::Finished(Err(e)),
+    }
+}
+
+fn protocol(what: impl std::fmt::Display) -> IsolateError {
+    IsolateError::Crashed(format!("bad host call: {what}"))
+}
+
+/// The first `len` payload bytes after a u32 length at `offset` in the mailbox.
+fn mailbox_bytes(ram: &GuestRam, offset: u64) -> Result<(Vec<u8>, u64), IsolateError> {
+    let mut len = [0u8; 4];
+    ram.read(layout::MAILBOX + offset, &mut len)
+        .map_err(protocol)?;
+    let len = u32::from_le_bytes(len) as u64;
+    if offset + 4 + len > layout::MAILBOX_SIZE {
+        return Err(protocol(format!("a {len}-byte field overruns the mailbox")));
+    }
+    let bytes = ram
+        .read_vec(layout::MAILBOX + offset + 4, len as usize)
+        .map_err(protocol)?;
+    Ok((bytes, offset + 4 + len))
+}
+
+fn answer(
+    ram: &mut GuestRam,
+    write: impl FnOnce(&mut Writer<'_>) -> Result<(), isolate_abi::encoding::Full>,
+) -> Result<(), IsolateError> {
+    let mut buf = vec![0u8; layout::MAILBOX_SIZE as usize];
+    let mut w = Writer::new(&mut buf);
+    write(&mut w).map_err(|_| protocol("the answer does not fit the mailbox"))?;
+    let n = w.len();
+    ram.write(layout::MAILBOX, &buf[..n]).map_err(protocol)
+}
+
+fn handle_inner(
+    call: u32,
+    ram: &mut GuestRam,
+    ctx: &mut HostContext<'_>,
+) -> Result<After, IsolateError> {
+    let call =
+        Call::from_u32(call).ok_or_else(|| protocol(format!("unknown call number {call}")))?;
+    match call {
+        // Seen again when a template's vCPU, saved in this exit, re-executes it.
+        Call::Ready => Ok(After::Resume),
+        Call::Log => {
+            let (msg, _) = mailbox_bytes(ram, 0)?;
+            (ctx.log)(&String::from_utf8_lossy(&msg));
+            Ok(After::Resume)
+        }
+        Call::KvGet => {
+            let (key, _) = mailbox_bytes(ram, 0)?;
+            match ctx.kv.get(&key) {
+                Some(v) if v.len() <= MAX_VALUE => {
+                    let v = v.to_vec();
+                    answer(ram, |w| w.u32(1).and_then(|_| w.bytes(&v)))?;
+                }
+                _ => answer(ram, |w| w.u32(0))?,
+            }
+            Ok(After::Resume)
+        }
+        Call::KvPut => {
+            let (key, next) = mailbox_bytes(ram, 0)?;
+            let (value, _) = mailbox_bytes(ram, next)?;
+            let stored = value.len() <= MAX_VALUE && ctx.kv.put(&key, &value);
+            answer(ram, |w| w.u32(u32::from(stored)))?;
+            Ok(After::Resume)
+        }
+        Call::Result => {
+            let mut count = [0u8; 4];
+            ram.read(layout::MAILBOX, &mut count).map_err(protocol)?;
+            let count = u32::from_le_bytes(count) as usize;
+            // 9 bytes per value (tag + bits); wasm functions return a handful.
+            if 4 + count * 9 > layout::MAILBOX_SIZE as usize {
+                return Err(protocol(format!("{count} results overrun the mailbox")));
+            }
+            let bytes = ram
+                .read_vec(layout::MAILBOX + 4, count * 9)
+                .map_err(protocol)?;
+            let mut r = Reader::new(&bytes);
+            let values = (0..count)
+                .map(|_| r.value().map_err(protocol))
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok(After::Finished(Ok(values)))
+        }
+        Call::Error => {
+            let mut head = [0u8; 8];
+            ram.read(layout::MAILBOX, &mut head).map_err(protocol)?;
+            let kind = u32::from_le_bytes(head[..4].try_into().unwrap_or_default());
+            let len = (u32::from_le_bytes(head[4..].try_into().unwrap_or_default()) as usize)
+                .min(layout::MAILBOX_SIZE as usize - 8);
+            let msg = ram.read_vec(layout::MAILBOX + 8, len).map_err(protocol)?;
+            let msg = String::from_utf8_lossy(&msg).into_owned();
+            let err = match ErrorKind::from_u32(kind) {
+                Some(ErrorKind::InvalidModule) => IsolateError::InvalidModule(msg),
+                Some(ErrorKind::Instantiate) => IsolateError::Instantiate(msg),
+                Some(ErrorKind::MissingExport) => IsolateError::MissingExport(msg),
+                Some(ErrorKind::BadArguments) => IsolateError::BadArguments(msg),
+                Some(ErrorKind::Trap) => IsolateError::Trap(msg),
+                Some(ErrorKind::OutOfMemory) => IsolateError::OutOfMemory(msg),
+                Some(ErrorKind::BadJob) => {
+                    IsolateError::Crashed(format!("the guest could not read its job: {msg}"))
+                }
+                Some(ErrorKind::Panic) => IsolateError::Crashed(format!("guest panic: {msg}")),
+                None => IsolateError::Crashed(format!("error of unknown kind {kind}: {msg}")),
+            };
+            Ok(After::Finished(Err(err)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_store_refuses_growth_beyond_its_size_but_allows_replacing() {
+        let mut kv = KvStore::new(10);
+        assert!(kv.put(b"a", b"12345"));
+        assert!(!kv.put(b"b", b"123456"), "6 + 1 more bytes exceed 10");
+        assert!(kv.put(b"a", b"123456789"), "replacing frees the old value");
+        assert_eq!(kv.get(b"a"), Some(&b"123456789"[..]));
+        assert_eq!(kv.get(b"b"), None);
+        assert_eq!(kv.len(), 1);
+    }
+}
