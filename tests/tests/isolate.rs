@@ -43,3 +43,311 @@ fn a_function_computes_its_result() {
     let (result, _, _) = run_once(&job(ADD, "add", &["2", "40"]));
     assert_eq!(result.unwrap(), vec![Value::I32(42)]);
 }
+
+#[test]
+fn host_calls_round_trip_log_and_key_value() {
+    if !require_kvm() {
+        return;
+    }
+    let wat_src = r#"(module
+      (import "agentvm" "log" (func $log (param i32 i32)))
+      (import "agentvm" "kv_put" (func $put (param i32 i32 i32 i32) (result i32)))
+      (import "agentvm" "kv_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (data (i32.const 0) "hello from wasm")
+      (data (i32.const 32) "answer")
+      (data (i32.const 48) "forty-two")
+      (func (export "main") (result i32 i32)
+        (call $log (i32.const 0) (i32.const 15))
+        (drop (call $put (i32.const 32) (i32.const 6) (i32.const 48) (i32.const 9)))
+        ;; read it back to offset 100 and return (length, first byte)
+        (call $get (i32.const 32) (i32.const 6) (i32.const 100) (i32.const 64))
+        (i32.load8_u (i32.const 100))))"#;
+    let (result, logs, kv) = run_once(&job(wat_src, "main", &[]));
+    assert_eq!(
+        result.unwrap(),
+        vec![Value::I32(9), Value::I32(i32::from(b'f'))]
+    );
+    assert_eq!(logs, vec!["hello from wasm".to_string()]);
+    assert_eq!(kv.get(b"answer"), Some(&b"forty-two"[..]));
+}
+
+#[test]
+fn a_missing_key_reads_as_minus_one_and_a_full_store_refuses() {
+    if !require_kvm() {
+        return;
+    }
+    let wat_src = r#"(module
+      (import "agentvm" "kv_put" (func $put (param i32 i32 i32 i32) (result i32)))
+      (import "agentvm" "kv_get" (func $get (param i32 i32 i32 i32) (result i32)))
+      (memory (export "memory") 1)
+      (func (export "main") (result i32 i32)
+        (call $get (i32.const 0) (i32.const 3) (i32.const 100) (i32.const 10))
+        (call $put (i32.const 0) (i32.const 3) (i32.const 0) (i32.const 60000))))"#;
+    let mut kv = KvStore::new(1000);
+    let mut log = |_: &str| {};
+    let mut isolate = Isolate::boot(IsolateConfig::default()).unwrap();
+    let result = isolate.run(
+        &job(wat_src, "main", &[]),
+        &mut HostContext {
+            kv: &mut kv,
+            log: &mut log,
+        },
+    );
+    assert_eq!(result.unwrap(), vec![Value::I32(-1), Value::I32(-1)]);
+    assert!(kv.is_empty());
+}
+
+#[test]
+fn an_infinite_loop_is_stopped_by_the_cpu_limit() {
+    if !require_kvm() {
+        return;
+    }
+    let mut spin = job(
+        r#"(module (func (export "spin") (loop br 0)))"#,
+        "spin",
+        &[],
+    );
+    spin.cpu_limit = Duration::from_millis(200);
+    let start = Instant::now();
+    let (result, _, _) = run_once(&spin);
+    match result {
+        Err(IsolateError::CpuLimitExceeded { limit }) => {
+            assert_eq!(limit, Duration::from_millis(200))
+        }
+        other => panic!("expected the CPU limit, got {other:?}"),
+    }
+    assert!(
+        start.elapsed() < spin.wall_limit,
+        "stopped by the wall clock instead"
+    );
+}
+
+#[test]
+fn the_wall_clock_limit_applies_too() {
+    if !require_kvm() {
+        return;
+    }
+    let mut spin = job(
+        r#"(module (func (export "spin") (loop br 0)))"#,
+        "spin",
+        &[],
+    );
+    spin.cpu_limit = Duration::from_secs(60);
+    spin.wall_limit = Duration::from_millis(150);
+    let (result, _, _) = run_once(&spin);
+    assert!(
+        matches!(result, Err(IsolateError::WallLimitExceeded { .. })),
+        "{result:?}"
+    );
+}
+
+#[test]
+fn memory_growth_beyond_the_limit_is_refused() {
+    if !require_kvm() {
+        return;
+    }
+    let grow = r#"(module (memory 1)
+      (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))"#;
+    let config = IsolateConfig {
+        max_wasm_mib: 2,
+        ..IsolateConfig::default()
+    };
+    let mut kv = KvStore::new(0);
+    let mut log = |_: &str| {};
+    let mut ctx = HostContext {
+        kv: &mut kv,
+        log: &mut log,
+    };
+    // 1 page + 31 pages = 2 MiB: allowed; one page more is not.
+    let mut isolate = Isolate::boot(config).unwrap();
+    assert_eq!(
+        isolate.run(&job(grow, "grow", &["31"]), &mut ctx).unwrap(),
+        vec![Value::I32(1)]
+    );
+    let mut isolate = Isolate::boot(config).unwrap();
+    assert_eq!(
+        isolate.run(&job(grow, "grow", &["32"]), &mut ctx).unwrap(),
+        vec![Value::I32(-1)]
+    );
+    // A module whose initial memory is over the limit does not instantiate.
+    let mut isolate = Isolate::boot(config).unwrap();
+    let big = r#"(module (memory 64) (func (export "f")))"#;
+    let err = isolate.run(&job(big, "f", &[]), &mut ctx).unwrap_err();
+    assert!(matches!(err, IsolateError::Instantiate(_)), "{err}");
+}
+
+#[test]
+fn bad_modules_exports_arguments_and_traps_are_named() {
+    if !require_kvm() {
+        return;
+    }
+    let cases: Vec<(JobSpec, &str, &str)> = vec![
+        (
+            JobSpec {
+                module: b"\0asm\x01\0\0\0garbage".to_vec(),
+                ..job(ADD, "add", &[])
+            },
+            "invalid_module",
+            "",
+        ),
+        (job(ADD, "sub", &["1", "2"]), "missing_export", "add"),
+        (job(ADD, "add", &["1"]), "bad_arguments", "takes 2 argument"),
+        (job(ADD, "add", &["1", "x"]), "bad_arguments", "argument 2"),
+        (
+            job(
+                r#"(module (func (export "boom") unreachable))"#,
+                "boom",
+                &[],
+            ),
+            "trap",
+            "unreachable",
+        ),
+        (
+            job(
+                r#"(module (func (export "div") (param i32) (result i32)
+                    i32.const 1 local.get 0 i32.div_s))"#,
+                "div",
+                &["0"],
+            ),
+            "trap",
+            "divi",
+        ),
+        (
+            job(
+                r#"(module (import "env" "nope" (func)) (func (export "f")))"#,
+                "f",
+                &[],
+            ),
+            "instantiate",
+            "nope",
+        ),
+    ];
+    for (spec, kind, needle) in cases {
+        let (result, _, _) = run_once(&spec);
+        let err = result.expect_err(kind);
+        assert_eq!(err.kind(), kind, "{err}");
+        assert!(
+            err.to_string().to_lowercase().contains(needle),
+            "{kind}: {err:?} does not mention {needle:?}"
+        );
+    }
+}
+
+#[test]
+fn a_module_larger_than_the_isolate_takes_is_refused_before_it_runs() {
+    if !require_kvm() {
+        return;
+    }
+    let config = IsolateConfig {
+        max_module_bytes: 1024,
+        ..IsolateConfig::default()
+    };
+    let mut spec = job(ADD, "add", &["1", "2"]);
+    spec.module.resize(4096, 0);
+    let mut isolate = Isolate::boot(config).unwrap();
+    let mut kv = KvStore::new(0);
+    let mut log = |_: &str| {};
+    let err = isolate
+        .run(
+            &spec,
+            &mut HostContext {
+                kv: &mut kv,
+                log: &mut log,
+            },
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            IsolateError::ModuleTooLarge {
+                size: 4096,
+                max: 1024
+            }
+        ),
+        "{err}"
+    );
+}
+
+/// A mutable global and memory written by one job are back to the template's values for the next.
+#[test]
+fn a_pooled_isolate_starts_every_job_from_the_template() {
+    if !require_kvm() {
+        return;
+    }
+    let counter = r#"(module (memory 1) (global $n (mut i32) (i32.const 0))
+      (func (export "bump") (result i32 i32)
+        (global.set $n (i32.add (global.get $n) (i32.const 1)))
+        (i32.store (i32.const 0) (i32.add (i32.load (i32.const 0)) (i32.const 10)))
+        (global.get $n) (i32.load (i32.const 0))))"#;
+    let pool = Pool::new(IsolateConfig::default(), 1, 1).unwrap();
+    let mut kv = KvStore::new(0);
+    let mut log = |_: &str| {};
+    for _ in 0..3 {
+        let got = pool
+            .run(
+                &job(counter, "bump", &[]),
+                &mut HostContext {
+                    kv: &mut kv,
+                    log: &mut log,
+                },
+            )
+            .unwrap();
+        assert_eq!(got, vec![Value::I32(1), Value::I32(10)]);
+    }
+    // After a job that hit the CPU limit too.
+    let mut spin = job(
+        r#"(module (func (export "spin") (loop br 0)))"#,
+        "spin",
+        &[],
+    );
+    spin.cpu_limit = Duration::from_millis(50);
+    let mut ctx = HostContext {
+        kv: &mut kv,
+        log: &mut log,
+    };
+    assert!(pool.run(&spin, &mut ctx).is_err());
+    assert_eq!(
+        pool.run(&job(counter, "bump", &[]), &mut ctx).unwrap(),
+        vec![Value::I32(1), Value::I32(10)]
+    );
+    assert_eq!(pool.idle(), 1);
+}
+
+/// 200 isolates alive at once, each running its own job, from 4 threads.
+#[test]
+fn two_hundred_isolates_at_once() {
+    if !require_kvm() {
+        return;
+    }
+    let pool = Pool::new(IsolateConfig::default(), 0, 0).unwrap();
+    let isolates: Vec<Isolate> = (0..200).map(|_| pool.take().unwrap()).collect();
+    let chunks: Vec<Vec<(usize, Isolate)>> = {
+        let mut chunks: Vec<Vec<(usize, Isolate)>> = (0..4).map(|_| Vec::new()).collect();
+        for (i, iso) in isolates.into_iter().enumerate() {
+            chunks[i % 4].push((i, iso));
+        }
+        chunks
+    };
+    std::thread::scope(|s| {
+        for chunk in chunks {
+            s.spawn(move || {
+                let mut kv = KvStore::new(0);
+                let mut log = |_: &str| {};
+                for (i, mut iso) in chunk {
+                    let spec = job(ADD, "add", &[&i.to_string(), "1"]);
+                    let got = iso
+                        .run(
+                            &spec,
+                            &mut HostContext {
+                                kv: &mut kv,
+                                log: &mut log,
+                            },
+                        )
+                        .unwrap();
+                    assert_eq!(got, vec![Value::I32(i as i32 + 1)]);
+                }
+            });
+        }
+    });
+}
