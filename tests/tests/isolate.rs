@@ -351,3 +351,76 @@ fn two_hundred_isolates_at_once() {
         }
     });
 }
+
+#[test]
+fn the_cli_prints_results_logs_and_clear_errors() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let wat_path = dir.path().join("m.wat");
+    std::fs::write(
+        &wat_path,
+        r#"(module (import "agentvm" "log" (func $log (param i32 i32)))
+             (memory (export "memory") 1) (data (i32.const 0) "hi")
+             (func (export "main") (param i64 f64) (result i64 f64)
+               (call $log (i32.const 0) (i32.const 2)) local.get 0 local.get 1)
+             (func (export "spin") (loop br 0)))"#,
+    )
+    .unwrap();
+    let wasm_path = dir.path().join("add.wasm");
+    std::fs::write(&wasm_path, wat::parse_str(ADD).unwrap()).unwrap();
+    let agentvm = |args: &[&str]| {
+        std::process::Command::new(integration_tests::agentvm::agentvm_bin())
+            .args(["isolate", "run"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let m = wat_path.to_str().unwrap();
+    let out = agentvm(&[m, "--arg", "-5", "--arg", "2.5"]);
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "-5\n2.5\n");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("isolate: hi"));
+
+    let out = agentvm(&[
+        wasm_path.to_str().unwrap(),
+        "--invoke",
+        "add",
+        "--arg",
+        "1",
+        "--arg",
+        "2",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "3\n", "{out:?}");
+
+    let expect_failure = |args: &[&str], code: i32, needle: &str| {
+        let out = agentvm(args);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
+        assert!(
+            stderr.contains(needle),
+            "{args:?}: {stderr:?} lacks {needle:?}"
+        );
+    };
+    expect_failure(&[m, "--arg", "x", "--arg", "1"], 1, "not a valid i64");
+    expect_failure(
+        &[m, "--invoke", "spin", "--cpu-limit-ms", "100"],
+        1,
+        "CPU time limit exceeded",
+    );
+    expect_failure(&[m, "--invoke", "nope"], 1, "main, spin");
+    expect_failure(&["/nonexistent.wasm"], 125, "cannot read /nonexistent.wasm");
+    let junk = dir.path().join("junk.wasm");
+    std::fs::write(&junk, b"(module").unwrap();
+    expect_failure(
+        &[junk.to_str().unwrap()],
+        125,
+        "neither a WebAssembly binary nor valid text",
+    );
+    expect_failure(
+        &[m, "--max-memory-mib", "0"],
+        125,
+        "--max-memory-mib must be",
+    );
+}

@@ -5,6 +5,7 @@ mod boot;
 mod console;
 mod daemon;
 mod exec;
+mod isolate;
 mod kernel_cmd;
 mod nested;
 mod publish;
@@ -63,6 +64,11 @@ enum Command {
     Snapshot {
         #[command(subcommand)]
         command: snapshot::SnapshotCommand,
+    },
+    /// The isolate tier: WebAssembly in a hardware-isolated guest with no operating system.
+    Isolate {
+        #[command(subcommand)]
+        command: isolate::IsolateCommand,
     },
     /// Manage guest kernels and initramfs images.
     Kernel {
@@ -128,6 +134,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve::serve(args),
         Command::Daemon(args) => daemon::daemon(args),
         Command::Snapshot { command } => snapshot::run(command),
+        Command::Isolate { command } => isolate::run(command),
         Command::Kernel { command } => kernel_cmd::run(command),
         Command::Bench { command } => bench::run(command),
     };

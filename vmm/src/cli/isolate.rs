@@ -1,0 +1,112 @@
+//! `agentvm isolate run`: one WebAssembly function call in a fresh isolate (the no-OS tier).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Subcommand};
+use vmm::isolate::{HostContext, Isolate, IsolateConfig, IsolateError, JobSpec, KvStore};
+
+#[derive(Subcommand)]
+pub enum IsolateCommand {
+    /// Call a function of a WebAssembly module (binary `.wasm` or text `.wat`) in a new isolate
+    /// and print its results, one per line. The module may import `agentvm.log`,
+    /// `agentvm.kv_get` and `agentvm.kv_put` (see the README).
+    Run(RunArgs),
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The module: WebAssembly binary, or text format.
+    module: PathBuf,
+    /// The exported function to call.
+    #[arg(long, default_value = "main", value_name = "FUNC")]
+    invoke: String,
+    /// An argument, parsed by the function's parameter type (repeat for each, in order).
+    #[arg(long = "arg", value_name = "VALUE", allow_hyphen_values = true)]
+    args: Vec<String>,
+    /// CPU time the call may use, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_name = "MS")]
+    cpu_limit_ms: u64,
+    /// Wall-clock time the call may take, in milliseconds.
+    #[arg(long, default_value_t = 60_000, value_name = "MS")]
+    wall_limit_ms: u64,
+    /// Largest linear memory the module may have, in MiB.
+    #[arg(long, default_value_t = 64, value_name = "MIB")]
+    max_memory_mib: u32,
+}
+
+/// Bounds of the CLI's in-memory key/value store (it lives for one call).
+const KV_MAX_BYTES: usize = 16 << 20;
+const MAX_MEMORY_MIB: u32 = 4096;
+
+pub fn run(command: IsolateCommand) -> Result<ExitCode, String> {
+    match command {
+        IsolateCommand::Run(args) => run_module(args),
+    }
+}
+
+fn read_module(path: &Path) -> Result<Vec<u8>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    if bytes.starts_with(b"\0asm") {
+        return Ok(bytes);
+    }
+    wat::parse_bytes(&bytes)
+        .map(|b| b.into_owned())
+        .map_err(|e| {
+            format!(
+                "{} is neither a WebAssembly binary nor valid text format: {e}",
+                path.display()
+            )
+        })
+}
+
+fn run_module(args: RunArgs) -> Result<ExitCode, String> {
+    if args.max_memory_mib == 0 || args.max_memory_mib > MAX_MEMORY_MIB {
+        return Err(format!(
+            "--max-memory-mib must be 1..={MAX_MEMORY_MIB}, got {}",
+            args.max_memory_mib
+        ));
+    }
+    if args.cpu_limit_ms == 0 || args.wall_limit_ms == 0 {
+        return Err("--cpu-limit-ms and --wall-limit-ms must be at least 1".into());
+    }
+    let module = read_module(&args.module)?;
+    let config = IsolateConfig {
+        max_wasm_mib: args.max_memory_mib,
+        max_module_bytes: module.len().max(IsolateConfig::default().max_module_bytes),
+    };
+    let job = JobSpec {
+        module,
+        function: args.invoke,
+        args: args.args,
+        cpu_limit: Duration::from_millis(args.cpu_limit_ms),
+        wall_limit: Duration::from_millis(args.wall_limit_ms),
+    };
+    let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
+    let mut kv = KvStore::new(KV_MAX_BYTES);
+    let mut log = |line: &str| eprintln!("isolate: {line}");
+    let result = isolate.run(
+        &job,
+        &mut HostContext {
+            kv: &mut kv,
+            log: &mut log,
+        },
+    );
+    match result {
+        Ok(values) => {
+            let mut out = std::io::stdout().lock();
+            for v in values {
+                writeln!(out, "{v}").map_err(|e| format!("cannot write the results: {e}"))?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        // The job's own failure (bad module, trap, limit): exit 1, as a failed command would.
+        Err(e @ (IsolateError::Setup(_) | IsolateError::Kvm(_))) => Err(e.to_string()),
+        Err(e) => {
+            eprintln!("agentvm: {e}");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
