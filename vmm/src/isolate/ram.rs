@@ -1,9 +1,10 @@
 //! An isolate's guest RAM: one memfd-backed mapping at guest address 0.
 //!
-//! Written by hand rather than with vm-memory's regions because the pool resets an isolate by
-//! mapping its template again *in place* (MAP_FIXED over the same host range, so the KVM memory
-//! slot stays valid and KVM's MMU notifier drops the stale pages), which vm-memory's region types
-//! do not model.
+//! Written by hand rather than with vm-memory's regions because the pool resets an isolate in
+//! place: [`GuestRam::discard`] drops the private (written) pages of the copy-on-write mapping
+//! with MADV_DONTNEED, so they show the template again while every page that was only read stays
+//! mapped (in the host and in KVM: re-faulting them costs more than the whole job), and the KVM
+//! memory slot stays valid. vm-memory's region types do not model that.
 
 use std::fs::File;
 use std::io;
@@ -16,7 +17,13 @@ pub struct GuestRam {
     size: usize,
     /// The file the mapping shows: the isolate's own (while it boots) or its template's.
     file: Arc<File>,
+    /// Page ranges the host wrote since the last [`GuestRam::discard`] (KVM's dirty log sees
+    /// only the guest's writes).
+    host_dirty: Vec<(usize, usize)>,
 }
+
+/// Guest page size, the unit of discards.
+pub const PAGE: usize = 4096;
 
 // SAFETY: the mapping is plain memory owned by this struct; access goes through &self/&mut self
 // and the guest, which only runs while the owning thread is in KVM_RUN on it.
@@ -30,6 +37,12 @@ pub enum RamError {
     Resize { size: usize, source: io::Error },
     #[error("cannot map the isolate's memory ({size} bytes): {source}")]
     Map { size: usize, source: io::Error },
+    #[error("cannot drop the pages at {addr:#x}+{len:#x}: {source}")]
+    Discard {
+        addr: u64,
+        len: usize,
+        source: io::Error,
+    },
     #[error("guest range {addr:#x}+{len:#x} is outside the isolate's {size:#x} bytes of RAM")]
     OutOfRange { addr: u64, len: usize, size: usize },
 }
@@ -50,7 +63,12 @@ impl GuestRam {
             .map_err(|source| RamError::Resize { size, source })?;
         let file = Arc::new(file);
         let ptr = map(std::ptr::null_mut(), size, &file, libc::MAP_SHARED)?;
-        Ok(GuestRam { ptr, size, file })
+        Ok(GuestRam {
+            ptr,
+            size,
+            file,
+            host_dirty: Vec::new(),
+        })
     }
 
     /// RAM showing `template`'s contents copy-on-write: the guest's writes stay private.
@@ -60,19 +78,44 @@ impl GuestRam {
             ptr,
             size,
             file: template.clone(),
+            host_dirty: Vec::new(),
         })
     }
 
-    /// Drops every private page: the RAM shows `template` again, as [`GuestRam::from_template`]
-    /// left it. KVM's memory slot keeps pointing at the same host range.
-    pub fn reset_to(&mut self, template: &Arc<File>) -> Result<(), RamError> {
-        map(
-            self.ptr,
-            self.size,
-            template,
-            libc::MAP_PRIVATE | libc::MAP_FIXED,
-        )?;
-        self.file = template.clone();
+    /// Drops the private copies of the pages in `guest_pages` (page numbers, ascending) and of
+    /// every page the host wrote: they show the file (the template) again.
+    pub fn discard(&mut self, guest_pages: impl Iterator<Item = usize>) -> Result<(), RamError> {
+        let mut runs: Vec<(usize, usize)> = std::mem::take(&mut self.host_dirty);
+        let mut current: Option<(usize, usize)> = None;
+        for page in guest_pages {
+            current = match current {
+                Some((start, n)) if start + n == page => Some((start, n + 1)),
+                Some(run) => {
+                    runs.push((run.0 * PAGE, run.1 * PAGE));
+                    Some((page, 1))
+                }
+                None => Some((page, 1)),
+            };
+        }
+        if let Some((start, n)) = current {
+            runs.push((start * PAGE, n * PAGE));
+        }
+        for (start, len) in runs {
+            let len = len.min(self.size.saturating_sub(start));
+            if len == 0 {
+                continue;
+            }
+            // SAFETY: [start, start+len) is inside this mapping (clamped above); MADV_DONTNEED on
+            // a private file mapping only drops its private copies, which is the point.
+            let rc = unsafe { libc::madvise(self.ptr.add(start).cast(), len, libc::MADV_DONTNEED) };
+            if rc != 0 {
+                return Err(RamError::Discard {
+                    addr: start as u64,
+                    len,
+                    source: io::Error::last_os_error(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -104,6 +147,10 @@ impl GuestRam {
 
     pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), RamError> {
         let start = self.range(addr, bytes.len())?;
+        if !bytes.is_empty() {
+            let first = start / PAGE * PAGE;
+            self.host_dirty.push((first, start + bytes.len() - first));
+        }
         // SAFETY: [start, start+len) is inside the mapping (checked above); the guest is not
         // running while the host holds &mut self.
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), self.ptr.add(start), bytes.len()) };
@@ -167,7 +214,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn template_copies_are_private_and_reset_drops_their_writes() {
+    fn template_copies_are_private_and_discard_drops_their_writes() {
         let mut boot = GuestRam::new(1 << 20).unwrap();
         boot.write(0x100, b"template").unwrap();
         let template = boot.file().clone();
@@ -176,8 +223,21 @@ mod tests {
         a.write(0x100, b"private!").unwrap();
         assert_eq!(a.read_vec(0x100, 8).unwrap(), b"private!");
         assert_eq!(b.read_vec(0x100, 8).unwrap(), b"template");
-        a.reset_to(&template).unwrap();
+        a.write(0x3000, b"x").unwrap();
+        // A page "the guest wrote" (discarded by page number) and one it did not.
+        // SAFETY: inside the 1 MiB mapping; nothing else uses it.
+        unsafe { *a.ptr.add(5 * PAGE) = 7 };
+        unsafe { *a.ptr.add(9 * PAGE) = 9 };
+        a.discard([5usize].into_iter()).unwrap();
+        assert_eq!(a.read_vec(5 * PAGE as u64, 1).unwrap(), [0]);
+        assert_eq!(
+            a.read_vec(9 * PAGE as u64, 1).unwrap(),
+            [9],
+            "page 9 was not discarded"
+        );
+        a.discard(std::iter::empty()).unwrap();
         assert_eq!(a.read_vec(0x100, 8).unwrap(), b"template");
+        assert_eq!(a.read_vec(0x3000, 1).unwrap(), [0]);
     }
 
     #[test]

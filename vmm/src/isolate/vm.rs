@@ -124,8 +124,7 @@ enum State {
 pub struct Isolate {
     // Field order is drop order: the vCPU and VM go before the RAM they map.
     vcpu: VcpuFd,
-    /// Only held: the vCPU and the memory slot live as long as the VM's fd.
-    _vm: VmFd,
+    vm: VmFd,
     ram: GuestRam,
     config: IsolateConfig,
     template: Option<Arc<Template>>,
@@ -151,7 +150,7 @@ impl Isolate {
         };
         machine::write_boot_memory(&mut ram, &image.bytes, &image.header, &boot)
             .map_err(|e| IsolateError::Setup(e.to_string()))?;
-        let (vm, vcpu) = new_vm(&ram)?;
+        let (vm, vcpu) = new_vm(&ram, false)?;
         let sregs = vcpu.get_sregs().map_err(kvm_err("KVM_GET_SREGS"))?;
         vcpu.set_sregs(&machine::boot_sregs(sregs))
             .map_err(kvm_err("KVM_SET_SREGS"))?;
@@ -161,7 +160,7 @@ impl Isolate {
             .map_err(kvm_err("KVM_SET_FPU"))?;
         let mut isolate = Isolate {
             vcpu,
-            _vm: vm,
+            vm,
             ram,
             config,
             template: None,
@@ -198,10 +197,10 @@ impl Isolate {
     pub fn from_template(template: &Arc<Template>) -> Result<Isolate, IsolateError> {
         let ram = GuestRam::from_template(&template.ram, template.ram_size)
             .map_err(|e| IsolateError::Setup(e.to_string()))?;
-        let (vm, vcpu) = new_vm(&ram)?;
+        let (vm, vcpu) = new_vm(&ram, true)?;
         let mut isolate = Isolate {
             vcpu,
-            _vm: vm,
+            vm,
             ram,
             config: template.config,
             template: Some(template.clone()),
@@ -227,12 +226,23 @@ impl Isolate {
 
     /// Back to the template's state: its private pages dropped, its registers reloaded.
     pub fn reset(&mut self) -> Result<(), IsolateError> {
-        let template = self
-            .template
-            .clone()
-            .ok_or_else(|| IsolateError::Setup("a one-off isolate cannot be reset".into()))?;
+        if self.template.is_none() {
+            return Err(IsolateError::Setup(
+                "a one-off isolate cannot be reset".into(),
+            ));
+        }
+        // Only the pages written since the last reset are dropped; the ones only read stay mapped.
+        let bitmap = self
+            .vm
+            .get_dirty_log(0, self.ram.size())
+            .map_err(kvm_err("KVM_GET_DIRTY_LOG"))?;
+        let written = bitmap.iter().enumerate().flat_map(|(word, bits)| {
+            (0..64)
+                .filter(move |bit| bits & (1u64 << bit) != 0)
+                .map(move |bit| word * 64 + bit)
+        });
         self.ram
-            .reset_to(&template.ram)
+            .discard(written)
             .map_err(|e| IsolateError::Setup(e.to_string()))?;
         self.load_template_registers()?;
         self.state = State::Ready;
@@ -398,20 +408,25 @@ fn port_value(data: &[u8]) -> u32 {
     u32::from_le_bytes(b)
 }
 
-fn new_vm(ram: &GuestRam) -> Result<(VmFd, VcpuFd), IsolateError> {
+/// `track_writes`: KVM logs the guest's writes (the pages [`Isolate::reset`] drops).
+fn new_vm(ram: &GuestRam, track_writes: bool) -> Result<(VmFd, VcpuFd), IsolateError> {
     let kvm = kvm()?;
     let vm = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
     vm.set_tss_address(KVM_TSS_ADDRESS)
         .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
     let region = kvm_userspace_memory_region {
         slot: 0,
-        flags: 0,
+        flags: if track_writes {
+            kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+        } else {
+            0
+        },
         guest_phys_addr: 0,
         memory_size: ram.size() as u64,
         userspace_addr: ram.host_addr(),
     };
     // SAFETY: the region is `ram`'s mapping, which outlives the VM (Isolate drops the VM first)
-    // and is only ever replaced in place (same address and size) by GuestRam::reset_to.
+    // and is never unmapped or moved while the VM exists (resets only drop private pages).
     unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     let vcpu = vm.create_vcpu(0).map_err(kvm_err("KVM_CREATE_VCPU"))?;
     vcpu.set_cpuid2(supported_cpuid()?)

@@ -20,6 +20,7 @@ mod exec_report;
 mod guest_bound;
 mod guest_vm;
 mod inner;
+mod isolate;
 mod local;
 mod machine;
 mod nested_bench;
@@ -64,6 +65,9 @@ pub enum BenchCommand {
     /// load-to-first-KVM_RUN, the first guest output, uffd pages and RSS), and N concurrent
     /// restores (fork).
     Restore(restore::RestoreArgs),
+    /// Isolate-tier benchmark: create + first call (from the pool and from scratch), calls per
+    /// second, memory per isolate and how many fit, beside wasmi run directly in this process.
+    Isolate(isolate::IsolateArgs),
     /// Inside the nested test host: one warm VM (agentvm, or the peer with --qemu), exec figures
     /// as JSON on stdout.
     #[command(hide = true)]
@@ -105,6 +109,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Boot(args) => boot(args),
         BenchCommand::Exec(args) => exec::exec(args),
         BenchCommand::Restore(args) => restore::restore(args),
+        BenchCommand::Isolate(args) => isolate::isolate(args),
         BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
