@@ -424,3 +424,61 @@ fn the_cli_prints_results_logs_and_clear_errors() {
         "--max-memory-mib must be",
     );
 }
+
+#[test]
+fn the_isolate_benchmark_reports_every_figure() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let out_file = dir.path().join("isolate.json");
+    let out = std::process::Command::new(integration_tests::agentvm::agentvm_bin())
+        .args([
+            "bench",
+            "isolate",
+            "--runs",
+            "10",
+            "--concurrent",
+            "10",
+            "--json",
+            "--out",
+        ])
+        .arg(&out_file)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let written: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert_eq!(doc, written, "--out holds the printed document");
+    let figure = |id: &str| {
+        doc["figures"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id)
+            .unwrap_or_else(|| panic!("no figure {id}"))
+            .clone()
+    };
+    for id in ["pool_call", "pool_call_and_reset", "scratch_call"] {
+        let f = figure(id);
+        assert_eq!(f["agentvm"]["n"], 10, "{id}");
+        assert!(f["agentvm"]["median"].as_f64().unwrap() > 0.0, "{id}");
+    }
+    assert!(figure("pool_call")["peer"]["median"].as_f64().unwrap() > 0.0);
+    assert!(
+        figure("calls_per_second")["agentvm"]["median"]
+            .as_f64()
+            .unwrap()
+            > 0.0
+    );
+    let d = &doc["density"];
+    assert_eq!(d["isolates"], 10);
+    assert_eq!(d["fds_per_isolate"].as_f64(), Some(2.0));
+    assert!(d["guest_ram_mib"].as_f64().unwrap() > 0.0);
+    assert!(doc["machine"]["cpus"].as_u64().unwrap() >= 1);
+}
