@@ -55,6 +55,6 @@ mod tests {
                 );
             }
         }
-        assert!(USER_STACK_TOP <= INPUT);
+        const { assert!(USER_STACK_TOP <= INPUT) };
     }
 }
