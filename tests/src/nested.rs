@@ -83,10 +83,10 @@ pub fn run_scenarios_with_files(
         l2_kernel: artefacts.kernel.clone(),
         l2_initrd: artefacts.initrd.clone(),
     });
-    // One L1 CPU: with two, L1 wedged in about one agent-e2e run in four here (and in CI): one
-    // CPU stopped taking interrupts, the other spun in the VMM's vCPU thread with soft-lockup
-    // reports for ever (TCG's multi-threaded emulation of nested SVM). With one, 0 wedges in the
-    // runs measured, agent-e2e ~1.3x slower.
+    // One L1 CPU. With two, L1 wedged in roughly one agent-e2e run in four (here and in CI): one
+    // CPU stopped taking interrupts while the other spun in the VMM's vCPU thread, printing
+    // soft-lockup reports for ever (TCG's multi-threaded emulation of nested SVM). With one: no
+    // wedge in 4 runs of agent-e2e on a loaded machine, 284-403 s each (two CPUs: ~210-350 s).
     host.l1_cpus = 1;
     // The distribution bzImage too, to boot it as an L2 kernel through the bzImage loader.
     host.extra_files
