@@ -6,6 +6,7 @@
 //! mapped (in the host and in KVM: re-faulting them costs more than the whole job), and the KVM
 //! memory slot stays valid. vm-memory's region types do not model that.
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -17,9 +18,10 @@ pub struct GuestRam {
     size: usize,
     /// The file the mapping shows: the isolate's own (while it boots) or its template's.
     file: Arc<File>,
-    /// Page ranges the host wrote since the last [`GuestRam::discard`] (KVM's dirty log sees
-    /// only the guest's writes).
-    host_dirty: Vec<(usize, usize)>,
+    /// Pages the host wrote since the last [`GuestRam::discard`] (KVM's dirty log sees only the
+    /// guest's writes). A set, so that a one-off isolate answering a million host calls through
+    /// the same mailbox pages does not grow it.
+    host_dirty: BTreeSet<usize>,
 }
 
 /// Guest page size, the unit of discards.
@@ -67,7 +69,7 @@ impl GuestRam {
             ptr,
             size,
             file,
-            host_dirty: Vec::new(),
+            host_dirty: BTreeSet::new(),
         })
     }
 
@@ -78,16 +80,18 @@ impl GuestRam {
             ptr,
             size,
             file: template.clone(),
-            host_dirty: Vec::new(),
+            host_dirty: BTreeSet::new(),
         })
     }
 
-    /// Drops the private copies of the pages in `guest_pages` (page numbers, ascending) and of
-    /// every page the host wrote: they show the file (the template) again.
+    /// Drops the private copies of the pages in `guest_pages` (page numbers) and of every page
+    /// the host wrote: they show the file (the template) again.
     pub fn discard(&mut self, guest_pages: impl Iterator<Item = usize>) -> Result<(), RamError> {
-        let mut runs: Vec<(usize, usize)> = std::mem::take(&mut self.host_dirty);
+        let mut pages = std::mem::take(&mut self.host_dirty);
+        pages.extend(guest_pages);
+        let mut runs: Vec<(usize, usize)> = Vec::new();
         let mut current: Option<(usize, usize)> = None;
-        for page in guest_pages {
+        for page in pages {
             current = match current {
                 Some((start, n)) if start + n == page => Some((start, n + 1)),
                 Some(run) => {
@@ -148,8 +152,8 @@ impl GuestRam {
     pub fn write(&mut self, addr: u64, bytes: &[u8]) -> Result<(), RamError> {
         let start = self.range(addr, bytes.len())?;
         if !bytes.is_empty() {
-            let first = start / PAGE * PAGE;
-            self.host_dirty.push((first, start + bytes.len() - first));
+            self.host_dirty
+                .extend(start / PAGE..=(start + bytes.len() - 1) / PAGE);
         }
         // SAFETY: [start, start+len) is inside the mapping (checked above); the guest is not
         // running while the host holds &mut self.
