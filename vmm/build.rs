@@ -15,7 +15,15 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Every filter the VMM installs; the build fails if the JSON lacks one.
-const REQUIRED_FILTERS: [&str; 5] = ["vcpu", "devices", "vmm", "api", "agent_jobs"];
+const REQUIRED_FILTERS: [&str; 7] = [
+    "vcpu",
+    "devices",
+    "vmm",
+    "api",
+    "agent_jobs",
+    "uffd_handler",
+    "isolate",
+];
 
 fn main() {
     let manifest_dir = PathBuf::from(env("CARGO_MANIFEST_DIR"));

@@ -482,3 +482,51 @@ fn the_isolate_benchmark_reports_every_figure() {
     assert!(d["guest_ram_mib"].as_f64().unwrap() > 0.0);
     assert!(doc["machine"]["cpus"].as_u64().unwrap() >= 1);
 }
+
+/// While the job runs, the process is under its seccomp filter (mode 2), unless --no-seccomp.
+#[test]
+fn the_cli_runs_the_job_under_seccomp() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("spin.wat");
+    std::fs::write(&module, r#"(module (func (export "main") (loop br 0)))"#).unwrap();
+    let mode_while_spinning = |extra: &[&str], wait: Duration| {
+        let mut child = std::process::Command::new(integration_tests::agentvm::agentvm_bin())
+            .args(["isolate", "run"])
+            .arg(&module)
+            .args(["--cpu-limit-ms", "20000", "--wall-limit-ms", "20000"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let status = format!("/proc/{}/status", child.id());
+        let deadline = Instant::now() + wait;
+        let mut mode = String::new();
+        // The filter goes on once the isolate booted (milliseconds): wait for mode 2 or time out.
+        while Instant::now() < deadline {
+            let text = std::fs::read_to_string(&status).unwrap_or_default();
+            mode = text
+                .lines()
+                .find_map(|l| l.strip_prefix("Seccomp:"))
+                .unwrap_or("")
+                .trim()
+                .to_string();
+            if mode == "2" {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child.kill().unwrap();
+        child.wait().unwrap();
+        mode
+    };
+    assert_eq!(mode_while_spinning(&[], Duration::from_secs(10)), "2");
+    // Long enough for the filter to have gone on, had it been asked for.
+    assert_eq!(
+        mode_while_spinning(&["--no-seccomp"], Duration::from_secs(1)),
+        "0"
+    );
+}

@@ -56,6 +56,12 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
             "--seccomp-test-violation api: boot has no api thread (see agentvm serve)".into(),
         );
     }
+    if args.seccomp_test_violation == Some(ThreadKind::Isolate) {
+        return Err(
+            "--seccomp-test-violation isolate: boot has no isolate thread (see agentvm isolate run)"
+                .into(),
+        );
+    }
     if args.seccomp_test_violation == Some(ThreadKind::UffdHandler) {
         return Err(
             "--seccomp-test-violation uffd-handler: boot has no uffd handler (only a uffd \

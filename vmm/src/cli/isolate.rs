@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Largest linear memory the module may have, in MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     max_memory_mib: u32,
+    /// Run without the seccomp filter (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 /// Bounds of the CLI's in-memory key/value store (it lives for one call).
@@ -85,6 +88,13 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
         wall_limit: Duration::from_millis(args.wall_limit_ms),
     };
     let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
+    // From here on this thread only runs the guest and prints: no file, socket or process.
+    let level = if args.no_seccomp {
+        vmm::seccomp::SeccompLevel::Off
+    } else {
+        vmm::seccomp::SeccompLevel::Enforce
+    };
+    vmm::seccomp::install(vmm::seccomp::ThreadKind::Isolate, level).map_err(|e| e.to_string())?;
     let mut kv = KvStore::new(KV_MAX_BYTES);
     let mut log = |line: &str| eprintln!("isolate: {line}");
     let result = isolate.run(

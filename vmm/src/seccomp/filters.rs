@@ -36,6 +36,7 @@ pub struct Filters {
     api: BpfProgram,
     agent_jobs: BpfProgram,
     uffd_handler: BpfProgram,
+    isolate: BpfProgram,
 }
 
 impl Filters {
@@ -47,6 +48,7 @@ impl Filters {
             ThreadKind::Api => &self.api,
             ThreadKind::AgentJobs => &self.agent_jobs,
             ThreadKind::UffdHandler => &self.uffd_handler,
+            ThreadKind::Isolate => &self.isolate,
         }
     }
 
@@ -66,6 +68,7 @@ impl Filters {
             api: take(ThreadKind::Api)?,
             agent_jobs: take(ThreadKind::AgentJobs)?,
             uffd_handler: take(ThreadKind::UffdHandler)?,
+            isolate: take(ThreadKind::Isolate)?,
         })
     }
 }

@@ -36,16 +36,19 @@ pub enum ThreadKind {
     AgentJobs,
     /// The userfaultfd handler of a uffd restore: serves guest page faults from the memory file.
     UffdHandler,
+    /// `agentvm isolate run`'s main thread once its isolate is booted: runs the job.
+    Isolate,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 6] = [
+    pub const ALL: [ThreadKind; 7] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
         ThreadKind::Api,
         ThreadKind::AgentJobs,
         ThreadKind::UffdHandler,
+        ThreadKind::Isolate,
     ];
 
     /// The filter's name in the JSON file.
@@ -57,6 +60,7 @@ impl ThreadKind {
             ThreadKind::Api => "api",
             ThreadKind::AgentJobs => "agent_jobs",
             ThreadKind::UffdHandler => "uffd_handler",
+            ThreadKind::Isolate => "isolate",
         }
     }
 }
