@@ -20,6 +20,20 @@ use vmm::nested::Scenario;
 const L2_TIMEOUT: Duration = Duration::from_secs(300);
 const GUEST_MEM_MIB: u64 = 256;
 
+/// The isolate tier on an ordinary (SVM) KVM, where L1's kvm-amd runs the isolate guest: a
+/// result with a log line, and the CPU limit.
+const ISOLATE_SCRIPT: &str = r#"cat > /tmp/add.wat <<'WAT'
+(module (import "agentvm" "log" (func $log (param i32 i32)))
+  (memory (export "memory") 1) (data (i32.const 0) "isolate-log")
+  (func (export "add") (param i32 i32) (result i32)
+    (call $log (i32.const 0) (i32.const 11)) local.get 0 local.get 1 i32.add)
+  (func (export "spin") (loop br 0)))
+WAT
+echo "sum=$(agentvm isolate run /tmp/add.wat --invoke add --arg 2 --arg 40)"
+agentvm isolate run /tmp/add.wat --invoke spin --cpu-limit-ms 300
+echo "spin_status=$?"
+"#;
+
 fn scenarios() -> Vec<Scenario> {
     vec![
         Scenario::new(
@@ -27,6 +41,7 @@ fn scenarios() -> Vec<Scenario> {
             "test -c /dev/kvm && echo kvm-char-device; grep -c svm /proc/cpuinfo",
             Duration::from_secs(30),
         ),
+        Scenario::new("isolate", ISOLATE_SCRIPT, Duration::from_secs(120)),
         // One boot for output, exit status, vCPUs, memory and the virtio-rng device.
         l2_scenario(
             "exec",
@@ -91,6 +106,20 @@ fn l1_has_a_working_nested_kvm() {
         "no svm flag in L1's cpuinfo: {}",
         describe(r)
     );
+}
+
+#[test]
+fn isolates_run_on_an_svm_kvm_too() {
+    let Some(r) = outcome().scenario("isolate") else {
+        return;
+    };
+    assert!(!r.timed_out, "{}", describe(r));
+    let out = r.stdout_text();
+    let err = r.stderr_text();
+    assert_eq!(value(&out, "sum"), Some("42"), "{}", describe(r));
+    assert!(err.contains("isolate: isolate-log"), "{}", describe(r));
+    assert_eq!(value(&out, "spin_status"), Some("1"), "{}", describe(r));
+    assert!(err.contains("CPU time limit exceeded"), "{}", describe(r));
 }
 
 /// The command's output (without the L2 console tail) of the "exec" scenario.
