@@ -137,15 +137,23 @@ fn open_fds() -> usize {
         .unwrap_or(0)
 }
 
-/// Lifts the soft descriptor limit to the hard one: each isolate holds a VM and a vCPU fd.
-fn raise_fd_limit() {
+/// Makes room for `wanted` descriptors (each isolate holds a VM and a vCPU fd): raises the
+/// limit, the hard one too where allowed (CAP_SYS_RESOURCE), else the soft one to the hard one.
+fn raise_fd_limit(wanted: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit/setrlimit with a valid resource and pointer to a local.
+    // SAFETY: getrlimit/setrlimit with a valid resource and pointers to locals.
     unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 || lim.rlim_cur >= wanted {
+            return;
+        }
+        let both = libc::rlimit {
+            rlim_cur: wanted,
+            rlim_max: wanted.max(lim.rlim_max),
+        };
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &both) != 0 {
             lim.rlim_cur = lim.rlim_max;
             libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
         }
@@ -156,7 +164,7 @@ pub fn isolate(args: IsolateArgs) -> Result<ExitCode, String> {
     if let Some(out) = &args.out {
         super::check_writable(out)?;
     }
-    raise_fd_limit();
+    raise_fd_limit(u64::from(args.concurrent) * 2 + 1024);
     let spec = job()?;
     let runs = args.runs as usize;
     let mut kv = KvStore::new(0);
