@@ -1,24 +1,8 @@
-//! Link arguments for the freestanding isolate guest: no C runtime, no libc, our own linker script.
+//! Link arguments for the freestanding isolate guest (shared with the probe).
 
-use std::path::PathBuf;
+#[path = "../freestanding/link_args.rs"]
+mod link_args;
 
 fn main() {
-    let manifest_dir = PathBuf::from(
-        std::env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"),
-    );
-    let script = manifest_dir.join("link.ld");
-    println!("cargo:rerun-if-changed={}", script.display());
-    println!("cargo:rustc-link-arg-bins=-T{}", script.display());
-    // -no-pie: the image is linked at fixed physical addresses and nothing would relocate it.
-    // --build-id=none: no .note section, so the loader sees only our PT_LOAD segments.
-    for arg in [
-        "-nostartfiles",
-        "-nostdlib",
-        "-static",
-        "-no-pie",
-        "-Wl,--build-id=none",
-        "-Wl,-z,noexecstack",
-    ] {
-        println!("cargo:rustc-link-arg-bins={arg}");
-    }
+    link_args::emit();
 }

@@ -11,22 +11,22 @@ use serde_json::Value;
 /// Hang detector for the whole benchmark (it takes a few seconds).
 const BENCH_TIMEOUT: Duration = Duration::from_secs(180);
 
-fn section<'a>(doc: &'a Value, id: &str) -> &'a Value {
-    doc["sections"]
+/// The element of `parent[list]` whose `id` is `id`.
+fn by_id<'a>(parent: &'a Value, list: &str, id: &str) -> &'a Value {
+    parent[list]
         .as_array()
-        .expect("sections")
+        .unwrap_or_else(|| panic!("no {list} in {parent:#}"))
         .iter()
-        .find(|s| s["id"] == id)
-        .unwrap_or_else(|| panic!("no section {id} in {doc:#}"))
+        .find(|e| e["id"] == id)
+        .unwrap_or_else(|| panic!("no {id} in {list} of {parent:#}"))
+}
+
+fn section<'a>(doc: &'a Value, id: &str) -> &'a Value {
+    by_id(doc, "sections", id)
 }
 
 fn figure<'a>(section: &'a Value, id: &str) -> &'a Value {
-    section["figures"]
-        .as_array()
-        .expect("figures")
-        .iter()
-        .find(|f| f["id"] == id)
-        .unwrap_or_else(|| panic!("no figure {id} in {section:#}"))
+    by_id(section, "figures", id)
 }
 
 /// The figure's summary over `n` samples, ordered, with a positive minimum; returns its median.

@@ -23,6 +23,7 @@ pub fn build(manifest_dir: &Path, out_dir: &Path) {
         "guest-agent/isolate/build.rs",
         "guest-agent/freestanding/src",
         "guest-agent/freestanding/Cargo.toml",
+        "guest-agent/freestanding/link_args.rs",
         "isolate-abi/src",
         "isolate-abi/Cargo.toml",
     ] {

@@ -72,6 +72,22 @@ pub fn rss_of(pid: u32) -> Option<Rss> {
     parse_rss(&status)
 }
 
+/// One field of `/proc/<pid>/smaps_rollup` (`Pss`, `Private_Dirty`, ...) in KiB; `pid` None is
+/// this process.
+pub fn smaps_rollup_kib(pid: Option<u32>, field: &str) -> Option<u64> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/smaps_rollup"),
+        None => "/proc/self/smaps_rollup".to_string(),
+    };
+    let rollup = std::fs::read_to_string(path).ok()?;
+    rollup.lines().find_map(|l| {
+        l.strip_prefix(field)
+            .and_then(|v| v.strip_prefix(':'))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 fn parse_rss(status: &str) -> Option<Rss> {
     let field = |name: &str| -> Option<u64> {
         status

@@ -92,11 +92,13 @@ fn mailbox_bytes(ram: &GuestRam, offset: u64) -> Result<(Vec<u8>, u64), IsolateE
     Ok((bytes, offset + 4 + len))
 }
 
+/// Writes an answer of `len` bytes (at most the mailbox) into the mailbox.
 fn answer(
     ram: &mut GuestRam,
+    len: usize,
     write: impl FnOnce(&mut Writer<'_>) -> Result<(), isolate_abi::encoding::Full>,
 ) -> Result<(), IsolateError> {
-    let mut buf = vec![0u8; layout::MAILBOX_SIZE as usize];
+    let mut buf = vec![0u8; len.min(layout::MAILBOX_SIZE as usize)];
     let mut w = Writer::new(&mut buf);
     write(&mut w).map_err(|_| protocol("the answer does not fit the mailbox"))?;
     let n = w.len();
@@ -122,10 +124,9 @@ fn handle_inner(
             let (key, _) = mailbox_bytes(ram, 0)?;
             match ctx.kv.get(&key) {
                 Some(v) if v.len() <= MAX_VALUE => {
-                    let v = v.to_vec();
-                    answer(ram, |w| w.u32(1).and_then(|_| w.bytes(&v)))?;
+                    answer(ram, 8 + v.len(), |w| w.u32(1).and_then(|_| w.bytes(v)))?;
                 }
-                _ => answer(ram, |w| w.u32(0))?,
+                _ => answer(ram, 4, |w| w.u32(0))?,
             }
             Ok(After::Resume)
         }
@@ -133,7 +134,7 @@ fn handle_inner(
             let (key, next) = mailbox_bytes(ram, 0)?;
             let (value, _) = mailbox_bytes(ram, next)?;
             let stored = value.len() <= MAX_VALUE && ctx.kv.put(&key, &value);
-            answer(ram, |w| w.u32(u32::from(stored)))?;
+            answer(ram, 4, |w| w.u32(u32::from(stored)))?;
             Ok(After::Resume)
         }
         Call::Result => {

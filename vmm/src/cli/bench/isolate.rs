@@ -120,15 +120,7 @@ fn host_wasmi(module: &[u8]) -> Result<(), String> {
 /// Not RSS: every isolate maps the template's pages it reads, and RSS counts a page once per
 /// mapping although they are one page in memory.
 fn private_dirty_kib() -> f64 {
-    std::fs::read_to_string("/proc/self/smaps_rollup")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("Private_Dirty:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-        })
-        .unwrap_or(f64::NAN)
+    vmm::process_stats::smaps_rollup_kib(None, "Private_Dirty").map_or(f64::NAN, |k| k as f64)
 }
 
 fn open_fds() -> usize {
@@ -324,11 +316,7 @@ fn to_table(doc: &IsolateDocument) -> String {
         "{}: median / p99 (nearest rank), min-max, n",
         doc.benchmark
     );
-    let _ = writeln!(
-        t,
-        "machine: {}, {} CPUs, host kernel {}; {}",
-        m.cpu_model, m.cpus, m.host_kernel, m.kvm
-    );
+    let _ = writeln!(t, "{}", m.describe());
     let _ = writeln!(
         t,
         "\n{:<74} {:>24} {:>24}",

@@ -13,6 +13,14 @@ pub struct MachineInfo {
 }
 
 impl MachineInfo {
+    /// The `machine:` line of every benchmark table.
+    pub fn describe(&self) -> String {
+        format!(
+            "machine: {}, {} CPUs, host kernel {}; {}",
+            self.cpu_model, self.cpus, self.host_kernel, self.kvm
+        )
+    }
+
     pub fn read() -> MachineInfo {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")

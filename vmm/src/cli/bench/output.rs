@@ -109,10 +109,7 @@ pub struct Document {
 
 impl Document {
     pub fn errors(&self) -> Vec<String> {
-        self.sections
-            .iter()
-            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.title)))
-            .collect()
+        section_errors(&self.sections)
     }
 
     pub fn to_table(&self) -> String {
@@ -124,11 +121,7 @@ impl Document {
             "{}: median / p99 (nearest rank), min-max, n; {} runs asked per figure",
             self.benchmark, self.runs
         );
-        let _ = writeln!(
-            t,
-            "machine: {}, {} CPUs, host kernel {}; {}",
-            m.cpu_model, m.cpus, m.host_kernel, m.kvm
-        );
+        let _ = writeln!(t, "{}", m.describe());
         let _ = writeln!(
             t,
             "guest:   kernel {} (vmlinux) + agentvm initramfs, {} vCPU, {} MiB, command `{}`",
@@ -245,6 +238,14 @@ fn cell(s: Option<Summary>, unit: Unit) -> String {
 }
 
 /// Three significant-ish digits, enough for figures whose run-to-run noise is larger.
+/// "title: error" of each section that could not be measured.
+pub(super) fn section_errors(sections: &[Section]) -> Vec<String> {
+    sections
+        .iter()
+        .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.title)))
+        .collect()
+}
+
 pub(super) fn num(v: f64, unit: Unit) -> String {
     let digits = match unit {
         Unit::Mib | Unit::MibPerS => 1,

@@ -7,7 +7,7 @@ use std::fmt::Write as _;
 use serde::Serialize;
 
 use super::machine::MachineInfo;
-use super::output::{num, Figure, Section, Unit};
+use super::output::{num, section_errors, Figure, Section, Unit};
 use super::restore::{ForkSample, Mode, RestoreSample};
 use super::stats::Summary;
 
@@ -274,10 +274,7 @@ impl RestoreDocument {
     }
 
     pub fn errors(&self) -> Vec<String> {
-        self.sections
-            .iter()
-            .filter_map(|s| s.error.as_ref().map(|e| format!("{}: {e}", s.title)))
-            .collect()
+        section_errors(&self.sections)
     }
 
     /// The backends and the cold boot side by side (median / p99 per cell), then the fork
@@ -291,11 +288,7 @@ impl RestoreDocument {
             "{}: median / p99 (nearest rank); {} runs per column after one warm-up",
             self.benchmark, self.iterations
         );
-        let _ = writeln!(
-            t,
-            "machine: {}, {} CPUs, host kernel {}; {}",
-            m.cpu_model, m.cpus, m.host_kernel, m.kvm
-        );
+        let _ = writeln!(t, "{}", m.describe());
         let _ = writeln!(
             t,
             "guest:   {} `{}`, {} vCPU, {} MiB; snapshot: created in {:.1} ms, memory file {:.1} \

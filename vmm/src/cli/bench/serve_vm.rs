@@ -275,12 +275,7 @@ fn parse_metrics(text: &str) -> VmMetrics {
 /// Proportional set size of `pid` in KiB (shared pages divided among the processes that map
 /// them): what N VMs restored from one memory file really cost together.
 pub fn pss_kib(pid: u32) -> Option<u64> {
-    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-    rollup.lines().find_map(|l| {
-        l.strip_prefix("Pss:")
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-    })
+    vmm::process_stats::smaps_rollup_kib(Some(pid), "Pss")
 }
 
 #[cfg(test)]
