@@ -15,6 +15,7 @@ pub mod flow;
 pub mod frame;
 pub mod hello;
 pub mod message;
+pub mod net;
 
 pub use error::Error;
 pub use flow::{RecvWindow, SendWindow};
