@@ -29,6 +29,8 @@ pub struct VmConfig {
     pub record_rss_before_guest: bool,
     /// A virtio-vsock device (the guest agent's channel), if any.
     pub vsock: Option<VsockConfig>,
+    /// A NIC whose other end is the in-VMM egress filter, if any (none: no network at all).
+    pub net: Option<NetConfig>,
     /// KVM dirty-page logging on guest RAM, so the VM can take diff snapshots.
     pub track_dirty_pages: bool,
     /// Whether the VMM's threads run under their seccomp filters (Off only for debugging).
@@ -44,6 +46,18 @@ pub struct VmConfig {
 pub struct VsockConfig {
     pub guest_cid: u64,
     pub uds_path: PathBuf,
+}
+
+/// The guest's NIC: a virtio-net device wired to the VMM's egress filter (userspace TCP/IP,
+/// default deny), never to a host interface.
+#[derive(Debug, Clone)]
+pub struct NetConfig {
+    /// What the guest may reach (replaceable at run time through the API).
+    pub policy: egress::policy::Policy,
+    /// Append one JSON line per DNS answer, connection and HTTP request here.
+    pub audit_log: Option<PathBuf>,
+    /// The sandbox's name in audit lines.
+    pub sandbox: String,
 }
 
 /// The CID guests get unless told otherwise (the first one not reserved).

@@ -324,6 +324,7 @@ impl Controller {
             skip_linux_host_check: false,
             record_rss_before_guest: false,
             vsock: self.vsock.clone(),
+            net: None,
             seccomp: self.seccomp,
             track_dirty_pages: self.machine.track_dirty_pages,
             seccomp_test_violation: None,

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Args;
 
+use super::net_args::NetArgs;
 use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
 use vmm::config::{VmConfig, VsockConfig};
@@ -46,6 +47,8 @@ pub struct BootArgs {
     #[arg(long, hide = true, value_name = "THREAD")]
     seccomp_test_violation: Option<ThreadKind>,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     machine: MachineArgs,
 }
 
@@ -75,6 +78,9 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
     } else {
         format!("{LINUX_BASE_CMDLINE} {}", args.cmdline)
     };
+    let net = args
+        .net
+        .to_config(&format!("boot-{}", std::process::id()))?;
     let config = VmConfig {
         vcpus: args.machine.vcpus as u8,
         mem_mib: args.machine.mem_mib,
@@ -87,6 +93,7 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
             guest_cid: args.vsock_cid,
             uds_path,
         }),
+        net,
         seccomp: args.machine.seccomp(),
         track_dirty_pages: false,
         seccomp_test_violation: args.seccomp_test_violation,

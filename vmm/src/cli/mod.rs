@@ -7,6 +7,7 @@ mod daemon;
 mod exec;
 mod isolate;
 mod kernel_cmd;
+mod net_args;
 mod nested;
 mod publish;
 mod run;

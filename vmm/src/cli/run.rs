@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use clap::Args;
 
+use super::net_args::NetArgs;
 use super::boot::LINUX_BASE_CMDLINE;
 use super::console::{ConsoleDemux, ConsoleView};
 use super::session::{self, GuestCommand, SessionError};
@@ -34,6 +35,8 @@ pub struct RunArgs {
     #[arg(long, hide = true, value_name = "FILE")]
     report_timings: Option<PathBuf>,
     #[command(flatten)]
+    net: NetArgs,
+    #[command(flatten)]
     machine: MachineArgs,
     #[command(flatten)]
     guest: GuestCommand,
@@ -53,6 +56,16 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     vmm::config::validate_mem_mib(args.machine.mem_mib, None).map_err(|e| e.to_string())?;
     let nested = args.nested || !vmm::host::can_run_linux();
+    if nested && args.net.egress_policy.is_some() {
+        return Err(
+            "--egress-policy does not work through the nested test host yet (the policy and its \
+             secrets would have to be carried into it); run on a host whose KVM runs Linux guests"
+                .into(),
+        );
+    }
+    let net = args
+        .net
+        .to_config(&format!("run-{}", std::process::id()))?;
     if nested && (args.guest.interactive || args.guest.tty || !args.guest.publish.is_empty()) {
         return Err(format!(
             "-i, -t and --publish do not work through the nested test host, which only runs \
@@ -104,6 +117,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
             guest_cid: vmm::config::DEFAULT_GUEST_CID,
             uds_path: uds_path.clone(),
         }),
+        net,
         seccomp: args.machine.seccomp(),
         track_dirty_pages: false,
         seccomp_test_violation: None,

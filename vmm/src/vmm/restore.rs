@@ -79,6 +79,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         skip_linux_host_check: true,
         record_rss_before_guest: false,
         vsock,
+        net: None,
         seccomp: request.seccomp,
         track_dirty_pages: request.track_dirty_pages,
         seccomp_test_violation: None,
