@@ -15,6 +15,7 @@ mod api;
 mod checks;
 mod cli;
 mod daemon;
+mod net;
 mod snapshot;
 mod vm;
 mod watchdog;
@@ -133,7 +134,15 @@ fn main() {
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// The main guest's memory (the network checks scan all of it for a leaked secret).
+const MAIN_MEM_MIB: u32 = 512;
+
 fn client_checks(args: &Args) {
+    // The main guest also has a NIC behind the egress filter, for the network checks.
+    let net = net::NetFixture::prepare(&args.work_dir);
+    if let Err(e) = &net {
+        report("net_setup", Err(e.clone()));
+    }
     let mut guest = match Guest::boot(&BootOptions {
         agentvm: &args.agentvm,
         kernel: &args.kernel,
@@ -141,7 +150,9 @@ fn client_checks(args: &Args) {
         work_dir: &args.work_dir,
         name: "main",
         extra_cmdline: "",
-        mem_mib: 512,
+        mem_mib: MAIN_MEM_MIB,
+        extra_args: net.as_ref().map(|n| n.boot_args()).unwrap_or_default(),
+        env: net.as_ref().map(|n| n.boot_env()).unwrap_or_default(),
     }) {
         Ok(g) => g,
         Err(e) => return report("boot", Err(e)),
@@ -165,6 +176,9 @@ fn client_checks(args: &Args) {
         )),
     );
     checks::run_all(&client, args);
+    if let Ok(net) = &net {
+        net::checks(&client, net, guest.child.id(), MAIN_MEM_MIB);
+    }
     timed("agent_gone", || checks::agent_gone(&client, &mut guest));
 }
 
@@ -178,6 +192,8 @@ fn version_mismatch(args: &Args) {
             name: "mismatch",
             extra_cmdline: "agentvm.test_protocol_version=9.0",
             mem_mib: 256,
+            extra_args: Vec::new(),
+            env: Vec::new(),
         })?;
         match guest.connect(BOOT_TIMEOUT) {
             Ok(_) => Err("the client accepted an agent speaking protocol v9.0".into()),

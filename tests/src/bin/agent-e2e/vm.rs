@@ -22,6 +22,9 @@ pub struct BootOptions<'a> {
     pub name: &'a str,
     pub extra_cmdline: &'a str,
     pub mem_mib: u32,
+    /// More `agentvm boot` arguments, and environment variables for it.
+    pub extra_args: Vec<String>,
+    pub env: Vec<(String, String)>,
 }
 
 impl Guest {
@@ -41,6 +44,8 @@ impl Guest {
             .arg("--console")
             .arg(&console)
             .args(["--vcpus", "2", "--mem-mib", &o.mem_mib.to_string()])
+            .args(&o.extra_args)
+            .envs(o.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

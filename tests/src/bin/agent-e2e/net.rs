@@ -1,0 +1,497 @@
+//! The guest's network through the egress filter, end to end: the "main" guest boots with
+//! `--egress-policy`; upstream HTTP servers run in this process on an address added to the nested
+//! host's loopback (so it is one of the host's own addresses, which the policy must name), and
+//! the guest reaches them by names from the nested host's /etc/hosts, through the VMM's resolver.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use agentvm_client::{AgentClient, ExitStatus, ProcessSpec, ProcessSpecExt};
+use sha2::{Digest, Sha256};
+
+use crate::timed;
+
+type Check = Result<String, String>;
+
+/// The upstream servers' address: TEST-NET-2, added to the nested host's `lo`.
+const UPSTREAM_ADDR: &str = "198.51.100.10";
+const WEB_PORT: u16 = 18080;
+const API_PORT: u16 = 18081;
+const LIMITED_PORT: u16 = 18083;
+/// Bytes of the download whose checksum the guest computes.
+const BLOB_BYTES: usize = 16 << 20;
+/// The environment variable the policy reads the credential from.
+const TOKEN_VAR: &str = "AGENT_E2E_EGRESS_TOKEN";
+
+/// What the guest boot needs (policy, audit log, the credential in the VMM's environment) and
+/// what the checks look at (what the upstream servers saw).
+pub struct NetFixture {
+    pub policy: PathBuf,
+    pub audit: PathBuf,
+    pub token: String,
+    authorizations: Arc<Mutex<Vec<String>>>,
+}
+
+impl NetFixture {
+    /// Adds the upstream address, the names and the servers, and writes the policy.
+    pub fn prepare(work_dir: &Path) -> Result<NetFixture, String> {
+        let status = std::process::Command::new("ip")
+            .args(["addr", "add", &format!("{UPSTREAM_ADDR}/32"), "dev", "lo"])
+            .status()
+            .map_err(|e| format!("cannot run ip: {e}"))?;
+        if !status.success() {
+            return Err(format!(
+                "ip addr add {UPSTREAM_ADDR}/32 dev lo failed: {status}"
+            ));
+        }
+        let mut hosts = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open("/etc/hosts")
+            .map_err(|e| format!("/etc/hosts: {e}"))?;
+        writeln!(
+            hosts,
+            "{UPSTREAM_ADDR} allowed.test api.test limited.test denied.test"
+        )
+        .map_err(|e| format!("/etc/hosts: {e}"))?;
+
+        let token = format!("tok-{:016x}-{:08x}", random_u64(), std::process::id());
+        let authorizations = Arc::new(Mutex::new(Vec::new()));
+        for port in [WEB_PORT, API_PORT, LIMITED_PORT] {
+            let listener = TcpListener::bind((UPSTREAM_ADDR, port))
+                .map_err(|e| format!("bind {UPSTREAM_ADDR}:{port}: {e}"))?;
+            let seen = authorizations.clone();
+            let expected = format!("Bearer {token}");
+            std::thread::spawn(move || serve(listener, &expected, &seen));
+        }
+
+        let policy = work_dir.join("egress-policy.json");
+        let audit = work_dir.join("egress-audit.jsonl");
+        let text = serde_json::json!({
+            "version": 1,
+            "rules": [
+                { "id": "web", "domain": "allowed.test", "ports": [WEB_PORT] },
+                { "id": "api", "domain": "api.test", "ports": [API_PORT],
+                  "inject_headers": [ { "name": "Authorization", "prefix": "Bearer ", "from_env": TOKEN_VAR } ] },
+                { "id": "limited", "domain": "limited.test", "ports": [LIMITED_PORT],
+                  "rate_limit": { "connections": 2, "per_seconds": 3600 } },
+                // Names the host address (so names resolving to it are handed out) and opens
+                // only the discard port on it by address.
+                { "id": "upstream-host", "cidr": format!("{UPSTREAM_ADDR}/32"), "ports": [9] }
+            ]
+        });
+        std::fs::write(&policy, text.to_string())
+            .map_err(|e| format!("{}: {e}", policy.display()))?;
+        Ok(NetFixture {
+            policy,
+            audit,
+            token,
+            authorizations,
+        })
+    }
+
+    /// `agentvm boot` arguments.
+    pub fn boot_args(&self) -> Vec<String> {
+        vec![
+            "--egress-policy".into(),
+            self.policy.display().to_string(),
+            "--egress-audit".into(),
+            self.audit.display().to_string(),
+        ]
+    }
+
+    /// The VMM's environment.
+    pub fn boot_env(&self) -> Vec<(String, String)> {
+        vec![(TOKEN_VAR.into(), self.token.clone())]
+    }
+}
+
+fn random_u64() -> u64 {
+    let mut bytes = [0u8; 8];
+    if let Ok(mut urandom) = std::fs::File::open("/dev/urandom") {
+        let _ = urandom.read_exact(&mut bytes);
+    }
+    u64::from_le_bytes(bytes) | 1
+}
+
+/// Deterministic bytes of the download (a xorshift stream), the same on both ends.
+fn blob() -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let mut out = Vec::with_capacity(BLOB_BYTES);
+    while out.len() < BLOB_BYTES {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        out.extend_from_slice(&state.to_le_bytes());
+    }
+    out.truncate(BLOB_BYTES);
+    out
+}
+
+fn serve(listener: TcpListener, expected_authorization: &str, seen: &Mutex<Vec<String>>) {
+    for stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let _ = handle(stream, expected_authorization, seen);
+    }
+}
+
+fn handle(stream: TcpStream, expected: &str, seen: &Mutex<Vec<String>>) -> std::io::Result<()> {
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut request_line = String::new();
+    reader.read_line(&mut request_line)?;
+    let mut authorization = None;
+    let mut host = String::new();
+    loop {
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 || line == "\r\n" || line == "\n" {
+            break;
+        }
+        if let Some((name, value)) = line.split_once(':') {
+            let value = value.trim().to_string();
+            if name.eq_ignore_ascii_case("authorization") {
+                authorization = Some(value);
+            } else if name.eq_ignore_ascii_case("host") {
+                host = value;
+            }
+        }
+    }
+    let path = request_line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or("/")
+        .to_string();
+    let (status, body): (&str, Vec<u8>) = match path.as_str() {
+        "/hello" => (
+            "200 OK",
+            format!("hello from upstream, host {host}\n").into_bytes(),
+        ),
+        "/secret" => {
+            let value = authorization.unwrap_or_default();
+            let ok = value == expected;
+            seen.lock().unwrap().push(value);
+            if ok {
+                ("200 OK", b"authorized\n".to_vec())
+            } else {
+                ("401 Unauthorized", b"unauthorized\n".to_vec())
+            }
+        }
+        "/blob" => ("200 OK", blob()),
+        _ => ("404 Not Found", b"no such path\n".to_vec()),
+    };
+    let mut stream = stream;
+    write!(
+        stream,
+        "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    stream.write_all(&body)?;
+    stream.flush()
+}
+
+fn shell(client: &AgentClient, script: &str) -> Result<(i32, String, String), String> {
+    let out = client
+        .exec_output(ProcessSpec::shell(script))
+        .map_err(|e| format!("{script}: {e}"))?;
+    let code = match out.status {
+        ExitStatus::Code(code) => code,
+        ExitStatus::Signal(signal) => 128 + signal,
+    };
+    Ok((
+        code,
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+/// `wget` in the guest; (exit code, stdout, stderr).
+fn wget(client: &AgentClient, extra: &str, url: &str) -> Result<(i32, String, String), String> {
+    shell(client, &format!("wget -q -T 20 -O - {extra} {url}"))
+}
+
+fn refused(client: &AgentClient, url: &str) -> Check {
+    let (code, out, err) = wget(client, "", url)?;
+    if code != 0 && err.to_lowercase().contains("refused") {
+        Ok(format!("{url}: {}", err.trim()))
+    } else {
+        Err(format!(
+            "{url}: want a refused connection, got exit {code}, stdout {out:?}, stderr {err:?}"
+        ))
+    }
+}
+
+pub fn checks(client: &AgentClient, fixture: &NetFixture, vmm_pid: u32, mem_mib: u32) {
+    timed("net_configured", || {
+        let (code, out, err) = shell(
+            client,
+            "ip -4 addr show dev eth0; ip -4 route; cat /etc/resolv.conf",
+        )?;
+        if code == 0
+            && out.contains("10.0.2.15/24")
+            && out.contains("default via 10.0.2.2")
+            && out.contains("nameserver 10.0.2.3")
+        {
+            Ok("eth0 10.0.2.15/24, default via 10.0.2.2, resolver 10.0.2.3".into())
+        } else {
+            Err(format!("exit {code}: {out}{err}"))
+        }
+    });
+    timed("net_allowed_domain", || {
+        let (code, out, err) = wget(client, "", &format!("http://allowed.test:{WEB_PORT}/hello"))?;
+        if code == 0 && out.contains("hello from upstream, host allowed.test") {
+            Ok(out.trim().to_string())
+        } else {
+            Err(format!("exit {code}, stdout {out:?}, stderr {err:?}"))
+        }
+    });
+    timed("net_denied_domain", || {
+        let (code, out, err) = wget(client, "", &format!("http://denied.test:{WEB_PORT}/hello"))?;
+        if code != 0 && !out.contains("hello") && err.contains("bad address") {
+            Ok(err.trim().to_string())
+        } else {
+            Err(format!(
+                "want an unresolvable name, got exit {code}, stdout {out:?}, stderr {err:?}"
+            ))
+        }
+    });
+    timed("net_ip_literal_refused", || {
+        refused(client, &format!("http://{UPSTREAM_ADDR}:{WEB_PORT}/hello"))
+    });
+    timed("net_unlisted_address_refused", || {
+        refused(client, "http://203.0.113.9:80/")
+    });
+    timed("net_metadata_refused", || {
+        refused(client, "http://169.254.169.254/latest/meta-data/")
+    });
+    timed("net_private_refused", || {
+        refused(client, "http://10.0.2.2:22/")
+    });
+    timed("net_host_header_checked", || {
+        let (code, out, err) = wget(
+            client,
+            "--header 'Host: evil.test'",
+            &format!("http://allowed.test:{WEB_PORT}/hello"),
+        )?;
+        if code != 0 && err.contains("403") {
+            Ok(err.trim().to_string())
+        } else {
+            Err(format!("want 403 for a Host the rule does not allow, got exit {code}, stdout {out:?}, stderr {err:?}"))
+        }
+    });
+    timed("net_credential_injection", || {
+        credential_injection(client, fixture, vmm_pid, mem_mib)
+    });
+    timed("net_download_16mib", || {
+        let want: String = Sha256::digest(blob())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        let (code, out, err) = shell(
+            client,
+            &format!("wget -q -T 60 -O - http://allowed.test:{WEB_PORT}/blob | sha256sum"),
+        )?;
+        if code == 0 && out.starts_with(&want) {
+            Ok(format!("sha256 {want}"))
+        } else {
+            Err(format!(
+                "want sha256 {want}, got exit {code}, stdout {out:?}, stderr {err:?}"
+            ))
+        }
+    });
+    timed("net_rate_limit", || {
+        let url = format!("http://limited.test:{LIMITED_PORT}/hello");
+        for attempt in 1..=2 {
+            let (code, out, err) = wget(client, "", &url)?;
+            if code != 0 || !out.contains("hello") {
+                return Err(format!("attempt {attempt} within the limit: exit {code}, stdout {out:?}, stderr {err:?}"));
+            }
+        }
+        refused(client, &url).map(|third| format!("2 connections allowed, the third: {third}"))
+    });
+    timed("net_audit_log", || audit_log(fixture));
+}
+
+fn credential_injection(
+    client: &AgentClient,
+    fixture: &NetFixture,
+    vmm_pid: u32,
+    mem_mib: u32,
+) -> Check {
+    let url = format!("http://api.test:{API_PORT}/secret");
+    let (code, out, err) = wget(client, "", &url)?;
+    if code != 0 || out.trim() != "authorized" {
+        return Err(format!(
+            "without a header: exit {code}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let (code, out, err) = wget(client, "--header 'Authorization: Bearer guessed'", &url)?;
+    if code != 0 || out.trim() != "authorized" {
+        return Err(format!(
+            "with a guest-supplied header: exit {code}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let seen = fixture.authorizations.lock().unwrap().clone();
+    let want = format!("Bearer {}", fixture.token);
+    if seen.len() != 2 || seen.iter().any(|value| *value != want) {
+        return Err(format!(
+            "upstream saw {} requests with other Authorization values than the injected one",
+            seen.len()
+        ));
+    }
+    // The guest's view: every process's environment, and its whole RAM (files in its tmpfs
+    // included) read from the host. The token is never sent to the guest to look for.
+    let marker = format!("e2e-marker-{:016x}", random_u64());
+    let (code, environ, _) = shell(
+        client,
+        &format!("echo {marker} > /tmp/marker; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"),
+    )?;
+    if code != 0 || environ.contains(&fixture.token) || !environ.contains("PATH=") {
+        return Err(format!(
+            "guest environment check: exit {code}, token present: {}",
+            environ.contains(&fixture.token)
+        ));
+    }
+    let (marker_found, token_found) = scan_guest_ram(
+        vmm_pid,
+        mem_mib,
+        &[marker.as_bytes(), fixture.token.as_bytes()],
+    )?;
+    if !marker_found {
+        return Err(
+            "the RAM scan did not find a marker the guest wrote, so it proves nothing".into(),
+        );
+    }
+    if token_found {
+        return Err("the token is in guest RAM".into());
+    }
+    Ok("upstream saw the injected token on both requests (the guest's own header replaced); not in guest env, files or RAM".into())
+}
+
+/// Reads the VMM's guest-RAM mapping (the one mapping of exactly `mem_mib` MiB) and reports which
+/// needles occur in it.
+fn scan_guest_ram(pid: u32, mem_mib: u32, needles: &[&[u8]]) -> Result<(bool, bool), String> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .map_err(|e| format!("maps of {pid}: {e}"))?;
+    let size = u64::from(mem_mib) << 20;
+    let mut regions = Vec::new();
+    for line in maps.lines() {
+        let range = line.split_whitespace().next().unwrap_or("");
+        if let Some((start, end)) = range.split_once('-') {
+            let (Ok(start), Ok(end)) =
+                (u64::from_str_radix(start, 16), u64::from_str_radix(end, 16))
+            else {
+                continue;
+            };
+            if end - start == size {
+                regions.push(start);
+            }
+        }
+    }
+    let [start] = regions[..] else {
+        return Err(format!(
+            "want one {mem_mib} MiB mapping in the VMM, found {}",
+            regions.len()
+        ));
+    };
+    let mut mem = std::fs::File::open(format!("/proc/{pid}/mem"))
+        .map_err(|e| format!("mem of {pid}: {e}"))?;
+    use std::io::{Seek, SeekFrom};
+    let mut found = vec![false; needles.len()];
+    let overlap = needles.iter().map(|n| n.len()).max().unwrap_or(0);
+    let mut buffer = vec![0u8; 8 << 20];
+    let mut carry: Vec<u8> = Vec::new();
+    let mut offset = 0u64;
+    while offset < size {
+        let chunk = (buffer.len() as u64).min(size - offset) as usize;
+        mem.seek(SeekFrom::Start(start + offset))
+            .map_err(|e| format!("seek: {e}"))?;
+        mem.read_exact(&mut buffer[..chunk])
+            .map_err(|e| format!("read guest RAM at {offset:#x}: {e}"))?;
+        carry.extend_from_slice(&buffer[..chunk]);
+        for (i, needle) in needles.iter().enumerate() {
+            if !found[i] && contains(&carry, needle) {
+                found[i] = true;
+            }
+        }
+        let keep = carry.len().saturating_sub(overlap);
+        carry.drain(..keep);
+        offset += chunk as u64;
+    }
+    Ok((found[0], found.get(1).copied().unwrap_or(false)))
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    let Some((&first, rest)) = needle.split_first() else {
+        return true;
+    };
+    let mut from = 0;
+    while let Some(pos) = haystack[from..].iter().position(|&b| b == first) {
+        let at = from + pos;
+        if haystack[at + 1..].starts_with(rest) {
+            return true;
+        }
+        from = at + 1;
+    }
+    false
+}
+
+fn audit_log(fixture: &NetFixture) -> Check {
+    let text = std::fs::read_to_string(&fixture.audit)
+        .map_err(|e| format!("{}: {e}", fixture.audit.display()))?;
+    if text.contains(&fixture.token) {
+        return Err("the audit log holds the token".into());
+    }
+    let events: Vec<serde_json::Value> = text
+        .lines()
+        .map(|line| serde_json::from_str(line).map_err(|e| format!("not JSON: {line}: {e}")))
+        .collect::<Result<_, _>>()?;
+    let has = |want: &dyn Fn(&serde_json::Value) -> bool, what: &str| {
+        if events.iter().any(want) {
+            Ok(())
+        } else {
+            Err(format!(
+                "no audit line for {what} among {} lines",
+                events.len()
+            ))
+        }
+    };
+    has(
+        &|e| e["kind"] == "dns" && e["domain"] == "allowed.test" && e["decision"] == "allow",
+        "the allowed name's DNS answer",
+    )?;
+    has(
+        &|e| e["kind"] == "dns" && e["domain"] == "denied.test" && e["decision"] == "deny",
+        "the denied name",
+    )?;
+    has(
+        &|e| {
+            e["kind"] == "connect"
+                && e["dest_ip"] == "169.254.169.254"
+                && e["decision"] == "deny"
+                && e["reason"].as_str().unwrap_or("").contains("metadata")
+        },
+        "the metadata address",
+    )?;
+    has(
+        &|e| e["kind"] == "connect" && e["rule"] == "api" && e["decision"] == "allow",
+        "the api connection",
+    )?;
+    has(
+        &|e| {
+            e["rule"] == "limited"
+                && e["decision"] == "deny"
+                && e["reason"].as_str().unwrap_or("").contains("rate limit")
+        },
+        "the rate-limited connection",
+    )?;
+    has(
+        &|e| e["kind"] == "http" && e["host"] == "api.test" && e["path"] == "/secret",
+        "the api request",
+    )?;
+    Ok(format!(
+        "{} lines, each expected kind present, no secret",
+        events.len()
+    ))
+}
