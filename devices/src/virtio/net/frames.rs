@@ -1,0 +1,64 @@
+//! The device's end of the frame channel: a `SOCK_SEQPACKET` socket (the egress filter holds
+//! the other end) or a tap fd. Both keep message boundaries, so one write is one frame and one
+//! read is one frame; std's `File` read/write is all that is needed for either.
+
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+/// A non-blocking frame fd.
+#[derive(Debug)]
+pub(super) struct FrameFd(File);
+
+impl FrameFd {
+    /// Takes `fd` over and makes it non-blocking (the event loop must never wait on it).
+    pub(super) fn new(fd: OwnedFd) -> io::Result<Self> {
+        set_nonblocking(fd.as_raw_fd())?;
+        Ok(Self(File::from(fd)))
+    }
+
+    /// Sends one frame. `WouldBlock` means the peer is not keeping up: nothing was sent.
+    pub(super) fn send(&self, frame: &[u8]) -> io::Result<()> {
+        let sent = (&self.0).write(frame)?;
+        if sent != frame.len() {
+            // Message-oriented fds send all or nothing; a short write means the fd is not one.
+            return Err(io::Error::other(format!(
+                "short write of a frame ({sent} of {} bytes): the frame fd does not keep \
+                 message boundaries",
+                frame.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Receives one frame into `buf`; a frame longer than `buf` is cut to its length (callers
+    /// pass one byte more than the largest frame they accept, to notice). `Ok(0)` is the end:
+    /// the peer closed (frames are never empty).
+    pub(super) fn recv(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            match (&self.0).read(buf) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                result => return result,
+            }
+        }
+    }
+}
+
+impl AsRawFd for FrameFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0.as_raw_fd()
+    }
+}
+
+fn set_nonblocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL on a descriptor we own reads its status flags and touches no memory.
+    let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+    if flags < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: F_SETFL with an integer argument on a descriptor we own; no memory is passed.
+    if unsafe { libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
