@@ -204,9 +204,8 @@ impl Net {
         self.rx_stalled = false;
     }
 
-    /// The fd reported hang-up or an error: whatever can still be read was read by the
-    /// caller's `process_rx`; the fd is not watched any more (epoll would report the hang-up
-    /// forever).
+    /// The fd reported hang-up or an error: it is not watched any more. Frames the guest had
+    /// no buffers for by then are lost with the link.
     pub(super) fn on_peer_hangup(&mut self) {
         if !self.peer_gone {
             warn!("virtio-net: the frame fd hung up; the guest's link carries nothing from now on");

@@ -1,5 +1,5 @@
 //! The net device's event-loop side: which fd means what, and the work every event ends with
-//! (fill rx buffers, bring the frame fd's epoll interest in line with what the device can do).
+//! (bringing the frame fd's epoll interest in line with what the device can do now).
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use tracing::{error, warn};
@@ -24,10 +24,12 @@ impl MutEventSubscriber for Net {
                 self.events.handle_activate(ops);
                 // The driver may have queued frames before the queue fds were watched.
                 self.process_tx();
+                self.process_rx();
             }
             RX => {
                 if self.events.drain_queue(RX) {
                     self.on_rx_buffers();
+                    self.process_rx();
                 }
             }
             TX => {
@@ -40,15 +42,17 @@ impl MutEventSubscriber for Net {
                 if set.contains(EventSet::OUT) {
                     self.flush_tx();
                 }
-                if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
-                    // Take what is still readable before giving the fd up.
+                if set.intersects(EventSet::IN | EventSet::HANG_UP | EventSet::ERROR) {
                     self.process_rx();
+                }
+                if set.intersects(EventSet::HANG_UP | EventSet::ERROR) {
+                    // What was still readable was just taken; epoll would report the hang-up
+                    // for ever, so the fd is given up.
                     self.on_peer_hangup();
                 }
             }
             token => warn!("virtio-net: event for unknown token {token}"),
         }
-        self.process_rx();
         self.sync_interest(ops);
     }
 }

@@ -5,16 +5,31 @@
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::FileTypeExt;
 
 /// A non-blocking frame fd.
 #[derive(Debug)]
 pub(super) struct FrameFd(File);
 
 impl FrameFd {
-    /// Takes `fd` over and makes it non-blocking (the event loop must never wait on it).
+    /// Takes `fd` over and makes it non-blocking (the event loop must never wait on it). A
+    /// socket must keep message boundaries (a stream socket would run frames together).
     pub(super) fn new(fd: OwnedFd) -> io::Result<Self> {
-        set_nonblocking(fd.as_raw_fd())?;
-        Ok(Self(File::from(fd)))
+        let file = File::from(fd);
+        if file.metadata()?.file_type().is_socket() {
+            let kind = socket_type(file.as_raw_fd())?;
+            if kind != libc::SOCK_SEQPACKET && kind != libc::SOCK_DGRAM {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "the frame fd is a socket of type {kind}, not SOCK_SEQPACKET or \
+                         SOCK_DGRAM: it would not keep one frame per message"
+                    ),
+                ));
+            }
+        }
+        set_nonblocking(file.as_raw_fd())?;
+        Ok(Self(file))
     }
 
     /// Sends one frame. `WouldBlock` means the peer is not keeping up: nothing was sent.
@@ -61,4 +76,23 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         return Err(io::Error::last_os_error());
     }
     Ok(())
+}
+
+fn socket_type(fd: RawFd) -> io::Result<libc::c_int> {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: SO_TYPE writes one c_int into `kind` and its size into `len`, both live locals.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(kind)
 }
