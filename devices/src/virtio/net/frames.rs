@@ -4,8 +4,37 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::fs::FileTypeExt;
+
+/// Send buffer asked for on each end of a [`frame_channel`]: a few of the largest frames in
+/// flight each way (the kernel caps it at net.core.wmem_max).
+const CHANNEL_SNDBUF: usize = 4 * super::MAX_FRAME_LEN;
+
+/// A connected pair of non-blocking, close-on-exec `SOCK_SEQPACKET` sockets to carry frames:
+/// `(device end, filter end)`. Give the first to [`Net::new`](super::Net::new), the second to
+/// whatever plays the wire (the egress filter).
+pub fn frame_channel() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0 as libc::c_int; 2];
+    // SAFETY: socketpair writes two descriptors into the two-element array it is given.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: both descriptors were just created by socketpair and nothing else owns them.
+    let ends = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    for end in [&ends.0, &ends.1] {
+        set_sndbuf(end.as_raw_fd(), CHANNEL_SNDBUF)?;
+    }
+    Ok(ends)
+}
 
 /// A non-blocking frame fd.
 #[derive(Debug)]
@@ -95,4 +124,22 @@ fn socket_type(fd: RawFd) -> io::Result<libc::c_int> {
         return Err(io::Error::last_os_error());
     }
     Ok(kind)
+}
+
+fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+    let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    // SAFETY: SO_SNDBUF reads one c_int from the pointer, a live local, for the call only.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_SNDBUF,
+            (&bytes as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }

@@ -23,7 +23,7 @@
 //!
 //! Wiring, as for [`rng`](super::rng):
 //! ```text
-//! let (dev_end, filter_end) = socketpair(AF_UNIX, SOCK_SEQPACKET | SOCK_NONBLOCK | SOCK_CLOEXEC)?;
+//! let (dev_end, filter_end) = frame_channel()?;
 //! let net = Arc::new(Mutex::new(Net::new(GUEST_MAC, LINK_MTU, dev_end)?));
 //! event_manager.add_subscriber(net.clone());
 //! device_manager.add_virtio_mmio(vm, mem, &mut io, net, "virtio-net")?;
@@ -43,6 +43,7 @@ mod used_ring;
 pub use device::{
     format_mac, Net, NetError, ETH_HLEN, MAX_FRAME_LEN, MIN_MTU, QUEUE_SIZE, RX_QUEUE, TX_QUEUE,
 };
+pub use frames::frame_channel;
 pub use metrics::{DropCause, NetCounts, NetMetrics};
 pub use persist::NetState;
 
