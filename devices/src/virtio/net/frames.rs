@@ -126,7 +126,8 @@ fn socket_type(fd: RawFd) -> io::Result<libc::c_int> {
     Ok(kind)
 }
 
-fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
+/// Asks for a send buffer of `bytes` (the kernel doubles it and caps it at net.core.wmem_max).
+pub(super) fn set_sndbuf(fd: RawFd, bytes: usize) -> io::Result<()> {
     let bytes = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     // SAFETY: SO_SNDBUF reads one c_int from the pointer, a live local, for the call only.
     let rc = unsafe {

@@ -29,6 +29,7 @@
 //! device_manager.add_virtio_mmio(vm, mem, &mut io, net, "virtio-net")?;
 //! egress::spawn(config, filter_end);
 //! ```
+//! A tap fd must be opened with IFF_TAP | IFF_NO_PI and without IFF_VNET_HDR (plain frames).
 //! Writing to a peer that closed raises SIGPIPE, which Rust programs ignore from the start.
 
 mod chain;

@@ -22,6 +22,7 @@ use virtio_queue::{Queue, QueueState};
 use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::frames::set_sndbuf;
 use super::*;
 use crate::virtio::test_utils::{guest_memory, MEM_SIZE, RO, WO};
 use crate::virtio::{ActivatedQueue, Interrupt, MmioTransport, VirtioDevice};
@@ -44,21 +45,6 @@ const JUMBO: usize = MTU as usize + ETH_HLEN;
 /// A connected non-blocking `SOCK_SEQPACKET` pair: (device end, peer end).
 fn seqpacket_pair() -> (OwnedFd, OwnedFd) {
     frame_channel().unwrap()
-}
-
-/// Shrinks a socket's send buffer so a few frames fill it.
-fn set_sndbuf(fd: &OwnedFd, bytes: libc::c_int) {
-    // SAFETY: SO_SNDBUF reads one c_int from the pointer, valid for the call.
-    let rc = unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_SNDBUF,
-            (&bytes as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    assert_eq!(rc, 0, "setsockopt: {}", std::io::Error::last_os_error());
 }
 
 /// Whether a frame waits to be read on `fd` (looked at without reading it).
@@ -538,7 +524,7 @@ fn without_rx_buffers_the_fd_is_not_read() {
 fn a_full_peer_makes_tx_wait_then_proceed() {
     let mut g = Guest::with_device(VERSION_1, |dev_end| {
         // Room for a few frames (the kernel doubles it), none larger than it.
-        set_sndbuf(&dev_end, 65536);
+        set_sndbuf(dev_end.as_raw_fd(), 65536).unwrap();
         Net::new(MAC, MTU, dev_end).unwrap()
     });
     let frames: Vec<Vec<u8>> = (0..16).map(|i| frame(100 + i, 30_000)).collect();
