@@ -211,6 +211,16 @@ impl Net {
             warn!("virtio-net: the frame fd hung up; the guest's link carries nothing from now on");
             self.peer_gone = true;
         }
+        self.after_peer_gone();
+    }
+
+    /// Nothing will drain the fd any more: a tx frame waiting for it is dropped and the tx
+    /// queue is emptied (each frame counted), so the guest's transmit queue never hangs.
+    fn after_peer_gone(&mut self) {
+        if self.tx_pending.take().is_some() {
+            self.metrics.dropped(DropCause::TxBackend);
+        }
+        self.process_tx();
     }
 
     fn mark_broken(active: &mut Active, what: &str) {
@@ -325,6 +335,7 @@ impl Net {
         };
         let mut delivered = 0;
         let mut failure = None;
+        let mut peer_went = false;
         for _ in 0..BUDGET {
             if self.rx_stalled {
                 break;
@@ -348,6 +359,7 @@ impl Net {
                         Ok(0) => {
                             info!("virtio-net: the frame fd was closed by its peer");
                             self.peer_gone = true;
+                            peer_went = true;
                             break;
                         }
                         Ok(n) if n > MAX_FRAME_LEN => {
@@ -372,6 +384,7 @@ impl Net {
                         Err(e) => {
                             warn!("virtio-net: reading the frame fd failed, giving it up: {e}");
                             self.peer_gone = true;
+                            peer_went = true;
                             break;
                         }
                     }
@@ -408,6 +421,9 @@ impl Net {
         }
         if let Some(e) = failure {
             Self::mark_broken(active, &e);
+        }
+        if peer_went {
+            self.after_peer_gone();
         }
     }
 

@@ -627,17 +627,34 @@ fn frames_that_do_not_fit_are_dropped_and_counted() {
 
 #[test]
 fn a_closed_peer_is_let_go() {
-    let mut g = Guest::new(VERSION_1);
+    let mut g = Guest::with_device(VERSION_1, |dev_end| {
+        set_sndbuf(dev_end.as_raw_fd(), 65536).unwrap();
+        Net::new(MAC, MTU, dev_end).unwrap()
+    });
     g.post_rx(1, 1526);
-    let (_, dead) = seqpacket_pair();
+    // Fill the socket so a frame waits in the device and more in the ring.
+    for i in 0..16 {
+        g.queue_tx(&frame(200 + i, 30_000));
+    }
+    g.kick(TX_QUEUE);
+    let sent = g.counts().tx_frames;
+    assert!(g.tx_used() < 16, "the socket filled up");
     // Replace the peer with an unrelated socket, closing the real one.
-    g.peer = File::from(dead);
+    let (_, unrelated) = seqpacket_pair();
+    g.peer = File::from(unrelated);
     g.run();
     assert!(g.dev.lock().unwrap().peer_gone);
-    assert_eq!(g.dev.lock().unwrap().registered, None);
+    assert_eq!(
+        g.dev.lock().unwrap().registered,
+        None,
+        "the fd is not watched"
+    );
+    // Everything the guest queued went back to it, each frame counted as refused.
+    assert_eq!(g.tx_used(), 16);
+    assert_eq!(g.counts().tx_dropped_backend, 16 - sent);
     g.send(&frame(19, 100));
-    assert_eq!(g.counts().tx_dropped_backend, 1);
-    assert_eq!(g.tx_used(), 1);
+    assert_eq!(g.counts().tx_dropped_backend, 17 - sent);
+    assert_eq!(g.tx_used(), 17);
 }
 
 #[test]
