@@ -254,9 +254,22 @@ impl Net {
         let mem = &active.mem;
         let queue = &mut active.queues[TX_QUEUE];
         let mut used = 0;
+        // Kicks are off while the device drains the ring (each one is a VM exit, and the
+        // device is looking anyway) and back on whenever it stops.
         let result = (|| -> Result<bool, virtio_queue::Error> {
-            while used < BUDGET {
+            queue.disable_notification(mem)?;
+            loop {
+                if used >= BUDGET {
+                    queue.enable_notification(mem)?;
+                    return Ok(true);
+                }
                 let Some(chain) = queue.iter(mem)?.next() else {
+                    // A frame added just before kicks came back on would get no kick: look
+                    // again.
+                    if queue.enable_notification(mem)? {
+                        queue.disable_notification(mem)?;
+                        continue;
+                    }
                     return Ok(false);
                 };
                 let head = chain.head_index();
@@ -283,10 +296,11 @@ impl Net {
                 queue.add_used(mem, head, 0)?;
                 used += 1;
                 if self.tx_pending.is_some() {
+                    // Until the fd drains, kicks only wake the loop for nothing; flush_tx
+                    // comes back here, which turns them on again when the ring is empty.
                     return Ok(false);
                 }
             }
-            Ok(true)
         })();
         match result {
             Ok(more) => {

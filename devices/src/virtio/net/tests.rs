@@ -323,6 +323,12 @@ impl Guest {
         self.kick(TX_QUEUE);
     }
 
+    /// The used ring's flags: non-zero (VRING_USED_F_NO_NOTIFY) while the device asks for no
+    /// kicks.
+    fn tx_used_flags(&self) -> u16 {
+        self.mem.read_obj(self.txq.used_addr()).unwrap()
+    }
+
     fn tx_used(&self) -> u16 {
         self.txq.used().idx().load()
     }
@@ -416,6 +422,7 @@ fn tx_frame_reaches_the_peer_without_its_header() {
 
     assert_eq!(g.peer_frames(), vec![f, g2]);
     assert_eq!(g.tx_used(), 2);
+    assert_eq!(g.tx_used_flags(), 0, "kicks are on at rest");
     let c = g.counts();
     assert_eq!((c.tx_frames, c.tx_bytes), (2, 60 + 1514));
     assert_ne!(g.irq.status() & VIRTIO_MMIO_INT_VRING, 0);
@@ -534,6 +541,7 @@ fn a_full_peer_makes_tx_wait_then_proceed() {
     g.kick(TX_QUEUE);
     assert!(g.counts().tx_stalls >= 1, "the socket filled up");
     assert!(g.tx_used() < 16, "the device stopped taking buffers");
+    assert_ne!(g.tx_used_flags(), 0, "no kicks while the fd is full");
     let mut got = Vec::new();
     for _ in 0..64 {
         got.extend(g.peer_frames());
@@ -544,6 +552,7 @@ fn a_full_peer_makes_tx_wait_then_proceed() {
     }
     assert!(got == frames, "all frames arrive, in order and intact");
     assert_eq!(g.tx_used(), 16);
+    assert_eq!(g.tx_used_flags(), 0, "kicks are on again");
     let c = g.counts();
     assert_eq!(c.tx_frames, 16);
     assert_eq!(c.tx_dropped_backend, 0);
@@ -725,8 +734,20 @@ fn persist_round_trip() {
     assert_eq!(queue_states[TX_QUEUE].next_avail, 1);
     assert_eq!(queue_states[TX_QUEUE].next_used, 1);
 
+    // A frame queued after the snapshot's ring positions were taken, with kicks off in the
+    // used ring (a snapshot taken while the fd was full): the restored device must still
+    // send it and turn kicks back on.
+    let unkicked = frame(22, 700);
+    g.queue_tx(&unkicked);
+    g.mem
+        .write_obj(1u16, g.txq.used_addr())
+        .expect("used ring flags");
+
     // A restored device over a new frame fd, on the same rings, carries on where the old
     // one stopped.
+    let (tx_next_desc, tx_next_addr) = (g.tx_next_desc, g.tx_next_addr);
+    let (rx_next_desc, rx_next_addr) = (g.rx_next_desc, g.rx_next_addr);
+    let (rx_chains, rx_seen) = (std::mem::take(&mut g.rx_chains), g.rx_seen);
     let Guest { mem, rxq, txq, .. } = g;
     let queues = queue_states
         .iter()
@@ -735,17 +756,18 @@ fn persist_round_trip() {
     let mut g = Guest::activated(mem, rxq, txq, queues, MRG, |fd| {
         Net::restore(&state, fd).unwrap()
     });
+    (g.tx_next_desc, g.tx_next_addr) = (tx_next_desc, tx_next_addr);
+    (g.rx_next_desc, g.rx_next_addr) = (rx_next_desc, rx_next_addr);
+    (g.rx_chains, g.rx_seen) = (rx_chains, rx_seen);
     assert_eq!(g.dev.lock().unwrap().save_state(), state);
-    g.tx_next_desc = 2;
-    g.tx_next_addr = TX_AREA + 0x1000;
-    g.rx_next_desc = 1;
-    g.rx_next_addr = RX_AREA + 0x1000;
-    let f2 = frame(22, 700);
-    g.send(&f2);
-    assert_eq!(g.peer_frames(), vec![f2]);
-    assert_eq!(g.tx_used(), 2);
-    let back = frame(23, 90);
-    g.rx_chains.insert(0, vec![(RX_AREA, 1526)]);
+    assert_eq!(g.peer_frames(), vec![unkicked]);
+    assert_eq!(g.tx_used_flags(), 0, "kicks are on again");
+    let f3 = frame(23, 900);
+    g.send(&f3);
+    assert_eq!(g.peer_frames(), vec![f3]);
+    assert_eq!(g.tx_used(), 3);
+    // The rx buffer posted before the snapshot is used for the first frame after it.
+    let back = frame(24, 90);
     g.peer_send(&back);
     assert_eq!(g.received(), vec![(1, back)]);
 
