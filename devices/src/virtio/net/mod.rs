@@ -29,6 +29,10 @@
 //! device_manager.add_virtio_mmio(vm, mem, &mut io, net, "virtio-net")?;
 //! egress::spawn(config, filter_end);
 //! ```
+//! Snapshots: keep [`Net::save_state`] beside the transport's `MmioTransportState`; on load,
+//! build the device with [`Net::restore`] over a fresh `frame_channel()` end, then restore the
+//! transport, which re-activates it (the guest's TCP connections then meet a new filter that
+//! does not know them, and are reset).
 //! A tap fd must be opened with IFF_TAP | IFF_NO_PI and without IFF_VNET_HDR (plain frames).
 //! Writing to a peer that closed raises SIGPIPE, which Rust programs ignore from the start.
 
