@@ -12,6 +12,7 @@
 //!   `event_manager::MutEventSubscriber` uses it to start watching its queue EventFds once activated.
 //! - [`rng`]: virtio-entropy, the first device.
 //! - [`vsock`]: virtio-vsock with a Unix socket backend (hybrid vsock).
+//! - [`net`]: virtio-net over a frame fd (the egress filter's socketpair or a tap).
 //!
 //! Wiring one device `i` (what the VMM does):
 //! ```text
@@ -33,6 +34,7 @@ mod events;
 mod interrupt;
 mod mmio;
 mod mmio_persist;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 
