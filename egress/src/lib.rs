@@ -2,3 +2,9 @@
 //! a `SOCK_SEQPACKET` socket pair (one Ethernet frame per message); a userspace TCP/IP stack
 //! (smoltcp) terminates the guest's TCP and DNS, and every connection the policy allows is
 //! re-originated from an ordinary host socket. Nothing needs a tap device, root, or host routes.
+
+pub mod names;
+pub mod resolver;
+pub mod stack;
+
+pub use resolver::ResolverConfig;
