@@ -160,6 +160,14 @@ impl Rule {
             }
     }
 
+    /// Whether this is a domain rule matching one of `names`.
+    fn matches_any_name(&self, names: &[String]) -> bool {
+        match &self.target {
+            Target::Domain(pattern) => names.iter().any(|name| pattern.matches(name)),
+            Target::Cidr(_) => false,
+        }
+    }
+
     /// Whether this is an address rule lying inside `range`: the way a policy names a range that
     /// is otherwise always denied.
     fn names_range(&self, range: &IpNet, ip: IpAddr) -> bool {
@@ -300,10 +308,17 @@ impl Policy {
         }
         let ip = canonical(dest.ip);
         if let Some((category, range)) = self.always_denied_range(ip) {
+            // Once a rule names the range, names resolving into it are handed out, and domain
+            // rules for those names apply as anywhere else (an internal service by its name).
+            let opened = self.rules.iter().any(|rule| rule.names_range(&range, ip));
             return self
                 .rules
                 .iter()
-                .find(|rule| rule.names_range(&range, ip) && rule.allows_port(dest.port))
+                .find(|rule| {
+                    rule.allows_port(dest.port)
+                        && (rule.names_range(&range, ip)
+                            || (opened && rule.matches_any_name(dest.names)))
+                })
                 .map_or(Decision::Deny(DenyReason::AlwaysDenied(category)), |rule| {
                     Decision::Allow(rule.clone())
                 });
@@ -314,9 +329,7 @@ impl Policy {
                 rule.allows_port(dest.port)
                     && match &rule.target {
                         Target::Cidr(net) => net.contains(&ip),
-                        Target::Domain(pattern) => {
-                            dest.names.iter().any(|name| pattern.matches(name))
-                        }
+                        Target::Domain(_) => rule.matches_any_name(dest.names),
                     }
             })
             .map_or(Decision::Deny(DenyReason::NoRule), |rule| {

@@ -279,3 +279,39 @@ fn every_mistake_is_named() {
         "{err}"
     );
 }
+
+#[test]
+fn domain_rules_reach_a_named_private_range_by_name() {
+    let p = policy(
+        r#"{ "rules": [
+            { "id": "git", "domain": "git.corp.internal", "ports": [443] },
+            { "id": "corp", "cidr": "10.1.0.0/16", "ports": [9] },
+            { "id": "me", "cidr": "203.0.113.7/32", "ports": [9] },
+            { "id": "svc", "domain": "svc.test", "ports": [8080] }
+        ] }"#,
+    );
+    assert_eq!(
+        verdict(&p, "10.1.2.3", 443, &["git.corp.internal"]),
+        Ok("git".into())
+    );
+    assert_eq!(verdict(&p, "10.1.2.3", 9, &[]), Ok("corp".into()));
+    // Not by literal, not on another port, not in a range no rule names.
+    assert_eq!(
+        verdict(&p, "10.1.2.3", 443, &[]),
+        Err(DenyReason::AlwaysDenied("private"))
+    );
+    assert_eq!(
+        verdict(&p, "10.1.2.3", 80, &["git.corp.internal"]),
+        Err(DenyReason::AlwaysDenied("private"))
+    );
+    assert_eq!(
+        verdict(&p, "10.2.0.1", 443, &["git.corp.internal"]),
+        Err(DenyReason::AlwaysDenied("private"))
+    );
+    // The host's own address, named exactly.
+    assert_eq!(
+        verdict(&p, "203.0.113.7", 8080, &["svc.test"]),
+        Ok("svc".into())
+    );
+    assert!(p.address_may_be_handed_out("203.0.113.7".parse().unwrap()));
+}
