@@ -2,8 +2,21 @@
 //! a `SOCK_SEQPACKET` socket pair (one Ethernet frame per message); a userspace TCP/IP stack
 //! (smoltcp) terminates the guest's TCP and DNS, and every connection the policy allows is
 //! re-originated from an ordinary host socket. Nothing needs a tap device, root, or host routes.
+//!
+//! - [`policy`]: the rules (default deny; domains, CIDRs, ports; credential headers) and the
+//!   always-denied address ranges.
+//! - [`limits`]: per-rule connection rates and byte caps.
+//! - [`audit`]: one JSON line per DNS answer, connection and HTTP request.
+//! - [`stack`]: smoltcp over the frame socket, answering for every destination.
+//! - [`dns`], [`resolver`], [`names`]: the guest's DNS server, upstream lookups, and which names
+//!   the guest was handed for each address.
+//! - [`proxy`]: each allowed connection pumped between the guest and its host socket.
+//! - [`thread`]: the event loop and [`spawn`].
 
+pub mod audit;
+pub mod limits;
 pub mod names;
+pub mod policy;
 pub mod resolver;
 pub mod stack;
 

@@ -10,6 +10,7 @@ pub mod console_protocol;
 pub mod loopback;
 pub mod modules;
 pub mod mounts;
+pub mod network;
 pub mod power;
 pub mod server;
 pub mod services;

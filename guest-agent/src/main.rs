@@ -17,6 +17,7 @@ use guest_agent::console_protocol::{Marker, NO_SERVER};
 use guest_agent::loopback;
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
+use guest_agent::network::{self, NicOutcome};
 use guest_agent::power::{self, signal_name, SignalWatcher};
 use guest_agent::server::unix_listener::serve_unix_socket;
 use guest_agent::server::{self, Services};
@@ -136,6 +137,11 @@ fn init() -> ! {
     }
     if let Err(e) = loopback::bring_up_loopback() {
         out.error(format!("cannot bring up the loopback interface: {e}"));
+    }
+    match network::configure_nic(Path::new(network::RESOLV_CONF)) {
+        Ok(NicOutcome::Configured) => out.debug(format_args!("network: eth0 configured")),
+        Ok(NicOutcome::Absent) => {}
+        Err(e) => out.error(format!("network: {e}")),
     }
     // Still single-threaded: nothing else reads the environment concurrently.
     std::env::set_var("PATH", PATH);
