@@ -7,7 +7,26 @@
 //!   always-denied address ranges.
 //! - [`limits`]: per-rule connection rates and byte caps.
 //! - [`audit`]: one JSON line per DNS answer, connection and HTTP request.
+//! - [`inspect`], [`tls`]: traffic inspection (SNI, HTTP heads, header injection) and TLS
+//!   interception, sans-IO.
+//! - [`stack`]: smoltcp over the frame socket, answering for every destination.
+//! - [`dns`], [`resolver`], [`names`]: the guest's DNS server, upstream lookups, and which names
+//!   the guest was handed for each address.
+//! - [`proxy`]: each allowed connection pumped between the guest and its host socket.
+//! - [`thread`]: the event loop and [`spawn`].
 
 pub mod audit;
+pub mod dns;
+pub mod inspect;
 pub mod limits;
+pub mod names;
 pub mod policy;
+pub mod proxy;
+pub mod recorder;
+pub mod resolver;
+pub mod stack;
+pub mod thread;
+pub mod tls;
+
+pub use resolver::ResolverConfig;
+pub use thread::{spawn, EgressConfig, EgressHandle, EgressStats};

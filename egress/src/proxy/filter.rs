@@ -1,0 +1,126 @@
+//! The per-connection step between the guest's bytes and the upstream socket. Today it checks,
+//! for connections a domain rule allowed, that the TLS SNI or HTTP Host names a host that rule
+//! allows (the guest could otherwise connect to an allowed address and ask a shared front end
+//! for any other site). Header injection and TLS interception plug in here as further verdicts.
+
+use std::sync::Arc;
+
+use crate::inspect::{self, Peek};
+use crate::policy::Rule;
+
+/// What the filter says about the guest's first bytes.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Not enough bytes to tell yet.
+    NeedMore,
+    /// Forward the guest's bytes unchanged from now on.
+    Pass(Seen),
+    /// Refuse the connection; `http` says whether the guest speaks HTTP (it then gets a 403).
+    Deny {
+        seen: Seen,
+        reason: String,
+        http: bool,
+    },
+}
+
+/// What the guest's first bytes showed, for the audit log.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Seen {
+    pub sni: Option<String>,
+    pub host: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<String>,
+}
+
+impl Seen {
+    /// Whether anything was recognized (an HTTP request or a TLS hello).
+    pub fn is_application(&self) -> bool {
+        self.sni.is_some() || self.host.is_some() || self.method.is_some()
+    }
+}
+
+pub struct Filter {
+    /// The rule that allowed the connection, when it did so by domain: only then is there a
+    /// name to check against.
+    domain_rule: Option<Arc<Rule>>,
+    port: u16,
+}
+
+impl Filter {
+    pub fn new(domain_rule: Option<Arc<Rule>>, port: u16) -> Self {
+        Self { domain_rule, port }
+    }
+
+    /// Judges the guest's first bytes. `complete`: no more will come before a verdict (the
+    /// guest closed its side, or waited too long), so NeedMore is not an answer.
+    pub fn inspect(&self, first: &[u8], complete: bool) -> Verdict {
+        let peeked = inspect::peek(first);
+        let Some(rule) = &self.domain_rule else {
+            // An address rule has no name to check: nothing to wait for, only what to audit.
+            return Verdict::Pass(match peeked {
+                Peek::Tls { sni } => Seen {
+                    sni,
+                    ..Seen::default()
+                },
+                Peek::Http { method, path, host } => Seen {
+                    host,
+                    method: Some(method),
+                    path: Some(path),
+                    sni: None,
+                },
+                Peek::NeedMore | Peek::Other => Seen::default(),
+            });
+        };
+        let (seen, name, http) = match peeked {
+            Peek::NeedMore if !complete => return Verdict::NeedMore,
+            // A ClientHello or request head cut short cannot be checked; waiting it out must
+            // not be a way around the check.
+            Peek::NeedMore => {
+                return Verdict::Deny {
+                    seen: Seen::default(),
+                    reason: format!(
+                        "no complete TLS ClientHello or HTTP request head arrived; rule {} allows named hosts only",
+                        rule.id
+                    ),
+                    http: false,
+                }
+            }
+            Peek::Other => return Verdict::Pass(Seen::default()),
+            Peek::Tls { sni } => (
+                Seen {
+                    sni: sni.clone(),
+                    ..Seen::default()
+                },
+                sni,
+                false,
+            ),
+            Peek::Http { method, path, host } => (
+                Seen {
+                    host: host.clone(),
+                    method: Some(method),
+                    path: Some(path),
+                    sni: None,
+                },
+                host,
+                true,
+            ),
+        };
+        match name {
+            Some(name) if rule.matches_name(&name, self.port) => Verdict::Pass(seen),
+            Some(name) => Verdict::Deny {
+                reason: format!("{name} is not allowed by rule {}", rule.id),
+                seen,
+                http,
+            },
+            None => Verdict::Deny {
+                reason: format!(
+                    "no {} name given; rule {} allows named hosts only",
+                    if http { "Host" } else { "SNI" },
+                    rule.id
+                ),
+                seen,
+                http,
+            },
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! The egress thread: one mio event loop over the guest's frame socket, every upstream socket,
+//! the resolver's sockets and a waker for commands. It sleeps until an event or smoltcp's next
+//! timer; it opens no files and starts no threads, so a tight seccomp filter fits it.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, SocketAddrV4};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR};
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use crate::audit::{AuditEvent, AuditLog};
+use crate::dns::DnsServer;
+use crate::limits::RuleCounters;
+use crate::policy::{Decision, Destination, Policy, Protocol};
+use crate::proxy::{Connection, Context, FlowKey, Progress};
+use crate::recorder::Recorder;
+use crate::resolver::{Resolver, ResolverConfig};
+use crate::stack::device::{FrameDevice, Received, MAX_FRAME};
+use crate::stack::inbound::{classify, Inbound};
+use crate::stack::Stack;
+
+/// Everything the egress filter of one sandbox needs.
+pub struct EgressConfig {
+    pub policy: Policy,
+    pub audit: AuditLog,
+    /// The sandbox's name in audit events.
+    pub sandbox: String,
+    pub resolver: ResolverConfig,
+}
+
+/// Counters since the thread started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EgressStats {
+    pub connections_allowed: u64,
+    pub connections_denied: u64,
+    /// Guest to upstream.
+    pub bytes_up: u64,
+    /// Upstream to guest.
+    pub bytes_down: u64,
+    pub dns_queries: u64,
+}
+
+#[derive(Default)]
+struct SharedStats {
+    connections_allowed: AtomicU64,
+    connections_denied: AtomicU64,
+    bytes_up: AtomicU64,
+    bytes_down: AtomicU64,
+    dns_queries: AtomicU64,
+}
+
+/// The running egress thread. Dropping it stops the thread too.
+pub struct EgressHandle {
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    /// Read by the thread at every decision, so a new policy holds for the very next
+    /// connection or query once `set_policy` returns.
+    policy: Arc<Mutex<Policy>>,
+    stats: Arc<SharedStats>,
+    thread: Option<JoinHandle<()>>,
+}
+
+const FRAMES: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONNECTION_TOKEN: usize = 2;
+/// Resolver sockets use tokens from here on; connections stay below.
+const RESOLVER_TOKENS: usize = 1 << 40;
+/// Frames taken per loop turn before the sockets get their turn, so a flooding guest cannot
+/// starve the upstream side.
+const FRAMES_PER_TURN: usize = 256;
+
+/// Starts the egress thread ("net") on the frame socket's other end. Everything that touches
+/// files (the resolver configuration, the audit log) must be opened before this call.
+pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> {
+    let poll = Poll::new()?;
+    let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
+    let device = FrameDevice::new(frames)?;
+    poll.registry().register(
+        &mut SourceFd(&device.raw_fd()),
+        FRAMES,
+        Interest::READABLE | Interest::WRITABLE,
+    )?;
+    let resolver = Resolver::new(config.resolver, RESOLVER_TOKENS)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let stats = Arc::new(SharedStats::default());
+    let policy = Arc::new(Mutex::new(config.policy));
+    let mut egress = Egress {
+        poll,
+        stop: stop.clone(),
+        stack: Stack::new(device),
+        policy: policy.clone(),
+        recorder: Recorder::new(config.audit, config.sandbox),
+        resolver,
+        dns: DnsServer::default(),
+        connections: HashMap::new(),
+        counters: RuleCounters::default(),
+        next_token: FIRST_CONNECTION_TOKEN,
+        stats: stats.clone(),
+        frames_left: false,
+    };
+    let thread = std::thread::Builder::new()
+        .name("net".into())
+        .spawn(move || egress.run())?;
+    Ok(EgressHandle {
+        stop,
+        waker,
+        policy,
+        stats,
+        thread: Some(thread),
+    })
+}
+
+impl EgressHandle {
+    /// Replaces the policy; connections and DNS queries from now on are judged by it, open
+    /// connections keep going.
+    pub fn set_policy(&self, policy: Policy) {
+        *lock(&self.policy) = policy;
+    }
+
+    pub fn stats(&self) -> EgressStats {
+        let stats = &self.stats;
+        EgressStats {
+            connections_allowed: stats.connections_allowed.load(Ordering::Relaxed),
+            connections_denied: stats.connections_denied.load(Ordering::Relaxed),
+            bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+            bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+            dns_queries: stats.dns_queries.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stops the thread; every socket it held is closed when this returns.
+    pub fn shutdown(mut self) {
+        self.stop();
+    }
+
+    fn stop(&mut self) {
+        if let Some(thread) = self.thread.take() {
+            self.stop.store(true, Ordering::Relaxed);
+            if let Err(error) = self.waker.wake() {
+                tracing::error!(%error, "cannot wake the egress thread to stop it");
+                return;
+            }
+            if thread.join().is_err() {
+                tracing::error!("egress thread panicked");
+            }
+        }
+    }
+}
+
+impl Drop for EgressHandle {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+struct Egress {
+    poll: Poll,
+    stop: Arc<AtomicBool>,
+    stack: Stack,
+    policy: Arc<Mutex<Policy>>,
+    recorder: Recorder,
+    resolver: Resolver,
+    dns: DnsServer,
+    connections: HashMap<FlowKey, Connection>,
+    counters: RuleCounters,
+    next_token: usize,
+    stats: Arc<SharedStats>,
+    /// The last turn stopped reading frames early: look again without sleeping.
+    frames_left: bool,
+}
+
+/// The policy is replaced whole under the lock, so a panic elsewhere cannot leave it half-set.
+fn lock(policy: &Mutex<Policy>) -> std::sync::MutexGuard<'_, Policy> {
+    policy
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Egress {
+    /// The policy in force now (a cheap clone of shared rules).
+    fn policy(&self) -> Policy {
+        lock(&self.policy).clone()
+    }
+
+    fn run(&mut self) {
+        let mut events = Events::with_capacity(256);
+        loop {
+            let timeout = self.timeout();
+            if let Err(error) = self.poll.poll(&mut events, timeout) {
+                if error.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(%error, "egress event loop failed");
+                return;
+            }
+            if self.stop.load(Ordering::Relaxed) {
+                return;
+            }
+            match self.read_frames() {
+                Ok(true) => {}
+                Ok(false) => {
+                    tracing::debug!("the VM closed its network link; egress thread ends");
+                    return;
+                }
+                Err(error) => {
+                    tracing::error!(%error, "reading guest frames failed; egress thread ends");
+                    return;
+                }
+            }
+            if let Err(error) = self.stack.device.flush_backlog() {
+                tracing::error!(%error, "sending guest frames failed; egress thread ends");
+                return;
+            }
+            self.stack.poll();
+            self.serve_dns();
+            self.pump_connections();
+            self.stack.poll();
+            self.reap_connections();
+        }
+    }
+
+    fn timeout(&mut self) -> Option<Duration> {
+        if self.frames_left {
+            return Some(Duration::ZERO);
+        }
+        let now = Instant::now();
+        let deadlines = self
+            .connections
+            .values()
+            .filter_map(Connection::deadline)
+            .chain(self.resolver.next_deadline())
+            .map(|deadline| deadline.saturating_duration_since(now));
+        deadlines.chain(self.stack.poll_delay()).min()
+    }
+
+    /// Ok(false): the VM closed its end.
+    fn read_frames(&mut self) -> io::Result<bool> {
+        let mut buffer = vec![0u8; MAX_FRAME];
+        self.frames_left = false;
+        for _ in 0..FRAMES_PER_TURN {
+            let length = match self.stack.device.receive_frame(&mut buffer)? {
+                Received::Frame(length) => length,
+                Received::Empty => return Ok(true),
+                Received::Closed => return Ok(false),
+            };
+            let frame = &buffer[..length];
+            let pass = match classify(frame) {
+                Inbound::TcpSyn { from, to } => {
+                    self.guest_connects(from, to);
+                    true
+                }
+                Inbound::Udp { from, to } => {
+                    if to != SocketAddrV4::new(DNS_ADDR, 53) {
+                        self.udp_denied(from, to);
+                    }
+                    // smoltcp answers other ports with ICMP port unreachable: a fast failure.
+                    true
+                }
+                // Pings are answered for the gateway and DNS addresses only; anything else
+                // answering would suggest the Internet is reachable.
+                Inbound::Icmp { to } => to == GATEWAY_ADDR || to == DNS_ADDR,
+                Inbound::Other => true,
+            };
+            if pass {
+                self.stack.device.queue_for_stack(frame.to_vec());
+            }
+        }
+        self.frames_left = true;
+        Ok(true)
+    }
+
+    /// A guest SYN: decide, and when allowed, make a socket that completes the handshake and
+    /// start the upstream connect. Denied SYNs find no socket and smoltcp answers them RST.
+    fn guest_connects(&mut self, from: SocketAddrV4, to: SocketAddrV4) {
+        let key = FlowKey {
+            guest: from,
+            destination: to,
+        };
+        if self.connections.contains_key(&key) {
+            return; // a retransmitted SYN: the existing socket answers it
+        }
+        let ip = IpAddr::V4(*to.ip());
+        let names = self.dns.names().names_for(ip).to_vec();
+        let now = Instant::now();
+        let decision = self.policy().check(&Destination {
+            ip,
+            port: to.port(),
+            protocol: Protocol::Tcp,
+            names: &names,
+        });
+        let rule = match decision {
+            Decision::Allow(rule) => match self.counters.open_connection(&rule, now) {
+                Ok(()) => rule,
+                Err(reason) => {
+                    return self.connect_denied(
+                        to,
+                        &names,
+                        Some(rule.id.clone()),
+                        reason.to_string(),
+                    )
+                }
+            },
+            Decision::Deny(reason) => {
+                return self.connect_denied(to, &names, None, reason.to_string())
+            }
+        };
+        let Some(socket) = self.stack.listen_as(to) else {
+            return self.connect_denied(to, &names, Some(rule.id.clone()), "port 0".into());
+        };
+        let token = Token(self.next_token);
+        self.next_token += 1;
+        let registry = self.poll.registry();
+        match Connection::open(
+            key,
+            socket,
+            rule.clone(),
+            names.clone(),
+            token,
+            registry,
+            now,
+        ) {
+            Ok(connection) => {
+                self.stats
+                    .connections_allowed
+                    .fetch_add(1, Ordering::Relaxed);
+                self.recorder.record(AuditEvent {
+                    kind: "connect",
+                    protocol: Some("tcp"),
+                    dest_ip: Some(ip),
+                    dest_port: Some(to.port()),
+                    domain: (!names.is_empty()).then(|| names.join(",")),
+                    decision: "allow",
+                    rule: Some(rule.id.clone()),
+                    ..AuditEvent::default()
+                });
+                self.connections.insert(key, connection);
+            }
+            Err(error) => {
+                self.stack.sockets.remove(socket);
+                self.connect_denied(
+                    to,
+                    &names,
+                    Some(rule.id.clone()),
+                    format!("upstream connect failed: {error}"),
+                );
+            }
+        }
+    }
+
+    fn connect_denied(
+        &mut self,
+        to: SocketAddrV4,
+        names: &[String],
+        rule: Option<String>,
+        reason: String,
+    ) {
+        self.stats
+            .connections_denied
+            .fetch_add(1, Ordering::Relaxed);
+        self.recorder.record(AuditEvent {
+            kind: "connect",
+            protocol: Some("tcp"),
+            dest_ip: Some(IpAddr::V4(*to.ip())),
+            dest_port: Some(to.port()),
+            domain: (!names.is_empty()).then(|| names.join(",")),
+            decision: "deny",
+            rule,
+            reason: Some(reason),
+            ..AuditEvent::default()
+        });
+    }
+
+    fn udp_denied(&mut self, _from: SocketAddrV4, to: SocketAddrV4) {
+        self.stats
+            .connections_denied
+            .fetch_add(1, Ordering::Relaxed);
+        self.recorder.record(AuditEvent {
+            kind: "connect",
+            protocol: Some("udp"),
+            dest_ip: Some(IpAddr::V4(*to.ip())),
+            dest_port: Some(to.port()),
+            decision: "deny",
+            reason: Some("only DNS to the VMM's resolver is served over UDP".into()),
+            ..AuditEvent::default()
+        });
+    }
+
+    fn serve_dns(&mut self) {
+        let registry = self.poll.registry();
+        let policy = self.policy();
+        let mut packet = vec![0u8; 4096];
+        while let Ok((length, metadata)) = self.stack.dns_socket().recv_slice(&mut packet) {
+            let client = metadata.endpoint;
+            self.stats.dns_queries.fetch_add(1, Ordering::Relaxed);
+            let answer = self.dns.query(
+                &packet[..length],
+                client,
+                &policy,
+                &mut self.resolver,
+                registry,
+                &self.recorder,
+            );
+            if let Some(answer) = answer {
+                // A full DNS socket drops the answer; the guest's resolver asks again.
+                let _ = self.stack.dns_socket().send_slice(&answer, client);
+            }
+        }
+        for (id, outcome) in self.resolver.poll(registry, Instant::now()) {
+            if let Some((client, answer)) = self.dns.complete(id, outcome, &policy, &self.recorder)
+            {
+                let _ = self.stack.dns_socket().send_slice(&answer, client);
+            }
+        }
+    }
+
+    fn pump_connections(&mut self) {
+        let mut cx = Context {
+            stack: &mut self.stack,
+            registry: self.poll.registry(),
+            counters: &mut self.counters,
+            recorder: &self.recorder,
+            now: Instant::now(),
+        };
+        let mut finished = Vec::new();
+        for (key, connection) in &mut self.connections {
+            if connection.pump(&mut cx) == Progress::Finished {
+                finished.push(*key);
+            }
+            let (up, down) = connection.unreported_bytes();
+            self.stats.bytes_up.fetch_add(up, Ordering::Relaxed);
+            self.stats.bytes_down.fetch_add(down, Ordering::Relaxed);
+        }
+        for key in finished {
+            if let Some(connection) = self.connections.remove(&key) {
+                connection.finish(&mut self.stack, self.poll.registry(), &self.recorder);
+            }
+        }
+    }
+
+    /// Connections whose guest side closed during the last poll (a RST sent or received).
+    fn reap_connections(&mut self) {
+        let closed: Vec<FlowKey> = self
+            .connections
+            .iter()
+            .filter(|(_, connection)| connection.is_closed(&mut self.stack))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in closed {
+            if let Some(connection) = self.connections.remove(&key) {
+                connection.finish(&mut self.stack, self.poll.registry(), &self.recorder);
+            }
+        }
+    }
+}

@@ -1,0 +1,310 @@
+//! The egress filter end to end without a VM: a userspace guest (smoltcp at 10.0.2.15) on one
+//! end of the frame socket pair, the filter thread on the other, echo servers and a fake DNS
+//! server on 127.0.0.0/8 (always denied, so each policy opens its server's address with a
+//! port-1 CIDR rule: domain rules then apply to names resolving there).
+
+mod support;
+
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::time::Duration;
+
+use egress::audit::AuditLog;
+use egress::policy::Policy;
+use egress::{EgressConfig, EgressHandle, ResolverConfig};
+use hickory_proto::op::ResponseCode;
+use serde_json::Value;
+use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest};
+
+const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const CAPPED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const CLOSED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+const BYTE_CAP: u64 = 100_000;
+
+const POLICY: &str = r#"{ "rules": [
+    { "id": "open-echo", "cidr": "127.0.0.2/32", "ports": [1] },
+    { "id": "open-capped", "cidr": "127.0.0.3/32", "ports": [1] },
+    { "id": "open-closed", "cidr": "127.0.0.4/32", "ports": [1] },
+    { "id": "echo", "domain": "echo.test" },
+    { "id": "capped", "domain": "capped.test", "byte_cap": 100000 },
+    { "id": "closed", "domain": "closed.test" }
+] }"#;
+
+struct Sandbox {
+    guest: Guest,
+    egress: EgressHandle,
+    audit: AuditBuffer,
+    echo: EchoServer,
+    capped: EchoServer,
+    _dns: FakeDns,
+}
+
+fn policy(json: &str) -> Policy {
+    Policy::from_json_str(json).unwrap()
+}
+
+fn sandbox() -> Sandbox {
+    let echo = EchoServer::start(ECHO_IP);
+    let capped = EchoServer::start(CAPPED_IP);
+    let dns = FakeDns::start(vec![
+        ("echo.test", ECHO_IP),
+        ("capped.test", CAPPED_IP),
+        ("closed.test", CLOSED_IP),
+        ("other.test", ECHO_IP),
+    ]);
+    let audit = AuditBuffer::default();
+    let (guest_end, filter_end) = support::frame_pair();
+    let egress = egress::spawn(
+        EgressConfig {
+            policy: policy(POLICY),
+            audit: AuditLog::to_writer(Box::new(audit.clone())),
+            sandbox: "test-sandbox".into(),
+            resolver: ResolverConfig {
+                nameservers: vec![dns.address],
+                hosts: Vec::new(),
+                timeout: Duration::from_secs(5),
+            },
+        },
+        filter_end,
+    )
+    .unwrap();
+    Sandbox {
+        guest: Guest::new(guest_end),
+        egress,
+        audit,
+        echo,
+        capped,
+        _dns: dns,
+    }
+}
+
+fn established(connect: Connect) -> smoltcp::iface::SocketHandle {
+    match connect {
+        Connect::Established(handle) => handle,
+        Connect::Reset => panic!("connection was reset"),
+    }
+}
+
+/// Bytes whose every position differs from its neighbours', so a shifted, dropped or
+/// duplicated chunk changes the comparison.
+fn pattern(length: usize) -> Vec<u8> {
+    (0..length as u64)
+        .map(|n| (n.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect()
+}
+
+fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    events
+        .iter()
+        .filter(|event| event["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn allowed_name_resolves_connects_and_echoes_5_mib_intact() {
+    let mut sandbox = sandbox();
+    let (code, addresses) = sandbox.guest.resolve("echo.test");
+    assert_eq!((code, addresses), (ResponseCode::NoError, vec![ECHO_IP]));
+    let port = sandbox.echo.address.port();
+    let handle = established(sandbox.guest.connect(SocketAddrV4::new(ECHO_IP, port)));
+    let data = pattern(5 << 20);
+    let (echoed, fin) = sandbox.guest.exchange(handle, &data);
+    assert!(fin, "the connection should end with FIN, not a reset");
+    assert_eq!(echoed.len(), data.len());
+    assert!(echoed == data, "echoed bytes differ from the bytes sent");
+
+    let stats = sandbox.egress.stats();
+    assert_eq!(stats.connections_allowed, 1);
+    assert_eq!(stats.bytes_up, data.len() as u64);
+    assert_eq!(stats.dns_queries, 1);
+    let close = sandbox.guest.run_until("close audit event", |_| {
+        events_of(&sandbox.audit.events(), "close")
+            .first()
+            .map(|event| (*event).clone())
+    });
+    assert_eq!(close["sandbox"], "test-sandbox");
+    assert_eq!(close["rule"], "echo");
+    assert_eq!(close["domain"], "echo.test");
+    assert_eq!(close["bytes_up"], data.len() as u64);
+    assert_eq!(close["bytes_down"], data.len() as u64);
+    let events = sandbox.audit.events();
+    let dns = events_of(&events, "dns");
+    assert_eq!(dns[0]["domain"], "echo.test");
+    assert_eq!(dns[0]["decision"], "allow");
+    assert_eq!(dns[0]["dest_ip"], "127.0.0.2");
+    let connect = events_of(&events, "connect");
+    assert_eq!(connect[0]["decision"], "allow");
+    assert_eq!(connect[0]["dest_port"], port);
+}
+
+#[test]
+fn address_never_handed_out_is_reset_until_the_guest_resolves_it() {
+    let mut sandbox = sandbox();
+    let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
+    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
+    sandbox.guest.resolve("echo.test");
+    let handle = established(sandbox.guest.connect(target));
+    assert_eq!(sandbox.guest.echo(handle, b"ping\n"), b"ping\n");
+
+    let events = sandbox.audit.events();
+    let connects = events_of(&events, "connect");
+    assert_eq!(connects[0]["decision"], "deny");
+    assert_eq!(connects[0]["dest_ip"], "127.0.0.2");
+    assert!(
+        connects[0]["reason"].as_str().unwrap().contains("loopback"),
+        "{}",
+        connects[0]
+    );
+    assert_eq!(connects[1]["decision"], "allow");
+    let stats = sandbox.egress.stats();
+    assert_eq!(
+        (stats.connections_denied, stats.connections_allowed),
+        (1, 1)
+    );
+}
+
+#[test]
+fn denied_name_metadata_address_and_stray_udp_are_refused_and_audited() {
+    let mut sandbox = sandbox();
+    assert_eq!(
+        sandbox.guest.resolve("other.test"),
+        (ResponseCode::NXDomain, vec![])
+    );
+    let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
+    assert_eq!(sandbox.guest.connect(metadata), Connect::Reset);
+    let public = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443);
+    assert_eq!(sandbox.guest.connect(public), Connect::Reset);
+    sandbox
+        .guest
+        .send_udp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 9));
+
+    let events = sandbox.guest.run_until("UDP audit event", |_| {
+        let events = sandbox.audit.events();
+        events
+            .iter()
+            .any(|event| event["protocol"] == "udp" && event["kind"] == "connect")
+            .then_some(events)
+    });
+    let dns = events_of(&events, "dns");
+    assert_eq!(
+        (&dns[0]["domain"], &dns[0]["decision"]),
+        (&"other.test".into(), &"deny".into())
+    );
+    let connects = events_of(&events, "connect");
+    assert_eq!(connects[0]["dest_ip"], "169.254.169.254");
+    assert!(
+        connects[0]["reason"].as_str().unwrap().contains("metadata"),
+        "{}",
+        connects[0]
+    );
+    assert_eq!(connects[1]["dest_ip"], "192.0.2.1");
+    assert_eq!(connects[1]["decision"], "deny");
+    assert_eq!(connects[2]["protocol"], "udp");
+    assert_eq!(connects[2]["dest_port"], 9);
+    // The fake upstream resolver was never asked for the denied name, and no connection
+    // was made.
+    assert_eq!(sandbox.egress.stats().connections_allowed, 0);
+}
+
+#[test]
+fn policy_update_applies_to_new_connections_only() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("echo.test");
+    let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
+    let open = established(sandbox.guest.connect(target));
+    assert_eq!(sandbox.guest.echo(open, b"before\n"), b"before\n");
+
+    sandbox.egress.set_policy(Policy::deny_all());
+    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
+    assert_eq!(sandbox.guest.resolve("echo.test").0, ResponseCode::NXDomain);
+    assert_eq!(sandbox.guest.echo(open, b"after\n"), b"after\n");
+
+    sandbox.egress.set_policy(policy(POLICY));
+    let again = established(sandbox.guest.connect(target));
+    assert_eq!(sandbox.guest.echo(again, b"again\n"), b"again\n");
+}
+
+#[test]
+fn refused_upstream_resets_the_guest() {
+    let mut sandbox = sandbox();
+    // A port nobody listens on: bound, then closed again.
+    let port = TcpListener::bind((CLOSED_IP, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    assert_eq!(sandbox.guest.resolve("closed.test").1, vec![CLOSED_IP]);
+    match sandbox.guest.connect(SocketAddrV4::new(CLOSED_IP, port)) {
+        Connect::Reset => {}
+        Connect::Established(handle) => {
+            assert!(
+                sandbox.guest.wait_closed(handle),
+                "expected a reset, got a FIN"
+            );
+        }
+    }
+    let close = sandbox.guest.run_until("close audit event", |_| {
+        events_of(&sandbox.audit.events(), "close")
+            .first()
+            .map(|event| (*event).clone())
+    });
+    let reason = close["reason"].as_str().unwrap();
+    assert!(reason.contains("upstream connect failed"), "{reason}");
+}
+
+#[test]
+fn byte_cap_cuts_the_connection() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("capped.test");
+    let port = sandbox.capped.address.port();
+    let handle = established(sandbox.guest.connect(SocketAddrV4::new(CAPPED_IP, port)));
+    let (echoed, fin) = sandbox.guest.exchange(handle, &pattern(1 << 20));
+    assert!(!fin, "the capped connection should be reset");
+    assert!(
+        (echoed.len() as u64) < BYTE_CAP,
+        "{} bytes came back",
+        echoed.len()
+    );
+    let close = sandbox.guest.run_until("close audit event", |_| {
+        events_of(&sandbox.audit.events(), "close")
+            .first()
+            .map(|event| (*event).clone())
+    });
+    assert_eq!(close["rule"], "capped");
+    assert!(
+        close["reason"].as_str().unwrap().contains("byte cap"),
+        "{close}"
+    );
+    // Once over the cap, the rule refuses new connections too.
+    assert_eq!(
+        sandbox.guest.connect(SocketAddrV4::new(CAPPED_IP, port)),
+        Connect::Reset
+    );
+}
+
+#[test]
+fn http_host_outside_the_domain_rule_gets_403() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("echo.test");
+    let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
+    let handle = established(sandbox.guest.connect(target));
+    let request = b"GET /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    let (answer, fin) = sandbox.guest.exchange(handle, request);
+    let answer = String::from_utf8(answer).unwrap();
+    assert!(fin, "the 403 should end with FIN");
+    assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
+    assert!(answer.contains("evil.test"), "{answer}");
+
+    // The same Host as the rule passes and reaches the echo server unchanged.
+    let handle = established(sandbox.guest.connect(target));
+    let request = b"GET /ok HTTP/1.1\r\nHost: echo.test\r\n\r\n";
+    assert_eq!(sandbox.guest.echo(handle, request), request);
+
+    let events = sandbox.audit.events();
+    let http = events_of(&events, "http");
+    assert_eq!(http[0]["decision"], "deny");
+    assert_eq!(http[0]["host"], "evil.test");
+    assert_eq!(http[0]["method"], "GET");
+    assert_eq!(http[0]["path"], "/secret");
+    assert_eq!(http[1]["decision"], "allow");
+    assert_eq!(http[1]["host"], "echo.test");
+}
