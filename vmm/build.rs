@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Every filter the VMM installs; the build fails if the JSON lacks one.
-const REQUIRED_FILTERS: [&str; 7] = [
+const REQUIRED_FILTERS: [&str; 8] = [
     "vcpu",
     "devices",
     "vmm",
@@ -23,6 +23,7 @@ const REQUIRED_FILTERS: [&str; 7] = [
     "agent_jobs",
     "uffd_handler",
     "isolate",
+    "egress",
 ];
 
 fn main() {

@@ -29,4 +29,6 @@ pub mod thread;
 pub mod tls;
 
 pub use resolver::ResolverConfig;
-pub use thread::{spawn, EgressConfig, EgressHandle, EgressStats};
+pub use thread::{
+    spawn, spawn_with_hook, EgressConfig, EgressHandle, EgressStats, ThreadStartHook,
+};

@@ -79,6 +79,19 @@ const FRAMES_PER_TURN: usize = 256;
 /// Starts the egress thread ("net") on the frame socket's other end. Everything that touches
 /// files (the resolver configuration, the audit log) must be opened before this call.
 pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> {
+    spawn_with_hook(config, frames, None)
+}
+
+/// Something the egress thread runs first, before it touches the frame socket (the VMM puts
+/// the thread under its seccomp filter there); an error ends the thread before it serves.
+pub type ThreadStartHook = Box<dyn FnOnce() -> Result<(), String> + Send>;
+
+/// [`spawn`], running `hook` first on the new thread.
+pub fn spawn_with_hook(
+    config: EgressConfig,
+    frames: OwnedFd,
+    hook: Option<ThreadStartHook>,
+) -> io::Result<EgressHandle> {
     let poll = Poll::new()?;
     let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
     let device = FrameDevice::new(frames)?;
@@ -107,7 +120,15 @@ pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> 
     };
     let thread = std::thread::Builder::new()
         .name("net".into())
-        .spawn(move || egress.run())?;
+        .spawn(move || {
+            if let Some(hook) = hook {
+                if let Err(error) = hook() {
+                    tracing::error!(%error, "egress thread cannot start");
+                    return;
+                }
+            }
+            egress.run()
+        })?;
     Ok(EgressHandle {
         stop,
         waker,

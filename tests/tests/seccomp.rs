@@ -37,7 +37,11 @@ fn boot_with_violation(thread: &str, extra: &[&str]) -> VmOutput {
 }
 
 fn assert_killed_by_sigsys(thread: &str, thread_name: &str) {
-    let out = boot_with_violation(thread, &[]);
+    assert_killed_by_sigsys_with(thread, thread_name, &[]);
+}
+
+fn assert_killed_by_sigsys_with(thread: &str, thread_name: &str, extra: &[&str]) {
+    let out = boot_with_violation(thread, extra);
     assert_eq!(
         out.status.signal(),
         Some(libc::SIGSYS),
@@ -74,6 +78,21 @@ fn a_forbidden_syscall_on_the_main_thread_kills_by_sigsys() {
         return;
     }
     assert_killed_by_sigsys("vmm", "main");
+}
+
+#[test]
+fn a_forbidden_syscall_on_the_egress_thread_kills_by_sigsys() {
+    if !require_kvm() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(&policy, r#"{"rules": []}"#).unwrap();
+    assert_killed_by_sigsys_with(
+        "egress",
+        "net",
+        &["--egress-policy", policy.to_str().unwrap()],
+    );
 }
 
 #[test]

@@ -24,7 +24,7 @@ use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::config::VsockConfig;
+use crate::config::{NetConfig, VsockConfig};
 use crate::exit::VmmEvent;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
@@ -70,6 +70,8 @@ pub struct DeviceStates {
 
 /// The vsock device's name among the virtio-mmio transports.
 const VSOCK_NAME: &str = "virtio-vsock";
+/// The NIC's name among the virtio-mmio transports.
+const NET_NAME: &str = "virtio-net";
 
 type Subscriber = Arc<Mutex<dyn MutEventSubscriber + Send>>;
 
@@ -81,6 +83,9 @@ pub struct DeviceManager {
     cmdline_args: Vec<String>,
     acpi_devices: Vec<arch::AcpiMmioDevice>,
     vsock_metrics: Option<VsockMetrics>,
+    /// The NIC's egress filter thread, if the VM has a NIC.
+    egress: Option<egress::EgressHandle>,
+    net_metrics: Option<devices::virtio::net::NetMetrics>,
     /// The virtio-mmio transports in slot order, for snapshots.
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Their device names, in the same order (for diagnostics).
@@ -94,6 +99,7 @@ impl DeviceManager {
         console: Box<dyn Write + Send>,
         events: Sender<VmmEvent>,
         vsock: Option<&VsockConfig>,
+        net: Option<(&NetConfig, ThreadSeccomp)>,
         restore: Option<&DeviceStates>,
     ) -> Result<Self, DeviceError> {
         let mut io = IoManager::new();
@@ -156,6 +162,8 @@ impl DeviceManager {
             cmdline_args: Vec::new(),
             acpi_devices: Vec::new(),
             vsock_metrics: None,
+            egress: None,
+            net_metrics: None,
             transports: Vec::new(),
             transport_names: Vec::new(),
         };
@@ -178,6 +186,15 @@ impl DeviceManager {
             let device = Arc::new(Mutex::new(device));
             event_manager.add_subscriber(device.clone());
             manager.add_virtio_mmio(vm, mem, &mut io, device, VSOCK_NAME)?;
+        }
+
+        if let Some((config, seccomp)) = net {
+            let (device, egress) = crate::guest_nic::create(config, seccomp)?;
+            manager.net_metrics = Some(device.metrics());
+            manager.egress = Some(egress);
+            let device = Arc::new(Mutex::new(device));
+            event_manager.add_subscriber(device.clone());
+            manager.add_virtio_mmio(vm, mem, &mut io, device, NET_NAME)?;
         }
 
         if let Some(states) = restore {
@@ -213,6 +230,30 @@ impl DeviceManager {
     /// The vsock device's traffic counters, if the VM has one.
     pub fn vsock_metrics(&self) -> Option<VsockMetrics> {
         self.vsock_metrics.clone()
+    }
+
+    /// Whether the VM has a NIC (and so an egress filter).
+    pub fn has_nic(&self) -> bool {
+        self.egress.is_some()
+    }
+
+    /// Replaces the egress policy; new connections and DNS answers follow it. False when the VM
+    /// has no NIC.
+    pub fn set_egress_policy(&self, policy: egress::policy::Policy) -> bool {
+        match &self.egress {
+            Some(egress) => {
+                egress.set_policy(policy);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The NIC's frame counters and the egress filter's connection counters, if the VM has a NIC.
+    pub fn net_counts(&self) -> Option<(devices::virtio::net::NetCounts, egress::EgressStats)> {
+        let metrics = self.net_metrics.as_ref()?;
+        let egress = self.egress.as_ref()?;
+        Some((metrics.snapshot(), egress.stats()))
     }
 
     /// Puts saved transport state into the (fresh) virtio slots, which must be the same devices
@@ -356,6 +397,9 @@ impl DeviceManager {
     pub fn shutdown(&mut self) {
         if let Some(event_loop) = self.event_loop.take() {
             event_loop.stop();
+        }
+        if let Some(egress) = self.egress.take() {
+            egress.shutdown();
         }
         if let Ok(mut serial) = self.serial.lock() {
             let _ = serial.flush();

@@ -13,6 +13,7 @@ pub mod config;
 pub mod device_manager;
 pub mod diagnostics;
 pub mod exit;
+pub mod guest_nic;
 pub mod host;
 pub mod image_map;
 pub mod isolate;

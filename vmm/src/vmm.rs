@@ -162,6 +162,10 @@ pub fn boot(config: &VmConfig, console: Box<dyn Write + Send>) -> Result<Vmm, Vm
         console,
         events_tx.clone(),
         config.vsock.as_ref(),
+        config
+            .net
+            .as_ref()
+            .map(|net| (net, config.thread_seccomp(ThreadKind::Egress))),
         None,
     )?;
 

@@ -72,6 +72,12 @@ pub fn boot(args: BootArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
+    if args.seccomp_test_violation == Some(ThreadKind::Egress) && args.net.egress_policy.is_none() {
+        return Err(
+            "--seccomp-test-violation egress: there is no egress thread without --egress-policy"
+                .into(),
+        );
+    }
     vmm::config::validate_vcpus(args.machine.vcpus).map_err(|e| e.to_string())?;
     let cmdline = if args.no_base_cmdline {
         args.cmdline.clone()

@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::net_args::NetArgs;
 use super::boot::LINUX_BASE_CMDLINE;
 use super::console::{ConsoleDemux, ConsoleView};
+use super::net_args::NetArgs;
 use super::session::{self, GuestCommand, SessionError};
 use super::signals::SignalForwarder;
 use super::{signal_exit_code, MachineArgs};
@@ -63,9 +63,7 @@ pub fn run(args: RunArgs) -> Result<ExitCode, String> {
                 .into(),
         );
     }
-    let net = args
-        .net
-        .to_config(&format!("run-{}", std::process::id()))?;
+    let net = args.net.to_config(&format!("run-{}", std::process::id()))?;
     if nested && (args.guest.interactive || args.guest.tty || !args.guest.publish.is_empty()) {
         return Err(format!(
             "-i, -t and --publish do not work through the nested test host, which only runs \

@@ -37,6 +37,7 @@ pub struct Filters {
     agent_jobs: BpfProgram,
     uffd_handler: BpfProgram,
     isolate: BpfProgram,
+    egress: BpfProgram,
 }
 
 impl Filters {
@@ -49,6 +50,7 @@ impl Filters {
             ThreadKind::AgentJobs => &self.agent_jobs,
             ThreadKind::UffdHandler => &self.uffd_handler,
             ThreadKind::Isolate => &self.isolate,
+            ThreadKind::Egress => &self.egress,
         }
     }
 
@@ -69,6 +71,7 @@ impl Filters {
             agent_jobs: take(ThreadKind::AgentJobs)?,
             uffd_handler: take(ThreadKind::UffdHandler)?,
             isolate: take(ThreadKind::Isolate)?,
+            egress: take(ThreadKind::Egress)?,
         })
     }
 }

@@ -38,10 +38,13 @@ pub enum ThreadKind {
     UffdHandler,
     /// `agentvm isolate run`'s main thread once its isolate is booted: runs the job.
     Isolate,
+    /// The egress filter of a VM with a NIC: the userspace network stack, upstream TCP
+    /// connections and DNS queries.
+    Egress,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 7] = [
+    pub const ALL: [ThreadKind; 8] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
@@ -49,6 +52,7 @@ impl ThreadKind {
         ThreadKind::AgentJobs,
         ThreadKind::UffdHandler,
         ThreadKind::Isolate,
+        ThreadKind::Egress,
     ];
 
     /// The filter's name in the JSON file.
@@ -61,6 +65,7 @@ impl ThreadKind {
             ThreadKind::AgentJobs => "agent_jobs",
             ThreadKind::UffdHandler => "uffd_handler",
             ThreadKind::Isolate => "isolate",
+            ThreadKind::Egress => "egress",
         }
     }
 }

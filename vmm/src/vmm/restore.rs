@@ -123,6 +123,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         console,
         events_tx.clone(),
         config.vsock.as_ref(),
+        None,
         Some(&state.devices),
     )?;
     let vcpu_fds = state
