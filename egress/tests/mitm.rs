@@ -483,3 +483,12 @@ fn upstream_roots_files_are_checked() {
         .to_string();
     assert!(error.contains("no PEM certificate"), "{error}");
 }
+
+#[test]
+fn the_ca_is_shared_across_threads_and_sessions_move() {
+    fn send_sync<T: Send + Sync>() {}
+    fn send<T: Send>() {}
+    send_sync::<SandboxCa>();
+    send::<MitmSession>();
+    send::<TlsError>();
+}

@@ -62,6 +62,16 @@ pub fn host_name(authority: &str) -> &str {
     host.strip_suffix('.').unwrap_or(host)
 }
 
+/// Whether `name: value` can be written into a request head as one header field: the name a
+/// token, the value free of CR, LF and NUL (which would split the request). A policy loader
+/// should refuse an injected header for which this is false.
+pub fn is_valid_header(name: &str, value: &str) -> bool {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !name.is_empty()
+        && name.bytes().all(token)
+        && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
+}
+
 /// A complete HTTP/1.1 response with a JSON `fault_message` body, for answering a guest request
 /// the filter refuses (403) or cannot parse (400). The connection is closed after it.
 pub fn error_response(status: u16, fault_message: &str) -> Vec<u8> {
@@ -253,10 +263,14 @@ impl fmt::Debug for RequestRewriter {
 
 impl RequestRewriter {
     /// `inject`: (header name, value) pairs added to every request; an empty list rewrites
-    /// nothing but still finds each head (for the audit log and the Host check).
+    /// nothing but still finds each head (for the audit log and the Host check). A pair that
+    /// fails [`is_valid_header`] is left out, so no policy value can split a request.
     pub fn new(inject: Vec<(String, String)>) -> Self {
         Self {
-            inject,
+            inject: inject
+                .into_iter()
+                .filter(|(name, value)| is_valid_header(name, value))
+                .collect(),
             state: State::Head,
             head: Vec::new(),
             line: Vec::new(),
