@@ -215,7 +215,7 @@ fn peek_reads_an_http_request_head() {
 
 #[test]
 fn host_name_strips_the_port_and_trailing_dot() {
-    assert_eq!(host_name("api.test:8443"), "api.test");
+    assert_eq!(host_name("API.Test:8443"), "api.test");
     assert_eq!(host_name("api.test."), "api.test");
     assert_eq!(host_name("[::1]:80"), "::1");
     assert_eq!(host_name("api.test"), "api.test");

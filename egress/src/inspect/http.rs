@@ -48,9 +48,9 @@ pub fn parse_head(input: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErro
     Ok(parse_full_head(input)?.map(|parsed| (parsed.head, parsed.len)))
 }
 
-/// The host part of an authority (`api.test:8443` -> `api.test`, `[::1]:80` -> `::1`),
+/// The host part of an authority (`API.test:8443` -> `api.test`, `[::1]:80` -> `::1`),
 /// lowercased and without a trailing dot, for matching against domain rules.
-pub fn host_name(authority: &str) -> &str {
+pub fn host_name(authority: &str) -> String {
     let host = if let Some(bracketed) = authority.strip_prefix('[') {
         bracketed.split(']').next().unwrap_or(bracketed)
     } else {
@@ -59,7 +59,7 @@ pub fn host_name(authority: &str) -> &str {
             _ => authority,
         }
     };
-    host.strip_suffix('.').unwrap_or(host)
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
 }
 
 /// Whether `name: value` can be written into a request head as one header field: the name a
