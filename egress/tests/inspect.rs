@@ -4,7 +4,8 @@
 use std::sync::Arc;
 
 use egress::inspect::{
-    error_response, host_name, peek, HttpError, Peek, RequestHead, RequestRewriter, PEEK_LIMIT,
+    error_response, host_name, is_valid_header, peek, HttpError, Peek, RequestHead,
+    RequestRewriter, PEEK_LIMIT,
 };
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, RootCertStore};
@@ -214,7 +215,7 @@ fn peek_reads_an_http_request_head() {
 
 #[test]
 fn host_name_strips_the_port_and_trailing_dot() {
-    assert_eq!(host_name("api.test:8443"), "api.test");
+    assert_eq!(host_name("API.Test:8443"), "api.test");
     assert_eq!(host_name("api.test."), "api.test");
     assert_eq!(host_name("[::1]:80"), "::1");
     assert_eq!(host_name("api.test"), "api.test");
@@ -485,4 +486,31 @@ fn error_response_is_a_complete_json_answer() {
     assert!(head.contains("connection: close"), "{head}");
     let json: serde_json::Value = serde_json::from_str(body).unwrap();
     assert_eq!(json["fault_message"], "no rule allows evil.test");
+}
+
+#[test]
+fn an_injected_header_cannot_split_a_request() {
+    assert!(is_valid_header("Authorization", "Bearer abc"));
+    assert!(!is_valid_header("Authorization", "x\r\nHost: evil.test"));
+    assert!(!is_valid_header("Bad Name", "v"));
+    assert!(!is_valid_header("", "v"));
+    let mut rewriter = RequestRewriter::new(vec![
+        ("X-Split".into(), "a\r\nHost: evil.test".into()),
+        ("X-Ok".into(), "fine".into()),
+    ]);
+    let mut out = Vec::new();
+    rewriter
+        .feed(b"GET / HTTP/1.1\r\nHost: api.test\r\n\r\n", &mut out)
+        .unwrap();
+    assert_eq!(
+        out,
+        b"GET / HTTP/1.1\r\nHost: api.test\r\nX-Ok: fine\r\n\r\n"
+    );
+}
+
+#[test]
+fn the_inspection_types_can_move_between_threads() {
+    fn send<T: Send>() {}
+    send::<RequestRewriter>();
+    send::<RequestHead>();
 }

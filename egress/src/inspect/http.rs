@@ -48,9 +48,9 @@ pub fn parse_head(input: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpErro
     Ok(parse_full_head(input)?.map(|parsed| (parsed.head, parsed.len)))
 }
 
-/// The host part of an authority (`api.test:8443` -> `api.test`, `[::1]:80` -> `::1`),
+/// The host part of an authority (`API.test:8443` -> `api.test`, `[::1]:80` -> `::1`),
 /// lowercased and without a trailing dot, for matching against domain rules.
-pub fn host_name(authority: &str) -> &str {
+pub fn host_name(authority: &str) -> String {
     let host = if let Some(bracketed) = authority.strip_prefix('[') {
         bracketed.split(']').next().unwrap_or(bracketed)
     } else {
@@ -59,7 +59,17 @@ pub fn host_name(authority: &str) -> &str {
             _ => authority,
         }
     };
-    host.strip_suffix('.').unwrap_or(host)
+    host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase()
+}
+
+/// Whether `name: value` can be written into a request head as one header field: the name a
+/// token, the value free of CR, LF and NUL (which would split the request). A policy loader
+/// should refuse an injected header for which this is false.
+pub fn is_valid_header(name: &str, value: &str) -> bool {
+    let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+    !name.is_empty()
+        && name.bytes().all(token)
+        && !value.bytes().any(|b| matches!(b, b'\r' | b'\n' | 0))
 }
 
 /// A complete HTTP/1.1 response with a JSON `fault_message` body, for answering a guest request
@@ -253,10 +263,14 @@ impl fmt::Debug for RequestRewriter {
 
 impl RequestRewriter {
     /// `inject`: (header name, value) pairs added to every request; an empty list rewrites
-    /// nothing but still finds each head (for the audit log and the Host check).
+    /// nothing but still finds each head (for the audit log and the Host check). A pair that
+    /// fails [`is_valid_header`] is left out, so no policy value can split a request.
     pub fn new(inject: Vec<(String, String)>) -> Self {
         Self {
-            inject,
+            inject: inject
+                .into_iter()
+                .filter(|(name, value)| is_valid_header(name, value))
+                .collect(),
             state: State::Head,
             head: Vec::new(),
             line: Vec::new(),

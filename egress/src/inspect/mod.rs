@@ -5,7 +5,9 @@
 pub mod http;
 pub mod sni;
 
-pub use http::{error_response, host_name, HttpError, RequestHead, RequestRewriter};
+pub use http::{
+    error_response, host_name, is_valid_header, HttpError, RequestHead, RequestRewriter,
+};
 
 /// After this many bytes without a complete ClientHello or request head, the connection is
 /// treated as some other protocol rather than waited on further.

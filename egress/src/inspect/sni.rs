@@ -108,7 +108,7 @@ fn client_hello_sni(body: &[u8]) -> Option<Option<String>> {
     }
     reader.skip(session_id_len)?;
     let cipher_suites_len = reader.u16()? as usize;
-    if cipher_suites_len < 2 || cipher_suites_len % 2 != 0 {
+    if cipher_suites_len < 2 || cipher_suites_len & 1 == 1 {
         return None;
     }
     reader.skip(cipher_suites_len)?;

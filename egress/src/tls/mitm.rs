@@ -92,11 +92,12 @@ impl MitmSession {
     /// close both connections.
     pub fn from_guest(&mut self, mut tls_bytes: &[u8]) -> Result<(), TlsError> {
         while !tls_bytes.is_empty() && !self.guest_finished {
-            let processed = self
-                .guest
-                .read_tls(&mut tls_bytes)
-                .map_err(|e| rustls::Error::General(e.to_string()))
-                .and_then(|_| self.guest.process_new_packets());
+            let processed = match self.guest.read_tls(&mut tls_bytes) {
+                // rustls takes nothing more once it has seen close_notify.
+                Ok(0) => break,
+                Ok(_) => self.guest.process_new_packets().map(|_| ()),
+                Err(error) => Err(rustls::Error::General(error.to_string())),
+            };
             if let Err(error) = processed {
                 self.fail_guest();
                 return Err(TlsError::Guest(error));
@@ -116,11 +117,12 @@ impl MitmSession {
     /// reason (flush it with `to_guest`) and both connections should be closed.
     pub fn from_upstream(&mut self, mut tls_bytes: &[u8]) -> Result<(), TlsError> {
         while !tls_bytes.is_empty() && !self.upstream_finished {
-            let processed = self
-                .upstream
-                .read_tls(&mut tls_bytes)
-                .map_err(|e| rustls::Error::General(e.to_string()))
-                .and_then(|_| self.upstream.process_new_packets());
+            let processed = match self.upstream.read_tls(&mut tls_bytes) {
+                // rustls takes nothing more once it has seen close_notify.
+                Ok(0) => break,
+                Ok(_) => self.upstream.process_new_packets().map(|_| ()),
+                Err(error) => Err(rustls::Error::General(error.to_string())),
+            };
             if let Err(error) = processed {
                 let error = match error {
                     rustls::Error::InvalidCertificate(reason) => {
@@ -145,7 +147,11 @@ impl MitmSession {
     pub fn to_guest(&mut self, out: &mut Vec<u8>) {
         push_plaintext(&mut self.pending_down, self.guest.writer());
         let nothing_more = self.upstream_finished || self.rejected;
-        if nothing_more && self.pending_down.is_empty() && !self.guest_close_sent {
+        // A close_notify sent mid-handshake would overtake the plaintext rustls holds until the
+        // handshake completes (such as a 502 telling the guest why).
+        let handshake_done = !self.guest.is_handshaking();
+        if nothing_more && handshake_done && self.pending_down.is_empty() && !self.guest_close_sent
+        {
             self.guest.send_close_notify();
             self.guest_close_sent = true;
         }
