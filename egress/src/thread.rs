@@ -72,6 +72,9 @@ const WAKER: Token = Token(1);
 const FIRST_CONNECTION_TOKEN: usize = 2;
 /// Resolver sockets use tokens from here on; connections stay below.
 const RESOLVER_TOKENS: usize = 1 << 40;
+/// How often the guest's neighbour entry is renewed while frames flow (smoltcp forgets it after
+/// 60 s).
+const GUEST_ADDRESS_REFRESH: Duration = Duration::from_secs(20);
 /// Frames taken per loop turn before the sockets get their turn, so a flooding guest cannot
 /// starve the upstream side.
 const FRAMES_PER_TURN: usize = 256;
@@ -104,6 +107,7 @@ pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> 
         next_token: FIRST_CONNECTION_TOKEN,
         stats: stats.clone(),
         frames_left: false,
+        guest_address_learned: Instant::now(),
     };
     let thread = std::thread::Builder::new()
         .name("net".into())
@@ -174,6 +178,8 @@ struct Egress {
     stats: Arc<SharedStats>,
     /// The last turn stopped reading frames early: look again without sleeping.
     frames_left: bool,
+    /// When the guest's MAC was last given to smoltcp.
+    guest_address_learned: Instant,
 }
 
 /// The policy is replaced whole under the lock, so a panic elsewhere cannot leave it half-set.
@@ -250,6 +256,10 @@ impl Egress {
                 Received::Empty => return Ok(true),
                 Received::Closed => return Ok(false),
             };
+            if self.guest_address_learned.elapsed() >= GUEST_ADDRESS_REFRESH {
+                self.stack.learn_guest_address();
+                self.guest_address_learned = Instant::now();
+            }
             let frame = &buffer[..length];
             let pass = match classify(frame) {
                 Inbound::TcpSyn { from, to } => {
@@ -266,6 +276,9 @@ impl Egress {
                 // Pings are answered for the gateway and DNS addresses only; anything else
                 // answering would suggest the Internet is reachable.
                 Inbound::Icmp { to } => to == GATEWAY_ADDR || to == DNS_ADDR,
+                // With any_ip smoltcp would claim every address on the link, the guest's own
+                // included (its duplicate-address probes would fail).
+                Inbound::Arp { target } => target == GATEWAY_ADDR || target == DNS_ADDR,
                 Inbound::Other => true,
             };
             if pass {

@@ -51,6 +51,23 @@ fn sandbox() -> Sandbox {
         ("closed.test", CLOSED_IP),
         ("other.test", ECHO_IP),
     ]);
+    let (guest, egress, audit) = filter(ResolverConfig {
+        nameservers: vec![dns.address],
+        hosts: Vec::new(),
+        timeout: Duration::from_secs(5),
+    });
+    Sandbox {
+        guest,
+        egress,
+        audit,
+        echo,
+        capped,
+        _dns: dns,
+    }
+}
+
+/// The filter thread under [`POLICY`] and the guest on its link.
+fn filter(resolver: ResolverConfig) -> (Guest, EgressHandle, AuditBuffer) {
     let audit = AuditBuffer::default();
     let (guest_end, filter_end) = support::frame_pair();
     let egress = egress::spawn(
@@ -58,23 +75,12 @@ fn sandbox() -> Sandbox {
             policy: policy(POLICY),
             audit: AuditLog::to_writer(Box::new(audit.clone())),
             sandbox: "test-sandbox".into(),
-            resolver: ResolverConfig {
-                nameservers: vec![dns.address],
-                hosts: Vec::new(),
-                timeout: Duration::from_secs(5),
-            },
+            resolver,
         },
         filter_end,
     )
     .unwrap();
-    Sandbox {
-        guest: Guest::new(guest_end),
-        egress,
-        audit,
-        echo,
-        capped,
-        _dns: dns,
-    }
+    (Guest::new(guest_end), egress, audit)
 }
 
 fn established(connect: Connect) -> smoltcp::iface::SocketHandle {
@@ -154,7 +160,7 @@ fn address_never_handed_out_is_reset_until_the_guest_resolves_it() {
         "{}",
         connects[0]
     );
-    assert_eq!(connects[1]["decision"], "allow");
+    assert_eq!(connects[1]["decision"], "allow", "{connects:#?}");
     let stats = sandbox.egress.stats();
     assert_eq!(
         (stats.connections_denied, stats.connections_allowed),
@@ -307,4 +313,35 @@ fn http_host_outside_the_domain_rule_gets_403() {
     assert_eq!(http[0]["path"], "/secret");
     assert_eq!(http[1]["decision"], "allow");
     assert_eq!(http[1]["host"], "echo.test");
+}
+
+#[test]
+fn hosts_entries_answer_locally_and_a_silent_nameserver_gives_servfail() {
+    // Bound but never read: queries to it go unanswered.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (mut guest, egress, audit) = filter(ResolverConfig {
+        nameservers: vec![silent.local_addr().unwrap()],
+        hosts: vec![("echo.test".into(), ECHO_IP.into())],
+        timeout: Duration::from_millis(300),
+    });
+    assert_eq!(
+        guest.resolve("echo.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
+    assert_eq!(
+        guest.resolve("capped.test"),
+        (ResponseCode::ServFail, vec![])
+    );
+    let events = audit.events();
+    let failed = events_of(&events, "dns")[1];
+    assert_eq!(failed["domain"], "capped.test");
+    assert_eq!(failed["decision"], "deny");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("upstream lookup failed"), "{reason}");
+
+    egress.shutdown();
+    assert!(
+        guest.link_closed(),
+        "the filter's end of the link is still open"
+    );
 }

@@ -8,11 +8,16 @@ pub mod inbound;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, PREFIX_LEN};
+use agentvm_protocol::net::{
+    DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_MAC, PREFIX_LEN,
+};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as StackInstant;
-use smoltcp::wire::{EthernetAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpCidr, IpListenEndpoint,
+};
 
 use device::FrameDevice;
 
@@ -74,13 +79,39 @@ impl Stack {
             })
             .expect("binding a fresh UDP socket to a fixed port cannot fail");
         let dns = sockets.add(dns_socket);
-        Self {
+        let mut stack = Self {
             iface,
             sockets,
             device,
             dns,
             epoch,
-        }
+        };
+        stack.learn_guest_address();
+        stack
+    }
+
+    /// Tells smoltcp the guest's MAC (fixed for the link) as if the guest had announced it.
+    /// Otherwise the first packet smoltcp sends the guest after its neighbour entry is missing
+    /// or expired (60 s idle) is dropped while it asks by ARP: a denied SYN's RST would then
+    /// come only after the guest resends its SYN, a second later.
+    pub fn learn_guest_address(&mut self) {
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(GUEST_MAC),
+            source_protocol_addr: GUEST_ADDR,
+            target_hardware_addr: EthernetAddress(GATEWAY_MAC),
+            target_protocol_addr: GATEWAY_ADDR,
+        };
+        let ethernet = EthernetRepr {
+            src_addr: EthernetAddress(GUEST_MAC),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut frame = vec![0u8; ethernet.buffer_len() + arp.buffer_len()];
+        let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame);
+        ethernet.emit(&mut ethernet_frame);
+        arp.emit(&mut ArpPacket::new_unchecked(ethernet_frame.payload_mut()));
+        self.device.queue_for_stack(frame);
     }
 
     /// smoltcp's clock: time since the stack was made.

@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR, GUEST_ADDR, GUEST_MAC, PREFIX_LEN};
+use agentvm_protocol::net::{
+    DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_MAC, PREFIX_LEN,
+};
 use egress::stack::device::{FrameDevice, Received, MAX_FRAME};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -20,7 +22,10 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as StackInstant;
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpAddress, IpCidr, IpEndpoint,
+};
 
 /// Every wait in these tests gives up after this long (a hang is a failure, not a stall).
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -72,6 +77,12 @@ impl Guest {
             .routes_mut()
             .add_default_ipv4_route(GATEWAY_ADDR)
             .unwrap();
+        // smoltcp rate-limits ARP requests to one per second across all neighbours, so a
+        // guest that asked for the DNS address would wait a second before it may ask for the
+        // gateway's. The link's MACs are fixed: tell the guest both at once.
+        for address in [GATEWAY_ADDR, DNS_ADDR] {
+            device.queue_for_stack(arp_reply(address));
+        }
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -119,6 +130,18 @@ impl Guest {
                     Received::Empty => break,
                     Received::Closed => panic!("the egress filter closed the link"),
                 }
+            }
+        }
+    }
+
+    /// Whether the filter closed its end of the link (frames still queued are dropped).
+    pub fn link_closed(&mut self) -> bool {
+        let mut buffer = vec![0u8; MAX_FRAME];
+        loop {
+            match self.device.receive_frame(&mut buffer) {
+                Ok(Received::Frame(_)) => continue,
+                Ok(Received::Closed) | Err(_) => return true,
+                Ok(Received::Empty) => return false,
             }
         }
     }
@@ -307,6 +330,27 @@ impl Guest {
             }
         })
     }
+}
+
+/// An ARP reply from the filter's side telling the guest that `address` is at GATEWAY_MAC.
+fn arp_reply(address: Ipv4Addr) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(GATEWAY_MAC),
+        source_protocol_addr: address,
+        target_hardware_addr: EthernetAddress(GUEST_MAC),
+        target_protocol_addr: GUEST_ADDR,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: EthernetAddress(GATEWAY_MAC),
+        dst_addr: EthernetAddress(GUEST_MAC),
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = vec![0u8; ethernet.buffer_len() + arp.buffer_len()];
+    let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame);
+    ethernet.emit(&mut ethernet_frame);
+    arp.emit(&mut ArpPacket::new_unchecked(ethernet_frame.payload_mut()));
+    frame
 }
 
 /// A TCP server on 127.0.0.x that echoes every connection until EOF, then closes.
