@@ -300,10 +300,26 @@ fn http_host_outside_the_domain_rule_gets_403() {
     assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
     assert!(answer.contains("evil.test"), "{answer}");
 
-    // The same Host as the rule passes and reaches the echo server unchanged.
+    // The rule's host, with the port as clients send it, passes and reaches the echo server
+    // unchanged.
     let handle = established(sandbox.guest.connect(target));
-    let request = b"GET /ok HTTP/1.1\r\nHost: echo.test\r\n\r\n";
-    assert_eq!(sandbox.guest.echo(handle, request), request);
+    let request = format!(
+        "GET /ok HTTP/1.1\r\nHost: echo.test:{}\r\n\r\n",
+        target.port()
+    );
+    assert_eq!(
+        sandbox.guest.echo(handle, request.as_bytes()),
+        request.as_bytes()
+    );
+    // A later request on the same connection is checked too: naming another host resets it.
+    let smuggled = b"GET /next HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    sandbox
+        .guest
+        .sockets
+        .get_mut::<smoltcp::socket::tcp::Socket>(handle)
+        .send_slice(smuggled)
+        .unwrap();
+    assert!(sandbox.guest.wait_closed(handle), "expected a reset");
 
     let events = sandbox.audit.events();
     let http = events_of(&events, "http");
@@ -312,7 +328,10 @@ fn http_host_outside_the_domain_rule_gets_403() {
     assert_eq!(http[0]["method"], "GET");
     assert_eq!(http[0]["path"], "/secret");
     assert_eq!(http[1]["decision"], "allow");
-    assert_eq!(http[1]["host"], "echo.test");
+    assert_eq!(http[1]["host"], format!("echo.test:{}", target.port()));
+    assert_eq!(http[2]["decision"], "deny");
+    assert_eq!(http[2]["path"], "/next");
+    assert_eq!(http.len(), 3);
 }
 
 #[test]

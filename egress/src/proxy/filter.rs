@@ -105,22 +105,32 @@ impl Filter {
                 true,
             ),
         };
-        match name {
-            Some(name) if rule.matches_name(&name, self.port) => Verdict::Pass(seen),
-            Some(name) => Verdict::Deny {
-                reason: format!("{name} is not allowed by rule {}", rule.id),
-                seen,
-                http,
-            },
-            None => Verdict::Deny {
-                reason: format!(
-                    "no {} name given; rule {} allows named hosts only",
-                    if http { "Host" } else { "SNI" },
-                    rule.id
-                ),
-                seen,
-                http,
-            },
+        match self.check_name(name.as_deref(), http) {
+            Ok(()) => Verdict::Pass(seen),
+            Err(reason) => Verdict::Deny { seen, reason, http },
+        }
+    }
+
+    /// Whether a name the guest presented (HTTP Host / authority, TLS SNI) is one the
+    /// connection's domain rule allows; Err gives the reason. Address rules allow any name.
+    pub fn check_name(&self, name: Option<&str>, http: bool) -> Result<(), String> {
+        let Some(rule) = &self.domain_rule else {
+            return Ok(());
+        };
+        let Some(name) = name else {
+            return Err(format!(
+                "no {} name given; rule {} allows named hosts only",
+                if http { "Host" } else { "SNI" },
+                rule.id
+            ));
+        };
+        // An HTTP authority may carry a port ("api.test:8080"); rules match the host alone.
+        let host = if http { inspect::host_name(name) } else { name };
+        let host = host.to_ascii_lowercase();
+        if rule.matches_name(&host, self.port) {
+            Ok(())
+        } else {
+            Err(format!("{host} is not allowed by rule {}", rule.id))
         }
     }
 }
