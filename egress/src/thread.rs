@@ -1,6 +1,11 @@
 //! The egress thread: one mio event loop over the guest's frame socket, every upstream socket,
 //! the resolver's sockets and a waker for commands. It sleeps until an event or smoltcp's next
-//! timer; it opens no files and starts no threads, so a tight seccomp filter fits it.
+//! timer; it opens no files and starts no threads, so a tight seccomp filter fits it: epoll_wait,
+//! epoll_ctl, socket (AF_INET/AF_INET6, stream and datagram), connect, bind (0.0.0.0:0 for DNS
+//! queries), getsockopt (SO_ERROR), getpeername, shutdown, sendto, recvfrom, read/write (the
+//! waker's eventfd, the audit log), close, clock_gettime, futex, and memory (mmap, munmap,
+//! madvise, brk). Poll::new, the waker's eventfd and the random seed for DNS query ids are made
+//! by `spawn` on the calling thread.
 
 use std::collections::HashMap;
 use std::io;
@@ -75,6 +80,9 @@ const RESOLVER_TOKENS: usize = 1 << 40;
 /// How often the guest's neighbour entry is renewed while frames flow (smoltcp forgets it after
 /// 60 s).
 const GUEST_ADDRESS_REFRESH: Duration = Duration::from_secs(20);
+/// Open connections per sandbox at most: each holds two host-side buffers and a host socket, so
+/// a guest opening connections without end must not exhaust the VMM's memory or descriptors.
+const MAX_CONNECTIONS: usize = 4096;
 /// Frames taken per loop turn before the sockets get their turn, so a flooding guest cannot
 /// starve the upstream side.
 const FRAMES_PER_TURN: usize = 256;
@@ -301,6 +309,10 @@ impl Egress {
         }
         let ip = IpAddr::V4(*to.ip());
         let names = self.dns.names().names_for(ip).to_vec();
+        if self.connections.len() >= MAX_CONNECTIONS {
+            let reason = format!("the sandbox already has {MAX_CONNECTIONS} open connections");
+            return self.connect_denied(to, &names, None, reason);
+        }
         let now = Instant::now();
         let decision = self.policy().check(&Destination {
             ip,
