@@ -18,15 +18,19 @@ use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest};
 const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CAPPED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const CLOSED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+const GREETER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+const GREETING: &[u8] = b"220 greeter ready\r\n";
 const BYTE_CAP: u64 = 100_000;
 
 const POLICY: &str = r#"{ "rules": [
     { "id": "open-echo", "cidr": "127.0.0.2/32", "ports": [1] },
     { "id": "open-capped", "cidr": "127.0.0.3/32", "ports": [1] },
     { "id": "open-closed", "cidr": "127.0.0.4/32", "ports": [1] },
+    { "id": "open-greeter", "cidr": "127.0.0.5/32", "ports": [1] },
     { "id": "echo", "domain": "echo.test" },
     { "id": "capped", "domain": "capped.test", "byte_cap": 100000 },
-    { "id": "closed", "domain": "closed.test" }
+    { "id": "closed", "domain": "closed.test" },
+    { "id": "greeter", "domain": "greeter.test" }
 ] }"#;
 
 struct Sandbox {
@@ -35,6 +39,7 @@ struct Sandbox {
     audit: AuditBuffer,
     echo: EchoServer,
     capped: EchoServer,
+    greeter: EchoServer,
     _dns: FakeDns,
 }
 
@@ -45,10 +50,12 @@ fn policy(json: &str) -> Policy {
 fn sandbox() -> Sandbox {
     let echo = EchoServer::start(ECHO_IP);
     let capped = EchoServer::start(CAPPED_IP);
+    let greeter = EchoServer::start_with_greeting(GREETER_IP, GREETING);
     let dns = FakeDns::start(vec![
         ("echo.test", ECHO_IP),
         ("capped.test", CAPPED_IP),
         ("closed.test", CLOSED_IP),
+        ("greeter.test", GREETER_IP),
         ("other.test", ECHO_IP),
     ]);
     let (guest, egress, audit) = filter(ResolverConfig {
@@ -62,6 +69,7 @@ fn sandbox() -> Sandbox {
         audit,
         echo,
         capped,
+        greeter,
         _dns: dns,
     }
 }
@@ -363,4 +371,14 @@ fn hosts_entries_answer_locally_and_a_silent_nameserver_gives_servfail() {
         guest.link_closed(),
         "the filter's end of the link is still open"
     );
+}
+
+#[test]
+fn a_server_that_speaks_first_reaches_a_guest_that_waits() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("greeter.test");
+    let target = SocketAddrV4::new(GREETER_IP, sandbox.greeter.address.port());
+    let handle = established(sandbox.guest.connect(target));
+    assert_eq!(sandbox.guest.receive(handle, GREETING.len()), GREETING);
+    assert_eq!(sandbox.guest.echo(handle, b"QUIT\r\n"), b"QUIT\r\n");
 }

@@ -179,18 +179,16 @@ impl Connection {
             // Refused or failed: the guest side is closing; nothing more to move or judge.
             return Progress::Open;
         }
-        if !self.passed {
-            match self.judge(cx) {
-                Some(Progress::Finished) => return Progress::Finished,
-                Some(Progress::Open) => {}
-                None => return Progress::Open,
-            }
-        }
+        let judged = self.passed || self.judge(cx);
         if let Upstream::Connecting { .. } = self.upstream {
             return Progress::Open;
         }
-        if let Err(progress) = self.guest_to_upstream(cx) {
-            return progress;
+        // Until the guest's first bytes are judged, only upstream's bytes move: a server that
+        // speaks first (SMTP, databases) must reach a guest that waits for it.
+        if judged {
+            if let Err(progress) = self.guest_to_upstream(cx) {
+                return progress;
+            }
         }
         if let Err(progress) = self.upstream_to_guest(cx) {
             return progress;
@@ -211,13 +209,13 @@ impl Connection {
         }
     }
 
-    /// Runs the filter over the guest's first bytes. None: no verdict yet.
-    fn judge(&mut self, cx: &mut Context<'_>) -> Option<Progress> {
+    /// Runs the filter over the guest's first bytes; false while there is no verdict yet.
+    fn judge(&mut self, cx: &mut Context<'_>) -> bool {
         let socket = cx.stack.tcp(self.socket);
         let queued = socket.recv_queue();
         let guest_done = guest_finished_sending(socket.state());
         if queued == 0 && !guest_done {
-            return None;
+            return false;
         }
         let timed_out = self
             .inspect_deadline
@@ -230,7 +228,7 @@ impl Connection {
             Verdict::NeedMore => {
                 self.inspect_deadline
                     .get_or_insert(cx.now + INSPECT_TIMEOUT);
-                None
+                false
             }
             Verdict::Pass(seen) => {
                 self.passed = true;
@@ -241,7 +239,7 @@ impl Connection {
                 } else if seen.is_application() {
                     cx.recorder.record(self.request_event(seen, "allow", None));
                 }
-                Some(Progress::Open)
+                true
             }
             Verdict::Deny { seen, reason, http } => {
                 cx.recorder
@@ -258,7 +256,7 @@ impl Connection {
                 }
                 self.failure = Some(reason);
                 self.drop_upstream(cx.registry);
-                Some(Progress::Open)
+                true
             }
         }
     }

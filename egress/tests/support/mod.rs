@@ -316,6 +316,24 @@ impl Guest {
         received
     }
 
+    /// Waits until `length` bytes arrived without sending anything.
+    pub fn receive(&mut self, handle: SocketHandle, length: usize) -> Vec<u8> {
+        let mut received = Vec::new();
+        self.run_until("bytes from upstream", |guest| {
+            let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
+            while socket.can_recv() {
+                socket
+                    .recv(|chunk| {
+                        received.extend_from_slice(chunk);
+                        (chunk.len(), ())
+                    })
+                    .unwrap();
+            }
+            (received.len() >= length).then_some(())
+        });
+        received
+    }
+
     /// Waits until the connection is reset or closed; returns whether it was reset.
     pub fn wait_closed(&mut self, handle: SocketHandle) -> bool {
         self.run_until("connection to end", |guest| {
@@ -362,6 +380,11 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ip: Ipv4Addr) -> Self {
+        Self::start_with_greeting(ip, b"")
+    }
+
+    /// Sends `greeting` on every connection before echoing (a server that speaks first).
+    pub fn start_with_greeting(ip: Ipv4Addr, greeting: &'static [u8]) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let SocketAddr::V4(address) = listener.local_addr().unwrap() else {
@@ -376,6 +399,9 @@ impl EchoServer {
                         std::thread::spawn(move || {
                             stream.set_nonblocking(false).unwrap();
                             stream.set_read_timeout(Some(WAIT)).unwrap();
+                            if stream.write_all(greeting).is_err() {
+                                return;
+                            }
                             let mut buffer = vec![0u8; 64 * 1024];
                             loop {
                                 match stream.read(&mut buffer) {
