@@ -136,8 +136,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// `token_base`: this resolver registers its sockets with tokens `token_base + n`; the
-    /// owner routes them back here by [`Resolver::owns`].
+    /// `token_base`: this resolver registers its sockets with tokens `token_base + n`, above
+    /// every token the owner uses itself.
     pub fn new(config: ResolverConfig, token_base: usize) -> io::Result<Self> {
         Ok(Self {
             config,
@@ -147,11 +147,6 @@ impl Resolver {
             token_base,
             random: random_seed()? | 1,
         })
-    }
-
-    /// Whether `token` is one of this resolver's sockets.
-    pub fn owns(&self, token: Token) -> bool {
-        token.0 >= self.token_base
     }
 
     /// Starts resolving `name` (A or AAAA). Hosts-file names finish at once (see

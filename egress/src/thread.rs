@@ -251,7 +251,12 @@ impl Egress {
             .filter_map(Connection::deadline)
             .chain(self.resolver.next_deadline())
             .map(|deadline| deadline.saturating_duration_since(now));
-        deadlines.chain(self.stack.poll_delay()).min()
+        let stack_delay = if self.stack.device.is_backlogged() {
+            None
+        } else {
+            self.stack.poll_delay()
+        };
+        deadlines.chain(stack_delay).min()
     }
 
     /// Ok(false): the VM closed its end.

@@ -56,7 +56,6 @@ pub struct Connection {
     pub key: FlowKey,
     socket: SocketHandle,
     stream: TcpStream,
-    token: Token,
     rule: Arc<Rule>,
     names: Vec<String>,
     upstream: Upstream,
@@ -112,7 +111,6 @@ impl Connection {
             key,
             socket,
             stream,
-            token,
             rule,
             names,
             upstream: Upstream::Connecting {
@@ -132,10 +130,6 @@ impl Connection {
             inspect_deadline: None,
             failure: None,
         })
-    }
-
-    pub fn token(&self) -> Token {
-        self.token
     }
 
     /// When the loop must look at this connection even without events.
