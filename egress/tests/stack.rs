@@ -30,7 +30,9 @@ const POLICY: &str = r#"{ "rules": [
     { "id": "echo", "domain": "echo.test" },
     { "id": "capped", "domain": "capped.test", "byte_cap": 100000 },
     { "id": "closed", "domain": "closed.test" },
-    { "id": "greeter", "domain": "greeter.test" }
+    { "id": "greeter", "domain": "greeter.test" },
+    { "id": "mixed", "domain": "mixed.test" },
+    { "id": "private", "domain": "private.test" }
 ] }"#;
 
 struct Sandbox {
@@ -56,6 +58,9 @@ fn sandbox() -> Sandbox {
         ("capped.test", CAPPED_IP),
         ("closed.test", CLOSED_IP),
         ("greeter.test", GREETER_IP),
+        ("mixed.test", Ipv4Addr::new(10, 9, 9, 9)),
+        ("mixed.test", ECHO_IP),
+        ("private.test", Ipv4Addr::new(10, 9, 9, 9)),
         ("other.test", ECHO_IP),
     ]);
     let (guest, egress, audit) = filter(ResolverConfig {
@@ -381,4 +386,41 @@ fn a_server_that_speaks_first_reaches_a_guest_that_waits() {
     let handle = established(sandbox.guest.connect(target));
     assert_eq!(sandbox.guest.receive(handle, GREETING.len()), GREETING);
     assert_eq!(sandbox.guest.echo(handle, b"QUIT\r\n"), b"QUIT\r\n");
+}
+
+#[test]
+fn addresses_the_policy_never_allows_are_withheld_from_answers() {
+    let mut sandbox = sandbox();
+    // 10.9.9.9 is private and no rule names it; 127.0.0.2 is opened by a CIDR rule.
+    assert_eq!(
+        sandbox.guest.resolve("mixed.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
+    assert_eq!(
+        sandbox.guest.resolve("private.test"),
+        (ResponseCode::NoError, vec![])
+    );
+    let events = sandbox.audit.events();
+    let dns = events_of(&events, "dns");
+    assert_eq!(dns[0]["decision"], "allow");
+    assert!(
+        dns[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 2 addresses withheld"),
+        "{}",
+        dns[0]
+    );
+    assert_eq!(dns[1]["decision"], "deny");
+    assert!(
+        dns[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 1 addresses withheld"),
+        "{}",
+        dns[1]
+    );
+    // The withheld address was never handed out, so connecting to it is refused.
+    let target = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
+    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
 }

@@ -134,3 +134,108 @@ impl Filter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use rustls::pki_types::ServerName;
+    use rustls::{ClientConfig, ClientConnection, RootCertStore};
+
+    use super::*;
+    use crate::policy::Policy;
+
+    fn rule(policy: &str) -> Arc<Rule> {
+        Policy::from_json_str(policy).unwrap().rules()[0].clone()
+    }
+
+    fn domain_filter() -> Filter {
+        Filter::new(
+            Some(rule(
+                r#"{ "rules": [ { "id": "api", "domain": "api.test", "ports": [443, 8080] } ] }"#,
+            )),
+            443,
+        )
+    }
+
+    fn client_hello(server_name: &str) -> Vec<u8> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(RootCertStore::empty())
+            .with_no_client_auth();
+        let name = ServerName::try_from(server_name.to_owned()).unwrap();
+        let mut client = ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut hello = Vec::new();
+        while client.wants_write() {
+            client.write_tls(&mut hello).unwrap();
+        }
+        hello
+    }
+
+    #[test]
+    fn tls_server_name_must_be_the_rules() {
+        let filter = domain_filter();
+        let allowed = client_hello("api.test");
+        assert!(
+            matches!(filter.inspect(&allowed, false), Verdict::Pass(seen) if seen.sni.as_deref() == Some("api.test"))
+        );
+        let other = client_hello("evil.test");
+        match filter.inspect(&other, false) {
+            Verdict::Deny { reason, http, seen } => {
+                assert!(!http);
+                assert_eq!(seen.sni.as_deref(), Some("evil.test"));
+                assert!(
+                    reason.contains("evil.test") && reason.contains("api"),
+                    "{reason}"
+                );
+            }
+            verdict => panic!("{verdict:?}"),
+        }
+    }
+
+    #[test]
+    fn a_head_cut_short_waits_then_is_refused() {
+        let filter = domain_filter();
+        let hello = client_hello("api.test");
+        assert_eq!(filter.inspect(&hello[..20], false), Verdict::NeedMore);
+        assert!(matches!(
+            filter.inspect(&hello[..20], true),
+            Verdict::Deny { .. }
+        ));
+        assert_eq!(
+            filter.inspect(b"GET / HTTP/1.1\r\nHo", false),
+            Verdict::NeedMore
+        );
+    }
+
+    #[test]
+    fn http_host_is_matched_without_its_port_and_case() {
+        let filter = domain_filter();
+        assert!(matches!(
+            filter.inspect(b"GET /x HTTP/1.1\r\nHost: API.test:8080\r\n\r\n", false),
+            Verdict::Pass(_)
+        ));
+        assert!(matches!(
+            filter.inspect(b"GET /x HTTP/1.1\r\n\r\n", false),
+            Verdict::Deny { http: true, .. }
+        ));
+        assert!(filter.check_name(Some("api.test.evil.test"), true).is_err());
+    }
+
+    #[test]
+    fn other_protocols_and_address_rules_are_not_held_back() {
+        assert_eq!(
+            domain_filter().inspect(b"SSH-2.0-OpenSSH_9.6\r\n", false),
+            Verdict::Pass(Seen::default())
+        );
+        let by_address = Filter::new(None, 443);
+        assert_eq!(
+            by_address.inspect(b"GE", false),
+            Verdict::Pass(Seen::default())
+        );
+        assert!(matches!(
+            by_address.inspect(&client_hello("anything.test"), false),
+            Verdict::Pass(seen) if seen.sni.as_deref() == Some("anything.test")
+        ));
+    }
+}
