@@ -13,12 +13,13 @@ use egress::policy::Policy;
 use egress::{EgressConfig, EgressHandle, ResolverConfig};
 use hickory_proto::op::ResponseCode;
 use serde_json::Value;
-use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest};
+use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest, ResettingServer};
 
 const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CAPPED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const CLOSED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 const GREETER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+const RESETTING_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const GREETING: &[u8] = b"220 greeter ready\r\n";
 const BYTE_CAP: u64 = 100_000;
 
@@ -27,12 +28,14 @@ const POLICY: &str = r#"{ "rules": [
     { "id": "open-capped", "cidr": "127.0.0.3/32", "ports": [1] },
     { "id": "open-closed", "cidr": "127.0.0.4/32", "ports": [1] },
     { "id": "open-greeter", "cidr": "127.0.0.5/32", "ports": [1] },
+    { "id": "open-resetting", "cidr": "127.0.0.6/32", "ports": [1] },
     { "id": "echo", "domain": "echo.test" },
     { "id": "capped", "domain": "capped.test", "byte_cap": 100000 },
     { "id": "closed", "domain": "closed.test" },
     { "id": "greeter", "domain": "greeter.test" },
     { "id": "mixed", "domain": "mixed.test" },
-    { "id": "private", "domain": "private.test" }
+    { "id": "private", "domain": "private.test" },
+    { "id": "resetting", "domain": "resetting.test" }
 ] }"#;
 
 struct Sandbox {
@@ -61,6 +64,7 @@ fn sandbox() -> Sandbox {
         ("mixed.test", Ipv4Addr::new(10, 9, 9, 9)),
         ("mixed.test", ECHO_IP),
         ("private.test", Ipv4Addr::new(10, 9, 9, 9)),
+        ("resetting.test", RESETTING_IP),
         ("other.test", ECHO_IP),
     ]);
     let (guest, egress, audit) = filter(ResolverConfig {
@@ -423,4 +427,29 @@ fn addresses_the_policy_never_allows_are_withheld_from_answers() {
     // The withheld address was never handed out, so connecting to it is refused.
     let target = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
     assert_eq!(sandbox.guest.connect(target), Connect::Reset);
+}
+
+#[test]
+fn an_upstream_reset_resets_the_guest() {
+    let mut sandbox = sandbox();
+    let server = ResettingServer::start(RESETTING_IP);
+    sandbox.guest.resolve("resetting.test");
+    let handle = established(sandbox.guest.connect(server.address));
+    sandbox
+        .guest
+        .sockets
+        .get_mut::<smoltcp::socket::tcp::Socket>(handle)
+        .send_slice(b"hello\n")
+        .unwrap();
+    assert!(
+        sandbox.guest.wait_closed(handle),
+        "expected a reset, got a FIN"
+    );
+    let close = sandbox.guest.run_until("close audit event", |_| {
+        events_of(&sandbox.audit.events(), "close")
+            .first()
+            .map(|event| (*event).clone())
+    });
+    assert_eq!(close["reason"], "upstream reset the connection");
+    assert_eq!(close["bytes_up"], 6);
 }

@@ -440,6 +440,61 @@ impl Drop for EchoServer {
     }
 }
 
+/// A TCP server on 127.0.0.x that reads one chunk from each connection, then resets it.
+pub struct ResettingServer {
+    pub address: SocketAddrV4,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ResettingServer {
+    /// Serves one connection.
+    pub fn start(ip: Ipv4Addr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        let SocketAddr::V4(address) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let thread = std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer);
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt reads a linger struct we own, of the size we pass.
+            let result = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&stream),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(result, 0, "SO_LINGER: {}", io::Error::last_os_error());
+            // Closing with a zero linger time sends RST instead of FIN.
+            drop(stream);
+        });
+        Self {
+            address,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ResettingServer {
+    fn drop(&mut self) {
+        // Unblock a pending accept if the test never connected.
+        let _ = std::net::TcpStream::connect(self.address);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 /// A DNS server on 127.0.0.1 answering A queries from a fixed table, NXDOMAIN otherwise.
 pub struct FakeDns {
     pub address: SocketAddr,
