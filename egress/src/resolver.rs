@@ -145,7 +145,7 @@ impl Resolver {
             finished: Vec::new(),
             next_id: 0,
             token_base,
-            random: random_seed()? | 1,
+            random: crate::random::seed()? | 1,
         })
     }
 
@@ -397,16 +397,6 @@ fn addresses(message: &Message, record_type: RecordType) -> Vec<(IpAddr, u32)> {
             _ => None,
         })
         .collect()
-}
-
-fn random_seed() -> io::Result<u64> {
-    let mut seed = [0u8; 8];
-    // SAFETY: getrandom writes at most `seed.len()` bytes into the buffer we own.
-    let filled = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if filled != seed.len() as isize {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::from_ne_bytes(seed))
 }
 
 #[cfg(test)]

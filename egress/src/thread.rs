@@ -105,7 +105,7 @@ pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> 
     let mut egress = Egress {
         poll,
         stop: stop.clone(),
-        stack: Stack::new(device),
+        stack: Stack::new(device, crate::random::seed()?),
         policy: policy.clone(),
         recorder: Recorder::new(config.audit, config.sandbox),
         resolver,
@@ -116,6 +116,7 @@ pub fn spawn(config: EgressConfig, frames: OwnedFd) -> io::Result<EgressHandle> 
         stats: stats.clone(),
         frames_left: false,
         guest_address_learned: Instant::now(),
+        frame_buffer: vec![0; MAX_FRAME],
     };
     let thread = std::thread::Builder::new()
         .name("net".into())
@@ -188,6 +189,8 @@ struct Egress {
     frames_left: bool,
     /// When the guest's MAC was last given to smoltcp.
     guest_address_learned: Instant,
+    /// Where each guest frame is read into before it is judged.
+    frame_buffer: Vec<u8>,
 }
 
 /// The policy is replaced whole under the lock, so a panic elsewhere cannot leave it half-set.
@@ -261,10 +264,17 @@ impl Egress {
 
     /// Ok(false): the VM closed its end.
     fn read_frames(&mut self) -> io::Result<bool> {
-        let mut buffer = vec![0u8; MAX_FRAME];
+        // Taken out of self while frames are judged (which needs all of self), put back after.
+        let mut buffer = std::mem::take(&mut self.frame_buffer);
+        let result = self.read_frames_into(&mut buffer);
+        self.frame_buffer = buffer;
+        result
+    }
+
+    fn read_frames_into(&mut self, buffer: &mut [u8]) -> io::Result<bool> {
         self.frames_left = false;
         for _ in 0..FRAMES_PER_TURN {
-            let length = match self.stack.device.receive_frame(&mut buffer)? {
+            let length = match self.stack.device.receive_frame(buffer)? {
                 Received::Frame(length) => length,
                 Received::Empty => return Ok(true),
                 Received::Closed => return Ok(false),

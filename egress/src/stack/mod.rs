@@ -43,10 +43,11 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(mut device: FrameDevice) -> Self {
+    /// `random_seed`: for smoltcp's TCP initial sequence numbers.
+    pub fn new(mut device: FrameDevice, random_seed: u64) -> Self {
         let epoch = std::time::Instant::now();
         let mut config = Config::new(EthernetAddress(GATEWAY_MAC).into());
-        config.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        config.random_seed = random_seed;
         let mut iface = Interface::new(config, &mut device, StackInstant::from_micros(0));
         iface.update_ip_addrs(|addresses| {
             // Two addresses fit smoltcp's default address table.
