@@ -143,6 +143,9 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
         );
         socket.set_nagle_enabled(false);
+        // Segments on this link are up to 64 KiB, so an ACK per segment is cheap, and the
+        // guest's sender never waits out a delayed-ACK timer.
+        socket.set_ack_delay(None);
         socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(
             TCP_KEEP_ALIVE.as_secs(),
         )));
