@@ -453,3 +453,18 @@ fn an_upstream_reset_resets_the_guest() {
     assert_eq!(close["reason"], "upstream reset the connection");
     assert_eq!(close["bytes_up"], 6);
 }
+
+#[test]
+fn a_silent_nameserver_is_passed_over_for_the_next() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = FakeDns::start(vec![("echo.test", ECHO_IP)]);
+    let (mut guest, _egress, _audit) = filter(ResolverConfig {
+        nameservers: vec![silent.local_addr().unwrap(), dns.address],
+        hosts: Vec::new(),
+        timeout: Duration::from_secs(2),
+    });
+    assert_eq!(
+        guest.resolve("echo.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
+}
