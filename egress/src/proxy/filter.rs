@@ -5,7 +5,7 @@
 
 use std::sync::Arc;
 
-use crate::inspect::{self, Peek};
+use crate::inspect::{self, http, sni, Peek};
 use crate::policy::Rule;
 
 /// What the filter says about the guest's first bytes.
@@ -26,6 +26,9 @@ pub enum Verdict {
 /// What the guest's first bytes showed, for the audit log.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Seen {
+    /// The guest speaks HTTP/1.x: every request head is to be found and checked, not just the
+    /// first.
+    pub http: bool,
     pub sni: Option<String>,
     pub host: Option<String>,
     pub method: Option<String>,
@@ -63,6 +66,7 @@ impl Filter {
                     ..Seen::default()
                 },
                 Peek::Http { method, path, host } => Seen {
+                    http: true,
                     host,
                     method: Some(method),
                     path: Some(path),
@@ -85,6 +89,32 @@ impl Filter {
                     http: false,
                 }
             }
+            // peek gives up on heads longer than PEEK_LIMIT; a long head must not be a way
+            // around the name check.
+            Peek::Other if first.len() >= inspect::PEEK_LIMIT => {
+                if first.first() == Some(&0x16)
+                    && matches!(sni::parse_client_hello(first), sni::ClientHello::NeedMore)
+                {
+                    return Verdict::Deny {
+                        seen: Seen::default(),
+                        reason: format!(
+                            "TLS ClientHello longer than {} bytes; rule {} allows named hosts only",
+                            inspect::PEEK_LIMIT,
+                            rule.id
+                        ),
+                        http: false,
+                    };
+                }
+                if matches!(http::parse_head(first), Ok(None)) {
+                    // The request rewriter reads heads up to its own, larger limit and checks
+                    // the Host once it has it.
+                    return Verdict::Pass(Seen {
+                        http: true,
+                        ..Seen::default()
+                    });
+                }
+                return Verdict::Pass(Seen::default());
+            }
             Peek::Other => return Verdict::Pass(Seen::default()),
             Peek::Tls { sni } => (
                 Seen {
@@ -96,6 +126,7 @@ impl Filter {
             ),
             Peek::Http { method, path, host } => (
                 Seen {
+                    http: true,
                     host: host.clone(),
                     method: Some(method),
                     path: Some(path),
@@ -220,6 +251,30 @@ mod tests {
             Verdict::Deny { http: true, .. }
         ));
         assert!(filter.check_name(Some("api.test.evil.test"), true).is_err());
+    }
+
+    #[test]
+    fn a_head_longer_than_peek_looks_is_still_checked() {
+        let filter = domain_filter();
+        let mut long_head = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+        long_head.resize(inspect::PEEK_LIMIT + 10, b'a');
+        assert_eq!(
+            filter.inspect(&long_head, false),
+            Verdict::Pass(Seen {
+                http: true,
+                ..Seen::default()
+            })
+        );
+        // One full-size record holding the start of a 20,000-byte ClientHello.
+        let hello = client_hello("api.test");
+        let mut long_hello = vec![0x16, 0x03, 0x01, 0x40, 0x00, 0x01, 0x00, 0x4e, 0x20];
+        long_hello.extend_from_slice(&hello[9..]);
+        long_hello.resize(5 + 16384, 0);
+        assert!(long_hello.len() >= inspect::PEEK_LIMIT);
+        assert!(matches!(
+            filter.inspect(&long_hello, false),
+            Verdict::Deny { http: false, .. }
+        ));
     }
 
     #[test]

@@ -229,7 +229,7 @@ impl Connection {
             }
             Verdict::Pass(seen) => {
                 self.passed = true;
-                if seen.method.is_some() {
+                if seen.http {
                     // Credential injection adds the rule's headers to this list; the requests
                     // are audited (and their Host checked) as the rewriter finds them.
                     self.http = Some(RequestRewriter::new(Vec::new()));
@@ -516,6 +516,7 @@ impl Connection {
 
 fn seen_of(head: RequestHead) -> Seen {
     Seen {
+        http: true,
         host: head.host,
         method: Some(head.method),
         path: Some(head.path),
