@@ -22,6 +22,7 @@ pub mod limits;
 pub mod names;
 pub mod policy;
 pub mod proxy;
+pub mod random;
 pub mod recorder;
 pub mod resolver;
 pub mod stack;

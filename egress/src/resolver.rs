@@ -136,8 +136,8 @@ pub struct Resolver {
 }
 
 impl Resolver {
-    /// `token_base`: this resolver registers its sockets with tokens `token_base + n`; the
-    /// owner routes them back here by [`Resolver::owns`].
+    /// `token_base`: this resolver registers its sockets with tokens `token_base + n`, above
+    /// every token the owner uses itself.
     pub fn new(config: ResolverConfig, token_base: usize) -> io::Result<Self> {
         Ok(Self {
             config,
@@ -145,13 +145,8 @@ impl Resolver {
             finished: Vec::new(),
             next_id: 0,
             token_base,
-            random: random_seed()? | 1,
+            random: crate::random::seed()? | 1,
         })
-    }
-
-    /// Whether `token` is one of this resolver's sockets.
-    pub fn owns(&self, token: Token) -> bool {
-        token.0 >= self.token_base
     }
 
     /// Starts resolving `name` (A or AAAA). Hosts-file names finish at once (see
@@ -402,16 +397,6 @@ fn addresses(message: &Message, record_type: RecordType) -> Vec<(IpAddr, u32)> {
             _ => None,
         })
         .collect()
-}
-
-fn random_seed() -> io::Result<u64> {
-    let mut seed = [0u8; 8];
-    // SAFETY: getrandom writes at most `seed.len()` bytes into the buffer we own.
-    let filled = unsafe { libc::getrandom(seed.as_mut_ptr().cast(), seed.len(), 0) };
-    if filled != seed.len() as isize {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(u64::from_ne_bytes(seed))
 }
 
 #[cfg(test)]

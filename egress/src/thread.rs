@@ -1,6 +1,11 @@
 //! The egress thread: one mio event loop over the guest's frame socket, every upstream socket,
 //! the resolver's sockets and a waker for commands. It sleeps until an event or smoltcp's next
-//! timer; it opens no files and starts no threads, so a tight seccomp filter fits it.
+//! timer; it opens no files and starts no threads, so a tight seccomp filter fits it: epoll_wait,
+//! epoll_ctl, socket (AF_INET/AF_INET6, stream and datagram), connect, bind (0.0.0.0:0 for DNS
+//! queries), getsockopt (SO_ERROR), getpeername, shutdown, sendto, recvfrom, read/write (the
+//! waker's eventfd, the audit log), close, clock_gettime, futex, and memory (mmap, munmap,
+//! madvise, brk). Poll::new, the waker's eventfd and the random seed for DNS query ids are made
+//! by `spawn` on the calling thread.
 
 use std::collections::HashMap;
 use std::io;
@@ -72,6 +77,12 @@ const WAKER: Token = Token(1);
 const FIRST_CONNECTION_TOKEN: usize = 2;
 /// Resolver sockets use tokens from here on; connections stay below.
 const RESOLVER_TOKENS: usize = 1 << 40;
+/// How often the guest's neighbour entry is renewed while frames flow (smoltcp forgets it after
+/// 60 s).
+const GUEST_ADDRESS_REFRESH: Duration = Duration::from_secs(20);
+/// Open connections per sandbox at most: each holds two host-side buffers and a host socket, so
+/// a guest opening connections without end must not exhaust the VMM's memory or descriptors.
+const MAX_CONNECTIONS: usize = 4096;
 /// Frames taken per loop turn before the sockets get their turn, so a flooding guest cannot
 /// starve the upstream side.
 const FRAMES_PER_TURN: usize = 256;
@@ -107,7 +118,7 @@ pub fn spawn_with_hook(
     let mut egress = Egress {
         poll,
         stop: stop.clone(),
-        stack: Stack::new(device),
+        stack: Stack::new(device, crate::random::seed()?),
         policy: policy.clone(),
         recorder: Recorder::new(config.audit, config.sandbox),
         resolver,
@@ -117,6 +128,8 @@ pub fn spawn_with_hook(
         next_token: FIRST_CONNECTION_TOKEN,
         stats: stats.clone(),
         frames_left: false,
+        guest_address_learned: Instant::now(),
+        frame_buffer: vec![0; MAX_FRAME],
     };
     let thread = std::thread::Builder::new()
         .name("net".into())
@@ -195,6 +208,10 @@ struct Egress {
     stats: Arc<SharedStats>,
     /// The last turn stopped reading frames early: look again without sleeping.
     frames_left: bool,
+    /// When the guest's MAC was last given to smoltcp.
+    guest_address_learned: Instant,
+    /// Where each guest frame is read into before it is judged.
+    frame_buffer: Vec<u8>,
 }
 
 /// The policy is replaced whole under the lock, so a panic elsewhere cannot leave it half-set.
@@ -258,19 +275,35 @@ impl Egress {
             .filter_map(Connection::deadline)
             .chain(self.resolver.next_deadline())
             .map(|deadline| deadline.saturating_duration_since(now));
-        deadlines.chain(self.stack.poll_delay()).min()
+        let stack_delay = if self.stack.device.is_backlogged() {
+            None
+        } else {
+            self.stack.poll_delay()
+        };
+        deadlines.chain(stack_delay).min()
     }
 
     /// Ok(false): the VM closed its end.
     fn read_frames(&mut self) -> io::Result<bool> {
-        let mut buffer = vec![0u8; MAX_FRAME];
+        // Taken out of self while frames are judged (which needs all of self), put back after.
+        let mut buffer = std::mem::take(&mut self.frame_buffer);
+        let result = self.read_frames_into(&mut buffer);
+        self.frame_buffer = buffer;
+        result
+    }
+
+    fn read_frames_into(&mut self, buffer: &mut [u8]) -> io::Result<bool> {
         self.frames_left = false;
         for _ in 0..FRAMES_PER_TURN {
-            let length = match self.stack.device.receive_frame(&mut buffer)? {
+            let length = match self.stack.device.receive_frame(buffer)? {
                 Received::Frame(length) => length,
                 Received::Empty => return Ok(true),
                 Received::Closed => return Ok(false),
             };
+            if self.guest_address_learned.elapsed() >= GUEST_ADDRESS_REFRESH {
+                self.stack.learn_guest_address();
+                self.guest_address_learned = Instant::now();
+            }
             let frame = &buffer[..length];
             let pass = match classify(frame) {
                 Inbound::TcpSyn { from, to } => {
@@ -287,6 +320,9 @@ impl Egress {
                 // Pings are answered for the gateway and DNS addresses only; anything else
                 // answering would suggest the Internet is reachable.
                 Inbound::Icmp { to } => to == GATEWAY_ADDR || to == DNS_ADDR,
+                // With any_ip smoltcp would claim every address on the link, the guest's own
+                // included (its duplicate-address probes would fail).
+                Inbound::Arp { target } => target == GATEWAY_ADDR || target == DNS_ADDR,
                 Inbound::Other => true,
             };
             if pass {
@@ -309,6 +345,10 @@ impl Egress {
         }
         let ip = IpAddr::V4(*to.ip());
         let names = self.dns.names().names_for(ip).to_vec();
+        if self.connections.len() >= MAX_CONNECTIONS {
+            let reason = format!("the sandbox already has {MAX_CONNECTIONS} open connections");
+            return self.connect_denied(to, &names, None, reason);
+        }
         let now = Instant::now();
         let decision = self.policy().check(&Destination {
             ip,

@@ -13,20 +13,29 @@ use egress::policy::Policy;
 use egress::{EgressConfig, EgressHandle, ResolverConfig};
 use hickory_proto::op::ResponseCode;
 use serde_json::Value;
-use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest};
+use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest, ResettingServer};
 
 const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CAPPED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const CLOSED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+const GREETER_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+const RESETTING_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+const GREETING: &[u8] = b"220 greeter ready\r\n";
 const BYTE_CAP: u64 = 100_000;
 
 const POLICY: &str = r#"{ "rules": [
     { "id": "open-echo", "cidr": "127.0.0.2/32", "ports": [1] },
     { "id": "open-capped", "cidr": "127.0.0.3/32", "ports": [1] },
     { "id": "open-closed", "cidr": "127.0.0.4/32", "ports": [1] },
+    { "id": "open-greeter", "cidr": "127.0.0.5/32", "ports": [1] },
+    { "id": "open-resetting", "cidr": "127.0.0.6/32", "ports": [1] },
     { "id": "echo", "domain": "echo.test" },
     { "id": "capped", "domain": "capped.test", "byte_cap": 100000 },
-    { "id": "closed", "domain": "closed.test" }
+    { "id": "closed", "domain": "closed.test" },
+    { "id": "greeter", "domain": "greeter.test" },
+    { "id": "mixed", "domain": "mixed.test" },
+    { "id": "private", "domain": "private.test" },
+    { "id": "resetting", "domain": "resetting.test" }
 ] }"#;
 
 struct Sandbox {
@@ -35,6 +44,7 @@ struct Sandbox {
     audit: AuditBuffer,
     echo: EchoServer,
     capped: EchoServer,
+    greeter: EchoServer,
     _dns: FakeDns,
 }
 
@@ -45,12 +55,36 @@ fn policy(json: &str) -> Policy {
 fn sandbox() -> Sandbox {
     let echo = EchoServer::start(ECHO_IP);
     let capped = EchoServer::start(CAPPED_IP);
+    let greeter = EchoServer::start_with_greeting(GREETER_IP, GREETING);
     let dns = FakeDns::start(vec![
         ("echo.test", ECHO_IP),
         ("capped.test", CAPPED_IP),
         ("closed.test", CLOSED_IP),
+        ("greeter.test", GREETER_IP),
+        ("mixed.test", Ipv4Addr::new(10, 9, 9, 9)),
+        ("mixed.test", ECHO_IP),
+        ("private.test", Ipv4Addr::new(10, 9, 9, 9)),
+        ("resetting.test", RESETTING_IP),
         ("other.test", ECHO_IP),
     ]);
+    let (guest, egress, audit) = filter(ResolverConfig {
+        nameservers: vec![dns.address],
+        hosts: Vec::new(),
+        timeout: Duration::from_secs(5),
+    });
+    Sandbox {
+        guest,
+        egress,
+        audit,
+        echo,
+        capped,
+        greeter,
+        _dns: dns,
+    }
+}
+
+/// The filter thread under [`POLICY`] and the guest on its link.
+fn filter(resolver: ResolverConfig) -> (Guest, EgressHandle, AuditBuffer) {
     let audit = AuditBuffer::default();
     let (guest_end, filter_end) = support::frame_pair();
     let egress = egress::spawn(
@@ -58,23 +92,12 @@ fn sandbox() -> Sandbox {
             policy: policy(POLICY),
             audit: AuditLog::to_writer(Box::new(audit.clone())),
             sandbox: "test-sandbox".into(),
-            resolver: ResolverConfig {
-                nameservers: vec![dns.address],
-                hosts: Vec::new(),
-                timeout: Duration::from_secs(5),
-            },
+            resolver,
         },
         filter_end,
     )
     .unwrap();
-    Sandbox {
-        guest: Guest::new(guest_end),
-        egress,
-        audit,
-        echo,
-        capped,
-        _dns: dns,
-    }
+    (Guest::new(guest_end), egress, audit)
 }
 
 fn established(connect: Connect) -> smoltcp::iface::SocketHandle {
@@ -154,7 +177,7 @@ fn address_never_handed_out_is_reset_until_the_guest_resolves_it() {
         "{}",
         connects[0]
     );
-    assert_eq!(connects[1]["decision"], "allow");
+    assert_eq!(connects[1]["decision"], "allow", "{connects:#?}");
     let stats = sandbox.egress.stats();
     assert_eq!(
         (stats.connections_denied, stats.connections_allowed),
@@ -294,10 +317,26 @@ fn http_host_outside_the_domain_rule_gets_403() {
     assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
     assert!(answer.contains("evil.test"), "{answer}");
 
-    // The same Host as the rule passes and reaches the echo server unchanged.
+    // The rule's host, with the port as clients send it, passes and reaches the echo server
+    // unchanged.
     let handle = established(sandbox.guest.connect(target));
-    let request = b"GET /ok HTTP/1.1\r\nHost: echo.test\r\n\r\n";
-    assert_eq!(sandbox.guest.echo(handle, request), request);
+    let request = format!(
+        "GET /ok HTTP/1.1\r\nHost: echo.test:{}\r\n\r\n",
+        target.port()
+    );
+    assert_eq!(
+        sandbox.guest.echo(handle, request.as_bytes()),
+        request.as_bytes()
+    );
+    // A later request on the same connection is checked too: naming another host resets it.
+    let smuggled = b"GET /next HTTP/1.1\r\nHost: evil.test\r\n\r\n";
+    sandbox
+        .guest
+        .sockets
+        .get_mut::<smoltcp::socket::tcp::Socket>(handle)
+        .send_slice(smuggled)
+        .unwrap();
+    assert!(sandbox.guest.wait_closed(handle), "expected a reset");
 
     let events = sandbox.audit.events();
     let http = events_of(&events, "http");
@@ -306,5 +345,126 @@ fn http_host_outside_the_domain_rule_gets_403() {
     assert_eq!(http[0]["method"], "GET");
     assert_eq!(http[0]["path"], "/secret");
     assert_eq!(http[1]["decision"], "allow");
-    assert_eq!(http[1]["host"], "echo.test");
+    assert_eq!(http[1]["host"], format!("echo.test:{}", target.port()));
+    assert_eq!(http[2]["decision"], "deny");
+    assert_eq!(http[2]["path"], "/next");
+    assert_eq!(http.len(), 3);
+}
+
+#[test]
+fn hosts_entries_answer_locally_and_a_silent_nameserver_gives_servfail() {
+    // Bound but never read: queries to it go unanswered.
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let (mut guest, egress, audit) = filter(ResolverConfig {
+        nameservers: vec![silent.local_addr().unwrap()],
+        hosts: vec![("echo.test".into(), ECHO_IP.into())],
+        timeout: Duration::from_millis(300),
+    });
+    assert_eq!(
+        guest.resolve("echo.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
+    assert_eq!(
+        guest.resolve("capped.test"),
+        (ResponseCode::ServFail, vec![])
+    );
+    let events = audit.events();
+    let failed = events_of(&events, "dns")[1];
+    assert_eq!(failed["domain"], "capped.test");
+    assert_eq!(failed["decision"], "deny");
+    let reason = failed["reason"].as_str().unwrap();
+    assert!(reason.contains("upstream lookup failed"), "{reason}");
+
+    egress.shutdown();
+    assert!(
+        guest.link_closed(),
+        "the filter's end of the link is still open"
+    );
+}
+
+#[test]
+fn a_server_that_speaks_first_reaches_a_guest_that_waits() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("greeter.test");
+    let target = SocketAddrV4::new(GREETER_IP, sandbox.greeter.address.port());
+    let handle = established(sandbox.guest.connect(target));
+    assert_eq!(sandbox.guest.receive(handle, GREETING.len()), GREETING);
+    assert_eq!(sandbox.guest.echo(handle, b"QUIT\r\n"), b"QUIT\r\n");
+}
+
+#[test]
+fn addresses_the_policy_never_allows_are_withheld_from_answers() {
+    let mut sandbox = sandbox();
+    // 10.9.9.9 is private and no rule names it; 127.0.0.2 is opened by a CIDR rule.
+    assert_eq!(
+        sandbox.guest.resolve("mixed.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
+    assert_eq!(
+        sandbox.guest.resolve("private.test"),
+        (ResponseCode::NoError, vec![])
+    );
+    let events = sandbox.audit.events();
+    let dns = events_of(&events, "dns");
+    assert_eq!(dns[0]["decision"], "allow");
+    assert!(
+        dns[0]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 2 addresses withheld"),
+        "{}",
+        dns[0]
+    );
+    assert_eq!(dns[1]["decision"], "deny");
+    assert!(
+        dns[1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("1 of 1 addresses withheld"),
+        "{}",
+        dns[1]
+    );
+    // The withheld address was never handed out, so connecting to it is refused.
+    let target = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
+    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
+}
+
+#[test]
+fn an_upstream_reset_resets_the_guest() {
+    let mut sandbox = sandbox();
+    let server = ResettingServer::start(RESETTING_IP);
+    sandbox.guest.resolve("resetting.test");
+    let handle = established(sandbox.guest.connect(server.address));
+    sandbox
+        .guest
+        .sockets
+        .get_mut::<smoltcp::socket::tcp::Socket>(handle)
+        .send_slice(b"hello\n")
+        .unwrap();
+    assert!(
+        sandbox.guest.wait_closed(handle),
+        "expected a reset, got a FIN"
+    );
+    let close = sandbox.guest.run_until("close audit event", |_| {
+        events_of(&sandbox.audit.events(), "close")
+            .first()
+            .map(|event| (*event).clone())
+    });
+    assert_eq!(close["reason"], "upstream reset the connection");
+    assert_eq!(close["bytes_up"], 6);
+}
+
+#[test]
+fn a_silent_nameserver_is_passed_over_for_the_next() {
+    let silent = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let dns = FakeDns::start(vec![("echo.test", ECHO_IP)]);
+    let (mut guest, _egress, _audit) = filter(ResolverConfig {
+        nameservers: vec![silent.local_addr().unwrap(), dns.address],
+        hosts: Vec::new(),
+        timeout: Duration::from_secs(2),
+    });
+    assert_eq!(
+        guest.resolve("echo.test"),
+        (ResponseCode::NoError, vec![ECHO_IP])
+    );
 }

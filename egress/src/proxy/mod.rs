@@ -17,7 +17,7 @@ use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
 use crate::audit::AuditEvent;
-use crate::inspect;
+use crate::inspect::{self, RequestHead, RequestRewriter};
 use crate::limits::RuleCounters;
 use crate::policy::Rule;
 use crate::recorder::Recorder;
@@ -29,6 +29,9 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A guest that started a TLS ClientHello or HTTP request head on a domain-rule connection must
 /// finish it within this long, or the connection is refused (the name could not be checked).
 pub const INSPECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Guest bytes the HTTP path takes at once; its output waits for upstream before more is taken,
+/// so this bounds what the connection buffers beyond smoltcp's own buffers.
+const HTTP_BATCH: usize = 64 * 1024;
 
 /// The guest's side of a connection: its own address and the destination it asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -53,13 +56,17 @@ pub struct Connection {
     pub key: FlowKey,
     socket: SocketHandle,
     stream: TcpStream,
-    token: Token,
     rule: Arc<Rule>,
     names: Vec<String>,
     upstream: Upstream,
     filter: Filter,
     /// Set once the filter let the guest's bytes through.
     passed: bool,
+    /// For a connection that speaks HTTP: every request head is found (and checked) on its
+    /// way upstream, not just the first.
+    http: Option<RequestRewriter>,
+    /// Guest bytes the HTTP path produced that upstream has not taken yet.
+    pending_up: Vec<u8>,
     upstream_write_shut: bool,
     upstream_eof: bool,
     bytes_up: u64,
@@ -96,6 +103,9 @@ impl Connection {
         now: Instant,
     ) -> io::Result<Self> {
         let mut stream = TcpStream::connect(SocketAddr::V4(key.destination))?;
+        // The guest's own TCP already coalesced what it sent; Nagle here would only delay the
+        // last small piece of each request by an upstream round trip.
+        stream.set_nodelay(true)?;
         registry.register(&mut stream, token, Interest::READABLE | Interest::WRITABLE)?;
         let port = key.destination.port();
         let by_domain = names.iter().any(|name| rule.matches_name(name, port));
@@ -104,7 +114,6 @@ impl Connection {
             key,
             socket,
             stream,
-            token,
             rule,
             names,
             upstream: Upstream::Connecting {
@@ -112,6 +121,8 @@ impl Connection {
             },
             filter,
             passed: false,
+            http: None,
+            pending_up: Vec::new(),
             upstream_write_shut: false,
             upstream_eof: false,
             bytes_up: 0,
@@ -122,10 +133,6 @@ impl Connection {
             inspect_deadline: None,
             failure: None,
         })
-    }
-
-    pub fn token(&self) -> Token {
-        self.token
     }
 
     /// When the loop must look at this connection even without events.
@@ -169,18 +176,16 @@ impl Connection {
             // Refused or failed: the guest side is closing; nothing more to move or judge.
             return Progress::Open;
         }
-        if !self.passed {
-            match self.judge(cx) {
-                Some(Progress::Finished) => return Progress::Finished,
-                Some(Progress::Open) => {}
-                None => return Progress::Open,
-            }
-        }
+        let judged = self.passed || self.judge(cx);
         if let Upstream::Connecting { .. } = self.upstream {
             return Progress::Open;
         }
-        if let Err(progress) = self.guest_to_upstream(cx) {
-            return progress;
+        // Until the guest's first bytes are judged, only upstream's bytes move: a server that
+        // speaks first (SMTP, databases) must reach a guest that waits for it.
+        if judged {
+            if let Err(progress) = self.guest_to_upstream(cx) {
+                return progress;
+            }
         }
         if let Err(progress) = self.upstream_to_guest(cx) {
             return progress;
@@ -201,13 +206,13 @@ impl Connection {
         }
     }
 
-    /// Runs the filter over the guest's first bytes. None: no verdict yet.
-    fn judge(&mut self, cx: &mut Context<'_>) -> Option<Progress> {
+    /// Runs the filter over the guest's first bytes; false while there is no verdict yet.
+    fn judge(&mut self, cx: &mut Context<'_>) -> bool {
         let socket = cx.stack.tcp(self.socket);
         let queued = socket.recv_queue();
         let guest_done = guest_finished_sending(socket.state());
         if queued == 0 && !guest_done {
-            return None;
+            return false;
         }
         let timed_out = self
             .inspect_deadline
@@ -220,14 +225,18 @@ impl Connection {
             Verdict::NeedMore => {
                 self.inspect_deadline
                     .get_or_insert(cx.now + INSPECT_TIMEOUT);
-                None
+                false
             }
             Verdict::Pass(seen) => {
                 self.passed = true;
-                if seen.is_application() {
+                if seen.http {
+                    // Credential injection adds the rule's headers to this list; the requests
+                    // are audited (and their Host checked) as the rewriter finds them.
+                    self.http = Some(RequestRewriter::new(Vec::new()));
+                } else if seen.is_application() {
                     cx.recorder.record(self.request_event(seen, "allow", None));
                 }
-                Some(Progress::Open)
+                true
             }
             Verdict::Deny { seen, reason, http } => {
                 cx.recorder
@@ -244,7 +253,7 @@ impl Connection {
                 }
                 self.failure = Some(reason);
                 self.drop_upstream(cx.registry);
-                Some(Progress::Open)
+                true
             }
         }
     }
@@ -253,6 +262,36 @@ impl Connection {
         if self.failure.is_some() {
             return Ok(());
         }
+        let (moved, write_error) = if self.http.is_some() {
+            self.http_to_upstream(cx)?
+        } else {
+            self.raw_to_upstream(cx)
+        };
+        self.bytes_up += moved;
+        if let Some(error) = write_error {
+            return Err(self.fail(cx, format!("upstream write failed: {error}")));
+        }
+        if moved > 0 {
+            if let Err(reason) = cx.counters.add_bytes(&self.rule, moved) {
+                return Err(self.fail(cx, reason.to_string()));
+            }
+        }
+        let socket = cx.stack.tcp(self.socket);
+        let guest_done = guest_finished_sending(socket.state())
+            && socket.recv_queue() == 0
+            && self.pending_up.is_empty();
+        if guest_done && !self.upstream_write_shut {
+            self.upstream_write_shut = true;
+            // The guest sent FIN: pass the half-close on. Failing means upstream is gone, which
+            // the read side reports.
+            let _ = self.stream.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+
+    /// Bytes go upstream straight out of smoltcp's receive buffer. Returns the bytes moved and
+    /// a write error other than WouldBlock.
+    fn raw_to_upstream(&mut self, cx: &mut Context<'_>) -> (u64, Option<io::Error>) {
         let socket = cx.stack.tcp(self.socket);
         let stream = &mut self.stream;
         let mut moved = 0u64;
@@ -272,22 +311,79 @@ impl Connection {
                 Ok(n) => moved += n as u64,
             }
         }
-        let guest_done = guest_finished_sending(socket.state()) && socket.recv_queue() == 0;
-        self.bytes_up += moved;
-        if let Some(error) = write_error {
-            return Err(self.fail(cx, format!("upstream write failed: {error}")));
+        (moved, write_error)
+    }
+
+    /// Bytes pass the request rewriter, which finds every request head; each must name a host
+    /// the rule allows. Guest bytes are taken only once upstream took the previous batch.
+    fn http_to_upstream(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Result<(u64, Option<io::Error>), Progress> {
+        let mut moved = 0u64;
+        loop {
+            if let Err(error) = self.flush_pending() {
+                return Ok((moved, Some(error)));
+            }
+            if !self.pending_up.is_empty() {
+                return Ok((moved, None));
+            }
+            let socket = cx.stack.tcp(self.socket);
+            let Some(rewriter) = self.http.as_mut() else {
+                return Ok((moved, None));
+            };
+            let mut out = Vec::new();
+            let fed = socket.recv(|data| {
+                let take = data.len().min(HTTP_BATCH);
+                (take, (take, rewriter.feed(&data[..take], &mut out)))
+            });
+            let heads = match fed {
+                Ok((0, _)) | Err(_) => return Ok((moved, None)),
+                Ok((taken, Ok(heads))) => {
+                    moved += taken as u64;
+                    heads
+                }
+                Ok((_, Err(error))) => {
+                    let reason = error.to_string();
+                    cx.recorder.record(AuditEvent {
+                        reason: Some(reason.clone()),
+                        ..self.event("http", "deny")
+                    });
+                    return Err(self.fail(cx, reason));
+                }
+            };
+            for head in heads {
+                if let Err(reason) = self.check_request(&head) {
+                    cx.recorder.record(self.request_event(
+                        seen_of(head),
+                        "deny",
+                        Some(reason.clone()),
+                    ));
+                    return Err(self.fail(cx, reason));
+                }
+                cx.recorder
+                    .record(self.request_event(seen_of(head), "allow", None));
+            }
+            self.pending_up = out;
         }
-        if moved > 0 {
-            if let Err(reason) = cx.counters.add_bytes(&self.rule, moved) {
-                return Err(self.fail(cx, reason.to_string()));
+    }
+
+    fn check_request(&self, head: &RequestHead) -> Result<(), String> {
+        self.filter.check_name(head.host.as_deref(), true)
+    }
+
+    /// Writes what the HTTP path holds for upstream until it is empty or upstream is full.
+    fn flush_pending(&mut self) -> io::Result<()> {
+        let mut written = 0;
+        while written < self.pending_up.len() {
+            match self.stream.write(&self.pending_up[written..]) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => written += n,
+                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
+                Err(error) => return Err(error),
             }
         }
-        if guest_done && !self.upstream_write_shut {
-            self.upstream_write_shut = true;
-            // The guest sent FIN: pass the half-close on. Failing means upstream is gone, which
-            // the read side reports.
-            let _ = self.stream.shutdown(Shutdown::Write);
-        }
+        self.pending_up.drain(..written);
         Ok(())
     }
 
@@ -415,6 +511,16 @@ impl Connection {
             reason,
             ..self.event("http", decision)
         }
+    }
+}
+
+fn seen_of(head: RequestHead) -> Seen {
+    Seen {
+        http: true,
+        host: head.host,
+        method: Some(head.method),
+        path: Some(head.path),
+        sni: None,
     }
 }
 

@@ -98,6 +98,12 @@ impl FrameDevice {
         Ok(())
     }
 
+    /// Whether frames wait for room in the socket: the loop then waits for the socket to turn
+    /// writable instead of polling smoltcp, which has nothing it can send before that.
+    pub fn is_backlogged(&self) -> bool {
+        !self.tx_backlog.is_empty()
+    }
+
     fn send_or_keep(&mut self, frame: Vec<u8>) {
         if self.tx_backlog.is_empty() {
             match send_frame(self.fd.as_raw_fd(), &frame) {

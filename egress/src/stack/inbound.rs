@@ -5,7 +5,7 @@
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use smoltcp::wire::{
-    EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
+    ArpPacket, EthernetFrame, EthernetProtocol, IpProtocol, Ipv4Packet, TcpPacket, UdpPacket,
 };
 
 /// The parts of a guest frame the filter decides on.
@@ -23,7 +23,9 @@ pub enum Inbound {
     },
     /// An ICMP message to this address.
     Icmp { to: Ipv4Addr },
-    /// Anything else (ARP, other TCP segments, IPv6, malformed): smoltcp handles or drops it.
+    /// An ARP packet asking about this address.
+    Arp { target: Ipv4Addr },
+    /// Anything else (other TCP segments, IPv6, malformed): smoltcp handles or drops it.
     Other,
 }
 
@@ -32,6 +34,14 @@ pub fn classify(frame: &[u8]) -> Inbound {
     let Ok(ethernet) = EthernetFrame::new_checked(frame) else {
         return Inbound::Other;
     };
+    if ethernet.ethertype() == EthernetProtocol::Arp {
+        let target = ArpPacket::new_checked(ethernet.payload())
+            .ok()
+            .and_then(|arp| <[u8; 4]>::try_from(arp.target_protocol_addr()).ok());
+        return target.map_or(Inbound::Other, |target| Inbound::Arp {
+            target: target.into(),
+        });
+    }
     if ethernet.ethertype() != EthernetProtocol::Ipv4 {
         return Inbound::Other;
     }

@@ -8,11 +8,16 @@ pub mod inbound;
 use std::net::SocketAddrV4;
 use std::time::Duration;
 
-use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, PREFIX_LEN};
+use agentvm_protocol::net::{
+    DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_MAC, PREFIX_LEN,
+};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as StackInstant;
-use smoltcp::wire::{EthernetAddress, IpCidr, IpListenEndpoint};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpCidr, IpListenEndpoint,
+};
 
 use device::FrameDevice;
 
@@ -38,10 +43,11 @@ pub struct Stack {
 }
 
 impl Stack {
-    pub fn new(mut device: FrameDevice) -> Self {
+    /// `random_seed`: for smoltcp's TCP initial sequence numbers.
+    pub fn new(mut device: FrameDevice, random_seed: u64) -> Self {
         let epoch = std::time::Instant::now();
         let mut config = Config::new(EthernetAddress(GATEWAY_MAC).into());
-        config.random_seed = epoch.elapsed().as_nanos() as u64 ^ u64::from(std::process::id());
+        config.random_seed = random_seed;
         let mut iface = Interface::new(config, &mut device, StackInstant::from_micros(0));
         iface.update_ip_addrs(|addresses| {
             // Two addresses fit smoltcp's default address table.
@@ -74,13 +80,39 @@ impl Stack {
             })
             .expect("binding a fresh UDP socket to a fixed port cannot fail");
         let dns = sockets.add(dns_socket);
-        Self {
+        let mut stack = Self {
             iface,
             sockets,
             device,
             dns,
             epoch,
-        }
+        };
+        stack.learn_guest_address();
+        stack
+    }
+
+    /// Tells smoltcp the guest's MAC (fixed for the link) as if the guest had announced it.
+    /// Otherwise the first packet smoltcp sends the guest after its neighbour entry is missing
+    /// or expired (60 s idle) is dropped while it asks by ARP: a denied SYN's RST would then
+    /// come only after the guest resends its SYN, a second later.
+    pub fn learn_guest_address(&mut self) {
+        let arp = ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: EthernetAddress(GUEST_MAC),
+            source_protocol_addr: GUEST_ADDR,
+            target_hardware_addr: EthernetAddress(GATEWAY_MAC),
+            target_protocol_addr: GATEWAY_ADDR,
+        };
+        let ethernet = EthernetRepr {
+            src_addr: EthernetAddress(GUEST_MAC),
+            dst_addr: EthernetAddress(GATEWAY_MAC),
+            ethertype: EthernetProtocol::Arp,
+        };
+        let mut frame = vec![0u8; ethernet.buffer_len() + arp.buffer_len()];
+        let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame);
+        ethernet.emit(&mut ethernet_frame);
+        arp.emit(&mut ArpPacket::new_unchecked(ethernet_frame.payload_mut()));
+        self.device.queue_for_stack(frame);
     }
 
     /// smoltcp's clock: time since the stack was made.
@@ -111,6 +143,9 @@ impl Stack {
             tcp::SocketBuffer::new(vec![0; TCP_BUFFER]),
         );
         socket.set_nagle_enabled(false);
+        // Segments on this link are up to 64 KiB, so an ACK per segment is cheap, and the
+        // guest's sender never waits out a delayed-ACK timer.
+        socket.set_ack_delay(None);
         socket.set_keep_alive(Some(smoltcp::time::Duration::from_secs(
             TCP_KEEP_ALIVE.as_secs(),
         )));

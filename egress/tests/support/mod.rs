@@ -12,7 +12,9 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR, GUEST_ADDR, GUEST_MAC, PREFIX_LEN};
+use agentvm_protocol::net::{
+    DNS_ADDR, GATEWAY_ADDR, GATEWAY_MAC, GUEST_ADDR, GUEST_MAC, PREFIX_LEN,
+};
 use egress::stack::device::{FrameDevice, Received, MAX_FRAME};
 use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::A;
@@ -20,7 +22,10 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::socket::{tcp, udp};
 use smoltcp::time::Instant as StackInstant;
-use smoltcp::wire::{EthernetAddress, IpAddress, IpCidr, IpEndpoint};
+use smoltcp::wire::{
+    ArpOperation, ArpPacket, ArpRepr, EthernetAddress, EthernetFrame, EthernetProtocol,
+    EthernetRepr, IpAddress, IpCidr, IpEndpoint,
+};
 
 /// Every wait in these tests gives up after this long (a hang is a failure, not a stall).
 pub const WAIT: Duration = Duration::from_secs(20);
@@ -72,6 +77,12 @@ impl Guest {
             .routes_mut()
             .add_default_ipv4_route(GATEWAY_ADDR)
             .unwrap();
+        // smoltcp rate-limits ARP requests to one per second across all neighbours, so a
+        // guest that asked for the DNS address would wait a second before it may ask for the
+        // gateway's. The link's MACs are fixed: tell the guest both at once.
+        for address in [GATEWAY_ADDR, DNS_ADDR] {
+            device.queue_for_stack(arp_reply(address));
+        }
         Self {
             iface,
             sockets: SocketSet::new(Vec::new()),
@@ -119,6 +130,18 @@ impl Guest {
                     Received::Empty => break,
                     Received::Closed => panic!("the egress filter closed the link"),
                 }
+            }
+        }
+    }
+
+    /// Whether the filter closed its end of the link (frames still queued are dropped).
+    pub fn link_closed(&mut self) -> bool {
+        let mut buffer = vec![0u8; MAX_FRAME];
+        loop {
+            match self.device.receive_frame(&mut buffer) {
+                Ok(Received::Frame(_)) => continue,
+                Ok(Received::Closed) | Err(_) => return true,
+                Ok(Received::Empty) => return false,
             }
         }
     }
@@ -293,6 +316,24 @@ impl Guest {
         received
     }
 
+    /// Waits until `length` bytes arrived without sending anything.
+    pub fn receive(&mut self, handle: SocketHandle, length: usize) -> Vec<u8> {
+        let mut received = Vec::new();
+        self.run_until("bytes from upstream", |guest| {
+            let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
+            while socket.can_recv() {
+                socket
+                    .recv(|chunk| {
+                        received.extend_from_slice(chunk);
+                        (chunk.len(), ())
+                    })
+                    .unwrap();
+            }
+            (received.len() >= length).then_some(())
+        });
+        received
+    }
+
     /// Waits until the connection is reset or closed; returns whether it was reset.
     pub fn wait_closed(&mut self, handle: SocketHandle) -> bool {
         self.run_until("connection to end", |guest| {
@@ -309,6 +350,27 @@ impl Guest {
     }
 }
 
+/// An ARP reply from the filter's side telling the guest that `address` is at GATEWAY_MAC.
+fn arp_reply(address: Ipv4Addr) -> Vec<u8> {
+    let arp = ArpRepr::EthernetIpv4 {
+        operation: ArpOperation::Reply,
+        source_hardware_addr: EthernetAddress(GATEWAY_MAC),
+        source_protocol_addr: address,
+        target_hardware_addr: EthernetAddress(GUEST_MAC),
+        target_protocol_addr: GUEST_ADDR,
+    };
+    let ethernet = EthernetRepr {
+        src_addr: EthernetAddress(GATEWAY_MAC),
+        dst_addr: EthernetAddress(GUEST_MAC),
+        ethertype: EthernetProtocol::Arp,
+    };
+    let mut frame = vec![0u8; ethernet.buffer_len() + arp.buffer_len()];
+    let mut ethernet_frame = EthernetFrame::new_unchecked(&mut frame);
+    ethernet.emit(&mut ethernet_frame);
+    arp.emit(&mut ArpPacket::new_unchecked(ethernet_frame.payload_mut()));
+    frame
+}
+
 /// A TCP server on 127.0.0.x that echoes every connection until EOF, then closes.
 pub struct EchoServer {
     pub address: SocketAddrV4,
@@ -318,6 +380,11 @@ pub struct EchoServer {
 
 impl EchoServer {
     pub fn start(ip: Ipv4Addr) -> Self {
+        Self::start_with_greeting(ip, b"")
+    }
+
+    /// Sends `greeting` on every connection before echoing (a server that speaks first).
+    pub fn start_with_greeting(ip: Ipv4Addr, greeting: &'static [u8]) -> Self {
         let listener = TcpListener::bind((ip, 0)).unwrap();
         listener.set_nonblocking(true).unwrap();
         let SocketAddr::V4(address) = listener.local_addr().unwrap() else {
@@ -332,6 +399,9 @@ impl EchoServer {
                         std::thread::spawn(move || {
                             stream.set_nonblocking(false).unwrap();
                             stream.set_read_timeout(Some(WAIT)).unwrap();
+                            if stream.write_all(greeting).is_err() {
+                                return;
+                            }
                             let mut buffer = vec![0u8; 64 * 1024];
                             loop {
                                 match stream.read(&mut buffer) {
@@ -364,6 +434,61 @@ impl EchoServer {
 impl Drop for EchoServer {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// A TCP server on 127.0.0.x that reads one chunk from each connection, then resets it.
+pub struct ResettingServer {
+    pub address: SocketAddrV4,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ResettingServer {
+    /// Serves one connection.
+    pub fn start(ip: Ipv4Addr) -> Self {
+        let listener = TcpListener::bind((ip, 0)).unwrap();
+        let SocketAddr::V4(address) = listener.local_addr().unwrap() else {
+            unreachable!()
+        };
+        let thread = std::thread::spawn(move || {
+            let Ok((mut stream, _)) = listener.accept() else {
+                return;
+            };
+            stream.set_read_timeout(Some(WAIT)).unwrap();
+            let mut buffer = [0u8; 1024];
+            let _ = stream.read(&mut buffer);
+            let linger = libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            };
+            // SAFETY: setsockopt reads a linger struct we own, of the size we pass.
+            let result = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&stream),
+                    libc::SOL_SOCKET,
+                    libc::SO_LINGER,
+                    (&linger as *const libc::linger).cast(),
+                    std::mem::size_of::<libc::linger>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(result, 0, "SO_LINGER: {}", io::Error::last_os_error());
+            // Closing with a zero linger time sends RST instead of FIN.
+            drop(stream);
+        });
+        Self {
+            address,
+            thread: Some(thread),
+        }
+    }
+}
+
+impl Drop for ResettingServer {
+    fn drop(&mut self) {
+        // Unblock a pending accept if the test never connected.
+        let _ = std::net::TcpStream::connect(self.address);
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
