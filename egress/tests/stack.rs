@@ -35,8 +35,12 @@ const POLICY: &str = r#"{ "rules": [
     { "id": "greeter", "domain": "greeter.test" },
     { "id": "mixed", "domain": "mixed.test" },
     { "id": "private", "domain": "private.test" },
-    { "id": "resetting", "domain": "resetting.test" }
+    { "id": "resetting", "domain": "resetting.test" },
+    { "id": "inject", "domain": "inject.test", "inject_headers": [
+        { "name": "Authorization", "prefix": "Bearer ", "from_env": "EGRESS_STACK_TEST_TOKEN" } ] }
 ] }"#;
+/// The credential the "inject" rule reads from the host's environment.
+const TOKEN: &str = "stack-test-token-5f0c";
 
 struct Sandbox {
     guest: Guest,
@@ -49,6 +53,8 @@ struct Sandbox {
 }
 
 fn policy(json: &str) -> Policy {
+    // Every test reads the same value, so setting it from several threads is harmless.
+    std::env::set_var("EGRESS_STACK_TEST_TOKEN", TOKEN);
     Policy::from_json_str(json).unwrap()
 }
 
@@ -66,6 +72,7 @@ fn sandbox() -> Sandbox {
         ("private.test", Ipv4Addr::new(10, 9, 9, 9)),
         ("resetting.test", RESETTING_IP),
         ("other.test", ECHO_IP),
+        ("inject.test", ECHO_IP),
     ]);
     let (guest, egress, audit) = filter(ResolverConfig {
         nameservers: vec![dns.address],
@@ -301,6 +308,39 @@ fn byte_cap_cuts_the_connection() {
     assert_eq!(
         sandbox.guest.connect(SocketAddrV4::new(CAPPED_IP, port)),
         Connect::Reset
+    );
+}
+
+#[test]
+fn http_requests_get_the_rules_credential_in_place_of_the_guests() {
+    let mut sandbox = sandbox();
+    sandbox.guest.resolve("inject.test");
+    let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
+    let handle = established(sandbox.guest.connect(target));
+    // Two keep-alive requests, the second with a header of its own under the same name; the
+    // echo server sends back exactly what upstream received.
+    let request = b"GET /a HTTP/1.1\r\nHost: inject.test\r\n\r\nPOST /b HTTP/1.1\r\nHost: inject.test\r\nauthorization: Bearer guessed\r\nContent-Length: 3\r\n\r\nxyz";
+    let expected = format!(
+        "GET /a HTTP/1.1\r\nHost: inject.test\r\nAuthorization: Bearer {TOKEN}\r\n\r\nPOST /b HTTP/1.1\r\nHost: inject.test\r\nContent-Length: 3\r\nAuthorization: Bearer {TOKEN}\r\n\r\nxyz"
+    );
+    let received = sandbox
+        .guest
+        .receive_after_send(handle, request, expected.len());
+    assert_eq!(String::from_utf8_lossy(&received), expected);
+    // Connections under other rules get nothing added.
+    sandbox.guest.resolve("echo.test");
+    let handle = established(sandbox.guest.connect(target));
+    let plain = b"GET /c HTTP/1.1\r\nHost: echo.test\r\n\r\n";
+    assert_eq!(sandbox.guest.echo(handle, plain), plain);
+    // The audit log names the requests, never the credential.
+    let text = sandbox.audit.text();
+    assert!(!text.contains(TOKEN), "{text}");
+    let events = sandbox.audit.events();
+    let http = events_of(&events, "http");
+    assert!(
+        http.iter()
+            .any(|e| e["rule"] == "inject" && e["path"] == "/b"),
+        "{http:?}"
     );
 }
 

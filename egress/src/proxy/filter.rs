@@ -156,8 +156,11 @@ impl Filter {
             ));
         };
         // An HTTP authority may carry a port ("api.test:8080"); rules match the host alone.
-        let host = if http { inspect::host_name(name) } else { name };
-        let host = host.to_ascii_lowercase();
+        let host = if http {
+            inspect::host_name(name)
+        } else {
+            name.to_ascii_lowercase()
+        };
         if rule.matches_name(&host, self.port) {
             Ok(())
         } else {

@@ -230,9 +230,16 @@ impl Connection {
             Verdict::Pass(seen) => {
                 self.passed = true;
                 if seen.http {
-                    // Credential injection adds the rule's headers to this list; the requests
-                    // are audited (and their Host checked) as the rewriter finds them.
-                    self.http = Some(RequestRewriter::new(Vec::new()));
+                    // Every request gets the rule's credential headers (replacing any the guest
+                    // sent under those names); the requests are audited (and their Host
+                    // checked) as the rewriter finds them.
+                    let inject = self
+                        .rule
+                        .inject_headers()
+                        .iter()
+                        .map(|header| (header.name.clone(), header.value.expose().to_owned()))
+                        .collect();
+                    self.http = Some(RequestRewriter::new(inject));
                 } else if seen.is_application() {
                     cx.recorder.record(self.request_event(seen, "allow", None));
                 }

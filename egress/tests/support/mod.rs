@@ -291,6 +291,16 @@ impl Guest {
 
     /// Sends `data` without closing; returns the echo once `data.len()` bytes came back.
     pub fn echo(&mut self, handle: SocketHandle, data: &[u8]) -> Vec<u8> {
+        self.receive_after_send(handle, data, data.len())
+    }
+
+    /// Sends `data` without closing; returns what came back once `length` bytes did.
+    pub fn receive_after_send(
+        &mut self,
+        handle: SocketHandle,
+        data: &[u8],
+        length: usize,
+    ) -> Vec<u8> {
         let mut sent = 0;
         let mut received = Vec::new();
         self.run_until("echo", |guest| {
@@ -311,7 +321,7 @@ impl Guest {
                 "connection ended during echo: {}",
                 socket.state()
             );
-            (received.len() >= data.len()).then_some(())
+            (received.len() >= length).then_some(())
         });
         received
     }
@@ -578,6 +588,11 @@ impl Write for AuditBuffer {
 }
 
 impl AuditBuffer {
+    /// Everything written so far.
+    pub fn text(&self) -> String {
+        String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+    }
+
     /// Every line so far, parsed.
     pub fn events(&self) -> Vec<serde_json::Value> {
         String::from_utf8(self.0.lock().unwrap().clone())
