@@ -82,6 +82,7 @@ fn net_bench_reports_setup_and_throughput_beside_host_loopback() {
         .any(|n| n.as_str().unwrap().contains("userspace TCP stack")));
     for (id, unit) in [
         ("connect_setup", "us"),
+        ("connect_first_reply", "us"),
         ("guest_to_upstream", "gbit_per_s"),
         ("upstream_to_guest", "gbit_per_s"),
     ] {

@@ -10,7 +10,7 @@
 //! filter's cost alone: an upper bound for what a guest's virtio-net path gets.
 
 use std::fmt::Write as _;
-use std::io::Write as _;
+use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, SocketAddrV4, TcpStream};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -26,7 +26,7 @@ use serde::Serialize;
 use vmm::seccomp::{SeccompLevel, ThreadKind};
 
 use super::machine::MachineInfo;
-use super::net_server::{self, BenchServer, PROBE, SINK};
+use super::net_server::{self, BenchServer, PROBE, PROBE_REPLY, SINK};
 use super::output::{num, Figure, Unit};
 use super::stats::Summary;
 
@@ -102,9 +102,14 @@ pub fn net(args: NetArgs) -> Result<ExitCode, String> {
     let runs = args.runs as usize;
     eprintln!("bench net: {runs} connection setups through the filter and on the host");
     let (mut setup, mut setup_host) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let (mut reply, mut reply_host) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
     for _ in 0..runs {
-        setup.push(filter_setup(&mut filtered.guest, server.address)?);
-        setup_host.push(host_setup(server.address)?);
+        let (established, replied) = filter_setup(&mut filtered.guest, server.address)?;
+        setup.push(established);
+        reply.push(replied);
+        let (connected, replied) = host_setup(server.address)?;
+        setup_host.push(connected);
+        reply_host.push(replied);
     }
     eprintln!(
         "bench net: {runs} x {} MiB each way through the filter and on the host",
@@ -153,11 +158,18 @@ pub fn net(args: NetArgs) -> Result<ExitCode, String> {
         figures: vec![
             Figure::new(
                 "connect_setup",
-                "TCP connection setup (guest SYN -> established; host: connect())",
+                "TCP setup: guest SYN -> established; host: connect()",
                 Unit::Us,
                 &setup,
             )
             .with_peer(&setup_host),
+            Figure::new(
+                "connect_first_reply",
+                "TCP setup end to end: SYN -> server's first byte back",
+                Unit::Us,
+                &reply,
+            )
+            .with_peer(&reply_host),
             Figure::new(
                 "guest_to_upstream",
                 "throughput guest -> upstream (until the server read it all)",
@@ -183,6 +195,11 @@ pub fn net(args: NetArgs) -> Result<ExitCode, String> {
              then discarded), and allows the server by an explicit 127.0.0.1/32 CIDR rule for \
              its port; guest and filter each use one core, so a 2-core machine is saturated"
                 .into(),
+            "the filter answers the guest's SYN itself and connects upstream in parallel, so \
+             `established` does not wait for the upstream; the end-to-end figure does: the guest \
+             sends one byte once established and the server answers one"
+                .into(),
+            "for throughput the p99 is the fast end; its slow end is the minimum".into(),
             format!(
                 "filter and host runs alternate; {WARMUP_MIB} MiB each way and one connection \
                  per path warm up first, not counted"
@@ -291,14 +308,28 @@ fn guest_transfer(
     Ok(transfer.received)
 }
 
-/// Guest SYN to established through the filter (which answers once its own host socket
-/// connected), then a clean close.
-fn filter_setup(guest: &mut GuestPeer, server: SocketAddrV4) -> Result<f64, String> {
+/// Guest SYN to established (the filter answers the SYN itself and connects upstream in
+/// parallel), and to the server's one-byte reply (the connection reached the server end to end);
+/// then a clean close. Microseconds.
+fn filter_setup(guest: &mut GuestPeer, server: SocketAddrV4) -> Result<(f64, f64), String> {
     let start = Instant::now();
     let handle = guest_connect(guest, server)?;
-    let elapsed = start.elapsed();
-    guest_transfer(guest, handle, &[PROBE], 0)?;
-    Ok(us(elapsed))
+    let established = start.elapsed();
+    let reply = guest.receive_after_send(handle, &[PROBE], 1);
+    let replied = start.elapsed();
+    let reply = match reply {
+        Ok(reply) => reply,
+        Err(e) => {
+            guest.remove(handle);
+            return Err(e.to_string());
+        }
+    };
+    if reply != [PROBE_REPLY] {
+        guest.remove(handle);
+        return Err(format!("{FILTER}: the server's reply was {reply:?}"));
+    }
+    guest_transfer(guest, handle, &[], 0)?;
+    Ok((us(established), us(replied)))
 }
 
 fn filter_upload(
@@ -364,12 +395,21 @@ fn host_transfer(mut stream: TcpStream, head: &[u8], body: u64) -> Result<u64, S
     net_server::drain(&mut stream).map_err(io)
 }
 
-fn host_setup(server: SocketAddrV4) -> Result<f64, String> {
+/// connect(), and connect + PROBE + the server's reply, as [`filter_setup`] times them.
+fn host_setup(server: SocketAddrV4) -> Result<(f64, f64), String> {
     let start = Instant::now();
-    let stream = host_connect(server)?;
-    let elapsed = start.elapsed();
-    host_transfer(stream, &[PROBE], 0)?;
-    Ok(us(elapsed))
+    let mut stream = host_connect(server)?;
+    let connected = start.elapsed();
+    let io = |e: std::io::Error| format!("{PEER}: {e}");
+    stream.write_all(&[PROBE]).map_err(io)?;
+    let mut reply = [0u8; 1];
+    stream.read_exact(&mut reply).map_err(io)?;
+    let replied = start.elapsed();
+    if reply != [PROBE_REPLY] {
+        return Err(format!("{PEER}: the server's reply was {reply:?}"));
+    }
+    host_transfer(stream, &[], 0)?;
+    Ok((us(connected), us(replied)))
 }
 
 fn host_upload(server: &BenchServer, bytes: u64) -> Result<Duration, String> {
@@ -394,19 +434,21 @@ fn to_table(doc: &NetDocument) -> String {
     let mut t = String::new();
     let _ = writeln!(
         t,
-        "{}: median / p99 (nearest rank), n; {} runs, {} MiB per transfer",
+        "{}: median / p99 (nearest rank), min-max, n; {} runs, {} MiB per transfer",
         doc.benchmark, doc.runs, doc.mib_per_transfer
     );
     let _ = writeln!(t, "{}", doc.machine.describe());
     let _ = writeln!(t, "{FILTER}: {}", doc.filtered);
     let _ = writeln!(t, "{PEER}: {}", doc.peer);
-    let _ = writeln!(t, "\n{:<66} {:>26} {:>26}", "", FILTER, PEER);
+    let _ = writeln!(t, "\n{:<66} {:>40} {:>40}", "", FILTER, PEER);
     for f in &doc.figures {
         let cell = |s: &Option<Summary>| match s {
             Some(s) => format!(
-                "{} / {} {} n={}",
+                "{} / {} ({}-{}) {} n={}",
                 num(s.median, f.unit),
                 num(s.p99, f.unit),
+                num(s.min, f.unit),
+                num(s.max, f.unit),
                 f.unit.label(),
                 s.n
             ),
@@ -414,7 +456,7 @@ fn to_table(doc: &NetDocument) -> String {
         };
         let _ = writeln!(
             t,
-            "{:<66} {:>26} {:>26}",
+            "{:<66} {:>40} {:>40}",
             f.label,
             cell(&f.agentvm),
             cell(&f.peer)

@@ -2,7 +2,8 @@
 //! guest and the host peer talk to, so the two paths end at the same code. Each connection's
 //! first byte says what it wants:
 //!
-//! - [`PROBE`]: nothing; the server reads to EOF and closes (connection setup runs);
+//! - [`PROBE`]: the server answers one byte ([`PROBE_REPLY`]), reads to EOF and closes
+//!   (connection setup runs: the reply shows the connection reached the server);
 //! - [`SINK`]: the server reads to EOF, reports how many bytes came after the command, closes;
 //! - [`SOURCE`] + u64 LE length: the server writes that many bytes, closes its side, reads to EOF.
 //!
@@ -18,6 +19,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 pub const PROBE: u8 = b'C';
+pub const PROBE_REPLY: u8 = b'c';
 pub const SINK: u8 = b'U';
 pub const SOURCE: u8 = b'D';
 /// Chunk size of the server's reads and writes.
@@ -117,10 +119,13 @@ fn serve(mut stream: TcpStream, io_timeout: Duration) -> Option<io::Result<u64>>
             }
             None
         }
-        _ => {
-            let _ = drain(&mut stream);
+        PROBE => {
+            if stream.write_all(&[PROBE_REPLY]).is_ok() {
+                let _ = drain(&mut stream);
+            }
             None
         }
+        _ => None,
     }
 }
 
