@@ -14,12 +14,14 @@
 //!   the guest was handed for each address.
 //! - [`proxy`]: each allowed connection pumped between the guest and its host socket.
 //! - [`thread`]: the event loop and [`spawn`].
+//! - [`peer`]: a userspace guest on the frame link, for tests and benchmarks.
 
 pub mod audit;
 pub mod dns;
 pub mod inspect;
 pub mod limits;
 pub mod names;
+pub mod peer;
 pub mod policy;
 pub mod proxy;
 pub mod random;

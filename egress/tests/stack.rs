@@ -9,11 +9,12 @@ use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::time::Duration;
 
 use egress::audit::AuditLog;
+use egress::peer::{Connect, GuestPeer};
 use egress::policy::Policy;
 use egress::{EgressConfig, EgressHandle, ResolverConfig};
 use hickory_proto::op::ResponseCode;
 use serde_json::Value;
-use support::{AuditBuffer, Connect, EchoServer, FakeDns, Guest, ResettingServer};
+use support::{AuditBuffer, EchoServer, FakeDns, ResettingServer};
 
 const ECHO_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const CAPPED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
@@ -43,7 +44,7 @@ const POLICY: &str = r#"{ "rules": [
 const TOKEN: &str = "stack-test-token-5f0c";
 
 struct Sandbox {
-    guest: Guest,
+    guest: GuestPeer,
     egress: EgressHandle,
     audit: AuditBuffer,
     echo: EchoServer,
@@ -91,9 +92,9 @@ fn sandbox() -> Sandbox {
 }
 
 /// The filter thread under [`POLICY`] and the guest on its link.
-fn filter(resolver: ResolverConfig) -> (Guest, EgressHandle, AuditBuffer) {
+fn filter(resolver: ResolverConfig) -> (GuestPeer, EgressHandle, AuditBuffer) {
     let audit = AuditBuffer::default();
-    let (guest_end, filter_end) = support::frame_pair();
+    let (guest_end, filter_end) = egress::peer::frame_pair().unwrap();
     let egress = egress::spawn(
         EgressConfig {
             policy: policy(POLICY),
@@ -104,7 +105,7 @@ fn filter(resolver: ResolverConfig) -> (Guest, EgressHandle, AuditBuffer) {
         filter_end,
     )
     .unwrap();
-    (Guest::new(guest_end), egress, audit)
+    (GuestPeer::new(guest_end).unwrap(), egress, audit)
 }
 
 fn established(connect: Connect) -> smoltcp::iface::SocketHandle {
@@ -132,12 +133,17 @@ fn events_of<'a>(events: &'a [Value], kind: &str) -> Vec<&'a Value> {
 #[test]
 fn allowed_name_resolves_connects_and_echoes_5_mib_intact() {
     let mut sandbox = sandbox();
-    let (code, addresses) = sandbox.guest.resolve("echo.test");
+    let (code, addresses) = sandbox.guest.resolve("echo.test").unwrap();
     assert_eq!((code, addresses), (ResponseCode::NoError, vec![ECHO_IP]));
     let port = sandbox.echo.address.port();
-    let handle = established(sandbox.guest.connect(SocketAddrV4::new(ECHO_IP, port)));
+    let handle = established(
+        sandbox
+            .guest
+            .connect(SocketAddrV4::new(ECHO_IP, port))
+            .unwrap(),
+    );
     let data = pattern(5 << 20);
-    let (echoed, fin) = sandbox.guest.exchange(handle, &data);
+    let (echoed, fin) = sandbox.guest.exchange(handle, &data).unwrap();
     assert!(fin, "the connection should end with FIN, not a reset");
     assert_eq!(echoed.len(), data.len());
     assert!(echoed == data, "echoed bytes differ from the bytes sent");
@@ -146,11 +152,14 @@ fn allowed_name_resolves_connects_and_echoes_5_mib_intact() {
     assert_eq!(stats.connections_allowed, 1);
     assert_eq!(stats.bytes_up, data.len() as u64);
     assert_eq!(stats.dns_queries, 1);
-    let close = sandbox.guest.run_until("close audit event", |_| {
-        events_of(&sandbox.audit.events(), "close")
-            .first()
-            .map(|event| (*event).clone())
-    });
+    let close = sandbox
+        .guest
+        .run_until("close audit event", |_| {
+            events_of(&sandbox.audit.events(), "close")
+                .first()
+                .map(|event| (*event).clone())
+        })
+        .unwrap();
     assert_eq!(close["sandbox"], "test-sandbox");
     assert_eq!(close["rule"], "echo");
     assert_eq!(close["domain"], "echo.test");
@@ -170,10 +179,10 @@ fn allowed_name_resolves_connects_and_echoes_5_mib_intact() {
 fn address_never_handed_out_is_reset_until_the_guest_resolves_it() {
     let mut sandbox = sandbox();
     let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
-    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
-    sandbox.guest.resolve("echo.test");
-    let handle = established(sandbox.guest.connect(target));
-    assert_eq!(sandbox.guest.echo(handle, b"ping\n"), b"ping\n");
+    assert_eq!(sandbox.guest.connect(target).unwrap(), Connect::Reset);
+    sandbox.guest.resolve("echo.test").unwrap();
+    let handle = established(sandbox.guest.connect(target).unwrap());
+    assert_eq!(sandbox.guest.echo(handle, b"ping\n").unwrap(), b"ping\n");
 
     let events = sandbox.audit.events();
     let connects = events_of(&events, "connect");
@@ -196,24 +205,28 @@ fn address_never_handed_out_is_reset_until_the_guest_resolves_it() {
 fn denied_name_metadata_address_and_stray_udp_are_refused_and_audited() {
     let mut sandbox = sandbox();
     assert_eq!(
-        sandbox.guest.resolve("other.test"),
+        sandbox.guest.resolve("other.test").unwrap(),
         (ResponseCode::NXDomain, vec![])
     );
     let metadata = SocketAddrV4::new(Ipv4Addr::new(169, 254, 169, 254), 80);
-    assert_eq!(sandbox.guest.connect(metadata), Connect::Reset);
+    assert_eq!(sandbox.guest.connect(metadata).unwrap(), Connect::Reset);
     let public = SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 443);
-    assert_eq!(sandbox.guest.connect(public), Connect::Reset);
+    assert_eq!(sandbox.guest.connect(public).unwrap(), Connect::Reset);
     sandbox
         .guest
-        .send_udp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 9));
+        .send_udp(SocketAddrV4::new(Ipv4Addr::new(192, 0, 2, 1), 9))
+        .unwrap();
 
-    let events = sandbox.guest.run_until("UDP audit event", |_| {
-        let events = sandbox.audit.events();
-        events
-            .iter()
-            .any(|event| event["protocol"] == "udp" && event["kind"] == "connect")
-            .then_some(events)
-    });
+    let events = sandbox
+        .guest
+        .run_until("UDP audit event", |_| {
+            let events = sandbox.audit.events();
+            events
+                .iter()
+                .any(|event| event["protocol"] == "udp" && event["kind"] == "connect")
+                .then_some(events)
+        })
+        .unwrap();
     let dns = events_of(&events, "dns");
     assert_eq!(
         (&dns[0]["domain"], &dns[0]["decision"]),
@@ -238,19 +251,22 @@ fn denied_name_metadata_address_and_stray_udp_are_refused_and_audited() {
 #[test]
 fn policy_update_applies_to_new_connections_only() {
     let mut sandbox = sandbox();
-    sandbox.guest.resolve("echo.test");
+    sandbox.guest.resolve("echo.test").unwrap();
     let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
-    let open = established(sandbox.guest.connect(target));
-    assert_eq!(sandbox.guest.echo(open, b"before\n"), b"before\n");
+    let open = established(sandbox.guest.connect(target).unwrap());
+    assert_eq!(sandbox.guest.echo(open, b"before\n").unwrap(), b"before\n");
 
     sandbox.egress.set_policy(Policy::deny_all());
-    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
-    assert_eq!(sandbox.guest.resolve("echo.test").0, ResponseCode::NXDomain);
-    assert_eq!(sandbox.guest.echo(open, b"after\n"), b"after\n");
+    assert_eq!(sandbox.guest.connect(target).unwrap(), Connect::Reset);
+    assert_eq!(
+        sandbox.guest.resolve("echo.test").unwrap().0,
+        ResponseCode::NXDomain
+    );
+    assert_eq!(sandbox.guest.echo(open, b"after\n").unwrap(), b"after\n");
 
     sandbox.egress.set_policy(policy(POLICY));
-    let again = established(sandbox.guest.connect(target));
-    assert_eq!(sandbox.guest.echo(again, b"again\n"), b"again\n");
+    let again = established(sandbox.guest.connect(target).unwrap());
+    assert_eq!(sandbox.guest.echo(again, b"again\n").unwrap(), b"again\n");
 }
 
 #[test]
@@ -262,21 +278,31 @@ fn refused_upstream_resets_the_guest() {
         .local_addr()
         .unwrap()
         .port();
-    assert_eq!(sandbox.guest.resolve("closed.test").1, vec![CLOSED_IP]);
-    match sandbox.guest.connect(SocketAddrV4::new(CLOSED_IP, port)) {
+    assert_eq!(
+        sandbox.guest.resolve("closed.test").unwrap().1,
+        vec![CLOSED_IP]
+    );
+    match sandbox
+        .guest
+        .connect(SocketAddrV4::new(CLOSED_IP, port))
+        .unwrap()
+    {
         Connect::Reset => {}
         Connect::Established(handle) => {
             assert!(
-                sandbox.guest.wait_closed(handle),
+                sandbox.guest.wait_closed(handle).unwrap(),
                 "expected a reset, got a FIN"
             );
         }
     }
-    let close = sandbox.guest.run_until("close audit event", |_| {
-        events_of(&sandbox.audit.events(), "close")
-            .first()
-            .map(|event| (*event).clone())
-    });
+    let close = sandbox
+        .guest
+        .run_until("close audit event", |_| {
+            events_of(&sandbox.audit.events(), "close")
+                .first()
+                .map(|event| (*event).clone())
+        })
+        .unwrap();
     let reason = close["reason"].as_str().unwrap();
     assert!(reason.contains("upstream connect failed"), "{reason}");
 }
@@ -284,21 +310,29 @@ fn refused_upstream_resets_the_guest() {
 #[test]
 fn byte_cap_cuts_the_connection() {
     let mut sandbox = sandbox();
-    sandbox.guest.resolve("capped.test");
+    sandbox.guest.resolve("capped.test").unwrap();
     let port = sandbox.capped.address.port();
-    let handle = established(sandbox.guest.connect(SocketAddrV4::new(CAPPED_IP, port)));
-    let (echoed, fin) = sandbox.guest.exchange(handle, &pattern(1 << 20));
+    let handle = established(
+        sandbox
+            .guest
+            .connect(SocketAddrV4::new(CAPPED_IP, port))
+            .unwrap(),
+    );
+    let (echoed, fin) = sandbox.guest.exchange(handle, &pattern(1 << 20)).unwrap();
     assert!(!fin, "the capped connection should be reset");
     assert!(
         (echoed.len() as u64) < BYTE_CAP,
         "{} bytes came back",
         echoed.len()
     );
-    let close = sandbox.guest.run_until("close audit event", |_| {
-        events_of(&sandbox.audit.events(), "close")
-            .first()
-            .map(|event| (*event).clone())
-    });
+    let close = sandbox
+        .guest
+        .run_until("close audit event", |_| {
+            events_of(&sandbox.audit.events(), "close")
+                .first()
+                .map(|event| (*event).clone())
+        })
+        .unwrap();
     assert_eq!(close["rule"], "capped");
     assert!(
         close["reason"].as_str().unwrap().contains("byte cap"),
@@ -306,7 +340,10 @@ fn byte_cap_cuts_the_connection() {
     );
     // Once over the cap, the rule refuses new connections too.
     assert_eq!(
-        sandbox.guest.connect(SocketAddrV4::new(CAPPED_IP, port)),
+        sandbox
+            .guest
+            .connect(SocketAddrV4::new(CAPPED_IP, port))
+            .unwrap(),
         Connect::Reset
     );
 }
@@ -314,9 +351,9 @@ fn byte_cap_cuts_the_connection() {
 #[test]
 fn http_requests_get_the_rules_credential_in_place_of_the_guests() {
     let mut sandbox = sandbox();
-    sandbox.guest.resolve("inject.test");
+    sandbox.guest.resolve("inject.test").unwrap();
     let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
-    let handle = established(sandbox.guest.connect(target));
+    let handle = established(sandbox.guest.connect(target).unwrap());
     // Two keep-alive requests, the second with a header of its own under the same name; the
     // echo server sends back exactly what upstream received.
     let request = b"GET /a HTTP/1.1\r\nHost: inject.test\r\n\r\nPOST /b HTTP/1.1\r\nHost: inject.test\r\nauthorization: Bearer guessed\r\nContent-Length: 3\r\n\r\nxyz";
@@ -325,13 +362,14 @@ fn http_requests_get_the_rules_credential_in_place_of_the_guests() {
     );
     let received = sandbox
         .guest
-        .receive_after_send(handle, request, expected.len());
+        .receive_after_send(handle, request, expected.len())
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&received), expected);
     // Connections under other rules get nothing added.
-    sandbox.guest.resolve("echo.test");
-    let handle = established(sandbox.guest.connect(target));
+    sandbox.guest.resolve("echo.test").unwrap();
+    let handle = established(sandbox.guest.connect(target).unwrap());
     let plain = b"GET /c HTTP/1.1\r\nHost: echo.test\r\n\r\n";
-    assert_eq!(sandbox.guest.echo(handle, plain), plain);
+    assert_eq!(sandbox.guest.echo(handle, plain).unwrap(), plain);
     // The audit log names the requests, never the credential.
     let text = sandbox.audit.text();
     assert!(!text.contains(TOKEN), "{text}");
@@ -347,11 +385,11 @@ fn http_requests_get_the_rules_credential_in_place_of_the_guests() {
 #[test]
 fn http_host_outside_the_domain_rule_gets_403() {
     let mut sandbox = sandbox();
-    sandbox.guest.resolve("echo.test");
+    sandbox.guest.resolve("echo.test").unwrap();
     let target = SocketAddrV4::new(ECHO_IP, sandbox.echo.address.port());
-    let handle = established(sandbox.guest.connect(target));
+    let handle = established(sandbox.guest.connect(target).unwrap());
     let request = b"GET /secret HTTP/1.1\r\nHost: evil.test\r\n\r\n";
-    let (answer, fin) = sandbox.guest.exchange(handle, request);
+    let (answer, fin) = sandbox.guest.exchange(handle, request).unwrap();
     let answer = String::from_utf8(answer).unwrap();
     assert!(fin, "the 403 should end with FIN");
     assert!(answer.starts_with("HTTP/1.1 403 Forbidden\r\n"), "{answer}");
@@ -359,13 +397,13 @@ fn http_host_outside_the_domain_rule_gets_403() {
 
     // The rule's host, with the port as clients send it, passes and reaches the echo server
     // unchanged.
-    let handle = established(sandbox.guest.connect(target));
+    let handle = established(sandbox.guest.connect(target).unwrap());
     let request = format!(
         "GET /ok HTTP/1.1\r\nHost: echo.test:{}\r\n\r\n",
         target.port()
     );
     assert_eq!(
-        sandbox.guest.echo(handle, request.as_bytes()),
+        sandbox.guest.echo(handle, request.as_bytes()).unwrap(),
         request.as_bytes()
     );
     // A later request on the same connection is checked too: naming another host resets it.
@@ -376,7 +414,10 @@ fn http_host_outside_the_domain_rule_gets_403() {
         .get_mut::<smoltcp::socket::tcp::Socket>(handle)
         .send_slice(smuggled)
         .unwrap();
-    assert!(sandbox.guest.wait_closed(handle), "expected a reset");
+    assert!(
+        sandbox.guest.wait_closed(handle).unwrap(),
+        "expected a reset"
+    );
 
     let events = sandbox.audit.events();
     let http = events_of(&events, "http");
@@ -401,11 +442,11 @@ fn hosts_entries_answer_locally_and_a_silent_nameserver_gives_servfail() {
         timeout: Duration::from_millis(300),
     });
     assert_eq!(
-        guest.resolve("echo.test"),
+        guest.resolve("echo.test").unwrap(),
         (ResponseCode::NoError, vec![ECHO_IP])
     );
     assert_eq!(
-        guest.resolve("capped.test"),
+        guest.resolve("capped.test").unwrap(),
         (ResponseCode::ServFail, vec![])
     );
     let events = audit.events();
@@ -425,11 +466,17 @@ fn hosts_entries_answer_locally_and_a_silent_nameserver_gives_servfail() {
 #[test]
 fn a_server_that_speaks_first_reaches_a_guest_that_waits() {
     let mut sandbox = sandbox();
-    sandbox.guest.resolve("greeter.test");
+    sandbox.guest.resolve("greeter.test").unwrap();
     let target = SocketAddrV4::new(GREETER_IP, sandbox.greeter.address.port());
-    let handle = established(sandbox.guest.connect(target));
-    assert_eq!(sandbox.guest.receive(handle, GREETING.len()), GREETING);
-    assert_eq!(sandbox.guest.echo(handle, b"QUIT\r\n"), b"QUIT\r\n");
+    let handle = established(sandbox.guest.connect(target).unwrap());
+    assert_eq!(
+        sandbox.guest.receive(handle, GREETING.len()).unwrap(),
+        GREETING
+    );
+    assert_eq!(
+        sandbox.guest.echo(handle, b"QUIT\r\n").unwrap(),
+        b"QUIT\r\n"
+    );
 }
 
 #[test]
@@ -437,11 +484,11 @@ fn addresses_the_policy_never_allows_are_withheld_from_answers() {
     let mut sandbox = sandbox();
     // 10.9.9.9 is private and no rule names it; 127.0.0.2 is opened by a CIDR rule.
     assert_eq!(
-        sandbox.guest.resolve("mixed.test"),
+        sandbox.guest.resolve("mixed.test").unwrap(),
         (ResponseCode::NoError, vec![ECHO_IP])
     );
     assert_eq!(
-        sandbox.guest.resolve("private.test"),
+        sandbox.guest.resolve("private.test").unwrap(),
         (ResponseCode::NoError, vec![])
     );
     let events = sandbox.audit.events();
@@ -466,15 +513,15 @@ fn addresses_the_policy_never_allows_are_withheld_from_answers() {
     );
     // The withheld address was never handed out, so connecting to it is refused.
     let target = SocketAddrV4::new(Ipv4Addr::new(10, 9, 9, 9), 80);
-    assert_eq!(sandbox.guest.connect(target), Connect::Reset);
+    assert_eq!(sandbox.guest.connect(target).unwrap(), Connect::Reset);
 }
 
 #[test]
 fn an_upstream_reset_resets_the_guest() {
     let mut sandbox = sandbox();
     let server = ResettingServer::start(RESETTING_IP);
-    sandbox.guest.resolve("resetting.test");
-    let handle = established(sandbox.guest.connect(server.address));
+    sandbox.guest.resolve("resetting.test").unwrap();
+    let handle = established(sandbox.guest.connect(server.address).unwrap());
     sandbox
         .guest
         .sockets
@@ -482,14 +529,17 @@ fn an_upstream_reset_resets_the_guest() {
         .send_slice(b"hello\n")
         .unwrap();
     assert!(
-        sandbox.guest.wait_closed(handle),
+        sandbox.guest.wait_closed(handle).unwrap(),
         "expected a reset, got a FIN"
     );
-    let close = sandbox.guest.run_until("close audit event", |_| {
-        events_of(&sandbox.audit.events(), "close")
-            .first()
-            .map(|event| (*event).clone())
-    });
+    let close = sandbox
+        .guest
+        .run_until("close audit event", |_| {
+            events_of(&sandbox.audit.events(), "close")
+                .first()
+                .map(|event| (*event).clone())
+        })
+        .unwrap();
     assert_eq!(close["reason"], "upstream reset the connection");
     assert_eq!(close["bytes_up"], 6);
 }
@@ -504,7 +554,7 @@ fn a_silent_nameserver_is_passed_over_for_the_next() {
         timeout: Duration::from_secs(2),
     });
     assert_eq!(
-        guest.resolve("echo.test"),
+        guest.resolve("echo.test").unwrap(),
         (ResponseCode::NoError, vec![ECHO_IP])
     );
 }

@@ -102,6 +102,12 @@ pub fn install(kind: ThreadKind, level: SeccompLevel) -> Result<(), SeccompError
 /// can still count CPUs. Otherwise glibc counts them the first time some thread needs an arena of
 /// its own, by opening /sys/devices/system/cpu/online, which no filter allows: a thread started
 /// under a filter (a guest agent job) would die by SIGSYS on its first allocation.
+///
+/// It also keeps glibc from ever shrinking a thread's own heap: the first shrink opens
+/// /proc/sys/vm/overcommit_memory (glibc's check_may_shrink_heap), so a filtered thread that
+/// frees enough at once, or exits (its arena is freed then), would die by SIGSYS. A thread heap
+/// is at most 64 MiB, so a trim threshold of that size means its top is never trimmed; the main
+/// arena keeps at most that much free memory at its top instead of returning it.
 fn fix_malloc_arena_limit() {
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
@@ -110,8 +116,13 @@ fn fix_malloc_arena_limit() {
         let arenas = 8 * online.clamp(1, 1024) as libc::c_int;
         // SAFETY: mallopt changes a malloc tunable; M_ARENA_MAX takes any positive count.
         unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas) };
+        // SAFETY: as above; M_TRIM_THRESHOLD takes any byte count.
+        unsafe { libc::mallopt(libc::M_TRIM_THRESHOLD, THREAD_HEAP_TRIM_THRESHOLD) };
     });
 }
+
+/// glibc's largest per-thread heap (HEAP_MAX_SIZE on 64-bit: twice the 32 MiB mmap threshold cap).
+const THREAD_HEAP_TRIM_THRESHOLD: libc::c_int = 64 << 20;
 
 /// What one thread does about seccomp as it starts its work.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

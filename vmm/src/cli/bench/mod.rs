@@ -24,6 +24,8 @@ mod isolate;
 mod local;
 mod machine;
 mod nested_bench;
+mod net;
+mod net_server;
 mod output;
 mod peer;
 mod qemu_files;
@@ -68,6 +70,9 @@ pub enum BenchCommand {
     /// Isolate-tier benchmark: create + first call (from the pool and from scratch), calls per
     /// second, memory per isolate and how many fit, beside wasmi run directly in this process.
     Isolate(isolate::IsolateArgs),
+    /// Egress filter benchmark: TCP connection setup (median, p99) and bulk throughput each way
+    /// through the filter thread from a userspace guest, beside plain host loopback TCP.
+    Net(net::NetArgs),
     /// Inside the nested test host: one warm VM (agentvm, or the peer with --qemu), exec figures
     /// as JSON on stdout.
     #[command(hide = true)]
@@ -110,6 +115,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Exec(args) => exec::exec(args),
         BenchCommand::Restore(args) => restore::restore(args),
         BenchCommand::Isolate(args) => isolate::isolate(args),
+        BenchCommand::Net(args) => net::net(args),
         BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),

@@ -18,6 +18,7 @@ pub enum Unit {
     /// Guest pages (4 KiB).
     Pages,
     PerS,
+    GbitPerS,
 }
 
 impl Unit {
@@ -29,6 +30,7 @@ impl Unit {
             Unit::MibPerS => "MiB/s",
             Unit::Pages => "pages",
             Unit::PerS => "/s",
+            Unit::GbitPerS => "Gbit/s",
         }
     }
 }
@@ -249,6 +251,7 @@ pub(super) fn section_errors(sections: &[Section]) -> Vec<String> {
 pub(super) fn num(v: f64, unit: Unit) -> String {
     let digits = match unit {
         Unit::Mib | Unit::MibPerS => 1,
+        Unit::GbitPerS => 2,
         Unit::Pages | Unit::PerS => 0,
         Unit::Ms | Unit::Us if v.abs() < 10.0 => 2,
         Unit::Ms | Unit::Us if v.abs() < 1000.0 => 1,
