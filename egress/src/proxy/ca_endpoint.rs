@@ -6,7 +6,7 @@
 use std::net::{IpAddr, SocketAddrV4};
 use std::time::Instant;
 
-use agentvm_protocol::net::GATEWAY_ADDR;
+use agentvm_protocol::net::{EGRESS_CA_PATH, EGRESS_CA_PORT, GATEWAY_ADDR};
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp::State;
 
@@ -17,9 +17,9 @@ use crate::recorder::Recorder;
 use crate::stack::Stack;
 
 /// Where the guest fetches the CA certificate.
-pub const CA_PATH: &str = "/agentvm/egress-ca.pem";
+pub const CA_PATH: &str = EGRESS_CA_PATH;
 /// The port the filter serves the CA on (plain HTTP: the guest cannot verify anything yet).
-pub const CA_PORT: u16 = 80;
+pub const CA_PORT: u16 = EGRESS_CA_PORT;
 
 /// Whether a guest connection to `destination` is for the CA endpoint.
 pub fn is_ca_endpoint(destination: SocketAddrV4) -> bool {
