@@ -154,14 +154,39 @@ fn serve_one(
             _ => return,
         }
     }
-    recorded
-        .lock()
-        .unwrap()
-        .push(String::from_utf8_lossy(&head).into_owned());
-    let _ = tls.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
+    let head = String::from_utf8_lossy(&head).into_owned();
+    recorded.lock().unwrap().push(head.clone());
+    // POST /echo answers with the request body; anything else with "ok".
+    let body = if head.starts_with("POST /echo ") {
+        let mut body = vec![0u8; content_length(&head)];
+        if tls.read_exact(&mut body).is_err() {
+            return;
+        }
+        body
+    } else {
+        b"ok".to_vec()
+    };
+    let _ = tls.write_all(
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    );
+    let _ = tls.write_all(&body);
     tls.conn.send_close_notify();
     let _ = tls.flush();
     let _ = tls.sock.shutdown(std::net::Shutdown::Write);
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 impl Drop for TlsUpstream {
@@ -282,17 +307,31 @@ fn https(
         Connect::Reset => panic!("connection to {name} was reset"),
     };
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
-    let mut tls = ClientConnection::new(client_trusting(trust), server_name).unwrap();
-    tls.writer().write_all(request.as_bytes()).unwrap();
-    drive(&mut sandbox.guest, handle, tls)
+    let tls = ClientConnection::new(client_trusting(trust), server_name).unwrap();
+    drive(&mut sandbox.guest, handle, tls, request.as_bytes())
 }
 
-/// Moves TLS bytes between `tls` and the guest socket until the response is complete.
-fn drive(guest: &mut Guest, handle: SocketHandle, mut tls: ClientConnection) -> Outcome {
+/// Sends `request` through `tls` and moves TLS bytes between it and the guest socket until the
+/// response is complete. The request goes in as rustls takes it (it buffers a limited amount).
+fn drive(
+    guest: &mut Guest,
+    handle: SocketHandle,
+    mut tls: ClientConnection,
+    mut request: &[u8],
+) -> Outcome {
     let mut outgoing = Vec::new();
     let mut response = Vec::new();
     let outcome = guest.run_until("HTTPS exchange", |guest| {
         let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
+        while !request.is_empty() && outgoing.len() < 256 * 1024 {
+            match tls.writer().write(request) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => request = &request[n..],
+            }
+            while tls.wants_write() {
+                tls.write_tls(&mut outgoing).unwrap();
+            }
+        }
         while tls.wants_write() {
             tls.write_tls(&mut outgoing).unwrap();
         }
@@ -300,39 +339,39 @@ fn drive(guest: &mut Guest, handle: SocketHandle, mut tls: ClientConnection) -> 
             let sent = socket.send_slice(&outgoing).unwrap();
             outgoing.drain(..sent);
         }
+        // rustls takes ciphertext only while its plaintext buffer has room: plaintext is read
+        // out after each record, and bytes it did not take stay in the socket.
         let mut failure = None;
-        while socket.can_recv() && failure.is_none() {
-            socket
+        let mut closed = false;
+        while socket.can_recv() && failure.is_none() && !closed {
+            let taken = socket
                 .recv(|data| {
                     let mut input: &[u8] = data;
-                    while !input.is_empty() {
-                        if tls.read_tls(&mut input).is_err() {
-                            break;
+                    while !input.is_empty() && failure.is_none() && !closed {
+                        match tls.read_tls(&mut input) {
+                            Ok(0) | Err(_) => break,
+                            Ok(_) => {}
                         }
                         if let Err(error) = tls.process_new_packets() {
                             failure = Some(error);
-                            break;
                         }
+                        closed = read_plaintext(&mut tls, &mut response);
                     }
-                    (data.len(), ())
+                    let taken = data.len() - input.len();
+                    (taken, taken)
                 })
                 .unwrap();
+            if taken == 0 {
+                break;
+            }
         }
         if let Some(error) = failure {
             return Some(Outcome::TlsError(error));
         }
-        let mut buffer = [0u8; 4096];
-        loop {
-            match tls.reader().read(&mut buffer) {
-                Ok(0) => {
-                    return Some(Outcome::Response(
-                        String::from_utf8_lossy(&response).into_owned(),
-                    ))
-                }
-                Ok(n) => response.extend_from_slice(&buffer[..n]),
-                Err(error) if error.kind() == io::ErrorKind::WouldBlock => break,
-                Err(_) => break,
-            }
+        if closed || read_plaintext(&mut tls, &mut response) {
+            return Some(Outcome::Response(
+                String::from_utf8_lossy(&response).into_owned(),
+            ));
         }
         match socket.state() {
             tcp::State::Closed | tcp::State::CloseWait | tcp::State::TimeWait => Some(
@@ -348,6 +387,18 @@ fn drive(guest: &mut Guest, handle: SocketHandle, mut tls: ClientConnection) -> 
         matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait).then_some(())
     });
     outcome
+}
+
+/// Reads the plaintext rustls holds into `response`; true once the server's close_notify came.
+fn read_plaintext(tls: &mut ClientConnection, response: &mut Vec<u8>) -> bool {
+    let mut buffer = [0u8; 16 * 1024];
+    loop {
+        match tls.reader().read(&mut buffer) {
+            Ok(0) => return true,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+            Err(_) => return false,
+        }
+    }
 }
 
 fn http_events(audit: &AuditBuffer) -> Vec<Value> {
@@ -542,4 +593,34 @@ fn the_gateway_serves_the_sandbox_ca_and_nothing_else() {
     assert_eq!(ca_events[0]["path"], "/agentvm/egress-ca.pem");
     assert_eq!(ca_events[1]["decision"], "deny");
     assert_eq!(ca_events[1]["path"], "/etc/passwd");
+}
+
+#[test]
+fn a_large_upload_and_its_echo_cross_the_interception_intact() {
+    let mut sandbox = sandbox();
+    let target = SocketAddrV4::new(TRUSTED_IP, sandbox.trusted.address.port());
+    let ca = sandbox.egress.ca_pem();
+    // Letters whose every position differs from its neighbours', so a shifted, dropped or
+    // duplicated chunk changes the comparison; 4 MiB is far past every buffer on the way.
+    let body: String = (0..4u64 << 20)
+        .map(|n| (b'a' + ((n.wrapping_mul(2_654_435_761) >> 13) % 26) as u8) as char)
+        .collect();
+    let request = format!(
+        "POST /echo HTTP/1.1\r\nHost: api.test\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    let outcome = https(&mut sandbox, "api.test", target, &ca, &request);
+    let Outcome::Response(response) = outcome else {
+        panic!("{outcome:?}")
+    };
+    let (head, echoed) = response.split_once("\r\n\r\n").unwrap();
+    assert!(head.starts_with("HTTP/1.1 200 OK"), "{head}");
+    assert!(
+        echoed == body,
+        "the echo differs ({} of {} bytes)",
+        echoed.len(),
+        body.len()
+    );
+    let heads = sandbox.trusted.heads();
+    assert!(heads[0].contains(&format!("Authorization: Bearer {TOKEN}\r\n")));
 }

@@ -80,20 +80,28 @@ impl Connection {
         }
     }
 
-    /// Moves an intercepted connection along: guest TLS in, upstream TLS in, then both outputs.
+    /// Moves an intercepted connection along: guest TLS in, upstream TLS in, then both outputs,
+    /// over and over while anything moves. One round moves only what the session's and rustls'
+    /// buffers hold, and a round that emptied a buffer without filling a socket produces no
+    /// further socket event, so stopping early could leave the connection stalled.
     pub(super) fn pump_intercepted(&mut self, cx: &mut Context<'_>) -> Progress {
-        if let Err(progress) = self.intercept_from_guest(cx) {
-            return progress;
+        loop {
+            let moved = self.intercept_from_guest(cx).and_then(|from_guest| {
+                Ok(from_guest + self.intercept_from_upstream(cx)? + self.intercept_flush(cx)?)
+            });
+            match moved {
+                Ok(0) => return Progress::Open,
+                Ok(_) if self.tls.is_some() => {}
+                Ok(_) => return Progress::Open,
+                Err(progress) => return progress,
+            }
         }
-        if let Err(progress) = self.intercept_from_upstream(cx) {
-            return progress;
-        }
-        self.intercept_flush(cx)
     }
 
-    fn intercept_from_guest(&mut self, cx: &mut Context<'_>) -> Result<(), Progress> {
+    /// Guest TLS bytes taken from its socket into the session.
+    fn intercept_from_guest(&mut self, cx: &mut Context<'_>) -> Result<u64, Progress> {
         let Some(tls) = self.tls.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         let socket = cx.stack.tcp(self.socket);
         let mut moved = 0u64;
@@ -152,15 +160,17 @@ impl Connection {
         if let Some(error) = failed {
             self.intercept_failed(cx, &error);
         }
-        Ok(())
+        Ok(moved)
     }
 
-    fn intercept_from_upstream(&mut self, cx: &mut Context<'_>) -> Result<(), Progress> {
+    /// Upstream TLS bytes read into the session.
+    fn intercept_from_upstream(&mut self, cx: &mut Context<'_>) -> Result<u64, Progress> {
         let Some(tls) = self.tls.as_mut() else {
-            return Ok(());
+            return Ok(0);
         };
         let mut buffer = [0u8; 16 * 1024];
         let mut failed = None;
+        let mut moved = 0u64;
         while !self.upstream_eof && tls.session.wants_from_upstream() && failed.is_none() {
             match self.stream.read(&mut buffer) {
                 Ok(0) => {
@@ -168,6 +178,7 @@ impl Connection {
                     tls.session.upstream_eof();
                 }
                 Ok(n) => {
+                    moved += n as u64;
                     if let Err(error) = tls.session.from_upstream(&buffer[..n]) {
                         failed = Some(error);
                     }
@@ -185,7 +196,7 @@ impl Connection {
         if let Some(error) = failed {
             self.intercept_failed(cx, &error);
         }
-        Ok(())
+        Ok(moved)
     }
 
     /// A TLS or HTTP failure on either side: the session already queued what the guest gets
@@ -202,19 +213,22 @@ impl Connection {
         self.failure.get_or_insert(reason);
     }
 
-    fn intercept_flush(&mut self, cx: &mut Context<'_>) -> Progress {
+    /// Session output written to both sockets: the bytes written.
+    fn intercept_flush(&mut self, cx: &mut Context<'_>) -> Result<u64, Progress> {
         let Some(tls) = self.tls.as_mut() else {
-            return Progress::Open;
+            return Ok(0);
         };
         // Upstream: take more from the session only once the last batch is written.
         if self.pending_up.is_empty() && !self.upstream_write_shut {
             tls.session.to_upstream(&mut self.pending_up);
         }
+        let waiting_up = self.pending_up.len();
         if let Err(error) = self.flush_pending() {
-            return self.fail(cx, format!("upstream write failed: {error}"));
+            return Err(self.fail(cx, format!("upstream write failed: {error}")));
         }
+        let written_up = (waiting_up - self.pending_up.len()) as u64;
         let Some(tls) = self.tls.as_mut() else {
-            return Progress::Open;
+            return Ok(written_up);
         };
         if self.pending_up.is_empty()
             && tls.session.finished_to_upstream()
@@ -247,10 +261,10 @@ impl Connection {
         self.bytes_down += moved;
         if moved > 0 {
             if let Err(reason) = cx.counters.add_bytes(&self.rule, moved) {
-                return self.fail(cx, reason.to_string());
+                return Err(self.fail(cx, reason.to_string()));
             }
         }
-        Progress::Open
+        Ok(written_up + moved)
     }
 
     /// The rule's credential headers as (name, value) pairs for a request rewriter.
