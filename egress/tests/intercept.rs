@@ -301,6 +301,19 @@ fn https(
     trust: &str,
     request: &str,
 ) -> Outcome {
+    https_with(sandbox, name, to, trust, request, false)
+}
+
+/// [`https`]; with `half_close`, the guest sends close_notify and FIN right after the request
+/// and only then reads the response.
+fn https_with(
+    sandbox: &mut Sandbox,
+    name: &str,
+    to: SocketAddrV4,
+    trust: &str,
+    request: &str,
+    half_close: bool,
+) -> Outcome {
     sandbox.guest.resolve(name);
     let handle = match sandbox.guest.connect(to) {
         Connect::Established(handle) => handle,
@@ -308,7 +321,13 @@ fn https(
     };
     let server_name = ServerName::try_from(name.to_owned()).unwrap();
     let tls = ClientConnection::new(client_trusting(trust), server_name).unwrap();
-    drive(&mut sandbox.guest, handle, tls, request.as_bytes())
+    drive(
+        &mut sandbox.guest,
+        handle,
+        tls,
+        request.as_bytes(),
+        half_close,
+    )
 }
 
 /// Sends `request` through `tls` and moves TLS bytes between it and the guest socket until the
@@ -318,7 +337,10 @@ fn drive(
     handle: SocketHandle,
     mut tls: ClientConnection,
     mut request: &[u8],
+    half_close: bool,
 ) -> Outcome {
+    let mut close_notify_sent = false;
+    let mut fin_sent = false;
     let mut outgoing = Vec::new();
     let mut response = Vec::new();
     let outcome = guest.run_until("HTTPS exchange", |guest| {
@@ -335,9 +357,22 @@ fn drive(
         while tls.wants_write() {
             tls.write_tls(&mut outgoing).unwrap();
         }
+        // Before the handshake ends rustls holds the request back, and a close_notify queued
+        // then would overtake it.
+        if half_close && request.is_empty() && !tls.is_handshaking() && !close_notify_sent {
+            tls.send_close_notify();
+            close_notify_sent = true;
+            while tls.wants_write() {
+                tls.write_tls(&mut outgoing).unwrap();
+            }
+        }
         if !outgoing.is_empty() && socket.can_send() {
             let sent = socket.send_slice(&outgoing).unwrap();
             outgoing.drain(..sent);
+        }
+        if close_notify_sent && outgoing.is_empty() && !fin_sent {
+            socket.close();
+            fin_sent = true;
         }
         // rustls takes ciphertext only while its plaintext buffer has room: plaintext is read
         // out after each record, and bytes it did not take stay in the socket.
@@ -623,4 +658,20 @@ fn a_large_upload_and_its_echo_cross_the_interception_intact() {
     );
     let heads = sandbox.trusted.heads();
     assert!(heads[0].contains(&format!("Authorization: Bearer {TOKEN}\r\n")));
+}
+
+#[test]
+fn a_guest_that_closes_its_side_after_the_request_still_gets_the_response() {
+    let mut sandbox = sandbox();
+    let target = SocketAddrV4::new(TRUSTED_IP, sandbox.trusted.address.port());
+    let ca = sandbox.egress.ca_pem();
+    let request = "GET /half HTTP/1.1\r\nHost: api.test\r\n\r\n";
+    let outcome = https_with(&mut sandbox, "api.test", target, &ca, request, true);
+    let Outcome::Response(response) = outcome else {
+        panic!("{outcome:?}")
+    };
+    assert!(response.starts_with("HTTP/1.1 200 OK\r\n"), "{response}");
+    assert!(response.ends_with("\r\n\r\nok"), "{response}");
+    let heads = sandbox.trusted.heads();
+    assert!(heads[0].starts_with("GET /half HTTP/1.1\r\n"), "{heads:?}");
 }
