@@ -19,7 +19,7 @@ pub struct AuditEvent {
     pub time: String,
     /// The sandbox's id.
     pub sandbox: String,
-    /// "dns", "connect", "http" or "close".
+    /// "dns", "connect", "http", "ca" (the guest fetched the sandbox CA) or "close".
     pub kind: &'static str,
     /// "tcp" / "udp".
     #[serde(skip_serializing_if = "Option::is_none")]

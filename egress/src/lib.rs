@@ -12,7 +12,9 @@
 //! - [`stack`]: smoltcp over the frame socket, answering for every destination.
 //! - [`dns`], [`resolver`], [`names`]: the guest's DNS server, upstream lookups, and which names
 //!   the guest was handed for each address.
-//! - [`proxy`]: each allowed connection pumped between the guest and its host socket.
+//! - [`proxy`]: each allowed connection pumped between the guest and its host socket; HTTPS
+//!   under rules with credential headers intercepted (`proxy::intercept`); the sandbox CA served
+//!   to the guest on the gateway (`proxy::ca_endpoint`).
 //! - [`thread`]: the event loop and [`spawn`].
 //! - [`peer`]: a userspace guest on the frame link, for tests and benchmarks.
 

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddrV4};
 use std::os::fd::OwnedFd;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -24,6 +25,8 @@ use crate::audit::{AuditEvent, AuditLog};
 use crate::dns::DnsServer;
 use crate::limits::RuleCounters;
 use crate::policy::{Decision, Destination, Policy, Protocol};
+use crate::proxy::ca_endpoint::{is_ca_endpoint, CaRequest};
+use crate::proxy::intercept::Interception;
 use crate::proxy::{Connection, Context, FlowKey, Progress};
 use crate::recorder::Recorder;
 use crate::resolver::{Resolver, ResolverConfig};
@@ -38,6 +41,10 @@ pub struct EgressConfig {
     /// The sandbox's name in audit events.
     pub sandbox: String,
     pub resolver: ResolverConfig,
+    /// PEM files of extra roots trusted for upstream servers of intercepted HTTPS (on top of
+    /// the compiled-in webpki roots): a corporate proxy's CA, a test server's CA. Read by
+    /// `spawn` on the calling thread; production passes none.
+    pub extra_upstream_roots: Vec<PathBuf>,
 }
 
 /// Counters since the thread started.
@@ -69,6 +76,8 @@ pub struct EgressHandle {
     /// connection or query once `set_policy` returns.
     policy: Arc<Mutex<Policy>>,
     stats: Arc<SharedStats>,
+    /// The sandbox CA certificate (PEM) the guest must trust for intercepted HTTPS.
+    ca_pem: String,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -112,6 +121,11 @@ pub fn spawn_with_hook(
         Interest::READABLE | Interest::WRITABLE,
     )?;
     let resolver = Resolver::new(config.resolver, RESOLVER_TOKENS)?;
+    // The CA key is generated and the root files are read here: the thread opens no files.
+    let upstream = crate::tls::upstream_client_config(&config.extra_upstream_roots)
+        .map_err(io::Error::other)?;
+    let interception = Interception::new(&config.sandbox, upstream).map_err(io::Error::other)?;
+    let ca_pem = interception.ca.cert_pem();
     let stop = Arc::new(AtomicBool::new(false));
     let stats = Arc::new(SharedStats::default());
     let policy = Arc::new(Mutex::new(config.policy));
@@ -124,6 +138,9 @@ pub fn spawn_with_hook(
         resolver,
         dns: DnsServer::default(),
         connections: HashMap::new(),
+        ca_requests: HashMap::new(),
+        interception,
+        ca_pem: ca_pem.clone(),
         counters: RuleCounters::default(),
         next_token: FIRST_CONNECTION_TOKEN,
         stats: stats.clone(),
@@ -147,6 +164,7 @@ pub fn spawn_with_hook(
         waker,
         policy,
         stats,
+        ca_pem,
         thread: Some(thread),
     })
 }
@@ -156,6 +174,13 @@ impl EgressHandle {
     /// connections keep going.
     pub fn set_policy(&self, policy: Policy) {
         *lock(&self.policy) = policy;
+    }
+
+    /// The sandbox CA certificate in PEM: the guest trusts it so that HTTPS to rules with
+    /// credential headers can be intercepted. The guest fetches it from
+    /// `http://<gateway>/agentvm/egress-ca.pem`.
+    pub fn ca_pem(&self) -> String {
+        self.ca_pem.clone()
     }
 
     pub fn stats(&self) -> EgressStats {
@@ -203,6 +228,10 @@ struct Egress {
     resolver: Resolver,
     dns: DnsServer,
     connections: HashMap<FlowKey, Connection>,
+    /// Guest connections to the CA endpoint the filter serves itself.
+    ca_requests: HashMap<FlowKey, CaRequest>,
+    interception: Interception,
+    ca_pem: String,
     counters: RuleCounters,
     next_token: usize,
     stats: Arc<SharedStats>,
@@ -273,6 +302,7 @@ impl Egress {
             .connections
             .values()
             .filter_map(Connection::deadline)
+            .chain(self.ca_requests.values().filter_map(CaRequest::deadline))
             .chain(self.resolver.next_deadline())
             .map(|deadline| deadline.saturating_duration_since(now));
         let stack_delay = if self.stack.device.is_backlogged() {
@@ -340,16 +370,22 @@ impl Egress {
             guest: from,
             destination: to,
         };
-        if self.connections.contains_key(&key) {
+        if self.connections.contains_key(&key) || self.ca_requests.contains_key(&key) {
             return; // a retransmitted SYN: the existing socket answers it
         }
         let ip = IpAddr::V4(*to.ip());
         let names = self.dns.names().names_for(ip).to_vec();
-        if self.connections.len() >= MAX_CONNECTIONS {
+        if self.connections.len() + self.ca_requests.len() >= MAX_CONNECTIONS {
             let reason = format!("the sandbox already has {MAX_CONNECTIONS} open connections");
             return self.connect_denied(to, &names, None, reason);
         }
         let now = Instant::now();
+        if is_ca_endpoint(to) {
+            if let Some(socket) = self.stack.listen_as(to) {
+                self.ca_requests.insert(key, CaRequest::new(socket, now));
+            }
+            return;
+        }
         let decision = self.policy().check(&Destination {
             ip,
             port: to.port(),
@@ -487,6 +523,7 @@ impl Egress {
             registry: self.poll.registry(),
             counters: &mut self.counters,
             recorder: &self.recorder,
+            interception: &self.interception,
             now: Instant::now(),
         };
         let mut finished = Vec::new();
@@ -503,6 +540,20 @@ impl Egress {
                 connection.finish(&mut self.stack, self.poll.registry(), &self.recorder);
             }
         }
+        let now = Instant::now();
+        let mut answered = Vec::new();
+        for (key, request) in &mut self.ca_requests {
+            if request.pump(&mut self.stack, &self.ca_pem, &self.recorder, now)
+                == Progress::Finished
+            {
+                answered.push(*key);
+            }
+        }
+        for key in answered {
+            if let Some(request) = self.ca_requests.remove(&key) {
+                request.finish(&mut self.stack);
+            }
+        }
     }
 
     /// Connections whose guest side closed during the last poll (a RST sent or received).
@@ -516,6 +567,17 @@ impl Egress {
         for key in closed {
             if let Some(connection) = self.connections.remove(&key) {
                 connection.finish(&mut self.stack, self.poll.registry(), &self.recorder);
+            }
+        }
+        let closed: Vec<FlowKey> = self
+            .ca_requests
+            .iter()
+            .filter(|(_, request)| request.is_closed(&mut self.stack))
+            .map(|(key, _)| *key)
+            .collect();
+        for key in closed {
+            if let Some(request) = self.ca_requests.remove(&key) {
+                request.finish(&mut self.stack);
             }
         }
     }

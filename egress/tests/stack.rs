@@ -101,6 +101,7 @@ fn filter(resolver: ResolverConfig) -> (GuestPeer, EgressHandle, AuditBuffer) {
             audit: AuditLog::to_writer(Box::new(audit.clone())),
             sandbox: "test-sandbox".into(),
             resolver,
+            extra_upstream_roots: Vec::new(),
         },
         filter_end,
     )

@@ -7,6 +7,7 @@
 pub mod cmdline;
 pub mod console;
 pub mod console_protocol;
+pub mod egress_ca;
 pub mod loopback;
 pub mod modules;
 pub mod mounts;

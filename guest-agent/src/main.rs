@@ -14,6 +14,7 @@ use agentvm_protocol::{Version, AGENT_VSOCK_PORT};
 use guest_agent::cmdline::{KernelCmdline, PROC_CMDLINE};
 use guest_agent::console::{self, ConsoleWriter};
 use guest_agent::console_protocol::{Marker, NO_SERVER};
+use guest_agent::egress_ca;
 use guest_agent::loopback;
 use guest_agent::modules::{load_modules, FinitModule, ModuleOutcome, MODULE_DIR};
 use guest_agent::mounts;
@@ -139,7 +140,18 @@ fn init() -> ! {
         out.error(format!("cannot bring up the loopback interface: {e}"));
     }
     match network::configure_nic(Path::new(network::RESOLV_CONF)) {
-        Ok(NicOutcome::Configured) => out.debug(format_args!("network: eth0 configured")),
+        Ok(NicOutcome::Configured) => {
+            out.debug(format_args!("network: eth0 configured"));
+            // Without it intercepted HTTPS fails verification; everything else still works.
+            let store = egress_ca::TrustStore::system();
+            match egress_ca::install_egress_ca(egress_ca::gateway_endpoint(), &store) {
+                Ok(()) => out.debug(format_args!(
+                    "network: egress CA installed in {}",
+                    store.bundle.display()
+                )),
+                Err(e) => out.error(format!("network: {e}")),
+            }
+        }
         Ok(NicOutcome::Absent) => {}
         Err(e) => out.error(format!("network: {e}")),
     }

@@ -23,3 +23,9 @@ pub const GATEWAY_MAC: [u8; 6] = [0x02, 0x61, 0x67, 0x00, 0x00, 0x02];
 pub const LINK_MTU: u16 = 65520;
 /// The guest's interface name (the first virtio-net device).
 pub const GUEST_IFNAME: &str = "eth0";
+/// Where the egress filter serves the sandbox's CA certificate (PEM), plain HTTP on the
+/// gateway's port [`EGRESS_CA_PORT`]; the guest agent installs it so intercepted HTTPS (rules
+/// with credential headers) verifies.
+pub const EGRESS_CA_PATH: &str = "/agentvm/egress-ca.pem";
+/// The gateway port the CA is served on.
+pub const EGRESS_CA_PORT: u16 = 80;

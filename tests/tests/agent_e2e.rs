@@ -113,6 +113,7 @@ e2e_checks!(
     port_forward,
     after_restore,
     net_configured,
+    net_egress_ca_installed,
     net_allowed_domain,
     net_denied_domain,
     net_ip_literal_refused,

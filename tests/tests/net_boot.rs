@@ -115,4 +115,18 @@ fn bad_policies_are_refused_before_anything_runs() {
         !out.status.success() && out.stderr_text().contains("--egress-policy"),
         "{out:?}"
     );
+    let not_a_certificate = dir.path().join("roots.pem");
+    std::fs::write(&not_a_certificate, "not a certificate\n").unwrap();
+    let out = boot(&[
+        "--egress-policy".as_ref(),
+        policy.as_os_str(),
+        "--egress-upstream-ca".as_ref(),
+        not_a_certificate.as_os_str(),
+    ]);
+    assert!(
+        !out.status.success()
+            && out.stderr_text().contains("--egress-upstream-ca")
+            && out.stderr_text().contains("holds no PEM certificate"),
+        "{out:?}"
+    );
 }

@@ -58,6 +58,9 @@ pub struct NetConfig {
     pub audit_log: Option<PathBuf>,
     /// The sandbox's name in audit lines.
     pub sandbox: String,
+    /// PEM files of extra roots for the servers behind intercepted HTTPS (see
+    /// `egress::EgressConfig::extra_upstream_roots`).
+    pub upstream_roots: Vec<PathBuf>,
 }
 
 /// The CID guests get unless told otherwise (the first one not reserved).

@@ -45,6 +45,7 @@ pub fn create(
             audit,
             sandbox: config.sandbox.clone(),
             resolver,
+            extra_upstream_roots: config.upstream_roots.clone(),
         },
         filter_end,
         Some(Box::new(move || {

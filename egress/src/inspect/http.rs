@@ -73,11 +73,13 @@ pub fn is_valid_header(name: &str, value: &str) -> bool {
 }
 
 /// A complete HTTP/1.1 response with a JSON `fault_message` body, for answering a guest request
-/// the filter refuses (403) or cannot parse (400). The connection is closed after it.
+/// the filter refuses (403, 404, 405) or cannot parse (400). The connection is closed after it.
 pub fn error_response(status: u16, fault_message: &str) -> Vec<u8> {
     let reason = match status {
         400 => "Bad Request",
         403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
         429 => "Too Many Requests",
         502 => "Bad Gateway",
         _ => "Error",

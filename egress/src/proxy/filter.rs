@@ -1,7 +1,8 @@
-//! The per-connection step between the guest's bytes and the upstream socket. Today it checks,
-//! for connections a domain rule allowed, that the TLS SNI or HTTP Host names a host that rule
-//! allows (the guest could otherwise connect to an allowed address and ask a shared front end
-//! for any other site). Header injection and TLS interception plug in here as further verdicts.
+//! The per-connection step between the guest's bytes and the upstream socket: for connections a
+//! domain rule allowed, the TLS SNI or HTTP Host must name a host that rule allows (the guest
+//! could otherwise connect to an allowed address and ask a shared front end for any other site).
+//! What passes goes on to header injection (`RequestRewriter`) or TLS interception
+//! (`intercept`) when the rule carries credentials.
 
 use std::sync::Arc;
 

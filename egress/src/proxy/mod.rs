@@ -4,7 +4,9 @@
 //! upstream socket leaves them there and the guest's window closes), and upstream bytes are read
 //! straight into smoltcp's send buffer only while it has room.
 
+pub mod ca_endpoint;
 pub mod filter;
+pub mod intercept;
 
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, SocketAddrV4};
@@ -23,6 +25,7 @@ use crate::policy::Rule;
 use crate::recorder::Recorder;
 use crate::stack::Stack;
 use filter::{Filter, Seen, Verdict};
+use intercept::{Intercepted, Interception};
 
 /// An upstream that has not accepted the connection by then is given up on (guest gets RST).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -65,7 +68,10 @@ pub struct Connection {
     /// For a connection that speaks HTTP: every request head is found (and checked) on its
     /// way upstream, not just the first.
     http: Option<RequestRewriter>,
-    /// Guest bytes the HTTP path produced that upstream has not taken yet.
+    /// For an intercepted HTTPS connection (a rule with credential headers): the TLS session
+    /// between the guest and upstream.
+    tls: Option<Box<Intercepted>>,
+    /// Guest bytes the HTTP or TLS path produced that upstream has not taken yet.
     pending_up: Vec<u8>,
     upstream_write_shut: bool,
     upstream_eof: bool,
@@ -86,6 +92,7 @@ pub struct Context<'a> {
     pub registry: &'a Registry,
     pub counters: &'a mut RuleCounters,
     pub recorder: &'a Recorder,
+    pub interception: &'a Interception,
     pub now: Instant,
 }
 
@@ -122,6 +129,7 @@ impl Connection {
             filter,
             passed: false,
             http: None,
+            tls: None,
             pending_up: Vec::new(),
             upstream_write_shut: false,
             upstream_eof: false,
@@ -172,11 +180,25 @@ impl Connection {
                 Err(error) => return self.fail(cx, format!("upstream connect failed: {error}")),
             }
         }
+        if self.tls.is_some() {
+            if let Upstream::Connecting { .. } = self.upstream {
+                return Progress::Open;
+            }
+            return self.pump_intercepted(cx);
+        }
         if self.failure.is_some() {
             // Refused or failed: the guest side is closing; nothing more to move or judge.
             return Progress::Open;
         }
         let judged = self.passed || self.judge(cx);
+        if self.tls.is_some() {
+            // Interception just started: the guest's hello still waits in its socket for the
+            // session, which talks to upstream once connected.
+            if let Upstream::Connecting { .. } = self.upstream {
+                return Progress::Open;
+            }
+            return self.pump_intercepted(cx);
+        }
         if let Upstream::Connecting { .. } = self.upstream {
             return Progress::Open;
         }
@@ -233,13 +255,9 @@ impl Connection {
                     // Every request gets the rule's credential headers (replacing any the guest
                     // sent under those names); the requests are audited (and their Host
                     // checked) as the rewriter finds them.
-                    let inject = self
-                        .rule
-                        .inject_headers()
-                        .iter()
-                        .map(|header| (header.name.clone(), header.value.expose().to_owned()))
-                        .collect();
-                    self.http = Some(RequestRewriter::new(inject));
+                    self.http = Some(RequestRewriter::new(self.injected_headers()));
+                } else if self.wants_interception(&seen) {
+                    self.start_interception(cx, seen);
                 } else if seen.is_application() {
                     cx.recorder.record(self.request_event(seen, "allow", None));
                 }
@@ -448,6 +466,7 @@ impl Connection {
     /// Resets the guest's connection and lets go of upstream.
     fn fail(&mut self, cx: &mut Context<'_>, reason: String) -> Progress {
         cx.stack.tcp(self.socket).abort();
+        self.tls = None;
         self.failure = Some(reason);
         self.drop_upstream(cx.registry);
         Progress::Open

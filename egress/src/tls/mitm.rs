@@ -231,6 +231,18 @@ impl MitmSession {
         both_finished && guest_side && upstream_side
     }
 
+    /// Whether everything for the guest, its close_notify (or alert) last, has been handed out
+    /// by `to_guest`: the caller can send its TCP FIN.
+    pub fn finished_to_guest(&self) -> bool {
+        self.guest_close_sent && self.pending_down.is_empty() && !self.guest.wants_write()
+    }
+
+    /// Whether everything for the upstream server, its close_notify (or alert) last, has been
+    /// handed out by `to_upstream`: the caller can shut down the upstream socket's write side.
+    pub fn finished_to_upstream(&self) -> bool {
+        self.upstream_close_sent && !self.upstream.wants_write()
+    }
+
     /// Whether the caller may read more from the guest: false while the rewritten plaintext
     /// waiting for the upstream connection is over the backlog limit.
     pub fn wants_from_guest(&self) -> bool {

@@ -16,6 +16,11 @@ pub struct NetArgs {
     /// to this file.
     #[arg(long, value_name = "FILE", requires = "egress_policy")]
     pub egress_audit: Option<PathBuf>,
+    /// Also trust the certificates in this PEM file for the real servers behind intercepted
+    /// HTTPS (rules with `inject_headers`), on top of the compiled-in Mozilla roots: a corporate
+    /// proxy's CA, a test server's. Repeatable.
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    pub egress_upstream_ca: Vec<PathBuf>,
 }
 
 impl NetArgs {
@@ -38,10 +43,15 @@ impl NetArgs {
                 }
             }
         }
+        // Read here so a bad file is named before anything starts (the egress thread reads them
+        // again when it starts).
+        egress::tls::upstream_client_config(&self.egress_upstream_ca)
+            .map_err(|e| format!("--egress-upstream-ca: {e}"))?;
         Ok(Some(NetConfig {
             policy,
             audit_log: self.egress_audit.clone(),
             sandbox: sandbox.to_string(),
+            upstream_roots: self.egress_upstream_ca.clone(),
         }))
     }
 }

@@ -213,3 +213,25 @@ fn the_main_thread_can_read_its_memory_for_the_timing_report() {
     });
     assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
 }
+
+#[test]
+fn the_egress_thread_may_intercept_tls() {
+    use egress::inspect::RequestRewriter;
+    use egress::tls::{upstream_client_config, MitmSession, SandboxCa};
+    // Made on the calling thread before the filter, as `egress::spawn` does.
+    let ca = SandboxCa::generate("seccomp-test").unwrap();
+    let upstream = upstream_client_config(&[]).unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::Egress, move || {
+        // Minting a leaf, both key exchanges and the server's signature all run here.
+        let mut session =
+            MitmSession::new(&ca, "api.test", upstream, RequestRewriter::new(Vec::new())).unwrap();
+        let mut client_hello = Vec::new();
+        session.to_upstream(&mut client_hello);
+        assert!(!client_hello.is_empty());
+        session.from_guest(&client_hello).unwrap();
+        let mut server_flight = Vec::new();
+        session.to_guest(&mut server_flight);
+        assert!(server_flight.len() > client_hello.len());
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+}

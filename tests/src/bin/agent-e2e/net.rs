@@ -239,6 +239,7 @@ pub fn checks(client: &AgentClient, fixture: &NetFixture, vmm_pid: u32, mem_mib:
             Err(format!("exit {code}: {out}{err}"))
         }
     });
+    timed("net_egress_ca_installed", || egress_ca_installed(client));
     timed("net_allowed_domain", || {
         let (code, out, err) = wget(client, "", &format!("http://allowed.test:{WEB_PORT}/hello"))?;
         if code == 0 && out.contains("hello from upstream, host allowed.test") {
@@ -322,6 +323,31 @@ pub fn checks(client: &AgentClient, fixture: &NetFixture, vmm_pid: u32, mem_mib:
         refused(client, &url).map(|third| format!("2 connections allowed, the third: {third}"))
     });
     timed("net_audit_log", || audit_log(fixture));
+}
+
+/// The agent fetched the sandbox CA from the filter at boot and installed it; the filter serves
+/// the same certificate to anyone in the guest who asks.
+fn egress_ca_installed(client: &AgentClient) -> Check {
+    let (code, out, err) = shell(
+        client,
+        "cat /etc/ssl/certs/agentvm-egress-ca.pem && echo '==bundle' && \
+         grep -c 'BEGIN CERTIFICATE' /etc/ssl/certs/ca-certificates.crt && \
+         grep -qF \"$(sed -n 2p /etc/ssl/certs/agentvm-egress-ca.pem)\" /etc/ssl/certs/ca-certificates.crt && \
+         echo '==served' && timeout 30 wget -q -O - http://10.0.2.2/agentvm/egress-ca.pem",
+    )?;
+    let failed = || format!("exit {code}, stdout {out:?}, stderr {err:?}");
+    if code != 0 {
+        return Err(failed());
+    }
+    let (installed, rest) = out.split_once("==bundle").ok_or_else(failed)?;
+    let (_, served) = rest.split_once("==served").ok_or_else(failed)?;
+    if installed.trim().starts_with("-----BEGIN CERTIFICATE-----")
+        && installed.trim() == served.trim()
+    {
+        Ok("/etc/ssl/certs/agentvm-egress-ca.pem matches the served CA and is in ca-certificates.crt".into())
+    } else {
+        Err(failed())
+    }
 }
 
 fn credential_injection(
@@ -481,6 +507,10 @@ fn audit_log(fixture: &NetFixture) -> Check {
             ))
         }
     };
+    has(
+        &|e| e["kind"] == "ca" && e["path"] == "/agentvm/egress-ca.pem" && e["decision"] == "allow",
+        "the agent fetching the egress CA",
+    )?;
     has(
         &|e| e["kind"] == "dns" && e["domain"] == "allowed.test" && e["decision"] == "allow",
         "the allowed name's DNS answer",
