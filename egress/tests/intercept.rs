@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use agentvm_protocol::net::GATEWAY_ADDR;
 use egress::audit::AuditLog;
+use egress::peer::{frame_pair, Connect, GuestPeer as Guest};
 use egress::policy::Policy;
 use egress::tls::upstream::client_config_with_roots;
 use egress::{EgressConfig, EgressHandle, ResolverConfig};
@@ -26,7 +27,7 @@ use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, Server
 use serde_json::Value;
 use smoltcp::iface::SocketHandle;
 use smoltcp::socket::tcp;
-use support::{AuditBuffer, Connect, FakeDns, Guest, WAIT};
+use support::{AuditBuffer, FakeDns, WAIT};
 
 /// The trusted upstream (certificate for api.test and plain.test from the test CA).
 const TRUSTED_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 7);
@@ -247,7 +248,7 @@ fn sandbox() -> Sandbox {
     // Every test sets the same value, so setting it from several threads is harmless.
     std::env::set_var(TOKEN_ENV, TOKEN);
     let audit = AuditBuffer::default();
-    let (guest_end, filter_end) = support::frame_pair();
+    let (guest_end, filter_end) = frame_pair().unwrap();
     let egress = egress::spawn(
         EgressConfig {
             policy: Policy::from_json_str(POLICY).unwrap(),
@@ -264,7 +265,7 @@ fn sandbox() -> Sandbox {
     )
     .unwrap();
     Sandbox {
-        guest: Guest::new(guest_end),
+        guest: Guest::new(guest_end).unwrap(),
         egress,
         audit,
         upstream_ca,
@@ -314,8 +315,8 @@ fn https_with(
     request: &str,
     half_close: bool,
 ) -> Outcome {
-    sandbox.guest.resolve(name);
-    let handle = match sandbox.guest.connect(to) {
+    sandbox.guest.resolve(name).unwrap();
+    let handle = match sandbox.guest.connect(to).unwrap() {
         Connect::Established(handle) => handle,
         Connect::Reset => panic!("connection to {name} was reset"),
     };
@@ -416,12 +417,14 @@ fn drive(
         }
     });
     guest.sockets.get_mut::<tcp::Socket>(handle).close();
-    guest.run_until("the guest's connection to close", |guest| {
-        let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
-        while socket.can_recv() && socket.recv(|data| (data.len(), ())).is_ok() {}
-        matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait).then_some(())
-    });
-    outcome
+    guest
+        .run_until("the guest's connection to close", |guest| {
+            let socket = guest.sockets.get_mut::<tcp::Socket>(handle);
+            while socket.can_recv() && socket.recv(|data| (data.len(), ())).is_ok() {}
+            matches!(socket.state(), tcp::State::Closed | tcp::State::TimeWait).then_some(())
+        })
+        .unwrap();
+    outcome.unwrap()
 }
 
 /// Reads the plaintext rustls holds into `response`; true once the server's close_notify came.
@@ -484,7 +487,8 @@ fn https_requests_get_the_rules_credential_in_place_of_the_guests() {
                 .events()
                 .into_iter()
                 .find(|event| event["kind"] == "close")
-        });
+        })
+        .unwrap();
     assert!(close["bytes_up"].as_u64().unwrap() > request.len() as u64);
     assert!(close["bytes_down"].as_u64().unwrap() > 0);
     assert!(close.get("reason").is_none(), "{close}");
@@ -581,11 +585,11 @@ fn rules_without_credentials_are_not_intercepted() {
 fn the_gateway_serves_the_sandbox_ca_and_nothing_else() {
     let mut sandbox = sandbox();
     let endpoint = SocketAddrV4::new(GATEWAY_ADDR, 80);
-    let Connect::Established(handle) = sandbox.guest.connect(endpoint) else {
+    let Connect::Established(handle) = sandbox.guest.connect(endpoint).unwrap() else {
         panic!("the CA endpoint refused the connection")
     };
     let request = b"GET /agentvm/egress-ca.pem HTTP/1.1\r\nHost: 10.0.2.2\r\n\r\n";
-    let (answer, fin) = sandbox.guest.exchange(handle, request);
+    let (answer, fin) = sandbox.guest.exchange(handle, request).unwrap();
     assert!(fin);
     let answer = String::from_utf8(answer).unwrap();
     let ca = sandbox.egress.ca_pem();
@@ -607,18 +611,24 @@ fn the_gateway_serves_the_sandbox_ca_and_nothing_else() {
         "{outcome:?}"
     );
 
-    let Connect::Established(handle) = sandbox.guest.connect(endpoint) else {
+    let Connect::Established(handle) = sandbox.guest.connect(endpoint).unwrap() else {
         panic!("the CA endpoint refused the connection")
     };
-    let (answer, _) = sandbox.guest.exchange(
-        handle,
-        b"GET /etc/passwd HTTP/1.1\r\nHost: 10.0.2.2\r\n\r\n",
-    );
+    let (answer, _) = sandbox
+        .guest
+        .exchange(
+            handle,
+            b"GET /etc/passwd HTTP/1.1\r\nHost: 10.0.2.2\r\n\r\n",
+        )
+        .unwrap();
     let answer = String::from_utf8(answer).unwrap();
     assert!(answer.starts_with("HTTP/1.1 404 Not Found\r\n"), "{answer}");
     // Other gateway ports stay refused.
     assert_eq!(
-        sandbox.guest.connect(SocketAddrV4::new(GATEWAY_ADDR, 8080)),
+        sandbox
+            .guest
+            .connect(SocketAddrV4::new(GATEWAY_ADDR, 8080))
+            .unwrap(),
         Connect::Reset
     );
     let events = sandbox.audit.events();

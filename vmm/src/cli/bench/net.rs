@@ -249,6 +249,7 @@ fn start_filter(server: SocketAddrV4, wait: Duration) -> Result<Filtered, String
                 hosts: Vec::new(),
                 timeout: WAIT,
             },
+            extra_upstream_roots: Vec::new(),
         },
         filter_end,
         Some(Box::new(move || {
