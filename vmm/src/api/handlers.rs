@@ -119,6 +119,9 @@ pub async fn handle(
         Endpoint::PutSandboxFile | Endpoint::SandboxPty | Endpoint::ConnectSandboxPort => Err(
             Fault::internal("this request is served with its connection, not here"),
         ),
+        Endpoint::PutEgressPolicy => super::egress_policy::put_policy(ctx, body).await,
+        Endpoint::GetEgressPolicy => super::egress_policy::get_policy(ctx),
+        Endpoint::PutEgressAuditLog => super::egress_policy::put_audit_log(ctx, body).await,
         Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
         Endpoint::GetMetrics => Ok(Reply::Prometheus(
             lock(&ctx.controller).metrics().prometheus(),

@@ -284,6 +284,7 @@ fn boot(
                 exits: vm.exit_counts(),
                 vsock: vm.vsock_metrics(),
                 uffd: None,
+                net: vm.net_counts_reader(),
             });
             Ok(vm)
         }
@@ -314,6 +315,7 @@ fn load_snapshot(
                     exits: vm.exit_counts(),
                     vsock: vm.vsock_metrics(),
                     uffd: vm.uffd_metrics(),
+                    net: vm.net_counts_reader(),
                 },
                 MachineConfig {
                     vcpu_count: u64::from(vm.vcpu_count()),
