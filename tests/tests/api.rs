@@ -468,7 +468,7 @@ fn egress_policy_mistakes_are_named_400s_and_never_a_sigsys() {
         "/egress/audit-log",
         Some(r#"{"path": "/nonexistent/dir/egress.jsonl"}"#),
         400,
-        "PUT /egress/audit-log: path /nonexistent/dir/egress.jsonl",
+        "PUT /egress/audit-log: audit log /nonexistent/dir/egress.jsonl",
     );
     s.refused(
         "PUT",
@@ -483,7 +483,12 @@ fn egress_policy_mistakes_are_named_400s_and_never_a_sigsys() {
         "/egress/audit-log",
         &serde_json::json!({"path": audit}).to_string(),
     );
-    assert!(audit.exists(), "the VMM thread creates the audit log");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&audit)
+            .expect("the VMM thread creates the audit log")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the egress audit log is private");
     s.boot_source("probe.mode=count");
     s.refused(
         "PUT",

@@ -81,7 +81,7 @@ pub fn get_policy(ctx: &ApiContext) -> Result<Reply, Fault> {
 }
 
 /// `PUT /egress/audit-log`, before InstanceStart: the VMM thread checks the file can be opened
-/// for appending (creating it), and the NIC's filter opens it again when the VM boots.
+/// for appending (creating it 0600), and opens it again for the NIC's filter when the VM boots.
 pub async fn put_audit_log(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault> {
     const WHAT: &str = "PUT /egress/audit-log";
     let config: AuditLogConfig = parse_body(WHAT, body)?;
@@ -90,17 +90,14 @@ pub async fn put_audit_log(ctx: &ApiContext, body: &[u8]) -> Result<Reply, Fault
     let (reply, answer) = oneshot::channel();
     send_to_vmm(
         ctx,
-        VmmRequest::OpenForAppend {
+        VmmRequest::CheckEgressAuditLog {
             path: path.clone(),
-            what: "path",
             reply,
         },
     )?;
-    let file = await_reply(answer, REPLY_TIMEOUT, WHAT)
+    await_reply(answer, REPLY_TIMEOUT, WHAT)
         .await?
         .map_err(|e| Fault::bad_request(format!("{WHAT}: {e}")))?;
-    // Closing needs no syscall the API thread lacks; the filter thread reopens by path.
-    drop(file);
     lock(&ctx.controller).set_egress_audit_log(path)?;
     Ok(Reply::NoContent)
 }

@@ -42,6 +42,12 @@ pub enum VmmRequest {
         what: &'static str,
         reply: oneshot::Sender<Result<File, String>>,
     },
+    /// PUT /egress/audit-log: check the NIC's audit log can be opened for appending (created
+    /// 0600 if missing, as the egress filter creates it), which the boot then does again.
+    CheckEgressAuditLog {
+        path: PathBuf,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// PUT /snapshot/load: build the VM from a snapshot instead of booting it.
     LoadSnapshot {
         config: crate::vmm::RestoreConfig,

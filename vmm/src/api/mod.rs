@@ -10,9 +10,13 @@
 //! outside the API thread's filter ([`agent`]); so does the after-restore step that gives a
 //! loaded VM's guest the host's time and fresh entropy ([`after_restore`]).
 //!
+//! The guest's network: [`egress_policy`] (`/egress/...`) gives the VM a NIC behind the egress
+//! filter and changes its policy at run time.
+//!
 //! Observability: `GET /metrics` ([`metrics`]: requests by route and status
 //! ([`request_counts`]), boot milestones, vCPU exits, vsock traffic, exec outcomes and latency
-//! ([`exec_metrics`])), and the exec audit log ([`audit`], fed by [`exec_trace`]).
+//! ([`exec_metrics`]), the NIC's counters ([`net_metrics`])), and the exec audit log
+//! ([`audit`], fed by [`exec_trace`]).
 
 pub mod after_restore;
 pub mod agent;

@@ -254,6 +254,10 @@ fn wait_for_start(
             VmmRequest::OpenForAppend { path, what, reply } => {
                 let _ = reply.send(open_for_append(&path, what));
             }
+            VmmRequest::CheckEgressAuditLog { path, reply } => {
+                let opened = egress::audit::AuditLog::open(&path).map(drop);
+                let _ = reply.send(opened.map_err(|e| e.to_string()));
+            }
         }
     }
 }
