@@ -141,7 +141,7 @@ impl Controller {
         }
     }
 
-    /// The current egress policy, if any (see [`Controller::egress_policy`]'s field).
+    /// The policy the NIC follows (after InstanceStart) or will get (before); None: no NIC.
     pub fn egress_policy(&self) -> Option<&Policy> {
         self.egress_policy.as_ref()
     }
@@ -647,5 +647,27 @@ mod tests {
         assert!(late.message.starts_with(super::super::fault::AFTER_START));
         assert!(c.begin_start().is_err());
         assert_eq!(c.info().state, "Running");
+    }
+
+    #[test]
+    fn egress_policy_waits_for_the_boot_and_needs_a_nic_afterwards() {
+        let mut c = controller();
+        let options = c.egress_parse_options().unwrap();
+        assert!(!options.secret_files);
+        let policy =
+            Policy::from_json_str_with(r#"{"rules": [{"cidr": "0.0.0.0/0"}]}"#, &options).unwrap();
+        assert!(c.egress_policy_target(policy.clone()).unwrap().is_none());
+        assert_eq!(c.egress_policy().map(|p| p.rules().len()), Some(1));
+        c.state = VmState::Starting;
+        let starting = c.egress_policy_target(policy.clone()).unwrap_err();
+        assert!(starting.message.contains("starting"), "{starting:?}");
+        // Running without a StartedVm holding a NIC reader: no NIC.
+        c.state = VmState::Running;
+        let no_nic = c.egress_policy_target(policy).unwrap_err();
+        assert_eq!(no_nic.message, NO_NIC);
+        let late = c
+            .set_egress_audit_log("/tmp/egress.jsonl".into())
+            .unwrap_err();
+        assert!(late.message.starts_with(super::super::fault::AFTER_START));
     }
 }
