@@ -35,5 +35,6 @@ pub mod tls;
 
 pub use resolver::ResolverConfig;
 pub use thread::{
-    spawn, spawn_with_hook, EgressConfig, EgressHandle, EgressStats, ThreadStartHook,
+    spawn, spawn_with_hook, EgressConfig, EgressHandle, EgressStats, EgressStatsReader,
+    ThreadStartHook,
 };

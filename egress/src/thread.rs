@@ -68,6 +68,24 @@ struct SharedStats {
     dns_queries: AtomicU64,
 }
 
+/// The egress thread's counters, readable from any thread (frozen once the thread stopped).
+#[derive(Clone)]
+pub struct EgressStatsReader(Arc<SharedStats>);
+
+impl EgressStatsReader {
+    /// The counters now.
+    pub fn read(&self) -> EgressStats {
+        let stats = &self.0;
+        EgressStats {
+            connections_allowed: stats.connections_allowed.load(Ordering::Relaxed),
+            connections_denied: stats.connections_denied.load(Ordering::Relaxed),
+            bytes_up: stats.bytes_up.load(Ordering::Relaxed),
+            bytes_down: stats.bytes_down.load(Ordering::Relaxed),
+            dns_queries: stats.dns_queries.load(Ordering::Relaxed),
+        }
+    }
+}
+
 /// The running egress thread. Dropping it stops the thread too.
 pub struct EgressHandle {
     stop: Arc<AtomicBool>,
@@ -184,14 +202,13 @@ impl EgressHandle {
     }
 
     pub fn stats(&self) -> EgressStats {
-        let stats = &self.stats;
-        EgressStats {
-            connections_allowed: stats.connections_allowed.load(Ordering::Relaxed),
-            connections_denied: stats.connections_denied.load(Ordering::Relaxed),
-            bytes_up: stats.bytes_up.load(Ordering::Relaxed),
-            bytes_down: stats.bytes_down.load(Ordering::Relaxed),
-            dns_queries: stats.dns_queries.load(Ordering::Relaxed),
-        }
+        self.stats_reader().read()
+    }
+
+    /// The counters, readable from other threads for as long as they like (the VMM's API reads
+    /// them on every metrics request, while the handle stays with the device manager).
+    pub fn stats_reader(&self) -> EgressStatsReader {
+        EgressStatsReader(self.stats.clone())
     }
 
     /// Stops the thread; every socket it held is closed when this returns.

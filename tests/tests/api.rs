@@ -31,6 +31,11 @@ struct Serve {
 
 impl Serve {
     fn start(extra: &[&str]) -> Self {
+        Self::start_with_env(extra, &[])
+    }
+
+    /// [`Serve::start`] with these environment variables added to the VMM process's.
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let sock = dir.path().join("api.sock");
         let console = dir.path().join("console");
@@ -42,7 +47,9 @@ impl Serve {
             console.as_os_str(),
         ];
         args.extend(extra.iter().map(std::ffi::OsStr::new));
-        let process = VmProcess::agentvm(&args).expect("start agentvm serve");
+        let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+        command.args(&args).envs(env.iter().copied());
+        let process = VmProcess::spawn(command).expect("start agentvm serve");
         assert!(
             wait_for_path(&sock, START_TIMEOUT),
             "the API socket {} did not appear",
@@ -280,7 +287,8 @@ fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
         "/network-interfaces/eth0",
         Some(r#"{"iface_id": "eth0", "host_dev_name": "tap0"}"#),
         400,
-        "virtio-net",
+        "no host-interface NICs: the guest's only network is a NIC behind the VMM's egress \
+         filter, which the microVM gets when PUT /egress/policy is given before InstanceStart",
     );
     s.refused(
         "PUT",
@@ -389,6 +397,240 @@ fn every_error_class_before_start_is_a_4xx_with_a_fault_message() {
     let Ended { out, sock, _dir } = serve.finish();
     assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
     assert!(!sock.exists(), "the API socket was not removed");
+}
+
+/// A policy whose credential header comes from the VMM's environment.
+const TOKEN_ENV: &str = "AGENTVM_API_TEST_EGRESS_TOKEN";
+const TOKEN_VALUE: &str = "tok-api-egress-s3cr3t";
+
+#[test]
+fn egress_policy_mistakes_are_named_400s_and_never_a_sigsys() {
+    let serve = Serve::start(&[]);
+    let s = &serve;
+    let put = "/egress/policy";
+    s.refused(
+        "PUT",
+        put,
+        None,
+        400,
+        "PUT /egress/policy: the request needs a JSON body",
+    );
+    s.refused(
+        "PUT",
+        put,
+        Some("{"),
+        400,
+        "egress policy is not valid JSON",
+    );
+    let cases = [
+        (
+            r#"{"rules": [{"id": "x", "cidr": "10.0.0.1/8"}]}"#,
+            "PUT /egress/policy: egress policy: rule 1 (`x`): `cidr` `10.0.0.1/8` has host bits set",
+        ),
+        (r#"{"rules": [{"domian": "a.com"}]}"#, "unknown field `domian`"),
+        (
+            r#"{"rules": [{"domain": "a.com"}, {"id": "r", "domain": "*.com"}]}"#,
+            "rule 2 (`r`): `*.com` would match every name under a top-level domain",
+        ),
+        (
+            r#"{"rules": [{"domain": "a.com", "rate_limit": {"connections": 0}}]}"#,
+            "`rate_limit.connections` must be at least 1",
+        ),
+        (
+            r#"{"rules": [{"domain": "a.com", "inject_headers": [{"name": "Authorization", "from_env": "AGENTVM_TEST_NEVER_SET"}]}]}"#,
+            "environment variable AGENTVM_TEST_NEVER_SET is not set",
+        ),
+        (r#"{"version": 2}"#, "policy format version 2 is not supported"),
+    ];
+    for (body, needle) in cases {
+        s.refused("PUT", put, Some(body), 400, needle);
+    }
+    // Reading the secret file would open a file on the API thread, which its seccomp filter
+    // kills by SIGSYS: refused by name instead, and the server goes on answering.
+    let secret = s.path("secret");
+    std::fs::write(&secret, "file-secret-value\n").unwrap();
+    let from_file = serde_json::json!({"rules": [{"id": "api", "domain": "api.example.com",
+        "inject_headers": [{"name": "Authorization", "from_file": secret}]}]})
+    .to_string();
+    s.refused(
+        "PUT",
+        put,
+        Some(&from_file),
+        400,
+        "rule 1 (`api`): header `Authorization`: from_file secrets can only be used in a policy \
+         file given on the command line; use from_env through the API",
+    );
+    assert_eq!(s.state(), "Not started");
+    s.refused("GET", put, None, 404, "no egress policy was given");
+
+    s.refused(
+        "PUT",
+        "/egress/audit-log",
+        Some(r#"{"path": "/nonexistent/dir/egress.jsonl"}"#),
+        400,
+        "PUT /egress/audit-log: audit log /nonexistent/dir/egress.jsonl",
+    );
+    s.refused(
+        "PUT",
+        "/egress/audit-log",
+        Some(r#"{"file": "/tmp/x"}"#),
+        400,
+        "unknown field `file`",
+    );
+    let audit = s.path("egress.jsonl");
+    s.ok(
+        "PUT",
+        "/egress/audit-log",
+        &serde_json::json!({"path": audit}).to_string(),
+    );
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(&audit)
+            .expect("the VMM thread creates the audit log")
+            .permissions(),
+    );
+    assert_eq!(mode & 0o777, 0o600, "the egress audit log is private");
+    s.boot_source("probe.mode=count");
+    s.refused(
+        "PUT",
+        "/actions",
+        Some(r#"{"action_type": "InstanceStart"}"#),
+        400,
+        "PUT /egress/audit-log was given but no PUT /egress/policy",
+    );
+
+    // A good policy (listing the host's addresses on this thread would be a netlink socket,
+    // which its filter forbids too) is kept for the boot; a snapshot load cannot honour it.
+    s.ok(
+        "PUT",
+        put,
+        r#"{"rules": [{"id": "web", "cidr": "0.0.0.0/0", "ports": [443]}]}"#,
+    );
+    let shown = s.call("GET", put, None);
+    assert_eq!(shown.status, 200, "{shown:?}");
+    assert_eq!(shown.json()["rules"][0]["cidr"], "0.0.0.0/0");
+    s.refused(
+        "PUT",
+        "/snapshot/load",
+        Some(r#"{"snapshot_path": "/x", "mem_backend": {"backend_type": "File", "backend_path": "/y"}}"#),
+        400,
+        "a microVM loaded from a snapshot gets no NIC",
+    );
+    assert_eq!(s.state(), "Not started");
+
+    s.process.signal(libc::SIGTERM).unwrap();
+    let Ended { out, .. } = serve.finish();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+}
+
+#[test]
+fn egress_policy_through_the_api_gives_a_nic_and_changes_at_run_time() {
+    if !require_kvm() {
+        return;
+    }
+    let serve = Serve::start_with_env(&["--id", "sbx-net"], &[(TOKEN_ENV, TOKEN_VALUE)]);
+    let s = &serve;
+    let policy = serde_json::json!({"version": 1, "rules": [
+        {"id": "api", "domain": "api.example.com", "ports": [443, "8000-8010"],
+         "inject_headers": [{"name": "Authorization", "prefix": "Bearer ", "from_env": TOKEN_ENV}],
+         "rate_limit": {"connections": 5, "per_seconds": 10}, "byte_cap": 1048576},
+        {"id": "db", "cidr": "10.1.2.0/24", "ports": [5432]}]})
+    .to_string();
+    s.ok("PUT", "/egress/policy", &policy);
+    let audit = s.path("egress.jsonl");
+    s.ok(
+        "PUT",
+        "/egress/audit-log",
+        &serde_json::json!({"path": audit}).to_string(),
+    );
+    let before = s.call("GET", "/egress/policy", None);
+    assert_eq!(before.status, 200, "{before:?}");
+    assert!(
+        !before.body.contains(TOKEN_VALUE) && !before.body.contains("Bearer"),
+        "{before:?}"
+    );
+    assert_eq!(
+        before.json(),
+        serde_json::json!({"version": 1, "rules": [
+            {"id": "api", "domain": "api.example.com", "ports": [443, "8000-8010"],
+             "protocol": "tcp", "inject_header_names": ["Authorization"],
+             "rate_limit": {"connections": 5, "per_seconds": 10}, "byte_cap": 1048576},
+            {"id": "db", "cidr": "10.1.2.0/24", "ports": [5432], "protocol": "tcp",
+             "inject_header_names": []}]})
+    );
+
+    s.boot_source("probe.mode=count");
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    assert_eq!(s.state(), "Running");
+    s.wait_console("PROBE count 3\n");
+    // The VM has a NIC: its counters and the egress filter's are scraped (the probe drives no
+    // NIC, so they are zero).
+    let metrics = scrape(s);
+    for (name, labels) in [
+        ("agentvm_net_frames_total", [("direction", "tx")]),
+        ("agentvm_net_bytes_total", [("direction", "rx")]),
+        ("agentvm_egress_connections_total", [("decision", "denied")]),
+    ] {
+        assert_eq!(
+            metrics.value(name, &labels),
+            Some(0.0),
+            "{name}: {metrics:?}"
+        );
+    }
+    assert_eq!(
+        metrics.value("agentvm_egress_dns_queries_total", &[]),
+        Some(0.0)
+    );
+    assert!(audit.exists());
+
+    // At run time: a new policy is taken (also while paused) and shown; mistakes change nothing.
+    s.ok(
+        "PUT",
+        "/egress/policy",
+        r#"{"rules": [{"id": "pypi", "domain": "*.pypi.org", "ports": [443]}]}"#,
+    );
+    let after = s.call("GET", "/egress/policy", None).json();
+    assert_eq!(after["rules"].as_array().map(Vec::len), Some(1), "{after}");
+    assert_eq!(after["rules"][0]["id"], "pypi");
+    assert_eq!(after["rules"][0]["domain"], "*.pypi.org");
+    s.refused(
+        "PUT",
+        "/egress/policy",
+        Some(r#"{"rules": [{"id": "x"}]}"#),
+        400,
+        "rule 1 (`x`): a rule needs a `domain` or a `cidr`",
+    );
+    let secret = s.path("secret");
+    std::fs::write(&secret, "file-secret\n").unwrap();
+    let from_file = serde_json::json!({"rules": [{"id": "f", "domain": "a.example.com",
+        "inject_headers": [{"name": "X-Key", "from_file": secret}]}]})
+    .to_string();
+    s.refused(
+        "PUT",
+        "/egress/policy",
+        Some(&from_file),
+        400,
+        "from_file secrets can only be used in a policy file",
+    );
+    assert_eq!(s.call("GET", "/egress/policy", None).json(), after);
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    s.ok("PUT", "/egress/policy", &policy);
+    assert_eq!(s.call("GET", "/egress/policy", None).json(), before.json());
+    s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+    s.refused(
+        "PUT",
+        "/egress/audit-log",
+        Some(r#"{"path": "/tmp/x"}"#),
+        400,
+        "not supported after starting the microVM",
+    );
+    assert_eq!(s.state(), "Running");
+
+    s.process.signal(libc::SIGTERM).unwrap();
+    let Ended { out, sock, _dir } = serve.finish();
+    assert_eq!(out.status.code(), Some(128 + libc::SIGTERM), "{out:?}");
+    assert!(!sock.exists(), "the API socket was not removed");
+    let audited = std::fs::read_to_string(&audit).unwrap_or_default();
+    assert!(!audited.contains(TOKEN_VALUE), "{audited}");
 }
 
 #[test]
@@ -721,6 +963,25 @@ fn api_configures_boots_pauses_resumes_and_flushes_metrics() {
         after,
     );
     let first = scrape(s);
+    // Booted without PUT /egress/policy: no NIC, so no net counters and no policy to change.
+    assert!(
+        first.value("agentvm_net_frames_total", &[]).is_none(),
+        "{first:?}"
+    );
+    s.refused(
+        "PUT",
+        "/egress/policy",
+        Some(r#"{"rules": []}"#),
+        400,
+        "PUT /egress/policy: this microVM has no NIC: PUT /egress/policy before InstanceStart",
+    );
+    s.refused(
+        "GET",
+        "/egress/policy",
+        None,
+        404,
+        "no egress policy was given",
+    );
 
     // The probe has no guest agent: /sandbox requests wait for it, then answer 503; the failed
     // exec is audited as an error, with the asking process and without stdin or env values.
@@ -1051,7 +1312,7 @@ fn bad_config_files_name_the_section_and_field() {
         ),
         (
             serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "network-interfaces": [{"iface_id": "eth0", "host_dev_name": "tap0"}]}),
-            vec!["\"network-interfaces\"", "virtio-net"],
+            vec!["\"network-interfaces\"", "PUT /egress/policy"],
         ),
         (
             serde_json::json!({"drives": []}),

@@ -251,9 +251,15 @@ impl DeviceManager {
 
     /// The NIC's frame counters and the egress filter's connection counters, if the VM has a NIC.
     pub fn net_counts(&self) -> Option<(devices::virtio::net::NetCounts, egress::EgressStats)> {
-        let metrics = self.net_metrics.as_ref()?;
-        let egress = self.egress.as_ref()?;
-        Some((metrics.snapshot(), egress.stats()))
+        self.net_counts_reader().map(|reader| reader.read())
+    }
+
+    /// [`DeviceManager::net_counts`] for other threads, if the VM has a NIC.
+    pub fn net_counts_reader(&self) -> Option<crate::guest_nic::NetCountsReader> {
+        Some(crate::guest_nic::NetCountsReader {
+            device: self.net_metrics.clone()?,
+            egress: self.egress.as_ref()?.stats_reader(),
+        })
     }
 
     /// Puts saved transport state into the (fresh) virtio slots, which must be the same devices

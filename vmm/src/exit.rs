@@ -23,9 +23,28 @@ pub enum VmmEvent {
     /// Write a snapshot of the paused VM (the API's `PUT /snapshot/create`); served by the thread
     /// waiting on the VM.
     CreateSnapshot(SnapshotRequest),
+    /// Replace the NIC's egress policy (the API's `PUT /egress/policy` after InstanceStart);
+    /// served by the thread waiting on the VM.
+    SetEgressPolicy(EgressPolicyRequest),
     /// The userfaultfd handler could not serve a page of guest memory (a uffd restore): the VM
     /// cannot go on.
     MemoryBackendFailed(String),
+}
+
+/// A new egress policy and where the answer goes: true when the VM has a NIC and took it.
+pub struct EgressPolicyRequest {
+    pub policy: egress::policy::Policy,
+    pub reply: Box<dyn FnOnce(bool) + Send>,
+}
+
+impl fmt::Debug for EgressPolicyRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "EgressPolicyRequest({} rules)",
+            self.policy.rules().len()
+        )
+    }
 }
 
 /// Where to write a snapshot and where its answer goes (a callback, as for [`ControlRequest`]).

@@ -6,9 +6,9 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agentvm_protocol::net::{GUEST_MAC, LINK_MTU};
-use devices::virtio::net::{frame_channel, Net};
+use devices::virtio::net::{frame_channel, Net, NetCounts, NetMetrics};
 use egress::audit::AuditLog;
-use egress::{EgressConfig, EgressHandle, ResolverConfig};
+use egress::{EgressConfig, EgressHandle, EgressStats, EgressStatsReader, ResolverConfig};
 
 use crate::config::NetConfig;
 use crate::device_manager::DeviceError;
@@ -16,6 +16,21 @@ use crate::seccomp::{ThreadKind, ThreadSeccomp};
 
 /// How long the egress thread may take to put itself under its seccomp filter.
 const FILTER_START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The NIC's frame counters and its egress filter's connection counters, readable from any
+/// thread (the API's `GET /metrics`) while the device manager keeps the device and the filter.
+#[derive(Clone)]
+pub struct NetCountsReader {
+    pub(crate) device: NetMetrics,
+    pub(crate) egress: EgressStatsReader,
+}
+
+impl NetCountsReader {
+    /// Both sets of counters now.
+    pub fn read(&self) -> (NetCounts, EgressStats) {
+        (self.device.snapshot(), self.egress.read())
+    }
+}
 
 /// Creates the device and starts its egress filter (under the `egress` seccomp filter).
 pub fn create(

@@ -396,6 +396,17 @@ impl Vmm {
         self.devices.vsock_metrics()
     }
 
+    /// Replaces the egress policy of the VM's NIC: new connections and DNS answers follow it.
+    /// False when the VM has no NIC.
+    pub fn set_egress_policy(&self, policy: egress::policy::Policy) -> bool {
+        self.devices.set_egress_policy(policy)
+    }
+
+    /// The NIC's counters for other threads, if the VM has a NIC.
+    pub fn net_counts_reader(&self) -> Option<crate::guest_nic::NetCountsReader> {
+        self.devices.net_counts_reader()
+    }
+
     /// A handle for the SIGUSR1 state dump, usable from any thread while the VM runs.
     pub fn diagnostics(&self) -> crate::diagnostics::Diagnostics {
         crate::diagnostics::Diagnostics {
@@ -462,6 +473,10 @@ impl Vmm {
                         }
                     };
                     (request.reply)(result);
+                    continue;
+                }
+                VmmEvent::SetEgressPolicy(request) => {
+                    (request.reply)(self.set_egress_policy(request.policy));
                     continue;
                 }
                 VmmEvent::MemoryBackendFailed(why) => break VmOutcome::MemoryBackendFailed(why),

@@ -82,7 +82,8 @@ const FRAMING_HEADERS: &[&str] = &[
 ];
 
 impl PolicyFile {
-    pub(super) fn into_rules(self) -> Result<Vec<Arc<Rule>>, PolicyError> {
+    /// `secret_files`: whether `from_file` secrets may be read (see [`super::ParseOptions`]).
+    pub(super) fn into_rules(self, secret_files: bool) -> Result<Vec<Arc<Rule>>, PolicyError> {
         if let Some(version) = self.version {
             if version != FORMAT_VERSION {
                 return Err(PolicyError::Invalid(format!(
@@ -103,7 +104,7 @@ impl PolicyFile {
             if rules.iter().any(|rule| rule.id == id) {
                 return Err(context("another rule has the same `id`".into()));
             }
-            let rule = file.into_rule(id.clone()).map_err(context)?;
+            let rule = file.into_rule(id.clone(), secret_files).map_err(context)?;
             rules.push(Arc::new(rule));
         }
         Ok(rules)
@@ -111,7 +112,7 @@ impl PolicyFile {
 }
 
 impl RuleFile {
-    fn into_rule(self, id: String) -> Result<Rule, String> {
+    fn into_rule(self, id: String, secret_files: bool) -> Result<Rule, String> {
         let target = match (self.domain, self.cidr) {
             (Some(domain), None) => Target::Domain(DomainPattern::parse(&domain)?),
             (None, Some(cidr)) => Target::Cidr(parse_cidr(&cidr)?),
@@ -138,7 +139,7 @@ impl RuleFile {
         let inject = self
             .inject_headers
             .into_iter()
-            .map(HeaderFile::into_header)
+            .map(|header| header.into_header(secret_files))
             .collect::<Result<Vec<_>, _>>()?;
         let rate_limit = match self.rate_limit {
             None => None,
@@ -170,7 +171,7 @@ impl RuleFile {
 }
 
 impl HeaderFile {
-    fn into_header(self) -> Result<InjectHeader, String> {
+    fn into_header(self, secret_files: bool) -> Result<InjectHeader, String> {
         let name = self.name;
         let token_ok = !name.is_empty()
             && name
@@ -188,6 +189,9 @@ impl HeaderFile {
         }
         let value = match (self.from_env, self.from_file) {
             (Some(var), None) => Secret::from_env(&var, &self.prefix),
+            (None, Some(_)) if !secret_files => Err(format!(
+                "header `{name}`: from_file secrets can only be used in a policy file given on the command line; use from_env through the API"
+            )),
             (None, Some(path)) => Secret::from_file(&path, &self.prefix),
             _ => Err(format!(
                 "header `{name}` needs exactly one of `from_env` or `from_file` (secrets are never written in the policy itself)"

@@ -218,6 +218,17 @@ impl fmt::Display for DenyReason {
     }
 }
 
+/// How [`Policy::from_json_str_with`] parses: for callers that may not list interfaces or open
+/// files while parsing (the API thread, under its seccomp filter).
+#[derive(Debug, Clone, Default)]
+pub struct ParseOptions {
+    /// The host's own addresses (always denied), listed beforehand with [`host_addresses`].
+    pub host_addresses: Vec<IpAddr>,
+    /// Whether `from_file` secrets may be read; when false they are refused with an error
+    /// naming the rule and header.
+    pub secret_files: bool,
+}
+
 /// A loaded policy. Cheap to clone; immutable (a run-time change replaces it).
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
@@ -251,7 +262,23 @@ impl Policy {
                 format: "JSON",
                 message: e.to_string(),
             })?;
-        Self::from_rules(file.into_rules()?)
+        Self::from_rules(file.into_rules(true)?)
+    }
+
+    /// Parses a JSON policy without listing the host's addresses itself, and reading `from_file`
+    /// secrets only if `options` allow it.
+    pub fn from_json_str_with(text: &str, options: &ParseOptions) -> Result<Self, PolicyError> {
+        let file: file::PolicyFile =
+            serde_json::from_str(text).map_err(|e| PolicyError::Syntax {
+                format: "JSON",
+                message: e.to_string(),
+            })?;
+        let rules = file.into_rules(options.secret_files)?;
+        Ok(Self {
+            rules: rules.into(),
+            host_addresses: Arc::from([]),
+        }
+        .with_host_addresses(options.host_addresses.clone()))
     }
 
     /// Parses a TOML policy.
@@ -260,7 +287,7 @@ impl Policy {
             format: "TOML",
             message: e.message().to_string(),
         })?;
-        Self::from_rules(file.into_rules()?)
+        Self::from_rules(file.into_rules(true)?)
     }
 
     fn from_rules(rules: Vec<Arc<Rule>>) -> Result<Self, PolicyError> {

@@ -315,3 +315,33 @@ fn domain_rules_reach_a_named_private_range_by_name() {
     );
     assert!(p.address_may_be_handed_out("203.0.113.7".parse().unwrap()));
 }
+
+#[test]
+fn parsing_with_given_addresses_refuses_secret_files() {
+    let options = ParseOptions {
+        host_addresses: vec!["203.0.113.7".parse().unwrap()],
+        secret_files: false,
+    };
+    let p = Policy::from_json_str_with(
+        r#"{ "rules": [ { "id": "web", "cidr": "0.0.0.0/0", "ports": [443] } ] }"#,
+        &options,
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&p, "203.0.113.7", 443, &[]),
+        Err(DenyReason::AlwaysDenied("host address"))
+    );
+    assert_eq!(verdict(&p, "198.51.100.1", 443, &[]), Ok("web".into()));
+    let err = Policy::from_json_str_with(
+        r#"{ "rules": [ { "id": "api", "domain": "api.example.com",
+            "inject_headers": [ { "name": "Authorization", "from_file": "/etc/hostname" } ] } ] }"#,
+        &options,
+    )
+    .unwrap_err()
+    .to_string();
+    assert_eq!(
+        err,
+        "egress policy: rule 1 (`api`): header `Authorization`: from_file secrets can only be \
+         used in a policy file given on the command line; use from_env through the API"
+    );
+}

@@ -3,12 +3,14 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::sync::Arc;
 use std::time::Instant;
 
 use devices::virtio::vsock::VsockMetrics;
+use egress::policy::{ParseOptions, Policy};
 use hyper::Method;
 
 use super::after_restore::{self, AfterRestoreMetrics, AfterRestoreStep, AgentRoute};
@@ -21,9 +23,10 @@ use super::models::{
     SnapshotLoad, SnapshotType, Vsock,
 };
 use crate::config::{
-    host_mem_mib, VmConfig, VsockConfig, LINUX_BASE_CMDLINE, MAX_VCPUS, MIN_MEM_MIB,
+    host_mem_mib, NetConfig, VmConfig, VsockConfig, LINUX_BASE_CMDLINE, MAX_VCPUS, MIN_MEM_MIB,
 };
 use crate::exit::VmmEvent;
+use crate::guest_nic::NetCountsReader;
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::SeccompLevel;
 use crate::uffd::UffdMetrics;
@@ -54,6 +57,8 @@ pub struct StartedVm {
     pub vsock: Option<VsockMetrics>,
     /// The userfaultfd counters of a uffd restore (None: memory is not served by uffd).
     pub uffd: Option<UffdMetrics>,
+    /// None: the VM has no NIC.
+    pub net: Option<NetCountsReader>,
 }
 
 pub struct Controller {
@@ -77,10 +82,22 @@ pub struct Controller {
     /// A loaded VM's after-restore step, until the VM first runs.
     after_restore_due: Option<AgentRoute>,
     after_restore: AfterRestoreMetrics,
+    /// The egress policy: before InstanceStart, the one the NIC will get (None: no NIC);
+    /// afterwards, the one the running NIC follows.
+    egress_policy: Option<Policy>,
+    /// Where the NIC's egress audit log goes (checked openable by the VMM thread).
+    egress_audit: Option<PathBuf>,
+    /// Listed once at start-up: the API thread's seccomp filter allows no netlink socket.
+    host_addresses: Result<Vec<IpAddr>, String>,
 }
 
-const NET_MISSING: &str = "network interfaces are not supported yet: agentvm has no virtio-net \
-     device until the egress feature lands";
+const NET_MISSING: &str = "agentvm has no host-interface NICs: the guest's only network is a NIC \
+     behind the VMM's egress filter, which the microVM gets when PUT /egress/policy is given \
+     before InstanceStart";
+
+/// `PUT /egress/policy` after InstanceStart on a microVM booted without a NIC.
+pub const NO_NIC: &str =
+    "PUT /egress/policy: this microVM has no NIC: PUT /egress/policy before InstanceStart";
 
 impl Controller {
     /// `vmm_start_ns`: the process's start (CLOCK_MONOTONIC), the origin of the boot milestones.
@@ -103,7 +120,68 @@ impl Controller {
             host_mem_mib: host_mem_mib(),
             after_restore_due: None,
             after_restore: AfterRestoreMetrics::default(),
+            egress_policy: None,
+            egress_audit: None,
+            host_addresses: egress::policy::host_addresses().map_err(|e| e.to_string()),
         }
+    }
+
+    /// How the API thread parses an egress policy: with the host's addresses listed at start-up,
+    /// and no secret files (its filter forbids opening files).
+    pub fn egress_parse_options(&self) -> Result<ParseOptions, Fault> {
+        match &self.host_addresses {
+            Ok(addresses) => Ok(ParseOptions {
+                host_addresses: addresses.clone(),
+                secret_files: false,
+            }),
+            Err(e) => Err(Fault::internal(format!(
+                "PUT /egress/policy: the host's addresses (always denied) could not be listed \
+                 when agentvm serve started: {e}"
+            ))),
+        }
+    }
+
+    /// The policy the NIC follows (after InstanceStart) or will get (before); None: no NIC.
+    pub fn egress_policy(&self) -> Option<&Policy> {
+        self.egress_policy.as_ref()
+    }
+
+    /// `PUT /egress/policy`: before InstanceStart the policy is kept for the NIC the VM will
+    /// get (`Ok(None)`); afterwards, where to send it so the running NIC takes it.
+    pub fn egress_policy_target(
+        &mut self,
+        policy: Policy,
+    ) -> Result<Option<Sender<VmmEvent>>, Fault> {
+        match (&self.state, &self.vm) {
+            (VmState::NotStarted, _) => {
+                self.egress_policy = Some(policy);
+                Ok(None)
+            }
+            (VmState::Running | VmState::Paused, Some(vm)) if vm.net.is_some() => {
+                Ok(Some(vm.events.clone()))
+            }
+            (VmState::Running | VmState::Paused, _) => Err(Fault::bad_request(NO_NIC)),
+            (VmState::Starting, _) => Err(Fault::bad_request(
+                "PUT /egress/policy: the microVM is starting; try again once InstanceStart \
+                 has answered",
+            )),
+            (VmState::Stopped { reason }, _) => Err(Fault::bad_request(format!(
+                "PUT /egress/policy: the microVM has stopped ({reason})"
+            ))),
+        }
+    }
+
+    /// The running NIC took `policy`.
+    pub fn egress_policy_applied(&mut self, policy: Policy) {
+        self.egress_policy = Some(policy);
+    }
+
+    /// `PUT /egress/audit-log`, before InstanceStart: the NIC's audit log (the VMM thread has
+    /// checked it can be opened for appending).
+    pub fn set_egress_audit_log(&mut self, path: PathBuf) -> Result<(), Fault> {
+        self.require_not_started("PUT /egress/audit-log")?;
+        self.egress_audit = Some(path);
+        Ok(())
     }
 
     pub fn state(&self) -> &VmState {
@@ -268,6 +346,12 @@ impl Controller {
                 super::fault::AFTER_START
             )));
         }
+        if self.egress_policy.is_some() {
+            return Err(Fault::bad_request(
+                "PUT /snapshot/load: a microVM loaded from a snapshot gets no NIC, so the egress \
+                 policy given with PUT /egress/policy cannot apply; boot with InstanceStart instead",
+            ));
+        }
         let config = super::snapshot::restore_config(request, self.seccomp)?;
         self.state = VmState::Starting;
         Ok(config)
@@ -312,6 +396,17 @@ impl Controller {
                 "InstanceStart needs a kernel first: PUT /boot-source with kernel_image_path",
             )
         })?;
+        if self.egress_audit.is_some() && self.egress_policy.is_none() {
+            return Err(Fault::bad_request(
+                "InstanceStart: PUT /egress/audit-log was given but no PUT /egress/policy: the \
+                 audit log is the NIC's, and the microVM gets a NIC only with an egress policy",
+            ));
+        }
+        let net = self.egress_policy.clone().map(|policy| NetConfig {
+            policy,
+            audit_log: self.egress_audit.clone(),
+            sandbox: self.id.clone(),
+        });
         let config = VmConfig {
             // check_machine_config kept vcpu_count within 1..=MAX_VCPUS.
             vcpus: self.machine.vcpu_count.min(MAX_VCPUS as u64) as u8,
@@ -324,7 +419,7 @@ impl Controller {
             skip_linux_host_check: false,
             record_rss_before_guest: false,
             vsock: self.vsock.clone(),
-            net: None,
+            net,
             seccomp: self.seccomp,
             track_dirty_pages: self.machine.track_dirty_pages,
             seccomp_test_violation: None,
@@ -461,6 +556,11 @@ impl Controller {
                 .and_then(|vm| vm.uffd.as_ref())
                 .map(|u| u.totals()),
             after_restore: self.after_restore.snapshot(),
+            net: self
+                .vm
+                .as_ref()
+                .and_then(|vm| vm.net.as_ref())
+                .map(NetCountsReader::read),
             boot_time_us: timings.and_then(|t| {
                 t.first_kvm_run_ns
                     .map(|first| first.saturating_sub(t.build_start_ns) / 1000)
@@ -547,5 +647,27 @@ mod tests {
         assert!(late.message.starts_with(super::super::fault::AFTER_START));
         assert!(c.begin_start().is_err());
         assert_eq!(c.info().state, "Running");
+    }
+
+    #[test]
+    fn egress_policy_waits_for_the_boot_and_needs_a_nic_afterwards() {
+        let mut c = controller();
+        let options = c.egress_parse_options().unwrap();
+        assert!(!options.secret_files);
+        let policy =
+            Policy::from_json_str_with(r#"{"rules": [{"cidr": "0.0.0.0/0"}]}"#, &options).unwrap();
+        assert!(c.egress_policy_target(policy.clone()).unwrap().is_none());
+        assert_eq!(c.egress_policy().map(|p| p.rules().len()), Some(1));
+        c.state = VmState::Starting;
+        let starting = c.egress_policy_target(policy.clone()).unwrap_err();
+        assert!(starting.message.contains("starting"), "{starting:?}");
+        // Running without a StartedVm holding a NIC reader: no NIC.
+        c.state = VmState::Running;
+        let no_nic = c.egress_policy_target(policy).unwrap_err();
+        assert_eq!(no_nic.message, NO_NIC);
+        let late = c
+            .set_egress_audit_log("/tmp/egress.jsonl".into())
+            .unwrap_err();
+        assert!(late.message.starts_with(super::super::fault::AFTER_START));
     }
 }

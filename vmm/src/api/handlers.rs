@@ -42,6 +42,12 @@ pub enum VmmRequest {
         what: &'static str,
         reply: oneshot::Sender<Result<File, String>>,
     },
+    /// PUT /egress/audit-log: check the NIC's audit log can be opened for appending (created
+    /// 0600 if missing, as the egress filter creates it), which the boot then does again.
+    CheckEgressAuditLog {
+        path: PathBuf,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
     /// PUT /snapshot/load: build the VM from a snapshot instead of booting it.
     LoadSnapshot {
         config: crate::vmm::RestoreConfig,
@@ -119,6 +125,9 @@ pub async fn handle(
         Endpoint::PutSandboxFile | Endpoint::SandboxPty | Endpoint::ConnectSandboxPort => Err(
             Fault::internal("this request is served with its connection, not here"),
         ),
+        Endpoint::PutEgressPolicy => super::egress_policy::put_policy(ctx, body).await,
+        Endpoint::GetEgressPolicy => super::egress_policy::get_policy(ctx),
+        Endpoint::PutEgressAuditLog => super::egress_policy::put_audit_log(ctx, body).await,
         Endpoint::GetInstanceInfo => json(&lock(&ctx.controller).info()),
         Endpoint::GetMetrics => Ok(Reply::Prometheus(
             lock(&ctx.controller).metrics().prometheus(),

@@ -12,6 +12,7 @@ use devices::virtio::vsock::VsockCounts;
 
 use super::after_restore::AfterRestoreCounts;
 use super::exec_metrics::ExecCounts;
+use super::net_metrics::{self, NetSnapshot};
 use super::request_counts::RequestCount;
 use crate::uffd::UffdTotals;
 use crate::vstate::exit_counts::ExitReason;
@@ -43,6 +44,8 @@ pub struct MetricsSnapshot {
     pub vsock: Option<VsockCounts>,
     /// None: guest memory is not served by a userfaultfd handler.
     pub uffd: Option<UffdTotals>,
+    /// None: the VM has no NIC (or is not running).
+    pub net: Option<NetSnapshot>,
     pub exec: ExecCounts,
     /// How the after-restore steps of `PUT /snapshot/load` ended.
     pub after_restore: AfterRestoreCounts,
@@ -112,6 +115,7 @@ impl MetricsSnapshot {
             "vcpu_exits": exits,
             "vsock": vsock,
             "uffd": uffd,
+            "net": self.net.as_ref().map(net_metrics::json),
             "exec": {
                 "outcomes": outcomes,
                 "count": self.exec.count,
@@ -223,6 +227,9 @@ impl MetricsSnapshot {
                 }
             }
         }
+        if let Some(net) = &self.net {
+            net_metrics::prometheus(&mut text, net);
+        }
         if let Some(u) = self.uffd {
             let counters = [
                 (
@@ -314,7 +321,7 @@ fn bound(le: f64) -> String {
 }
 
 /// Text being written, every sample labelled with the instance ID first.
-struct Text {
+pub(super) struct Text {
     id: String,
     out: String,
 }
@@ -327,11 +334,16 @@ impl Text {
         }
     }
 
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
+    pub(super) fn family(&mut self, name: &str, kind: &str, help: &str) {
         let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     }
 
-    fn sample(&mut self, name: &str, labels: &[(&str, String)], value: impl std::fmt::Display) {
+    pub(super) fn sample(
+        &mut self,
+        name: &str,
+        labels: &[(&str, String)],
+        value: impl std::fmt::Display,
+    ) {
         let _ = write!(self.out, "{name}{{id=\"{}\"", self.id);
         for (key, value) in labels {
             let _ = write!(self.out, ",{key}=\"{}\"", escape_label(value));
@@ -388,6 +400,19 @@ mod tests {
                 serve_seconds: 0.003,
                 prefetch_seconds: 0.001,
             }),
+            net: Some((
+                devices::virtio::net::NetCounts {
+                    tx_frames: 5,
+                    rx_bytes: 900,
+                    rx_dropped_runt: 1,
+                    ..Default::default()
+                },
+                egress::EgressStats {
+                    connections_denied: 2,
+                    dns_queries: 3,
+                    ..Default::default()
+                },
+            )),
             exec: exec.snapshot(),
             after_restore: after_restore.snapshot(),
         }
@@ -408,6 +433,11 @@ mod tests {
         has("agentvm_api_requests_total{id=\"a\\\"b\",method=\"PUT\",route=\"/actions\",status=\"204\"} 7\n");
         has("agentvm_device_bytes_total{id=\"a\\\"b\",device=\"vsock\",direction=\"rx\"} 200\n");
         has("agentvm_exec_total{id=\"a\\\"b\",outcome=\"exited_nonzero\"} 1\n");
+        has("agentvm_net_frames_total{id=\"a\\\"b\",direction=\"tx\"} 5\n");
+        has("agentvm_net_bytes_total{id=\"a\\\"b\",direction=\"rx\"} 900\n");
+        has("agentvm_net_dropped_frames_total{id=\"a\\\"b\",cause=\"runt\",direction=\"rx\"} 1\n");
+        has("agentvm_egress_connections_total{id=\"a\\\"b\",decision=\"denied\"} 2\n");
+        has("agentvm_egress_dns_queries_total{id=\"a\\\"b\"} 3\n");
         has("# TYPE agentvm_exec_duration_seconds histogram\n");
         has("agentvm_uffd_faults_total{id=\"a\\\"b\"} 12\n");
         has("agentvm_uffd_prefetched_pages_total{id=\"a\\\"b\"} 30\n");
@@ -434,6 +464,8 @@ mod tests {
         assert_eq!(value["api_requests"], 7);
         assert_eq!(value["api_requests_by_route"][0]["route"], "/actions");
         assert_eq!(value["vsock"]["tx_bytes"], 100);
+        assert_eq!(value["net"]["rx_bytes"], 900);
+        assert_eq!(value["net"]["egress"]["connections_denied"], 2);
         assert_eq!(value["exec"]["outcomes"]["exited_nonzero"], 1);
         assert_eq!(value["exec"]["latency_buckets"]["+Inf"], 1);
         assert!(value["uptime_ms"].is_null());

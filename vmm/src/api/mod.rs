@@ -10,15 +10,20 @@
 //! outside the API thread's filter ([`agent`]); so does the after-restore step that gives a
 //! loaded VM's guest the host's time and fresh entropy ([`after_restore`]).
 //!
+//! The guest's network: [`egress_policy`] (`/egress/...`) gives the VM a NIC behind the egress
+//! filter and changes its policy at run time.
+//!
 //! Observability: `GET /metrics` ([`metrics`]: requests by route and status
 //! ([`request_counts`]), boot milestones, vCPU exits, vsock traffic, exec outcomes and latency
-//! ([`exec_metrics`])), and the exec audit log ([`audit`], fed by [`exec_trace`]).
+//! ([`exec_metrics`]), the NIC's counters ([`net_metrics`])), and the exec audit log
+//! ([`audit`], fed by [`exec_trace`]).
 
 pub mod after_restore;
 pub mod agent;
 pub mod audit;
 pub mod config_file;
 pub mod controller;
+pub mod egress_policy;
 pub mod exec_metrics;
 pub mod exec_trace;
 pub mod fault;
@@ -26,6 +31,7 @@ pub mod handlers;
 pub mod logger;
 pub mod metrics;
 pub mod models;
+pub mod net_metrics;
 pub mod port_forward;
 pub mod pty;
 pub mod request_counts;

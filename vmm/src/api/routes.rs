@@ -23,6 +23,9 @@ pub enum Endpoint {
     PutMetrics,
     GetMetrics,
     PutAuditLog,
+    PutEgressPolicy,
+    GetEgressPolicy,
+    PutEgressAuditLog,
     SandboxExec,
     GetSandboxFile,
     PutSandboxFile,
@@ -41,7 +44,7 @@ pub struct Route {
     pub endpoint: Endpoint,
 }
 
-pub fn routes() -> [Route; 24] {
+pub fn routes() -> [Route; 27] {
     use Endpoint::*;
     let route = |method: Method, path: &'static str, endpoint| Route {
         method,
@@ -68,6 +71,9 @@ pub fn routes() -> [Route; 24] {
         route(Method::PUT, "/metrics", PutMetrics),
         route(Method::GET, "/metrics", GetMetrics),
         route(Method::PUT, "/audit-log", PutAuditLog),
+        route(Method::PUT, "/egress/policy", PutEgressPolicy),
+        route(Method::GET, "/egress/policy", GetEgressPolicy),
+        route(Method::PUT, "/egress/audit-log", PutEgressAuditLog),
         route(Method::POST, "/sandbox/exec", SandboxExec),
         route(Method::GET, "/sandbox/files", GetSandboxFile),
         route(Method::PUT, "/sandbox/files", PutSandboxFile),

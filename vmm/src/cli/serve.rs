@@ -254,6 +254,10 @@ fn wait_for_start(
             VmmRequest::OpenForAppend { path, what, reply } => {
                 let _ = reply.send(open_for_append(&path, what));
             }
+            VmmRequest::CheckEgressAuditLog { path, reply } => {
+                let opened = egress::audit::AuditLog::open(&path).map(drop);
+                let _ = reply.send(opened.map_err(|e| e.to_string()));
+            }
         }
     }
 }
@@ -284,6 +288,7 @@ fn boot(
                 exits: vm.exit_counts(),
                 vsock: vm.vsock_metrics(),
                 uffd: None,
+                net: vm.net_counts_reader(),
             });
             Ok(vm)
         }
@@ -314,6 +319,7 @@ fn load_snapshot(
                     exits: vm.exit_counts(),
                     vsock: vm.vsock_metrics(),
                     uffd: vm.uffd_metrics(),
+                    net: vm.net_counts_reader(),
                 },
                 MachineConfig {
                     vcpu_count: u64::from(vm.vcpu_count()),
