@@ -1315,6 +1315,10 @@ fn bad_config_files_name_the_section_and_field() {
             vec!["\"network-interfaces\"", "PUT /egress/policy"],
         ),
         (
+            serde_json::json!({"boot-source": {"kernel_image_path": kernel}, "egress-policy": {"rules": [{"cidr": "10.0.0.1/8"}]}}),
+            vec!["\"egress-policy\"", "host bits set"],
+        ),
+        (
             serde_json::json!({"drives": []}),
             vec!["unknown section \"drives\""],
         ),

@@ -20,9 +20,11 @@ pub struct ConfigFile {
     pub network_interfaces: Vec<NetworkInterface>,
     /// agentvm extension: the exec audit log (as `PUT /audit-log`).
     pub audit_log: Option<AuditLogConfig>,
+    /// agentvm extension: the egress policy (as `PUT /egress/policy`), checked when applied.
+    pub egress_policy: Option<Value>,
 }
 
-const SECTIONS: [&str; 7] = [
+const SECTIONS: [&str; 8] = [
     "boot-source",
     "machine-config",
     "vsock",
@@ -30,6 +32,7 @@ const SECTIONS: [&str; 7] = [
     "metrics",
     "network-interfaces",
     "audit-log",
+    "egress-policy",
 ];
 
 impl ConfigFile {
@@ -59,6 +62,7 @@ impl ConfigFile {
             metrics: section(&mut sections, "metrics")?,
             network_interfaces: section(&mut sections, "network-interfaces")?.unwrap_or_default(),
             audit_log: section(&mut sections, "audit-log")?,
+            egress_policy: section(&mut sections, "egress-policy")?,
         })
     }
 }
@@ -93,6 +97,14 @@ mod tests {
         );
         assert_eq!(ok.boot_source.boot_args.as_deref(), Some("x"));
         assert_eq!(ok.machine_config.unwrap().vcpu_count, 2);
+        let with_policy = ConfigFile::parse(
+            br#"{"boot-source": {"kernel_image_path": "/k"}, "egress-policy": {"rules": []}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            with_policy.egress_policy,
+            Some(serde_json::json!({"rules": []}))
+        );
         let err = ConfigFile::parse(
             br#"{"boot-source": {"kernel_image_path": "/k"},
                  "machine-config": {"vcpu_count": 2, "mem_size_mib": 64, "cpus": 1}}"#,

@@ -406,6 +406,7 @@ impl Controller {
             policy,
             audit_log: self.egress_audit.clone(),
             sandbox: self.id.clone(),
+            upstream_roots: Vec::new(),
         });
         let config = VmConfig {
             // check_machine_config kept vcpu_count within 1..=MAX_VCPUS.

@@ -385,6 +385,18 @@ fn boot_from_file(
         if let Some(vsock) = file.vsock {
             c.put_vsock(vsock).map_err(named("vsock"))?;
         }
+        if let Some(policy) = &file.egress_policy {
+            let options = c.egress_parse_options().map_err(named("egress-policy"))?;
+            let policy = egress::policy::Policy::from_json_str_with(&policy.to_string(), &options)
+                .map_err(|e| {
+                    format!(
+                        "config file {}: section \"egress-policy\": {e}",
+                        path.display()
+                    )
+                })?;
+            c.egress_policy_target(policy)
+                .map_err(named("egress-policy"))?;
+        }
         for iface in file.network_interfaces {
             let id = iface.iface_id.clone();
             c.put_network_interface(&id, iface)

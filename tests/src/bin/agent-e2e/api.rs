@@ -33,11 +33,13 @@ impl Drop for Serve {
     }
 }
 
-pub fn checks(args: &Args) {
-    timed("api_sandbox", || api_sandbox(args));
+/// `upstreams`: the network checks' upstream servers and names are up, so the runtime policy
+/// change can be seen from the guest.
+pub fn checks(args: &Args, upstreams: bool) {
+    timed("api_sandbox", || api_sandbox(args, upstreams));
 }
 
-fn api_sandbox(args: &Args) -> Check {
+fn api_sandbox(args: &Args, upstreams: bool) -> Check {
     let dir = args.work_dir.join("api");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     let sock = dir.join("api.sock");
@@ -46,6 +48,8 @@ fn api_sandbox(args: &Args) -> Check {
         "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
         "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
         "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
+        // A NIC that allows nothing yet; the policy is changed at run time below.
+        "egress-policy": {"rules": []},
     });
     std::fs::write(&config, vm.to_string()).map_err(|e| format!("vm.json: {e}"))?;
     let audit = dir.join("audit.log");
@@ -123,13 +127,51 @@ fn api_sandbox(args: &Args) -> Check {
     let watched = watch_sees_exec(&sock, "/sandbox")?;
     let terminal = pty_session(&sock, "/sandbox")?;
     let tunnel = port_tunnel(&sock, "/sandbox")?;
+    let egress = if upstreams {
+        runtime_policy_change(&sock)?
+    } else {
+        "egress policy change not checked (no upstream servers with --only api)".into()
+    };
     // Every stream above ended; the API still answers.
     expect_status(&request(&sock, "GET", "/", None), 200, "GET / at the end")?;
     Ok(format!(
         "exec streamed out/err/exit 3, file round trip and list ok; missing file: {}; {audited}; \
-         {metrics}; {watched}; {terminal}; {tunnel}",
+         {metrics}; {watched}; {terminal}; {tunnel}; {egress}",
         missing.fault()
     ))
+}
+
+/// The guest's NIC started with a policy that allows nothing: a name of the network checks'
+/// upstream is unresolvable; `PUT /egress/policy` allows it at run time and the next fetch works.
+fn runtime_policy_change(sock: &Path) -> Check {
+    use crate::net::{UPSTREAM_ADDR, WEB_PORT};
+    let fetch = format!(
+        r#"{{"cmd": ["sh", "-c", "timeout 60 wget -q -O - http://allowed.test:{WEB_PORT}/hello"]}}"#
+    );
+    let (out, err, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&fetch)))?;
+    if last["exit_code"] == 0 || !err.contains("bad address") {
+        return Err(format!(
+            "before the change: want an unresolvable name, got {last}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let policy = serde_json::json!({"rules": [
+        {"id": "web", "domain": "allowed.test", "ports": [WEB_PORT]},
+        {"id": "upstream-host", "cidr": format!("{UPSTREAM_ADDR}/32"), "ports": [9]},
+    ]});
+    let put = request(sock, "PUT", "/egress/policy", Some(&policy.to_string()));
+    expect_status(&put, 204, "PUT /egress/policy at run time")?;
+    let (out, err, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&fetch)))?;
+    if last["exit_code"] != 0 || !out.contains("hello from upstream") {
+        return Err(format!(
+            "after the change: got {last}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let got = request(sock, "GET", "/egress/policy", None);
+    expect_status(&got, 200, "GET /egress/policy")?;
+    if got.json()["rules"][0]["id"] != "web" {
+        return Err(format!("GET /egress/policy: {}", got.body));
+    }
+    Ok("egress: refused under the boot policy, fetched after PUT /egress/policy".into())
 }
 
 /// A watch streams the creation of a file that an exec makes.

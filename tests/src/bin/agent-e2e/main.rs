@@ -118,13 +118,13 @@ fn main() {
     }
     let _ = WORK_DIR.set(args.work_dir.clone());
     if args.only_api {
-        api::checks(&args);
+        api::checks(&args, false);
         snapshot::checks(&args);
         daemon::checks(&args);
     } else {
-        client_checks(&args);
+        let upstreams = client_checks(&args);
         cli::checks(&args);
-        api::checks(&args);
+        api::checks(&args, upstreams);
         snapshot::checks(&args);
         daemon::checks(&args);
         version_mismatch(&args);
@@ -137,7 +137,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 /// The main guest's memory (the network checks scan all of it for a leaked secret).
 const MAIN_MEM_MIB: u32 = 512;
 
-fn client_checks(args: &Args) {
+/// Runs the checks on the main guest; true when the network checks' upstream servers are up
+/// (later checks reuse them).
+fn client_checks(args: &Args) -> bool {
     // The main guest also has a NIC behind the egress filter, for the network checks.
     let net = net::NetFixture::prepare(&args.work_dir);
     if let Err(e) = &net {
@@ -155,16 +157,20 @@ fn client_checks(args: &Args) {
         env: net.as_ref().map(|n| n.boot_env()).unwrap_or_default(),
     }) {
         Ok(g) => g,
-        Err(e) => return report("boot", Err(e)),
+        Err(e) => {
+            report("boot", Err(e));
+            return net.is_ok();
+        }
     };
     let start = Instant::now();
     let client = match guest.connect(BOOT_TIMEOUT) {
         Ok(c) => c.with_call_timeout(Duration::from_secs(120)),
         Err(e) => {
-            return report(
+            report(
                 "boot",
                 Err(format!("{e}\nconsole:\n{}", guest.console_tail(40))),
-            )
+            );
+            return net.is_ok();
         }
     };
     report(
@@ -180,6 +186,7 @@ fn client_checks(args: &Args) {
         net::checks(&client, net, guest.child.id(), MAIN_MEM_MIB);
     }
     timed("agent_gone", || checks::agent_gone(&client, &mut guest));
+    net.is_ok()
 }
 
 fn version_mismatch(args: &Args) {

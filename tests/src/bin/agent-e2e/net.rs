@@ -17,8 +17,8 @@ use crate::timed;
 type Check = Result<String, String>;
 
 /// The upstream servers' address: TEST-NET-2, added to the nested host's `lo`.
-const UPSTREAM_ADDR: &str = "198.51.100.10";
-const WEB_PORT: u16 = 18080;
+pub const UPSTREAM_ADDR: &str = "198.51.100.10";
+pub const WEB_PORT: u16 = 18080;
 const API_PORT: u16 = 18081;
 const LIMITED_PORT: u16 = 18083;
 /// Bytes of the download whose checksum the guest computes.
