@@ -97,3 +97,18 @@ pub trait VirtioDevice {
         String::new()
     }
 }
+
+/// Copies the bytes of a device's config space `config` at `offset` into `data`, leaving bytes
+/// past its end as they are: what every [`VirtioDevice::read_config`] with a fixed config
+/// structure does (a driver may read any width at any offset).
+pub fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
+    for (i, b) in data.iter_mut().enumerate() {
+        if let Some(v) = usize::try_from(offset)
+            .ok()
+            .and_then(|o| o.checked_add(i))
+            .and_then(|o| config.get(o))
+        {
+            *b = *v;
+        }
+    }
+}

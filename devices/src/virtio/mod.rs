@@ -38,7 +38,7 @@ pub mod net;
 pub mod rng;
 pub mod vsock;
 
-pub use device::{ActivateError, ActivatedQueue, VirtioDevice};
+pub use device::{read_config_bytes, ActivateError, ActivatedQueue, VirtioDevice};
 pub use events::{DeviceEvents, ACTIVATE_TOKEN};
 pub use interrupt::{Interrupt, InterruptType};
 pub use mmio::{

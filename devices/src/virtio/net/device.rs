@@ -560,15 +560,7 @@ impl VirtioDevice for Net {
         config[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
         config[8..10].copy_from_slice(&1u16.to_le_bytes());
         config[10..12].copy_from_slice(&self.mtu.to_le_bytes());
-        for (i, b) in data.iter_mut().enumerate() {
-            if let Some(v) = usize::try_from(offset)
-                .ok()
-                .and_then(|o| o.checked_add(i))
-                .and_then(|o| config.get(o))
-            {
-                *b = *v;
-            }
-        }
+        crate::virtio::read_config_bytes(&config, offset, data);
     }
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
