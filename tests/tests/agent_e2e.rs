@@ -44,6 +44,11 @@ fn outcome() -> &'static Outcome {
                 (driver, L1_DRIVER.to_string()),
                 // The daemon jails its sandboxes with the jailer beside agentvm.
                 (jailer_bin(), "/bin/agentvm-jailer".to_string()),
+                // The HTTPS client the network checks copy into the guest.
+                (
+                    PathBuf::from(env!("CARGO_BIN_EXE_tls-get")),
+                    "/bin/tls-get".to_string(),
+                ),
             ],
         )
     })
@@ -122,7 +127,8 @@ e2e_checks!(
     net_private_refused,
     net_host_header_checked,
     net_credential_injection,
-    net_download_16mib,
+    net_https_credential_injection,
+    net_download_100mib,
     net_rate_limit,
     net_audit_log,
     agent_gone,

@@ -21,8 +21,12 @@ pub const UPSTREAM_ADDR: &str = "198.51.100.10";
 pub const WEB_PORT: u16 = 18080;
 const API_PORT: u16 = 18081;
 const LIMITED_PORT: u16 = 18083;
+/// The HTTPS upstream (a certificate for secure.test from a test CA the VMM is told to trust).
+const SECURE_PORT: u16 = 18443;
+/// tls-get in the nested host, copied into the guest for the HTTPS check.
+const TLS_GET: &str = "/bin/tls-get";
 /// Bytes of the download whose checksum the guest computes.
-const BLOB_BYTES: usize = 16 << 20;
+const BLOB_BYTES: usize = 100 << 20;
 /// The environment variable the policy reads the credential from.
 const TOKEN_VAR: &str = "AGENT_E2E_EGRESS_TOKEN";
 
@@ -33,6 +37,10 @@ pub struct NetFixture {
     pub audit: PathBuf,
     pub token: String,
     authorizations: Arc<Mutex<Vec<String>>>,
+    /// What the HTTPS upstream received in Authorization headers.
+    https_authorizations: Arc<Mutex<Vec<String>>>,
+    /// The test CA of the HTTPS upstream, for `--egress-upstream-ca`.
+    upstream_ca: PathBuf,
 }
 
 impl NetFixture {
@@ -54,7 +62,7 @@ impl NetFixture {
             .map_err(|e| format!("/etc/hosts: {e}"))?;
         writeln!(
             hosts,
-            "{UPSTREAM_ADDR} allowed.test api.test limited.test denied.test"
+            "{UPSTREAM_ADDR} allowed.test api.test limited.test denied.test secure.test"
         )
         .map_err(|e| format!("/etc/hosts: {e}"))?;
 
@@ -68,6 +76,17 @@ impl NetFixture {
             std::thread::spawn(move || serve(listener, &expected, &seen));
         }
 
+        let https_authorizations = Arc::new(Mutex::new(Vec::new()));
+        let upstream_ca = work_dir.join("upstream-ca.pem");
+        let tls = tls_upstream_config(&upstream_ca)?;
+        let listener = TcpListener::bind((UPSTREAM_ADDR, SECURE_PORT))
+            .map_err(|e| format!("bind {UPSTREAM_ADDR}:{SECURE_PORT}: {e}"))?;
+        {
+            let seen = https_authorizations.clone();
+            let expected = format!("Bearer {token}");
+            std::thread::spawn(move || serve_tls(listener, tls, &expected, &seen));
+        }
+
         let policy = work_dir.join("egress-policy.json");
         let audit = work_dir.join("egress-audit.jsonl");
         let text = serde_json::json!({
@@ -75,6 +94,8 @@ impl NetFixture {
             "rules": [
                 { "id": "web", "domain": "allowed.test", "ports": [WEB_PORT] },
                 { "id": "api", "domain": "api.test", "ports": [API_PORT],
+                  "inject_headers": [ { "name": "Authorization", "prefix": "Bearer ", "from_env": TOKEN_VAR } ] },
+                { "id": "secure", "domain": "secure.test", "ports": [SECURE_PORT],
                   "inject_headers": [ { "name": "Authorization", "prefix": "Bearer ", "from_env": TOKEN_VAR } ] },
                 { "id": "limited", "domain": "limited.test", "ports": [LIMITED_PORT],
                   "rate_limit": { "connections": 2, "per_seconds": 3600 } },
@@ -90,6 +111,8 @@ impl NetFixture {
             audit,
             token,
             authorizations,
+            https_authorizations,
+            upstream_ca,
         })
     }
 
@@ -100,6 +123,8 @@ impl NetFixture {
             self.policy.display().to_string(),
             "--egress-audit".into(),
             self.audit.display().to_string(),
+            "--egress-upstream-ca".into(),
+            self.upstream_ca.display().to_string(),
         ]
     }
 
@@ -129,6 +154,81 @@ fn blob() -> Vec<u8> {
     }
     out.truncate(BLOB_BYTES);
     out
+}
+
+/// A test CA (its certificate written to `ca_path`) and a server config for secure.test signed
+/// by it.
+fn tls_upstream_config(ca_path: &Path) -> Result<Arc<rustls::ServerConfig>, String> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair};
+    use rustls::pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
+    let fail = |e: &dyn std::fmt::Display| format!("test CA: {e}");
+    let ca_key = KeyPair::generate().map_err(|e| fail(&e))?;
+    let mut params = CertificateParams::default();
+    params
+        .distinguished_name
+        .push(DnType::CommonName, "agent-e2e upstream CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = params.self_signed(&ca_key).map_err(|e| fail(&e))?;
+    std::fs::write(ca_path, ca.pem()).map_err(|e| format!("{}: {e}", ca_path.display()))?;
+    let leaf_key = KeyPair::generate().map_err(|e| fail(&e))?;
+    let leaf = CertificateParams::new(vec!["secure.test".to_string()])
+        .map_err(|e| fail(&e))?
+        .signed_by(&leaf_key, &ca, &ca_key)
+        .map_err(|e| fail(&e))?;
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(leaf_key.serialize_der()));
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| fail(&e))?
+    .with_no_client_auth()
+    .with_single_cert(vec![leaf.der().clone()], key)
+    .map_err(|e| fail(&e))?;
+    Ok(Arc::new(config))
+}
+
+fn serve_tls(
+    listener: TcpListener,
+    config: Arc<rustls::ServerConfig>,
+    expected: &str,
+    seen: &Mutex<Vec<String>>,
+) {
+    for stream in listener.incoming().flatten() {
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(60)));
+        let Ok(connection) = rustls::ServerConnection::new(config.clone()) else {
+            continue;
+        };
+        let mut tls = rustls::StreamOwned::new(connection, stream);
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && head.len() < 65536 {
+            match tls.read(&mut byte) {
+                Ok(1) => head.push(byte[0]),
+                _ => break,
+            }
+        }
+        let text = String::from_utf8_lossy(&head);
+        let authorization = text
+            .lines()
+            .filter_map(|line| line.split_once(':'))
+            .find(|(name, _)| name.eq_ignore_ascii_case("authorization"))
+            .map(|(_, value)| value.trim().to_string())
+            .unwrap_or_default();
+        let ok = authorization == expected;
+        seen.lock().unwrap().push(authorization);
+        let (status, body) = if ok {
+            ("200 OK", "authorized\n")
+        } else {
+            ("401 Unauthorized", "unauthorized\n")
+        };
+        let _ = write!(
+            tls,
+            "HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        tls.conn.send_close_notify();
+        let _ = tls.flush();
+    }
 }
 
 fn serve(listener: TcpListener, expected_authorization: &str, seen: &Mutex<Vec<String>>) {
@@ -295,14 +395,17 @@ pub fn checks(client: &AgentClient, fixture: &NetFixture, vmm_pid: u32, mem_mib:
     timed("net_credential_injection", || {
         credential_injection(client, fixture, vmm_pid, mem_mib)
     });
-    timed("net_download_16mib", || {
+    timed("net_https_credential_injection", || {
+        https_credential_injection(client, fixture, vmm_pid, mem_mib)
+    });
+    timed("net_download_100mib", || {
         let want: String = Sha256::digest(blob())
             .iter()
             .map(|b| format!("{b:02x}"))
             .collect();
         let (code, out, err) = shell(
             client,
-            &format!("timeout 120 wget -q -O - http://allowed.test:{WEB_PORT}/blob | sha256sum"),
+            &format!("timeout 900 wget -q -O - http://allowed.test:{WEB_PORT}/blob | sha256sum"),
         )?;
         if code == 0 && out.starts_with(&want) {
             Ok(format!("sha256 {want}"))
@@ -348,6 +451,67 @@ fn egress_ca_installed(client: &AgentClient) -> Check {
     } else {
         Err(failed())
     }
+}
+
+/// The same through TLS: the guest's own HTTPS client (trusting only its system bundle, where
+/// the agent installed the sandbox CA) talks to secure.test; the filter terminates that TLS,
+/// injects the credential and opens TLS to the real server, verified against its test CA.
+fn https_credential_injection(
+    client: &AgentClient,
+    fixture: &NetFixture,
+    vmm_pid: u32,
+    mem_mib: u32,
+) -> Check {
+    let binary = std::fs::read(TLS_GET).map_err(|e| format!("{TLS_GET}: {e}"))?;
+    client
+        .write_file(
+            "/tmp/tls-get",
+            &mut binary.as_slice(),
+            agentvm_client::WriteOptions {
+                mode: Some(0o755),
+                create_parents: true,
+                atomic: true,
+            },
+        )
+        .map_err(|e| format!("copy tls-get into the guest: {e}"))?;
+    let target = format!("/tmp/tls-get secure.test {SECURE_PORT} /secret");
+    let (code, out, err) = shell(client, &format!("timeout 120 {target}"))?;
+    if code != 0 || out.trim() != "authorized" {
+        return Err(format!(
+            "without a header: exit {code}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let (code, out, err) = shell(
+        client,
+        &format!("timeout 120 {target} 'Authorization: Bearer guessed'"),
+    )?;
+    if code != 0 || out.trim() != "authorized" {
+        return Err(format!(
+            "with a guest-supplied header: exit {code}, stdout {out:?}, stderr {err:?}"
+        ));
+    }
+    let seen = fixture.https_authorizations.lock().unwrap().clone();
+    let want = format!("Bearer {}", fixture.token);
+    if seen.len() != 2 || seen.iter().any(|value| *value != want) {
+        return Err(format!(
+            "the HTTPS upstream saw {} requests with other Authorization values than the injected one",
+            seen.len()
+        ));
+    }
+    let marker = format!("e2e-tls-marker-{:016x}", random_u64());
+    shell(client, &format!("echo {marker} > /tmp/tls-marker"))?;
+    let (marker_found, token_found) = scan_guest_ram(
+        vmm_pid,
+        mem_mib,
+        &[marker.as_bytes(), fixture.token.as_bytes()],
+    )?;
+    if !marker_found {
+        return Err("the RAM scan did not find a marker the guest wrote".into());
+    }
+    if token_found {
+        return Err("the token is in guest RAM after the HTTPS requests".into());
+    }
+    Ok("the guest's HTTPS client trusted the sandbox CA; the real server saw the injected token on both requests; not in guest RAM".into())
 }
 
 fn credential_injection(
@@ -539,6 +703,15 @@ fn audit_log(fixture: &NetFixture) -> Check {
                 && e["reason"].as_str().unwrap_or("").contains("rate limit")
         },
         "the rate-limited connection",
+    )?;
+    has(
+        &|e| {
+            e["kind"] == "http"
+                && e["sni"] == "secure.test"
+                && e["rule"] == "secure"
+                && e["decision"] == "allow"
+        },
+        "the intercepted HTTPS request",
     )?;
     has(
         &|e| {
