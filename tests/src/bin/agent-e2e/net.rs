@@ -475,42 +475,12 @@ fn https_credential_injection(
         )
         .map_err(|e| format!("copy tls-get into the guest: {e}"))?;
     let target = format!("/tmp/tls-get secure.test {SECURE_PORT} /secret");
-    let (code, out, err) = shell(client, &format!("timeout 120 {target}"))?;
-    if code != 0 || out.trim() != "authorized" {
-        return Err(format!(
-            "without a header: exit {code}, stdout {out:?}, stderr {err:?}"
-        ));
-    }
-    let (code, out, err) = shell(
-        client,
-        &format!("timeout 120 {target} 'Authorization: Bearer guessed'"),
-    )?;
-    if code != 0 || out.trim() != "authorized" {
-        return Err(format!(
-            "with a guest-supplied header: exit {code}, stdout {out:?}, stderr {err:?}"
-        ));
-    }
-    let seen = fixture.https_authorizations.lock().unwrap().clone();
-    let want = format!("Bearer {}", fixture.token);
-    if seen.len() != 2 || seen.iter().any(|value| *value != want) {
-        return Err(format!(
-            "the HTTPS upstream saw {} requests with other Authorization values than the injected one",
-            seen.len()
-        ));
-    }
-    let marker = format!("e2e-tls-marker-{:016x}", random_u64());
-    shell(client, &format!("echo {marker} > /tmp/tls-marker"))?;
-    let (marker_found, token_found) = scan_guest_ram(
-        vmm_pid,
-        mem_mib,
-        &[marker.as_bytes(), fixture.token.as_bytes()],
-    )?;
-    if !marker_found {
-        return Err("the RAM scan did not find a marker the guest wrote".into());
-    }
-    if token_found {
-        return Err("the token is in guest RAM after the HTTPS requests".into());
-    }
+    authorized_with_and_without_a_header(|header| {
+        let header = header.map(|h| format!(" '{h}'")).unwrap_or_default();
+        shell(client, &format!("timeout 120 {target}{header}"))
+    })?;
+    only_the_injected_token_upstream(&fixture.https_authorizations, &fixture.token)?;
+    token_absent_from_guest_ram(client, fixture, vmm_pid, mem_mib)?;
     Ok("the guest's HTTPS client trusted the sandbox CA; the real server saw the injected token on both requests; not in guest RAM".into())
 }
 
@@ -521,39 +491,65 @@ fn credential_injection(
     mem_mib: u32,
 ) -> Check {
     let url = format!("http://api.test:{API_PORT}/secret");
-    let (code, out, err) = wget(client, "", &url)?;
-    if code != 0 || out.trim() != "authorized" {
-        return Err(format!(
-            "without a header: exit {code}, stdout {out:?}, stderr {err:?}"
-        ));
-    }
-    let (code, out, err) = wget(client, "--header 'Authorization: Bearer guessed'", &url)?;
-    if code != 0 || out.trim() != "authorized" {
-        return Err(format!(
-            "with a guest-supplied header: exit {code}, stdout {out:?}, stderr {err:?}"
-        ));
-    }
-    let seen = fixture.authorizations.lock().unwrap().clone();
-    let want = format!("Bearer {}", fixture.token);
-    if seen.len() != 2 || seen.iter().any(|value| *value != want) {
-        return Err(format!(
-            "upstream saw {} requests with other Authorization values than the injected one",
-            seen.len()
-        ));
-    }
-    // The guest's view: every process's environment, and its whole RAM (files in its tmpfs
-    // included) read from the host. The token is never sent to the guest to look for.
-    let marker = format!("e2e-marker-{:016x}", random_u64());
-    let (code, environ, _) = shell(
-        client,
-        &format!("echo {marker} > /tmp/marker; cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'"),
-    )?;
+    authorized_with_and_without_a_header(|header| {
+        let header = header
+            .map(|h| format!("--header '{h}'"))
+            .unwrap_or_default();
+        wget(client, &header, &url)
+    })?;
+    only_the_injected_token_upstream(&fixture.authorizations, &fixture.token)?;
+    // The token is never sent to the guest to look for: the host reads every process's
+    // environment, then the whole guest RAM (files in its tmpfs included).
+    let (code, environ, _) = shell(client, "cat /proc/*/environ 2>/dev/null | tr '\\0' '\\n'")?;
     if code != 0 || environ.contains(&fixture.token) || !environ.contains("PATH=") {
         return Err(format!(
             "guest environment check: exit {code}, token present: {}",
             environ.contains(&fixture.token)
         ));
     }
+    token_absent_from_guest_ram(client, fixture, vmm_pid, mem_mib)?;
+    Ok("upstream saw the injected token on both requests (the guest's own header replaced); not in guest env, files or RAM".into())
+}
+
+/// `fetch(None)` and `fetch(Some(a guessed Authorization header))` both answer "authorized":
+/// the filter's credential reached the upstream, replacing the guest's own.
+fn authorized_with_and_without_a_header(
+    fetch: impl Fn(Option<&str>) -> Result<(i32, String, String), String>,
+) -> Result<(), String> {
+    for header in [None, Some("Authorization: Bearer guessed")] {
+        let (code, out, err) = fetch(header)?;
+        if code != 0 || out.trim() != "authorized" {
+            return Err(format!(
+                "header {header:?}: exit {code}, stdout {out:?}, stderr {err:?}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The upstream received exactly the two requests, each with the injected credential.
+fn only_the_injected_token_upstream(seen: &Mutex<Vec<String>>, token: &str) -> Result<(), String> {
+    let seen = seen.lock().unwrap().clone();
+    let want = format!("Bearer {token}");
+    if seen.len() != 2 || seen.iter().any(|value| *value != want) {
+        return Err(format!(
+            "upstream saw {} requests with other Authorization values than the injected one",
+            seen.len()
+        ));
+    }
+    Ok(())
+}
+
+/// The whole guest RAM, read from the host, holds no trace of the token; a marker the guest
+/// writes first must be found, or the scan proves nothing.
+fn token_absent_from_guest_ram(
+    client: &AgentClient,
+    fixture: &NetFixture,
+    vmm_pid: u32,
+    mem_mib: u32,
+) -> Result<(), String> {
+    let marker = format!("e2e-marker-{:016x}", random_u64());
+    shell(client, &format!("echo {marker} > /tmp/marker-{marker}"))?;
     let (marker_found, token_found) = scan_guest_ram(
         vmm_pid,
         mem_mib,
@@ -567,7 +563,7 @@ fn credential_injection(
     if token_found {
         return Err("the token is in guest RAM".into());
     }
-    Ok("upstream saw the injected token on both requests (the guest's own header replaced); not in guest env, files or RAM".into())
+    Ok(())
 }
 
 /// Reads the VMM's guest RAM (every mapping inside the `agentvm-guest-ram` memfd's span of
