@@ -172,6 +172,50 @@ fn memory_growth_beyond_the_limit_is_refused() {
     assert!(matches!(err, IsolateError::Instantiate(_)), "{err}");
 }
 
+/// A module that fills the guest's heap (every table grown as far as the heap allows, whatever
+/// its size) and then needs more stack: the isolate reports that it ran out of memory, not a
+/// trap or a crash, and the next isolate of the pool is unaffected.
+#[test]
+fn a_module_that_exhausts_the_guest_heap_gets_out_of_memory() {
+    if !require_kvm() {
+        return;
+    }
+    const TABLES: usize = 8;
+    let tables: String = (0..TABLES)
+        .map(|t| format!("(table $t{t} 0 funcref)"))
+        .collect();
+    let grow_all: String = (0..TABLES)
+        .map(|t| {
+            format!(
+                "(local.set $d (i32.const 0x1000000))
+                 (block $done{t} (loop $try{t}
+                   (br_if $done{t} (i32.eqz (local.get $d)))
+                   (if (i32.eq (table.grow $t{t} (ref.null func) (local.get $d)) (i32.const -1))
+                     (then (local.set $d (i32.shr_u (local.get $d) (i32.const 1)))))
+                   (br $try{t})))"
+            )
+        })
+        .collect();
+    let locals = vec!["i64"; 100].join(" ");
+    let wat = format!(
+        "(module {tables}
+          (func $deep (param $n i32) (result i32) (local {locals})
+            (if (result i32) (i32.eqz (local.get $n)) (then (i32.const 0))
+              (else (i32.add (i32.const 1) (call $deep (i32.sub (local.get $n) (i32.const 1)))))))
+          (func (export \"main\") (result i32) (local $d i32)
+            {grow_all}
+            (call $deep (i32.const 900))))"
+    );
+    let pool = Pool::new(IsolateConfig::default(), 1, 1).unwrap();
+    let mut kv = KvStore::new(0);
+    let err = with_host(&mut kv, |ctx| pool.run(&job(&wat, "main", &[]), ctx)).unwrap_err();
+    assert!(matches!(err, IsolateError::OutOfMemory(_)), "{err}");
+    assert_eq!(err.kind(), "out_of_memory");
+    assert!(err.to_string().contains("heap is exhausted"), "{err}");
+    let again = with_host(&mut kv, |ctx| pool.run(&job(ADD, "add", &["2", "40"]), ctx));
+    assert_eq!(again.unwrap(), vec![Value::I32(42)]);
+}
+
 #[test]
 fn bad_modules_exports_arguments_and_traps_are_named() {
     if !require_kvm() {
@@ -396,20 +440,36 @@ fn the_isolate_benchmark_reports_every_figure() {
     }
     let dir = tempfile::tempdir().unwrap();
     let out_file = dir.path().join("isolate.json");
-    let out = std::process::Command::new(integration_tests::agentvm::agentvm_bin())
+    let mut bench = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+    bench
         .args([
             "bench",
             "isolate",
             "--runs",
             "10",
             "--concurrent",
-            "10",
+            "50",
             "--json",
             "--out",
         ])
-        .arg(&out_file)
-        .output()
-        .unwrap();
+        .arg(&out_file);
+    // A hard descriptor limit of 300 leaves room for (300 - 256) / 2 = 22 isolates per worker
+    // process, so the 50 are spread over 3 workers, as 10,000 are on a 20,000-descriptor host.
+    // SAFETY: runs in the forked child before exec; setrlimit(2) is async-signal-safe and only
+    // lowers the child's own limit.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut bench, || {
+            let lim = libc::rlimit {
+                rlim_cur: 300,
+                rlim_max: 300,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = bench.output().unwrap();
     assert!(
         out.status.success(),
         "{}",
@@ -441,8 +501,11 @@ fn the_isolate_benchmark_reports_every_figure() {
             > 0.0
     );
     let d = &doc["density"];
-    assert_eq!(d["isolates"], 10);
+    assert_eq!(d["isolates"], 50);
+    assert_eq!(d["processes"], 3, "50 isolates at 22 per worker");
     assert_eq!(d["fds_per_isolate"].as_f64(), Some(2.0));
+    assert!(d["private_per_isolate_kib"].as_f64().unwrap() > 0.0);
+    assert!(d["fit_in_4_gib"].as_f64().unwrap() > 0.0);
     assert!(d["guest_ram_mib"].as_f64().unwrap() > 0.0);
     assert!(doc["machine"]["cpus"].as_u64().unwrap() >= 1);
 }

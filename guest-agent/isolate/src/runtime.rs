@@ -109,6 +109,17 @@ pub fn run(engine: &Engine, boot: &BootInfo) -> ! {
         .map(|t| Val::default_for_ty(*t))
         .collect();
     if let Err(e) = func.call(&mut store, &params, &mut results) {
+        // wasmi grows its stacks and tables fallibly and traps when the heap is exhausted: that
+        // is this isolate's memory running out, not a bug of the module.
+        if e.as_trap_code() == Some(wasmi::TrapCode::OutOfSystemMemory) {
+            fail(
+                ErrorKind::OutOfMemory,
+                format_args!(
+                    "the guest heap is exhausted while running '{}' ({e})",
+                    job.function
+                ),
+            );
+        }
         fail(ErrorKind::Trap, format_args!("{e}"));
     }
     let mut values = Vec::with_capacity(results.len());

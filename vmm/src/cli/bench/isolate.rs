@@ -12,8 +12,9 @@ use std::time::{Duration, Instant};
 
 use clap::Args;
 use serde::Serialize;
-use vmm::isolate::{HostContext, Isolate, IsolateConfig, JobSpec, KvStore, Pool, Template};
+use vmm::isolate::{HostContext, Isolate, IsolateConfig, JobSpec, KvStore, Pool};
 
+use super::isolate_density::{self, Density};
 use super::machine::MachineInfo;
 use super::output::{num, Figure, Unit};
 
@@ -29,7 +30,6 @@ const MODULE_WAT: &str = r#"(module
     (local.get $acc)))"#;
 const ARG: &str = "1000";
 const EXPECTED: i32 = 499_500;
-const GIB: f64 = (1u64 << 30) as f64;
 
 #[derive(Args)]
 pub struct IsolateArgs {
@@ -60,19 +60,7 @@ pub struct IsolateDocument {
     pub notes: Vec<String>,
 }
 
-#[derive(Debug, Serialize)]
-pub struct Density {
-    pub isolates: u32,
-    pub create_seconds: f64,
-    pub private_per_isolate_kib: f64,
-    /// Guest RAM each isolate maps (shared with the template until written).
-    pub guest_ram_mib: f64,
-    pub fds_per_isolate: f64,
-    /// 4 GiB / private memory per isolate (kernel memory per VM not included: see notes).
-    pub fit_in_4_gib: f64,
-}
-
-fn job() -> Result<JobSpec, String> {
+pub(super) fn job() -> Result<JobSpec, String> {
     Ok(JobSpec {
         module: wat::parse_str(MODULE_WAT).map_err(|e| format!("benchmark module: {e}"))?,
         function: "sum".into(),
@@ -86,7 +74,7 @@ fn us(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
 }
 
-fn check(
+pub(super) fn check(
     values: Result<Vec<vmm::isolate::Value>, vmm::isolate::IsolateError>,
 ) -> Result<(), String> {
     match values.map_err(|e| e.to_string())?.as_slice() {
@@ -119,11 +107,11 @@ fn host_wasmi(module: &[u8]) -> Result<(), String> {
 /// This process's privately written memory (the isolates' copy-on-write pages, the VMM's heap).
 /// Not RSS: every isolate maps the template's pages it reads, and RSS counts a page once per
 /// mapping although they are one page in memory.
-fn private_dirty_kib() -> f64 {
+pub(super) fn private_dirty_kib() -> f64 {
     vmm::process_stats::smaps_rollup_kib(None, "Private_Dirty").map_or(f64::NAN, |k| k as f64)
 }
 
-fn open_fds() -> usize {
+pub(super) fn open_fds() -> usize {
     std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
@@ -131,7 +119,7 @@ fn open_fds() -> usize {
 
 /// Makes room for `wanted` descriptors (each isolate holds a VM and a vCPU fd): raises the
 /// limit, the hard one too where allowed (CAP_SYS_RESOURCE), else the soft one to the hard one.
-fn raise_fd_limit(wanted: u64) {
+pub(super) fn raise_fd_limit(wanted: u64) {
     let mut lim = libc::rlimit {
         rlim_cur: 0,
         rlim_max: 0,
@@ -156,7 +144,6 @@ pub fn isolate(args: IsolateArgs) -> Result<ExitCode, String> {
     if let Some(out) = &args.out {
         super::check_writable(out)?;
     }
-    raise_fd_limit(u64::from(args.concurrent) * 2 + 1024);
     let spec = job()?;
     let runs = args.runs as usize;
     let mut kv = KvStore::new(0);
@@ -224,28 +211,7 @@ pub fn isolate(args: IsolateArgs) -> Result<ExitCode, String> {
     let pool_rate = per_second(&mut || check(pool.run(&spec, &mut ctx)))?;
     let host_rate = per_second(&mut || host_wasmi(&spec.module))?;
 
-    progress(&format!("{} isolates alive at once", args.concurrent));
-    let template: &std::sync::Arc<Template> = pool.template();
-    let (private0, fds0) = (private_dirty_kib(), open_fds());
-    let t0 = Instant::now();
-    let mut held = Vec::with_capacity(args.concurrent as usize);
-    for i in 0..args.concurrent {
-        held.push(Isolate::from_template(template).map_err(|e| {
-            format!(
-                "isolate {i} of {} could not be created: {e}",
-                args.concurrent
-            )
-        })?);
-    }
-    let create_seconds = t0.elapsed().as_secs_f64();
-    // Each one runs a job, so its private pages are what an isolate that did work holds.
-    for iso in held.iter_mut() {
-        check(iso.run(&spec, &mut ctx))?;
-    }
-    let n = f64::from(args.concurrent);
-    let private_per = (private_dirty_kib() - private0) / n;
-    let fds_per = (open_fds() - fds0) as f64 / n;
-    drop(held);
+    let density = isolate_density::measure(args.concurrent, &progress)?;
 
     let doc = IsolateDocument {
         benchmark: "agentvm bench isolate",
@@ -276,22 +242,20 @@ pub fn isolate(args: IsolateArgs) -> Result<ExitCode, String> {
             Figure::new("calls_per_second", "calls per second, one core", Unit::PerS, &[pool_rate])
                 .with_peer(&[host_rate]),
         ],
-        density: Density {
-            isolates: args.concurrent,
-            create_seconds,
-            private_per_isolate_kib: private_per,
-            guest_ram_mib: template.ram_size() as f64 / (1 << 20) as f64,
-            fds_per_isolate: fds_per,
-            fit_in_4_gib: 4.0 * GIB / (private_per * 1024.0),
-        },
+        density,
         notes: vec![
             "the isolate's guest runs at CPL 3: native speed on this machine and on VMX/SVM hosts \
              alike, so these figures transfer; only one `iretq` per boot runs in ring 0"
                 .into(),
-            "memory per isolate = growth of this process's Private_Dirty (smaps_rollup): the \
-             pages each isolate wrote (copy-on-write from the shared template, which is counted \
-             once) and the VMM's bookkeeping; KVM's kernel memory per VM (vCPU state, page \
-             tables) is not in it"
+            "memory per isolate = growth of each worker's Private_Dirty (smaps_rollup): the \
+             pages each isolate wrote (copy-on-write from its worker's template, counted once \
+             per worker) and the VMM's bookkeeping; plus kernel memory = host-wide growth of \
+             SUnreclaim + PageTables + SecPageTables while all were alive (KVM's per-VM and \
+             per-vCPU structures; other activity on the machine adds noise)"
+                .into(),
+            "each isolate holds 2 descriptors (VM, vCPU), so a worker process holds at most half \
+             its hard RLIMIT_NOFILE; larger counts are spread over several workers, as a sandbox \
+             host spreads isolates over its isolate workers"
                 .into(),
             format!("scratch figures: {scratch_runs} samples (each creates and destroys a VM)"),
         ],
@@ -344,13 +308,16 @@ fn to_table(doc: &IsolateDocument) -> String {
     let d = &doc.density;
     let _ = writeln!(
         t,
-        "\ndensity: {} isolates created in {:.2} s ({:.0} µs each), each ran a job; {:.0} KiB \
-         private memory per isolate ({:.0} MiB of guest RAM mapped, shared until written), {:.1} fds each; \
-         ~{:.0} fit in 4 GiB by that measure",
+        "\ndensity: {} isolates alive at once in {} worker process(es), created and each ran a \
+         job in {:.2} s ({:.0} µs per isolate, worker start included); per isolate {:.0} KiB private memory + {:.0} KiB kernel \
+         memory ({:.0} MiB of guest RAM mapped, shared until written), {:.1} fds; ~{:.0} fit in \
+         4 GiB by that measure",
         d.isolates,
+        d.processes,
         d.create_seconds,
         d.create_seconds * 1e6 / f64::from(d.isolates),
         d.private_per_isolate_kib,
+        d.kernel_per_isolate_kib,
         d.guest_ram_mib,
         d.fds_per_isolate,
         d.fit_in_4_gib

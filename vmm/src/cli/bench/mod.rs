@@ -21,6 +21,7 @@ mod guest_bound;
 mod guest_vm;
 mod inner;
 mod isolate;
+mod isolate_density;
 mod local;
 mod machine;
 mod nested_bench;
@@ -77,6 +78,10 @@ pub enum BenchCommand {
     /// as JSON on stdout.
     #[command(hide = true)]
     ExecRuns(exec_inner::ExecRunArgs),
+    /// `bench isolate`'s density worker: creates N isolates, reports, holds them until stdin
+    /// closes.
+    #[command(hide = true)]
+    IsolateDensityWorker(isolate_density::DensityWorkerArgs),
     /// Inside the nested test host: N × `agentvm run`, results as JSON on stdout.
     #[command(hide = true)]
     GuestRuns(inner::GuestArgs),
@@ -117,6 +122,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Isolate(args) => isolate::isolate(args),
         BenchCommand::Net(args) => net::net(args),
         BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
+        BenchCommand::IsolateDensityWorker(args) => isolate_density::worker(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
     }
