@@ -65,6 +65,11 @@ impl AtomicFile {
         &self.temp
     }
 
+    /// The final name it is committed to.
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
     /// fsync, rename over the target, fsync the directory (so the rename itself is durable).
     pub fn commit(mut self) -> Result<(), SnapshotError> {
         self.file

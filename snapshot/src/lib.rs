@@ -12,16 +12,20 @@
 //! * the **working-set file** ([`working_set`]): the pages a userfaultfd restore faulted in first,
 //!   prefetched in one pass by later restores.
 //!
-//! A snapshot is written as two temporary files; the memory file is renamed into place first and
-//! the state file last, so a failed write never pairs a new memory file with an old state file.
+//! A snapshot is written as two temporary files and committed by [`commit_snapshot`]: an existing
+//! state file is removed first, then the memory file and the state file are renamed into place,
+//! so neither a failed write nor a crash at any point pairs a new memory file with an old state
+//! file.
 
 pub mod atomic_write;
+pub mod commit;
 pub mod error;
 pub mod memory_file;
 pub mod state_file;
 pub mod working_set;
 
 pub use atomic_write::AtomicFile;
+pub use commit::{commit_snapshot, retire_state_file};
 pub use error::SnapshotError;
 pub use memory_file::{
     merge_memory_files, open_memory_file, prepare_memory_file, write_memory_file, MemoryKind,

@@ -143,6 +143,9 @@ fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> 
         "needs dirty page tracking",
     );
     s.ok("PUT", "/snapshot/create", &create);
+    // Again over the same files: the old state file is removed before the new memory file goes
+    // in (snapshot::commit_snapshot), which the VMM thread's seccomp filter must allow.
+    s.ok("PUT", "/snapshot/create", &create);
     assert_eq!(s.state(), "Paused");
     let mem_len = std::fs::metadata(files.mem()).expect("memory file").len();
     assert_eq!(mem_len, 64 << 20, "the memory file holds all guest RAM");

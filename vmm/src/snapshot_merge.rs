@@ -102,8 +102,7 @@ pub fn merge(paths: &MergePaths) -> Result<(), MergeError> {
         ..diff
     };
     let (state_file, _) = snapshot::prepare_state_file(&paths.out_snapshot, &merged)?;
-    merged_mem.commit()?;
-    state_file.commit()?;
+    snapshot::commit_snapshot(merged_mem, state_file)?;
     Ok(())
 }
 

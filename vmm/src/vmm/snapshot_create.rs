@@ -126,8 +126,7 @@ impl Vmm {
             devices,
         };
         let (state_file, checksum) = snapshot::prepare_state_file(snapshot_path, &state)?;
-        mem_file.commit()?;
-        state_file.commit()?;
+        snapshot::commit_snapshot(mem_file, state_file)?;
         Ok(checksum)
     }
 
