@@ -11,6 +11,10 @@ use serde::{Deserialize, Serialize};
 /// IA32_TSC_DEADLINE: KVM arms the LAPIC timer from it against the current TSC, so it is written
 /// after IA32_TSC or a restored deadline may be judged already past (a lost timer interrupt).
 const MSR_IA32_TSC_DEADLINE: u32 = 0x6e0;
+/// How far a host's TSC frequency may differ from the snapshot's before the restore asks KVM to
+/// scale the guest's TSC: KVM's own tolerance (its `tsc_tolerance_ppm`), within which it does not
+/// scale either.
+const TSC_TOLERANCE_PPM: u64 = 250;
 /// KVM_GET_MSRS / KVM_SET_MSRS take at most this many entries per call.
 const MSR_BATCH: usize = 200;
 
@@ -44,6 +48,11 @@ pub struct VcpuState {
     /// (index, value), TSC_DEADLINE last.
     pub msrs: Vec<(u32, u64)>,
     pub vcpu_events: kvm_vcpu_events,
+    /// The guest's TSC frequency in kHz; None where KVM cannot tell (no KVM_CAP_GET_TSC_KHZ, or
+    /// an unknown host TSC frequency). A guest kernel calibrates its clock against it once, at
+    /// boot, so a restore on a host of another frequency must keep it (TSC scaling) or the
+    /// guest's clock runs fast or slow.
+    pub tsc_khz: Option<u32>,
 }
 
 impl std::fmt::Debug for VcpuState {
@@ -84,12 +93,14 @@ impl VcpuState {
             lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
             msrs: read_msrs(index, fd, msr_indices)?,
             vcpu_events: fd.get_vcpu_events().map_err(kvm("KVM_GET_VCPU_EVENTS"))?,
+            tsc_khz: fd.get_tsc_khz().ok().filter(|&khz| khz > 0),
         })
     }
 
-    /// Writes the state to a vCPU that has not run yet, in the order KVM needs: CPUID first (it
-    /// decides which MSRs and XSAVE features exist), sregs before the LAPIC (the APIC base lives
-    /// in sregs), MSRs before the vCPU events.
+    /// Writes the state to a vCPU that has not run yet, in the order KVM needs: the TSC frequency
+    /// first (the TSC value among the MSRs is in its units), CPUID (it decides which MSRs and
+    /// XSAVE features exist), sregs before the LAPIC (the APIC base lives in sregs), MSRs before
+    /// the vCPU events.
     pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
         let index = self.index;
         let kvm = |what| {
@@ -104,6 +115,7 @@ impl VcpuState {
             what,
             reason,
         };
+        self.restore_tsc_khz(fd)?;
         let cpuid = CpuId::from_entries(&self.cpuid)
             .map_err(|e| invalid("CPUID", format!("{} entries: {e:?}", self.cpuid.len())))?;
         fd.set_cpuid2(&cpuid).map_err(kvm("KVM_SET_CPUID2"))?;
@@ -123,6 +135,34 @@ impl VcpuState {
             .map_err(kvm("KVM_SET_VCPU_EVENTS"))?;
         Ok(())
     }
+
+    /// Gives the vCPU the snapshot's TSC frequency when this host's differs beyond KVM's
+    /// tolerance; a host that cannot scale the TSC refuses the restore rather than run a guest
+    /// whose clock drifts.
+    fn restore_tsc_khz(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
+        let Some(saved) = self.tsc_khz else {
+            return Ok(());
+        };
+        let here = fd.get_tsc_khz().ok();
+        if here.is_some_and(|here| tsc_within_tolerance(here, saved)) {
+            return Ok(());
+        }
+        fd.set_tsc_khz(saved).map_err(|e| VcpuStateError::Invalid {
+            index: self.index,
+            what: "TSC frequency",
+            reason: format!(
+                "the snapshot's guest TSC runs at {saved} kHz, this host's at {}, and KVM \
+                     cannot scale it (KVM_SET_TSC_KHZ: {e}); restore on a host of the same TSC \
+                     frequency or one with TSC scaling",
+                here.map_or("an unknown frequency".to_string(), |k| format!("{k} kHz"))
+            ),
+        })
+    }
+}
+
+fn tsc_within_tolerance(here_khz: u32, saved_khz: u32) -> bool {
+    let diff = u64::from(here_khz.abs_diff(saved_khz));
+    diff * 1_000_000 <= u64::from(saved_khz) * TSC_TOLERANCE_PPM
 }
 
 /// Reads the MSRs of `indices` that this vCPU has. KVM's save list can name MSRs that
@@ -259,6 +299,7 @@ mod tests {
             saved.msrs.iter().any(|&(msr, _)| msr == MSR_IA32_TSC),
             "the TSC is among the saved MSRs"
         );
+        let host_tsc_khz = saved.tsc_khz;
         let vm_state = KvmVmState::save(vm.fd()).unwrap();
         // Through the state file's encoding, as a snapshot carries them.
         let path = std::path::Path::new("vcpu.snap");
@@ -273,6 +314,7 @@ mod tests {
         vm_state.restore(vm2.fd()).unwrap();
         saved.restore(&fd2).unwrap();
         let again = VcpuState::save(0, &fd2, &vm2.msrs_to_save()).unwrap();
+        assert_eq!(again.tsc_khz, host_tsc_khz);
         assert_eq!(again.regs.rax, 0x1234_5678_9abc_def0);
         assert_eq!(again.regs.r15, 42);
         assert_eq!(again.regs.rip, saved.regs.rip);
@@ -297,6 +339,42 @@ mod tests {
         for (&(msr, value), &(_, before)) in again.msrs.iter().zip(&saved.msrs) {
             if msr != MSR_IA32_TSC {
                 assert_eq!(value, before, "MSR {msr:#x}");
+            }
+        }
+    }
+
+    #[test]
+    fn tsc_frequencies_within_kvms_tolerance_count_as_equal() {
+        assert!(tsc_within_tolerance(2_000_000, 2_000_000));
+        assert!(tsc_within_tolerance(2_000_500, 2_000_000), "250 ppm");
+        assert!(!tsc_within_tolerance(2_000_501, 2_000_000));
+        assert!(!tsc_within_tolerance(1_000_000, 2_000_000));
+    }
+
+    /// A snapshot from a host whose TSC runs at another frequency: the restored vCPU either runs
+    /// at the snapshot's frequency (KVM scales the TSC) or the restore is refused by name.
+    #[test]
+    fn a_snapshot_of_another_tsc_frequency_is_scaled_or_refused() {
+        let test = "a_snapshot_of_another_tsc_frequency_is_scaled_or_refused";
+        let Some((vm, _mem, fd)) = vm_with_vcpu(test) else {
+            return;
+        };
+        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        let Some(khz) = saved.tsc_khz else {
+            eprintln!("skipping {test}: this KVM does not report the TSC frequency");
+            return;
+        };
+        saved.tsc_khz = Some(khz / 2);
+        let Some((vm2, _mem2)) = kvm_vm(test) else {
+            return;
+        };
+        let fd2 = vm2.fd().create_vcpu(0).unwrap();
+        match saved.restore(&fd2) {
+            Ok(()) => assert_eq!(fd2.get_tsc_khz().unwrap(), khz / 2),
+            Err(e) => {
+                let e = e.to_string();
+                assert!(e.contains("TSC frequency"), "{e}");
+                assert!(e.contains(&format!("{} kHz", khz / 2)), "{e}");
             }
         }
     }
