@@ -32,6 +32,10 @@ const JAIL_SNAPSHOT_MEM: &str = "/snapshot/mem";
 const HIBERNATE_STATE: &str = "hibernate.state";
 const HIBERNATE_MEM: &str = "hibernate.mem";
 
+/// How an isolate worker (`agentvm isolate serve`) whose module the isolate refused begins its
+/// last stderr line: the daemon finds it in the worker's log and answers the create with 400.
+pub const MODULE_REFUSED: &str = "agentvm: the module is refused:";
+
 /// How sandboxes are started.
 #[derive(Debug, Clone)]
 pub struct LaunchConfig {
