@@ -248,8 +248,16 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
         400,
         "/no/such/kernel is not a readable file",
     );
-    let big = format!(r#"{{"id": "{}"}}"#, "x".repeat(70 * 1024));
-    d.refused("POST", "/sandboxes", Some(&big), 413, "65536-byte limit");
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "x".repeat(70 * 1024));
+    d.refused("PUT", "/templates/big", Some(&big), 413, "65536-byte limit");
+    // A create may carry an isolate's module (8 MiB, in base64): its limit is that.
+    // (Refused from its Content-Length, before the body is read.)
+    let answer = integration_tests::api::raw(
+        &d.sock,
+        b"POST /sandboxes HTTP/1.1\r\nHost: x\r\nContent-Length: 11300000\r\n\r\n",
+    );
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.fault().contains("11250344-byte limit"), "{answer:?}");
     d.refused("GET", "/sandboxes/ghost", None, 404, "no sandbox \"ghost\"");
     d.refused("DELETE", "/sandboxes/ghost", None, 404, "no sandbox");
     d.refused("POST", "/sandboxes/ghost/stop", None, 404, "no sandbox");
