@@ -156,6 +156,7 @@ async fn serve(listener: tokio::net::UnixListener, worker: Arc<Worker>, shutdown
 }
 
 /// An error answer: `{"fault_message": ..., "kind"?: ...}`.
+#[derive(Debug)]
 struct Fault {
     status: StatusCode,
     message: String,
