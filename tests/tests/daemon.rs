@@ -867,13 +867,28 @@ fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
         1234
     );
 
-    // Deleting ends the worker and removes its files.
-    d.expect("DELETE", "/sandboxes/iso", None, 204);
+    // Stopping ends the worker and removes its module, keeping the record; deleting removes
+    // the rest.
+    let module_file = d.state.join("sandboxes/iso/module.wasm");
+    assert!(module_file.is_file());
+    let stopped = d.expect("POST", "/sandboxes/iso/stop", None, 200).json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
     assert!(!alive(iso_pid));
+    assert!(!module_file.exists());
+    d.refused(
+        "POST",
+        "/sandboxes/iso/call",
+        Some(r#"{"function": "add"}"#),
+        409,
+        "sandbox iso is stopped",
+    );
+    d.expect("DELETE", "/sandboxes/iso", None, 204);
     assert!(!process_mentions(
         &d.state.join("sandboxes/iso/").display().to_string()
     ));
     assert!(!process_mentions("--id\0iso\0"));
+    // (The same look finds a sandbox that runs: the probe's jailer, when jailed.)
+    assert_eq!(process_mentions("--id\0vm\0"), is_root());
     for id in ["iso-doomed", "vm"] {
         d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
