@@ -723,6 +723,24 @@ fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
         3
     );
 
+    // The worker's own API describes the module.
+    let worker = request(
+        Path::new(info["api_sock"].as_str().unwrap()),
+        "GET",
+        "/",
+        None,
+    )
+    .json();
+    assert_eq!(
+        worker["exports"][0],
+        serde_json::json!({"name": "add", "params": ["i32", "i32"], "results": ["i32"]}),
+        "{worker}"
+    );
+    assert_eq!(worker["exports"].as_array().unwrap().len(), 6, "{worker}");
+    assert_eq!(worker["limits"]["max_memory_mib"], 1, "{worker}");
+    // The ten calls above that reached the job thread (two were refused before it).
+    assert_eq!(worker["calls_served"], 10, "{worker}");
+
     // Each tier's routes refuse the other's sandboxes.
     for (method, path, route) in [
         ("POST", "/sandboxes/iso/exec", "POST /sandboxes/{id}/exec"),

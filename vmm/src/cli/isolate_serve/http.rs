@@ -38,7 +38,8 @@ const ANSWER_SLACK: Duration = Duration::from_secs(10);
 /// What the API knows besides the job queue.
 pub struct Worker {
     pub jobs: Jobs,
-    pub exports: Vec<ExportedFunction>,
+    /// The module's exported functions, or why they could not be read.
+    pub exports: Result<Vec<ExportedFunction>, String>,
     pub module_bytes: usize,
     pub max_memory_mib: u32,
     /// A call's defaults, and the most it may ask for.
@@ -265,11 +266,10 @@ async fn handle(worker: &Worker, request: Request<Incoming>) -> Result<serde_jso
 }
 
 fn info(worker: &Worker) -> serde_json::Value {
-    serde_json::json!({
+    let mut info = serde_json::json!({
         "service": "agentvm-isolate",
         "version": env!("CARGO_PKG_VERSION"),
         "module_bytes": worker.module_bytes,
-        "exports": worker.exports,
         "limits": {
             "cpu_limit_ms": worker.cpu_limit.as_millis() as u64,
             "wall_limit_ms": worker.wall_limit.as_millis() as u64,
@@ -277,7 +277,12 @@ fn info(worker: &Worker) -> serde_json::Value {
             "kv_max_bytes": worker.kv_max_bytes,
         },
         "calls_served": worker.jobs.served(),
-    })
+    });
+    match &worker.exports {
+        Ok(exports) => info["exports"] = serde_json::json!(exports),
+        Err(e) => info["exports_error"] = serde_json::json!(e),
+    }
+    info
 }
 
 #[derive(Debug, Deserialize)]
