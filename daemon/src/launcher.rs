@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use hyper::{Method, StatusCode};
 
 use crate::fault::Fault;
-use crate::model::Template;
+use crate::model::{IsolateInfo, Template};
 use crate::store::Store;
 use crate::vm_client;
 
@@ -28,9 +28,14 @@ const JAIL_KERNEL: &str = "/boot/kernel";
 const JAIL_INITRD: &str = "/boot/initrd";
 const JAIL_SNAPSHOT_STATE: &str = "/snapshot/state";
 const JAIL_SNAPSHOT_MEM: &str = "/snapshot/mem";
+const JAIL_MODULE: &str = "/wasm/module.wasm";
 /// The files a hibernating VMM writes beside its sockets, before the daemon moves them.
 const HIBERNATE_STATE: &str = "hibernate.state";
 const HIBERNATE_MEM: &str = "hibernate.mem";
+
+/// How an isolate worker (`agentvm isolate serve`) whose module the isolate refused begins its
+/// last stderr line: the daemon finds it in the worker's log and answers the create with 400.
+pub const MODULE_REFUSED: &str = "agentvm: the module is refused:";
 
 /// How sandboxes are started.
 #[derive(Debug, Clone)]
@@ -198,6 +203,111 @@ impl LaunchConfig {
             }
         }
         Ok(plan)
+    }
+}
+
+/// Where an isolate sandbox's module is kept, from the host's side.
+pub fn module_file(store: &Store, id: &str) -> PathBuf {
+    store.sandbox_dir(id).join("module.wasm")
+}
+
+impl LaunchConfig {
+    /// Lays out isolate sandbox `id`'s files and its worker's command line (`agentvm isolate
+    /// serve`), in a jail with /dev/kvm and the module (read-only) when jailed.
+    pub fn plan_isolate(
+        &self,
+        store: &Store,
+        id: &str,
+        limits: &IsolateInfo,
+    ) -> Result<Plan, Fault> {
+        let dir = store.sandbox_dir(id);
+        let module = module_file(store, id);
+        let worker_args = |api_sock: &Path, module: &Path| {
+            vec![
+                "isolate".to_string(),
+                "serve".to_string(),
+                "--api-sock".to_string(),
+                api_sock.display().to_string(),
+                "--module".to_string(),
+                module.display().to_string(),
+                "--max-memory-mib".to_string(),
+                limits.max_memory_mib.to_string(),
+                "--cpu-limit-ms".to_string(),
+                limits.cpu_limit_ms.to_string(),
+                "--wall-limit-ms".to_string(),
+                limits.wall_limit_ms.to_string(),
+            ]
+        };
+        let (command, api_sock) = match &self.jail {
+            None => {
+                let api_sock = dir.join("api.sock");
+                let command = CommandPlan {
+                    program: self.agentvm.clone(),
+                    args: worker_args(&api_sock, &module),
+                };
+                (command, api_sock)
+            }
+            Some(jail) => {
+                let exec_name = self
+                    .agentvm
+                    .file_name()
+                    .ok_or_else(|| Fault::internal("the agentvm binary path has no file name"))?;
+                let run = store.jail_base().join(exec_name).join(id).join("run");
+                // The template's RAM (module-sized input, linear memory, the interpreter's heap)
+                // and one isolate's private pages, plus the worker's own.
+                let memory_mib = 2 * (u64::from(limits.max_memory_mib) + 64)
+                    + limits.module_bytes.div_ceil(1 << 20) * 2
+                    + 256;
+                let mut args = vec![
+                    "--id".to_string(),
+                    id.to_string(),
+                    "--exec-file".to_string(),
+                    path_arg(&self.agentvm)?,
+                    "--uid".to_string(),
+                    jail.uid.to_string(),
+                    "--gid".to_string(),
+                    jail.gid.to_string(),
+                    "--chroot-base-dir".to_string(),
+                    path_arg(&store.jail_base())?,
+                    "--device".to_string(),
+                    "kvm".to_string(),
+                    "--memory-limit-mib".to_string(),
+                    memory_mib.to_string(),
+                    "--pids-max".to_string(),
+                    "64".to_string(),
+                    "--mount".to_string(),
+                    format!("{}:{JAIL_MODULE}", path_arg(&module)?),
+                    "--".to_string(),
+                ];
+                args.extend(worker_args(
+                    &Path::new("/run").join("api.sock"),
+                    Path::new(JAIL_MODULE),
+                ));
+                let command = CommandPlan {
+                    program: jail.jailer.clone(),
+                    args,
+                };
+                (command, run.join("api.sock"))
+            }
+        };
+        if api_sock.as_os_str().len() > MAX_SOCKET_PATH {
+            return Err(Fault::bad_request(format!(
+                "sandbox {id}: its socket path {} is longer than Unix sockets allow \
+                 ({MAX_SOCKET_PATH} bytes): use a shorter id or a shorter --state-dir",
+                api_sock.display()
+            )));
+        }
+        Ok(Plan {
+            id: id.to_string(),
+            api_sock,
+            vsock_uds: PathBuf::new(),
+            log: dir.join("vmm.log"),
+            command,
+            vm_kernel: PathBuf::new(),
+            vm_initrd: None,
+            vm_vsock_uds: PathBuf::new(),
+            vm_snapshot: None,
+        })
     }
 }
 
@@ -399,6 +509,15 @@ impl Plan {
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// The refusal an isolate worker wrote before it ended (see [`MODULE_REFUSED`]), if any.
+    pub fn module_refusal(&self) -> Option<String> {
+        crate::process::log_tail(&self.log, 20)
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix(MODULE_REFUSED))
+            .map(|rest| rest.trim().to_string())
     }
 
     pub fn died(&self, when: &str) -> Fault {

@@ -11,6 +11,15 @@ pub const MIN_MEM_MIB: u64 = 16;
 pub const MAX_MEM_MIB: u64 = 64 * 1024;
 pub const DEFAULT_CREATE_TIMEOUT_S: u64 = 120;
 pub const MAX_CREATE_TIMEOUT_S: u64 = 600;
+/// Largest module an isolate sandbox takes (the isolate's default input size).
+pub const MAX_MODULE_BYTES: usize = 8 << 20;
+/// An isolate call's limits: defaults, and the most `limits` may ask for.
+pub const DEFAULT_CPU_LIMIT_MS: u64 = 10_000;
+pub const MAX_CPU_LIMIT_MS: u64 = 600_000;
+pub const DEFAULT_WALL_LIMIT_MS: u64 = 60_000;
+pub const MAX_WALL_LIMIT_MS: u64 = 600_000;
+pub const DEFAULT_MAX_MEMORY_MIB: u32 = 64;
+pub const MAX_MAX_MEMORY_MIB: u32 = 4096;
 
 /// What a sandbox boots: `PUT /templates/{name}`, or inline in `POST /sandboxes`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,12 +53,56 @@ fn default_true() -> bool {
     true
 }
 
+/// What a sandbox is: a microVM running a Linux guest (with the guest agent), or an isolate
+/// running a WebAssembly module (no OS; `POST /sandboxes/{id}/call`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    #[default]
+    Microvm,
+    Isolate,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Microvm => "microvm",
+            Tier::Isolate => "isolate",
+        }
+    }
+}
+
+/// An isolate sandbox's limits as `POST /sandboxes` asks for them (defaults when absent).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IsolateLimitsRequest {
+    pub cpu_limit_ms: Option<u64>,
+    pub wall_limit_ms: Option<u64>,
+    pub max_memory_mib: Option<u32>,
+}
+
+/// An isolate sandbox as it runs: its module's size and the limits of every call (each call may
+/// ask for less).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IsolateInfo {
+    pub module_bytes: u64,
+    pub cpu_limit_ms: u64,
+    pub wall_limit_ms: u64,
+    pub max_memory_mib: u32,
+}
+
 /// `POST /sandboxes`.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CreateSandbox {
     /// The sandbox's stable ID; generated when absent.
     pub id: Option<String>,
+    /// `microvm` (the default) or `isolate`.
+    pub tier: Option<Tier>,
+    /// Tier isolate: the WebAssembly module (binary), base64.
+    pub module_base64: Option<String>,
+    /// Tier isolate: the limits of its calls.
+    pub limits: Option<IsolateLimitsRequest>,
     /// A template name (`default`: the prepared Debian kernel and agent initramfs).
     pub template: Option<String>,
     /// Overrides of the template's fields.
@@ -94,6 +147,10 @@ impl SandboxState {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct SandboxInfo {
     pub id: String,
+    /// Records written before isolates existed are microVMs.
+    #[serde(default)]
+    pub tier: Tier,
+    /// `(isolate)` for an isolate sandbox.
     pub template: String,
     pub state: SandboxState,
     /// UNIX time in milliseconds.
@@ -107,9 +164,17 @@ pub struct SandboxInfo {
     pub pid: Option<u32>,
     /// The per-VM API socket (Firecracker-compatible `agentvm serve` API).
     pub api_sock: PathBuf,
-    /// The VM's vsock Unix socket (hybrid vsock, as Firecracker's).
+    /// The VM's vsock Unix socket (hybrid vsock, as Firecracker's); none for an isolate.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub vsock_uds: PathBuf,
+    /// Tier isolate: its module and limits.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolate: Option<IsolateInfo>,
     /// Why the sandbox is not running any more.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ended: Option<String>,
+}
+
+fn is_empty_path(path: &std::path::Path) -> bool {
+    path.as_os_str().is_empty()
 }

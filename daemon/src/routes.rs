@@ -16,6 +16,8 @@ pub enum Endpoint {
     PauseSandbox,
     ResumeSandbox,
     HibernateSandbox,
+    /// An isolate sandbox's `POST /call`, sent on to its worker.
+    CallSandbox,
     ListTemplates,
     GetTemplate,
     PutTemplate,
@@ -56,6 +58,7 @@ pub fn routes() -> Vec<Route> {
         route(Method::POST, "/sandboxes/{id}/pause", PauseSandbox),
         route(Method::POST, "/sandboxes/{id}/resume", ResumeSandbox),
         route(Method::POST, "/sandboxes/{id}/hibernate", HibernateSandbox),
+        route(Method::POST, "/sandboxes/{id}/call", CallSandbox),
         route(
             Method::GET,
             "/sandboxes/{id}/metrics",
@@ -112,6 +115,8 @@ pub fn routes() -> Vec<Route> {
 #[derive(Debug, PartialEq, Eq)]
 pub struct Resolved {
     pub endpoint: Endpoint,
+    /// The route's path template (`/sandboxes/{id}/exec`), to name it in errors.
+    pub path: &'static str,
     pub params: Vec<String>,
 }
 
@@ -171,6 +176,7 @@ pub fn resolve(method: &Method, path: &str) -> Result<Resolved, Fault> {
             if route.method == method {
                 return Ok(Resolved {
                     endpoint: route.endpoint,
+                    path: route.path,
                     params,
                 });
             }

@@ -16,6 +16,7 @@ use crate::store::{SandboxRecord, Store};
 use crate::vm_client;
 
 mod hibernate;
+mod isolate;
 
 /// After SIGTERM, how long a VMM gets to end before SIGKILL.
 const STOP_GRACE: Duration = Duration::from_secs(10);
@@ -269,6 +270,10 @@ impl Sandboxes {
             }
             None => random_id(),
         };
+        if request.tier == Some(Tier::Isolate) {
+            return self.create_isolate(id, request, deadline).await;
+        }
+        isolate::refuse_isolate_fields(&request)?;
         let template_name = request.template.clone().unwrap_or_else(|| "default".into());
         let template = match &request.kernel_image_path {
             // A full inline config needs no template.
@@ -290,6 +295,7 @@ impl Sandboxes {
         let record = SandboxRecord {
             info: SandboxInfo {
                 id: id.clone(),
+                tier: Tier::Microvm,
                 template: if request.kernel_image_path.is_some() && request.template.is_none() {
                     "(inline)".into()
                 } else {
@@ -304,29 +310,46 @@ impl Sandboxes {
                 pid: None,
                 api_sock: plan.api_sock.clone(),
                 vsock_uds: plan.vsock_uds.clone(),
+                isolate: None,
                 ended: None,
             },
             pid_start_ticks: None,
             booted: false,
         };
-        {
-            let mut records = self.records();
-            if records.contains_key(&id) {
-                return Err(Fault::conflict(format!("sandbox {id} already exists")));
-            }
-            let live = records.values().filter(|r| r.info.state.is_live()).count();
-            if live >= self.max_live {
-                return Err(Fault::conflict(format!(
-                    "{live} sandboxes are running, the daemon's limit (--max-sandboxes); stop or \
-                     destroy one first"
-                )));
-            }
-            self.store.save_sandbox(&record).map_err(Fault::internal)?;
-            records.insert(id.clone(), record);
+        self.insert_new(record)?;
+        let started = self.start(&plan, &template, deadline).await;
+        self.finish_create(&id, started).await
+    }
+
+    /// Adds the record of a sandbox being created, unless its id is taken or the daemon runs
+    /// its limit of sandboxes.
+    fn insert_new(&self, record: SandboxRecord) -> Result<(), Fault> {
+        let id = record.info.id.clone();
+        let mut records = self.records();
+        if records.contains_key(&id) {
+            return Err(Fault::conflict(format!("sandbox {id} already exists")));
         }
-        match self.start(&plan, &template, deadline).await {
+        let live = records.values().filter(|r| r.info.state.is_live()).count();
+        if live >= self.max_live {
+            return Err(Fault::conflict(format!(
+                "{live} sandboxes are running, the daemon's limit (--max-sandboxes); stop or \
+                 destroy one first"
+            )));
+        }
+        self.store.save_sandbox(&record).map_err(Fault::internal)?;
+        records.insert(id, record);
+        Ok(())
+    }
+
+    /// Ends a create: the sandbox runs, or (it failed) nothing of it is left.
+    async fn finish_create(
+        &self,
+        id: &str,
+        started: Result<(), Fault>,
+    ) -> Result<SandboxInfo, Fault> {
+        match started {
             Ok(()) => self
-                .update(&id, |r| {
+                .update(id, |r| {
                     if r.info.state == SandboxState::Starting {
                         r.info.state = SandboxState::Running;
                     }
@@ -335,7 +358,7 @@ impl Sandboxes {
                     Fault::conflict(format!("sandbox {id} was destroyed while it was created"))
                 }),
             Err(fault) => {
-                self.discard(&id).await;
+                self.discard(id).await;
                 Err(fault)
             }
         }
@@ -501,6 +524,7 @@ impl Sandboxes {
             self.end_vmm(id).await?;
             self.remove_jail_leftovers(id);
         }
+        self.remove_isolate_files(id);
         self.get(id)
     }
 

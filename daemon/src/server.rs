@@ -18,11 +18,14 @@ use serde::de::DeserializeOwned;
 use tokio::net::UnixListener;
 
 use crate::fault::Fault;
+use crate::model::{Tier, MAX_MODULE_BYTES};
 use crate::routes::{self, Endpoint};
 use crate::sandboxes::Sandboxes;
 use crate::vm_client;
 
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// `POST /sandboxes` may carry an isolate's module in base64 (4 characters for 3 bytes).
+pub const MAX_CREATE_BODY_BYTES: usize = MAX_MODULE_BYTES / 3 * 4 + 64 * 1024;
 pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -138,6 +141,19 @@ fn to_json<T: serde::Serialize>(value: &T) -> serde_json::Value {
 async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Result<Reply, Fault> {
     let route = routes::resolve(request.method(), request.uri().path())?;
     let param = route.param().to_string();
+    let what = format!("{} {}", request.method(), route.path);
+    // The routes of one tier refuse the other's sandboxes with 400.
+    let tier = match route.endpoint {
+        Endpoint::PauseSandbox
+        | Endpoint::ResumeSandbox
+        | Endpoint::HibernateSandbox
+        | Endpoint::Forward { .. } => Some(Tier::Microvm),
+        Endpoint::CallSandbox => Some(Tier::Isolate),
+        _ => None,
+    };
+    if let Some(tier) = tier {
+        sandboxes.require_tier(&param, tier, &what)?;
+    }
     let ok = |value: serde_json::Value| Ok(Reply::Json(StatusCode::OK, value));
     match route.endpoint {
         Endpoint::DaemonInfo => ok(serde_json::json!({
@@ -149,7 +165,7 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
             ok(serde_json::json!({ "sandboxes": to_json(&sandboxes.list()) }))
         }
         Endpoint::CreateSandbox => {
-            let body = read_json(request, "POST /sandboxes").await?;
+            let body = read_json(request, "POST /sandboxes", MAX_CREATE_BODY_BYTES).await?;
             let info = sandboxes.create(body).await?;
             Ok(Reply::Json(StatusCode::CREATED, to_json(&info)))
         }
@@ -168,13 +184,20 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
         Endpoint::GetTemplate => ok(to_json(&sandboxes.get_template(&param)?)),
         Endpoint::PutTemplate => {
             let what = format!("PUT /templates/{param}");
-            let template = read_json(request, &what).await?;
+            let template = read_json(request, &what, MAX_BODY_BYTES).await?;
             sandboxes.put_template(&param, template)?;
             Ok(Reply::NoContent)
         }
         Endpoint::DeleteTemplate => {
             sandboxes.delete_template(&param)?;
             Ok(Reply::NoContent)
+        }
+        Endpoint::CallSandbox => {
+            let sock = sandboxes.isolate_sock(&param)?;
+            let response = vm_client::forward(&sock, request, "/call")
+                .await
+                .map_err(|e| Fault::unavailable(format!("sandbox {param}: {e}")))?;
+            Ok(Reply::Forwarded(response))
         }
         Endpoint::Forward { upstream, agent } => {
             let sock = if agent {
@@ -191,16 +214,17 @@ async fn handle(sandboxes: &Arc<Sandboxes>, request: Request<Incoming>) -> Resul
     }
 }
 
-/// Reads a JSON body of at most [`MAX_BODY_BYTES`] within [`BODY_TIMEOUT`] and decodes it
-/// (unknown fields are refused by the types themselves).
+/// Reads a JSON body of at most `max_bytes` within [`BODY_TIMEOUT`] and decodes it (unknown
+/// fields are refused by the types themselves).
 async fn read_json<T: DeserializeOwned>(
     request: Request<Incoming>,
     what: &str,
+    max_bytes: usize,
 ) -> Result<T, Fault> {
     let too_large = || {
         Fault::new(
             StatusCode::PAYLOAD_TOO_LARGE,
-            format!("{what}: the body is over the {MAX_BODY_BYTES}-byte limit"),
+            format!("{what}: the body is over the {max_bytes}-byte limit"),
         )
     };
     let declared = request
@@ -208,12 +232,12 @@ async fn read_json<T: DeserializeOwned>(
         .get(CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY_BYTES as u64) {
+    if declared.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
     let body = match tokio::time::timeout(
         BODY_TIMEOUT,
-        Limited::new(request.into_body(), MAX_BODY_BYTES).collect(),
+        Limited::new(request.into_body(), max_bytes).collect(),
     )
     .await
     {

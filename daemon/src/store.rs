@@ -6,6 +6,7 @@
 //! <state>/sandboxes/<id>/sandbox.json  the sandbox's record (written to a temp file, fsync'd, renamed)
 //! <state>/sandboxes/<id>/vmm.log       the VMM's (and jailer's) stdout and stderr
 //! <state>/sandboxes/<id>/...           api.sock, vsock.sock, console.log when not jailed
+//! <state>/sandboxes/<id>/module.wasm   an isolate sandbox's module (mounted read-only in its jail)
 //! <state>/jail/agentvm/<id>/run/...    api.sock, vsock.sock, console.log when jailed
 //! ```
 
@@ -215,6 +216,7 @@ mod tests {
         SandboxRecord {
             info: SandboxInfo {
                 id: id.into(),
+                tier: crate::model::Tier::Microvm,
                 template: "t".into(),
                 state: SandboxState::Running,
                 created_at_ms: 1,
@@ -225,6 +227,7 @@ mod tests {
                 pid: Some(42),
                 api_sock: "/x/api.sock".into(),
                 vsock_uds: "/x/v.sock".into(),
+                isolate: None,
                 ended: None,
             },
             pid_start_ticks: Some(7),

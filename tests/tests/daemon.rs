@@ -1,9 +1,10 @@
 //! `agentvm daemon` over its real socket, with the ring-3 probe guest as the sandboxes' guest
 //! (jailed when the tests run as root, as in CI): every error class, the sandbox lifecycle, a
 //! daemon killed and restarted (sandboxes adopted, a vanished one reported lost, a hibernated
-//! one kept and resumed from its snapshot), a second
-//! daemon refused, and 50 creates in parallel. The agent routes with a real Linux guest are in
-//! the agent-e2e driver (`daemon` check).
+//! one kept and resumed from its snapshot), a second daemon refused, and 50 creates in
+//! parallel; and isolate sandboxes (tier isolate: a WebAssembly module served by its own worker
+//! process, no guest boot) through the same API. The agent routes with a real Linux guest are
+//! in the agent-e2e driver (`daemon` check).
 //!
 //! Needs /dev/kvm (skipped without it, failing instead under CI=true) and the agentvm and
 //! agentvm-jailer binaries: `cargo build --release -p vmm -p jailer`.
@@ -247,8 +248,16 @@ fn every_bad_request_is_a_4xx_with_a_fault_message() {
         400,
         "/no/such/kernel is not a readable file",
     );
-    let big = format!(r#"{{"id": "{}"}}"#, "x".repeat(70 * 1024));
-    d.refused("POST", "/sandboxes", Some(&big), 413, "65536-byte limit");
+    let big = format!(r#"{{"kernel_image_path": "{}"}}"#, "x".repeat(70 * 1024));
+    d.refused("PUT", "/templates/big", Some(&big), 413, "65536-byte limit");
+    // A create may carry an isolate's module (8 MiB, in base64): its limit is that.
+    // (Refused from its Content-Length, before the body is read.)
+    let answer = integration_tests::api::raw(
+        &d.sock,
+        b"POST /sandboxes HTTP/1.1\r\nHost: x\r\nContent-Length: 11300000\r\n\r\n",
+    );
+    assert_eq!(answer.status, 413, "{answer:?}");
+    assert!(answer.fault().contains("11250344-byte limit"), "{answer:?}");
     d.refused("GET", "/sandboxes/ghost", None, 404, "no sandbox \"ghost\"");
     d.refused("DELETE", "/sandboxes/ghost", None, 404, "no sandbox");
     d.refused("POST", "/sandboxes/ghost/stop", None, 404, "no sandbox");
@@ -583,4 +592,323 @@ fn assert_leftovers_gone(state: &Path) {
         let left: Vec<_> = entries.flatten().map(|e| e.path()).collect();
         assert!(left.is_empty(), "jails left: {left:?}");
     }
+}
+
+/// The isolate sandboxes' module: arithmetic, the sandbox's key/value store (`put` then `get`
+/// in two calls: each call starts from a fresh isolate, so only the store carries the value),
+/// a log line, a trap, an endless loop and `memory.grow`.
+const ISOLATE_MODULE: &str = r#"(module
+    (import "agentvm" "log" (func $log (param i32 i32)))
+    (import "agentvm" "kv_get" (func $kv_get (param i32 i32 i32 i32) (result i32)))
+    (import "agentvm" "kv_put" (func $kv_put (param i32 i32 i32 i32) (result i32)))
+    (memory (export "memory") 1)
+    (data (i32.const 0) "count")
+    (data (i32.const 16) "stored")
+    (func (export "add") (param i32 i32) (result i32) local.get 0 local.get 1 i32.add)
+    (func (export "put") (param $v i32) (result i32)
+        (i32.store (i32.const 32) (local.get $v))
+        (call $kv_put (i32.const 0) (i32.const 5) (i32.const 32) (i32.const 4)))
+    (func (export "get") (result i32)
+        (call $log (i32.const 16) (i32.const 6))
+        (drop (call $kv_get (i32.const 0) (i32.const 5) (i32.const 64) (i32.const 4)))
+        (i32.load (i32.const 64)))
+    (func (export "boom") unreachable)
+    (func (export "spin") (loop br 0))
+    (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))"#;
+
+fn isolate_create(id: &str, module: &[u8], extra: serde_json::Value) -> String {
+    use base64::Engine;
+    let mut body = serde_json::json!({
+        "id": id,
+        "tier": "isolate",
+        "module_base64": base64::engine::general_purpose::STANDARD.encode(module),
+    });
+    for (k, v) in extra.as_object().cloned().unwrap_or_default() {
+        body[k] = v;
+    }
+    body.to_string()
+}
+
+/// `POST /sandboxes/iso/call` with `body`, answered with `status`: its JSON.
+fn isolate_call(d: &Daemon, body: &str, status: u16) -> serde_json::Value {
+    d.expect("POST", "/sandboxes/iso/call", Some(body), status)
+        .json()
+}
+
+/// Whether any process's command line names `needle` (a sandbox's worker or its jailer).
+fn process_mentions(needle: &str) -> bool {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().parse::<u32>().is_ok())
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .any(|c| String::from_utf8_lossy(&c).contains(needle))
+}
+
+#[test]
+fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
+    if !require_kvm() {
+        return;
+    }
+    let mut d = Daemon::start();
+    let module = wat::parse_str(ISOLATE_MODULE).unwrap();
+    let limits = serde_json::json!({"limits": {"cpu_limit_ms": 5000, "max_memory_mib": 1}});
+    let info = d
+        .expect(
+            "POST",
+            "/sandboxes",
+            Some(&isolate_create("iso", &module, limits.clone())),
+            201,
+        )
+        .json();
+    assert_eq!(info["tier"], "isolate", "{info}");
+    assert_eq!(info["state"], "running", "{info}");
+    assert_eq!(info["jailed"], is_root(), "{info}");
+    assert_eq!(info["isolate"]["max_memory_mib"], 1, "{info}");
+    assert_eq!(info["isolate"]["cpu_limit_ms"], 5000, "{info}");
+    assert_eq!(info["isolate"]["module_bytes"], module.len(), "{info}");
+    assert!(info.get("vsock_uds").is_none(), "{info}");
+    let iso_pid = info["pid"].as_u64().expect("a pid") as u32;
+
+    let added = isolate_call(&d, r#"{"function": "add", "args": [2, "40"]}"#, 200);
+    assert_eq!(
+        added["results"],
+        serde_json::json!([{"type": "i32", "value": 42}]),
+        "{added}"
+    );
+    // The store is empty, then holds what the previous call put.
+    assert_eq!(
+        isolate_call(&d, r#"{"function": "get"}"#, 200)["results"][0]["value"],
+        0
+    );
+    isolate_call(&d, r#"{"function": "put", "args": [1234]}"#, 200);
+    let got = isolate_call(&d, r#"{"function": "get"}"#, 200);
+    assert_eq!(got["results"][0]["value"], 1234, "{got}");
+    assert_eq!(got["logs"], serde_json::json!(["stored"]), "{got}");
+    // Beyond max_memory_mib (1 MiB: 16 pages), memory.grow fails inside the module.
+    let grown = isolate_call(&d, r#"{"function": "grow", "args": [100]}"#, 200);
+    assert_eq!(grown["results"][0]["value"], -1, "{grown}");
+    let trapped = isolate_call(&d, r#"{"function": "boom"}"#, 422);
+    assert_eq!(trapped["kind"], "trap", "{trapped}");
+    assert!(
+        trapped["fault_message"]
+            .as_str()
+            .unwrap()
+            .contains("unreachable"),
+        "{trapped}"
+    );
+    let spun = isolate_call(&d, r#"{"function": "spin", "cpu_limit_ms": 100}"#, 422);
+    assert_eq!(spun["kind"], "cpu_limit_exceeded", "{spun}");
+    let missing = isolate_call(&d, r#"{"function": "nope"}"#, 400);
+    assert_eq!(missing["kind"], "missing_export", "{missing}");
+    let bad = isolate_call(&d, r#"{"function": "add", "args": ["two", 1]}"#, 400);
+    assert_eq!(bad["kind"], "bad_arguments", "{bad}");
+    d.refused(
+        "POST",
+        "/sandboxes/iso/call",
+        Some(r#"{"function": "spin", "cpu_limit_ms": 5001}"#),
+        400,
+        "cpu_limit_ms must be 1..=5000",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes/iso/call",
+        Some(r#"{"function": "add", "args": [true]}"#),
+        400,
+        "args[0] is true",
+    );
+    // After all that, the isolate still starts from its template.
+    assert_eq!(
+        isolate_call(&d, r#"{"function": "add", "args": [1, 2]}"#, 200)["results"][0]["value"],
+        3
+    );
+
+    // The worker's own API describes the module.
+    let worker = request(
+        Path::new(info["api_sock"].as_str().unwrap()),
+        "GET",
+        "/",
+        None,
+    )
+    .json();
+    assert_eq!(
+        worker["exports"][0],
+        serde_json::json!({"name": "add", "params": ["i32", "i32"], "results": ["i32"]}),
+        "{worker}"
+    );
+    assert_eq!(worker["exports"].as_array().unwrap().len(), 6, "{worker}");
+    assert_eq!(worker["limits"]["max_memory_mib"], 1, "{worker}");
+    // The ten calls above that reached the job thread (two were refused before it).
+    assert_eq!(worker["calls_served"], 10, "{worker}");
+
+    // Each tier's routes refuse the other's sandboxes.
+    for (method, path, route) in [
+        ("POST", "/sandboxes/iso/exec", "POST /sandboxes/{id}/exec"),
+        (
+            "GET",
+            "/sandboxes/iso/files?path=/",
+            "GET /sandboxes/{id}/files",
+        ),
+        ("POST", "/sandboxes/iso/pause", "POST /sandboxes/{id}/pause"),
+        (
+            "POST",
+            "/sandboxes/iso/hibernate",
+            "POST /sandboxes/{id}/hibernate",
+        ),
+        (
+            "GET",
+            "/sandboxes/iso/metrics",
+            "GET /sandboxes/{id}/metrics",
+        ),
+    ] {
+        d.refused(
+            method,
+            path,
+            Some("{}"),
+            400,
+            &format!("sandbox iso is an isolate sandbox; {route} needs tier microvm"),
+        );
+    }
+    d.expect("PUT", "/templates/probe", Some(&template("count")), 204);
+    d.expect(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "id": "vm"}"#),
+        201,
+    );
+    assert_eq!(d.sandbox("vm")["tier"], "microvm");
+    d.refused(
+        "POST",
+        "/sandboxes/vm/call",
+        Some(r#"{"function": "add"}"#),
+        400,
+        "sandbox vm is a microvm sandbox; POST /sandboxes/{id}/call needs tier isolate",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create(
+            "x",
+            &module,
+            serde_json::json!({"vcpu_count": 2}),
+        )),
+        400,
+        "vcpu_count is a field of tier microvm",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"template": "probe", "module_base64": "AGFzbQEAAAA="}"#),
+        400,
+        "module_base64 is a field of tier isolate",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(r#"{"tier": "isolate"}"#),
+        400,
+        "needs module_base64",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create(
+            "x",
+            &module,
+            serde_json::json!({"limits": {"max_memory_mib": 0}}),
+        )),
+        400,
+        "limits.max_memory_mib must be 1..=4096",
+    );
+
+    // A module the isolate refuses: 400 saying why, and nothing left of the sandbox.
+    let invalid = b"\0asm\x01\0\0\0\x01\xff";
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create("iso-bad", invalid, serde_json::json!({}))),
+        400,
+        "the module is refused",
+    );
+    d.refused("GET", "/sandboxes/iso-bad", None, 404, "no sandbox");
+    assert!(!d.state.join("sandboxes/iso-bad").exists());
+    assert!(!d.state.join("jail/agentvm/iso-bad").exists());
+    assert!(!process_mentions("iso-bad"));
+    let unimportable = wat::parse_str(r#"(module (import "env" "f" (func)))"#).unwrap();
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create(
+            "iso-bad",
+            &unimportable,
+            serde_json::json!({}),
+        )),
+        400,
+        "cannot instantiate the module",
+    );
+
+    // The daemon dies, and one worker with it; the other is adopted with its store.
+    let doomed = d
+        .expect(
+            "POST",
+            "/sandboxes",
+            Some(&isolate_create(
+                "iso-doomed",
+                &module,
+                serde_json::json!({}),
+            )),
+            201,
+        )
+        .json();
+    let doomed_pid = doomed["pid"].as_u64().unwrap() as u32;
+    d.process.take().unwrap().signal(libc::SIGKILL).unwrap();
+    // The worker itself when jailed, so that its jailer still cleans up, as after a crash.
+    let victim = std::fs::read_to_string(format!("/proc/{doomed_pid}/task/{doomed_pid}/children"))
+        .ok()
+        .and_then(|c| {
+            c.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+        })
+        .filter(|_| is_root())
+        .unwrap_or(doomed_pid as i32);
+    // SAFETY: kill(2) with integers only, on the worker (or its jailer) this test started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+    wait_until("the doomed worker to die", || !alive(doomed_pid));
+    d.process = Some(d.spawn());
+    let iso = d.sandbox("iso");
+    assert_eq!(iso["state"], "running", "{iso}");
+    assert_eq!(iso["pid"].as_u64(), Some(u64::from(iso_pid)));
+    assert_eq!(d.sandbox("iso-doomed")["state"], "lost");
+    assert_eq!(
+        isolate_call(&d, r#"{"function": "get"}"#, 200)["results"][0]["value"],
+        1234
+    );
+
+    // Stopping ends the worker and removes its module, keeping the record; deleting removes
+    // the rest.
+    let module_file = d.state.join("sandboxes/iso/module.wasm");
+    assert!(module_file.is_file());
+    let stopped = d.expect("POST", "/sandboxes/iso/stop", None, 200).json();
+    assert_eq!(stopped["state"], "stopped", "{stopped}");
+    assert!(!alive(iso_pid));
+    assert!(!module_file.exists());
+    d.refused(
+        "POST",
+        "/sandboxes/iso/call",
+        Some(r#"{"function": "add"}"#),
+        409,
+        "sandbox iso is stopped",
+    );
+    d.expect("DELETE", "/sandboxes/iso", None, 204);
+    assert!(!process_mentions(
+        &d.state.join("sandboxes/iso/").display().to_string()
+    ));
+    assert!(!process_mentions("--id\0iso\0"));
+    // (The same look finds a sandbox that runs: the probe's jailer, when jailed.)
+    assert_eq!(process_mentions("--id\0vm\0"), is_root());
+    for id in ["iso-doomed", "vm"] {
+        d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
+    }
+    assert_leftovers_gone(&d.state);
 }

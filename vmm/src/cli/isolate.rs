@@ -14,6 +14,9 @@ pub enum IsolateCommand {
     /// and print its results, one per line. The module may import `agentvm.log`,
     /// `agentvm.kv_get` and `agentvm.kv_put` (see the README).
     Run(RunArgs),
+    /// Serve calls of a module's functions over an HTTP API on a Unix socket, one isolate
+    /// sandbox of the daemon (`POST /sandboxes` with `"tier": "isolate"` starts one).
+    Serve(super::isolate_serve::ServeArgs),
 }
 
 #[derive(Args)]
@@ -47,10 +50,11 @@ const MAX_MEMORY_MIB: u32 = 4096;
 pub fn run(command: IsolateCommand) -> Result<ExitCode, String> {
     match command {
         IsolateCommand::Run(args) => run_module(args),
+        IsolateCommand::Serve(args) => super::isolate_serve::serve(args),
     }
 }
 
-fn read_module(path: &Path) -> Result<Vec<u8>, String> {
+pub fn read_module(path: &Path) -> Result<Vec<u8>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     if bytes.starts_with(b"\0asm") {
         return Ok(bytes);
@@ -65,16 +69,25 @@ fn read_module(path: &Path) -> Result<Vec<u8>, String> {
         })
 }
 
-fn run_module(args: RunArgs) -> Result<ExitCode, String> {
-    if args.max_memory_mib == 0 || args.max_memory_mib > MAX_MEMORY_MIB {
+/// The flags both `run` and `serve` take.
+pub fn check_limits(
+    max_memory_mib: u32,
+    cpu_limit_ms: u64,
+    wall_limit_ms: u64,
+) -> Result<(), String> {
+    if max_memory_mib == 0 || max_memory_mib > MAX_MEMORY_MIB {
         return Err(format!(
-            "--max-memory-mib must be 1..={MAX_MEMORY_MIB}, got {}",
-            args.max_memory_mib
+            "--max-memory-mib must be 1..={MAX_MEMORY_MIB}, got {max_memory_mib}"
         ));
     }
-    if args.cpu_limit_ms == 0 || args.wall_limit_ms == 0 {
+    if cpu_limit_ms == 0 || wall_limit_ms == 0 {
         return Err("--cpu-limit-ms and --wall-limit-ms must be at least 1".into());
     }
+    Ok(())
+}
+
+fn run_module(args: RunArgs) -> Result<ExitCode, String> {
+    check_limits(args.max_memory_mib, args.cpu_limit_ms, args.wall_limit_ms)?;
     let module = read_module(&args.module)?;
     let config = IsolateConfig {
         max_wasm_mib: args.max_memory_mib,

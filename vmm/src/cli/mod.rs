@@ -6,6 +6,7 @@ mod console;
 mod daemon;
 mod exec;
 mod isolate;
+mod isolate_serve;
 mod kernel_cmd;
 mod nested;
 mod net_args;
