@@ -20,7 +20,11 @@ fn job(wat_src: &str, function: &str, args: &[&str]) -> JobSpec {
 /// Runs `f` with a host context over `kv` whose log lines are dropped.
 fn with_host<R>(kv: &mut KvStore, f: impl FnOnce(&mut HostContext<'_>) -> R) -> R {
     let mut log = |_: &str| {};
-    f(&mut HostContext { kv, log: &mut log })
+    f(&mut HostContext {
+        kv,
+        log: &mut log,
+        fetch: None,
+    })
 }
 
 fn run_once(job: &JobSpec) -> (Result<Vec<Value>, IsolateError>, Vec<String>, KvStore) {
@@ -33,6 +37,7 @@ fn run_once(job: &JobSpec) -> (Result<Vec<Value>, IsolateError>, Vec<String>, Kv
         &mut HostContext {
             kv: &mut kv,
             log: &mut log,
+            fetch: None,
         },
     );
     (result, logs, kv)
@@ -153,6 +158,7 @@ fn memory_growth_beyond_the_limit_is_refused() {
     let mut ctx = HostContext {
         kv: &mut kv,
         log: &mut log,
+        fetch: None,
     };
     // 1 page + 31 pages = 2 MiB: allowed; one page more is not.
     let mut isolate = Isolate::boot(config).unwrap();
@@ -278,6 +284,7 @@ fn a_pooled_isolate_starts_every_job_from_the_template() {
     let mut ctx = HostContext {
         kv: &mut kv,
         log: &mut log,
+        fetch: None,
     };
     assert!(pool.run(&spin, &mut ctx).is_err());
     assert_eq!(
@@ -493,4 +500,185 @@ fn the_cli_runs_the_job_under_seccomp() {
         mode_while_spinning(&["--no-seccomp"], Duration::from_secs(1)),
         "0"
     );
+}
+
+/// An HTTP server on 127.0.0.1 answering every connection with `hello`; the requests it saw.
+fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut request = Vec::new();
+            let mut byte = [0u8; 1];
+            while !request.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => request.push(byte[0]),
+                    _ => break,
+                }
+            }
+            record
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&request).into_owned());
+            let _ = stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Reply: yes\r\n\r\nhello");
+        }
+    });
+    (port, seen)
+}
+
+/// A module whose functions each fetch one request (text at its own offset) and log the
+/// response; they return what `agentvm.fetch` returned.
+fn fetch_module(requests: &[(&str, String)]) -> String {
+    let mut data = String::new();
+    let mut funcs = String::new();
+    for (i, (name, request)) in requests.iter().enumerate() {
+        let offset = i * 1024;
+        let escaped = request.replace("\r\n", "\\0d\\0a");
+        data.push_str(&format!("(data (i32.const {offset}) \"{escaped}\")\n"));
+        funcs.push_str(&format!(
+            r#"(func (export "{name}") (result i32) (local $n i32)
+                 (local.set $n (call $fetch (i32.const {offset}) (i32.const {len})
+                                            (i32.const 8192) (i32.const 4096)))
+                 (if (i32.gt_s (local.get $n) (i32.const 0))
+                   (then (call $log (i32.const 8192) (local.get $n))))
+                 (local.get $n))
+            "#,
+            len = request.len()
+        ));
+    }
+    format!(
+        r#"(module
+             (import "agentvm" "fetch" (func $fetch (param i32 i32 i32 i32) (result i32)))
+             (import "agentvm" "log" (func $log (param i32 i32)))
+             (memory (export "memory") 1)
+             {data}
+             {funcs})"#
+    )
+}
+
+/// `agentvm isolate run --egress-policy`: a fetch from a local server through a domain rule
+/// (loopback opened by a CIDR rule) with a credential from the environment; denials named in
+/// the log; no policy, no fetch. The job and the fetcher run under their seccomp filters.
+#[test]
+fn the_cli_fetches_through_the_egress_policy() {
+    if !require_kvm() {
+        return;
+    }
+    const SECRET: &str = "isolate-fetch-secret-5b1e";
+    let (port, seen) = http_server();
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("fetch.wat");
+    std::fs::write(
+        &module,
+        fetch_module(&[
+            (
+                "allowed",
+                format!(
+                    "POST http://localhost:{port}/items?q=1 HTTP/1.1\r\nAuthorization: Bearer mine\r\nX-Test: 1\r\n\r\nbody!"
+                ),
+            ),
+            ("no_rule", "GET http://example.org/".to_string()),
+            ("metadata", "GET http://169.254.169.254/latest/".to_string()),
+            ("bad", "GET ftp://localhost/".to_string()),
+        ]),
+    )
+    .unwrap();
+    let policy = dir.path().join("policy.json");
+    std::fs::write(
+        &policy,
+        r#"{"version": 1, "rules": [
+             {"id": "loopback", "cidr": "127.0.0.1/32", "ports": [1]},
+             {"id": "local-api", "domain": "localhost",
+              "inject_headers": [{"name": "Authorization", "prefix": "Bearer ",
+                                  "from_env": "ISOLATE_FETCH_TOKEN"}]}]}"#,
+    )
+    .unwrap();
+    let audit = dir.path().join("audit.jsonl");
+    let run = |function: &str, with_policy: bool| {
+        let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+        command
+            .args(["isolate", "run"])
+            .arg(&module)
+            .args(["--invoke", function])
+            .env("ISOLATE_FETCH_TOKEN", SECRET);
+        if with_policy {
+            command
+                .arg("--egress-policy")
+                .arg(&policy)
+                .arg("--egress-audit")
+                .arg(&audit);
+        }
+        let out = command.output().unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{function}: {stderr}");
+        assert!(
+            !stdout.contains(SECRET) && !stderr.contains(SECRET),
+            "{function}: the secret was printed"
+        );
+        (stdout, stderr)
+    };
+
+    let (stdout, stderr) = run("allowed", true);
+    let response = "200\r\nContent-Length: 5\r\nX-Reply: yes\r\n\r\nhello";
+    assert_eq!(stdout, format!("{}\n", response.len()), "{stderr}");
+    assert!(stderr.contains(&format!("isolate: {response}")), "{stderr}");
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    let request = &requests[0];
+    assert!(
+        request.starts_with("POST /items?q=1 HTTP/1.1\r\n"),
+        "{request}"
+    );
+    assert!(
+        request.contains(&format!("Host: localhost:{port}\r\n")),
+        "{request}"
+    );
+    assert!(request.contains("Content-Length: 5\r\n"), "{request}");
+    assert!(request.contains("X-Test: 1\r\n"), "{request}");
+    assert!(
+        request.contains(&format!("Authorization: Bearer {SECRET}\r\n"))
+            && !request.contains("mine"),
+        "the rule's credential replaces the module's: {request}"
+    );
+    let audit_text = std::fs::read_to_string(&audit).unwrap();
+    assert!(!audit_text.contains(SECRET));
+    let line: serde_json::Value = serde_json::from_str(audit_text.lines().next().unwrap()).unwrap();
+    assert_eq!(line["kind"], "fetch");
+    assert_eq!(line["decision"], "allow");
+    assert_eq!(line["rule"], "local-api");
+    assert_eq!(line["path"], "/items?q=1");
+
+    let (stdout, stderr) = run("no_rule", true);
+    assert_eq!(stdout, "-1\n");
+    assert!(
+        stderr.contains("fetch failed: denied by the egress policy: no rule allows example.org:80"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = run("metadata", true);
+    assert_eq!(stdout, "-1\n");
+    assert!(
+        stderr.contains("169.254.169.254 is always denied (metadata)"),
+        "{stderr}"
+    );
+    let (stdout, stderr) = run("bad", true);
+    assert_eq!(stdout, "-2\n");
+    assert!(stderr.contains("only http and https"), "{stderr}");
+    let (stdout, stderr) = run("allowed", false);
+    assert_eq!(stdout, "-1\n");
+    assert!(
+        stderr.contains("fetch needs an egress policy (--egress-policy)"),
+        "{stderr}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "nothing reached the server without a policy"
+    );
+    assert_eq!(std::fs::read_to_string(&audit).unwrap().lines().count(), 4);
 }
