@@ -571,6 +571,9 @@ fn the_cli_fetches_through_the_egress_policy() {
     }
     const SECRET: &str = "isolate-fetch-secret-5b1e";
     let (port, seen) = http_server();
+    // Connections to it complete (the kernel's backlog) but are never answered.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
     let dir = tempfile::tempdir().unwrap();
     let module = dir.path().join("fetch.wat");
     std::fs::write(
@@ -585,6 +588,7 @@ fn the_cli_fetches_through_the_egress_policy() {
             ("no_rule", "GET http://example.org/".to_string()),
             ("metadata", "GET http://169.254.169.254/latest/".to_string()),
             ("bad", "GET ftp://localhost/".to_string()),
+            ("silent", format!("GET http://localhost:{silent_port}/")),
         ]),
     )
     .unwrap();
@@ -599,12 +603,13 @@ fn the_cli_fetches_through_the_egress_policy() {
     )
     .unwrap();
     let audit = dir.path().join("audit.jsonl");
-    let run = |function: &str, with_policy: bool| {
+    let run_with = |function: &str, with_policy: bool, extra: &[&str]| {
         let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
         command
             .args(["isolate", "run"])
             .arg(&module)
             .args(["--invoke", function])
+            .args(extra)
             .env("ISOLATE_FETCH_TOKEN", SECRET);
         if with_policy {
             command
@@ -616,11 +621,15 @@ fn the_cli_fetches_through_the_egress_policy() {
         let out = command.output().unwrap();
         let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
         let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-        assert!(out.status.success(), "{function}: {stderr}");
         assert!(
             !stdout.contains(SECRET) && !stderr.contains(SECRET),
             "{function}: the secret was printed"
         );
+        (out.status.code(), stdout, stderr)
+    };
+    let run = |function: &str, with_policy: bool| {
+        let (code, stdout, stderr) = run_with(function, with_policy, &[]);
+        assert_eq!(code, Some(0), "{function}: {stderr}");
         (stdout, stderr)
     };
 
@@ -680,5 +689,10 @@ fn the_cli_fetches_through_the_egress_policy() {
         1,
         "nothing reached the server without a policy"
     );
-    assert_eq!(std::fs::read_to_string(&audit).unwrap().lines().count(), 4);
+    // A fetch waiting on a silent server ends with the job's wall-clock limit.
+    let (code, _, stderr) = run_with("silent", true, &["--wall-limit-ms", "300"]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("wall-clock limit exceeded"), "{stderr}");
+    drop(silent);
+    assert_eq!(std::fs::read_to_string(&audit).unwrap().lines().count(), 5);
 }
