@@ -534,18 +534,30 @@ fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
 /// A module whose functions each fetch one request (text at its own offset) and log the
 /// response; they return what `agentvm.fetch` returned.
 fn fetch_module(requests: &[(&str, String)]) -> String {
+    let with_cap: Vec<(&str, String, u32)> = requests
+        .iter()
+        .map(|(name, request)| (*name, request.clone(), 4096))
+        .collect();
+    fetch_module_with_caps(&with_cap)
+}
+
+/// [`fetch_module`] with each function's response buffer size: it logs the part of the
+/// response that fit.
+fn fetch_module_with_caps(requests: &[(&str, String, u32)]) -> String {
     let mut data = String::new();
     let mut funcs = String::new();
-    for (i, (name, request)) in requests.iter().enumerate() {
+    for (i, (name, request, cap)) in requests.iter().enumerate() {
         let offset = i * 1024;
         let escaped = request.replace("\r\n", "\\0d\\0a");
         data.push_str(&format!("(data (i32.const {offset}) \"{escaped}\")\n"));
         funcs.push_str(&format!(
             r#"(func (export "{name}") (result i32) (local $n i32)
                  (local.set $n (call $fetch (i32.const {offset}) (i32.const {len})
-                                            (i32.const 8192) (i32.const 4096)))
+                                            (i32.const 8192) (i32.const {cap})))
                  (if (i32.gt_s (local.get $n) (i32.const 0))
-                   (then (call $log (i32.const 8192) (local.get $n))))
+                   (then (call $log (i32.const 8192)
+                     (select (local.get $n) (i32.const {cap})
+                             (i32.lt_s (local.get $n) (i32.const {cap}))))))
                  (local.get $n))
             "#,
             len = request.len()
@@ -559,6 +571,112 @@ fn fetch_module(requests: &[(&str, String)]) -> String {
              {data}
              {funcs})"#
     )
+}
+
+/// The fetch host call without a network: the host's fetch function sees the request the
+/// module wrote as text, and the module reads the answer back as text, cut to its buffer;
+/// failures give their codes and reasons.
+#[test]
+fn the_fetch_host_call_carries_requests_and_responses_as_text() {
+    use vmm::isolate::{FetchError, FetchRequest, FetchResponse};
+    if !require_kvm() {
+        return;
+    }
+    let module = wat::parse_str(fetch_module_with_caps(&[
+        (
+            "full",
+            "PUT https://x.test/p?q HTTP/1.1\r\nA:  spaced \r\nB:2\r\n\r\nthe body".into(),
+            4096,
+        ),
+        ("short", "GET http://x.test/short".into(), 3),
+        ("big", "GET http://x.test/big".into(), 4096),
+        ("denied", "GET http://x.test/denied".into(), 4096),
+        ("bad_text", "GET\r\n".into(), 4096),
+        ("bad_header", "GET http://x.test/\r\nno colon".into(), 4096),
+    ]))
+    .unwrap();
+    let mut seen: Vec<FetchRequest> = Vec::new();
+    let mut fetch = |request: &FetchRequest, deadline: Instant| {
+        assert!(deadline > Instant::now(), "the deadline is the job's");
+        seen.push(request.clone());
+        match request.url.as_str() {
+            "http://x.test/big" => Ok(FetchResponse {
+                status: 200,
+                headers: Vec::new(),
+                body: vec![b'x'; 1 << 20],
+            }),
+            "http://x.test/denied" => Err(FetchError::Denied("no rule allows x.test:80".into())),
+            _ => Ok(FetchResponse {
+                status: 201,
+                headers: vec![("X".into(), "y".into())],
+                body: b"abc".to_vec(),
+            }),
+        }
+    };
+    let mut run = |function: &str| {
+        let mut kv = KvStore::new(0);
+        let mut logs = Vec::new();
+        let mut log = |l: &str| logs.push(l.to_string());
+        let spec = JobSpec {
+            module: module.clone(),
+            function: function.into(),
+            args: Vec::new(),
+            cpu_limit: Duration::from_secs(5),
+            wall_limit: Duration::from_secs(20),
+        };
+        let mut isolate = Isolate::boot(IsolateConfig::default()).expect("isolate boots");
+        let result = isolate.run(
+            &spec,
+            &mut HostContext {
+                kv: &mut kv,
+                log: &mut log,
+                fetch: Some(&mut fetch),
+            },
+        );
+        (result.unwrap(), logs)
+    };
+    let response = "201\r\nX: y\r\n\r\nabc";
+    let (result, logs) = run("full");
+    assert_eq!(result, vec![Value::I32(response.len() as i32)]);
+    assert_eq!(logs, vec![response.to_string()]);
+    let (result, logs) = run("short");
+    assert_eq!(
+        result,
+        vec![Value::I32(response.len() as i32)],
+        "the full length, though only 3 bytes fit"
+    );
+    assert_eq!(logs, vec!["201".to_string()]);
+    let (result, logs) = run("big");
+    assert_eq!(result, vec![Value::I32(-4)]);
+    assert!(
+        logs[0].starts_with("fetch failed: response too large"),
+        "{logs:?}"
+    );
+    let (result, logs) = run("denied");
+    assert_eq!(result, vec![Value::I32(-1)]);
+    assert_eq!(
+        logs,
+        vec!["fetch failed: denied by the egress policy: no rule allows x.test:80".to_string()]
+    );
+    let (result, logs) = run("bad_text");
+    assert_eq!(result, vec![Value::I32(-2)]);
+    assert!(logs[0].contains("no URL"), "{logs:?}");
+    let (result, logs) = run("bad_header");
+    assert_eq!(result, vec![Value::I32(-2)]);
+    assert!(logs[0].contains("without ':'"), "{logs:?}");
+    drop(run);
+    assert_eq!(seen.len(), 4, "bad text never reaches the host: {seen:?}");
+    assert_eq!(
+        seen[0],
+        FetchRequest {
+            method: "PUT".into(),
+            url: "https://x.test/p?q".into(),
+            headers: vec![("A".into(), "spaced".into()), ("B".into(), "2".into())],
+            body: b"the body".to_vec(),
+        }
+    );
+    assert_eq!(seen[1].headers, Vec::new());
+    assert_eq!(seen[1].body, Vec::<u8>::new());
 }
 
 /// `agentvm isolate run --egress-policy`: a fetch from a local server through a domain rule

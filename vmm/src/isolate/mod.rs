@@ -26,6 +26,7 @@ mod vm;
 
 use std::time::Duration;
 
+pub use egress::fetch::{FetchError, FetchRequest, FetchResponse, FetcherConfig};
 pub use fetch_thread::FetchThread;
 pub use hostcalls::{FetchFn, HostContext, KvStore, FETCH_MAX_RESPONSE_BYTES, NO_FETCH_POLICY};
 pub use isolate_abi::Value;
