@@ -664,7 +664,6 @@ fn the_fetch_host_call_carries_requests_and_responses_as_text() {
     let (result, logs) = run("bad_header");
     assert_eq!(result, vec![Value::I32(-2)]);
     assert!(logs[0].contains("without ':'"), "{logs:?}");
-    drop(run);
     assert_eq!(seen.len(), 4, "bad text never reaches the host: {seen:?}");
     assert_eq!(
         seen[0],
