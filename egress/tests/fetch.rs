@@ -266,6 +266,36 @@ fn denials_name_the_missing_rule_or_the_range() {
 }
 
 #[test]
+fn rate_limits_and_byte_caps_hold_across_fetches() {
+    let (address, _server) = serve_once(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok".to_vec());
+    let mut h = Harness::new(
+        r#"{"rules":[{"id":"lo","cidr":"127.0.0.1/32","rate_limit":{"connections":1,"per_seconds":3600}}]}"#,
+        &[],
+        Vec::new(),
+    );
+    let url = format!("http://{address}/");
+    h.fetch("GET", &url, &[], b"").unwrap();
+    let text = denied(h.fetch("GET", &url, &[], b""));
+    assert_eq!(text, "rule lo: the rule's connection rate limit is reached");
+
+    let mut big = b"HTTP/1.1 200 OK\r\nContent-Length: 200\r\n\r\n".to_vec();
+    big.extend([b'x'; 200]);
+    let (address, _server) = serve_once(big);
+    let mut h = Harness::new(
+        r#"{"rules":[{"id":"lo","cidr":"127.0.0.1/32","byte_cap":150}]}"#,
+        &[],
+        Vec::new(),
+    );
+    let text = denied(h.fetch("GET", &format!("http://{address}/"), &[], b""));
+    assert_eq!(text, "rule lo: the rule's byte cap is reached");
+    let text = denied(h.fetch("GET", &format!("http://{address}/"), &[], b""));
+    assert_eq!(
+        text, "rule lo: the rule's byte cap is reached",
+        "the cap was used up"
+    );
+}
+
+#[test]
 fn a_chunked_response_is_reassembled() {
     let (address, _server) = serve_once(
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n6\r\n world\r\n0\r\n\r\n"

@@ -20,8 +20,6 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
-    /// Bytes read off the connection (after TLS), for byte caps and the audit log.
-    pub received: usize,
 }
 
 /// Writes `METHOD path HTTP/1.1`, `headers` in order (the caller has put Host first), and
@@ -32,7 +30,7 @@ pub fn write_request(
     path: &str,
     headers: &[(String, String)],
     body: &[u8],
-) -> Result<usize, FetchError> {
+) -> Result<(), FetchError> {
     let mut head = format!("{method} {path} HTTP/1.1\r\n");
     for (name, value) in headers {
         head.push_str(name);
@@ -49,8 +47,7 @@ pub fn write_request(
     connection
         .write_all(&bytes)
         .and_then(|()| connection.flush())
-        .map_err(|e| io_error("sending the request", e))?;
-    Ok(bytes.len())
+        .map_err(|e| io_error("sending the request", e))
 }
 
 /// Buffered reading with a byte budget for the body.
@@ -59,7 +56,6 @@ struct Input<'a, R: Read> {
     buf: Vec<u8>,
     start: usize,
     closed: bool,
-    received: usize,
 }
 
 impl<R: Read> Input<'_, R> {
@@ -88,7 +84,6 @@ impl<R: Read> Input<'_, R> {
             return Ok(false);
         }
         self.buf.extend_from_slice(&chunk[..n]);
-        self.received += n;
         Ok(true)
     }
 
@@ -147,7 +142,6 @@ pub fn read_response(
         buf: Vec::new(),
         start: 0,
         closed: false,
-        received: 0,
     };
     loop {
         let (status, headers, head_len) = read_head(&mut input)?;
@@ -160,7 +154,6 @@ pub fn read_response(
             status,
             headers,
             body,
-            received: input.received,
         });
     }
 }

@@ -270,27 +270,31 @@ impl Fetcher {
             Connection::Plain(stream)
         };
         let headers = request_headers(target, &request.headers, rule);
-        let sent = http1::write_request(
+        // A byte cap bounds what this response may bring, on top of the fetcher's own bound.
+        let cap_left = rule
+            .byte_cap
+            .map(|cap| cap.saturating_sub(self.counters.bytes(&rule.id)));
+        let result = http1::write_request(
             &mut connection,
             &request.method,
             &target.path,
             &headers,
             &request.body,
-        )?;
-        event.bytes_up = sent as u64;
-        // A byte cap bounds what this response may bring, on top of the fetcher's own bound.
-        let cap_left = rule.byte_cap.map(|cap| {
-            cap.saturating_sub(self.counters.bytes(&rule.id))
-                .saturating_sub(sent as u64)
+        )
+        .and_then(|()| {
+            let (sent, _) = connection.transferred();
+            let body_limit = match cap_left {
+                Some(left) => self
+                    .max_response_bytes
+                    .min(left.saturating_sub(sent as u64) as usize),
+                None => self.max_response_bytes,
+            };
+            http1::read_response(&mut connection, &request.method, body_limit)
         });
-        let body_limit = match cap_left {
-            Some(left) => self.max_response_bytes.min(left as usize),
-            None => self.max_response_bytes,
-        };
-        let result = http1::read_response(&mut connection, &request.method, body_limit);
-        let received = result.as_ref().map_or(0, |response| response.received);
+        let (sent, received) = connection.transferred();
+        event.bytes_up = sent as u64;
         event.bytes_down = received as u64;
-        let over_cap = self
+        let capped = self
             .counters
             .add_bytes(rule, (sent + received) as u64)
             .is_err();
@@ -300,7 +304,10 @@ impl Fetcher {
                 headers: response.headers,
                 body: response.body,
             }),
-            Err(FetchError::TooLarge(_)) if over_cap || body_limit < self.max_response_bytes => {
+            // Past the cap, or cut short by it: the cap is the reason, not the response's size.
+            Err(FetchError::TooLarge(_))
+                if capped || cap_left.is_some_and(|left| left < self.max_response_bytes as u64) =>
+            {
                 Err(FetchError::Denied(format!(
                     "rule {}: {}",
                     rule.id,

@@ -16,6 +16,8 @@ use super::FetchError;
 pub struct DeadlineStream {
     socket: TcpStream,
     deadline: Instant,
+    sent: usize,
+    received: usize,
 }
 
 impl DeadlineStream {
@@ -34,7 +36,12 @@ impl DeadlineStream {
         })?;
         // Requests are written whole; Nagle would only delay the last segment.
         let _ = socket.set_nodelay(true);
-        Ok(Self { socket, deadline })
+        Ok(Self {
+            socket,
+            deadline,
+            sent: 0,
+            received: 0,
+        })
     }
 
     fn arm(
@@ -52,14 +59,18 @@ impl DeadlineStream {
 impl Read for DeadlineStream {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         self.arm(TcpStream::set_read_timeout)?;
-        self.socket.read(buf).map_err(as_timeout)
+        let n = self.socket.read(buf).map_err(as_timeout)?;
+        self.received += n;
+        Ok(n)
     }
 }
 
 impl Write for DeadlineStream {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         self.arm(TcpStream::set_write_timeout)?;
-        self.socket.write(buf).map_err(as_timeout)
+        let n = self.socket.write(buf).map_err(as_timeout)?;
+        self.sent += n;
+        Ok(n)
     }
 
     fn flush(&mut self) -> io::Result<()> {
@@ -80,7 +91,7 @@ fn as_timeout(error: io::Error) -> io::Error {
 pub fn time_left(deadline: Instant) -> Result<Duration, FetchError> {
     let left = deadline.saturating_duration_since(Instant::now());
     if left.is_zero() {
-        return Err(FetchError::Timeout("the deadline passed".into()));
+        return Err(FetchError::Timeout("(the deadline had passed)".into()));
     }
     Ok(left)
 }
@@ -104,6 +115,16 @@ impl Connection {
         let session = ClientConnection::new(config, name)
             .map_err(|e| FetchError::Network(format!("TLS: {e}")))?;
         Ok(Self::Tls(Box::new(StreamOwned::new(session, stream))))
+    }
+
+    /// Bytes sent and received on the socket so far (TLS records included), for byte caps and
+    /// the audit log: counted whether the exchange succeeded or not.
+    pub fn transferred(&self) -> (usize, usize) {
+        let stream = match self {
+            Self::Plain(stream) => stream,
+            Self::Tls(tls) => &tls.sock,
+        };
+        (stream.sent, stream.received)
     }
 }
 
