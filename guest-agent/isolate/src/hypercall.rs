@@ -6,7 +6,9 @@ use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU64, Ordering};
 
 use isolate_abi::encoding::Full;
-use isolate_abi::{layout, BootInfo, Call, DecodeError, ErrorKind, FetchAnswer, Reader, Value, Writer};
+use isolate_abi::{
+    layout, BootInfo, Call, DecodeError, ErrorKind, FetchAnswer, Reader, Value, Writer,
+};
 
 use crate::FixedWriter;
 
