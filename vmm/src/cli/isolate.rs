@@ -6,10 +6,9 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use egress::fetch::FetcherConfig;
 use vmm::isolate::{
-    FetchThread, HostContext, Isolate, IsolateConfig, IsolateError, JobSpec, KvStore,
-    FETCH_MAX_RESPONSE_BYTES,
+    FetchError, FetchThread, FetcherConfig, HostContext, Isolate, IsolateConfig, IsolateError,
+    JobSpec, KvStore, FETCH_MAX_RESPONSE_BYTES, NO_FETCH_POLICY,
 };
 
 use super::net_args::NetArgs;
@@ -129,9 +128,7 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
     let mut log = |line: &str| eprintln!("isolate: {line}");
     let mut fetch = |request: &_, deadline| match &fetcher {
         Some(thread) => thread.fetch(request, deadline),
-        None => Err(egress::fetch::FetchError::Denied(
-            vmm::isolate::NO_FETCH_POLICY.into(),
-        )),
+        None => Err(FetchError::Denied(NO_FETCH_POLICY.into())),
     };
     let result = isolate.run(
         &job,
