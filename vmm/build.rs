@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 /// Every filter the VMM installs; the build fails if the JSON lacks one.
-const REQUIRED_FILTERS: [&str; 8] = [
+const REQUIRED_FILTERS: [&str; 9] = [
     "vcpu",
     "devices",
     "vmm",
@@ -24,6 +24,7 @@ const REQUIRED_FILTERS: [&str; 8] = [
     "uffd_handler",
     "isolate",
     "egress",
+    "isolate_fetch",
 ];
 
 fn main() {

@@ -19,7 +19,8 @@ pub struct AuditEvent {
     pub time: String,
     /// The sandbox's id.
     pub sandbox: String,
-    /// "dns", "connect", "http", "ca" (the guest fetched the sandbox CA) or "close".
+    /// "dns", "connect", "http", "ca" (the guest fetched the sandbox CA), "close", or "fetch"
+    /// (an isolate's fetch host call, made by the VMM).
     pub kind: &'static str,
     /// "tcp" / "udp".
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -15,11 +15,14 @@
 //! - [`proxy`]: each allowed connection pumped between the guest and its host socket; HTTPS
 //!   under rules with credential headers intercepted (`proxy::intercept`); the sandbox CA served
 //!   to the guest on the gateway (`proxy::ca_endpoint`).
+//! - [`fetch`]: a blocking, policy-checked HTTP(S) client for the isolate tier's `fetch` host
+//!   call (no NIC: the VMM makes the request itself).
 //! - [`thread`]: the event loop and [`spawn`].
 //! - [`peer`]: a userspace guest on the frame link, for tests and benchmarks.
 
 pub mod audit;
 pub mod dns;
+pub mod fetch;
 pub mod inspect;
 pub mod limits;
 pub mod names;

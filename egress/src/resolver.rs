@@ -332,6 +332,77 @@ impl Resolver {
     }
 }
 
+/// Resolves `name` (A and AAAA, asked at once) on the calling thread, waiting at most until
+/// `deadline` (and the configuration's own timeout): for callers without an event loop of their
+/// own (the isolate tier's `fetch`). Addresses come IPv4 first; an empty list means the name
+/// exists without addresses. NXDOMAIN and failures are `Err` with the reason.
+pub fn lookup_blocking(
+    config: &ResolverConfig,
+    name: &str,
+    deadline: Instant,
+) -> io::Result<Vec<IpAddr>> {
+    let mut poll = mio::Poll::new()?;
+    let mut events = mio::Events::with_capacity(4);
+    let mut resolver = Resolver::new(config.clone(), 0)?;
+    let now = Instant::now();
+    let ids = [
+        resolver.start(poll.registry(), name, RecordType::A, now),
+        resolver.start(poll.registry(), name, RecordType::AAAA, now),
+    ];
+    let mut outcomes: [Option<Outcome>; 2] = [None, None];
+    loop {
+        for (id, outcome) in resolver.poll(poll.registry(), Instant::now()) {
+            if let Some(slot) = ids.iter().position(|wanted| *wanted == id) {
+                outcomes[slot] = Some(outcome);
+            }
+        }
+        if outcomes.iter().all(Option::is_some) {
+            break;
+        }
+        let now = Instant::now();
+        if now >= deadline {
+            for id in ids {
+                resolver.cancel(poll.registry(), id);
+            }
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("no answer for {name} before the deadline"),
+            ));
+        }
+        let wake = resolver.next_deadline().unwrap_or(deadline).min(deadline);
+        match poll.poll(&mut events, Some(wake.saturating_duration_since(now))) {
+            Ok(()) => {}
+            Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+            Err(error) => return Err(error),
+        }
+    }
+    let mut addresses = Vec::new();
+    let mut failures = Vec::new();
+    let mut not_found = 0;
+    for outcome in outcomes.into_iter().flatten() {
+        match outcome {
+            Outcome::Answered(answers) => {
+                addresses.extend(answers.into_iter().map(|(address, _)| address))
+            }
+            Outcome::NotFound => not_found += 1,
+            Outcome::Failed(reason) => failures.push(reason),
+        }
+    }
+    if !addresses.is_empty() {
+        return Ok(addresses);
+    }
+    if not_found > 0 {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("{name}: no such name"),
+        ));
+    }
+    match failures.into_iter().next() {
+        Some(reason) => Err(io::Error::other(format!("{name}: {reason}"))),
+        None => Ok(addresses),
+    }
+}
+
 fn describe(servers: &[SocketAddr]) -> String {
     servers
         .iter()
@@ -423,5 +494,24 @@ mod tests {
                 ("api".to_string(), IpAddr::from([10, 1, 2, 3])),
             ]
         );
+    }
+
+    #[test]
+    fn blocking_lookups_answer_hosts_entries_without_asking() {
+        let config = ResolverConfig {
+            nameservers: Vec::new(),
+            hosts: vec![
+                ("a.test".to_string(), IpAddr::from([10, 0, 0, 1])),
+                ("a.test".to_string(), "fd00::1".parse().unwrap()),
+            ],
+            timeout: Duration::from_secs(1),
+        };
+        let deadline = Instant::now() + Duration::from_secs(1);
+        assert_eq!(
+            lookup_blocking(&config, "A.test.", deadline).unwrap(),
+            vec![IpAddr::from([10, 0, 0, 1]), "fd00::1".parse().unwrap()]
+        );
+        let error = lookup_blocking(&config, "b.test", deadline).unwrap_err();
+        assert!(error.to_string().contains("no nameservers"), "{error}");
     }
 }

@@ -11,9 +11,11 @@
 #![no_std]
 
 pub mod encoding;
+pub mod fetch;
 pub mod layout;
 
 pub use encoding::{DecodeError, Job, JobArgs, Reader, Value, ValueTag, Writer};
+pub use fetch::{FetchAnswer, FetchRequestView, FetchStatus};
 
 /// Version of this contract, checked by the host against the image header and by the guest
 /// against [`BootInfo::abi_version`].
@@ -41,6 +43,12 @@ pub enum Call {
     Result = 5,
     /// Terminal. Payload: `u32` [`ErrorKind`], then the message (bytes).
     Error = 6,
+    /// An HTTP request made by the host under the egress policy. Payload: method (bytes), URL
+    /// (bytes), `u32` header count, each name and value (bytes), body (bytes). Answer: `u32` 0,
+    /// `u32` HTTP status, `u32` header count, each name and value (bytes), body (bytes); or a
+    /// `u32` [`FetchStatus`] failure and its message (bytes). The answer fits the mailbox: a
+    /// response that would not is answered [`FetchStatus::TooLarge`]. See [`fetch`].
+    Fetch = 7,
 }
 
 impl Call {
@@ -52,6 +60,7 @@ impl Call {
             4 => Call::KvPut,
             5 => Call::Result,
             6 => Call::Error,
+            7 => Call::Fetch,
             _ => return None,
         })
     }

@@ -42,6 +42,7 @@ fn a_thousand_jobs_in_a_row_leak_nothing() {
     let mut ctx = HostContext {
         kv: &mut kv,
         log: &mut log,
+        fetch: None,
     };
     // Warm up (allocator caches, lazily created state), then measure.
     for _ in 0..50 {

@@ -5,7 +5,10 @@
 use core::fmt::Write as _;
 use core::sync::atomic::{AtomicU64, Ordering};
 
-use isolate_abi::{layout, BootInfo, Call, ErrorKind, Reader, Value, Writer};
+use isolate_abi::encoding::Full;
+use isolate_abi::{
+    layout, BootInfo, Call, DecodeError, ErrorKind, FetchAnswer, Reader, Value, Writer,
+};
 
 use crate::FixedWriter;
 
@@ -80,6 +83,18 @@ pub fn kv_put(key: &[u8], value: &[u8]) -> Result<bool, &'static str> {
         .u32()
         .map_err(|_| "bad answer from the host")?;
     Ok(ok == 1)
+}
+
+/// An HTTP request through the host's egress policy: `write` encodes it into the mailbox
+/// (`isolate_abi::fetch`), `read` sees the host's answer while it is there. Err when the request
+/// does not fit the mailbox (nothing is sent then).
+pub fn fetch<R>(
+    write: impl FnOnce(&mut Writer<'_>) -> Result<(), Full>,
+    read: impl FnOnce(Result<FetchAnswer<'_>, DecodeError>) -> R,
+) -> Result<R, Full> {
+    write(&mut Writer::new(mailbox()))?;
+    out(Call::Fetch);
+    Ok(read(FetchAnswer::decode(mailbox())))
 }
 
 /// Reports the results; the host ends the job here.

@@ -13,6 +13,7 @@ extern crate alloc;
 
 mod entry;
 mod heap;
+mod http_text;
 mod hypercall;
 mod runtime;
 

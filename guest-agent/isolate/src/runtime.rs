@@ -4,7 +4,20 @@
 //! - `log(ptr: i32, len: i32)`: a UTF-8 message for the host's log;
 //! - `kv_get(key_ptr, key_len, val_ptr, val_cap) -> i32`: the value's length (copying at most
 //!   `val_cap` bytes), or -1 when the key is absent;
-//! - `kv_put(key_ptr, key_len, val_ptr, val_len) -> i32`: 0, or -1 when the store is full.
+//! - `kv_put(key_ptr, key_len, val_ptr, val_len) -> i32`: 0, or -1 when the store is full;
+//! - `fetch(req_ptr, req_len, resp_ptr, resp_cap) -> i32`: an HTTP(S) request the host makes
+//!   under its egress policy (the same policy, rule counters and audit log as a microVM's NIC;
+//!   credential headers of the matching rule replace the module's own). The request is text, an
+//!   HTTP/1.1 request head with the absolute URL in the request line:
+//!   `METHOD URL\r\nName: value\r\n...\r\n\r\nBODY` (the blank line is optional without a
+//!   body; `Host`, `Content-Length`, `Connection` and `Transfer-Encoding` are the host's to write,
+//!   and a request setting one is a bad request). Redirects are not followed. On success the
+//!   response's length is returned and its first `resp_cap` bytes written to `resp` as
+//!   `STATUS\r\nname: value\r\n...\r\n\r\nBODY` (call again with a larger buffer when the
+//!   length exceeds `resp_cap`: each call is a new request). On failure: -1 denied by the egress
+//!   policy, -2 bad request, -3 network failure (DNS, connect, TLS, timeout), -4 response too
+//!   large (it must fit the 1 MiB mailbox with its headers); the reason is copied into `resp`
+//!   (up to `resp_cap`) and logged to the isolate's log.
 //!
 //! Pointers are into the module's exported `memory`; a range outside it traps.
 
@@ -12,12 +25,13 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use isolate_abi::{BootInfo, ErrorKind, Job, Value};
+use isolate_abi::{BootInfo, ErrorKind, FetchAnswer, FetchStatus, Job, Value};
 use wasmi::{
     Caller, Config, Engine, Extern, Linker, Module, Store, StoreLimits, StoreLimitsBuilder, Val,
     ValType,
 };
 
+use crate::http_text::{write_response, CappedOutput, TextRequest};
 use crate::hypercall::{self, fail};
 
 const WASM_PAGE: usize = 64 << 10;
@@ -249,5 +263,94 @@ fn host_functions(engine: &Engine) -> Linker<HostState> {
             Ok(if stored { 0 } else { -1 })
         },
     );
+    let _ = linker.func_wrap(
+        HOST_MODULE,
+        "fetch",
+        |mut caller: Caller<'_, HostState>,
+         req_ptr: i32,
+         req_len: i32,
+         resp_ptr: i32,
+         resp_cap: i32|
+         -> Result<i32, wasmi::Error> {
+            let (memory, req_start, req_len) = memory_range(&caller, req_ptr, req_len)?;
+            let (_, resp_start, resp_cap) = memory_range(&caller, resp_ptr, resp_cap)?;
+            let outcome = send_fetch(&memory.data(&caller)[req_start..req_start + req_len]);
+            let resp = &mut memory.data_mut(&mut caller)[resp_start..resp_start + resp_cap];
+            Ok(match outcome {
+                Ok(response) => {
+                    let mut out = CappedOutput::new(resp);
+                    write_response(
+                        &mut out,
+                        response.status,
+                        response.headers.iter().map(|(n, v)| (&n[..], &v[..])),
+                        &response.body,
+                    );
+                    i32::try_from(out.total()).unwrap_or(i32::MAX)
+                }
+                Err((status, reason)) => {
+                    let mut log = Vec::with_capacity(reason.len() + 14);
+                    log.extend_from_slice(b"fetch failed: ");
+                    log.extend_from_slice(reason.as_bytes());
+                    hypercall::log(&log);
+                    CappedOutput::new(resp).put(reason.as_bytes());
+                    status.wasm_code()
+                }
+            })
+        },
+    );
     linker
+}
+
+/// A response copied out of the mailbox.
+struct FetchedResponse {
+    status: u16,
+    headers: Vec<(Vec<u8>, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+/// Parses the module's text request, has the host make it, and copies the answer out of the
+/// mailbox (the log call that may follow reuses the mailbox).
+fn send_fetch(text: &[u8]) -> Result<FetchedResponse, (FetchStatus, String)> {
+    let bad = |why: &str| (FetchStatus::BadRequest, why.to_string());
+    let request = TextRequest::parse(text).map_err(bad)?;
+    let count = request.header_count();
+    let sent = hypercall::fetch(
+        |w| {
+            isolate_abi::fetch::encode_request(
+                w,
+                request.method,
+                request.url,
+                count,
+                request.headers().filter_map(Result::ok),
+                request.body,
+            )
+        },
+        |answer| match answer {
+            Ok(FetchAnswer::Response {
+                status,
+                header_count,
+                headers,
+                body,
+            }) => Ok(FetchedResponse {
+                status,
+                headers: FetchAnswer::headers(headers, header_count)
+                    .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                    .collect(),
+                body: body.to_vec(),
+            }),
+            Ok(FetchAnswer::Failed { status, message }) => {
+                Err((status, String::from_utf8_lossy(message).into_owned()))
+            }
+            Err(e) => Err((
+                FetchStatus::Network,
+                format!("the host's answer is malformed: {e}"),
+            )),
+        },
+    );
+    match sent {
+        Ok(result) => result,
+        Err(_) => Err(bad(
+            "the request (URL, headers and body) is larger than the 1 MiB mailbox",
+        )),
+    }
 }

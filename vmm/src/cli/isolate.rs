@@ -6,13 +6,18 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use vmm::isolate::{HostContext, Isolate, IsolateConfig, IsolateError, JobSpec, KvStore};
+use vmm::isolate::{
+    FetchError, FetchThread, FetcherConfig, HostContext, Isolate, IsolateConfig, IsolateError,
+    JobSpec, KvStore, FETCH_MAX_RESPONSE_BYTES, NO_FETCH_POLICY,
+};
+
+use super::net_args::NetArgs;
 
 #[derive(Subcommand)]
 pub enum IsolateCommand {
     /// Call a function of a WebAssembly module (binary `.wasm` or text `.wat`) in a new isolate
     /// and print its results, one per line. The module may import `agentvm.log`,
-    /// `agentvm.kv_get` and `agentvm.kv_put` (see the README).
+    /// `agentvm.kv_get`, `agentvm.kv_put` and `agentvm.fetch` (see the README).
     Run(RunArgs),
     /// Serve calls of a module's functions over an HTTP API on a Unix socket, one isolate
     /// sandbox of the daemon (`POST /sandboxes` with `"tier": "isolate"` starts one).
@@ -38,10 +43,25 @@ pub struct RunArgs {
     /// Largest linear memory the module may have, in MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     max_memory_mib: u32,
+    /// Let the module's `agentvm.fetch` reach what this egress policy file (JSON, or TOML by its
+    /// `.toml` name) allows, as a microVM's NIC would. Without it every fetch is denied.
+    #[arg(long, value_name = "FILE")]
+    egress_policy: Option<PathBuf>,
+    /// Append one JSON line per fetch (destination, method, path, decision, rule; never a
+    /// credential) to this file.
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    egress_audit: Option<PathBuf>,
+    /// Also trust the certificates in this PEM file for HTTPS fetches, on top of the
+    /// compiled-in Mozilla roots. Repeatable.
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    egress_upstream_ca: Vec<PathBuf>,
     /// Run without the seccomp filter (debugging only).
     #[arg(long)]
     no_seccomp: bool,
 }
+
+/// The sandbox name of a CLI run in the egress audit log.
+const AUDIT_SANDBOX: &str = "isolate-cli";
 
 /// Bounds of the CLI's in-memory key/value store (it lives for one call).
 const KV_MAX_BYTES: usize = 16 << 20;
@@ -100,21 +120,35 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
         cpu_limit: Duration::from_millis(args.cpu_limit_ms),
         wall_limit: Duration::from_millis(args.wall_limit_ms),
     };
-    let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
-    // From here on this thread only runs the guest and prints: no file, socket or process.
     let level = if args.no_seccomp {
         vmm::seccomp::SeccompLevel::Off
     } else {
         vmm::seccomp::SeccompLevel::Enforce
     };
+    let net = NetArgs {
+        egress_policy: args.egress_policy,
+        egress_audit: args.egress_audit,
+        egress_upstream_ca: args.egress_upstream_ca,
+    };
+    // Every file (policy, secrets, CA files, audit log, resolver configuration) is read here,
+    // before the filters go on; the fetcher thread is started before the job's filter, which
+    // allows no thread creation.
+    let fetcher = fetch_thread(&net, level)?;
+    let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
+    // From here on this thread only runs the guest and prints: no file, socket or process.
     vmm::seccomp::install(vmm::seccomp::ThreadKind::Isolate, level).map_err(|e| e.to_string())?;
     let mut kv = KvStore::new(KV_MAX_BYTES);
     let mut log = |line: &str| eprintln!("isolate: {line}");
+    let mut fetch = |request: &_, deadline| match &fetcher {
+        Some(thread) => thread.fetch(request, deadline),
+        None => Err(FetchError::Denied(NO_FETCH_POLICY.into())),
+    };
     let result = isolate.run(
         &job,
         &mut HostContext {
             kv: &mut kv,
             log: &mut log,
+            fetch: Some(&mut fetch),
         },
     );
     match result {
@@ -132,4 +166,32 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
             Ok(ExitCode::from(1))
         }
     }
+}
+
+/// The fetcher for `--egress-policy`, or None without one.
+fn fetch_thread(
+    net: &NetArgs,
+    level: vmm::seccomp::SeccompLevel,
+) -> Result<Option<FetchThread>, String> {
+    let Some(config) = net.to_config(AUDIT_SANDBOX)? else {
+        return Ok(None);
+    };
+    let audit = match &config.audit_log {
+        Some(path) => egress::audit::AuditLog::open(path).map_err(|e| e.to_string())?,
+        None => egress::audit::AuditLog::disabled(),
+    };
+    let resolver = egress::ResolverConfig::system()
+        .map_err(|e| format!("cannot read the resolver configuration: {e}"))?;
+    FetchThread::spawn(
+        FetcherConfig {
+            policy: config.policy,
+            resolver,
+            extra_upstream_roots: config.upstream_roots,
+            audit,
+            sandbox: config.sandbox,
+            max_response_bytes: FETCH_MAX_RESPONSE_BYTES,
+        },
+        level,
+    )
+    .map(Some)
 }

@@ -2,7 +2,10 @@
 //! answers written to the mailbox while the vCPU is stopped in the exit.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
+use egress::fetch::{FetchError, FetchRequest, FetchResponse};
+use isolate_abi::fetch::{encode_response, FetchRequestView, FetchStatus};
 use isolate_abi::{layout, Call, ErrorKind, Reader, Value, Writer};
 
 use super::ram::GuestRam;
@@ -57,17 +60,37 @@ pub enum After {
     Finished(Result<Vec<Value>, IsolateError>),
 }
 
-/// The caller's side of a run: its key/value store and where guest log lines go.
+/// Makes a guest's fetch under an egress policy, giving up at the deadline (the job's wall-clock
+/// limit). The CLI's runs it on a fetcher thread of its own (see `vmm::isolate::fetch_thread`).
+pub type FetchFn<'a> = dyn FnMut(&FetchRequest, Instant) -> Result<FetchResponse, FetchError> + 'a;
+
+/// The caller's side of a run: its key/value store, where guest log lines go, and how its
+/// fetches are made (None: every fetch is denied, as there is no egress policy).
 pub struct HostContext<'a> {
     pub kv: &'a mut KvStore,
     pub log: &'a mut dyn FnMut(&str),
+    pub fetch: Option<&'a mut FetchFn<'a>>,
 }
+
+/// The denial of a fetch in a context without an egress policy.
+pub const NO_FETCH_POLICY: &str = "fetch needs an egress policy (--egress-policy)";
+
+/// Largest response body a fetch may bring back: the mailbox less room for the answer's status
+/// and headers (a response whose headers take more is refused as too large when encoded).
+pub const FETCH_MAX_RESPONSE_BYTES: usize =
+    layout::MAILBOX_SIZE as usize - 2 * egress::fetch::MAX_HEAD;
 
 /// Largest value the guest can read back in one answer: the mailbox minus the two u32 headers.
 const MAX_VALUE: usize = layout::MAILBOX_SIZE as usize - 8;
 
-pub fn handle(call: u32, ram: &mut GuestRam, ctx: &mut HostContext<'_>) -> After {
-    match handle_inner(call, ram, ctx) {
+/// Answers one call; `deadline` bounds any wait (a fetch) inside it.
+pub fn handle(
+    call: u32,
+    ram: &mut GuestRam,
+    ctx: &mut HostContext<'_>,
+    deadline: Instant,
+) -> After {
+    match handle_inner(call, ram, ctx, deadline) {
         Ok(after) => after,
         Err(e) => After::Finished(Err(e)),
     }
@@ -109,6 +132,7 @@ fn handle_inner(
     call: u32,
     ram: &mut GuestRam,
     ctx: &mut HostContext<'_>,
+    deadline: Instant,
 ) -> Result<After, IsolateError> {
     let call =
         Call::from_u32(call).ok_or_else(|| protocol(format!("unknown call number {call}")))?;
@@ -135,6 +159,14 @@ fn handle_inner(
             let (value, _) = mailbox_bytes(ram, next)?;
             let stored = value.len() <= MAX_VALUE && ctx.kv.put(&key, &value);
             answer(ram, 4, |w| w.u32(u32::from(stored)))?;
+            Ok(After::Resume)
+        }
+        Call::Fetch => {
+            let payload = ram
+                .read_vec(layout::MAILBOX, layout::MAILBOX_SIZE as usize)
+                .map_err(protocol)?;
+            let answer = fetch_answer(&payload, ctx, deadline);
+            ram.write(layout::MAILBOX, &answer).map_err(protocol)?;
             Ok(After::Resume)
         }
         Call::Result => {
@@ -178,6 +210,71 @@ fn handle_inner(
             Ok(After::Finished(Err(err)))
         }
     }
+}
+
+/// The encoded answer to a fetch whose payload is `payload` (the mailbox).
+fn fetch_answer(payload: &[u8], ctx: &mut HostContext<'_>, deadline: Instant) -> Vec<u8> {
+    let result = match FetchRequestView::decode(payload) {
+        Ok(view) => {
+            let request = FetchRequest {
+                method: view.method.to_string(),
+                url: view.url.to_string(),
+                headers: view
+                    .headers()
+                    .map(|(n, v)| (n.to_string(), v.to_string()))
+                    .collect(),
+                body: view.body.to_vec(),
+            };
+            match ctx.fetch.as_mut() {
+                Some(fetch) => fetch(&request, deadline),
+                None => Err(FetchError::Denied(NO_FETCH_POLICY.into())),
+            }
+        }
+        Err(e) => Err(FetchError::BadRequest(format!(
+            "the request does not decode: {e}"
+        ))),
+    };
+    let mut buf = vec![0u8; layout::MAILBOX_SIZE as usize];
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => return fetch_failure(&mut buf, &error),
+    };
+    let headers: Vec<(&str, &str)> = response
+        .headers
+        .iter()
+        .map(|(n, v)| (n.as_str(), v.as_str()))
+        .collect();
+    let mut w = Writer::new(&mut buf);
+    if encode_response(&mut w, response.status, &headers, &response.body).is_err() {
+        let error = FetchError::TooLarge(format!(
+            "the response ({} headers, {} body bytes) does not fit the isolate's {} KiB mailbox",
+            headers.len(),
+            response.body.len(),
+            layout::MAILBOX_SIZE >> 10
+        ));
+        return fetch_failure(&mut buf, &error);
+    }
+    let n = w.len();
+    buf.truncate(n);
+    buf
+}
+
+fn fetch_failure(buf: &mut Vec<u8>, error: &FetchError) -> Vec<u8> {
+    let status = match error {
+        FetchError::Denied(_) => FetchStatus::Denied,
+        FetchError::BadRequest(_) => FetchStatus::BadRequest,
+        FetchError::Network(_) | FetchError::Timeout(_) => FetchStatus::Network,
+        FetchError::TooLarge(_) => FetchStatus::TooLarge,
+    };
+    let message = error.to_string();
+    let cut = message.len().min(buf.len() - 8);
+    let mut w = Writer::new(buf);
+    // Cannot fail: the message was cut to leave room for the two words.
+    let _ = w.u32(status as u32);
+    let _ = w.bytes(&message.as_bytes()[..cut]);
+    let n = w.len();
+    buf.truncate(n);
+    std::mem::take(buf)
 }
 
 #[cfg(test)]

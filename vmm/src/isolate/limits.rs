@@ -84,6 +84,11 @@ impl RunLimits {
     pub fn wall_limit(&self) -> Duration {
         self.wall_limit
     }
+
+    /// When the wall-clock limit is reached: the bound of any wait inside a host call.
+    pub fn wall_deadline(&self) -> Instant {
+        self.wall_start + self.wall_limit
+    }
 }
 
 impl Drop for RunLimits {

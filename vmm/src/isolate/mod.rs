@@ -12,8 +12,10 @@
 //!   [`Isolate::from_template`] maps the template's RAM copy-on-write into a new VM and sets the
 //!   registers, and [`Isolate::reset`] drops the private pages again: that is the pool (pool.rs).
 //! - [`Isolate::run`] writes a [`JobSpec`] into the guest and runs it under CPU-time and
-//!   wall-clock limits, answering the guest's host calls (log, key/value) on the way.
+//!   wall-clock limits, answering the guest's host calls (log, key/value, fetch) on the way;
+//!   fetches go through the egress policy on a [`FetchThread`].
 
+mod fetch_thread;
 mod hostcalls;
 mod image;
 mod limits;
@@ -24,7 +26,9 @@ mod vm;
 
 use std::time::Duration;
 
-pub use hostcalls::{HostContext, KvStore};
+pub use egress::fetch::{FetchError, FetchRequest, FetchResponse, FetcherConfig};
+pub use fetch_thread::FetchThread;
+pub use hostcalls::{FetchFn, HostContext, KvStore, FETCH_MAX_RESPONSE_BYTES, NO_FETCH_POLICY};
 pub use isolate_abi::Value;
 pub use pool::Pool;
 pub use vm::{Isolate, Template};

@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use isolate_abi::{layout, BootInfo, Call, Job, Value, ABI_VERSION, FAULT_PORT, HYPERCALL_PORT};
 use kvm_bindings::{
@@ -172,12 +172,13 @@ impl Isolate {
         // (from a panic) error; a log line goes nowhere.
         let mut kv = super::KvStore::new(0);
         let mut discard = |_: &str| {};
-        let mut boot_calls = |call: u32, ram: &mut GuestRam| {
+        let mut boot_calls = |call: u32, ram: &mut GuestRam, deadline| {
             let mut ctx = HostContext {
                 kv: &mut kv,
                 log: &mut discard,
+                fetch: None,
             };
-            hostcalls::handle(call, ram, &mut ctx)
+            hostcalls::handle(call, ram, &mut ctx, deadline)
         };
         match isolate.drive(&limits, true, &mut boot_calls)? {
             Stop::Ready => {
@@ -287,7 +288,8 @@ impl Isolate {
             .map_err(|e| IsolateError::Setup(e.to_string()))?;
         let limits = RunLimits::start(job.cpu_limit, job.wall_limit)
             .map_err(|e| IsolateError::Setup(format!("cannot arm the run's timers: {e}")))?;
-        let mut calls = |call: u32, ram: &mut GuestRam| hostcalls::handle(call, ram, ctx);
+        let mut calls =
+            |call: u32, ram: &mut GuestRam, deadline| hostcalls::handle(call, ram, ctx, deadline);
         match self.drive(&limits, false, &mut calls)? {
             Stop::Finished(result) => result,
             Stop::Ready => Err(IsolateError::Crashed(
@@ -302,7 +304,7 @@ impl Isolate {
         &mut self,
         limits: &RunLimits,
         booting: bool,
-        hostcall: &mut dyn FnMut(u32, &mut GuestRam) -> After,
+        hostcall: &mut dyn FnMut(u32, &mut GuestRam, Instant) -> After,
     ) -> Result<Stop, IsolateError> {
         let limit_error = |x: Exceeded| match x {
             Exceeded::Cpu => IsolateError::CpuLimitExceeded {
@@ -329,7 +331,7 @@ impl Isolate {
                     if booting && call == Call::Ready as u32 {
                         return Ok(Stop::Ready);
                     }
-                    match hostcall(call, &mut self.ram) {
+                    match hostcall(call, &mut self.ram, limits.wall_deadline()) {
                         After::Resume => {
                             if let Some(x) = limits.exceeded() {
                                 return Err(limit_error(x));

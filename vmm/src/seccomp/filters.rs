@@ -38,6 +38,7 @@ pub struct Filters {
     uffd_handler: BpfProgram,
     isolate: BpfProgram,
     egress: BpfProgram,
+    isolate_fetch: BpfProgram,
 }
 
 impl Filters {
@@ -51,6 +52,7 @@ impl Filters {
             ThreadKind::UffdHandler => &self.uffd_handler,
             ThreadKind::Isolate => &self.isolate,
             ThreadKind::Egress => &self.egress,
+            ThreadKind::IsolateFetch => &self.isolate_fetch,
         }
     }
 
@@ -72,6 +74,7 @@ impl Filters {
             uffd_handler: take(ThreadKind::UffdHandler)?,
             isolate: take(ThreadKind::Isolate)?,
             egress: take(ThreadKind::Egress)?,
+            isolate_fetch: take(ThreadKind::IsolateFetch)?,
         })
     }
 }

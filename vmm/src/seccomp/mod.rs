@@ -41,10 +41,13 @@ pub enum ThreadKind {
     /// The egress filter of a VM with a NIC: the userspace network stack, upstream TCP
     /// connections and DNS queries.
     Egress,
+    /// An isolate's fetcher (`vmm::isolate::FetchThread`): blocking upstream HTTP(S)
+    /// connections and DNS queries on behalf of the job, which itself has no network syscalls.
+    IsolateFetch,
 }
 
 impl ThreadKind {
-    pub const ALL: [ThreadKind; 8] = [
+    pub const ALL: [ThreadKind; 9] = [
         ThreadKind::Vcpu,
         ThreadKind::Devices,
         ThreadKind::Vmm,
@@ -53,6 +56,7 @@ impl ThreadKind {
         ThreadKind::UffdHandler,
         ThreadKind::Isolate,
         ThreadKind::Egress,
+        ThreadKind::IsolateFetch,
     ];
 
     /// The filter's name in the JSON file.
@@ -66,6 +70,7 @@ impl ThreadKind {
             ThreadKind::UffdHandler => "uffd_handler",
             ThreadKind::Isolate => "isolate",
             ThreadKind::Egress => "egress",
+            ThreadKind::IsolateFetch => "isolate_fetch",
         }
     }
 }

@@ -235,3 +235,90 @@ fn the_egress_thread_may_intercept_tls() {
     });
     assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
 }
+
+#[test]
+fn an_isolate_fetcher_may_fetch_but_the_isolate_job_may_not_open_a_socket() {
+    use std::io::Write;
+    use std::time::Instant;
+
+    use egress::fetch::{FetchRequest, Fetcher, FetcherConfig};
+    // A server on loopback answering one request.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let server = std::thread::spawn(move || {
+        let (mut stream, _) = listener.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+            head.push(byte[0]);
+        }
+        let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok");
+    });
+    let nameserver = fake_nameserver();
+    // Built on the calling thread before the filter, as FetchThread::spawn does; the name is
+    // resolved over UDP DNS (a mio Poll) under the filter.
+    let mut fetcher = Fetcher::new(FetcherConfig {
+        policy: egress::policy::Policy::from_json_str(
+            r#"{"rules":[{"id":"lo","cidr":"127.0.0.1/32","ports":[1]},{"id":"n","domain":"fetch.test"}]}"#,
+        )
+        .unwrap(),
+        resolver: egress::ResolverConfig {
+            nameservers: vec![nameserver],
+            hosts: Vec::new(),
+            timeout: Duration::from_secs(5),
+        },
+        extra_upstream_roots: Vec::new(),
+        audit: egress::audit::AuditLog::disabled(),
+        sandbox: "seccomp-test".into(),
+        max_response_bytes: 1024,
+    })
+    .unwrap();
+    let (ended, stderr) = in_filtered_child(ThreadKind::IsolateFetch, move || {
+        let request = FetchRequest {
+            method: "GET".into(),
+            url: format!("http://fetch.test:{port}/"),
+            ..FetchRequest::default()
+        };
+        let response = fetcher
+            .fetch(&request, Instant::now() + Duration::from_secs(10))
+            .unwrap();
+        assert_eq!(response.body, b"ok");
+    });
+    assert!(matches!(ended, Ended::Exited(0)), "{ended:?} {stderr}");
+    server.join().unwrap();
+
+    let (ended, stderr) = in_filtered_child(ThreadKind::Isolate, || {
+        let _ = std::net::UdpSocket::bind("127.0.0.1:0");
+    });
+    assert!(matches!(ended, Ended::Signalled(libc::SIGSYS)), "{ended:?}");
+    assert!(stderr.contains("socket"), "{stderr}");
+}
+
+/// A UDP nameserver on loopback answering two queries: 127.0.0.1 to an A query, no records to
+/// anything else. Hand-made answers: the question is echoed, one A record points back at it.
+fn fake_nameserver() -> std::net::SocketAddr {
+    let socket = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let address = socket.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 512];
+        for _ in 0..2 {
+            let Ok((n, peer)) = socket.recv_from(&mut buf) else {
+                return;
+            };
+            let mut end = 12;
+            while end < n && buf[end] != 0 {
+                end += 1 + buf[end] as usize;
+            }
+            let question_end = end + 5;
+            let is_a = buf[end + 1..end + 3] == [0, 1];
+            let mut answer = buf[..2].to_vec();
+            answer.extend_from_slice(&[0x81, 0x80, 0, 1, 0, u8::from(is_a), 0, 0, 0, 0]);
+            answer.extend_from_slice(&buf[12..question_end]);
+            if is_a {
+                answer.extend_from_slice(&[0xc0, 12, 0, 1, 0, 1, 0, 0, 0, 60, 0, 4, 127, 0, 0, 1]);
+            }
+            let _ = socket.send_to(&answer, peer);
+        }
+    });
+    address
+}

@@ -151,6 +151,7 @@ pub fn isolate(args: IsolateArgs) -> Result<ExitCode, String> {
     let mut ctx = HostContext {
         kv: &mut kv,
         log: &mut log,
+        fetch: None,
     };
     let progress = |what: &str| {
         if !args.json {

@@ -89,6 +89,7 @@ pub fn worker(args: DensityWorkerArgs) -> Result<std::process::ExitCode, String>
     let mut ctx = HostContext {
         kv: &mut kv,
         log: &mut log,
+        fetch: None,
     };
     for iso in held.iter_mut() {
         super::isolate::check(iso.run(&spec, &mut ctx))?;

@@ -142,6 +142,7 @@ fn check_module(
         &mut HostContext {
             kv: &mut kv,
             log: &mut discard,
+            fetch: None,
         },
     );
     match result {
@@ -184,6 +185,7 @@ fn serve_calls(
                 &mut HostContext {
                     kv: &mut kv,
                     log: &mut log,
+                    fetch: None,
                 },
             )
         };
