@@ -763,3 +763,177 @@ fn a_uffd_handler_that_cannot_read_a_page_ends_the_vm_with_the_reason() {
     );
     assert!(!out.status.success(), "{stderr}");
 }
+
+/// `agentvm snapshot uffd-handler` serving `files`' memory file on a socket in `files`' dir.
+struct UffdHandler {
+    process: integration_tests::agentvm::VmProcess,
+    socket: PathBuf,
+}
+
+impl UffdHandler {
+    fn start(files: &SnapshotFiles, name: &str, once: bool) -> Self {
+        let socket = files.path(name);
+        let mem = files.mem();
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "snapshot".as_ref(),
+            "uffd-handler".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ];
+        if once {
+            args.push("--once".as_ref());
+        }
+        let process = integration_tests::agentvm::VmProcess::agentvm(args)
+            .expect("start agentvm snapshot uffd-handler");
+        process
+            .wait_for_stdout(b"uffd-handler: listening on", CLI_TIMEOUT)
+            .expect("the handler listens");
+        Self { process, socket }
+    }
+}
+
+/// The `faults=` counts of the handler's per-VM lines ("vm N ended (...): faults=F ...").
+fn handler_faults(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| l.contains(" ended (the VMM closed its connection): "))
+        .filter_map(|l| l.split("faults=").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn restores_through_an_external_uffd_handler_count_on_and_the_handler_counts_their_faults() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+    let handler = UffdHandler::start(&files, "uffd.sock", false);
+    let via = |socket: &Path| load_body_with(&files.state(), socket, true, "Uffd");
+
+    let copies = [Serve::start(), Serve::start()];
+    // No such socket, and a socket nobody listens on: refused, nothing runs, and the same
+    // serve can still load.
+    copies[0].refused(
+        "PUT",
+        "/snapshot/load",
+        &via(&files.path("missing.sock")),
+        400,
+        "missing.sock: no such file (the memory file) or Unix socket",
+    );
+    let stale = files.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket"));
+    copies[0].refused(
+        "PUT",
+        "/snapshot/load",
+        &via(&stale),
+        400,
+        "stale.sock: cannot connect",
+    );
+    assert_eq!(copies[0].state(), "Not started");
+
+    // Two VMs restored through one handler at once, each counting on independently.
+    for copy in &copies {
+        copy.ok("PUT", "/snapshot/load", &via(&handler.socket));
+        assert_eq!(copy.state(), "Running");
+    }
+    for copy in &copies {
+        let after = copy.wait_console(&format!("PROBE count {}\n", last + 3));
+        assert_consecutive(
+            &counts(&format!("{before}{after}")),
+            "external uffd restore",
+        );
+        // The VMM serves no faults itself: the handler counts them.
+        assert_eq!(metric(copy, "agentvm_uffd_faults_total"), None);
+    }
+    copies[0].ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let frozen = copies[0].console();
+    let other = *counts(&copies[1].console()).last().unwrap();
+    copies[1].wait_console(&format!("PROBE count {}\n", other + 3));
+    assert_eq!(copies[0].console(), frozen, "the paused copy kept counting");
+    for copy in copies {
+        let _ = copy.terminate();
+    }
+    handler
+        .process
+        .wait_for_stdout(b"vm 2 ended", CLI_TIMEOUT)
+        .expect("the handler saw both VMs end");
+    handler.process.signal(libc::SIGTERM).expect("SIGTERM");
+    let out = handler
+        .process
+        .wait(CLI_TIMEOUT)
+        .expect("the handler exits");
+    let stdout = out.stdout_text();
+    let faults = handler_faults(&stdout);
+    assert_eq!(faults.len(), 2, "one line per VM:\n{stdout}");
+    assert!(
+        faults.iter().all(|&f| f >= 1),
+        "a VM ran without a single fault served:\n{stdout}"
+    );
+    assert!(!handler.socket.exists(), "the handler removed its socket");
+}
+
+#[test]
+fn an_external_uffd_handler_once_exits_after_its_vm_and_a_killed_one_ends_the_vm_with_the_reason() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+
+    // --once: the handler ends (and removes its socket) when its one VM has ended.
+    let once = UffdHandler::start(&files, "once.sock", true);
+    let s = Serve::start();
+    let (state, socket) = (files.state(), once.socket.clone());
+    let args: [&std::ffi::OsStr; 11] = [
+        "snapshot".as_ref(),
+        "load".as_ref(),
+        "--api-sock".as_ref(),
+        s.sock().as_os_str(),
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        socket.as_os_str(),
+        "--backend".as_ref(),
+        "uffd".as_ref(),
+        "--resume".as_ref(),
+    ];
+    let load = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot load via the handler");
+    assert_eq!(load.status.code(), Some(0), "{}", load.stderr_text());
+    let after = s.wait_console(&format!("PROBE count {}\n", last + 2));
+    assert_consecutive(&counts(&format!("{before}{after}")), "restore via --once");
+    let _ = s.terminate();
+    let out = once.process.wait(CLI_TIMEOUT).expect("--once exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr_text());
+    assert_eq!(handler_faults(&out.stdout_text()).len(), 1);
+    assert!(!socket.exists(), "the --once handler removed its socket");
+
+    // A handler killed while its VM runs: the VM ends, naming the handler, instead of hanging.
+    let handler = UffdHandler::start(&files, "killed.sock", false);
+    let s = Serve::start();
+    s.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body_with(&files.state(), &handler.socket, true, "Uffd"),
+    );
+    s.wait_console(&format!("PROBE count {}\n", last + 2));
+    handler.process.signal(libc::SIGKILL).expect("SIGKILL");
+    let (out, _dir) = s.wait_exit();
+    let stderr = out.stderr_text();
+    assert!(
+        stderr.contains("guest memory: the external uffd handler at")
+            && stderr.contains("killed.sock closed its connection"),
+        "the VM did not end on the handler's death:\n{stderr}"
+    );
+    assert!(!out.status.success(), "{stderr}");
+}
