@@ -8,7 +8,7 @@
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
@@ -121,7 +121,7 @@ impl UffdBackend {
 }
 
 /// Waits until told to stop (Ok) or until the handler's end of the connection closes (Err).
-fn watch(stream: &UnixStream, stop: &EventFd, path: &PathBuf) -> Result<(), String> {
+fn watch(stream: &UnixStream, stop: &EventFd, path: &Path) -> Result<(), String> {
     let gone = || {
         format!(
             "the external uffd handler at {} closed its connection (did it exit?): guest memory \

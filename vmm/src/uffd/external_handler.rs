@@ -122,7 +122,7 @@ mod tests {
         snapshot::write_memory_file(&path, &layout, |_, offset, buf| {
             for (i, page) in buf.chunks_mut(PAGE_SIZE as usize).enumerate() {
                 let index = offset / PAGE_SIZE + i as u64;
-                if index % 2 == 0 {
+                if index.is_multiple_of(2) {
                     page[..4].copy_from_slice(&(index as u32 + 1).to_le_bytes());
                 }
             }
@@ -160,7 +160,11 @@ mod tests {
             });
             for page in [2u64, 3, 6] {
                 let value: u32 = mem.read_obj(GuestAddress(page * PAGE_SIZE)).unwrap();
-                let expected = if page % 2 == 0 { page as u32 + 1 } else { 0 };
+                let expected = if page.is_multiple_of(2) {
+                    page as u32 + 1
+                } else {
+                    0
+                };
                 assert_eq!(value, expected, "page {page}");
             }
             drop(vmm);

@@ -67,7 +67,7 @@ pub(super) fn connect(path: &Path, timeout: Duration) -> std::io::Result<UnixStr
     sockopt::set_socket_timeout(&socket, sockopt::Timeout::Recv, Some(timeout))?;
     let address = SocketAddrUnix::new(path)?;
     match rustix::net::connect(&socket, &address) {
-        Ok(()) => Ok(UnixStream::from(OwnedFd::from(socket))),
+        Ok(()) => Ok(UnixStream::from(socket)),
         Err(rustix::io::Errno::AGAIN) => Err(std::io::Error::new(
             std::io::ErrorKind::TimedOut,
             format!("no connection within {timeout:?} (the handler is not accepting)"),
@@ -130,7 +130,7 @@ pub fn receive(stream: &UnixStream) -> Result<Received, String> {
                 m.page_size()
             ));
         }
-        if m.size == 0 || (m.base_host_virt_addr | m.size | m.offset) % PAGE_SIZE != 0 {
+        if m.size == 0 || !(m.base_host_virt_addr | m.size | m.offset).is_multiple_of(PAGE_SIZE) {
             return Err(format!(
                 "mapping at {:#x} (size {:#x}, offset {:#x}) is empty or not page-aligned",
                 m.base_host_virt_addr, m.size, m.offset
