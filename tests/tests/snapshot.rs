@@ -764,16 +764,16 @@ fn a_uffd_handler_that_cannot_read_a_page_ends_the_vm_with_the_reason() {
     assert!(!out.status.success(), "{stderr}");
 }
 
-/// `agentvm snapshot uffd-handler` serving `files`' memory file on a socket in `files`' dir.
+/// `agentvm snapshot uffd-handler` serving `mem` on the socket `name` in `files`' dir, with
+/// `flags` (--once, --prefetch-working-set).
 struct UffdHandler {
     process: integration_tests::agentvm::VmProcess,
     socket: PathBuf,
 }
 
 impl UffdHandler {
-    fn start(files: &SnapshotFiles, name: &str, once: bool) -> Self {
+    fn start(files: &SnapshotFiles, name: &str, mem: &Path, flags: &[&str]) -> Self {
         let socket = files.path(name);
-        let mem = files.mem();
         let mut args: Vec<&std::ffi::OsStr> = vec![
             "snapshot".as_ref(),
             "uffd-handler".as_ref(),
@@ -782,9 +782,7 @@ impl UffdHandler {
             "--mem-file".as_ref(),
             mem.as_os_str(),
         ];
-        if once {
-            args.push("--once".as_ref());
-        }
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
         let process = integration_tests::agentvm::VmProcess::agentvm(args)
             .expect("start agentvm snapshot uffd-handler");
         process
@@ -815,7 +813,7 @@ fn restores_through_an_external_uffd_handler_count_on_and_the_handler_counts_the
     let (_out, original_dir) = original.terminate();
     let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
     let last = *counts(&before).last().expect("the original counted");
-    let handler = UffdHandler::start(&files, "uffd.sock", false);
+    let handler = UffdHandler::start(&files, "uffd.sock", &files.mem(), &[]);
     let via = |socket: &Path| load_body_with(&files.state(), socket, true, "Uffd");
 
     let copies = [Serve::start(), Serve::start()];
@@ -891,8 +889,22 @@ fn an_external_uffd_handler_once_exits_after_its_vm_and_a_killed_one_ends_the_vm
     let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
     let last = *counts(&before).last().expect("the original counted");
 
-    // --once: the handler ends (and removes its socket) when its one VM has ended.
-    let once = UffdHandler::start(&files, "once.sock", true);
+    // --once: the handler ends (and removes its socket) when its one VM has ended. With
+    // --prefetch-working-set it first copies in the pages of `<mem>.ws`.
+    let mem_file = std::fs::File::open(files.mem()).unwrap();
+    let identity = snapshot::memory_file_identity(&files.mem(), &mem_file).unwrap();
+    let set = snapshot::WorkingSet {
+        mem_file_len: identity.0,
+        mem_file_mtime_ns: identity.1,
+        pages: (0..8).collect(),
+    };
+    snapshot::write_working_set(&snapshot::working_set_path(&files.mem()), &set).unwrap();
+    let once = UffdHandler::start(
+        &files,
+        "once.sock",
+        &files.mem(),
+        &["--once", "--prefetch-working-set"],
+    );
     let s = Serve::start();
     let (state, socket) = (files.state(), once.socket.clone());
     let args: [&std::ffi::OsStr; 11] = [
@@ -915,11 +927,58 @@ fn an_external_uffd_handler_once_exits_after_its_vm_and_a_killed_one_ends_the_vm
     let _ = s.terminate();
     let out = once.process.wait(CLI_TIMEOUT).expect("--once exits");
     assert_eq!(out.status.code(), Some(0), "{}", out.stderr_text());
-    assert_eq!(handler_faults(&out.stdout_text()).len(), 1);
+    let stdout = out.stdout_text();
+    assert_eq!(handler_faults(&stdout).len(), 1, "{stdout}");
+    assert!(stdout.contains(" prefetched=8\n"), "{stdout}");
     assert!(!socket.exists(), "the --once handler removed its socket");
 
+    // A handler that cannot serve the mappings (its memory file is too short) closes the
+    // connection: the load is refused, or, if the VM was built before the handler had read
+    // the mappings, that VM ends with the reason. Nothing keeps running either way.
+    let short = files.path("short.mem");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let refusing = UffdHandler::start(&files, "short.sock", &short, &["--once"]);
+    let s = Serve::start();
+    let answer = s.call(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body_with(
+            &files.state(),
+            &refusing.socket,
+            false,
+            "Uffd",
+        )),
+    );
+    let out = refusing
+        .process
+        .wait(CLI_TIMEOUT)
+        .expect("the handler ends");
+    assert!(
+        out.stderr_text().contains("the file has 0x1000"),
+        "{}",
+        out.stderr_text()
+    );
+    if answer.status == 400 {
+        assert!(
+            answer
+                .body
+                .contains("closed its connection before the VM ran"),
+            "{answer:?}"
+        );
+        assert_eq!(s.state(), "Not started");
+    } else {
+        assert_eq!(answer.status, 204, "{answer:?}");
+        let (out, _dir) = s.wait_exit();
+        assert!(
+            out.stderr_text()
+                .contains("short.sock closed its connection"),
+            "{}",
+            out.stderr_text()
+        );
+    }
+
     // A handler killed while its VM runs: the VM ends, naming the handler, instead of hanging.
-    let handler = UffdHandler::start(&files, "killed.sock", false);
+    let handler = UffdHandler::start(&files, "killed.sock", &files.mem(), &[]);
     let s = Serve::start();
     s.ok(
         "PUT",
