@@ -815,6 +815,30 @@ fn restores_through_an_external_uffd_handler_count_on_and_the_handler_counts_the
     let last = *counts(&before).last().expect("the original counted");
     let handler = UffdHandler::start(&files, "uffd.sock", &files.mem(), &[]);
     let via = |socket: &Path| load_body_with(&files.state(), socket, true, "Uffd");
+    // A second handler on the same socket is refused without disturbing the first.
+    let (mem, socket) = (files.mem(), handler.socket.clone());
+    let second = run_agentvm(
+        [
+            "snapshot".as_ref(),
+            "uffd-handler".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ] as [&std::ffi::OsStr; 6],
+        CLI_TIMEOUT,
+    )
+    .expect("a second handler");
+    assert!(!second.status.success());
+    assert!(
+        second.stderr_text().contains("uffd.sock: already exists"),
+        "{}",
+        second.stderr_text()
+    );
+    assert!(
+        socket.exists(),
+        "the refused handler left the first one's socket"
+    );
 
     let copies = [Serve::start(), Serve::start()];
     // No such socket, and a socket nobody listens on: refused, nothing runs, and the same

@@ -2,8 +2,8 @@
 //! Listens on a Unix socket; each VMM that connects (`PUT /snapshot/load` with a Uffd
 //! backend_path naming this socket) gets its own thread serving its guest memory from the memory
 //! file, so many VMs restored from one snapshot are served at once. Prints one line per VM when
-//! it ends, with the faults it served. SIGINT/SIGTERM stop it; the socket file is removed on
-//! every exit.
+//! it ends, with the faults it served. SIGINT/SIGTERM stop it (exit 0); the socket file is
+//! removed on every exit.
 //!
 //! It runs without the VMM's seccomp filters: it is a separate process that never runs guest
 //! code, and a filter violation would end every VM it serves at once.
@@ -11,7 +11,6 @@
 use std::fs::File;
 use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,13 +22,15 @@ use signal_hook::consts::{SIGINT, SIGTERM};
 use vmm::uffd::{serve_vm, HandlerOptions, VmServed};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-/// How long the VM threads may take to stop once told to (each polls its stop eventfd).
-const STOP_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long the VM threads may take to stop once told to: each polls its stop eventfd, but one
+/// still receiving its mappings waits out that receive's own 5 s timeout first.
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
 #[derive(Args)]
 pub struct UffdHandlerArgs {
     /// The Unix socket to listen on (give it as mem_backend.backend_path with backend_type
-    /// "Uffd"). A stale socket left by a handler that died is replaced.
+    /// "Uffd"). It must not exist yet (a handler killed with SIGKILL leaves its socket behind:
+    /// remove it first).
     #[arg(long, value_name = "PATH")]
     socket: PathBuf,
     /// The snapshot's memory file, served to every VM that connects.
@@ -85,14 +86,14 @@ pub fn run(args: UffdHandlerArgs) -> Result<ExitCode, String> {
     std::thread::scope(|scope| -> Result<ExitCode, String> {
         let mut vms: Vec<ScopedJoinHandle<()>> = Vec::new();
         let mut next_id = 1u64;
-        let signalled = loop {
+        loop {
             vms.retain(|vm| !vm.is_finished());
             if args.once && next_id > 1 && vms.is_empty() {
-                break false;
+                break;
             }
             let accepting = !(args.once && next_id > 1);
             match wait(&listener, &signal_rx, accepting)? {
-                Wake::Signal => break true,
+                Wake::Signal => break,
                 Wake::Timeout => continue,
                 Wake::Connection => {}
             }
@@ -110,7 +111,7 @@ pub fn run(args: UffdHandlerArgs) -> Result<ExitCode, String> {
                 .spawn_scoped(scope, move || report(id, serve_vm(stream, options, stop)))
                 .map_err(|e| format!("cannot start a thread for VM {id}: {e}"))?;
             vms.push(vm);
-        };
+        }
         let _ = stop.write(1);
         let deadline = Instant::now() + STOP_TIMEOUT;
         while vms.iter().any(|vm| !vm.is_finished()) && Instant::now() < deadline {
@@ -122,11 +123,8 @@ pub fn run(args: UffdHandlerArgs) -> Result<ExitCode, String> {
             drop(_socket_file);
             std::process::exit(1);
         }
-        Ok(if signalled {
-            ExitCode::from(130)
-        } else {
-            ExitCode::SUCCESS
-        })
+        // A stop by SIGINT/SIGTERM is the handler's normal end, as --once's is.
+        Ok(ExitCode::SUCCESS)
     })
 }
 
@@ -155,20 +153,15 @@ fn load_working_set(path: &Path, file: &File) -> Result<Option<snapshot::Working
     }
 }
 
-/// Binds the socket; a stale socket file (nobody listening) is replaced, anything else at the
-/// path is refused.
+/// Binds the socket. An existing path is refused rather than probed: connecting to a live
+/// handler to see whether it is stale would look like a VMM to it (and end a --once handler).
 fn bind(path: &Path) -> Result<UnixListener, String> {
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        let stale = meta.file_type().is_socket()
-            && UnixStream::connect(path)
-                .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused);
-        if !stale {
-            return Err(format!(
-                "--socket {}: already exists (another handler listening, or not a socket)",
-                path.display()
-            ));
-        }
-        std::fs::remove_file(path).map_err(|e| format!("--socket {}: {e}", path.display()))?;
+    if std::fs::symlink_metadata(path).is_ok() {
+        return Err(format!(
+            "--socket {}: already exists (another handler's socket, or a stale one: remove it if \
+             no handler is running)",
+            path.display()
+        ));
     }
     let listener =
         UnixListener::bind(path).map_err(|e| format!("--socket {}: {e}", path.display()))?;

@@ -124,8 +124,8 @@ impl UffdBackend {
 fn watch(stream: &UnixStream, stop: &EventFd, path: &Path) -> Result<(), String> {
     let gone = || {
         format!(
-            "the external uffd handler at {} closed its connection (did it exit?): guest memory \
-             can no longer be served",
+            "the external uffd handler at {} closed its connection (it exited, or could not \
+             serve a page: see its log): guest memory can no longer be served",
             path.display()
         )
     };
