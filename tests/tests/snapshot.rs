@@ -766,3 +766,260 @@ fn a_uffd_handler_that_cannot_read_a_page_ends_the_vm_with_the_reason() {
     );
     assert!(!out.status.success(), "{stderr}");
 }
+
+/// `agentvm snapshot uffd-handler` serving `mem` on the socket `name` in `files`' dir, with
+/// `flags` (--once, --prefetch-working-set).
+struct UffdHandler {
+    process: integration_tests::agentvm::VmProcess,
+    socket: PathBuf,
+}
+
+impl UffdHandler {
+    fn start(files: &SnapshotFiles, name: &str, mem: &Path, flags: &[&str]) -> Self {
+        let socket = files.path(name);
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "snapshot".as_ref(),
+            "uffd-handler".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ];
+        args.extend(flags.iter().map(std::ffi::OsStr::new));
+        let process = integration_tests::agentvm::VmProcess::agentvm(args)
+            .expect("start agentvm snapshot uffd-handler");
+        process
+            .wait_for_stdout(b"uffd-handler: listening on", CLI_TIMEOUT)
+            .expect("the handler listens");
+        Self { process, socket }
+    }
+}
+
+/// The `faults=` counts of the handler's per-VM lines ("vm N ended (...): faults=F ...").
+fn handler_faults(stdout: &str) -> Vec<u64> {
+    stdout
+        .lines()
+        .filter(|l| l.contains(" ended (the VMM closed its connection): "))
+        .filter_map(|l| l.split("faults=").nth(1))
+        .filter_map(|rest| rest.split(' ').next())
+        .filter_map(|n| n.parse().ok())
+        .collect()
+}
+
+#[test]
+fn restores_through_an_external_uffd_handler_count_on_and_the_handler_counts_their_faults() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+    let handler = UffdHandler::start(&files, "uffd.sock", &files.mem(), &[]);
+    let via = |socket: &Path| load_body_with(&files.state(), socket, true, "Uffd");
+    // A second handler on the same socket is refused without disturbing the first.
+    let (mem, socket) = (files.mem(), handler.socket.clone());
+    let second = run_agentvm(
+        [
+            "snapshot".as_ref(),
+            "uffd-handler".as_ref(),
+            "--socket".as_ref(),
+            socket.as_os_str(),
+            "--mem-file".as_ref(),
+            mem.as_os_str(),
+        ] as [&std::ffi::OsStr; 6],
+        CLI_TIMEOUT,
+    )
+    .expect("a second handler");
+    assert!(!second.status.success());
+    assert!(
+        second.stderr_text().contains("uffd.sock: already exists"),
+        "{}",
+        second.stderr_text()
+    );
+    assert!(
+        socket.exists(),
+        "the refused handler left the first one's socket"
+    );
+
+    let copies = [Serve::start(), Serve::start()];
+    // No such socket, and a socket nobody listens on: refused, nothing runs, and the same
+    // serve can still load.
+    copies[0].refused(
+        "PUT",
+        "/snapshot/load",
+        &via(&files.path("missing.sock")),
+        400,
+        "missing.sock: no such file (the memory file) or Unix socket",
+    );
+    let stale = files.path("stale.sock");
+    drop(std::os::unix::net::UnixListener::bind(&stale).expect("bind a socket"));
+    copies[0].refused(
+        "PUT",
+        "/snapshot/load",
+        &via(&stale),
+        400,
+        "stale.sock: cannot connect",
+    );
+    assert_eq!(copies[0].state(), "Not started");
+
+    // Two VMs restored through one handler at once, each counting on independently.
+    for copy in &copies {
+        copy.ok("PUT", "/snapshot/load", &via(&handler.socket));
+        assert_eq!(copy.state(), "Running");
+    }
+    for copy in &copies {
+        let after = copy.wait_console(&format!("PROBE count {}\n", last + 3));
+        assert_consecutive(
+            &counts(&format!("{before}{after}")),
+            "external uffd restore",
+        );
+        // The VMM serves no faults itself: the handler counts them.
+        assert_eq!(metric(copy, "agentvm_uffd_faults_total"), None);
+    }
+    copies[0].ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let frozen = copies[0].console();
+    let other = *counts(&copies[1].console()).last().unwrap();
+    copies[1].wait_console(&format!("PROBE count {}\n", other + 3));
+    assert_eq!(copies[0].console(), frozen, "the paused copy kept counting");
+    for copy in copies {
+        let _ = copy.terminate();
+    }
+    handler
+        .process
+        .wait_for_stdout(b"vm 2 ended", CLI_TIMEOUT)
+        .expect("the handler saw both VMs end");
+    handler.process.signal(libc::SIGTERM).expect("SIGTERM");
+    let out = handler
+        .process
+        .wait(CLI_TIMEOUT)
+        .expect("the handler exits");
+    let stdout = out.stdout_text();
+    let faults = handler_faults(&stdout);
+    assert_eq!(faults.len(), 2, "one line per VM:\n{stdout}");
+    assert!(
+        faults.iter().all(|&f| f >= 1),
+        "a VM ran without a single fault served:\n{stdout}"
+    );
+    assert!(!handler.socket.exists(), "the handler removed its socket");
+}
+
+#[test]
+fn an_external_uffd_handler_once_exits_after_its_vm_and_a_killed_one_ends_the_vm_with_the_reason() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = boot_and_snapshot(&files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+
+    // --once: the handler ends (and removes its socket) when its one VM has ended. With
+    // --prefetch-working-set it first copies in the pages of `<mem>.ws`.
+    let mem_file = std::fs::File::open(files.mem()).unwrap();
+    let identity = snapshot::memory_file_identity(&files.mem(), &mem_file).unwrap();
+    let set = snapshot::WorkingSet {
+        mem_file_len: identity.0,
+        mem_file_mtime_ns: identity.1,
+        pages: (0..8).collect(),
+    };
+    snapshot::write_working_set(&snapshot::working_set_path(&files.mem()), &set).unwrap();
+    let once = UffdHandler::start(
+        &files,
+        "once.sock",
+        &files.mem(),
+        &["--once", "--prefetch-working-set"],
+    );
+    let s = Serve::start();
+    let (state, socket) = (files.state(), once.socket.clone());
+    let args: [&std::ffi::OsStr; 11] = [
+        "snapshot".as_ref(),
+        "load".as_ref(),
+        "--api-sock".as_ref(),
+        s.sock().as_os_str(),
+        "--snapshot".as_ref(),
+        state.as_os_str(),
+        "--mem".as_ref(),
+        socket.as_os_str(),
+        "--backend".as_ref(),
+        "uffd".as_ref(),
+        "--resume".as_ref(),
+    ];
+    let load = run_agentvm(args, CLI_TIMEOUT).expect("agentvm snapshot load via the handler");
+    assert_eq!(load.status.code(), Some(0), "{}", load.stderr_text());
+    let after = s.wait_console(&format!("PROBE count {}\n", last + 2));
+    assert_consecutive(&counts(&format!("{before}{after}")), "restore via --once");
+    let _ = s.terminate();
+    let out = once.process.wait(CLI_TIMEOUT).expect("--once exits");
+    assert_eq!(out.status.code(), Some(0), "{}", out.stderr_text());
+    let stdout = out.stdout_text();
+    assert_eq!(handler_faults(&stdout).len(), 1, "{stdout}");
+    assert!(stdout.contains(" prefetched=8\n"), "{stdout}");
+    assert!(!socket.exists(), "the --once handler removed its socket");
+
+    // A handler that cannot serve the mappings (its memory file is too short) closes the
+    // connection: the load is refused, or, if the VM was built before the handler had read
+    // the mappings, that VM ends with the reason. Nothing keeps running either way.
+    let short = files.path("short.mem");
+    std::fs::write(&short, vec![0u8; 4096]).unwrap();
+    let refusing = UffdHandler::start(&files, "short.sock", &short, &["--once"]);
+    let s = Serve::start();
+    let answer = s.call(
+        "PUT",
+        "/snapshot/load",
+        Some(&load_body_with(
+            &files.state(),
+            &refusing.socket,
+            false,
+            "Uffd",
+        )),
+    );
+    let out = refusing
+        .process
+        .wait(CLI_TIMEOUT)
+        .expect("the handler ends");
+    assert!(
+        out.stderr_text().contains("the file has 0x1000"),
+        "{}",
+        out.stderr_text()
+    );
+    if answer.status == 400 {
+        assert!(
+            answer
+                .body
+                .contains("closed its connection before the VM ran"),
+            "{answer:?}"
+        );
+        assert_eq!(s.state(), "Not started");
+    } else {
+        assert_eq!(answer.status, 204, "{answer:?}");
+        let (out, _dir) = s.wait_exit();
+        assert!(
+            out.stderr_text()
+                .contains("short.sock closed its connection"),
+            "{}",
+            out.stderr_text()
+        );
+    }
+
+    // A handler killed while its VM runs: the VM ends, naming the handler, instead of hanging.
+    let handler = UffdHandler::start(&files, "killed.sock", &files.mem(), &[]);
+    let s = Serve::start();
+    s.ok(
+        "PUT",
+        "/snapshot/load",
+        &load_body_with(&files.state(), &handler.socket, true, "Uffd"),
+    );
+    s.wait_console(&format!("PROBE count {}\n", last + 2));
+    handler.process.signal(libc::SIGKILL).expect("SIGKILL");
+    let (out, _dir) = s.wait_exit();
+    let stderr = out.stderr_text();
+    assert!(
+        stderr.contains("guest memory: the external uffd handler at")
+            && stderr.contains("killed.sock closed its connection"),
+        "the VM did not end on the handler's death:\n{stderr}"
+    );
+    assert!(!out.status.success(), "{stderr}");
+}

@@ -382,7 +382,7 @@ impl Vmm {
 
     /// The userfaultfd counters, if guest memory is served by a uffd handler.
     pub fn uffd_metrics(&self) -> Option<UffdMetrics> {
-        self.memory_backend.as_ref().map(UffdBackend::metrics)
+        self.memory_backend.as_ref().and_then(UffdBackend::metrics)
     }
 
     /// Whether the guest's driver has set up the vsock device (after a restore: had, when the

@@ -75,12 +75,16 @@ pub fn restore_config(
         }
         (None, None) => return refuse("mem_backend is required"),
         (None, Some(path)) => (path.clone(), MemoryBackend::File),
-        // Unlike Firecracker, a Uffd backend_path is the memory file itself: agentvm serves the
-        // faults from an in-process handler thread rather than an external handler process.
+        // A Uffd backend_path that is a Unix socket is an external handler's, as in
+        // Firecracker; a regular file is the memory file itself, served by an in-process
+        // handler thread.
         (Some(backend), None) => (
             backend.backend_path.clone(),
             match backend.backend_type {
                 MemBackendType::File => MemoryBackend::File,
+                MemBackendType::Uffd if is_socket(&backend.backend_path) => {
+                    MemoryBackend::UffdSocket
+                }
                 MemBackendType::Uffd => MemoryBackend::Uffd,
             },
         ),
@@ -111,16 +115,23 @@ pub fn restore_config(
     {
         return refuse("network_overrides: agentvm has no network interfaces to override yet");
     }
-    for (field, path) in [
-        ("snapshot_path", &request.snapshot_path),
-        ("mem_backend.backend_path", &mem_file_path),
-    ] {
-        if !path.is_file() {
-            return Err(Fault::bad_request(format!(
-                "PUT /snapshot/load: {field} {}: no such file",
-                path.display()
-            )));
-        }
+    if !request.snapshot_path.is_file() {
+        return Err(Fault::bad_request(format!(
+            "PUT /snapshot/load: snapshot_path {}: no such file",
+            request.snapshot_path.display()
+        )));
+    }
+    if backend != MemoryBackend::UffdSocket && !mem_file_path.is_file() {
+        let what = match backend {
+            MemoryBackend::Uffd => {
+                "no such file (the memory file) or Unix socket (a uffd handler's)"
+            }
+            _ => "no such file",
+        };
+        return Err(Fault::bad_request(format!(
+            "PUT /snapshot/load: mem_backend.backend_path {}: {what}",
+            mem_file_path.display()
+        )));
     }
     Ok(RestoreConfig {
         snapshot_path: request.snapshot_path.clone(),
@@ -136,6 +147,12 @@ pub fn restore_config(
             .map(|o| (o.uds_path.clone(), o.guest_cid)),
         seccomp,
     })
+}
+
+/// A Unix socket (an external uffd handler's), not a regular file.
+fn is_socket(path: &Path) -> bool {
+    use std::os::unix::fs::FileTypeExt;
+    std::fs::metadata(path).is_ok_and(|m| m.file_type().is_socket())
 }
 
 pub async fn create(ctx: &ApiContext, request: SnapshotCreate) -> Result<Reply, Fault> {
@@ -217,6 +234,21 @@ mod tests {
         let config = restore_config(&uffd, SeccompLevel::Off).unwrap();
         assert_eq!(config.backend, MemoryBackend::Uffd);
         assert_eq!(config.mem_file_path, dir.path().join("vm.mem"));
+
+        let mut external = uffd.clone();
+        let sock = dir.path().join("handler.sock");
+        let _listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+        external.mem_backend.as_mut().unwrap().backend_path = sock.clone();
+        let config = restore_config(&external, SeccompLevel::Off).unwrap();
+        assert_eq!(config.backend, MemoryBackend::UffdSocket);
+        assert_eq!(config.mem_file_path, sock);
+        external.mem_backend.as_mut().unwrap().backend_path = dir.path().join("gone.sock");
+        let err = restore_config(&external, SeccompLevel::Off).unwrap_err();
+        assert!(
+            err.message
+                .contains("gone.sock: no such file (the memory file) or Unix socket"),
+            "{err:?}"
+        );
 
         let mut both = ok.clone();
         both.mem_file_path = Some(dir.path().join("vm.mem"));

@@ -18,6 +18,7 @@ mod signals;
 mod snapshot;
 mod terminal;
 mod timings;
+mod uffd_handler;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

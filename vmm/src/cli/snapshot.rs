@@ -1,6 +1,7 @@
 //! `agentvm snapshot create|load`: the per-VM API's snapshot requests from the command line, for a
 //! VM run by `agentvm serve --api-sock`; `agentvm snapshot merge`: a diff snapshot onto its base,
-//! offline.
+//! offline; `agentvm snapshot uffd-handler`: an external userfaultfd handler (see
+//! `super::uffd_handler`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -23,6 +24,10 @@ pub enum SnapshotCommand {
     /// Apply a diff snapshot onto its base: a full snapshot of the diff's moment. Checks that
     /// the diff was taken against that base. The outputs may name the inputs (merge in place).
     Merge(MergeArgs),
+    /// Serve restored VMs' guest memory from a memory file as an external userfaultfd handler
+    /// (Firecracker's protocol): load with `--backend uffd --mem <this socket>`. Prints one line
+    /// per VM when it ends, with the page faults served.
+    UffdHandler(super::uffd_handler::UffdHandlerArgs),
 }
 
 #[derive(Args)]
@@ -81,12 +86,14 @@ pub struct LoadArgs {
     /// The state file.
     #[arg(long, value_name = "FILE")]
     snapshot: PathBuf,
-    /// The memory file.
+    /// The memory file; with `--backend uffd`, or the Unix socket of an external handler
+    /// (`agentvm snapshot uffd-handler`).
     #[arg(long, value_name = "FILE")]
     mem: PathBuf,
     /// How guest memory comes back: `file` maps the memory file privately (the page cache
     /// faults pages in); `uffd` serves first touches from a userfaultfd handler thread and
-    /// prefetches the working set recorded by an earlier uffd restore (`<mem>.ws`).
+    /// prefetches the working set recorded by an earlier uffd restore (`<mem>.ws`), or, when
+    /// --mem is a Unix socket, hands guest memory to the external handler listening there.
     #[arg(long, value_enum, default_value_t = Backend::File)]
     backend: Backend,
     /// Run the VM at once instead of leaving it paused.
@@ -105,18 +112,22 @@ pub struct LoadArgs {
 }
 
 pub fn run(command: SnapshotCommand) -> Result<ExitCode, String> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    match command {
+        SnapshotCommand::Create(args) => block_on(create(args))?,
+        SnapshotCommand::Load(args) => block_on(load(args))?,
+        SnapshotCommand::Merge(args) => merge(args)?,
+        SnapshotCommand::UffdHandler(args) => return super::uffd_handler::run(args),
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Runs one API exchange on a current-thread runtime.
+fn block_on(call: impl std::future::Future<Output = Result<(), String>>) -> Result<(), String> {
+    tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
-        match command {
-            SnapshotCommand::Create(args) => create(args).await,
-            SnapshotCommand::Load(args) => load(args).await,
-            SnapshotCommand::Merge(args) => merge(args),
-        }
-    })?;
-    Ok(ExitCode::SUCCESS)
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?
+        .block_on(call)
 }
 
 /// Absolute, so the VMM (whose working directory may differ) finds the same files.

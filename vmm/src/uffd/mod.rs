@@ -11,11 +11,15 @@
 //! the userfaultfd, which releases every blocked faulter, so no vCPU waits forever.
 
 mod counts;
+mod external;
+mod external_handler;
 mod handler;
+mod mappings;
 mod prefetch;
 mod sys;
 
 use std::fs::File;
+use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::sync::mpsc::Sender;
 use std::thread::JoinHandle;
@@ -27,6 +31,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 pub use counts::{UffdCounts, UffdMetrics, UffdTotals};
+pub use external::ExternalSetup;
+pub use external_handler::{serve_vm, HandlerOptions, VmServed};
+pub use mappings::GuestRegionUffdMapping;
 
 use crate::exit::VmmEvent;
 use crate::seccomp::{ThreadKind, ThreadSeccomp};
@@ -46,13 +53,25 @@ impl Default for Page {
     }
 }
 
-/// One guest RAM region: where it is mapped, where it is in the guest and in the memory file.
+/// One guest RAM region: where it is mapped, where it is in the guest (unknown to an external
+/// handler: Firecracker's mappings do not say) and in the memory file.
 #[derive(Debug, Clone, Copy)]
 struct GuestRange {
     host_addr: u64,
-    guest_addr: u64,
+    guest_addr: Option<u64>,
     len: u64,
     file_offset: u64,
+}
+
+impl GuestRange {
+    /// The page at `host_page` (inside this range), named for error messages.
+    fn describe(&self, host_page: u64) -> String {
+        let delta = host_page - self.host_addr;
+        match self.guest_addr {
+            Some(guest) => format!("guest page {:#x}", guest + delta),
+            None => format!("the page at host address {host_page:#x}"),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -70,6 +89,18 @@ pub enum UffdError {
     Spawn(std::io::Error),
     #[error("cannot create the handler's stop eventfd: {0}")]
     EventFd(std::io::Error),
+    #[error("uffd handler socket {}: cannot connect: {source}", path.display())]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("uffd handler socket {}: cannot send the memory mappings and the userfaultfd: {source}", path.display())]
+    Send {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the uffd handler at {} closed its connection before the VM ran (see its log)", .0.display())]
+    HandlerClosed(PathBuf),
 }
 
 /// Where a restore's working set goes (when it has none yet) and the memory file it belongs to.
@@ -90,37 +121,51 @@ pub struct UffdSetup<'a> {
     pub seccomp: ThreadSeccomp,
 }
 
-/// The running handler of one VM's memory. Dropping it stops the thread (see [`Self::finish`]).
+/// The running handler of one VM's memory: the in-process handler thread, or, with an external
+/// handler, the thread watching its connection. Dropping it stops the thread (see
+/// [`Self::finish`]).
 pub struct UffdBackend {
     stop: EventFd,
     thread: Option<JoinHandle<()>>,
-    counts: UffdMetrics,
+    /// None with an external handler.
+    counts: Option<UffdMetrics>,
     recording: Option<Recording>,
+    /// The external handler's connection (with its socket path), to check it is still open.
+    peer: Option<(UnixStream, PathBuf)>,
+}
+
+/// The regions of `mem`, with where each is in the guest and in the memory file.
+fn guest_ranges(mem: &GuestMemoryMmap, layout: &MemoryLayout) -> Vec<GuestRange> {
+    mem.iter()
+        .zip(&layout.regions)
+        .map(|(region, saved)| GuestRange {
+            host_addr: region.as_ptr() as u64,
+            guest_addr: Some(saved.guest_addr),
+            len: region.len(),
+            file_offset: saved.file_offset,
+        })
+        .collect()
+}
+
+/// A new userfaultfd with every range registered in missing mode.
+fn register(ranges: &[GuestRange]) -> Result<Uffd, UffdError> {
+    let uffd = Uffd::new().map_err(UffdError::Create)?;
+    for r in ranges {
+        uffd.register_missing(r.host_addr, r.len)
+            .map_err(|source| UffdError::Register {
+                guest_addr: r.guest_addr.unwrap_or(r.host_addr),
+                source,
+            })?;
+    }
+    Ok(uffd)
 }
 
 impl UffdBackend {
     /// Registers every region of `mem` (freshly mapped anonymous, untouched), prefetches the
     /// working set, and starts the handler thread; guest memory may be touched from then on.
     pub fn start(setup: UffdSetup<'_>) -> Result<Self, UffdError> {
-        let uffd = Uffd::new().map_err(UffdError::Create)?;
-        let ranges: Vec<GuestRange> = setup
-            .mem
-            .iter()
-            .zip(&setup.layout.regions)
-            .map(|(region, saved)| GuestRange {
-                host_addr: region.as_ptr() as u64,
-                guest_addr: saved.guest_addr,
-                len: region.len(),
-                file_offset: saved.file_offset,
-            })
-            .collect();
-        for r in &ranges {
-            uffd.register_missing(r.host_addr, r.len)
-                .map_err(|source| UffdError::Register {
-                    guest_addr: r.guest_addr,
-                    source,
-                })?;
-        }
+        let ranges = guest_ranges(setup.mem, setup.layout);
+        let uffd = register(&ranges)?;
         let counts = UffdMetrics::default();
         let identity = snapshot::memory_file_identity(&setup.mem_file_path, &setup.mem_file)
             .map_err(|e| UffdError::Prefetch(e.to_string()))?;
@@ -163,6 +208,7 @@ impl UffdBackend {
                             file: &file,
                             ranges: &ranges,
                             counts: &thread_counts,
+                            peer: None,
                         }
                         .run()
                     });
@@ -177,12 +223,14 @@ impl UffdBackend {
         Ok(Self {
             stop,
             thread: Some(thread),
-            counts,
+            counts: Some(counts),
             recording,
+            peer: None,
         })
     }
 
-    pub fn metrics(&self) -> UffdMetrics {
+    /// The fault counters; None when an external handler serves the faults (it counts them).
+    pub fn metrics(&self) -> Option<UffdMetrics> {
         self.counts.clone()
     }
 
@@ -192,7 +240,10 @@ impl UffdBackend {
         if !self.stop_thread() {
             return;
         }
-        let totals = self.counts.totals();
+        let Some(counts) = &self.counts else {
+            return;
+        };
+        let totals = counts.totals();
         tracing::info!(
             faults = totals.faults,
             zero_pages = totals.zero_pages,
@@ -212,7 +263,9 @@ impl UffdBackend {
         let Some(thread) = self.thread.take() else {
             return false;
         };
-        self.counts.end_recording();
+        if let Some(counts) = &self.counts {
+            counts.end_recording();
+        }
         let _ = self.stop.write(1);
         let deadline = Instant::now() + Duration::from_secs(5);
         while !thread.is_finished() && Instant::now() < deadline {
@@ -227,24 +280,25 @@ impl UffdBackend {
     }
 
     fn write_recording(&mut self) {
-        if let Some(recording) = self.recording.take() {
-            let pages = self.counts.take_recorded();
-            if pages.is_empty() {
-                return;
-            }
-            let set = WorkingSet {
-                mem_file_len: recording.identity.0,
-                mem_file_mtime_ns: recording.identity.1,
-                pages,
-            };
-            match snapshot::write_working_set(&recording.path, &set) {
-                Ok(()) => tracing::info!(
-                    pages = set.pages.len(),
-                    path = %recording.path.display(),
-                    "uffd restore: working set recorded"
-                ),
-                Err(e) => tracing::warn!("uffd restore: cannot write the working set: {e}"),
-            }
+        let (Some(recording), Some(counts)) = (self.recording.take(), &self.counts) else {
+            return;
+        };
+        let pages = counts.take_recorded();
+        if pages.is_empty() {
+            return;
+        }
+        let set = WorkingSet {
+            mem_file_len: recording.identity.0,
+            mem_file_mtime_ns: recording.identity.1,
+            pages,
+        };
+        match snapshot::write_working_set(&recording.path, &set) {
+            Ok(()) => tracing::info!(
+                pages = set.pages.len(),
+                path = %recording.path.display(),
+                "uffd restore: working set recorded"
+            ),
+            Err(e) => tracing::warn!("uffd restore: cannot write the working set: {e}"),
         }
     }
 }

@@ -67,8 +67,8 @@ pub(super) fn prefetch(
         let dst = range.host_addr + (offset - range.file_offset);
         uffd.copy(dst, run.as_ptr().cast(), len).map_err(|e| {
             format!(
-                "prefetch: copying {count} pages to guest {:#x}: {e}",
-                range.guest_addr + (offset - range.file_offset)
+                "prefetch: copying {count} pages to {}: {e}",
+                range.describe(dst)
             )
         })?;
         copied += count as u64;
@@ -123,13 +123,13 @@ mod tests {
         let ranges = [
             GuestRange {
                 host_addr: 0x10_0000,
-                guest_addr: 0,
+                guest_addr: Some(0),
                 len: 4 * PAGE_SIZE,
                 file_offset: 0,
             },
             GuestRange {
                 host_addr: 0x90_0000,
-                guest_addr: 1 << 32,
+                guest_addr: Some(1 << 32),
                 len: 1000 * PAGE_SIZE,
                 file_offset: 4 * PAGE_SIZE,
             },

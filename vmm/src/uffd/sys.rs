@@ -190,6 +190,16 @@ impl Uffd {
     pub fn as_raw_fd(&self) -> i32 {
         self.fd.as_raw_fd()
     }
+
+    /// A userfaultfd received from a VMM (past its API handshake there).
+    pub fn from_owned(fd: OwnedFd) -> Self {
+        Self { fd }
+    }
+
+    /// Another descriptor for the same userfaultfd (the one sent to an external handler).
+    pub fn try_clone(&self) -> io::Result<OwnedFd> {
+        self.fd.try_clone()
+    }
 }
 
 #[cfg(test)]

@@ -77,11 +77,11 @@ fn faults_are_served_from_the_file_recorded_and_prefetched_next_time() {
     // A write lands in guest memory only, never in the file.
     mem.write_obj(0xdead_u32, GuestAddress(5 * PAGE_SIZE))
         .unwrap();
-    let totals = backend.metrics().totals();
+    let totals = backend.metrics().unwrap().totals();
     assert_eq!(totals.faults, 4);
     assert_eq!(totals.zero_pages, 2, "pages 4 and 300 are holes");
     assert_eq!(totals.prefetched, 0);
-    backend.metrics().end_recording();
+    backend.metrics().unwrap().end_recording();
     // Not part of the working set: recording has ended.
     let _: u32 = mem.read_obj(GuestAddress(9 * PAGE_SIZE)).unwrap();
     backend.finish();
@@ -95,18 +95,18 @@ fn faults_are_served_from_the_file_recorded_and_prefetched_next_time() {
 
     let mem = memory::map_anonymous(&layout, 2).unwrap();
     let (mut backend, _failures) = start(&path, &layout, &mem, Some(set.clone()));
-    assert_eq!(backend.metrics().totals().prefetched, 4);
+    assert_eq!(backend.metrics().unwrap().totals().prefetched, 4);
     for page in touched {
         let value: u32 = mem.read_obj(GuestAddress(page * PAGE_SIZE)).unwrap();
         assert_eq!(value, first_word(page), "prefetched page {page}");
     }
     assert_eq!(
-        backend.metrics().totals().faults,
+        backend.metrics().unwrap().totals().faults,
         0,
         "prefetched pages fault"
     );
     let _: u32 = mem.read_obj(GuestAddress(10 * PAGE_SIZE)).unwrap();
-    assert_eq!(backend.metrics().totals().faults, 1);
+    assert_eq!(backend.metrics().unwrap().totals().faults, 1);
     backend.finish();
     assert_eq!(
         snapshot::read_working_set(&ws_path).unwrap(),

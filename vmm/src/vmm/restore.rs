@@ -15,7 +15,7 @@ use crate::memory;
 use crate::persist::MicrovmState;
 use crate::process_stats::monotonic_ns;
 use crate::seccomp::{SeccompLevel, ThreadKind};
-use crate::uffd::{UffdBackend, UffdSetup};
+use crate::uffd::{ExternalSetup, UffdBackend, UffdSetup};
 use crate::vstate::vm::Vm;
 use snapshot::MemoryKind;
 
@@ -27,12 +27,18 @@ pub enum MemoryBackend {
     /// Anonymous memory registered with userfaultfd; a handler thread copies pages in on first
     /// touch, after prefetching the recorded working set (see [`crate::uffd`]).
     Uffd,
+    /// Anonymous memory registered with userfaultfd, handed to an external handler listening
+    /// on the Unix socket at `mem_file_path` (Firecracker's protocol): this VMM never sees the
+    /// memory file, so only the state file is checked here; the handler checks the mappings
+    /// against its memory file.
+    UffdSocket,
 }
 
 /// What `PUT /snapshot/load` asks for.
 #[derive(Debug, Clone)]
 pub struct RestoreConfig {
     pub snapshot_path: PathBuf,
+    /// The memory file, or with [`MemoryBackend::UffdSocket`] the external handler's socket.
     pub mem_file_path: PathBuf,
     pub backend: MemoryBackend,
     /// Run the vCPUs at once; otherwise the VM starts paused.
@@ -85,21 +91,27 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         seccomp_test_violation: None,
     };
     config.validate_machine()?;
-    let mem_file = snapshot::open_memory_file(&request.mem_file_path, &state.memory)?;
-    let working_set = match request.backend {
-        MemoryBackend::Uffd => usable_working_set(&request.mem_file_path, &mem_file)?,
-        MemoryBackend::File => None,
+    let mem_file = match request.backend {
+        MemoryBackend::UffdSocket => None,
+        MemoryBackend::File | MemoryBackend::Uffd => Some(snapshot::open_memory_file(
+            &request.mem_file_path,
+            &state.memory,
+        )?),
+    };
+    let working_set = match (request.backend, &mem_file) {
+        (MemoryBackend::Uffd, Some(file)) => usable_working_set(&request.mem_file_path, file)?,
+        _ => None,
     };
     crate::host::check_kvm_access()?;
 
     let (events_tx, events_rx) = channel();
     let vm = Vm::new()?;
-    let (mem, memory_backend) = match request.backend {
-        MemoryBackend::File => (
+    let (mem, memory_backend) = match (request.backend, mem_file) {
+        (MemoryBackend::File, Some(mem_file)) => (
             memory::map_memory_file(mem_file, &state.memory, state.mem_mib)?,
             None,
         ),
-        MemoryBackend::Uffd => {
+        (MemoryBackend::Uffd, Some(mem_file)) => {
             let mem = memory::map_anonymous(&state.memory, state.mem_mib)?;
             // Started before anything (KVM, device restore) can touch guest memory.
             let backend = UffdBackend::start(UffdSetup {
@@ -108,6 +120,18 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
                 mem_file,
                 mem_file_path: request.mem_file_path.clone(),
                 working_set,
+                events: events_tx.clone(),
+                seccomp: config.thread_seccomp(ThreadKind::UffdHandler),
+            })?;
+            (mem, Some(backend))
+        }
+        (_, _) => {
+            let mem = memory::map_anonymous(&state.memory, state.mem_mib)?;
+            // Handed over before anything (KVM, device restore) can touch guest memory.
+            let backend = UffdBackend::connect(ExternalSetup {
+                mem: &mem,
+                layout: &state.memory,
+                socket_path: &request.mem_file_path,
                 events: events_tx.clone(),
                 seccomp: config.thread_seccomp(ThreadKind::UffdHandler),
             })?;
@@ -134,6 +158,9 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
     state.vm.restore(vm.fd())?;
     for (vcpu, fd) in state.vcpus.iter().zip(&vcpu_fds) {
         vcpu.restore(fd)?;
+    }
+    if let Some(backend) = &memory_backend {
+        backend.check_connected()?;
     }
     let loaded_ns = monotonic_ns();
     let mut vmm = start(
