@@ -29,6 +29,9 @@ const JAIL_INITRD: &str = "/boot/initrd";
 const JAIL_SNAPSHOT_STATE: &str = "/snapshot/state";
 const JAIL_SNAPSHOT_MEM: &str = "/snapshot/mem";
 const JAIL_MODULE: &str = "/wasm/module.wasm";
+/// An isolate sandbox's egress policy and audit log, where its jailed worker finds them.
+const JAIL_EGRESS_POLICY: &str = "/wasm/egress-policy.json";
+const JAIL_EGRESS_AUDIT: &str = "/wasm/egress-audit.jsonl";
 /// The files a hibernating VMM writes beside its sockets, before the daemon moves them.
 const HIBERNATE_STATE: &str = "hibernate.state";
 const HIBERNATE_MEM: &str = "hibernate.mem";
@@ -211,6 +214,16 @@ pub fn module_file(store: &Store, id: &str) -> PathBuf {
     store.sandbox_dir(id).join("module.wasm")
 }
 
+/// An isolate sandbox's egress policy, as its worker reads it, from the host's side.
+pub fn egress_policy_file(store: &Store, id: &str) -> PathBuf {
+    store.sandbox_dir(id).join("egress-policy.json")
+}
+
+/// An isolate sandbox's egress audit log (one JSON line per fetch), from the host's side.
+pub fn egress_audit_file(store: &Store, id: &str) -> PathBuf {
+    store.sandbox_dir(id).join("egress-audit.jsonl")
+}
+
 impl LaunchConfig {
     /// Lays out isolate sandbox `id`'s files and its worker's command line (`agentvm isolate
     /// serve`), in a jail with /dev/kvm and the module (read-only) when jailed.
@@ -222,28 +235,42 @@ impl LaunchConfig {
     ) -> Result<Plan, Fault> {
         let dir = store.sandbox_dir(id);
         let module = module_file(store, id);
-        let worker_args = |api_sock: &Path, module: &Path| {
-            vec![
+        let egress = limits.egress_audit.is_some();
+        // (module, egress policy, egress audit log) as the worker sees them.
+        let worker_args = |api_sock: &Path, files: [&Path; 3]| {
+            let mut args = vec![
                 "isolate".to_string(),
                 "serve".to_string(),
                 "--api-sock".to_string(),
                 api_sock.display().to_string(),
                 "--module".to_string(),
-                module.display().to_string(),
+                files[0].display().to_string(),
                 "--max-memory-mib".to_string(),
                 limits.max_memory_mib.to_string(),
                 "--cpu-limit-ms".to_string(),
                 limits.cpu_limit_ms.to_string(),
                 "--wall-limit-ms".to_string(),
                 limits.wall_limit_ms.to_string(),
-            ]
+                "--sandbox-id".to_string(),
+                id.to_string(),
+            ];
+            if egress {
+                args.extend([
+                    "--egress-policy".to_string(),
+                    files[1].display().to_string(),
+                    "--egress-audit".to_string(),
+                    files[2].display().to_string(),
+                ]);
+            }
+            args
         };
+        let (policy, audit) = (egress_policy_file(store, id), egress_audit_file(store, id));
         let (command, api_sock) = match &self.jail {
             None => {
                 let api_sock = dir.join("api.sock");
                 let command = CommandPlan {
                     program: self.agentvm.clone(),
-                    args: worker_args(&api_sock, &module),
+                    args: worker_args(&api_sock, [&module, &policy, &audit]),
                 };
                 (command, api_sock)
             }
@@ -277,11 +304,30 @@ impl LaunchConfig {
                     "64".to_string(),
                     "--mount".to_string(),
                     format!("{}:{JAIL_MODULE}", path_arg(&module)?),
-                    "--".to_string(),
                 ];
+                if egress {
+                    // The worker resolves names itself (agentvm's own resolver, from these two
+                    // files) and appends to the audit log, which stays in the sandbox's directory.
+                    for file in ["/etc/hosts", "/etc/resolv.conf"] {
+                        if Path::new(file).exists() {
+                            args.extend(["--mount".to_string(), format!("{file}:{file}")]);
+                        }
+                    }
+                    args.extend([
+                        "--mount".to_string(),
+                        format!("{}:{JAIL_EGRESS_POLICY}", path_arg(&policy)?),
+                        "--mount".to_string(),
+                        format!("{}:{JAIL_EGRESS_AUDIT}:rw", path_arg(&audit)?),
+                    ]);
+                }
+                args.push("--".to_string());
                 args.extend(worker_args(
                     &Path::new("/run").join("api.sock"),
-                    Path::new(JAIL_MODULE),
+                    [
+                        Path::new(JAIL_MODULE),
+                        Path::new(JAIL_EGRESS_POLICY),
+                        Path::new(JAIL_EGRESS_AUDIT),
+                    ],
                 ));
                 let command = CommandPlan {
                     program: jail.jailer.clone(),

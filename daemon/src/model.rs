@@ -89,6 +89,10 @@ pub struct IsolateInfo {
     pub cpu_limit_ms: u64,
     pub wall_limit_ms: u64,
     pub max_memory_mib: u32,
+    /// Where the egress audit log of its fetches is (one JSON line each), when it has an egress
+    /// policy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress_audit: Option<PathBuf>,
 }
 
 /// `POST /sandboxes`.
@@ -103,6 +107,10 @@ pub struct CreateSandbox {
     pub module_base64: Option<String>,
     /// Tier isolate: the limits of its calls.
     pub limits: Option<IsolateLimitsRequest>,
+    /// Tier isolate: what the module's `agentvm.fetch` may reach (the egress policy format;
+    /// credential headers `from_env` only, read from the daemon's environment). Without it every
+    /// fetch is denied.
+    pub egress_policy: Option<serde_json::Value>,
     /// A template name (`default`: the prepared Debian kernel and agent initramfs).
     pub template: Option<String>,
     /// Overrides of the template's fields.

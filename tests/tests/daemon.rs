@@ -30,11 +30,17 @@ struct Daemon {
     process: Option<VmProcess>,
     sock: PathBuf,
     state: PathBuf,
+    /// Environment the daemon gets beyond the test's (its sandboxes inherit it).
+    env: Vec<(String, String)>,
     _dir: tempfile::TempDir,
 }
 
 impl Daemon {
     fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Self {
         // Short paths: sandbox sockets live under the state directory.
         let dir = tempfile::Builder::new()
             .prefix("avd")
@@ -46,6 +52,10 @@ impl Daemon {
             process: None,
             sock,
             state,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             _dir: dir,
         };
         daemon.process = Some(daemon.spawn());
@@ -63,7 +73,9 @@ impl Daemon {
         if !is_root() {
             args.push("--no-jail".to_string());
         }
-        let process = VmProcess::agentvm(&args).expect("start agentvm daemon");
+        let mut command = std::process::Command::new(integration_tests::agentvm::agentvm_bin());
+        command.args(&args).envs(self.env.iter().cloned());
+        let process = VmProcess::spawn(command).expect("start agentvm daemon");
         // A restarted daemon replaces the stale socket of the one before: wait for an answer.
         let until = Instant::now() + START_TIMEOUT;
         while std::os::unix::net::UnixStream::connect(&self.sock).is_err() {
@@ -911,4 +923,167 @@ fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
         d.expect("DELETE", &format!("/sandboxes/{id}"), None, 204);
     }
     assert_leftovers_gone(&d.state);
+}
+
+/// A local upstream on 127.0.0.1 answering every request with "hello"; the request heads it
+/// received.
+fn http_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = seen.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") {
+                match stream.read(&mut byte) {
+                    Ok(1) => head.push(byte[0]),
+                    _ => break,
+                }
+            }
+            record
+                .lock()
+                .unwrap()
+                .push(String::from_utf8_lossy(&head).into_owned());
+            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
+        }
+    });
+    (port, seen)
+}
+
+/// An isolate sandbox's `agentvm.fetch` goes through the egress policy given at create: an
+/// allowed request reaches the upstream with the rule's credential (from the daemon's
+/// environment) in place of the module's, a denied one gets -1 and a logged reason, each fetch is
+/// in the sandbox's audit log without the secret; without a policy every fetch is denied. When
+/// the daemon runs as root the worker is jailed, so this also shows the jail lets it resolve
+/// names (/etc/hosts) and write its audit log.
+#[test]
+fn an_isolate_sandbox_fetches_what_its_egress_policy_allows() {
+    if !require_kvm() {
+        return;
+    }
+    const SECRET: &str = "daemon-isolate-secret-77c1";
+    let d = Daemon::start_with_env(&[("DAEMON_ISOLATE_TOKEN", SECRET)]);
+    let (port, seen) = http_upstream();
+    let allowed =
+        format!("GET http://localhost:{port}/v1/items HTTP/1.1\r\nAuthorization: mine\r\n\r\n");
+    let denied = "GET http://169.254.169.254/latest/ HTTP/1.1\r\n\r\n";
+    let wat = format!(
+        r#"(module
+          (import "agentvm" "fetch" (func $fetch (param i32 i32 i32 i32) (result i32)))
+          (import "agentvm" "log" (func $log (param i32 i32)))
+          (memory (export "memory") 1)
+          (data (i32.const 0) "{}")
+          (data (i32.const 1024) "{}")
+          (func $get (param $at i32) (param $len i32) (result i32) (local $n i32)
+            (local.set $n (call $fetch (local.get $at) (local.get $len) (i32.const 8192) (i32.const 4096)))
+            (if (i32.gt_s (local.get $n) (i32.const 0))
+              (then (call $log (i32.const 8192) (local.get $n))))
+            (local.get $n))
+          (func (export "allowed") (result i32) (call $get (i32.const 0) (i32.const {})))
+          (func (export "denied") (result i32) (call $get (i32.const 1024) (i32.const {}))))"#,
+        allowed.replace("\r\n", "\\0d\\0a"),
+        denied.replace("\r\n", "\\0d\\0a"),
+        allowed.len(),
+        denied.len()
+    );
+    let module = wat::parse_str(&wat).unwrap();
+    let policy = serde_json::json!({"version": 1, "rules": [
+        {"id": "loopback", "cidr": "127.0.0.1/32", "ports": [1]},
+        {"id": "local-api", "domain": "localhost", "ports": [port],
+         "inject_headers": [{"name": "Authorization", "prefix": "Bearer ",
+                             "from_env": "DAEMON_ISOLATE_TOKEN"}]}]});
+
+    // Mistakes in the policy are the create's 400s, and leave nothing behind.
+    let file_secret = serde_json::json!({"egress_policy": {"rules": [{"domain": "localhost",
+        "inject_headers": [{"name": "Authorization", "from_file": "/etc/shadow"}]}]}});
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create("iso", &module, file_secret)),
+        400,
+        "from_file",
+    );
+    let bad_rule = serde_json::json!({"egress_policy": {"rules": [{"cidr": "10.0.0.0/33"}]}});
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create("iso", &module, bad_rule)),
+        400,
+        "egress_policy: ",
+    );
+    d.refused(
+        "POST",
+        "/sandboxes",
+        Some(&serde_json::json!({"id": "vm", "egress_policy": policy}).to_string()),
+        400,
+        "egress_policy is a field of tier isolate",
+    );
+    d.expect("GET", "/sandboxes/iso", None, 404);
+
+    let info = d
+        .expect(
+            "POST",
+            "/sandboxes",
+            Some(&isolate_create(
+                "iso",
+                &module,
+                serde_json::json!({"egress_policy": policy}),
+            )),
+            201,
+        )
+        .json();
+    let audit = PathBuf::from(
+        info["isolate"]["egress_audit"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no egress_audit in {info}")),
+    );
+    let got = isolate_call(&d, r#"{"function": "allowed"}"#, 200);
+    let response = "200\r\nContent-Length: 5\r\n\r\nhello";
+    assert_eq!(got["results"][0]["value"], response.len(), "{got}");
+    assert_eq!(got["logs"], serde_json::json!([response]), "{got}");
+    let requests = seen.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert!(
+        requests[0].starts_with("GET /v1/items HTTP/1.1\r\n")
+            && requests[0].contains(&format!("Authorization: Bearer {SECRET}\r\n"))
+            && !requests[0].contains("mine"),
+        "the rule's credential replaces the module's: {}",
+        requests[0]
+    );
+    let refused = isolate_call(&d, r#"{"function": "denied"}"#, 200);
+    assert_eq!(refused["results"][0]["value"], -1, "{refused}");
+    assert!(
+        refused["logs"].to_string().contains("169.254.169.254"),
+        "the reason is logged: {refused}"
+    );
+    assert_eq!(
+        seen.lock().unwrap().len(),
+        1,
+        "the denied fetch reached nothing"
+    );
+    let audit_text = std::fs::read_to_string(&audit).unwrap();
+    assert!(audit_text.contains("local-api"), "{audit_text}");
+    assert!(audit_text.contains("169.254.169.254"), "{audit_text}");
+    assert!(!audit_text.contains(SECRET), "the secret is not audited");
+    d.expect("DELETE", "/sandboxes/iso", None, 204);
+
+    // Without a policy, nothing is fetched.
+    d.expect(
+        "POST",
+        "/sandboxes",
+        Some(&isolate_create("iso", &module, serde_json::json!({}))),
+        201,
+    );
+    let refused = isolate_call(&d, r#"{"function": "allowed"}"#, 200);
+    assert_eq!(refused["results"][0]["value"], -1, "{refused}");
+    assert!(
+        refused["logs"].to_string().contains("egress policy"),
+        "{refused}"
+    );
+    assert_eq!(seen.lock().unwrap().len(), 1);
+    d.expect("DELETE", "/sandboxes/iso", None, 204);
 }

@@ -10,7 +10,7 @@ use base64::Engine;
 
 use super::{not_running, now_ms, Sandboxes};
 use crate::fault::Fault;
-use crate::launcher::{module_file, Plan};
+use crate::launcher::{egress_audit_file, egress_policy_file, module_file, Plan};
 use crate::model::*;
 use crate::store::SandboxRecord;
 
@@ -25,7 +25,11 @@ impl Sandboxes {
     ) -> Result<SandboxInfo, Fault> {
         refuse_microvm_fields(&request)?;
         let module = decode_module(request.module_base64.as_deref())?;
-        let limits = resolve_limits(request.limits.as_ref(), module.len())?;
+        let mut limits = resolve_limits(request.limits.as_ref(), module.len())?;
+        let policy = check_egress_policy(request.egress_policy.as_ref())?;
+        if policy.is_some() {
+            limits.egress_audit = Some(egress_audit_file(&self.store, &id));
+        }
         let plan = self.launch.plan_isolate(&self.store, &id, &limits)?;
         let record = SandboxRecord {
             info: SandboxInfo {
@@ -48,7 +52,9 @@ impl Sandboxes {
             booted: false,
         };
         self.insert_new(record)?;
-        let started = self.start_isolate(&plan, &module, deadline).await;
+        let started = self
+            .start_isolate(&plan, &module, policy.as_deref(), deadline)
+            .await;
         self.finish_create(&id, started).await
     }
 
@@ -56,11 +62,15 @@ impl Sandboxes {
         self: &Arc<Self>,
         plan: &Plan,
         module: &[u8],
+        egress_policy: Option<&str>,
         deadline: Instant,
     ) -> Result<(), Fault> {
         let file = module_file(&self.store, &plan.id);
         std::fs::write(&file, module)
             .map_err(|e| Fault::internal(format!("cannot write {}: {e}", file.display())))?;
+        if let Some(policy) = egress_policy {
+            self.write_egress_files(&plan.id, policy)?;
+        }
         let pid = self.spawn_vmm(plan)?;
         let alive = || {
             self.get(&plan.id)
@@ -76,6 +86,27 @@ impl Sandboxes {
             });
         }
         self.update(&plan.id, |r| r.booted = true);
+        Ok(())
+    }
+
+    /// The worker's egress policy file and its audit log (created here, so that a jailed worker,
+    /// which gets it as a mount, can append to it as the jail's user).
+    fn write_egress_files(&self, id: &str, policy: &str) -> Result<(), Fault> {
+        let internal = |path: &std::path::Path, e: std::io::Error| {
+            Fault::internal(format!("cannot write {}: {e}", path.display()))
+        };
+        let policy_file = egress_policy_file(&self.store, id);
+        std::fs::write(&policy_file, policy).map_err(|e| internal(&policy_file, e))?;
+        let audit = egress_audit_file(&self.store, id);
+        std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&audit)
+            .map_err(|e| internal(&audit, e))?;
+        if let Some(jail) = &self.launch.jail {
+            std::os::unix::fs::chown(&audit, Some(jail.uid), Some(jail.gid))
+                .map_err(|e| internal(&audit, e))?;
+        }
         Ok(())
     }
 
@@ -110,10 +141,15 @@ impl Sandboxes {
         if !matches!(self.get(id), Ok(info) if info.tier == Tier::Isolate) {
             return;
         }
-        let file = module_file(&self.store, id);
-        if let Err(e) = std::fs::remove_file(&file) {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                tracing::warn!("cannot remove {}: {e}", file.display());
+        // The egress audit log stays with the record: it is what the sandbox did.
+        for file in [
+            module_file(&self.store, id),
+            egress_policy_file(&self.store, id),
+        ] {
+            if let Err(e) = std::fs::remove_file(&file) {
+                if e.kind() != std::io::ErrorKind::NotFound {
+                    tracing::warn!("cannot remove {}: {e}", file.display());
+                }
             }
         }
     }
@@ -144,6 +180,7 @@ pub(super) fn refuse_isolate_fields(request: &CreateSandbox) -> Result<(), Fault
     let given = [
         ("module_base64", request.module_base64.is_some()),
         ("limits", request.limits.is_some()),
+        ("egress_policy", request.egress_policy.is_some()),
     ];
     match given.iter().find(|(_, set)| *set) {
         Some((field, _)) => Err(Fault::bad_request(format!(
@@ -152,6 +189,24 @@ pub(super) fn refuse_isolate_fields(request: &CreateSandbox) -> Result<(), Fault
         ))),
         None => Ok(()),
     }
+}
+
+/// The policy as the worker's file holds it, checked here so that a mistake is the create's 400.
+/// Credential headers come `from_env` only (the daemon's environment, which the worker
+/// inherits): a `from_file` secret would let an API caller have the daemon read any host file
+/// into requests to a host the caller chose.
+fn check_egress_policy(policy: Option<&serde_json::Value>) -> Result<Option<String>, Fault> {
+    let Some(policy) = policy else {
+        return Ok(None);
+    };
+    let text = policy.to_string();
+    let options = egress::policy::ParseOptions {
+        host_addresses: Vec::new(),
+        secret_files: false,
+    };
+    egress::policy::Policy::from_json_str_with(&text, &options)
+        .map_err(|e| Fault::bad_request(format!("egress_policy: {e}")))?;
+    Ok(Some(text))
 }
 
 fn decode_module(encoded: Option<&str>) -> Result<Vec<u8>, Fault> {
@@ -216,12 +271,31 @@ fn resolve_limits(
             u64::from(requested.max_memory_mib.unwrap_or(DEFAULT_MAX_MEMORY_MIB)),
             u64::from(MAX_MAX_MEMORY_MIB),
         )? as u32,
+        egress_audit: None,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn egress_policies_are_checked_and_take_no_secret_files() {
+        assert_eq!(check_egress_policy(None).unwrap(), None);
+        let ok = serde_json::json!({"rules": [{"cidr": "127.0.0.1/32", "ports": [80]}]});
+        assert!(check_egress_policy(Some(&ok)).unwrap().is_some());
+        let bad = serde_json::json!({"rules": [{"cidr": "not-a-net"}]});
+        let fault = check_egress_policy(Some(&bad)).unwrap_err();
+        assert!(
+            fault.message.starts_with("egress_policy: "),
+            "{}",
+            fault.message
+        );
+        let file_secret = serde_json::json!({"rules": [{"domain": "api.example.com",
+            "inject_headers": [{"name": "Authorization", "from_file": "/etc/shadow"}]}]});
+        let fault = check_egress_policy(Some(&file_secret)).unwrap_err();
+        assert!(fault.message.contains("from_file"), "{}", fault.message);
+    }
 
     #[test]
     fn fields_of_the_other_tier_are_named() {

@@ -122,7 +122,8 @@ class Sandbox:
     def create(cls, template: Optional[str] = None, *, tier: str = TIER_MICROVM,
                module: Union[None, bytes, bytearray, str, "os.PathLike[str]"] = None,
                cpu_limit_ms: Optional[int] = None, wall_limit_ms: Optional[int] = None,
-               max_memory_mib: Optional[int] = None, socket: Optional[str] = None,
+               max_memory_mib: Optional[int] = None,
+               egress_policy: Optional[Dict[str, Any]] = None, socket: Optional[str] = None,
                timeout: Optional[float] = None, **overrides: Any) -> "Sandbox":
         """Creates a sandbox and returns once it runs.
 
@@ -133,8 +134,10 @@ class Sandbox:
         Tier `isolate`: `module` (a WebAssembly binary, as bytes or a file path) is checked by
         the daemon's worker, whose isolates then run `call()`s; `cpu_limit_ms`,
         `wall_limit_ms` (each call's default and maximum) and `max_memory_mib` (the module's
-        linear memory) are its limits; `overrides` may give its id. A module the isolate
-        refuses raises InvalidArgumentException saying why.
+        linear memory) are its limits; `egress_policy` (a dict in the egress policy format,
+        credential headers `from_env` only) is what its `agentvm.fetch` may reach (without
+        one, nothing); `overrides` may give its id. A module the isolate refuses, or a policy
+        the daemon refuses, raises InvalidArgumentException saying why.
 
         `timeout` (seconds) bounds the create, boot included (the daemon's default: 120). The
         daemon refuses the fields of the other tier (InvalidArgumentException)."""
@@ -153,6 +156,8 @@ class Sandbox:
             body["module_base64"] = base64.b64encode(_module_bytes(module)).decode("ascii")
         if limits:
             body["limits"] = limits
+        if egress_policy is not None:
+            body["egress_policy"] = egress_policy
         body.update(overrides)
         if timeout is not None:
             body["timeout_s"] = max(1, int(round(timeout)))

@@ -39,6 +39,11 @@ class IsolateTest(unittest.TestCase):
             "tier": "isolate", "module_base64": base64.b64encode(MODULE).decode(),
             "limits": {"cpu_limit_ms": 100, "max_memory_mib": 8}, "id": "iso"})
 
+    def test_an_egress_policy_goes_in_the_body_as_given(self):
+        policy = {"version": 1, "rules": [{"domain": "api.example.com", "ports": [443]}]}
+        self.create(module=MODULE, egress_policy=policy)
+        self.assertEqual(self.daemon.requests[-1].json()["egress_policy"], policy)
+
     def test_the_module_may_be_a_file_path(self):
         with tempfile.NamedTemporaryFile(suffix=".wasm", delete=False) as f:
             f.write(MODULE)

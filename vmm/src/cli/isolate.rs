@@ -133,7 +133,7 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
     // Every file (policy, secrets, CA files, audit log, resolver configuration) is read here,
     // before the filters go on; the fetcher thread is started before the job's filter, which
     // allows no thread creation.
-    let fetcher = fetch_thread(&net, level)?;
+    let fetcher = fetch_thread(&net, AUDIT_SANDBOX, level)?;
     let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
     // From here on this thread only runs the guest and prints: no file, socket or process.
     vmm::seccomp::install(vmm::seccomp::ThreadKind::Isolate, level).map_err(|e| e.to_string())?;
@@ -168,12 +168,14 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
     }
 }
 
-/// The fetcher for `--egress-policy`, or None without one.
-fn fetch_thread(
+/// The fetcher for `--egress-policy`, or None without one; `sandbox` names the caller in the
+/// audit log.
+pub fn fetch_thread(
     net: &NetArgs,
+    sandbox: &str,
     level: vmm::seccomp::SeccompLevel,
 ) -> Result<Option<FetchThread>, String> {
-    let Some(config) = net.to_config(AUDIT_SANDBOX)? else {
+    let Some(config) = net.to_config(sandbox)? else {
         return Ok(None);
     };
     let audit = match &config.audit_log {

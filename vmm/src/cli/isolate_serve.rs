@@ -7,7 +7,8 @@
 //!
 //! Threads and their seccomp filters: the job thread runs under `isolate`, the API thread under
 //! `api`, the signal thread and the main thread (which waits for a signal or for the job thread
-//! to fail, then removes the socket) under `vmm`.
+//! to fail, then removes the socket) under `vmm`, and with `--egress-policy` the fetcher thread
+//! that makes the module's `agentvm.fetch` requests under `isolate_fetch`.
 
 mod http;
 mod jobs;
@@ -51,6 +52,19 @@ pub struct ServeArgs {
     /// Size of the sandbox's key/value store (keys and values), in bytes.
     #[arg(long, default_value_t = 16 << 20, value_name = "N")]
     kv_max_bytes: usize,
+    /// Let the module's `agentvm.fetch` reach what this egress policy file allows (as
+    /// `isolate run --egress-policy`). Without it every fetch is denied.
+    #[arg(long, value_name = "FILE")]
+    egress_policy: Option<PathBuf>,
+    /// Append one JSON line per fetch to FILE.
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    egress_audit: Option<PathBuf>,
+    /// Also trust the certificates in this PEM file for HTTPS fetches (repeatable).
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    egress_upstream_ca: Vec<PathBuf>,
+    /// The sandbox's name in the egress audit log.
+    #[arg(long, value_name = "ID", default_value = "isolate")]
+    sandbox_id: String,
     /// Run without the seccomp filters (debugging only).
     #[arg(long)]
     no_seccomp: bool,
@@ -64,6 +78,14 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         SeccompLevel::Enforce
     };
     let module = super::isolate::read_module(&args.module)?;
+    // Every file the fetcher needs (policy, secrets, CA files, audit log, resolver
+    // configuration) is read here, and its thread started, before any filter goes on.
+    let net = super::net_args::NetArgs {
+        egress_policy: args.egress_policy.clone(),
+        egress_audit: args.egress_audit.clone(),
+        egress_upstream_ca: args.egress_upstream_ca.clone(),
+    };
+    let fetcher = super::isolate::fetch_thread(&net, &args.sandbox_id, seccomp)?;
     let config = IsolateConfig {
         max_wasm_mib: args.max_memory_mib,
         max_module_bytes: module.len().max(IsolateConfig::default().max_module_bytes),
@@ -78,6 +100,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
         module.clone(),
         args.kv_max_bytes,
         (cpu_limit, wall_limit),
+        fetcher,
         seccomp,
     ) {
         Ok(started) => started,

@@ -12,7 +12,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use tokio::sync::oneshot;
-use vmm::isolate::{HostContext, Isolate, IsolateError, JobSpec, KvStore, Value};
+use vmm::isolate::{
+    FetchError, FetchThread, HostContext, Isolate, IsolateError, JobSpec, KvStore, Value,
+    NO_FETCH_POLICY,
+};
 use vmm::seccomp::{SeccompLevel, ThreadKind};
 
 /// Calls waiting for the job thread beyond the one it runs; more are refused (503).
@@ -73,6 +76,7 @@ impl Jobs {
         module: Vec<u8>,
         kv_max_bytes: usize,
         check_limits: (Duration, Duration),
+        fetcher: Option<FetchThread>,
         seccomp: SeccompLevel,
     ) -> Result<(Jobs, JoinHandle<Result<(), String>>), StartError> {
         let (queue, calls) = mpsc::sync_channel::<Queued>(QUEUE_DEPTH);
@@ -91,7 +95,8 @@ impl Jobs {
                 if !ok {
                     return Ok(());
                 }
-                serve_calls(isolate, module, KvStore::new(kv_max_bytes), calls, &counter)
+                let kv = KvStore::new(kv_max_bytes);
+                serve_calls(isolate, module, kv, fetcher.as_ref(), calls, &counter)
             })
             .map_err(|e| StartError::Failed(format!("cannot start the job thread: {e}")))?;
         let wait = START_TIMEOUT + check_limits.1;
@@ -134,7 +139,8 @@ fn check_module(
         cpu_limit,
         wall_limit,
     };
-    // A start function's host calls go nowhere: the sandbox's store is for its calls.
+    // A start function's host calls go nowhere: the sandbox's store and its fetches are for
+    // its calls.
     let mut kv = KvStore::new(0);
     let mut discard = |_: &str| {};
     let result = isolate.run(
@@ -161,9 +167,14 @@ fn serve_calls(
     mut isolate: Isolate,
     module: Vec<u8>,
     mut kv: KvStore,
+    fetcher: Option<&FetchThread>,
     calls: Receiver<Queued>,
     served: &AtomicU64,
 ) -> Result<(), String> {
+    let mut fetch = |request: &_, deadline| match fetcher {
+        Some(thread) => thread.fetch(request, deadline),
+        None => Err(FetchError::Denied(NO_FETCH_POLICY.into())),
+    };
     let mut job = JobSpec {
         module,
         function: String::new(),
@@ -185,7 +196,7 @@ fn serve_calls(
                 &mut HostContext {
                     kv: &mut kv,
                     log: &mut log,
-                    fetch: None,
+                    fetch: Some(&mut fetch),
                 },
             )
         };
