@@ -1087,3 +1087,58 @@ fn an_isolate_sandbox_fetches_what_its_egress_policy_allows() {
     assert_eq!(seen.lock().unwrap().len(), 1);
     d.expect("DELETE", "/sandboxes/iso", None, 204);
 }
+
+/// The Python SDK against a real daemon: an isolate sandbox created from a module file, its
+/// calls' results as Python numbers, a trap and a CPU limit as their exception classes, and the
+/// sandbox gone when the `with` block ends.
+#[test]
+fn the_python_sdk_drives_isolate_sandboxes_of_a_real_daemon() {
+    if !require_kvm() {
+        return;
+    }
+    let d = Daemon::start();
+    let dir = tempfile::tempdir().unwrap();
+    let module = dir.path().join("module.wasm");
+    std::fs::write(&module, wat::parse_str(ISOLATE_MODULE).unwrap()).unwrap();
+    let script = r#"
+import sys
+from agentvm import Sandbox, TrapError, LimitExceededError
+sock, module = sys.argv[1], sys.argv[2]
+with Sandbox.create(tier="isolate", module=module, socket=sock, cpu_limit_ms=2000, id="py") as sbx:
+    assert sbx.info().tier == "isolate", sbx.info()
+    assert sbx.call("add", 2, 40) == [42]
+    sbx.call("put", 7)
+    result = sbx.invoke("get")
+    assert result.results == [7] and result.logs == ["stored"], result
+    try:
+        sbx.call("boom")
+        sys.exit("no TrapError")
+    except TrapError as e:
+        assert "unreachable" in e.fault_message, e.fault_message
+    try:
+        sbx.call("spin", cpu_limit_ms=100)
+        sys.exit("no LimitExceededError")
+    except LimitExceededError as e:
+        assert e.kind == "cpu_limit_exceeded", e.kind
+print("sdk ok")
+"#;
+    let out = std::process::Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&d.sock)
+        .arg(&module)
+        .env(
+            "PYTHONPATH",
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../sdk/python"),
+        )
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .expect("python3 runs (scripts/test.sh installs it)");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("sdk ok"),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    d.expect("GET", "/sandboxes/py", None, 404);
+}
