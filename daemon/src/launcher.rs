@@ -128,32 +128,10 @@ impl LaunchConfig {
                 }
             }
             Some(jail) => {
-                // The jailer serves the jail's /run from <base>/<exec file name>/<id>/run.
-                let exec_name = self
-                    .agentvm
-                    .file_name()
-                    .ok_or_else(|| Fault::internal("the agentvm binary path has no file name"))?;
-                let run = store.jail_base().join(exec_name).join(id).join("run");
+                let run = self.jail_run_dir(store, id)?;
                 let jail_run = Path::new("/run");
-                let mut args = vec![
-                    "--id".to_string(),
-                    id.to_string(),
-                    "--exec-file".to_string(),
-                    path_arg(&self.agentvm)?,
-                    "--uid".to_string(),
-                    jail.uid.to_string(),
-                    "--gid".to_string(),
-                    jail.gid.to_string(),
-                    "--chroot-base-dir".to_string(),
-                    path_arg(&store.jail_base())?,
-                    "--device".to_string(),
-                    "kvm".to_string(),
-                    // The guest's memory plus the VMM's own: the cgroup stops a runaway VMM.
-                    "--memory-limit-mib".to_string(),
-                    (mem_size_mib + 256).to_string(),
-                    "--pids-max".to_string(),
-                    "512".to_string(),
-                ];
+                // The guest's memory plus the VMM's own: the cgroup stops a runaway VMM.
+                let mut args = self.jailer_args(store, jail, id, mem_size_mib + 256, 512)?;
                 let mut mount = |src: &Path, dst: &str| -> Result<(), Fault> {
                     args.push("--mount".to_string());
                     args.push(format!("{}:{dst}", path_arg(src)?));
@@ -206,6 +184,47 @@ impl LaunchConfig {
             }
         }
         Ok(plan)
+    }
+}
+
+impl LaunchConfig {
+    /// Where the jailer serves jail `id`'s /run from: <base>/<exec file name>/<id>/run.
+    fn jail_run_dir(&self, store: &Store, id: &str) -> Result<PathBuf, Fault> {
+        let exec_name = self
+            .agentvm
+            .file_name()
+            .ok_or_else(|| Fault::internal("the agentvm binary path has no file name"))?;
+        Ok(store.jail_base().join(exec_name).join(id).join("run"))
+    }
+
+    /// The jailer's arguments every sandbox process gets: its identity, /dev/kvm, and the cgroup
+    /// limits that stop a runaway process (memory in MiB, processes).
+    fn jailer_args(
+        &self,
+        store: &Store,
+        jail: &JailConfig,
+        id: &str,
+        memory_limit_mib: u64,
+        pids_max: u32,
+    ) -> Result<Vec<String>, Fault> {
+        Ok(vec![
+            "--id".to_string(),
+            id.to_string(),
+            "--exec-file".to_string(),
+            path_arg(&self.agentvm)?,
+            "--uid".to_string(),
+            jail.uid.to_string(),
+            "--gid".to_string(),
+            jail.gid.to_string(),
+            "--chroot-base-dir".to_string(),
+            path_arg(&store.jail_base())?,
+            "--device".to_string(),
+            "kvm".to_string(),
+            "--memory-limit-mib".to_string(),
+            memory_limit_mib.to_string(),
+            "--pids-max".to_string(),
+            pids_max.to_string(),
+        ])
     }
 }
 
@@ -275,36 +294,17 @@ impl LaunchConfig {
                 (command, api_sock)
             }
             Some(jail) => {
-                let exec_name = self
-                    .agentvm
-                    .file_name()
-                    .ok_or_else(|| Fault::internal("the agentvm binary path has no file name"))?;
-                let run = store.jail_base().join(exec_name).join(id).join("run");
+                let run = self.jail_run_dir(store, id)?;
                 // The template's RAM (module-sized input, linear memory, the interpreter's heap)
                 // and one isolate's private pages, plus the worker's own.
                 let memory_mib = 2 * (u64::from(limits.max_memory_mib) + 64)
                     + limits.module_bytes.div_ceil(1 << 20) * 2
                     + 256;
-                let mut args = vec![
-                    "--id".to_string(),
-                    id.to_string(),
-                    "--exec-file".to_string(),
-                    path_arg(&self.agentvm)?,
-                    "--uid".to_string(),
-                    jail.uid.to_string(),
-                    "--gid".to_string(),
-                    jail.gid.to_string(),
-                    "--chroot-base-dir".to_string(),
-                    path_arg(&store.jail_base())?,
-                    "--device".to_string(),
-                    "kvm".to_string(),
-                    "--memory-limit-mib".to_string(),
-                    memory_mib.to_string(),
-                    "--pids-max".to_string(),
-                    "64".to_string(),
+                let mut args = self.jailer_args(store, jail, id, memory_mib, 64)?;
+                args.extend([
                     "--mount".to_string(),
                     format!("{}:{JAIL_MODULE}", path_arg(&module)?),
-                ];
+                ]);
                 if egress {
                     // The worker resolves names itself (agentvm's own resolver, from these two
                     // files) and appends to the audit log, which stays in the sandbox's directory.

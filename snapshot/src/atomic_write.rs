@@ -77,17 +77,22 @@ impl AtomicFile {
             .map_err(SnapshotError::io(&self.temp))?;
         std::fs::rename(&self.temp, &self.target).map_err(SnapshotError::io(&self.target))?;
         self.committed = true;
-        let dir = match self.target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECTORY)
-            .open(dir)
-            .and_then(|d| d.sync_all())
-            .map_err(SnapshotError::io(dir))
+        sync_parent_dir(&self.target)
     }
+}
+
+/// fsync of the directory holding `path`, so that a rename or removal there is durable.
+pub(crate) fn sync_parent_dir(path: &Path) -> Result<(), SnapshotError> {
+    let dir = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_DIRECTORY)
+        .open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(SnapshotError::io(dir))
 }
 
 impl Drop for AtomicFile {

@@ -8,10 +8,9 @@
 //! durable) before the new memory file goes in: after a crash there is either the complete new
 //! pair, or a memory file with no state file, which a restore refuses by name.
 
-use std::fs::OpenOptions;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
+use crate::atomic_write::sync_parent_dir;
 use crate::{AtomicFile, SnapshotError};
 
 /// Commits a snapshot written as `memory` and `state` (both prepared, neither committed).
@@ -28,16 +27,7 @@ pub fn retire_state_file(path: &Path) -> Result<(), SnapshotError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
         Err(e) => return Err(SnapshotError::io(path)(e)),
     }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-    OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECTORY)
-        .open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(SnapshotError::io(dir))
+    sync_parent_dir(path)
 }
 
 #[cfg(test)]

@@ -9,3 +9,4 @@ pub mod nested;
 pub mod probe;
 pub mod prometheus;
 pub mod serve;
+pub mod upstream;

@@ -438,17 +438,7 @@ fn sandboxes_live_pause_stop_and_survive_a_daemon_restart() {
     // The daemon dies; one VMM dies while it is down (the VMM itself when jailed, so that its
     // jailer still cleans up the jail and cgroup, as after a VMM crash).
     d.process.take().unwrap().signal(libc::SIGKILL).unwrap();
-    let victim = std::fs::read_to_string(format!("/proc/{doomed_pid}/task/{doomed_pid}/children"))
-        .ok()
-        .and_then(|c| {
-            c.split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<i32>().ok())
-        })
-        .filter(|_| is_root())
-        .unwrap_or(doomed_pid as i32);
-    // SAFETY: kill(2) with integers only, on the jailer/VMM this test started.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    kill_sandbox_process(doomed_pid);
     wait_until("the doomed VMM to die", || !alive(doomed_pid));
     // A second daemon on the same state directory is refused while the first holds it... the
     // first is gone, so a restart takes over its stale socket.
@@ -627,6 +617,22 @@ const ISOLATE_MODULE: &str = r#"(module
     (func (export "boom") unreachable)
     (func (export "spin") (loop br 0))
     (func (export "grow") (param i32) (result i32) (memory.grow (local.get 0))))"#;
+
+/// SIGKILLs the process of a sandbox whose record names `pid`: when jailed, the jailer's child
+/// (the VMM or worker itself), so that its jailer still cleans up as after a crash.
+fn kill_sandbox_process(pid: u32) {
+    let victim = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()
+        .and_then(|c| {
+            c.split_whitespace()
+                .next()
+                .and_then(|p| p.parse::<i32>().ok())
+        })
+        .filter(|_| is_root())
+        .unwrap_or(pid as i32);
+    // SAFETY: kill(2) with integers only, on a process this test started.
+    unsafe { libc::kill(victim, libc::SIGKILL) };
+}
 
 fn isolate_create(id: &str, module: &[u8], extra: serde_json::Value) -> String {
     use base64::Engine;
@@ -874,18 +880,7 @@ fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
         .json();
     let doomed_pid = doomed["pid"].as_u64().unwrap() as u32;
     d.process.take().unwrap().signal(libc::SIGKILL).unwrap();
-    // The worker itself when jailed, so that its jailer still cleans up, as after a crash.
-    let victim = std::fs::read_to_string(format!("/proc/{doomed_pid}/task/{doomed_pid}/children"))
-        .ok()
-        .and_then(|c| {
-            c.split_whitespace()
-                .next()
-                .and_then(|p| p.parse::<i32>().ok())
-        })
-        .filter(|_| is_root())
-        .unwrap_or(doomed_pid as i32);
-    // SAFETY: kill(2) with integers only, on the worker (or its jailer) this test started.
-    unsafe { libc::kill(victim, libc::SIGKILL) };
+    kill_sandbox_process(doomed_pid);
     wait_until("the doomed worker to die", || !alive(doomed_pid));
     d.process = Some(d.spawn());
     let iso = d.sandbox("iso");
@@ -925,35 +920,6 @@ fn isolate_sandboxes_call_refuse_the_other_tier_and_survive_a_daemon_restart() {
     assert_leftovers_gone(&d.state);
 }
 
-/// A local upstream on 127.0.0.1 answering every request with "hello"; the request heads it
-/// received.
-fn http_upstream() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let record = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut head = Vec::new();
-            let mut byte = [0u8; 1];
-            while !head.ends_with(b"\r\n\r\n") {
-                match stream.read(&mut byte) {
-                    Ok(1) => head.push(byte[0]),
-                    _ => break,
-                }
-            }
-            record
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&head).into_owned());
-            let _ = stream.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello");
-        }
-    });
-    (port, seen)
-}
-
 /// An isolate sandbox's `agentvm.fetch` goes through the egress policy given at create: an
 /// allowed request reaches the upstream with the rule's credential (from the daemon's
 /// environment) in place of the module's, a denied one gets -1 and a logged reason, each fetch is
@@ -967,7 +933,7 @@ fn an_isolate_sandbox_fetches_what_its_egress_policy_allows() {
     }
     const SECRET: &str = "daemon-isolate-secret-77c1";
     let d = Daemon::start_with_env(&[("DAEMON_ISOLATE_TOKEN", SECRET)]);
-    let (port, seen) = http_upstream();
+    let (port, seen) = integration_tests::upstream::hello_upstream();
     let allowed =
         format!("GET http://localhost:{port}/v1/items HTTP/1.1\r\nAuthorization: mine\r\n\r\n");
     let denied = "GET http://169.254.169.254/latest/ HTTP/1.1\r\n\r\n";
@@ -1042,7 +1008,7 @@ fn an_isolate_sandbox_fetches_what_its_egress_policy_allows() {
             .unwrap_or_else(|| panic!("no egress_audit in {info}")),
     );
     let got = isolate_call(&d, r#"{"function": "allowed"}"#, 200);
-    let response = "200\r\nContent-Length: 5\r\n\r\nhello";
+    let response = integration_tests::upstream::HELLO_AS_FETCHED;
     assert_eq!(got["results"][0]["value"], response.len(), "{got}");
     assert_eq!(got["logs"], serde_json::json!([response]), "{got}");
     let requests = seen.lock().unwrap().clone();

@@ -606,35 +606,6 @@ fn the_cli_runs_the_job_under_seccomp() {
     assert_eq!(modes, ["0"]);
 }
 
-/// An HTTP server on 127.0.0.1 answering every connection with `hello`; the requests it saw.
-fn http_server() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
-    use std::io::{Read, Write};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-    let record = seen.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming() {
-            let Ok(mut stream) = stream else { return };
-            let mut request = Vec::new();
-            let mut byte = [0u8; 1];
-            while !request.ends_with(b"\r\n\r\n") {
-                match stream.read(&mut byte) {
-                    Ok(1) => request.push(byte[0]),
-                    _ => break,
-                }
-            }
-            record
-                .lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&request).into_owned());
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Reply: yes\r\n\r\nhello");
-        }
-    });
-    (port, seen)
-}
-
 /// A module whose functions each fetch one request (text at its own offset) and log the
 /// response; they return what `agentvm.fetch` returned.
 fn fetch_module(requests: &[(&str, String)]) -> String {
@@ -791,7 +762,7 @@ fn the_cli_fetches_through_the_egress_policy() {
         return;
     }
     const SECRET: &str = "isolate-fetch-secret-5b1e";
-    let (port, seen) = http_server();
+    let (port, seen) = integration_tests::upstream::hello_upstream();
     // Connections to it complete (the kernel's backlog) but are never answered.
     let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let silent_port = silent.local_addr().unwrap().port();
@@ -855,7 +826,7 @@ fn the_cli_fetches_through_the_egress_policy() {
     };
 
     let (stdout, stderr) = run("allowed", true);
-    let response = "200\r\nContent-Length: 5\r\nX-Reply: yes\r\n\r\nhello";
+    let response = integration_tests::upstream::HELLO_AS_FETCHED;
     assert_eq!(stdout, format!("{}\n", response.len()), "{stderr}");
     assert!(stderr.contains(&format!("isolate: {response}")), "{stderr}");
     let requests = seen.lock().unwrap().clone();

@@ -160,6 +160,16 @@ fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> 
     s
 }
 
+/// A one-vCPU probe booted, snapshotted to `files` and ended: its console, and the last count it
+/// printed.
+fn snapshot_and_end(files: &SnapshotFiles) -> (String, u64) {
+    let original = boot_and_snapshot(files, 1, None);
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+    (before, last)
+}
+
 #[test]
 fn a_restored_guest_counts_on_from_where_it_was_snapshotted() {
     if !require_kvm() {
@@ -650,10 +660,7 @@ fn uffd_restore_counts_on_records_its_working_set_and_the_next_restore_prefetche
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, 1, None);
-    let (_out, original_dir) = original.terminate();
-    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
-    let last = *counts(&before).last().expect("the original counted");
+    let (before, last) = snapshot_and_end(&files);
     let ws = files.path("vm.mem.ws");
     let uffd_load = || load_body_with(&files.state(), &files.mem(), true, "Uffd");
 
@@ -812,10 +819,7 @@ fn restores_through_an_external_uffd_handler_count_on_and_the_handler_counts_the
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, 1, None);
-    let (_out, original_dir) = original.terminate();
-    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
-    let last = *counts(&before).last().expect("the original counted");
+    let (before, last) = snapshot_and_end(&files);
     let handler = UffdHandler::start(&files, "uffd.sock", &files.mem(), &[]);
     let via = |socket: &Path| load_body_with(&files.state(), socket, true, "Uffd");
     // A second handler on the same socket is refused without disturbing the first.
@@ -911,10 +915,7 @@ fn an_external_uffd_handler_once_exits_after_its_vm_and_a_killed_one_ends_the_vm
         return;
     }
     let files = SnapshotFiles::new();
-    let original = boot_and_snapshot(&files, 1, None);
-    let (_out, original_dir) = original.terminate();
-    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
-    let last = *counts(&before).last().expect("the original counted");
+    let (before, last) = snapshot_and_end(&files);
 
     // --once: the handler ends (and removes its socket) when its one VM has ended. With
     // --prefetch-working-set it first copies in the pages of `<mem>.ws`.

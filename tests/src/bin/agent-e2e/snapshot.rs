@@ -3,8 +3,10 @@
 //! the snapshot with `resume_vm`, and the restored guest's agent accepts a new vsock connection:
 //! an exec sees the file written before the snapshot. Then the same snapshot is restored twice
 //! with the uffd backend: the first records the working set (`mem.ws`, written when its VMM
-//! ends), the second prefetches it; both answer the exec. Last, two VMMs restore it at the same
-//! time (a fork), each with its own vsock socket and CID, and diverge.
+//! ends), the second prefetches it; both answer the exec. Then an external userfaultfd handler
+//! process (`agentvm snapshot uffd-handler`, Firecracker's protocol) serves a restore's memory.
+//! Last, two VMMs restore it at the same time (a fork), each with its own vsock socket and CID,
+//! and diverge.
 //!
 //! The restores come at least [`RESTORE_GAP`] after the snapshot, and each one's first exec reads the
 //! guest's wall clock and 16 bytes of `/dev/urandom`: the clock must be the host's (the VMM's
@@ -185,6 +187,7 @@ fn snapshot_restore(args: &Args) -> Check {
             "second uffd restore: expected up to {ws_pages} pages prefetched, got {prefetching:?}"
         ));
     }
+    let external = external_uffd_restore(args, &dir, &state, &mem)?;
     let forks = fork_two(args, &dir, &state, &mem)?;
     let views = [&file_restore, &recording.view, &prefetching.view];
     for (i, a) in views.iter().enumerate() {
@@ -207,13 +210,82 @@ fn snapshot_restore(args: &Args) -> Check {
          {widest_window:.2} s), and three different \
          /dev/urandom reads; uffd restore: first exec \
          {:.1} s, {} faults, working set {ws_pages} pages; uffd + prefetch: first exec {:.1} s, \
-         {} pages prefetched, {} faults; {forks}",
+         {} pages prefetched, {} faults; {external}; {forks}",
         RESTORE_GAP.as_secs(),
         recording.first_exec_secs,
         recording.faults,
         prefetching.first_exec_secs,
         prefetching.prefetched,
         prefetching.faults,
+    ))
+}
+
+/// The snapshot restored through an external userfaultfd handler (`agentvm snapshot
+/// uffd-handler --once`, Firecracker's protocol: the VMM sends it the uffd and the memory
+/// mappings over its Unix socket): the agent answers, and when the VM ends the handler reports
+/// the faults it served and exits by itself.
+fn external_uffd_restore(args: &Args, dir: &Path, state: &Path, mem: &Path) -> Check {
+    let socket = dir.join("uffd-handler.sock");
+    let log = dir.join("uffd-handler.out");
+    let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+    let handler = Command::new(&args.agentvm)
+        .args(["snapshot", "uffd-handler", "--once", "--socket"])
+        .arg(&socket)
+        .arg("--mem-file")
+        .arg(mem)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(Stdio::inherit())
+        .spawn()
+        .map_err(|e| format!("cannot start the uffd handler: {e}"))?;
+    // Killed and reaped on every path out; after --once it has ended by itself.
+    let mut handler = Serve(handler);
+    let printed = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Not a connect: the handler would take a probe connection for a VMM (and, with --once,
+    // end after it). It says when it listens.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !printed().contains("listening on") {
+        if Instant::now() >= deadline {
+            return Err(format!("the uffd handler did not start: {:?}", printed()));
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let name = "uffd-external";
+    let serve = Serve::start(&args.agentvm, dir, name, None)?;
+    let sock = dir.join(format!("{name}.sock"));
+    let started = load_snapshot(
+        &sock,
+        state,
+        &socket,
+        "Uffd",
+        &format!("PUT /snapshot/load ({name}, backend_path = the handler's socket)"),
+    )?;
+    first_exec_after_restore(&sock, dir, name)?;
+    let first_exec_secs = started.elapsed().as_secs_f64();
+    serve.terminate()?;
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    let status = loop {
+        match handler.0.try_wait() {
+            Ok(Some(status)) => break status,
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Ok(None) => return Err("the --once uffd handler did not exit after its VM".into()),
+            Err(e) => return Err(format!("wait for the uffd handler: {e}")),
+        }
+    };
+    let report = printed();
+    let faults = report
+        .lines()
+        .find_map(|l| l.split("faults=").nth(1))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|n| n.parse::<u64>().ok())
+        .ok_or_else(|| format!("the uffd handler reported no faults: {report:?}"))?;
+    if !status.success() || faults == 0 {
+        return Err(format!(
+            "the uffd handler ended with {status} after serving {faults} faults: {report:?}"
+        ));
+    }
+    Ok(format!(
+        "external uffd handler: first exec {first_exec_secs:.1} s, {faults} faults served by it"
     ))
 }
 
