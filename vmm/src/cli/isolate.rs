@@ -43,6 +43,16 @@ pub struct RunArgs {
     /// Largest linear memory the module may have, in MiB.
     #[arg(long, default_value_t = 64, value_name = "MIB")]
     max_memory_mib: u32,
+    #[command(flatten)]
+    egress: IsolateEgressArgs,
+    /// Run without the seccomp filter (debugging only).
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+/// What an isolate's `agentvm.fetch` may reach (`isolate run` and `isolate serve`).
+#[derive(Args)]
+pub struct IsolateEgressArgs {
     /// Let the module's `agentvm.fetch` reach what this egress policy file (JSON, or TOML by its
     /// `.toml` name) allows, as a microVM's NIC would. Without it every fetch is denied.
     #[arg(long, value_name = "FILE")]
@@ -55,9 +65,16 @@ pub struct RunArgs {
     /// compiled-in Mozilla roots. Repeatable.
     #[arg(long, value_name = "FILE", requires = "egress_policy")]
     egress_upstream_ca: Vec<PathBuf>,
-    /// Run without the seccomp filter (debugging only).
-    #[arg(long)]
-    no_seccomp: bool,
+}
+
+impl IsolateEgressArgs {
+    fn net_args(&self) -> NetArgs {
+        NetArgs {
+            egress_policy: self.egress_policy.clone(),
+            egress_audit: self.egress_audit.clone(),
+            egress_upstream_ca: self.egress_upstream_ca.clone(),
+        }
+    }
 }
 
 /// The sandbox name of a CLI run in the egress audit log.
@@ -125,15 +142,10 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
     } else {
         vmm::seccomp::SeccompLevel::Enforce
     };
-    let net = NetArgs {
-        egress_policy: args.egress_policy,
-        egress_audit: args.egress_audit,
-        egress_upstream_ca: args.egress_upstream_ca,
-    };
     // Every file (policy, secrets, CA files, audit log, resolver configuration) is read here,
     // before the filters go on; the fetcher thread is started before the job's filter, which
     // allows no thread creation.
-    let fetcher = fetch_thread(&net, AUDIT_SANDBOX, level)?;
+    let fetcher = fetch_thread(&args.egress, AUDIT_SANDBOX, level)?;
     let mut isolate = Isolate::boot(config).map_err(|e| e.to_string())?;
     // From here on this thread only runs the guest and prints: no file, socket or process.
     vmm::seccomp::install(vmm::seccomp::ThreadKind::Isolate, level).map_err(|e| e.to_string())?;
@@ -171,11 +183,11 @@ fn run_module(args: RunArgs) -> Result<ExitCode, String> {
 /// The fetcher for `--egress-policy`, or None without one; `sandbox` names the caller in the
 /// audit log.
 pub fn fetch_thread(
-    net: &NetArgs,
+    egress: &IsolateEgressArgs,
     sandbox: &str,
     level: vmm::seccomp::SeccompLevel,
 ) -> Result<Option<FetchThread>, String> {
-    let Some(config) = net.to_config(sandbox)? else {
+    let Some(config) = egress.net_args().to_config(sandbox)? else {
         return Ok(None);
     };
     let audit = match &config.audit_log {

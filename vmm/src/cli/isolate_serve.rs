@@ -52,16 +52,8 @@ pub struct ServeArgs {
     /// Size of the sandbox's key/value store (keys and values), in bytes.
     #[arg(long, default_value_t = 16 << 20, value_name = "N")]
     kv_max_bytes: usize,
-    /// Let the module's `agentvm.fetch` reach what this egress policy file allows (as
-    /// `isolate run --egress-policy`). Without it every fetch is denied.
-    #[arg(long, value_name = "FILE")]
-    egress_policy: Option<PathBuf>,
-    /// Append one JSON line per fetch to FILE.
-    #[arg(long, value_name = "FILE", requires = "egress_policy")]
-    egress_audit: Option<PathBuf>,
-    /// Also trust the certificates in this PEM file for HTTPS fetches (repeatable).
-    #[arg(long, value_name = "FILE", requires = "egress_policy")]
-    egress_upstream_ca: Vec<PathBuf>,
+    #[command(flatten)]
+    egress: super::isolate::IsolateEgressArgs,
     /// The sandbox's name in the egress audit log.
     #[arg(long, value_name = "ID", default_value = "isolate")]
     sandbox_id: String,
@@ -80,12 +72,7 @@ pub fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let module = super::isolate::read_module(&args.module)?;
     // Every file the fetcher needs (policy, secrets, CA files, audit log, resolver
     // configuration) is read here, and its thread started, before any filter goes on.
-    let net = super::net_args::NetArgs {
-        egress_policy: args.egress_policy.clone(),
-        egress_audit: args.egress_audit.clone(),
-        egress_upstream_ca: args.egress_upstream_ca.clone(),
-    };
-    let fetcher = super::isolate::fetch_thread(&net, &args.sandbox_id, seccomp)?;
+    let fetcher = super::isolate::fetch_thread(&args.egress, &args.sandbox_id, seccomp)?;
     let config = IsolateConfig {
         max_wasm_mib: args.max_memory_mib,
         max_module_bytes: module.len().max(IsolateConfig::default().max_module_bytes),
