@@ -29,6 +29,11 @@ pub enum VmmEvent {
     /// The userfaultfd handler could not serve a page of guest memory (a uffd restore): the VM
     /// cannot go on.
     MemoryBackendFailed(String),
+    /// The restored guest's first exec result is in: a uffd restore that records its working set
+    /// writes it now, so that the next restores of the snapshot (forks of a running sandbox
+    /// included) prefetch it; served by the thread waiting on the VM (the one that may write
+    /// files).
+    WorkingSetComplete,
 }
 
 /// A new egress policy and where the answer goes: true when the VM has a NIC and took it.

@@ -480,6 +480,12 @@ impl Vmm {
                     continue;
                 }
                 VmmEvent::MemoryBackendFailed(why) => break VmOutcome::MemoryBackendFailed(why),
+                VmmEvent::WorkingSetComplete => {
+                    if let Some(backend) = self.memory_backend.as_mut() {
+                        backend.save_working_set();
+                    }
+                    continue;
+                }
                 VmmEvent::CreateSnapshot(request) => {
                     let result = self
                         .create_snapshot(

@@ -376,8 +376,14 @@ impl Controller {
         self.machine = machine;
         self.vsock = vsock;
         if let Some(uffd) = vm.uffd.clone() {
-            // The working set is what the guest touched until it first answered an exec.
-            self.exec.when_first_result(move || uffd.end_recording());
+            // The working set is what the guest touched until it first answered an exec; it is
+            // written then by the VMM thread (this hook runs on an agent job thread, which may
+            // not create files).
+            let events = vm.events.clone();
+            self.exec.when_first_result(move || {
+                uffd.end_recording();
+                let _ = events.send(VmmEvent::WorkingSetComplete);
+            });
         }
         self.started(vm);
         if paused {

@@ -3,7 +3,7 @@
 //! its first touch from the memory file. With a working set recorded by an earlier restore
 //! (`<mem file>.ws`), those pages are copied in one batched pass before the vCPUs run, the rest
 //! stay lazy. A restore with no working set records one: the pages faulted, in order, until the
-//! first `/sandbox/exec` result (or the VM's end), written when the VM stops.
+//! first `/sandbox/exec` result (or the VM's end), written then by the VMM thread.
 //!
 //! Teardown order matters: the handler keeps serving until every vCPU thread has been joined
 //! (a vCPU blocked on a fault only gets out when its page arrives), then stops. If the handler
@@ -255,6 +255,16 @@ impl UffdBackend {
             },
             "uffd restore: guest memory served"
         );
+        self.write_recording();
+    }
+
+    /// Ends the working-set recording and writes the set now, while the handler goes on serving
+    /// faults (the first exec result is in). Nothing to do for a restore that prefetched, or
+    /// once written.
+    pub fn save_working_set(&mut self) {
+        if let Some(counts) = &self.counts {
+            counts.end_recording();
+        }
         self.write_recording();
     }
 

@@ -2,8 +2,8 @@
 //! by `agentvm serve` runs an exec, is paused and snapshotted, its VMM ends; a new `serve` loads
 //! the snapshot with `resume_vm`, and the restored guest's agent accepts a new vsock connection:
 //! an exec sees the file written before the snapshot. Then the same snapshot is restored twice
-//! with the uffd backend: the first records the working set (`mem.ws`, written when its VMM
-//! ends), the second prefetches it; both answer the exec. Then an external userfaultfd handler
+//! with the uffd backend: the first records the working set (`mem.ws`, written once its first
+//! exec is answered), the second prefetches it; both answer the exec. Then an external userfaultfd handler
 //! process (`agentvm snapshot uffd-handler`, Firecracker's protocol) serves a restore's memory.
 //! Last, two VMMs restore it at the same time (a fork), each with its own vsock socket and CID,
 //! and diverge.
@@ -457,8 +457,9 @@ fn first_exec_after_restore(sock: &Path, dir: &Path, name: &str) -> Result<Resto
 }
 
 /// Restores the snapshot with the uffd backend in a new serve, checks that its agent answers an
-/// exec that sees the file written before the snapshot, reads the uffd counters, and ends it
-/// with SIGTERM (which writes the working set if this restore recorded one).
+/// exec that sees the file written before the snapshot (and, when there was no working set yet,
+/// that this restore wrote one once that exec was answered), reads the uffd counters, and ends
+/// it with SIGTERM.
 fn uffd_restore(
     args: &Args,
     dir: &Path,
@@ -475,8 +476,24 @@ fn uffd_restore(
         "Uffd",
         &format!("PUT /snapshot/load ({name})"),
     )?;
+    let recording = !working_set_path(mem).exists();
     let view = first_exec_after_restore(&sock, dir, name)?;
     let first_exec_secs = started.elapsed().as_secs_f64();
+    if recording {
+        // Written once the first exec result is in, while the VM runs on.
+        let ws = working_set_path(mem);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !ws.exists() {
+            if Instant::now() >= deadline {
+                return Err(format!(
+                    "{name}: no working set at {} 10 s after the first exec result, while the \
+                     VM still runs",
+                    ws.display()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
     let metrics = request(&sock, "GET", "/metrics", None).body;
     let metric = |family: &str| {
         metrics
@@ -494,6 +511,14 @@ fn uffd_restore(
     };
     serve.terminate()?;
     Ok(restore)
+}
+
+/// Where a uffd restore of `mem` records its working set (`<memory file>.ws`, as README's
+/// `PUT /snapshot/load` says; the `snapshot` crate is not a dependency of this binary).
+fn working_set_path(mem: &Path) -> std::path::PathBuf {
+    let mut name = mem.as_os_str().to_os_string();
+    name.push(".ws");
+    std::path::PathBuf::from(name)
 }
 
 fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
