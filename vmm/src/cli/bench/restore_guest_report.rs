@@ -158,8 +158,8 @@ pub fn linux_notes(info: &LinuxGuestInfo) -> Vec<String> {
          own vsock_override; cold boot: configured, then PUT /actions InstanceStart"
             .into(),
         "request -> first exec result: from sending the load (cold boot: InstanceStart) to the \
-         first POST /sandbox/exec of `true` answering exit status 0, retried every millisecond \
-         while it answers 409 or 503; after a restore the VMM holds the first request until its \
+         first POST /sandbox/exec of `true` answering exit status 0, retried while it answers \
+         409 or 503 (after 1 ms, doubling up to 16 ms); after a restore the VMM holds the first request until its \
          after-restore step (clock, entropy) is done, so that is included"
             .into(),
     ];

@@ -28,8 +28,11 @@ const GUEST_CID: u64 = 3;
 /// The command whose first result is timed: the cheapest possible one.
 const FIRST_EXEC: &str = "true";
 /// Between two exec attempts while the agent is not up yet (409 before the VM is built, 503
-/// until the agent answers): short against a restore's few milliseconds on a VMX host.
-const RETRY_GAP: Duration = Duration::from_millis(1);
+/// until the agent answers): short against a restore's few milliseconds on a VMX host, then
+/// doubling up to [`MAX_RETRY_GAP`], so a slow cold boot is not flooded with vsock connection
+/// attempts (at most 16 ms of resolution against a cold boot's ~100 ms there).
+const FIRST_RETRY_GAP: Duration = Duration::from_millis(1);
+const MAX_RETRY_GAP: Duration = Duration::from_millis(16);
 
 #[derive(Args, Debug, Clone)]
 pub struct RestoreRunArgs {
@@ -370,6 +373,7 @@ fn sample_of(
 fn first_exec_result(rt: &Runtime, vm: &ServeVm, deadline: Instant) -> Result<u32, String> {
     let body = json!({"cmd": [FIRST_EXEC]});
     let mut attempts = 0u32;
+    let mut gap = FIRST_RETRY_GAP;
     loop {
         attempts += 1;
         let left = deadline.saturating_duration_since(Instant::now());
@@ -398,7 +402,8 @@ fn first_exec_result(rt: &Runtime, vm: &ServeVm, deadline: Instant) -> Result<u3
                 answer.fault_message()
             )));
         }
-        std::thread::sleep(RETRY_GAP);
+        std::thread::sleep(gap);
+        gap = (gap * 2).min(MAX_RETRY_GAP);
     }
 }
 
