@@ -137,9 +137,9 @@ pub fn restore_runs(args: &RestoreRunArgs) -> GuestRestoreRuns {
 }
 
 fn measure(args: &RestoreRunArgs, out: &mut GuestRestoreRuns) -> Result<(), String> {
-    for file in [&args.kernel, &args.initrd] {
+    for (flag, file) in [("--kernel", &args.kernel), ("--initrd", &args.initrd)] {
         if !file.is_file() {
-            return Err(format!("{}: no such file", file.display()));
+            return Err(format!("{flag} {}: no such file", file.display()));
         }
     }
     // Removed (with every socket, console and snapshot file in it) on every path out.
