@@ -144,7 +144,14 @@ fn measure_nested(artefacts: &Artefacts, helper: &ExecRunArgs, with_peer: bool) 
         vec![scenario(&format!("{PEER_NAME}-exec"), &extra, helper)]
     });
     let agentvm_scenario = scenario("agentvm-exec", "", helper);
-    let outcome = match run_nested(artefacts, &qemu, helper.mem_mib, &[agentvm_scenario], peer) {
+    let outcome = match run_nested(
+        artefacts,
+        &qemu,
+        helper.mem_mib,
+        None,
+        &[agentvm_scenario],
+        peer,
+    ) {
         Ok(outcome) => outcome,
         Err(e) => return failed(e),
     };

@@ -106,6 +106,7 @@ fn measure_nested(
         artefacts,
         &qemu,
         guest.mem_mib,
+        None,
         &agentvm_scenarios(&guest),
         peer,
     )?;

@@ -32,6 +32,9 @@ mod peer;
 mod qemu_files;
 mod report;
 mod restore;
+mod restore_guest;
+mod restore_guest_report;
+mod restore_inner;
 mod restore_report;
 mod serve_vm;
 mod stats;
@@ -82,6 +85,10 @@ pub enum BenchCommand {
     /// closes.
     #[command(hide = true)]
     IsolateDensityWorker(isolate_density::DensityWorkerArgs),
+    /// Inside the nested test host: a Linux guest snapshotted once, then restores by each
+    /// backend and cold boots to their first exec result, as JSON on stdout.
+    #[command(hide = true)]
+    RestoreRuns(restore_inner::RestoreRunArgs),
     /// Inside the nested test host: N × `agentvm run`, results as JSON on stdout.
     #[command(hide = true)]
     GuestRuns(inner::GuestArgs),
@@ -123,6 +130,7 @@ pub fn run(command: BenchCommand) -> Result<ExitCode, String> {
         BenchCommand::Net(args) => net::net(args),
         BenchCommand::ExecRuns(args) => exec_inner::exec_runs_cmd(args),
         BenchCommand::IsolateDensityWorker(args) => isolate_density::worker(args),
+        BenchCommand::RestoreRuns(args) => restore_inner::restore_runs_cmd(args),
         BenchCommand::GuestRuns(args) => inner::guest_runs_cmd(args),
         BenchCommand::PeerRun(args) => inner::peer_run_cmd(args),
     }

@@ -9,6 +9,7 @@ use serde::Serialize;
 use super::machine::MachineInfo;
 use super::output::{num, section_errors, Figure, Section, Unit};
 use super::restore::{ForkSample, Mode, RestoreSample};
+use super::restore_guest_report::{linux_notes, LinuxGuestInfo};
 use super::stats::Summary;
 
 #[derive(Debug, Clone, Serialize)]
@@ -38,7 +39,11 @@ pub struct RestoreDocument {
     pub machine: MachineInfo,
     pub guest: RestoreGuest,
     pub snapshot: SnapshotInfo,
-    /// `file`, `uffd`, `uffd_prefetch`, `cold_boot`, then `fork` (when asked for).
+    /// The Linux guest of the guest-bound figures (`--guest-bound`), and where they were
+    /// measured.
+    pub linux_guest: Option<LinuxGuestInfo>,
+    /// `file`, `uffd`, `uffd_prefetch`, `cold_boot`, then with `--guest-bound` `linux_file`,
+    /// `linux_uffd`, `linux_uffd_prefetch`, `linux_cold_boot`, then `fork` (when asked for).
     pub sections: Vec<Section>,
     /// What the backend columns' figures mean.
     pub notes: Vec<String>,
@@ -59,7 +64,7 @@ fn notes() -> Vec<String> {
         "request -> first console line is guest-bound: after a restore the probe guest is in the \
          middle of its spin loop between two `count` lines, so it includes up to one such period; \
          a cold boot's first line is the probe's banner. The Linux guest's restore-to-first-exec \
-         figure needs the nested test host and is not measured here"
+         figure is measured with --guest-bound (below the probe's columns when asked for)"
             .into(),
         "uffd figures come from GET /metrics once the guest printed: pages served on demand = \
          faults + zero pages; uffd = no working set (each page on first touch), uffd+prefetch = \
@@ -268,9 +273,22 @@ impl RestoreDocument {
             machine,
             guest,
             snapshot,
+            linux_guest: None,
             sections,
             notes: notes(),
         }
+    }
+
+    /// Adds the Linux guest's sections (`--guest-bound`), before the fork section.
+    pub fn with_linux(mut self, info: LinuxGuestInfo, sections: Vec<Section>) -> Self {
+        let at = self
+            .sections
+            .iter()
+            .position(|s| s.id == "fork")
+            .unwrap_or(self.sections.len());
+        self.sections.splice(at..at, sections);
+        self.linux_guest = Some(info);
+        self
     }
 
     pub fn errors(&self) -> Vec<String> {
@@ -301,10 +319,17 @@ impl RestoreDocument {
             self.snapshot.mem_file_allocated_mib,
             self.snapshot.working_set_pages
         );
-        let modes: Vec<&Section> = self.sections.iter().filter(|s| s.id != "fork").collect();
+        let modes: Vec<&Section> = self
+            .sections
+            .iter()
+            .filter(|s| s.id != "fork" && !s.id.starts_with("linux_"))
+            .collect();
         render_columns(&mut t, &modes);
         for n in &self.notes {
             let _ = writeln!(t, "note: {n}");
+        }
+        if let Some(linux) = &self.linux_guest {
+            render_linux(&mut t, linux, &self.sections);
         }
         if let Some(fork) = self.sections.iter().find(|s| s.id == "fork") {
             let _ = writeln!(t);
@@ -318,6 +343,35 @@ impl RestoreDocument {
             let _ = writeln!(t, "ERROR: {e}");
         }
         t
+    }
+}
+
+/// The Linux guest's columns, the same modes in the same order as the probe's above them.
+fn render_linux(t: &mut String, linux: &LinuxGuestInfo, sections: &[Section]) {
+    let _ = writeln!(t);
+    let opt_ms = |v: Option<f64>| v.map_or("-".to_string(), |ms| format!("{ms:.1} ms"));
+    let _ = writeln!(
+        t,
+        "Linux guest, measured on: {}\nguest:   {} + {}, {} vCPU, {} MiB; boot -> first exec \
+         result {}; snapshot: created in {}, working set {} pages",
+        linux.measured_on,
+        linux.kernel,
+        linux.initrd,
+        linux.vcpus,
+        linux.mem_mib,
+        opt_ms(linux.boot_to_first_exec_ms),
+        opt_ms(linux.snapshot_create_ms),
+        linux
+            .working_set_pages
+            .map_or("-".to_string(), |p| p.to_string())
+    );
+    let columns: Vec<&Section> = sections
+        .iter()
+        .filter(|s| s.id.starts_with("linux_"))
+        .collect();
+    render_columns(t, &columns);
+    for n in linux_notes(linux) {
+        let _ = writeln!(t, "note: {n}");
     }
 }
 
@@ -448,6 +502,84 @@ mod tests {
         assert!(table.contains("VMM: load (cold: build) -> first KVM_RUN (ms)"));
         assert!(table.contains("1.50 / 2.00"), "{table}");
         assert!(table.contains("fork of 3 VMs"));
+    }
+
+    #[test]
+    fn linux_columns_come_before_the_fork_under_their_own_label() {
+        use crate::cli::bench::guest_bound::{L1Times, NESTED_LABEL};
+        use crate::cli::bench::restore_guest::GuestRestore;
+        use crate::cli::bench::restore_guest_report::linux_sections;
+        use crate::cli::bench::restore_inner::{GuestRestoreRuns, GuestRestoreSample};
+
+        let linux = |ms: u64| GuestRestoreSample {
+            request_ns: 1_000_000,
+            request_to_first_exec_ns: ms * 1_000_000,
+            exec_attempts: 1,
+            vmm_to_first_run_us: 2_000,
+            uffd_on_demand_pages: None,
+            uffd_prefetched_pages: None,
+            uffd_fault_service_s: None,
+            rss: None,
+        };
+        let measured = GuestRestore {
+            measured_on: NESTED_LABEL,
+            runs: GuestRestoreRuns {
+                boot_to_first_exec_ms: Some(25_000.0),
+                snapshot_create_ms: Some(300.0),
+                working_set_pages: Some(5000),
+                file: vec![linux(700)],
+                uffd: vec![linux(900)],
+                uffd_prefetch: vec![linux(800)],
+                cold_boot: vec![linux(20_000)],
+                error: None,
+            },
+            l1: Some(L1Times {
+                l1_boot_s: 30.0,
+                kvm_ready_s: 31.0,
+            }),
+        };
+        let info = LinuxGuestInfo::new(&measured, "/vmlinux".into(), "/initrd".into(), 256);
+        let fork = ForkSample {
+            vms: 3,
+            all_loaded_ns: 9_000_000,
+            all_console_line_ns: 12_000_000,
+            rss_sum_kib: 3 * 4096,
+            pss_sum_kib: 5000,
+        };
+        let d = doc(&[fork]).with_linux(info, linux_sections(&measured));
+        assert!(d.errors().is_empty(), "{:?}", d.errors());
+        let ids: Vec<_> = d.sections.iter().map(|s| s.id).collect();
+        assert_eq!(
+            ids,
+            [
+                "file",
+                "uffd",
+                "uffd_prefetch",
+                "cold_boot",
+                "linux_file",
+                "linux_uffd",
+                "linux_uffd_prefetch",
+                "linux_cold_boot",
+                "fork"
+            ]
+        );
+        let table = d.to_table();
+        let probe_rows = table.find("VMM: load (cold: build)").unwrap();
+        let linux_block = table.find(&format!("Linux guest, measured on: {NESTED_LABEL}"));
+        let linux_block = linux_block.unwrap_or_else(|| panic!("{table}"));
+        let fork_block = table.find("fork of 3 VMs").unwrap();
+        assert!(
+            probe_rows < linux_block && linux_block < fork_block,
+            "{table}"
+        );
+        assert!(
+            table.contains("client: request -> first exec result (`true`) (ms)"),
+            "{table}"
+        );
+        assert!(table.contains("700.0 / 700.0"), "{table}");
+        assert!(table.contains("working set 5000 pages"), "{table}");
+        let json = serde_json::to_value(&d).unwrap();
+        assert_eq!(json["linux_guest"]["measured_on"], NESTED_LABEL);
     }
 
     #[test]
