@@ -380,29 +380,13 @@ impl Bench<'_> {
     /// ended); it is kept aside for the prefetch runs.
     fn record_working_set(&mut self) -> Result<(), String> {
         self.run_once(Mode::Uffd)?;
-        let ws = self.ws_in_place();
-        std::fs::rename(&ws, &self.snapshot.recorded_ws).map_err(|e| {
-            format!(
-                "the first uffd restore left no working set at {}: {e}",
-                ws.display()
-            )
-        })
+        keep_recorded_working_set(&self.ws_in_place(), &self.snapshot.recorded_ws)
     }
 
     /// The working set the next restore finds: none for `uffd` (every page on demand), the
     /// recorded one for `uffd+prefetch`.
     fn prepare_working_set(&self, mode: Mode) -> Result<(), String> {
-        let ws = self.ws_in_place();
-        match std::fs::remove_file(&ws) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", ws.display())),
-        }
-        if mode == Mode::UffdPrefetch {
-            std::fs::copy(&self.snapshot.recorded_ws, &ws)
-                .map_err(|e| format!("cannot put the working set in place: {e}"))?;
-        }
-        Ok(())
+        put_working_set_in_place(mode, &self.ws_in_place(), &self.snapshot.recorded_ws)
     }
 
     fn load_body(&self, mode: Mode, vsock: &Path, cid: u64) -> serde_json::Value {
@@ -539,4 +523,35 @@ fn sample_of(
         rss: rss_of(vm.pid()).ok_or_else(|| vm.failure("its memory cannot be read"))?,
         pss_kib: pss_kib(vm.pid()),
     })
+}
+
+/// Moves the working set a first uffd restore wrote at `in_place` aside to `recorded`, for the
+/// prefetch runs.
+pub(super) fn keep_recorded_working_set(in_place: &Path, recorded: &Path) -> Result<(), String> {
+    std::fs::rename(in_place, recorded).map_err(|e| {
+        format!(
+            "the first uffd restore left no working set at {}: {e}",
+            in_place.display()
+        )
+    })
+}
+
+/// The working set the next restore finds at `in_place`: none for `uffd` (every page on
+/// demand), a copy of `recorded` for `uffd+prefetch`; none for `file` and the cold boot, which do
+/// not read it.
+pub(super) fn put_working_set_in_place(
+    mode: Mode,
+    in_place: &Path,
+    recorded: &Path,
+) -> Result<(), String> {
+    match std::fs::remove_file(in_place) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(format!("cannot remove {}: {e}", in_place.display())),
+    }
+    if mode == Mode::UffdPrefetch {
+        std::fs::copy(recorded, in_place)
+            .map_err(|e| format!("cannot put the working set in place: {e}"))?;
+    }
+    Ok(())
 }

@@ -9,6 +9,7 @@ use super::output::{Figure, Section, Unit};
 use super::restore::Mode;
 use super::restore_guest::GuestRestore;
 use super::restore_inner::GuestRestoreSample;
+use super::restore_report::{uffd_figures, UffdCounts};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct LinuxGuestInfo {
@@ -86,7 +87,7 @@ fn mode_section(
     let some = |f: fn(&GuestRestoreSample) -> Option<f64>| {
         samples.iter().filter_map(f).collect::<Vec<_>>()
     };
-    let figures = vec![
+    let mut figures = vec![
         Figure::new(
             "request_to_first_exec",
             "client: request -> first exec result (`true`)",
@@ -105,34 +106,22 @@ fn mode_section(
             Unit::Ms,
             &all(|s| ms(s.request_ns)),
         ),
-        Figure::new(
-            "uffd_on_demand_pages",
-            "uffd: pages served on demand",
-            Unit::Pages,
-            &some(|s| s.uffd_on_demand_pages.map(|p| p as f64)),
-        ),
-        Figure::new(
-            "uffd_prefetched_pages",
-            "uffd: pages prefetched",
-            Unit::Pages,
-            &some(|s| s.uffd_prefetched_pages.map(|p| p as f64)),
-        ),
-        Figure::new(
-            "uffd_faults_per_s",
-            "uffd: on-demand pages served per second",
-            Unit::PerS,
-            &some(|s| match (s.uffd_on_demand_pages, s.uffd_fault_service_s) {
-                (Some(pages), Some(secs)) if pages > 0 && secs > 0.0 => Some(pages as f64 / secs),
-                _ => None,
-            }),
-        ),
-        Figure::new(
-            "rss_total",
-            "VMM RSS after the first exec: total",
-            Unit::Mib,
-            &some(|s| s.rss.map(|r| r.total_kib as f64 / 1024.0)),
-        ),
     ];
+    let counts: Vec<UffdCounts> = samples
+        .iter()
+        .map(|s| UffdCounts {
+            on_demand_pages: s.uffd_on_demand_pages,
+            prefetched_pages: s.uffd_prefetched_pages,
+            fault_service_s: s.uffd_fault_service_s,
+        })
+        .collect();
+    figures.extend(uffd_figures(&counts));
+    figures.extend([Figure::new(
+        "rss_total",
+        "VMM RSS after the first exec: total",
+        Unit::Mib,
+        &some(|s| s.rss.map(|r| r.total_kib as f64 / 1024.0)),
+    )]);
     Section {
         id: section_id(mode),
         title: mode.name(),

@@ -278,29 +278,13 @@ impl LinuxBench<'_> {
     /// exec result); it is kept aside for the prefetch runs.
     fn record_working_set(&mut self) -> Result<(), String> {
         self.run_once(Mode::Uffd)?;
-        let ws = self.ws_in_place();
-        std::fs::rename(&ws, &self.recorded_ws).map_err(|e| {
-            format!(
-                "the first uffd restore left no working set at {}: {e}",
-                ws.display()
-            )
-        })
+        super::restore::keep_recorded_working_set(&self.ws_in_place(), &self.recorded_ws)
     }
 
     /// The working set the next restore finds: none for `uffd` (every page on demand), the
     /// recorded one for `uffd+prefetch`; none for `file` and the cold boot, which do not read it.
     fn prepare_working_set(&self, mode: Mode) -> Result<(), String> {
-        let ws = self.ws_in_place();
-        match std::fs::remove_file(&ws) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("cannot remove {}: {e}", ws.display())),
-        }
-        if mode == Mode::UffdPrefetch {
-            std::fs::copy(&self.recorded_ws, &ws)
-                .map_err(|e| format!("cannot put the working set in place: {e}"))?;
-        }
-        Ok(())
+        super::restore::put_working_set_in_place(mode, &self.ws_in_place(), &self.recorded_ws)
     }
 
     fn run_once(&mut self, mode: Mode) -> Result<GuestRestoreSample, String> {

@@ -100,11 +100,47 @@ fn mib(kib: u64) -> f64 {
 
 const MEASURED_ON: &str = "this machine, directly";
 
+/// One restore's userfaultfd counters (None: not a uffd restore).
+pub struct UffdCounts {
+    pub on_demand_pages: Option<u64>,
+    pub prefetched_pages: Option<u64>,
+    pub fault_service_s: Option<f64>,
+}
+
+/// The uffd figures of a backend's samples: pages on demand, pages prefetched, on-demand pages
+/// served per second.
+pub fn uffd_figures(counts: &[UffdCounts]) -> Vec<Figure> {
+    let some = |f: fn(&UffdCounts) -> Option<f64>| counts.iter().filter_map(f).collect::<Vec<_>>();
+    vec![
+        Figure::new(
+            "uffd_on_demand_pages",
+            "uffd: pages served on demand",
+            Unit::Pages,
+            &some(|c| c.on_demand_pages.map(|p| p as f64)),
+        ),
+        Figure::new(
+            "uffd_prefetched_pages",
+            "uffd: pages prefetched",
+            Unit::Pages,
+            &some(|c| c.prefetched_pages.map(|p| p as f64)),
+        ),
+        Figure::new(
+            "uffd_faults_per_s",
+            "uffd: on-demand pages served per second",
+            Unit::PerS,
+            &some(|c| match (c.on_demand_pages, c.fault_service_s) {
+                (Some(pages), Some(secs)) if pages > 0 && secs > 0.0 => Some(pages as f64 / secs),
+                _ => None,
+            }),
+        ),
+    ]
+}
+
 fn mode_section(mode: Mode, samples: &[RestoreSample]) -> Section {
     let all = |f: fn(&RestoreSample) -> f64| samples.iter().map(f).collect::<Vec<_>>();
     let some =
         |f: fn(&RestoreSample) -> Option<f64>| samples.iter().filter_map(f).collect::<Vec<_>>();
-    let figures = vec![
+    let mut figures = vec![
         Figure::new(
             "vmm_load_to_first_run",
             "VMM: load (cold: build) -> first KVM_RUN",
@@ -141,27 +177,17 @@ fn mode_section(mode: Mode, samples: &[RestoreSample]) -> Section {
             Unit::Ms,
             &all(|s| ms(s.request_to_console_line_ns)),
         ),
-        Figure::new(
-            "uffd_on_demand_pages",
-            "uffd: pages served on demand",
-            Unit::Pages,
-            &some(|s| s.uffd_on_demand_pages.map(|p| p as f64)),
-        ),
-        Figure::new(
-            "uffd_prefetched_pages",
-            "uffd: pages prefetched",
-            Unit::Pages,
-            &some(|s| s.uffd_prefetched_pages.map(|p| p as f64)),
-        ),
-        Figure::new(
-            "uffd_faults_per_s",
-            "uffd: on-demand pages served per second",
-            Unit::PerS,
-            &some(|s| match (s.uffd_on_demand_pages, s.uffd_fault_service_s) {
-                (Some(pages), Some(secs)) if pages > 0 && secs > 0.0 => Some(pages as f64 / secs),
-                _ => None,
-            }),
-        ),
+    ];
+    let counts: Vec<UffdCounts> = samples
+        .iter()
+        .map(|s| UffdCounts {
+            on_demand_pages: s.uffd_on_demand_pages,
+            prefetched_pages: s.uffd_prefetched_pages,
+            fault_service_s: s.uffd_fault_service_s,
+        })
+        .collect();
+    figures.extend(uffd_figures(&counts));
+    figures.extend([
         Figure::new(
             "rss_total",
             "VMM RSS after restore: total",
@@ -186,7 +212,7 @@ fn mode_section(mode: Mode, samples: &[RestoreSample]) -> Section {
             Unit::Mib,
             &some(|s| s.pss_kib.map(mib)),
         ),
-    ];
+    ]);
     Section {
         id: section_id(mode),
         title: mode.name(),
