@@ -213,9 +213,9 @@ mod tests {
             );
             return;
         }
-        let dir = std::env::temp_dir().join(format!("agent-nic-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let resolv = dir.join("resolv.conf");
+        // Removed when dropped, the failing paths included.
+        let dir = tempfile::Builder::new().prefix("agent-nic-").tempdir().unwrap();
+        let resolv = dir.path().join("resolv.conf");
         let test_binary = std::env::current_exe().unwrap();
         let script = format!(
             "set -e; ip link add eth0 type veth peer name peer0; ip link set peer0 up; {} --ignored --exact network::tests::configure_in_namespace_child --quiet >/dev/null; ip -4 -o addr show dev eth0; ip -4 route; ip -o link show dev eth0",
@@ -238,7 +238,6 @@ mod tests {
         assert!(std::fs::read_to_string(&resolv)
             .unwrap()
             .contains("nameserver 10.0.2.3"));
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]
