@@ -76,10 +76,12 @@ impl Row {
     }
 }
 
+/// `base` followed by `extra`: a row's arguments built from a shared prefix.
+fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
+    base.iter().chain(extra).copied().collect()
+}
+
 fn cli_flag_rows(probe: &str) -> Vec<Row> {
-    fn with<'a>(base: &[&'a str], extra: &[&'a str]) -> Vec<&'a str> {
-        base.iter().chain(extra).copied().collect()
-    }
     let boot = |extra: &[&'static str]| with(&["boot", "--kernel", probe], extra);
     vec![
         row("no subcommand", &[], USAGE, "Usage: agentvm"),
@@ -236,6 +238,32 @@ fn cli_flag_rows(probe: &str) -> Vec<Row> {
             &["isolate", "run", "{dir}/m.wat", "--max-memory-mib", "0"],
             FAILURE,
             "--max-memory-mib must be",
+        )
+        .file("m.wat", OK_WAT),
+        row(
+            "isolate run: --max-memory-mib beyond 4096",
+            &[
+                "isolate",
+                "run",
+                "{dir}/m.wat",
+                "--max-memory-mib",
+                "999999",
+            ],
+            FAILURE,
+            "--max-memory-mib must be 1..=4096, got 999999",
+        )
+        .file("m.wat", OK_WAT),
+        row(
+            "isolate run: --egress-audit without --egress-policy",
+            &[
+                "isolate",
+                "run",
+                "{dir}/m.wat",
+                "--egress-audit",
+                "{dir}/audit.jsonl",
+            ],
+            USAGE,
+            "--egress-policy <FILE>",
         )
         .file("m.wat", OK_WAT),
         row(
@@ -534,6 +562,35 @@ fn egress_policy_rows(probe: &str) -> Vec<Row> {
             "rule 2 (`a`): another rule has the same `id`",
         ),
         row(
+            "policy: --egress-audit is a directory",
+            &with(&isolate, &["--egress-audit", "{dir}/audit"]),
+            FAILURE,
+            "audit log {dir}/audit: Is a directory",
+        )
+        .file("m.wat", OK_WAT)
+        .file("policy.json", r#"{"version": 1, "rules": []}"#)
+        .dir("audit")
+        .kvm(),
+        row(
+            "policy: --egress-upstream-ca holds no certificate",
+            &with(&isolate, &["--egress-upstream-ca", "{dir}/ca.pem"]),
+            FAILURE,
+            "--egress-upstream-ca: cannot load root certificates from {dir}/ca.pem: the file holds no PEM certificate",
+        )
+        .file("m.wat", OK_WAT)
+        .file("policy.json", r#"{"version": 1, "rules": []}"#)
+        .file("ca.pem", "garbage\n")
+        .kvm(),
+        row(
+            "policy: --egress-upstream-ca missing",
+            &with(&isolate, &["--egress-upstream-ca", "{dir}/ca.pem"]),
+            FAILURE,
+            "cannot load root certificates from {dir}/ca.pem: I/O error: No such file or directory",
+        )
+        .file("m.wat", OK_WAT)
+        .file("policy.json", r#"{"version": 1, "rules": []}"#)
+        .kvm(),
+        row(
             "policy: TOML that does not parse",
             &[
                 "isolate",
@@ -674,6 +731,13 @@ fn wasm_module_rows() -> Vec<Row> {
             FAILURE,
             "cannot read {dir}/m.wat: No such file or directory",
         ),
+        isolate(
+            "wasm: a directory",
+            &[],
+            FAILURE,
+            "cannot read {dir}/m.wat: Is a directory",
+        )
+        .dir("m.wat"),
         isolate(
             "wasm: empty file",
             &[],
