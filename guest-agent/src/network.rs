@@ -214,7 +214,10 @@ mod tests {
             return;
         }
         // Removed when dropped, the failing paths included.
-        let dir = tempfile::Builder::new().prefix("agent-nic-").tempdir().unwrap();
+        let dir = tempfile::Builder::new()
+            .prefix("agent-nic-")
+            .tempdir()
+            .unwrap();
         let resolv = dir.path().join("resolv.conf");
         let test_binary = std::env::current_exe().unwrap();
         let script = format!(

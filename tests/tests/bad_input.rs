@@ -328,7 +328,7 @@ fn kernel_file_rows(probe: &str, probe_bytes: &[u8]) -> Vec<Row> {
             "kernel: a directory",
             &boot_kernel,
             FAILURE,
-            "kernel {dir}/kernel does not exist",
+            "kernel {dir}/kernel is not a regular file",
         )
         .dir("kernel"),
         row(
@@ -393,7 +393,7 @@ fn kernel_file_rows(probe: &str, probe_bytes: &[u8]) -> Vec<Row> {
             "initrd: a directory",
             &boot_initrd,
             FAILURE,
-            "initrd {dir}/initrd does not exist",
+            "initrd {dir}/initrd is not a regular file",
         )
         .dir("initrd"),
         row(

@@ -78,6 +78,9 @@ pub enum ConfigError {
     KernelMissing(PathBuf),
     #[error("initrd {0} does not exist")]
     InitrdMissing(PathBuf),
+    /// A directory, device or socket where a kernel or initrd file was expected.
+    #[error("{what} {path} is not a regular file")]
+    NotAFile { what: &'static str, path: PathBuf },
     #[error("vsock guest CID {0} is reserved (must be 3..=4294967294)")]
     VsockCid(u64),
     #[error("vsock socket path {0} already exists (remove it, or pick another path)")]
@@ -103,13 +106,9 @@ impl VmConfig {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.validate_machine()?;
-        if !self.kernel.is_file() {
-            return Err(ConfigError::KernelMissing(self.kernel.clone()));
-        }
+        check_file("kernel", &self.kernel, ConfigError::KernelMissing)?;
         if let Some(initrd) = &self.initrd {
-            if !initrd.is_file() {
-                return Err(ConfigError::InitrdMissing(initrd.clone()));
-            }
+            check_file("initrd", initrd, ConfigError::InitrdMissing)?;
         }
         Ok(())
     }
@@ -188,6 +187,22 @@ pub fn host_mem_mib() -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib / 1024)
+}
+
+/// `path` is a regular file (following symlinks), or the error naming what it is instead.
+fn check_file(
+    what: &'static str,
+    path: &std::path::Path,
+    missing: fn(PathBuf) -> ConfigError,
+) -> Result<(), ConfigError> {
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_file() => Ok(()),
+        Ok(_) => Err(ConfigError::NotAFile {
+            what,
+            path: path.to_path_buf(),
+        }),
+        Err(_) => Err(missing(path.to_path_buf())),
+    }
 }
 
 #[cfg(test)]
