@@ -24,7 +24,7 @@ use crate::SnapshotError;
 pub const MAGIC: [u8; 8] = *b"AGVMSNAP";
 /// Bumped whenever the payload's types change shape: postcard has no field names or tags, so a
 /// reader must know the exact layout the writer used.
-pub const FORMAT_VERSION: u32 = 3;
+pub const FORMAT_VERSION: u32 = 4;
 const HEADER_LEN: usize = 8 + 4 + 8 + 32;
 /// Byte offset of the version field, for tests that forge other versions.
 pub const VERSION_OFFSET: usize = 8;

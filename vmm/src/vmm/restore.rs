@@ -157,7 +157,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         .collect::<Result<Vec<_>, _>>()?;
     state.vm.restore(vm.fd())?;
     for (vcpu, fd) in state.vcpus.iter().zip(&vcpu_fds) {
-        vcpu.restore(fd)?;
+        vcpu.restore(fd, vm.xsave_size())?;
     }
     if let Some(backend) = &memory_backend {
         backend.check_connected()?;

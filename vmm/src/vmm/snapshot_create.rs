@@ -77,7 +77,7 @@ impl Vmm {
         let (Some(vm), Some(mem)) = (self.vm.as_ref(), self.mem.as_ref()) else {
             return Err(VmmError::SnapshotState("the microVM is gone".into()));
         };
-        let vcpus = self.save_vcpus(vm.msrs_to_save())?;
+        let vcpus = self.save_vcpus(vm.msrs_to_save(), vm.xsave_size())?;
         let vm_state = KvmVmState::save(vm.fd())?;
         let layout = memory::layout_of(mem);
         let track = self.machine.track_dirty_pages;
@@ -131,13 +131,18 @@ impl Vmm {
     }
 
     /// Asks every parked vCPU thread for its state (the vCPU fd belongs to its thread).
-    fn save_vcpus(&self, msr_indices: Arc<[u32]>) -> Result<Vec<VcpuState>, VmmError> {
+    fn save_vcpus(
+        &self,
+        msr_indices: Arc<[u32]>,
+        xsave_size: usize,
+    ) -> Result<Vec<VcpuState>, VmmError> {
         let mut replies = Vec::with_capacity(self.vcpu_requests.len());
         for (index, requests) in self.vcpu_requests.iter().enumerate() {
             let (reply, answer) = channel();
             requests
                 .send(VcpuRequest::SaveState {
                     msr_indices: msr_indices.clone(),
+                    xsave_size,
                     reply,
                 })
                 .map_err(|_| VmmError::SnapshotState(format!("vCPU {index} thread has ended")))?;

@@ -7,3 +7,4 @@ pub mod vcpu;
 pub mod vcpu_state;
 pub mod vm;
 pub mod vm_state;
+pub mod xsave;

@@ -22,6 +22,8 @@ pub enum VcpuRequest {
     /// Read the vCPU's state for a snapshot; `msr_indices` is KVM's list of MSRs to save.
     SaveState {
         msr_indices: Arc<[u32]>,
+        /// This host's XSAVE area size (`Vm::xsave_size`).
+        xsave_size: usize,
         reply: Sender<Result<VcpuState, String>>,
     },
 }
@@ -134,8 +136,12 @@ impl Vcpu {
     fn serve_requests(&self) {
         while let Ok(request) = self.requests.try_recv() {
             match request {
-                VcpuRequest::SaveState { msr_indices, reply } => {
-                    let state = VcpuState::save(self.index, &self.fd, &msr_indices)
+                VcpuRequest::SaveState {
+                    msr_indices,
+                    xsave_size,
+                    reply,
+                } => {
+                    let state = VcpuState::save(self.index, &self.fd, &msr_indices, xsave_size)
                         .map_err(|e| e.to_string());
                     let _ = reply.send(state);
                 }

@@ -3,7 +3,7 @@
 
 use kvm_bindings::{
     kvm_cpuid_entry2, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs,
-    kvm_sregs, kvm_vcpu_events, kvm_xcrs, kvm_xsave, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
+    kvm_sregs, kvm_vcpu_events, kvm_xcrs, CpuId, Msrs, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::VcpuFd;
 use serde::{Deserialize, Serialize};
@@ -41,7 +41,9 @@ pub struct VcpuState {
     pub mp_state: kvm_mp_state,
     pub regs: kvm_regs,
     pub sregs: kvm_sregs,
-    pub xsave: kvm_xsave,
+    /// The XSAVE area as KVM copied it: 4 KiB, or more with dynamically enabled features
+    /// (see [`super::xsave`]).
+    pub xsave: Vec<u32>,
     pub xcrs: kvm_xcrs,
     pub debug_regs: kvm_debugregs,
     pub lapic: kvm_lapic_state,
@@ -68,8 +70,14 @@ impl std::fmt::Debug for VcpuState {
 impl VcpuState {
     /// Reads every piece of state. `msr_indices` is KVM's list of MSRs to save
     /// (KVM_GET_MSR_INDEX_LIST); those this vCPU cannot read are left out (KVM lists some that
-    /// KVM_GET_MSRS refuses for this guest's CPUID).
-    pub fn save(index: u8, fd: &VcpuFd, msr_indices: &[u32]) -> Result<Self, VcpuStateError> {
+    /// KVM_GET_MSRS refuses for this guest's CPUID). `xsave_size`: this host's XSAVE area size
+    /// ([`super::xsave::host_xsave_size`]).
+    pub fn save(
+        index: u8,
+        fd: &VcpuFd,
+        msr_indices: &[u32],
+        xsave_size: usize,
+    ) -> Result<Self, VcpuStateError> {
         let kvm = |what| {
             move |source| VcpuStateError::Kvm {
                 index,
@@ -87,7 +95,7 @@ impl VcpuState {
             mp_state: fd.get_mp_state().map_err(kvm("KVM_GET_MP_STATE"))?,
             regs: fd.get_regs().map_err(kvm("KVM_GET_REGS"))?,
             sregs: fd.get_sregs().map_err(kvm("KVM_GET_SREGS"))?,
-            xsave: fd.get_xsave().map_err(kvm("KVM_GET_XSAVE"))?,
+            xsave: super::xsave::save(fd, xsave_size).map_err(|e| xsave_error(index, e))?,
             xcrs: fd.get_xcrs().map_err(kvm("KVM_GET_XCRS"))?,
             debug_regs: fd.get_debug_regs().map_err(kvm("KVM_GET_DEBUGREGS"))?,
             lapic: fd.get_lapic().map_err(kvm("KVM_GET_LAPIC"))?,
@@ -100,8 +108,8 @@ impl VcpuState {
     /// Writes the state to a vCPU that has not run yet, in the order KVM needs: the TSC frequency
     /// first (the TSC value among the MSRs is in its units), CPUID (it decides which MSRs and
     /// XSAVE features exist), sregs before the LAPIC (the APIC base lives in sregs), MSRs before
-    /// the vCPU events.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), VcpuStateError> {
+    /// the vCPU events. `xsave_size`: this host's XSAVE area size.
+    pub fn restore(&self, fd: &VcpuFd, xsave_size: usize) -> Result<(), VcpuStateError> {
         let index = self.index;
         let kvm = |what| {
             move |source| VcpuStateError::Kvm {
@@ -123,9 +131,7 @@ impl VcpuState {
             .map_err(kvm("KVM_SET_MP_STATE"))?;
         fd.set_regs(&self.regs).map_err(kvm("KVM_SET_REGS"))?;
         fd.set_sregs(&self.sregs).map_err(kvm("KVM_SET_SREGS"))?;
-        // SAFETY: `self.xsave` is a whole kvm_xsave as KVM_GET_XSAVE returned it (4 KiB region, no
-        // trailing flexible array in use), so the kernel reads only memory the struct owns.
-        unsafe { fd.set_xsave(&self.xsave) }.map_err(kvm("KVM_SET_XSAVE"))?;
+        super::xsave::restore(fd, &self.xsave, xsave_size).map_err(|e| xsave_error(index, e))?;
         fd.set_xcrs(&self.xcrs).map_err(kvm("KVM_SET_XCRS"))?;
         fd.set_debug_regs(&self.debug_regs)
             .map_err(kvm("KVM_SET_DEBUGREGS"))?;
@@ -157,6 +163,21 @@ impl VcpuState {
                 here.map_or("an unknown frequency".to_string(), |k| format!("{k} kHz"))
             ),
         })
+    }
+}
+
+fn xsave_error(index: u8, error: super::xsave::XsaveError) -> VcpuStateError {
+    match error {
+        super::xsave::XsaveError::Kvm { what, source } => VcpuStateError::Kvm {
+            index,
+            what,
+            source,
+        },
+        super::xsave::XsaveError::Invalid(reason) => VcpuStateError::Invalid {
+            index,
+            what: "XSAVE",
+            reason,
+        },
     }
 }
 
@@ -294,7 +315,7 @@ mod tests {
         regs.rax = 0x1234_5678_9abc_def0;
         regs.r15 = 42;
         fd.set_regs(&regs).unwrap();
-        let saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        let saved = VcpuState::save(0, &fd, &vm.msrs_to_save(), vm.xsave_size()).unwrap();
         assert!(
             saved.msrs.iter().any(|&(msr, _)| msr == MSR_IA32_TSC),
             "the TSC is among the saved MSRs"
@@ -312,8 +333,8 @@ mod tests {
         };
         let fd2 = vm2.fd().create_vcpu(0).unwrap();
         vm_state.restore(vm2.fd()).unwrap();
-        saved.restore(&fd2).unwrap();
-        let again = VcpuState::save(0, &fd2, &vm2.msrs_to_save()).unwrap();
+        saved.restore(&fd2, vm2.xsave_size()).unwrap();
+        let again = VcpuState::save(0, &fd2, &vm2.msrs_to_save(), vm2.xsave_size()).unwrap();
         assert_eq!(again.tsc_khz, host_tsc_khz);
         assert_eq!(again.regs.rax, 0x1234_5678_9abc_def0);
         assert_eq!(again.regs.r15, 42);
@@ -359,7 +380,7 @@ mod tests {
         let Some((vm, _mem, fd)) = vm_with_vcpu(test) else {
             return;
         };
-        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save(), vm.xsave_size()).unwrap();
         let Some(khz) = saved.tsc_khz else {
             eprintln!("skipping {test}: this KVM does not report the TSC frequency");
             return;
@@ -369,7 +390,7 @@ mod tests {
             return;
         };
         let fd2 = vm2.fd().create_vcpu(0).unwrap();
-        match saved.restore(&fd2) {
+        match saved.restore(&fd2, vm2.xsave_size()) {
             Ok(()) => assert_eq!(fd2.get_tsc_khz().unwrap(), khz / 2),
             Err(e) => {
                 let e = e.to_string();
@@ -385,10 +406,10 @@ mod tests {
         else {
             return;
         };
-        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save()).unwrap();
+        let mut saved = VcpuState::save(0, &fd, &vm.msrs_to_save(), vm.xsave_size()).unwrap();
         // An MSR index no CPU has.
         saved.msrs.push((0x4000_ffff, 1));
-        let err = saved.restore(&fd).unwrap_err().to_string();
+        let err = saved.restore(&fd, vm.xsave_size()).unwrap_err().to_string();
         assert!(
             err.contains("0x4000ffff") || err.contains("KVM_SET_MSRS"),
             "{err}"

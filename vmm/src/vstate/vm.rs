@@ -40,6 +40,8 @@ pub struct Vm {
     /// MSRs a snapshot saves (KVM_GET_MSR_INDEX_LIST), read now: /dev/kvm ioctls are not in the
     /// filter of the thread that takes snapshots.
     msrs_to_save: std::sync::Arc<[u32]>,
+    /// The size of a vCPU's XSAVE area (KVM_CAP_XSAVE2), read now for the same reason.
+    xsave_size: usize,
 }
 
 impl Vm {
@@ -76,10 +78,12 @@ impl Vm {
             .map_err(VmError::MsrList)?
             .as_slice()
             .into();
+        let xsave_size = super::xsave::host_xsave_size(&fd);
         Ok(Self {
             kvm,
             fd,
             msrs_to_save,
+            xsave_size,
         })
     }
 
@@ -122,5 +126,10 @@ impl Vm {
 
     pub fn msrs_to_save(&self) -> std::sync::Arc<[u32]> {
         self.msrs_to_save.clone()
+    }
+
+    /// How many bytes a vCPU's XSAVE area takes on this host (see [`super::xsave`]).
+    pub fn xsave_size(&self) -> usize {
+        self.xsave_size
     }
 }
