@@ -104,6 +104,9 @@ fn fetch_ca(server: SocketAddr) -> io::Result<String> {
     Ok(format!("{pem}\n"))
 }
 
+/// Writes `pem` as the CA file and into the bundle, replacing the CA an earlier install put there
+/// (a snapshot restored behind a new egress filter gets a new CA; the old one must not stay
+/// trusted).
 fn install(pem: &str, store: &TrustStore) -> io::Result<()> {
     for path in [&store.ca_file, &store.bundle] {
         if let Some(dir) = path.parent() {
@@ -111,28 +114,33 @@ fn install(pem: &str, store: &TrustStore) -> io::Result<()> {
                 .map_err(|e| path_error("create the directory of", path, e))?;
         }
     }
-    std::fs::write(&store.ca_file, pem).map_err(|e| path_error("write", &store.ca_file, e))?;
-    let existing = match std::fs::read_to_string(&store.bundle) {
-        Ok(text) => text,
-        Err(error) if error.kind() == io::ErrorKind::NotFound => String::new(),
-        Err(error) => return Err(path_error("read", &store.bundle, error)),
-    };
-    if existing.contains(pem.trim()) {
-        return Ok(());
+    let previous = read_if_present(&store.ca_file)?.unwrap_or_default();
+    let existing = read_if_present(&store.bundle)?.unwrap_or_default();
+    let mut bundle = existing.clone();
+    let previous = previous.trim();
+    if !previous.is_empty() && previous != pem.trim() {
+        bundle = bundle.replacen(&format!("{previous}\n"), "", 1);
+        bundle = bundle.replacen(previous, "", 1);
     }
-    let separator = if existing.is_empty() || existing.ends_with('\n') {
-        ""
-    } else {
-        "\n"
-    };
-    let mut bundle = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&store.bundle)
-        .map_err(|e| path_error("open", &store.bundle, e))?;
-    bundle
-        .write_all(format!("{separator}{pem}").as_bytes())
-        .map_err(|e| path_error("append to", &store.bundle, e))
+    if !bundle.contains(pem.trim()) {
+        if !bundle.is_empty() && !bundle.ends_with('\n') {
+            bundle.push('\n');
+        }
+        bundle.push_str(pem);
+    }
+    if bundle != existing {
+        std::fs::write(&store.bundle, bundle).map_err(|e| path_error("write", &store.bundle, e))?;
+    }
+    std::fs::write(&store.ca_file, pem).map_err(|e| path_error("write", &store.ca_file, e))
+}
+
+/// The file's text, or None if it does not exist.
+fn read_if_present(path: &Path) -> io::Result<Option<String>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => Ok(Some(text)),
+        Err(error) if error.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(error) => Err(path_error("read", path, error)),
+    }
 }
 
 fn invalid(reason: String) -> io::Error {
@@ -233,6 +241,28 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(&store.bundle).unwrap(),
             format!("{other}\n{PEM}\n")
+        );
+    }
+
+    #[test]
+    fn a_new_ca_replaces_the_previous_one_and_keeps_other_roots() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(dir.path());
+        std::fs::create_dir_all(store.bundle.parent().unwrap()).unwrap();
+        let other = "-----BEGIN CERTIFICATE-----\nOTHER\n-----END CERTIFICATE-----\n";
+        std::fs::write(&store.bundle, other).unwrap();
+        let renewed = "-----BEGIN CERTIFICATE-----\nMIIBrenewed\n-----END CERTIFICATE-----";
+        let (server, requests) = serve(vec![ok(PEM), ok(renewed)]);
+        install_egress_ca(server, &store).unwrap();
+        install_egress_ca(server, &store).unwrap();
+        requests.join().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(&store.bundle).unwrap(),
+            format!("{other}{renewed}\n")
+        );
+        assert_eq!(
+            std::fs::read_to_string(&store.ca_file).unwrap(),
+            format!("{renewed}\n")
         );
     }
 

@@ -9,6 +9,7 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use agentvm_protocol::net::{DNS_ADDR, GATEWAY_ADDR, GUEST_ADDR, GUEST_IFNAME, PREFIX_LEN};
 
@@ -22,6 +23,16 @@ pub enum NicOutcome {
     Absent,
     /// eth0 is up with the guest address, the default route and the resolver.
     Configured,
+}
+
+/// Set once [`configure_nic`] has configured eth0: a restored snapshot's after-restore step then
+/// also refreshes what the restoring VMM's new egress filter changed (see
+/// `server::after_restore`).
+static CONFIGURED: AtomicBool = AtomicBool::new(false);
+
+/// Whether this guest has a configured NIC.
+pub fn nic_configured() -> bool {
+    CONFIGURED.load(Ordering::Relaxed)
 }
 
 /// `struct rtentry` of <linux/route.h>; the libc crate defines it only for musl and uclibc.
@@ -69,6 +80,7 @@ pub fn configure_nic(resolv_conf: &Path) -> io::Result<NicOutcome> {
     }
     add_default_route(&socket)?;
     write_resolv_conf(resolv_conf)?;
+    CONFIGURED.store(true, Ordering::Relaxed);
     Ok(NicOutcome::Configured)
 }
 

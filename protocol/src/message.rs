@@ -618,7 +618,8 @@ pub struct Connect {
 }
 
 /// Host, after a snapshot restore: set the guest's wall clock and mix `entropy` into its RNG
-/// (and credit it, so reads of `/dev/random` do not block). Answered by [`Done`].
+/// (and credit it, so reads of `/dev/random` do not block); a guest with a NIC also fetches the
+/// egress filter's CA again (the restoring VMM's filter has a new one). Answered by [`Done`].
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AfterRestore {
     pub id: u64,

@@ -111,6 +111,18 @@ impl Serve {
         (out, self.dir)
     }
 
+    /// Kills the VMM with SIGKILL (no cleanup of its own) and returns its output and temp dir.
+    pub fn kill(self) -> (VmOutput, tempfile::TempDir) {
+        self.process
+            .signal(libc::SIGKILL)
+            .expect("signal agentvm serve");
+        let out = self
+            .process
+            .wait(EXIT_TIMEOUT)
+            .expect("agentvm serve exits after SIGKILL");
+        (out, self.dir)
+    }
+
     pub fn sock(&self) -> &Path {
         &self.sock
     }

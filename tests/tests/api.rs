@@ -499,7 +499,7 @@ fn egress_policy_mistakes_are_named_400s_and_never_a_sigsys() {
     );
 
     // A good policy (listing the host's addresses on this thread would be a netlink socket,
-    // which its filter forbids too) is kept for the boot; a snapshot load cannot honour it.
+    // which its filter forbids too) is kept for the boot, or for a snapshot load.
     s.ok(
         "PUT",
         put,
@@ -513,7 +513,7 @@ fn egress_policy_mistakes_are_named_400s_and_never_a_sigsys() {
         "/snapshot/load",
         Some(r#"{"snapshot_path": "/x", "mem_backend": {"backend_type": "File", "backend_path": "/y"}}"#),
         400,
-        "a microVM loaded from a snapshot gets no NIC",
+        "snapshot_path /x: no such file",
     );
     assert_eq!(s.state(), "Not started");
 

@@ -361,6 +361,198 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
     assert_eq!(std::fs::read(files.mem()).unwrap(), mem);
 }
 
+/// The egress policy the NIC tests give (the probe drives no NIC; only its presence matters).
+const NIC_POLICY: &str = r#"{"rules": [{"id": "web", "cidr": "192.0.2.0/24", "ports": [80]}]}"#;
+
+#[test]
+fn a_snapshot_with_a_nic_restores_only_with_an_egress_policy_and_counts_on() {
+    if !require_kvm() {
+        return;
+    }
+    let files = SnapshotFiles::new();
+    let original = Serve::start();
+    original.ok("PUT", "/egress/policy", NIC_POLICY);
+    original.ok(
+        "PUT",
+        "/machine-config",
+        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
+    );
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+    original.ok("PUT", "/boot-source", &boot.to_string());
+    original.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    original.wait_console("PROBE count 3\n");
+    original.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let create = serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()});
+    original.ok("PUT", "/snapshot/create", &create.to_string());
+    let (_out, original_dir) = original.terminate();
+    let before = std::fs::read_to_string(original_dir.path().join("console")).unwrap();
+    let last = *counts(&before).last().expect("the original counted");
+
+    // No policy: refused with the reason, and the VMM can still load.
+    let restored = Serve::start();
+    let load = load_body(&files.state(), &files.mem(), true);
+    restored.refused(
+        "PUT",
+        "/snapshot/load",
+        &load,
+        400,
+        "the snapshot's microVM has a NIC: give the restored one its egress policy",
+    );
+    assert_eq!(restored.state(), "Not started");
+    restored.ok("PUT", "/egress/policy", NIC_POLICY);
+    let audit = restored.path("egress.jsonl");
+    restored.ok(
+        "PUT",
+        "/egress/audit-log",
+        &serde_json::json!({"path": audit}).to_string(),
+    );
+    restored.ok("PUT", "/snapshot/load", &load);
+    assert_eq!(restored.state(), "Running");
+    let after = restored.wait_console(&format!("PROBE count {}\n", last + 3));
+    assert_consecutive(&counts(&format!("{before}{after}")), "restored with a NIC");
+    // The restored VM has a NIC behind a filter with the given policy, which it can change.
+    assert_eq!(
+        metric(&restored, "agentvm_egress_dns_queries_total"),
+        Some(0.0)
+    );
+    let shown = restored.call("GET", "/egress/policy", None).json();
+    assert_eq!(shown["rules"][0]["cidr"], "192.0.2.0/24", "{shown}");
+    restored.ok(
+        "PUT",
+        "/egress/policy",
+        r#"{"rules": [{"id": "other", "cidr": "198.51.100.0/24", "ports": [443]}]}"#,
+    );
+    assert!(audit.exists(), "the restored NIC opens its audit log");
+    // Snapshotted again, its NIC comes along.
+    restored.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    let again = serde_json::json!({
+        "snapshot_path": files.path("again.snap"),
+        "mem_file_path": files.path("again.mem"),
+    });
+    restored.ok("PUT", "/snapshot/create", &again.to_string());
+    let _ = restored.terminate();
+
+    // `agentvm snapshot load --egress-policy` with a TOML file sends it before the load.
+    let policy = files.path("policy.toml");
+    std::fs::write(
+        &policy,
+        "[[rules]]\nid = \"web\"\ncidr = \"192.0.2.0/24\"\nports = [80]\n",
+    )
+    .unwrap();
+    let by_cli = Serve::start();
+    let api_sock = by_cli.path("api.sock");
+    let (code, stderr) = snapshot_cli(&[
+        "load".as_ref(),
+        "--api-sock".as_ref(),
+        api_sock.as_os_str(),
+        "--snapshot".as_ref(),
+        files.path("again.snap").as_os_str(),
+        "--mem".as_ref(),
+        files.path("again.mem").as_os_str(),
+        "--egress-policy".as_ref(),
+        policy.as_os_str(),
+        "--resume".as_ref(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(by_cli.state(), "Running");
+    by_cli.wait_console("PROBE count");
+    let shown = by_cli.call("GET", "/egress/policy", None).json();
+    assert_eq!(shown["rules"][0]["id"], "web", "{shown}");
+    let _ = by_cli.terminate();
+
+    // A policy for a snapshot whose VM had no NIC is refused: a restore cannot add a device.
+    let plain = SnapshotFiles::new();
+    snapshot_and_end(&plain);
+    let no_nic = Serve::start();
+    no_nic.ok("PUT", "/egress/policy", NIC_POLICY);
+    no_nic.refused(
+        "PUT",
+        "/snapshot/load",
+        &load_body(&plain.state(), &plain.mem(), true),
+        400,
+        "the snapshot's microVM has no NIC",
+    );
+    assert_eq!(no_nic.state(), "Not started");
+}
+
+/// A VMM killed (SIGKILL) while it overwrites a snapshot, at several moments of the write:
+/// what is left at the snapshot's paths is a complete pair that restores and counts on, or a
+/// memory file without a state file, which a load refuses by name; never a state file beside a
+/// memory file it was not written with. Leftover temporary files never have the snapshot's names.
+#[test]
+fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() {
+    if !require_kvm() {
+        return;
+    }
+    let mut outcomes = Vec::new();
+    for delay_ms in [0u64, 2, 8, 25, 80] {
+        let files = SnapshotFiles::new();
+        let s = Serve::start();
+        s.ok(
+            "PUT",
+            "/machine-config",
+            r#"{"vcpu_count": 1, "mem_size_mib": 512}"#,
+        );
+        let boot =
+            serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+        s.ok("PUT", "/boot-source", &boot.to_string());
+        s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+        s.wait_console("PROBE count 3\n");
+        s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        let create =
+            serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()})
+                .to_string();
+        s.ok("PUT", "/snapshot/create", &create);
+        s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
+        s.wait_console("PROBE count 6\n");
+        s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        // The overwrite runs on its own thread (its answer never comes: the VMM dies).
+        let sock = s.sock().to_path_buf();
+        let body = create.clone();
+        let writer = std::thread::spawn(move || {
+            integration_tests::api::request(&sock, "PUT", "/snapshot/create", Some(&body))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        let (_out, _dir) = s.kill();
+        let _ = writer.join();
+
+        let leftovers: Vec<String> = std::fs::read_dir(files.dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|name| name != "vm.snap" && name != "vm.mem")
+            .collect();
+        assert!(
+            leftovers
+                .iter()
+                .all(|name| name.starts_with('.') && name.contains(".tmp-")),
+            "killed after {delay_ms} ms: unexpected files {leftovers:?}"
+        );
+        assert!(
+            files.mem().exists(),
+            "killed after {delay_ms} ms: no memory file"
+        );
+        let restore = Serve::start();
+        let load = load_body(&files.state(), &files.mem(), true);
+        if files.state().exists() {
+            restore.ok("PUT", "/snapshot/load", &load);
+            let after = restore.wait_console("PROBE count");
+            let counted = counts(&restore.wait_console(&format!(
+                "PROBE count {}\n",
+                counts(&after).first().copied().unwrap_or(0) + 2
+            )));
+            assert_consecutive(&counted, "restored after a killed overwrite");
+            outcomes.push(format!("{delay_ms} ms: whole pair"));
+        } else {
+            restore.refused("PUT", "/snapshot/load", &load, 400, "snapshot_path");
+            assert_eq!(restore.state(), "Not started");
+            outcomes.push(format!("{delay_ms} ms: no state file"));
+        }
+        let _ = restore.terminate();
+    }
+    eprintln!("killed overwrites: {}", outcomes.join(", "));
+}
+
 #[test]
 fn corrupt_or_mismatched_snapshots_are_refused_and_nothing_runs() {
     if !require_kvm() {

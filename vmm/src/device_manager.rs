@@ -12,6 +12,7 @@ use devices::legacy::{
     CallbackTrigger, EventFdTrigger, Serial, I8042, I8042_PORT_BASE, I8042_PORT_LEN,
     SERIAL_COM1_BASE, SERIAL_COM1_IRQ, SERIAL_PORT_LEN,
 };
+use devices::virtio::net::{Net, NetState};
 use devices::virtio::rng::Rng;
 use devices::virtio::vsock::{Vsock, VsockMetrics};
 use devices::virtio::{kernel_cmdline_device, MmioTransport, QUEUE_NOTIFY_OFFSET};
@@ -60,12 +61,16 @@ pub enum DeviceError {
     Restore(String),
 }
 
-/// Every device's state in a snapshot: COM1 and the virtio-mmio slots in slot order (the i8042
-/// has none worth keeping: it only forwards the reset line).
+/// Every device's state in a snapshot: COM1, the virtio-mmio slots in slot order (the i8042
+/// has none worth keeping: it only forwards the reset line), and the NIC's own part if the VM
+/// has one. The NIC's egress filter is not saved: its policy may hold credentials, which never
+/// go to disk, so the restore names the policy again and starts a fresh filter (see
+/// `crate::guest_nic`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeviceStates {
     pub serial: devices::legacy::SerialSnapshot,
     pub virtio: Vec<devices::virtio::MmioTransportState>,
+    pub net: Option<NetState>,
 }
 
 /// The vsock device's name among the virtio-mmio transports.
@@ -86,6 +91,8 @@ pub struct DeviceManager {
     /// The NIC's egress filter thread, if the VM has a NIC.
     egress: Option<egress::EgressHandle>,
     net_metrics: Option<devices::virtio::net::NetMetrics>,
+    /// The NIC itself, for its part of a snapshot.
+    net_device: Option<Arc<Mutex<Net>>>,
     /// The virtio-mmio transports in slot order, for snapshots.
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     /// Their device names, in the same order (for diagnostics).
@@ -164,6 +171,7 @@ impl DeviceManager {
             vsock_metrics: None,
             egress: None,
             net_metrics: None,
+            net_device: None,
             transports: Vec::new(),
             transport_names: Vec::new(),
         };
@@ -189,10 +197,12 @@ impl DeviceManager {
         }
 
         if let Some((config, seccomp)) = net {
-            let (device, egress) = crate::guest_nic::create(config, seccomp)?;
+            let saved = restore.and_then(|states| states.net.as_ref());
+            let (device, egress) = crate::guest_nic::create(config, seccomp, saved)?;
             manager.net_metrics = Some(device.metrics());
             manager.egress = Some(egress);
             let device = Arc::new(Mutex::new(device));
+            manager.net_device = Some(device.clone());
             event_manager.add_subscriber(device.clone());
             manager.add_virtio_mmio(vm, mem, &mut io, device, NET_NAME)?;
         }
@@ -291,6 +301,12 @@ impl DeviceManager {
     /// (and served twice after a restore). The vCPUs must be parked, so no register access is in
     /// flight either.
     pub fn save_state_quiesced<R>(&self, while_quiet: impl FnOnce() -> R) -> (DeviceStates, R) {
+        // Taken before the transports' locks (the device's own lock is among those): its MAC and
+        // MTU never change after creation, so the moment does not matter.
+        let net = self
+            .net_device
+            .as_ref()
+            .map(|net| net.lock().unwrap_or_else(|e| e.into_inner()).save_state());
         let transports: Vec<_> = self
             .transports
             .iter()
@@ -309,6 +325,7 @@ impl DeviceManager {
                 .zip(&device_guards)
                 .map(|(t, d)| t.save_state_with(&**d))
                 .collect(),
+            net,
         };
         let result = while_quiet();
         (states, result)

@@ -6,7 +6,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use agentvm_protocol::net::{GUEST_MAC, LINK_MTU};
-use devices::virtio::net::{frame_channel, Net, NetCounts, NetMetrics};
+use devices::virtio::net::{frame_channel, Net, NetCounts, NetMetrics, NetState};
 use egress::audit::AuditLog;
 use egress::{EgressConfig, EgressHandle, EgressStats, EgressStatsReader, ResolverConfig};
 
@@ -32,10 +32,15 @@ impl NetCountsReader {
     }
 }
 
-/// Creates the device and starts its egress filter (under the `egress` seccomp filter).
+/// Creates the device and starts its egress filter (under the `egress` seccomp filter). With
+/// `restored`, the device is the one a snapshot saved (its MAC and MTU), behind a new filter:
+/// connections the guest had open are unknown to it and reset when the guest next sends on
+/// them, names are answered afresh, and TLS interception gets a new CA, which the guest agent
+/// fetches again in its after-restore step.
 pub fn create(
     config: &NetConfig,
     seccomp: ThreadSeccomp,
+    restored: Option<&NetState>,
 ) -> Result<(Net, EgressHandle), DeviceError> {
     let fail = |reason: String| DeviceError::Create {
         what: "virtio-net",
@@ -43,7 +48,11 @@ pub fn create(
     };
     let (device_end, filter_end) =
         frame_channel().map_err(|e| fail(format!("cannot create its frame socket pair: {e}")))?;
-    let device = Net::new(GUEST_MAC, LINK_MTU, device_end).map_err(|e| fail(e.to_string()))?;
+    let device = match restored {
+        Some(state) => Net::restore(state, device_end),
+        None => Net::new(GUEST_MAC, LINK_MTU, device_end),
+    }
+    .map_err(|e| fail(e.to_string()))?;
     let audit = match &config.audit_log {
         Some(path) => AuditLog::open(path).map_err(|e| fail(e.to_string()))?,
         None => AuditLog::disabled(),

@@ -176,6 +176,23 @@ impl Controller {
         self.egress_policy = Some(policy);
     }
 
+    /// The NIC the microVM gets at InstanceStart or PUT /snapshot/load (`request`), if PUT
+    /// /egress/policy was given.
+    fn net_config(&self, request: &str) -> Result<Option<NetConfig>, Fault> {
+        if self.egress_audit.is_some() && self.egress_policy.is_none() {
+            return Err(Fault::bad_request(format!(
+                "{request}: PUT /egress/audit-log was given but no PUT /egress/policy: the \
+                 audit log is the NIC's, and the microVM gets a NIC only with an egress policy"
+            )));
+        }
+        Ok(self.egress_policy.clone().map(|policy| NetConfig {
+            policy,
+            audit_log: self.egress_audit.clone(),
+            sandbox: self.id.clone(),
+            upstream_roots: Vec::new(),
+        }))
+    }
+
     /// `PUT /egress/audit-log`, before InstanceStart: the NIC's audit log (the VMM thread has
     /// checked it can be opened for appending).
     pub fn set_egress_audit_log(&mut self, path: PathBuf) -> Result<(), Fault> {
@@ -346,13 +363,9 @@ impl Controller {
                 super::fault::AFTER_START
             )));
         }
-        if self.egress_policy.is_some() {
-            return Err(Fault::bad_request(
-                "PUT /snapshot/load: a microVM loaded from a snapshot gets no NIC, so the egress \
-                 policy given with PUT /egress/policy cannot apply; boot with InstanceStart instead",
-            ));
-        }
-        let config = super::snapshot::restore_config(request, self.seccomp)?;
+        let net = self.net_config("PUT /snapshot/load")?;
+        let mut config = super::snapshot::restore_config(request, self.seccomp)?;
+        config.net = net;
         self.state = VmState::Starting;
         Ok(config)
     }
@@ -402,18 +415,7 @@ impl Controller {
                 "InstanceStart needs a kernel first: PUT /boot-source with kernel_image_path",
             )
         })?;
-        if self.egress_audit.is_some() && self.egress_policy.is_none() {
-            return Err(Fault::bad_request(
-                "InstanceStart: PUT /egress/audit-log was given but no PUT /egress/policy: the \
-                 audit log is the NIC's, and the microVM gets a NIC only with an egress policy",
-            ));
-        }
-        let net = self.egress_policy.clone().map(|policy| NetConfig {
-            policy,
-            audit_log: self.egress_audit.clone(),
-            sandbox: self.id.clone(),
-            upstream_roots: Vec::new(),
-        });
+        let net = self.net_config("InstanceStart")?;
         let config = VmConfig {
             // check_machine_config kept vcpu_count within 1..=MAX_VCPUS.
             vcpus: self.machine.vcpu_count.min(MAX_VCPUS as u64) as u8,

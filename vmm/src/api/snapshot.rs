@@ -113,7 +113,11 @@ pub fn restore_config(
         .as_ref()
         .is_some_and(|o| !o.is_empty())
     {
-        return refuse("network_overrides: agentvm has no network interfaces to override yet");
+        return refuse(
+            "network_overrides: agentvm's NIC has no host device to swap: its network is the \
+             VMM's egress filter; give the restored microVM its policy with PUT /egress/policy \
+             (and PUT /egress/audit-log) before PUT /snapshot/load",
+        );
     }
     if !request.snapshot_path.is_file() {
         return Err(Fault::bad_request(format!(
@@ -146,6 +150,8 @@ pub fn restore_config(
             .as_ref()
             .map(|o| (o.uds_path.clone(), o.guest_cid)),
         seccomp,
+        // The controller adds the NIC's configuration, which it holds.
+        net: None,
     })
 }
 

@@ -109,6 +109,14 @@ pub struct LoadArgs {
     /// Give the restored guest this vsock CID instead of the snapshot's (with --vsock-uds-path).
     #[arg(long, value_name = "CID", requires = "vsock_uds_path")]
     vsock_guest_cid: Option<u64>,
+    /// The egress policy (JSON, or TOML by its `.toml` name) of the restored VM's NIC, sent as
+    /// PUT /egress/policy before the load. Required when the snapshot's VM has a NIC (snapshots
+    /// never hold the policy, whose credentials stay off disk), refused when it has none.
+    #[arg(long, value_name = "FILE")]
+    egress_policy: Option<PathBuf>,
+    /// Append the restored NIC's egress audit log to this file (PUT /egress/audit-log).
+    #[arg(long, value_name = "FILE", requires = "egress_policy")]
+    egress_audit: Option<PathBuf>,
 }
 
 pub fn run(command: SnapshotCommand) -> Result<ExitCode, String> {
@@ -204,6 +212,19 @@ async fn load(args: LoadArgs) -> Result<(), String> {
         "resume_vm": args.resume,
         "track_dirty_pages": args.track_dirty_pages,
     });
+    if let Some(policy) = &args.egress_policy {
+        call(
+            &args.api_sock,
+            Method::PUT,
+            "/egress/policy",
+            policy_body(policy)?,
+        )
+        .await?;
+    }
+    if let Some(audit) = &args.egress_audit {
+        let body = serde_json::json!({"path": absolute(audit)?});
+        call(&args.api_sock, Method::PUT, "/egress/audit-log", body).await?;
+    }
     if let Some(path) = &args.vsock_uds_path {
         body["vsock_override"] = serde_json::json!({
             "uds_path": absolute(path)?,
@@ -211,6 +232,17 @@ async fn load(args: LoadArgs) -> Result<(), String> {
         });
     }
     call(&args.api_sock, Method::PUT, "/snapshot/load", body).await
+}
+
+/// A policy file as the API's JSON body (a TOML file converted; the API checks the rules).
+fn policy_body(path: &Path) -> Result<serde_json::Value, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("--egress-policy {}: {e}", path.display()))?;
+    if path.extension().is_some_and(|ext| ext == "toml") {
+        toml::from_str(&text).map_err(|e| format!("--egress-policy {}: {e}", path.display()))
+    } else {
+        serde_json::from_str(&text).map_err(|e| format!("--egress-policy {}: {e}", path.display()))
+    }
 }
 
 fn merge(args: MergeArgs) -> Result<(), String> {

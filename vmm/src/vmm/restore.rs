@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::sync::mpsc::channel;
 
 use super::{create_vcpu, start, BootTimings, Built, Vmm, VmmError};
-use crate::config::{VmConfig, VsockConfig};
+use crate::config::{NetConfig, VmConfig, VsockConfig};
 use crate::device_manager::DeviceManager;
 use crate::memory;
 use crate::persist::MicrovmState;
@@ -50,6 +50,10 @@ pub struct RestoreConfig {
     /// Another vsock Unix socket path and optionally CID than the snapshot's, so several VMs
     /// restored from one snapshot do not collide.
     pub vsock_override: Option<(PathBuf, Option<u64>)>,
+    /// The NIC's egress filter, required exactly when the snapshot's VM has a NIC: a snapshot
+    /// never holds the policy (its credentials stay off disk), and each restore of one snapshot
+    /// may give its sandbox another policy, audit log and name.
+    pub net: Option<NetConfig>,
 }
 
 pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Result<Vmm, VmmError> {
@@ -76,6 +80,24 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
             ))
         }
     };
+    match (&request.net, &state.devices.net) {
+        (None, Some(_)) => {
+            return Err(VmmError::SnapshotState(
+                "the snapshot's microVM has a NIC: give the restored one its egress policy \
+                 (--egress-policy FILE, or PUT /egress/policy before PUT /snapshot/load); \
+                 snapshots do not keep the policy, whose credentials never go to disk"
+                    .into(),
+            ))
+        }
+        (Some(_), None) => {
+            return Err(VmmError::SnapshotState(
+                "an egress policy was given, but the snapshot's microVM has no NIC (it was \
+                 booted without one, and a restore cannot add a device)"
+                    .into(),
+            ))
+        }
+        _ => {}
+    }
     let config = VmConfig {
         vcpus: state.vcpu_count,
         mem_mib: state.mem_mib,
@@ -85,7 +107,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         skip_linux_host_check: true,
         record_rss_before_guest: false,
         vsock,
-        net: None,
+        net: request.net.clone(),
         seccomp: request.seccomp,
         track_dirty_pages: request.track_dirty_pages,
         seccomp_test_violation: None,
@@ -147,7 +169,10 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
         console,
         events_tx.clone(),
         config.vsock.as_ref(),
-        None,
+        config
+            .net
+            .as_ref()
+            .map(|net| (net, config.thread_seccomp(ThreadKind::Egress))),
         Some(&state.devices),
     )?;
     let vcpu_fds = state

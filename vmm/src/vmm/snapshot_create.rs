@@ -36,13 +36,6 @@ impl Vmm {
                 "the microVM must be paused first (PATCH /vm {\"state\": \"Paused\"})".into(),
             ));
         }
-        if self.devices.has_nic() {
-            return Err(VmmError::SnapshotState(
-                "snapshots of a microVM with a NIC are not supported yet (its egress filter's \
-                 connections and DNS answers are not saved); boot it without --egress-policy"
-                    .into(),
-            ));
-        }
         if diff && !self.machine.track_dirty_pages {
             return Err(VmmError::SnapshotState(
                 "a diff snapshot needs track_dirty_pages (PUT /machine-config)".into(),
