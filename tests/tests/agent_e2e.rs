@@ -117,6 +117,7 @@ e2e_checks!(
     background_processes,
     port_forward,
     after_restore,
+    guest_oom,
     net_configured,
     net_egress_ca_installed,
     net_allowed_domain,
@@ -138,6 +139,7 @@ e2e_checks!(
     cli_tty,
     api_sandbox,
     snapshot_restore,
+    soak,
     daemon,
     version_mismatch,
 );

@@ -54,6 +54,7 @@ pub fn run_all(client: &AgentClient, _args: &Args) {
     timed("background_processes", || background_processes(client));
     timed("port_forward", || port_forward(client));
     timed("after_restore", || after_restore(client));
+    timed("guest_oom", || guest_oom(client));
 }
 
 /// The hook a restored snapshot gets: the guest clock jumps to the host's idea of now (here a
@@ -170,6 +171,49 @@ fn env_cwd_user(client: &AgentClient) -> Check {
     Ok(format!(
         "env, cwd, user: {}",
         text.trim().replace('\n', " | ")
+    ))
+}
+
+/// A process that eats all guest memory is killed by the guest kernel's OOM killer: the exec
+/// reports SIGKILL, the kernel log names the kill, and the agent (PID 1, which the OOM killer
+/// spares) goes on answering.
+fn guest_oom(client: &AgentClient) -> Check {
+    let start = Instant::now();
+    let out = client
+        .exec_output(
+            ProcessSpec::shell("x=$(head -c 8000000000 /dev/zero | tr '\\0' a); echo survived")
+                .timeout(Duration::from_secs(900)),
+        )
+        .map_err(err("exec the memory hog"))?;
+    let took = start.elapsed().as_secs_f64();
+    if out.status != ExitStatus::Signal(libc::SIGKILL) {
+        return Err(format!(
+            "the memory hog ended {:?} (stdout {:?}, stderr {:?}), not killed by SIGKILL",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    let log = client
+        .exec_output(ProcessSpec::shell(
+            "dmesg | grep -i 'out of memory' | tail -1",
+        ))
+        .map_err(err("dmesg"))?;
+    let line = String::from_utf8_lossy(&log.stdout).trim().to_string();
+    if !line.to_lowercase().contains("killed process") {
+        return Err(format!("no OOM kill in the kernel log: {line:?}"));
+    }
+    client.ping().map_err(err("ping after the OOM kill"))?;
+    let alive = client
+        .exec_output(ProcessSpec::argv(["echo", "alive"]))
+        .map_err(err("exec after the OOM kill"))?;
+    expect(
+        "exec after the OOM kill",
+        String::from_utf8_lossy(&alive.stdout).trim(),
+        "alive",
+    )?;
+    Ok(format!(
+        "the hog was killed by SIGKILL after {took:.1} s ({line}); the agent answered on"
     ))
 }
 

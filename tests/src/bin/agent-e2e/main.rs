@@ -17,6 +17,7 @@ mod cli;
 mod daemon;
 mod net;
 mod snapshot;
+mod soak;
 mod vm;
 mod watchdog;
 
@@ -32,18 +33,31 @@ pub struct Args {
     pub work_dir: PathBuf,
     /// `--only api`: run only the API, snapshot and daemon checks, for iterating on them.
     pub only_api: bool,
+    /// `--only soak`: take a snapshot and run only the soak (tests/tests/soak.rs).
+    pub only_soak: bool,
+    /// `--soak-iterations N`: sandboxes the soak goes through.
+    pub soak_iterations: usize,
 }
 
 fn parse_args() -> Result<Args, String> {
     let mut args = std::env::args().skip(1);
     let (mut agentvm, mut kernel, mut initrd, mut work_dir) = (None, None, None, None);
-    let mut only_api = false;
+    let (mut only_api, mut only_soak) = (false, false);
+    let mut soak_iterations = soak::DEFAULT_ITERATIONS;
     while let Some(flag) = args.next() {
         let value = args
             .next()
             .map(PathBuf::from)
             .ok_or_else(|| format!("{flag} needs a value"))?;
         match flag.as_str() {
+            "--soak-iterations" => {
+                soak_iterations = value
+                    .to_str()
+                    .and_then(|v| v.parse().ok())
+                    .filter(|&n| n > 0)
+                    .ok_or_else(|| format!("--soak-iterations {}: not a count", value.display()))?
+            }
+            "--only" if value.as_os_str() == "soak" => only_soak = true,
             "--agentvm" => agentvm = Some(value),
             "--kernel" => kernel = Some(value),
             "--initrd" => initrd = Some(value),
@@ -59,6 +73,8 @@ fn parse_args() -> Result<Args, String> {
         initrd: need(initrd, "--initrd")?,
         work_dir: need(work_dir, "--work")?,
         only_api,
+        only_soak,
+        soak_iterations,
     })
 }
 
@@ -117,15 +133,22 @@ fn main() {
         std::process::exit(2);
     }
     let _ = WORK_DIR.set(args.work_dir.clone());
-    if args.only_api {
+    if args.only_soak {
+        match snapshot::make_template(&args, &args.work_dir.join("soak-template")) {
+            Ok(template) => soak::checks(&args, &template),
+            Err(e) => report("soak", Err(format!("the template snapshot: {e}"))),
+        }
+    } else if args.only_api {
         api::checks(&args, false);
-        snapshot::checks(&args);
+        snapshot::checks(&args, false);
         daemon::checks(&args);
     } else {
         let upstreams = client_checks(&args);
         cli::checks(&args);
         api::checks(&args, upstreams);
-        snapshot::checks(&args);
+        if let Some(template) = snapshot::checks(&args, upstreams) {
+            soak::checks(&args, &template);
+        }
         daemon::checks(&args);
         version_mismatch(&args);
     }

@@ -8,6 +8,12 @@
 //! Last, two VMMs restore it at the same time (a fork), each with its own vsock socket and CID,
 //! and diverge.
 //!
+//! When the network checks' upstream servers are up, the snapshotted guest also has a NIC behind
+//! the egress filter: a load that names no egress policy is refused with a clear error, every
+//! restore gives the policy again, and each fork reaches the upstream through its own new filter
+//! (its own audit log, naming its own sandbox), with the sandbox CA the guest agent fetched
+//! again after the restore replacing the snapshot's in the guest's trust store.
+//!
 //! The restores come at least [`RESTORE_GAP`] after the snapshot, and each one's first exec reads the
 //! guest's wall clock and 16 bytes of `/dev/urandom`: the clock must be the host's (the VMM's
 //! after-restore step set it; without it the guest lags by the gap), and the three restores of
@@ -44,10 +50,10 @@ const FIRST_EXEC: &str =
     "cat /tmp/snap-file; date +%s; head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'";
 
 /// `agentvm serve`, killed when dropped (unless it ended already).
-struct Serve(Child);
+pub struct Serve(Child);
 
 impl Serve {
-    fn start(
+    pub fn start(
         agentvm: &Path,
         dir: &Path,
         name: &str,
@@ -86,7 +92,7 @@ impl Serve {
     }
 
     /// Ends the VMM as an operator would (SIGTERM), so it removes its sockets.
-    fn terminate(mut self) -> Result<(), String> {
+    pub fn terminate(mut self) -> Result<(), String> {
         let pid = libc::pid_t::try_from(self.0.id()).map_err(|e| format!("pid: {e}"))?;
         // SAFETY: kill(2) on the pid of a child we spawned and have not reaped yet.
         if unsafe { libc::kill(pid, libc::SIGTERM) } != 0 {
@@ -113,52 +119,73 @@ impl Drop for Serve {
     }
 }
 
-pub fn checks(args: &Args) {
-    timed("snapshot_restore", || snapshot_restore(args));
+/// Where the guest keeps the sandbox CA the agent installed (`guest_agent::egress_ca::CA_FILE`).
+const GUEST_CA_FILE: &str = "/etc/ssl/certs/agentvm-egress-ca.pem";
+
+/// A snapshot later checks restore from (the soak): a guest that wrote `before-snapshot` to
+/// /tmp/snap-file, and the egress policy its NIC needs, if it has one.
+pub struct Template {
+    pub state: std::path::PathBuf,
+    pub mem: std::path::PathBuf,
+    pub policy: Option<String>,
 }
 
-fn snapshot_restore(args: &Args) -> Check {
+/// `upstreams`: the network checks' upstream servers are running, so the guest gets a NIC.
+/// Returns the snapshot the checks took, if they got that far.
+pub fn checks(args: &Args, upstreams: bool) -> Option<Template> {
+    let mut template = None;
+    timed("snapshot_restore", || {
+        snapshot_restore(args, upstreams, &mut template)
+    });
+    template
+}
+
+/// Boots a guest under `serve`, writes /tmp/snap-file in it, and snapshots it into `dir` (the
+/// `only soak` runs' template); the serve is ended.
+pub fn make_template(args: &Args, dir: &Path) -> Result<Template, String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    let (original, template, _, _) = boot_and_snapshot(args, dir, None)?;
+    original.terminate()?;
+    Ok(template)
+}
+
+/// The snapshotted guest's egress policy (`PUT /egress/policy` body): the web upstream by name,
+/// and its address (one of the nested host's own, so only a CIDR rule naming it lets the filter
+/// hand it out) on the discard port only.
+fn egress_policy() -> serde_json::Value {
+    serde_json::json!({
+        "rules": [
+            { "id": "web", "domain": "allowed.test", "ports": [crate::net::WEB_PORT] },
+            { "id": "upstream-host", "cidr": format!("{}/32", crate::net::UPSTREAM_ADDR), "ports": [9] }
+        ]
+    })
+}
+
+fn snapshot_restore(args: &Args, upstreams: bool, template: &mut Option<Template>) -> Check {
     let dir = args.work_dir.join("snapshot");
     std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    let config = dir.join("vm.json");
-    let vm = serde_json::json!({
-        "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
-        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
-        "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
-    });
-    std::fs::write(&config, vm.to_string()).map_err(|e| format!("vm.json: {e}"))?;
-    let original = Serve::start(&args.agentvm, &dir, "original", Some(&config))?;
-    let sock = dir.join("original.sock");
-    let write = serde_json::json!({"cmd": ["sh", "-c", "echo before-snapshot > /tmp/snap-file"]})
-        .to_string();
-    let first = until_agent_up(&sock, || {
-        request(&sock, "POST", "/sandbox/exec", Some(&write))
-    })?;
-    let (_, _, last) = exec_events(&first)?;
-    if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
-        return Err(format!("exec before the snapshot: {last}"));
-    }
-
-    let (state, mem) = (dir.join("state"), dir.join("mem"));
-    expect_status(
-        &request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
-        204,
-        "PATCH /vm Paused",
-    )?;
-    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
-    let started = Instant::now();
-    expect_status(
-        &request(&sock, "PUT", "/snapshot/create", Some(&create)),
-        204,
-        "PUT /snapshot/create",
-    )?;
-    let create_secs = started.elapsed().as_secs_f64();
+    let policy = upstreams.then(|| egress_policy().to_string());
+    let (original, taken, ca_before, create_secs) =
+        boot_and_snapshot(args, &dir, policy.as_deref())?;
+    let (state, mem) = (taken.state.clone(), taken.mem.clone());
+    *template = Some(taken);
     original.terminate()?;
     std::thread::sleep(RESTORE_GAP);
 
     let restored = Serve::start(&args.agentvm, &dir, "restored", None)?;
     let sock = dir.join("restored.sock");
-    let started = load_snapshot(&sock, &state, &mem, "File", "PUT /snapshot/load")?;
+    let nic_refusal = match &policy {
+        Some(_) => Some(load_without_policy_refused(&sock, &state, &mem)?),
+        None => None,
+    };
+    let started = load_snapshot(
+        &sock,
+        &state,
+        &mem,
+        "File",
+        policy.as_deref(),
+        "PUT /snapshot/load",
+    )?;
     let file_restore = first_exec_after_restore(&sock, &dir, "restored")?;
     let first_exec_secs = started.elapsed().as_secs_f64();
     // A second connection after the restore works as well.
@@ -166,7 +193,8 @@ fn snapshot_restore(args: &Args) -> Check {
     // Ended with SIGTERM so that it removes the vsock socket the uffd restores listen on.
     restored.terminate()?;
 
-    let recording = uffd_restore(args, &dir, "uffd-first", &state, &mem)?;
+    let net = policy.as_deref();
+    let recording = uffd_restore(args, &dir, "uffd-first", &state, &mem, net)?;
     if recording.prefetched != 0.0 || recording.faults < 1.0 {
         return Err(format!(
             "first uffd restore: expected faults and no prefetch, got {recording:?}"
@@ -181,14 +209,14 @@ fn snapshot_restore(args: &Args) -> Check {
                 ws.display()
             )
         })?;
-    let prefetching = uffd_restore(args, &dir, "uffd-second", &state, &mem)?;
+    let prefetching = uffd_restore(args, &dir, "uffd-second", &state, &mem, net)?;
     if prefetching.prefetched < 1.0 || prefetching.prefetched > ws_pages as f64 {
         return Err(format!(
             "second uffd restore: expected up to {ws_pages} pages prefetched, got {prefetching:?}"
         ));
     }
-    let external = external_uffd_restore(args, &dir, &state, &mem)?;
-    let forks = fork_two(args, &dir, &state, &mem)?;
+    let external = external_uffd_restore(args, &dir, &state, &mem, net)?;
+    let forks = fork_two(args, &dir, &state, &mem, net.zip(ca_before.as_deref()))?;
     let views = [&file_restore, &recording.view, &prefetching.view];
     for (i, a) in views.iter().enumerate() {
         for b in &views[i + 1..] {
@@ -210,21 +238,186 @@ fn snapshot_restore(args: &Args) -> Check {
          {widest_window:.2} s), and three different \
          /dev/urandom reads; uffd restore: first exec \
          {:.1} s, {} faults, working set {ws_pages} pages; uffd + prefetch: first exec {:.1} s, \
-         {} pages prefetched, {} faults; {external}; {forks}",
+         {} pages prefetched, {} faults; {external}; {forks}{}",
         RESTORE_GAP.as_secs(),
         recording.first_exec_secs,
         recording.faults,
         prefetching.first_exec_secs,
         prefetching.prefetched,
         prefetching.faults,
+        nic_refusal
+            .map(|why| format!("; with a NIC: a load naming no egress policy was refused ({why})"))
+            .unwrap_or_default(),
     ))
+}
+
+/// Boots the snapshotted guest under `serve` in `dir` (with a NIC under `policy`), writes
+/// /tmp/snap-file, pauses it and snapshots it; returns the paused serve, the snapshot, and the
+/// sandbox CA the guest had installed (with a NIC), and the seconds the snapshot took.
+fn boot_and_snapshot(
+    args: &Args,
+    dir: &Path,
+    policy: Option<&str>,
+) -> Result<(Serve, Template, Option<String>, f64), String> {
+    let config = dir.join("vm.json");
+    let mut vm = serde_json::json!({
+        "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
+        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
+    });
+    if let Some(policy) = policy {
+        vm["egress-policy"] =
+            serde_json::from_str(policy).map_err(|e| format!("the egress policy: {e}"))?;
+    }
+    std::fs::write(&config, vm.to_string()).map_err(|e| format!("vm.json: {e}"))?;
+    let original = Serve::start(&args.agentvm, dir, "original", Some(&config))?;
+    let sock = dir.join("original.sock");
+    let write = serde_json::json!({"cmd": ["sh", "-c", "echo before-snapshot > /tmp/snap-file"]})
+        .to_string();
+    let first = until_agent_up(&sock, || {
+        request(&sock, "POST", "/sandbox/exec", Some(&write))
+    })?;
+    let (_, _, last) = exec_events(&first)?;
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
+        return Err(format!("exec before the snapshot: {last}"));
+    }
+    let ca_before = match policy {
+        Some(_) => Some(guest_ca(&sock, "original")?),
+        None => None,
+    };
+
+    let (state, mem) = (dir.join("state"), dir.join("mem"));
+    expect_status(
+        &request(&sock, "PATCH", "/vm", Some(r#"{"state": "Paused"}"#)),
+        204,
+        "PATCH /vm Paused",
+    )?;
+    let create = serde_json::json!({"snapshot_path": state, "mem_file_path": mem}).to_string();
+    let started = Instant::now();
+    expect_status(
+        &request(&sock, "PUT", "/snapshot/create", Some(&create)),
+        204,
+        "PUT /snapshot/create",
+    )?;
+    let create_secs = started.elapsed().as_secs_f64();
+    Ok((
+        original,
+        Template {
+            state,
+            mem,
+            policy: policy.map(str::to_string),
+        },
+        ca_before,
+        create_secs,
+    ))
+}
+
+/// The sandbox CA installed in the guest behind `sock`.
+fn guest_ca(sock: &Path, name: &str) -> Result<String, String> {
+    let body = serde_json::json!({"cmd": ["cat", GUEST_CA_FILE]}).to_string();
+    let (ca, _, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&body)))?;
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false})
+        || !ca.starts_with("-----BEGIN CERTIFICATE-----")
+    {
+        return Err(format!("{name}: {GUEST_CA_FILE}: {ca:?}, {last}"));
+    }
+    Ok(ca)
+}
+
+/// A snapshot of a VM with a NIC loaded without PUT /egress/policy: 400 naming the missing
+/// policy, and the VMM stays ready for a load that gives one.
+fn load_without_policy_refused(sock: &Path, state: &Path, mem: &Path) -> Check {
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "resume_vm": true,
+    })
+    .to_string();
+    let answer = request(sock, "PUT", "/snapshot/load", Some(&load));
+    if answer.status == 400 && answer.body.contains("has a NIC") {
+        let message: serde_json::Value = serde_json::from_str(&answer.body).unwrap_or_default();
+        Ok(message["fault_message"]
+            .as_str()
+            .unwrap_or(&answer.body)
+            .chars()
+            .take(90)
+            .collect::<String>()
+            + "…")
+    } else {
+        Err(format!(
+            "a load of a snapshot with a NIC and no egress policy: want 400 naming the NIC, got {answer:?}"
+        ))
+    }
+}
+
+/// A fork with a NIC: it reaches the upstream through its own new egress filter, whose audit log
+/// names the fork's sandbox; its agent fetched the new filter's CA after the restore, which
+/// replaced `ca_before` (the snapshot's) in the trust store. Returns the fork's CA.
+fn fork_network(sock: &Path, name: &str, audit: &Path, ca_before: &str) -> Result<String, String> {
+    let url = format!("http://allowed.test:{}/hello", crate::net::WEB_PORT);
+    let script = format!(
+        "timeout 60 wget -q -O - {url} && echo '==served' && \
+         timeout 30 wget -q -O - http://10.0.2.2/agentvm/egress-ca.pem && echo '==bundle' && \
+         cat /etc/ssl/certs/ca-certificates.crt"
+    );
+    let body = serde_json::json!({"cmd": ["sh", "-c", script]}).to_string();
+    let (out, err, last) = exec_events(&request(sock, "POST", "/sandbox/exec", Some(&body)))?;
+    let failed =
+        || format!("{name}: network after the restore: stdout {out:?}, stderr {err:?}, {last}");
+    if last != serde_json::json!({"exit_code": 0, "timed_out": false}) {
+        return Err(failed());
+    }
+    let (hello, rest) = out.split_once("==served").ok_or_else(failed)?;
+    let (served, bundle) = rest.split_once("==bundle").ok_or_else(failed)?;
+    if !hello.contains("hello from upstream, host allowed.test") {
+        return Err(failed());
+    }
+    let installed = guest_ca(sock, name)?;
+    let body_of = |pem: &str| pem.trim().to_string();
+    if body_of(&installed) != body_of(served) {
+        return Err(format!(
+            "{name}: the guest trusts {installed:?}, but the restored egress filter serves {served:?}: \
+             the agent did not fetch the new CA after the restore"
+        ));
+    }
+    if body_of(&installed) == body_of(ca_before) || bundle.contains(body_of(ca_before).as_str()) {
+        return Err(format!(
+            "{name}: the snapshot's sandbox CA is still trusted after the restore (new CA equal: {}, \
+             old CA in the bundle: {})",
+            body_of(&installed) == body_of(ca_before),
+            bundle.contains(body_of(ca_before).as_str())
+        ));
+    }
+    if !bundle.contains(body_of(&installed).as_str()) {
+        return Err(format!(
+            "{name}: the new CA is not in the bundle: {bundle:?}"
+        ));
+    }
+    let log = std::fs::read_to_string(audit).map_err(|e| format!("{}: {e}", audit.display()))?;
+    let sandbox = format!("\"e2e-{name}\"");
+    if !log
+        .lines()
+        .any(|l| l.contains(&sandbox) && l.contains("allowed.test"))
+    {
+        return Err(format!(
+            "{name}: its audit log {} has no line for sandbox {sandbox} and allowed.test:\n{log}",
+            audit.display()
+        ));
+    }
+    Ok(installed)
 }
 
 /// The snapshot restored through an external userfaultfd handler (`agentvm snapshot
 /// uffd-handler --once`, Firecracker's protocol: the VMM sends it the uffd and the memory
 /// mappings over its Unix socket): the agent answers, and when the VM ends the handler reports
 /// the faults it served and exits by itself.
-fn external_uffd_restore(args: &Args, dir: &Path, state: &Path, mem: &Path) -> Check {
+fn external_uffd_restore(
+    args: &Args,
+    dir: &Path,
+    state: &Path,
+    mem: &Path,
+    policy: Option<&str>,
+) -> Check {
     let socket = dir.join("uffd-handler.sock");
     let log = dir.join("uffd-handler.out");
     let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
@@ -258,6 +451,7 @@ fn external_uffd_restore(args: &Args, dir: &Path, state: &Path, mem: &Path) -> C
         state,
         &socket,
         "Uffd",
+        policy,
         &format!("PUT /snapshot/load ({name}, backend_path = the handler's socket)"),
     )?;
     first_exec_after_restore(&sock, dir, name)?;
@@ -291,14 +485,24 @@ fn external_uffd_restore(args: &Args, dir: &Path, state: &Path, mem: &Path) -> C
 
 /// Fork: two VMMs restore the one snapshot at the same time, each with its own vsock socket and
 /// CID (`vsock_override`), their memory shared copy-on-write through the page cache; both agents
-/// answer, and a write in one is not seen in the other.
-fn fork_two(args: &Args, dir: &Path, state: &Path, mem: &Path) -> Check {
+/// answer, and a write in one is not seen in the other. With `net` (the policy and the
+/// snapshot's sandbox CA), each also gets its own audit log and [`fork_network`] checks it.
+fn fork_two(args: &Args, dir: &Path, state: &Path, mem: &Path, net: Option<(&str, &str)>) -> Check {
     let started = Instant::now();
     let names = ["fork-a", "fork-b"];
     let mut serves = Vec::new();
     for (name, cid) in names.iter().zip([7u32, 8]) {
         let serve = Serve::start(&args.agentvm, dir, name, None)?;
         let sock = dir.join(format!("{name}.sock"));
+        put_policy(&sock, net.map(|(policy, _)| policy))?;
+        if net.is_some() {
+            let audit = serde_json::json!({"path": dir.join(format!("{name}.audit"))}).to_string();
+            expect_status(
+                &request(&sock, "PUT", "/egress/audit-log", Some(&audit)),
+                204,
+                &format!("PUT /egress/audit-log ({name})"),
+            )?;
+        }
         let load = serde_json::json!({
             "snapshot_path": state,
             "mem_backend": {"backend_type": "File", "backend_path": mem},
@@ -352,12 +556,28 @@ fn fork_two(args: &Args, dir: &Path, state: &Path, mem: &Path) -> Check {
             ));
         }
     }
+    let mut network = String::new();
+    if let Some((_, ca_before)) = net {
+        let mut cas = Vec::new();
+        for name in names {
+            let sock = dir.join(format!("{name}.sock"));
+            let audit = dir.join(format!("{name}.audit"));
+            cas.push(fork_network(&sock, name, &audit, ca_before)?);
+        }
+        if cas[0].trim() == cas[1].trim() {
+            return Err("the two forks' egress filters have the same sandbox CA".into());
+        }
+        network = "; each reached allowed.test through its own egress filter (own audit log \
+                   naming its sandbox), and trusts its own new sandbox CA instead of the \
+                   snapshot's"
+            .into();
+    }
     for serve in serves {
         serve.terminate()?;
     }
     Ok(format!(
         "fork: 2 concurrent restores (CIDs 7 and 8, own vsock sockets) both answered {up_secs:.1} s \
-         after the first load and kept their own /tmp writes"
+         after the first load and kept their own /tmp writes{network}"
     ))
 }
 
@@ -466,6 +686,7 @@ fn uffd_restore(
     name: &str,
     state: &Path,
     mem: &Path,
+    policy: Option<&str>,
 ) -> Result<UffdRestore, String> {
     let serve = Serve::start(&args.agentvm, dir, name, None)?;
     let sock = dir.join(format!("{name}.sock"));
@@ -474,6 +695,7 @@ fn uffd_restore(
         state,
         mem,
         "Uffd",
+        policy,
         &format!("PUT /snapshot/load ({name})"),
     )?;
     let recording = !working_set_path(mem).exists();
@@ -521,7 +743,19 @@ fn working_set_path(mem: &Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
-fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
+/// `PUT /egress/policy` before a load, when the snapshot's guest has a NIC.
+pub fn put_policy(sock: &Path, policy: Option<&str>) -> Result<(), String> {
+    match policy {
+        Some(policy) => expect_status(
+            &request(sock, "PUT", "/egress/policy", Some(policy)),
+            204,
+            "PUT /egress/policy (before the load)",
+        ),
+        None => Ok(()),
+    }
+}
+
+pub fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResponse, String> {
     let deadline = Instant::now() + AGENT_UP_TIMEOUT;
     loop {
         let answer = call();
@@ -537,7 +771,7 @@ fn until_agent_up(sock: &Path, call: impl Fn() -> ApiResponse) -> Result<ApiResp
     }
 }
 
-fn console_tail(path: &Path) -> String {
+pub fn console_tail(path: &Path) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let lines: Vec<&str> = text.lines().collect();
     format!(
@@ -546,14 +780,17 @@ fn console_tail(path: &Path) -> String {
     )
 }
 
-/// `PUT /snapshot/load` of `state` + `mem` through `backend`, resumed; when it was sent.
+/// `PUT /snapshot/load` of `state` + `mem` through `backend`, resumed, after `PUT
+/// /egress/policy` with `policy` if given; when the load was sent.
 fn load_snapshot(
     sock: &Path,
     state: &Path,
     mem: &Path,
     backend: &str,
+    policy: Option<&str>,
     what: &str,
 ) -> Result<Instant, String> {
+    put_policy(sock, policy)?;
     let load = serde_json::json!({
         "snapshot_path": state,
         "mem_backend": {"backend_type": backend, "backend_path": mem},
