@@ -149,8 +149,8 @@ fn find_devices(cmdline: &[u8], out: &mut [Dev; MAX_DEVICES]) -> usize {
 /// The device at `base`, if the window answers with the virtio magic and a device ID. Only
 /// windows inside the virtio-mmio area are touched, whatever the command line says.
 fn probe_slot(base: u64) -> Option<Dev> {
-    let in_area = base >= VIRTIO_MMIO_BASE
-        && base < VIRTIO_MMIO_BASE + SCAN_SLOTS * VIRTIO_MMIO_SIZE
+    let in_area = (VIRTIO_MMIO_BASE..VIRTIO_MMIO_BASE + SCAN_SLOTS * VIRTIO_MMIO_SIZE)
+        .contains(&base)
         && base.is_multiple_of(VIRTIO_MMIO_SIZE);
     if !in_area {
         return None;

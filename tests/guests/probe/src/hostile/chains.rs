@@ -164,9 +164,7 @@ fn publish(t: &Target, ring: &mut Ring, queue: u32, attack: Attack) {
             write_desc(table, table + 0x100, 32, DESC_F_INDIRECT, 0);
             write_desc(table + 0x100, buf, 64, dir, 0);
         }
-        Attack::IndirectOutsideRam => {
-            ring.set_desc(0, FAR_OUTSIDE_RAM, 0x100, DESC_F_INDIRECT, 0)
-        }
+        Attack::IndirectOutsideRam => ring.set_desc(0, FAR_OUTSIDE_RAM, 0x100, DESC_F_INDIRECT, 0),
         Attack::IndirectBadSize => {
             ring.set_desc(0, table, 17, DESC_F_INDIRECT, 0);
             write_desc(table, buf, 64, dir, 0);

@@ -22,23 +22,65 @@ const MAX_TARGETS: usize = 16;
 /// 169.254.169.254, Alibaba at 100.100.100.200), the gateway's SSH port, the DNS address on TCP,
 /// private ranges, the unspecified and broadcast addresses.
 const FIXED: [Dest; 11] = [
-    Dest { ip: [127, 0, 0, 1], port: 22 },
-    Dest { ip: [127, 0, 0, 1], port: 80 },
-    Dest { ip: [169, 254, 169, 254], port: 80 },
-    Dest { ip: [100, 100, 100, 200], port: 80 },
-    Dest { ip: [10, 0, 2, 2], port: 22 },
-    Dest { ip: [10, 0, 2, 3], port: 80 },
-    Dest { ip: [192, 168, 0, 1], port: 80 },
-    Dest { ip: [172, 16, 0, 1], port: 443 },
-    Dest { ip: [10, 0, 0, 1], port: 22 },
-    Dest { ip: [0, 0, 0, 0], port: 80 },
-    Dest { ip: [255, 255, 255, 255], port: 80 },
+    Dest {
+        ip: [127, 0, 0, 1],
+        port: 22,
+    },
+    Dest {
+        ip: [127, 0, 0, 1],
+        port: 80,
+    },
+    Dest {
+        ip: [169, 254, 169, 254],
+        port: 80,
+    },
+    Dest {
+        ip: [100, 100, 100, 200],
+        port: 80,
+    },
+    Dest {
+        ip: [10, 0, 2, 2],
+        port: 22,
+    },
+    Dest {
+        ip: [10, 0, 2, 3],
+        port: 80,
+    },
+    Dest {
+        ip: [192, 168, 0, 1],
+        port: 80,
+    },
+    Dest {
+        ip: [172, 16, 0, 1],
+        port: 443,
+    },
+    Dest {
+        ip: [10, 0, 0, 1],
+        port: 22,
+    },
+    Dest {
+        ip: [0, 0, 0, 0],
+        port: 80,
+    },
+    Dest {
+        ip: [255, 255, 255, 255],
+        port: 80,
+    },
 ];
 
 const UDP: [Dest; 3] = [
-    Dest { ip: [169, 254, 169, 254], port: 53 },
-    Dest { ip: [127, 0, 0, 1], port: 53 },
-    Dest { ip: [10, 0, 2, 2], port: 123 },
+    Dest {
+        ip: [169, 254, 169, 254],
+        port: 53,
+    },
+    Dest {
+        ip: [127, 0, 0, 1],
+        port: 53,
+    },
+    Dest {
+        ip: [10, 0, 2, 2],
+        port: 123,
+    },
 ];
 
 struct Flood<'a> {
@@ -72,7 +114,10 @@ pub fn flood(t: &Target, cmdline: &[u8]) {
     }
     dev.notify(RX);
 
-    let mut targets = [Dest { ip: [0; 4], port: 0 }; MAX_TARGETS];
+    let mut targets = [Dest {
+        ip: [0; 4],
+        port: 0,
+    }; MAX_TARGETS];
     let extra = cmdline_targets(cmdline, &mut targets);
     let mut frame = [0u8; MAX_BUILT];
     let mut syn = 0u32;
@@ -173,7 +218,7 @@ impl Flood<'_> {
     /// Runts, random bytes, an oversized chain, device-writable and empty chains; returns how
     /// many chains it queued.
     fn garbage(&mut self) -> u32 {
-        let mut rng = XorShift::new(0x5eed_0f_9a7b_a9e);
+        let mut rng = XorShift::new(0x0005_eed0_f9a7_ba9e);
         let mut sent = 0;
         for _ in 0..GARBAGE_EACH {
             // Shorter than the virtio-net header plus an Ethernet header.

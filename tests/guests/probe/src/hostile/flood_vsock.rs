@@ -138,16 +138,48 @@ fn bad_packet(i: u16, good: Header) -> ([u8; HDR_LEN], u32) {
     };
     let (hdr, chain_len) = match i % 8 {
         // Announces payload the 44-byte chain does not hold.
-        0 => (Header { op: OP_RW, len: 4096, ..base }, HDR_LEN as u32),
+        0 => (
+            Header {
+                op: OP_RW,
+                len: 4096,
+                ..base
+            },
+            HDR_LEN as u32,
+        ),
         1 => (Header { op: 99, ..base }, HDR_LEN as u32),
         2 => (Header { type_: 7, ..base }, HDR_LEN as u32),
         // Spoofs the host's CID as its source.
-        3 => (Header { src_cid: HOST_CID, ..base }, HDR_LEN as u32),
-        4 => (Header { src_cid: u64::MAX, ..base }, HDR_LEN as u32),
+        3 => (
+            Header {
+                src_cid: HOST_CID,
+                ..base
+            },
+            HDR_LEN as u32,
+        ),
+        4 => (
+            Header {
+                src_cid: u64::MAX,
+                ..base
+            },
+            HDR_LEN as u32,
+        ),
         // Addressed to the guest itself.
-        5 => (Header { dst_cid: good.src_cid, ..base }, HDR_LEN as u32),
+        5 => (
+            Header {
+                dst_cid: good.src_cid,
+                ..base
+            },
+            HDR_LEN as u32,
+        ),
         // Beyond the largest payload the device takes.
-        6 => (Header { op: OP_RW, len: 0x1000_0000, ..base }, HDR_LEN as u32),
+        6 => (
+            Header {
+                op: OP_RW,
+                len: 0x1000_0000,
+                ..base
+            },
+            HDR_LEN as u32,
+        ),
         // Shorter than a header.
         _ => (base, 20),
     };

@@ -89,7 +89,9 @@ fn odd_accesses(dev: &Dev) {
         mmio_read_sized(b + offset + 1, 4);
         mmio_read_sized(b + offset, 8);
     }
-    for offset in [0x100u64, 0x101, 0x107, 0x10f, 0x1ff, 0x800, 0xff8, 0xffc, 0xffe, 0xfff] {
+    for offset in [
+        0x100u64, 0x101, 0x107, 0x10f, 0x1ff, 0x800, 0xff8, 0xffc, 0xffe, 0xfff,
+    ] {
         for width in [1u8, 2, 4, 8] {
             if offset + u64::from(width) <= 0x1000 || width == 4 {
                 mmio_read_sized(b + offset, width);
@@ -117,7 +119,13 @@ fn odd_accesses(dev: &Dev) {
             dev.write(REG_STATUS, STATUS_ACK);
             dev.write(REG_STATUS, STATUS_ACK | STATUS_DRIVER);
         }
-        for (offset, width) in [(0x100u64, 1u8), (0x101, 2), (0x104, 4), (0x108, 8), (0xff8, 8)] {
+        for (offset, width) in [
+            (0x100u64, 1u8),
+            (0x101, 2),
+            (0x104, 4),
+            (0x108, 8),
+            (0xff8, 8),
+        ] {
             mmio_write_sized(b + offset, width, garbage);
         }
     }
@@ -152,13 +160,17 @@ fn out_of_range_selector(dev: &Dev, queues: u32) -> bool {
 /// NEEDS_RESET).
 fn status_out_of_order(t: &Target, queues: u32) -> bool {
     let dev = &t.dev;
-    let live = |dev: &Dev| dev.status() & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK;
+    let live =
+        |dev: &Dev| dev.status() & (STATUS_DRIVER_OK | STATUS_NEEDS_RESET) == STATUS_DRIVER_OK;
     let mut ignored = true;
     dev.reset();
     dev.write(REG_STATUS, STATUS_DRIVER_OK);
     ignored &= !live(dev);
     dev.write(REG_STATUS, STATUS_FEATURES_OK);
-    dev.write(REG_STATUS, STATUS_ACK | STATUS_FEATURES_OK | STATUS_DRIVER_OK);
+    dev.write(
+        REG_STATUS,
+        STATUS_ACK | STATUS_FEATURES_OK | STATUS_DRIVER_OK,
+    );
     ignored &= !live(dev);
     // Every feature bit of words 0-3 "accepted", then FEATURES_OK: the device keeps only what
     // it offers.
@@ -220,7 +232,9 @@ fn bad_queue_refused(t: &Target, queues: u32, bad: BadQueue) -> bool {
         BadQueue::SizeZero => dev.write(REG_QUEUE_NUM, 0),
         BadQueue::SizeAboveMax => dev.write(REG_QUEUE_NUM, u32::from(max) * 2),
         BadQueue::SizeNotPowerOfTwo => dev.write(REG_QUEUE_NUM, 3),
-        BadQueue::RingsOutsideRam => set_rings(dev, 1 << 40, (1 << 40) + 0x1000, (1 << 40) + 0x2000),
+        BadQueue::RingsOutsideRam => {
+            set_rings(dev, 1 << 40, (1 << 40) + 0x1000, (1 << 40) + 0x2000)
+        }
         BadQueue::RingsInMmioHole => set_rings(dev, dev.base, dev.base + 0x100, dev.base + 0x200),
         BadQueue::RingsStraddleRamEnd => {
             let e = t.ram_end;
@@ -287,7 +301,7 @@ fn random_traffic(t: &Target) {
                 0
             };
         }
-        if rng.next() % 2 == 0 {
+        if rng.next().is_multiple_of(2) {
             mmio_write_sized(dev.base + offset, width, value);
         } else {
             mmio_read_sized(dev.base + offset, width);

@@ -172,7 +172,13 @@ impl Ring {
     }
 
     pub fn set_desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        write_desc(self.desc + u64::from(index) * DESC_SIZE, addr, len, flags, next);
+        write_desc(
+            self.desc + u64::from(index) * DESC_SIZE,
+            addr,
+            len,
+            flags,
+            next,
+        );
     }
 
     /// Puts `head` in the next available slot and publishes it (avail idx + 1).
