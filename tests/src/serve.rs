@@ -123,6 +123,11 @@ impl Serve {
         (out, self.dir)
     }
 
+    /// The VMM's process id (for /proc/<pid>/...).
+    pub fn pid(&self) -> u32 {
+        self.process.pid()
+    }
+
     pub fn sock(&self) -> &Path {
         &self.sock
     }

@@ -22,6 +22,7 @@ use vm_device::MutDeviceMmio;
 use vm_memory::GuestAddress;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::log_throttle::{guest_warn, LogThrottle};
 use super::{ActivatedQueue, Error, Interrupt, InterruptType, VirtioDevice};
 use crate::GuestMemoryMmap;
 
@@ -66,6 +67,10 @@ pub struct MmioTransport {
     pub(super) driver_features_sel: u32,
     pub(super) driver_features: u64,
     pub(super) queue_sel: u32,
+    /// Register accesses and writes the transport ignored (logged throttled).
+    guest_faults: LogThrottle,
+    /// Times the driver's configuration put the device into DEVICE_NEEDS_RESET.
+    needs_reset_faults: LogThrottle,
 }
 
 pub(super) fn lock_device(
@@ -126,6 +131,8 @@ impl MmioTransport {
             driver_features_sel: 0,
             driver_features: 0,
             queue_sel: 0,
+            guest_faults: LogThrottle::default(),
+            needs_reset_faults: LogThrottle::default(),
         })
     }
 
@@ -152,11 +159,14 @@ impl MmioTransport {
     /// item per line. The device lock is only tried for `wait`.
     pub fn diagnostics(&self, wait: std::time::Duration) -> String {
         let mut out = format!(
-            "status {:#x} interrupt_status {:#x} needs_reset {} queues {}",
+            "status {:#x} interrupt_status {:#x} needs_reset {} queues {} guest_faults {} \
+             needs_reset_faults {}",
             self.status(),
             self.interrupt.status(),
             self.interrupt.needs_reset(),
-            self.queues.len()
+            self.queues.len(),
+            self.guest_faults.count(),
+            self.needs_reset_faults.count()
         );
         match super::diagnostics::try_lock_for(&*self.device, wait) {
             Some(device) => {
@@ -236,7 +246,10 @@ impl MmioTransport {
             VIRTIO_MMIO_STATUS => self.write_status(value),
             // No shared memory regions exist, so there is nothing to select.
             VIRTIO_MMIO_SHM_SEL => {}
-            _ => warn!("virtio-mmio: write {value:#x} to read-only or unknown register {reg:#x}"),
+            _ => guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: write {value:#x} to read-only or unknown register {reg:#x}"
+            ),
         }
     }
 
@@ -245,7 +258,8 @@ impl MmioTransport {
             VIRTIO_CONFIG_S_ACKNOWLEDGE | VIRTIO_CONFIG_S_DRIVER,
             VIRTIO_CONFIG_S_FEATURES_OK | VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET,
         ) {
-            warn!(
+            guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: DriverFeatures write in status {:#x} ignored",
                 self.status()
             );
@@ -256,14 +270,15 @@ impl MmioTransport {
             1 => 32,
             sel => {
                 if value != 0 {
-                    warn!("virtio-mmio: driver accepted {value:#x} in feature word {sel}, which offers none");
+                    guest_warn!(self.guest_faults, "virtio-mmio: driver accepted {value:#x} in feature word {sel}, which offers none");
                 }
                 return;
             }
         };
         let offered = (self.device_features >> shift) as u32;
         if value & !offered != 0 {
-            warn!(
+            guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: driver accepted features {:#x} (word {}) the device does not offer",
                 value & !offered,
                 self.driver_features_sel
@@ -280,7 +295,10 @@ impl MmioTransport {
         );
         let queue_sel = self.queue_sel;
         let Some(queue) = self.queues.get_mut(queue_sel as usize) else {
-            warn!("virtio-mmio: write to register {reg:#x} of nonexistent queue {queue_sel}");
+            guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: write to register {reg:#x} of nonexistent queue {queue_sel}"
+            );
             return;
         };
         if !may_configure {
@@ -292,7 +310,8 @@ impl MmioTransport {
             if harmless {
                 queue.set_ready(false);
             } else {
-                warn!(
+                guest_warn!(
+                    self.guest_faults,
                     "virtio-mmio: queue register {reg:#x} write in status {:#x} ignored",
                     self.status
                 );
@@ -312,7 +331,10 @@ impl MmioTransport {
                     Ok(())
                 }
                 _ => {
-                    warn!("virtio-mmio: QueueReady write of {value} ignored");
+                    guest_warn!(
+                        self.guest_faults,
+                        "virtio-mmio: QueueReady write of {value} ignored"
+                    );
                     Ok(())
                 }
             },
@@ -350,7 +372,10 @@ impl MmioTransport {
                     warn!("virtio-mmio: cannot signal queue {value}: {e}");
                 }
             }
-            None => warn!("virtio-mmio: notification for nonexistent queue {value}"),
+            None => guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: notification for nonexistent queue {value}"
+            ),
         }
     }
 
@@ -368,7 +393,8 @@ impl MmioTransport {
             return;
         }
         if self.status() & (VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET) != 0 {
-            warn!(
+            guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: status write {value:#x} ignored until reset (status {:#x})",
                 self.status()
             );
@@ -376,7 +402,10 @@ impl MmioTransport {
         }
         let current = self.status;
         if value & current != current {
-            warn!("virtio-mmio: status write {value:#x} clears bits of {current:#x} without reset");
+            guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: status write {value:#x} clears bits of {current:#x} without reset"
+            );
             return;
         }
         let added = value & !current;
@@ -390,14 +419,20 @@ impl MmioTransport {
             (ACK, DRIVER) => self.status = ACK | DRIVER,
             (c, FEATURES_OK) if c == ACK | DRIVER => self.accept_features(),
             (c, DRIVER_OK) if c == ACK | DRIVER | FEATURES_OK => self.activate(),
-            _ => warn!("virtio-mmio: invalid status transition {current:#x} -> {value:#x}"),
+            _ => guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: invalid status transition {current:#x} -> {value:#x}"
+            ),
         }
     }
 
     fn accept_features(&mut self) {
         if self.driver_features & (1 << VIRTIO_F_VERSION_1) == 0 {
             // Leaving FEATURES_OK clear is how the device refuses (virtio 1.2 3.1.1).
-            warn!("virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused");
+            guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: driver did not accept VIRTIO_F_VERSION_1; FEATURES_OK refused"
+            );
             return;
         }
         lock_device(&self.device).set_acked_features(self.driver_features);
@@ -438,7 +473,8 @@ impl MmioTransport {
 
     /// The device cannot continue with what the driver configured.
     fn enter_needs_reset(&mut self, why: &str) {
-        warn!(
+        guest_warn!(
+            self.needs_reset_faults,
             "virtio-mmio: device type {} needs reset: {why}",
             self.device_type
         );
@@ -466,7 +502,11 @@ impl MmioTransport {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         if data.len() > MAX_CONFIG_ACCESS {
-            warn!("virtio-mmio: {}-byte config read ignored", data.len());
+            guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: {}-byte config read ignored",
+                data.len()
+            );
             return;
         }
         lock_device(&self.device).read_config(offset, data);
@@ -474,14 +514,19 @@ impl MmioTransport {
 
     fn write_config(&mut self, offset: u64, data: &[u8]) {
         if data.len() > MAX_CONFIG_ACCESS {
-            warn!("virtio-mmio: {}-byte config write ignored", data.len());
+            guest_warn!(
+                self.guest_faults,
+                "virtio-mmio: {}-byte config write ignored",
+                data.len()
+            );
             return;
         }
         if !self.status_is(
             VIRTIO_CONFIG_S_DRIVER,
             VIRTIO_CONFIG_S_FAILED | VIRTIO_CONFIG_S_NEEDS_RESET,
         ) {
-            warn!(
+            guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: config write in status {:#x} ignored",
                 self.status()
             );
@@ -510,7 +555,8 @@ impl MutDeviceMmio for MmioTransport {
         }
         match register_of(offset, data.len()) {
             Some(reg) => data.copy_from_slice(&self.read_register(reg).to_le_bytes()),
-            None => warn!(
+            None => guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: {}-byte read at {offset:#x} is not a register access",
                 data.len()
             ),
@@ -524,7 +570,8 @@ impl MutDeviceMmio for MmioTransport {
         }
         let (Some(reg), Ok(bytes)) = (register_of(offset, data.len()), <[u8; 4]>::try_from(data))
         else {
-            warn!(
+            guest_warn!(
+                self.guest_faults,
                 "virtio-mmio: {}-byte write at {offset:#x} is not a register access",
                 data.len()
             );

@@ -32,6 +32,7 @@ mod device;
 pub mod diagnostics;
 mod events;
 mod interrupt;
+mod log_throttle;
 mod mmio;
 mod mmio_persist;
 pub mod net;

@@ -86,6 +86,7 @@ impl MetricsSnapshot {
             serde_json::json!({
                 "tx_packets": v.tx_packets, "tx_bytes": v.tx_bytes,
                 "rx_packets": v.rx_packets, "rx_bytes": v.rx_bytes,
+                "tx_dropped_malformed": v.tx_dropped_malformed,
             })
         });
         let uffd = self.uffd.map(|u| {
@@ -226,6 +227,15 @@ impl MetricsSnapshot {
                     text.sample(name, &labels, n);
                 }
             }
+            const DROPPED: &str = "agentvm_vsock_dropped_packets_total";
+            text.family(
+                DROPPED,
+                "counter",
+                "Packets the vsock device refused, by cause and direction: tx malformed is a \
+                 guest packet with a bad header, addressing or length, or a chain it cannot read.",
+            );
+            let labels = [("cause", "malformed".into()), ("direction", "tx".into())];
+            text.sample(DROPPED, &labels, v.tx_dropped_malformed);
         }
         if let Some(net) = &self.net {
             net_metrics::prometheus(&mut text, net);
@@ -392,6 +402,7 @@ mod tests {
                 tx_bytes: 100,
                 rx_packets: 4,
                 rx_bytes: 200,
+                tx_dropped_malformed: 5,
             }),
             uffd: Some(UffdTotals {
                 faults: 12,
@@ -432,6 +443,7 @@ mod tests {
         has("agentvm_start_to_running_seconds{id=\"a\\\"b\"} 2.500000\n");
         has("agentvm_api_requests_total{id=\"a\\\"b\",method=\"PUT\",route=\"/actions\",status=\"204\"} 7\n");
         has("agentvm_device_bytes_total{id=\"a\\\"b\",device=\"vsock\",direction=\"rx\"} 200\n");
+        has("agentvm_vsock_dropped_packets_total{id=\"a\\\"b\",cause=\"malformed\",direction=\"tx\"} 5\n");
         has("agentvm_exec_total{id=\"a\\\"b\",outcome=\"exited_nonzero\"} 1\n");
         has("agentvm_net_frames_total{id=\"a\\\"b\",direction=\"tx\"} 5\n");
         has("agentvm_net_bytes_total{id=\"a\\\"b\",direction=\"rx\"} 900\n");

@@ -6,6 +6,8 @@ use std::num::Wrapping;
 use std::sync::atomic::Ordering;
 
 use tracing::{debug, error, warn};
+
+use crate::virtio::log_throttle::{guest_warn, LogThrottle};
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
 use vm_memory::{Address, Bytes, GuestMemoryBackend};
 
@@ -69,6 +71,9 @@ pub struct ProcessOutcome {
 /// Fills entropy requests from an [`EntropySource`].
 pub struct RequestHandler {
     source: Box<dyn EntropySource>,
+    /// Requests whose buffers lie outside guest memory: a driver bug or an attack, logged
+    /// throttled.
+    bad_buffers: LogThrottle,
 }
 
 impl std::fmt::Debug for RequestHandler {
@@ -80,7 +85,10 @@ impl std::fmt::Debug for RequestHandler {
 impl RequestHandler {
     /// A handler drawing from `source`.
     pub fn new(source: Box<dyn EntropySource>) -> Self {
-        Self { source }
+        Self {
+            source,
+            bad_buffers: LogThrottle::default(),
+        }
     }
 
     /// Serves the available requests, up to a per-pass budget (one ring's worth of chains or
@@ -138,7 +146,8 @@ impl RequestHandler {
         for desc in chain.writable() {
             let want = desc.len().min(MAX_REQUEST_BYTES - written);
             if !mem.check_range(desc.addr(), want as usize) {
-                warn!(
+                guest_warn!(
+                    self.bad_buffers,
                     "virtio-rng: request {head}: buffer {:#x}+{want:#x} is outside guest memory",
                     desc.addr().raw_value()
                 );

@@ -206,7 +206,13 @@ impl Vsock {
                         self.backend.on_guest_packet(&hdr, op, &self.payload)
                     }
                     Err((hdr, e)) => {
-                        warn!("virtio-vsock: bad packet from the guest: {e}");
+                        if self.metrics.guest_packet_dropped() {
+                            let n = self.metrics.snapshot().tx_dropped_malformed;
+                            warn!(
+                                "virtio-vsock: bad packet from the guest: {e} (dropped packet \
+                                 #{n}; only the 1st, 2nd, 4th, 8th, ... are logged)"
+                            );
+                        }
                         if let Some(hdr) = hdr {
                             self.backend.on_bad_packet(&hdr);
                         }

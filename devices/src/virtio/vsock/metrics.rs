@@ -15,6 +15,7 @@ struct Counters {
     tx_bytes: AtomicU64,
     rx_packets: AtomicU64,
     rx_bytes: AtomicU64,
+    tx_dropped: AtomicU64,
 }
 
 /// The counters at one moment.
@@ -24,6 +25,9 @@ pub struct VsockCounts {
     pub tx_bytes: u64,
     pub rx_packets: u64,
     pub rx_bytes: u64,
+    /// Packets from the guest the device refused as malformed (bad header, addressing, length,
+    /// or a chain it cannot read).
+    pub tx_dropped_malformed: u64,
 }
 
 impl VsockMetrics {
@@ -41,12 +45,19 @@ impl VsockMetrics {
             .fetch_add(payload_bytes as u64, Ordering::Relaxed);
     }
 
+    /// Counts a malformed guest packet. Returns whether it is worth a log line: the 1st, 2nd,
+    /// 4th, 8th, ... (as virtio-net's drops), so a guest sending garbage cannot flood the log.
+    pub(super) fn guest_packet_dropped(&self) -> bool {
+        (self.0.tx_dropped.fetch_add(1, Ordering::Relaxed) + 1).is_power_of_two()
+    }
+
     pub fn snapshot(&self) -> VsockCounts {
         VsockCounts {
             tx_packets: self.0.tx_packets.load(Ordering::Relaxed),
             tx_bytes: self.0.tx_bytes.load(Ordering::Relaxed),
             rx_packets: self.0.rx_packets.load(Ordering::Relaxed),
             rx_bytes: self.0.rx_bytes.load(Ordering::Relaxed),
+            tx_dropped_malformed: self.0.tx_dropped.load(Ordering::Relaxed),
         }
     }
 }

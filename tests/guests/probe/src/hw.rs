@@ -104,3 +104,79 @@ pub fn touch_page(addr: u64) {
         )
     }
 }
+
+/// Reads `width` bytes (1, 2, 4 or 8; anything else reads 4) of device memory at `addr`, which
+/// need not be aligned: one `mov`, so the VMM sees exactly one MMIO exit of that size.
+///
+/// `read_volatile` cannot be used here: it requires an aligned pointer, and misaligned and
+/// odd-width accesses are exactly what the hostile mode makes.
+pub fn mmio_read_sized(addr: u64, width: u8) -> u64 {
+    let value: u64;
+    // SAFETY: callers pass addresses in the virtio-mmio window (below 4 GiB, identity-mapped and
+    // backed by no RAM), so the load only causes an MMIO exit; it touches no Rust object.
+    unsafe {
+        match width {
+            1 => asm!("movzx {v:e}, byte ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                      options(nostack, preserves_flags, readonly)),
+            2 => asm!("movzx {v:e}, word ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                      options(nostack, preserves_flags, readonly)),
+            8 => asm!("mov {v}, qword ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                      options(nostack, preserves_flags, readonly)),
+            _ => asm!("mov {v:e}, dword ptr [{a}]", a = in(reg) addr, v = out(reg) value,
+                      options(nostack, preserves_flags, readonly)),
+        }
+    }
+    value
+}
+
+/// Writes the low `width` bytes (1, 2, 4 or 8; anything else writes 4) of `value` to device
+/// memory at `addr`, aligned or not, in one `mov` (one MMIO exit of that size).
+pub fn mmio_write_sized(addr: u64, width: u8, value: u64) {
+    // SAFETY: as for `mmio_read_sized`: the store goes to device memory, no Rust object.
+    unsafe {
+        match width {
+            1 => asm!("mov byte ptr [{a}], {v:l}", a = in(reg) addr, v = in(reg) value,
+                      options(nostack, preserves_flags)),
+            2 => asm!("mov word ptr [{a}], {v:x}", a = in(reg) addr, v = in(reg) value,
+                      options(nostack, preserves_flags)),
+            8 => asm!("mov qword ptr [{a}], {v}", a = in(reg) addr, v = in(reg) value,
+                      options(nostack, preserves_flags)),
+            _ => asm!("mov dword ptr [{a}], {v:e}", a = in(reg) addr, v = in(reg) value,
+                      options(nostack, preserves_flags)),
+        }
+    }
+}
+
+/// Copies `bytes` into guest RAM at physical address `addr` (volatile: the VMM's device threads
+/// read this memory behind the compiler's back).
+pub fn ram_write(addr: u64, bytes: &[u8]) {
+    debug_assert!(addr + bytes.len() as u64 <= IDENTITY_MAP_END);
+    for (i, &b) in bytes.iter().enumerate() {
+        // SAFETY: callers pass RAM above the probe's own image, stack and boot structures (the
+        // hostile mode's ring area), which no Rust object occupies.
+        unsafe {
+            core::ptr::write_volatile(
+                core::ptr::with_exposed_provenance_mut::<u8>(addr as usize + i),
+                b,
+            )
+        }
+    }
+}
+
+/// Reads `out.len()` bytes of guest RAM at `addr` (volatile, as for `ram_write`).
+pub fn ram_read(addr: u64, out: &mut [u8]) {
+    debug_assert!(addr + out.len() as u64 <= IDENTITY_MAP_END);
+    for (i, b) in out.iter_mut().enumerate() {
+        // SAFETY: as for `ram_write`.
+        *b = unsafe {
+            core::ptr::read_volatile(core::ptr::with_exposed_provenance::<u8>(addr as usize + i))
+        };
+    }
+}
+
+/// Fills `len` bytes of guest RAM at `addr` with `byte`.
+pub fn ram_fill(addr: u64, len: usize, byte: u8) {
+    for i in 0..len as u64 {
+        ram_write(addr + i, &[byte]);
+    }
+}

@@ -11,9 +11,11 @@
 //!
 //! `probe.mode=` on the command line selects what runs: `default` (the checks), `triple-fault`,
 //! `spin`, `flood`, `hog` (touches every RAM page above 16 MiB: `PROBE hog begin ram_kib=<n>`,
-//! `PROBE hog end touched_kib=<n>`) and `count` (prints `PROBE count <n>` for n = 1, 2, ...
-//! forever, so a paused VM shows as a console that stops growing). The probe ends with an i8042
-//! reset (`out 0x64, 0xfe`) except in the `triple-fault`, `spin` and `count` modes.
+//! `PROBE hog end touched_kib=<n>`), `hostile` (attacks every virtio-mmio device as a malicious
+//! driver would, see hostile.rs, then `PROBE hostile end` and counts as `count` does) and
+//! `count` (prints `PROBE count <n>` for n = 1, 2, ... forever, so a paused VM shows as a
+//! console that stops growing). The probe ends with an i8042 reset (`out 0x64, 0xfe`) except in
+//! the `triple-fault`, `spin`, `hostile` and `count` modes.
 
 #![no_std]
 #![no_main]
@@ -21,6 +23,7 @@
 mod checks;
 mod entry;
 mod hog;
+mod hostile;
 mod hw;
 mod mptable;
 mod serial;
@@ -40,6 +43,7 @@ enum Mode {
     Spin,
     Flood,
     Hog,
+    Hostile,
     Count,
 }
 
@@ -51,6 +55,7 @@ impl Mode {
             Mode::Spin => "spin",
             Mode::Flood => "flood",
             Mode::Hog => "hog",
+            Mode::Hostile => "hostile",
             Mode::Count => "count",
         }
     }
@@ -67,6 +72,7 @@ impl Mode {
             Some(b"spin") => Ok(Mode::Spin),
             Some(b"flood") => Ok(Mode::Flood),
             Some(b"hog") => Ok(Mode::Hog),
+            Some(b"hostile") => Ok(Mode::Hostile),
             Some(b"count") => Ok(Mode::Count),
             Some(other) => Err(other),
         }
@@ -124,6 +130,11 @@ pub extern "C" fn probe_main(zero_page: u64) -> ! {
             hog::hog(zp);
             marker_line("done");
             reset();
+        }
+        Mode::Hostile => {
+            hostile::hostile(zp, cmdline);
+            marker_line("hostile end");
+            count()
         }
         Mode::Count => count(),
     }
