@@ -200,13 +200,17 @@ fn guest_oom(client: &AgentClient) -> Check {
     }
     let log = client
         .exec_output(ProcessSpec::shell(
-            "dmesg | grep -i 'out of memory' | tail -1",
+            "dmesg | grep -i 'out of memory' | grep -o 'Killed process [0-9]* ([^)]*)'",
         ))
         .map_err(err("dmesg"))?;
-    let line = String::from_utf8_lossy(&log.stdout).trim().to_string();
-    if !line.to_lowercase().contains("killed process") {
-        return Err(format!("no OOM kill in the kernel log: {line:?}"));
+    let kills: Vec<String> = String::from_utf8_lossy(&log.stdout)
+        .lines()
+        .map(|l| l.trim_start_matches("Killed process ").to_string())
+        .collect();
+    if kills.is_empty() {
+        return Err("no OOM kill in the kernel log".into());
     }
+    let line = format!("OOM kills: {}", kills.join(", "));
     client.ping().map_err(err("ping after the OOM kill"))?;
     let alive = client
         .exec_output(ProcessSpec::argv(["echo", "alive"]))
