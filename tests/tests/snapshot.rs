@@ -361,6 +361,22 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
     assert_eq!(std::fs::read(files.mem()).unwrap(), mem);
 }
 
+/// Starts the counting probe on one vCPU with `mem_mib` of memory in `s` (after whatever `s` was
+/// given already, e.g. an egress policy), lets it count to 3 and pauses it.
+fn start_counting_and_pause(s: &Serve, mem_mib: u64) {
+    s.ok(
+        "PUT",
+        "/machine-config",
+        &serde_json::json!({"vcpu_count": 1, "mem_size_mib": mem_mib}).to_string(),
+    );
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+    s.ok("PUT", "/boot-source", &boot.to_string());
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    s.wait_console("PROBE count 3\n");
+    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+}
+
 /// The egress policy the NIC tests give (the probe drives no NIC; only its presence matters).
 const NIC_POLICY: &str = r#"{"rules": [{"id": "web", "cidr": "192.0.2.0/24", "ports": [80]}]}"#;
 
@@ -372,17 +388,7 @@ fn a_snapshot_with_a_nic_restores_only_with_an_egress_policy_and_counts_on() {
     let files = SnapshotFiles::new();
     let original = Serve::start();
     original.ok("PUT", "/egress/policy", NIC_POLICY);
-    original.ok(
-        "PUT",
-        "/machine-config",
-        r#"{"vcpu_count": 1, "mem_size_mib": 64}"#,
-    );
-    let boot =
-        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
-    original.ok("PUT", "/boot-source", &boot.to_string());
-    original.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    original.wait_console("PROBE count 3\n");
-    original.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+    start_counting_and_pause(&original, 64);
     let create = serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()});
     original.ok("PUT", "/snapshot/create", &create.to_string());
     let (_out, original_dir) = original.terminate();
@@ -489,17 +495,7 @@ fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() 
     for delay_ms in [0u64, 2, 8, 25, 80] {
         let files = SnapshotFiles::new();
         let s = Serve::start();
-        s.ok(
-            "PUT",
-            "/machine-config",
-            r#"{"vcpu_count": 1, "mem_size_mib": 512}"#,
-        );
-        let boot =
-            serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
-        s.ok("PUT", "/boot-source", &boot.to_string());
-        s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-        s.wait_console("PROBE count 3\n");
-        s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
+        start_counting_and_pause(&s, 512);
         let create =
             serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()})
                 .to_string();

@@ -503,18 +503,7 @@ fn fork_two(args: &Args, dir: &Path, state: &Path, mem: &Path, net: Option<(&str
                 &format!("PUT /egress/audit-log ({name})"),
             )?;
         }
-        let load = serde_json::json!({
-            "snapshot_path": state,
-            "mem_backend": {"backend_type": "File", "backend_path": mem},
-            "vsock_override": {"uds_path": dir.join(format!("{name}.v.sock")), "guest_cid": cid},
-            "resume_vm": true,
-        })
-        .to_string();
-        expect_status(
-            &request(&sock, "PUT", "/snapshot/load", Some(&load)),
-            204,
-            &format!("PUT /snapshot/load ({name}, CID {cid})"),
-        )?;
+        load_with_own_vsock(&sock, dir, name, state, mem, u64::from(cid))?;
         serves.push(serve);
     }
     // Both guests come up at once: their first execs run concurrently.
@@ -741,6 +730,30 @@ fn working_set_path(mem: &Path) -> std::path::PathBuf {
     let mut name = mem.as_os_str().to_os_string();
     name.push(".ws");
     std::path::PathBuf::from(name)
+}
+
+/// `PUT /snapshot/load` of `state` + `mem` (File backend), resumed, with the vsock socket
+/// `<dir>/<name>.v.sock` and `cid` instead of the snapshot's, so it runs beside other restores.
+pub fn load_with_own_vsock(
+    sock: &Path,
+    dir: &Path,
+    name: &str,
+    state: &Path,
+    mem: &Path,
+    cid: u64,
+) -> Result<(), String> {
+    let load = serde_json::json!({
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "vsock_override": {"uds_path": dir.join(format!("{name}.v.sock")), "guest_cid": cid},
+        "resume_vm": true,
+    })
+    .to_string();
+    expect_status(
+        &request(sock, "PUT", "/snapshot/load", Some(&load)),
+        204,
+        &format!("PUT /snapshot/load ({name}, CID {cid})"),
+    )
 }
 
 /// `PUT /egress/policy` before a load, when the snapshot's guest has a NIC.

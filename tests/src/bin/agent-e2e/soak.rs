@@ -15,7 +15,9 @@ use std::time::Instant;
 use integration_tests::api::request;
 
 use crate::api::{exec_events, expect_status};
-use crate::snapshot::{console_tail, put_policy, until_agent_up, Serve, Template};
+use crate::snapshot::{
+    console_tail, load_with_own_vsock, put_policy, until_agent_up, Serve, Template,
+};
 use crate::{progress, timed, Args};
 
 /// Sandboxes at once, as the issue asks.
@@ -267,18 +269,7 @@ fn start_restored(
     let serve = Serve::start(&args.agentvm, dir, name, None)?;
     let sock = dir.join(format!("{name}.sock"));
     put_policy(&sock, template.policy.as_deref())?;
-    let load = serde_json::json!({
-        "snapshot_path": state,
-        "mem_backend": {"backend_type": "File", "backend_path": mem},
-        "vsock_override": {"uds_path": dir.join(format!("{name}.v.sock")), "guest_cid": cid},
-        "resume_vm": true,
-    })
-    .to_string();
-    expect_status(
-        &request(&sock, "PUT", "/snapshot/load", Some(&load)),
-        204,
-        &format!("PUT /snapshot/load ({name})"),
-    )?;
+    load_with_own_vsock(&sock, dir, name, state, mem, cid)?;
     Ok(serve)
 }
 
