@@ -101,10 +101,15 @@ static WORK_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
 
 /// Runs `check` under the [`watchdog`] and reports it with its duration.
 pub fn timed(name: &str, check: impl FnOnce() -> Result<String, String>) {
+    timed_within(name, watchdog::CHECK_LIMIT, check)
+}
+
+/// [`timed`] with the watchdog's limit set to `limit`.
+pub fn timed_within(name: &str, limit: Duration, check: impl FnOnce() -> Result<String, String>) {
     let start = Instant::now();
     progress(format_args!("{name} ..."));
     let work_dir = WORK_DIR.get().map_or(Path::new("/tmp"), |p| p.as_path());
-    let watchdog = watchdog::Watchdog::start(name, work_dir);
+    let watchdog = watchdog::Watchdog::start_with_limit(name, work_dir, limit);
     let result = check();
     watchdog.finish(result.is_err());
     let secs = start.elapsed().as_secs_f64();

@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use integration_tests::api::request;
 
@@ -18,7 +18,7 @@ use crate::api::{exec_events, expect_status};
 use crate::snapshot::{
     console_tail, load_with_own_vsock, put_policy, until_agent_up, Serve, Template,
 };
-use crate::{progress, timed, Args};
+use crate::{progress, timed_within, Args};
 
 /// Sandboxes at once, as the issue asks.
 pub const WORKERS: usize = 4;
@@ -28,7 +28,9 @@ pub const DEFAULT_ITERATIONS: usize = 4;
 const MEMORY_GROWTH_LIMIT_MIB: i64 = 64;
 
 pub fn checks(args: &Args, template: &Template) {
-    timed("soak", || soak(args, template, args.soak_iterations));
+    // A round takes a few seconds to tens of seconds at TCG speed, WORKERS at a time.
+    let limit = Duration::from_secs(240 + 20 * args.soak_iterations as u64);
+    timed_within("soak", limit, || soak(args, template, args.soak_iterations));
 }
 
 /// What this process holds and what the host has, before and after.

@@ -27,8 +27,9 @@ pub struct Watchdog {
 }
 
 impl Watchdog {
-    /// Starts watching check `name`, whose guests write their consoles into `work_dir`.
-    pub fn start(name: &str, work_dir: &Path) -> Watchdog {
+    /// Starts watching check `name`, whose guests write their consoles into `work_dir`, for
+    /// `limit` ([`CHECK_LIMIT`] but for checks that run longer by design: the soak).
+    pub fn start_with_limit(name: &str, work_dir: &Path, limit: Duration) -> Watchdog {
         let (done, finished) = channel::<()>();
         let (name, work_dir) = (name.to_string(), work_dir.to_path_buf());
         let started = SystemTime::now();
@@ -36,9 +37,9 @@ impl Watchdog {
         let thread = {
             let work_dir = work_dir.clone();
             std::thread::spawn(move || {
-                if let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(CHECK_LIMIT) {
+                if let Err(RecvTimeoutError::Timeout) = finished.recv_timeout(limit) {
                     progress(format_args!(
-                        "WATCHDOG: {name} still running after {CHECK_LIMIT:?}; diagnosing"
+                        "WATCHDOG: {name} still running after {limit:?}; diagnosing"
                     ));
                     let killed = diagnose(&work_dir, started, true);
                     progress(format_args!(
