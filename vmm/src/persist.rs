@@ -36,6 +36,30 @@ impl MicrovmState {
     pub fn identity(&self, checksum: [u8; 32]) -> [u8; 32] {
         self.merged_from.unwrap_or(checksum)
     }
+
+    /// The parts of the state file that must agree with each other (the file passed its
+    /// checksum, but a writer bug or a hand-made file could still disagree with itself). Public
+    /// so the fuzz target for state files runs the same checks a restore does.
+    pub fn check_consistent(&self) -> Result<(), String> {
+        if self.vcpus.len() != usize::from(self.vcpu_count) {
+            return Err(format!(
+                "the state file has {} vCPU states for {} vCPUs",
+                self.vcpus.len(),
+                self.vcpu_count
+            ));
+        }
+        if let Some((i, vcpu)) = (0u8..).zip(&self.vcpus).find(|(i, vcpu)| vcpu.index != *i) {
+            return Err(format!("vCPU state {i} is for vCPU {}", vcpu.index));
+        }
+        if self.memory.total_size() != self.mem_mib << 20 {
+            return Err(format!(
+                "the memory layout holds {} bytes, the machine has {} MiB",
+                self.memory.total_size(),
+                self.mem_mib
+            ));
+        }
+        Ok(())
+    }
 }
 
 /// A snapshot identity as people read it (the first 8 bytes in hex, as git abbreviates).
