@@ -62,7 +62,8 @@ for target in "${targets[@]}"; do
         </dev/null >"$log" 2>&1 || status=$?
     execs="$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -n1)"
     rate="$(sed -n 's/^stat::average_exec_per_sec: *//p' "$log" | tail -n1)"
-    artifact="$(sed -n 's/.*Test unit written to \(.*\)$/\1/p' "$log" | tail -n1)"
+    # crash-, timeout-, oom- and leak- files are findings; slow-unit- files are only a note.
+    artifact="$(sed -n 's/.*Test unit written to \(.*\/\(crash\|timeout\|oom\|leak\)-.*\)$/\1/p' "$log" | tail -n1)"
     crashes=0
     if [[ -n "$artifact" ]]; then
         crashes=1

@@ -72,7 +72,7 @@ fn tx_frame(driver: &Driver, first: u16, addr: Addr, header: &[u8], frame: &[u8]
                 flags: 0,
             },
             Buffer {
-                addr: Addr::Raw(base + NET_HDR_LEN as u64),
+                addr: Addr::Raw(base.wrapping_add(NET_HDR_LEN as u64)),
                 len: Len::Raw(frame.len() as u32),
                 flags: 0,
             },

@@ -10,11 +10,26 @@ use arbitrary::Arbitrary;
 use libfuzzer_sys::fuzz_target;
 use sha2::{Digest, Sha256};
 use snapshot::state_file::{decode, encode, FORMAT_VERSION, MAGIC};
-use snapshot::{MemoryKind, WorkingSet};
+use snapshot::{MemoryKind, MemoryLayout, MemoryRegion, PageRun, WorkingSet};
+use vmm::device_manager::DeviceStates;
 use vmm::persist::MicrovmState;
+use vmm::vstate::vcpu_state::VcpuState;
+use vmm::vstate::vm_state::KvmVmState;
+
+/// One memory region as (guest address, size, file offset).
+type Region = (u64, u64, u64);
 
 #[derive(Arbitrary, Debug)]
 enum Input {
+    /// A well-formed state whose counts, memory layout and diff runs are the fuzzer's (the KVM
+    /// and device state zeroed): what a hand-made or buggy writer's file decodes to.
+    State {
+        vcpu_count: u8,
+        vcpu_indices: Vec<u8>,
+        mem_mib: u64,
+        regions: Vec<Region>,
+        dirty: Option<Vec<(u64, u64)>>,
+    },
     /// A state file payload behind a valid header.
     Payload(Vec<u8>),
     /// A whole state file, header and all.
@@ -63,9 +78,94 @@ fn check_state(bytes: &[u8]) {
     );
 }
 
+fn vcpu(index: u8) -> VcpuState {
+    VcpuState {
+        index,
+        cpuid: Vec::new(),
+        mp_state: Default::default(),
+        regs: Default::default(),
+        sregs: Default::default(),
+        xsave: Default::default(),
+        xcrs: Default::default(),
+        debug_regs: Default::default(),
+        lapic: Default::default(),
+        msrs: Vec::new(),
+        vcpu_events: Default::default(),
+        tsc_khz: None,
+    }
+}
+
+fn state(
+    vcpu_count: u8,
+    vcpu_indices: Vec<u8>,
+    mem_mib: u64,
+    regions: Vec<Region>,
+    dirty: Option<Vec<(u64, u64)>>,
+) -> MicrovmState {
+    MicrovmState {
+        vcpu_count,
+        mem_mib,
+        memory: MemoryLayout {
+            regions: regions
+                .into_iter()
+                .map(|(guest_addr, size, file_offset)| MemoryRegion {
+                    guest_addr,
+                    size,
+                    file_offset,
+                })
+                .collect(),
+        },
+        memory_kind: match dirty {
+            None => MemoryKind::Full,
+            Some(runs) => MemoryKind::Diff {
+                base: [7; 32],
+                dirty: runs
+                    .into_iter()
+                    .map(|(first_page, pages)| PageRun { first_page, pages })
+                    .collect(),
+            },
+        },
+        merged_from: None,
+        vsock: None,
+        vm: KvmVmState {
+            pic_master: Default::default(),
+            pic_slave: Default::default(),
+            ioapic: Default::default(),
+            pit: Default::default(),
+            clock: Default::default(),
+        },
+        vcpus: vcpu_indices.into_iter().take(8).map(vcpu).collect(),
+        devices: DeviceStates {
+            serial: devices::legacy::SerialSnapshot {
+                baud_divisor_low: 0,
+                baud_divisor_high: 0,
+                interrupt_enable: 0,
+                interrupt_identification: 0,
+                line_control: 0,
+                line_status: 0,
+                modem_control: 0,
+                modem_status: 0,
+                scratch: 0,
+                in_buffer: Vec::new(),
+            },
+            virtio: Vec::new(),
+        },
+    }
+}
+
 fuzz_target!(|input: Input| {
     let path = Path::new("fuzz.mem.ws");
     match input {
+        Input::State {
+            vcpu_count,
+            vcpu_indices,
+            mem_mib,
+            regions,
+            dirty,
+        } => {
+            let state = state(vcpu_count, vcpu_indices, mem_mib, regions, dirty);
+            check_state(&encode(&state).expect("a state encodes"));
+        }
         Input::Payload(payload) => check_state(&with_header(&payload)),
         Input::StateFile(bytes) => check_state(&bytes),
         Input::WorkingSet {

@@ -133,7 +133,7 @@ fn tx_packet(driver: &Driver, first: u16, addr: Addr, p: &Packet) {
                     flags: 0,
                 },
                 Buffer {
-                    addr: Addr::Raw(base + HDR_LEN as u64),
+                    addr: Addr::Raw(base.wrapping_add(HDR_LEN as u64)),
                     len: Len::Raw(p.payload.len() as u32),
                     flags: 0,
                 },
