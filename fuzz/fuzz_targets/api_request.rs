@@ -35,7 +35,10 @@ enum MethodChoice {
 #[derive(Arbitrary, Debug)]
 enum PathChoice {
     /// One of the API's routes, its `{param}` segment (if any) replaced by `param`.
-    Route { index: u8, param: String },
+    Route {
+        index: u8,
+        param: String,
+    },
     Raw(String),
 }
 
@@ -107,7 +110,10 @@ fn check_refusal(fault: &Fault, what: &str) {
         fault.status,
         fault.message
     );
-    assert!(!fault.message.is_empty(), "{what}: refused without a message");
+    assert!(
+        !fault.message.is_empty(),
+        "{what}: refused without a message"
+    );
 }
 
 fuzz_target!(|input: Input| {

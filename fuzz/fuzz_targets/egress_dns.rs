@@ -40,10 +40,22 @@ fuzz_target!(|packet: &[u8]| {
     let config = ResolverConfig {
         nameservers: Vec::new(),
         hosts: vec![
-            ("allowed.test".into(), IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34))),
-            ("www.allowed.test".into(), IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3))),
-            ("lan.allowed.test".into(), IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1))),
-            ("host.allowed.test".into(), IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10))),
+            (
+                "allowed.test".into(),
+                IpAddr::V4(Ipv4Addr::new(93, 184, 216, 34)),
+            ),
+            (
+                "www.allowed.test".into(),
+                IpAddr::V4(Ipv4Addr::new(10, 1, 2, 3)),
+            ),
+            (
+                "lan.allowed.test".into(),
+                IpAddr::V4(Ipv4Addr::new(192, 168, 1, 1)),
+            ),
+            (
+                "host.allowed.test".into(),
+                IpAddr::V4(Ipv4Addr::new(192, 0, 2, 10)),
+            ),
         ],
         timeout: Duration::from_secs(1),
     };

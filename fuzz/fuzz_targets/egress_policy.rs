@@ -61,7 +61,11 @@ fuzz_target!(|input: Input| {
         let _ = policy.check(&Destination {
             ip,
             port: probe.port,
-            protocol: if probe.tcp { Protocol::Tcp } else { Protocol::Udp },
+            protocol: if probe.tcp {
+                Protocol::Tcp
+            } else {
+                Protocol::Udp
+            },
             names: &probe.names,
         });
     }

@@ -8,9 +8,7 @@
 use arbitrary::Arbitrary;
 use egress::inspect::http::parse_head;
 use egress::inspect::sni::parse_client_hello;
-use egress::inspect::{
-    host_name, peek, HttpError, Peek, RequestHead, RequestRewriter, PEEK_LIMIT,
-};
+use egress::inspect::{host_name, peek, HttpError, Peek, RequestHead, RequestRewriter, PEEK_LIMIT};
 use libfuzzer_sys::fuzz_target;
 
 #[derive(Arbitrary, Debug)]
@@ -68,8 +66,14 @@ fuzz_target!(|input: Input| {
         feed_in_pieces(&mut pieces, &input.bytes, split % 97 + 1);
     match (&whole_err, &piece_err) {
         (None, None) => {
-            assert_eq!(whole_heads, piece_heads, "different request heads when fed in pieces");
-            assert_eq!(whole_out, piece_out, "different bytes upstream when fed in pieces");
+            assert_eq!(
+                whole_heads, piece_heads,
+                "different request heads when fed in pieces"
+            );
+            assert_eq!(
+                whole_out, piece_out,
+                "different bytes upstream when fed in pieces"
+            );
             assert_eq!(whole.is_idle(), pieces.is_idle());
         }
         // A head is checked in full once its blank line may have arrived, and only its first

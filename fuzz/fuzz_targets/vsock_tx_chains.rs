@@ -65,18 +65,37 @@ struct Packet {
 
 #[derive(Arbitrary, Debug)]
 enum Op {
-    Queue { queue: u8, op: QueueOp },
-    Write { addr: Addr, bytes: Vec<u8> },
+    Queue {
+        queue: u8,
+        op: QueueOp,
+    },
+    Write {
+        addr: Addr,
+        bytes: Vec<u8>,
+    },
     /// A tx packet with a well-formed header layout (and any field values).
-    TxPacket { first: u16, addr: Addr, packet: Packet },
+    TxPacket {
+        first: u16,
+        addr: Addr,
+        packet: Packet,
+    },
     Kick(u8),
     Run,
     /// A host process connects to the device's socket and asks for a guest port.
-    HostConnect { port: Field<u32> },
-    HostSend { conn: u8, bytes: Vec<u8> },
-    HostClose { conn: u8 },
+    HostConnect {
+        port: Field<u32>,
+    },
+    HostSend {
+        conn: u8,
+        bytes: Vec<u8>,
+    },
+    HostClose {
+        conn: u8,
+    },
     /// The host service accepts a guest-initiated connection and answers.
-    ServiceAccept { reply: Vec<u8> },
+    ServiceAccept {
+        reply: Vec<u8>,
+    },
     TransportReset,
 }
 
@@ -168,7 +187,9 @@ fuzz_target!(|input: Input| {
         .map(|&s| queue_size(s, QUEUE_SIZE))
         .collect();
     let driver = Driver::new(&mem, &sizes);
-    let device = Arc::new(Mutex::new(Vsock::new(GUEST_CID, &uds).expect("vsock device")));
+    let device = Arc::new(Mutex::new(
+        Vsock::new(GUEST_CID, &uds).expect("vsock device"),
+    ));
     let mut manager = Manager::new().expect("event manager");
     manager.add_subscriber(device.clone());
     device

@@ -25,7 +25,11 @@ fn as_a_connection(stream: &[u8], local: Role) {
     let mut writer = FrameWriter::new(&mut sent);
     let hello = Hello::new(local, "fuzz", Features::ALL);
     if let Ok(negotiated) = handshake(&mut reader, &mut writer, &hello) {
-        assert_eq!(negotiated.peer.role, local.peer(), "a Hello of our own role was taken");
+        assert_eq!(
+            negotiated.peer.role,
+            local.peer(),
+            "a Hello of our own role was taken"
+        );
     }
     loop {
         match reader.read_frame() {
@@ -82,7 +86,10 @@ fn framers_agree(stream: &[u8], chunk: usize) {
     if !decoder_failed {
         decoder_failed = decoder.finish().is_err();
     }
-    assert_eq!(by_reader, by_decoder, "the two framers found different frames");
+    assert_eq!(
+        by_reader, by_decoder,
+        "the two framers found different frames"
+    );
     assert_eq!(
         reader_failed, decoder_failed,
         "one framer failed and the other did not"

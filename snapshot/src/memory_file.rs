@@ -313,7 +313,12 @@ mod tests {
         };
         assert_eq!(layout.total_size(), u64::MAX);
         assert!(layout.validate().is_err());
-        assert!(layout.check_runs(&[PageRun { first_page: 0, pages: 1 }]).is_ok());
+        assert!(layout
+            .check_runs(&[PageRun {
+                first_page: 0,
+                pages: 1
+            }])
+            .is_ok());
         let small = MemoryLayout::packed([(0, 2 * PAGE as u64), (1 << 20, PAGE as u64)]);
         assert_eq!(small.total_size(), 3 * PAGE as u64);
     }

@@ -286,7 +286,10 @@ impl Policy {
         Self::from_parsed_with(file, options)
     }
 
-    fn from_parsed_with(file: file::PolicyFile, options: &ParseOptions) -> Result<Self, PolicyError> {
+    fn from_parsed_with(
+        file: file::PolicyFile,
+        options: &ParseOptions,
+    ) -> Result<Self, PolicyError> {
         let rules = file.into_rules(options.secret_files)?;
         Ok(Self {
             rules: rules.into(),

@@ -56,9 +56,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
     let build_start_ns = monotonic_ns();
     let (state, checksum): (MicrovmState, _) =
         snapshot::read_state_file_with_checksum(&request.snapshot_path)?;
-    state
-        .check_consistent()
-        .map_err(VmmError::SnapshotState)?;
+    state.check_consistent().map_err(VmmError::SnapshotState)?;
     if let MemoryKind::Diff { .. } = state.memory_kind {
         return Err(VmmError::SnapshotState(format!(
             "{} is a diff snapshot: its memory file holds only the pages changed since its base; \
