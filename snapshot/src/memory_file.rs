@@ -48,9 +48,14 @@ impl MemoryLayout {
         Self { regions }
     }
 
-    /// Bytes of guest RAM (and of the memory file).
+    /// Bytes of guest RAM (and of the memory file). A layout read from a file may be asked
+    /// before [`validate`](Self::validate) refuses it: sizes that add up past `u64::MAX` give
+    /// `u64::MAX` (no machine's size, as it is not a whole number of pages) instead of an
+    /// overflow (a panic with overflow checks, a wrong small sum without).
     pub fn total_size(&self) -> u64 {
-        self.regions.iter().map(|r| r.size).sum()
+        self.regions
+            .iter()
+            .fold(0u64, |total, r| total.saturating_add(r.size))
     }
 
     /// A layout read from a state file is untrusted until this passes: page-aligned, non-empty,
@@ -282,6 +287,41 @@ pub fn open_memory_file(path: &Path, layout: &MemoryLayout) -> Result<File, Snap
 mod tests {
     use super::*;
     use std::os::unix::fs::MetadataExt;
+
+    /// Found by the `snapshot_state_file` fuzz target: the restore asks an unvalidated layout
+    /// for its size, and these sizes add up past u64::MAX.
+    #[test]
+    fn total_size_of_an_overflowing_layout_saturates_and_validate_refuses_it() {
+        let layout = MemoryLayout {
+            regions: vec![
+                MemoryRegion {
+                    guest_addr: 18375230965560653623,
+                    size: 3978709506094217215,
+                    file_offset: 17221766074895302655,
+                },
+                MemoryRegion {
+                    guest_addr: u64::MAX,
+                    size: 18446497783091298303,
+                    file_offset: 3834029163820351487,
+                },
+                MemoryRegion {
+                    guest_addr: 0,
+                    size: 0,
+                    file_offset: 0,
+                },
+            ],
+        };
+        assert_eq!(layout.total_size(), u64::MAX);
+        assert!(layout.validate().is_err());
+        assert!(layout
+            .check_runs(&[PageRun {
+                first_page: 0,
+                pages: 1
+            }])
+            .is_ok());
+        let small = MemoryLayout::packed([(0, 2 * PAGE as u64), (1 << 20, PAGE as u64)]);
+        assert_eq!(small.total_size(), 3 * PAGE as u64);
+    }
 
     fn guest(layout: &MemoryLayout) -> Vec<Vec<u8>> {
         layout

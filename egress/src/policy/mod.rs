@@ -273,6 +273,23 @@ impl Policy {
                 format: "JSON",
                 message: e.to_string(),
             })?;
+        Self::from_parsed_with(file, options)
+    }
+
+    /// Parses a TOML policy as [`Policy::from_json_str_with`] does a JSON one (the fuzz target
+    /// for policies uses it: it must not list interfaces or read secret files).
+    pub fn from_toml_str_with(text: &str, options: &ParseOptions) -> Result<Self, PolicyError> {
+        let file: file::PolicyFile = toml::from_str(text).map_err(|e| PolicyError::Syntax {
+            format: "TOML",
+            message: e.message().to_string(),
+        })?;
+        Self::from_parsed_with(file, options)
+    }
+
+    fn from_parsed_with(
+        file: file::PolicyFile,
+        options: &ParseOptions,
+    ) -> Result<Self, PolicyError> {
         let rules = file.into_rules(options.secret_files)?;
         Ok(Self {
             rules: rules.into(),

@@ -345,3 +345,33 @@ fn parsing_with_given_addresses_refuses_secret_files() {
          used in a policy file given on the command line; use from_env through the API"
     );
 }
+
+#[test]
+fn toml_parsing_with_given_addresses_refuses_secret_files_too() {
+    let options = ParseOptions {
+        host_addresses: vec!["203.0.113.7".parse().unwrap()],
+        secret_files: false,
+    };
+    let p = Policy::from_toml_str_with(
+        "[[rules]]\nid = \"web\"\ncidr = \"0.0.0.0/0\"\nports = [443]\n",
+        &options,
+    )
+    .unwrap();
+    assert_eq!(
+        verdict(&p, "203.0.113.7", 443, &[]),
+        Err(DenyReason::AlwaysDenied("host address"))
+    );
+    assert_eq!(verdict(&p, "198.51.100.1", 443, &[]), Ok("web".into()));
+    let err = Policy::from_toml_str_with(
+        "[[rules]]\nid = \"api\"\ndomain = \"api.example.com\"\n\
+         [[rules.inject_headers]]\nname = \"Authorization\"\nfrom_file = \"/etc/hostname\"\n",
+        &options,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("from_file secrets can only be used"), "{err}");
+    let syntax = Policy::from_toml_str_with("[[rules]]\ndomain = 3", &options)
+        .unwrap_err()
+        .to_string();
+    assert!(syntax.contains("TOML"), "{syntax}");
+}

@@ -60,7 +60,7 @@ pub fn restore(request: &RestoreConfig, console: Box<dyn Write + Send>) -> Resul
     let build_start_ns = monotonic_ns();
     let (state, checksum): (MicrovmState, _) =
         snapshot::read_state_file_with_checksum(&request.snapshot_path)?;
-    check_consistent(&state)?;
+    state.check_consistent().map_err(VmmError::SnapshotState)?;
     if let MemoryKind::Diff { .. } = state.memory_kind {
         return Err(VmmError::SnapshotState(format!(
             "{} is a diff snapshot: its memory file holds only the pages changed since its base; \
@@ -232,30 +232,6 @@ fn usable_working_set(
         );
         Ok(None)
     }
-}
-
-/// The parts of the state file that must agree with each other (the file passed its checksum,
-/// but a writer bug or a hand-made file could still disagree with itself).
-fn check_consistent(state: &MicrovmState) -> Result<(), VmmError> {
-    let bad = |why: String| Err(VmmError::SnapshotState(why));
-    if state.vcpus.len() != usize::from(state.vcpu_count) {
-        return bad(format!(
-            "the state file has {} vCPU states for {} vCPUs",
-            state.vcpus.len(),
-            state.vcpu_count
-        ));
-    }
-    if let Some((i, vcpu)) = (0u8..).zip(&state.vcpus).find(|(i, vcpu)| vcpu.index != *i) {
-        return bad(format!("vCPU state {i} is for vCPU {}", vcpu.index));
-    }
-    if state.memory.total_size() != state.mem_mib << 20 {
-        return bad(format!(
-            "the memory layout holds {} bytes, the machine has {} MiB",
-            state.memory.total_size(),
-            state.mem_mib
-        ));
-    }
-    Ok(())
 }
 
 #[cfg(test)]
