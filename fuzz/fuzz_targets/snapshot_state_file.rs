@@ -149,6 +149,7 @@ fn state(
                 in_buffer: Vec::new(),
             },
             virtio: Vec::new(),
+            net: None,
         },
     }
 }

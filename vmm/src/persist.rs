@@ -122,6 +122,7 @@ mod tests {
                     in_buffer: Vec::new(),
                 },
                 virtio: Vec::new(),
+                net: None,
             },
         }
     }
