@@ -66,6 +66,10 @@ pub fn run_scenarios(scenarios: &[Scenario]) -> Outcome {
     run_scenarios_with_files(scenarios, Vec::new())
 }
 
+/// Runs of the scenarios when L1 keeps wedging: the first and two more in fresh L1s (with one
+/// retry, two wedges in a row still failed CI runs of agent-e2e).
+const WEDGE_ATTEMPTS: u32 = 3;
+
 /// [`run_scenarios`] with more files in L1: (host path, absolute L1 path).
 pub fn run_scenarios_with_files(
     scenarios: &[Scenario],
@@ -93,16 +97,20 @@ pub fn run_scenarios_with_files(
         .push((artefacts.vmlinuz.clone(), L1_L2_BZIMAGE.to_string()));
     host.extra_files.extend(extra_files);
     // A wedged L1 (QEMU TCG with nested SVM froze, timers and all; see NestedError::L1Wedged) is
-    // a fault of this test host, not of what ran in it: the scenarios get one fresh L1. Any
-    // other failure, and a second wedge, stands.
+    // a fault of this test host, not of what ran in it: the scenarios get a fresh L1, up to
+    // WEDGE_ATTEMPTS runs in all. Any other failure, and a last wedge, stands.
     let mut result = host.run(scenarios);
-    if let Err(e) = &result {
-        if e.is_l1_wedged() {
-            eprintln!(
-                "nested: NOTE: the nested test host wedged; running the scenarios again in a \
-                 fresh L1 (once). What the wedge looked like:\n{e}"
-            );
-            result = host.run(scenarios);
+    for attempt in 2..=WEDGE_ATTEMPTS {
+        match &result {
+            Err(e) if e.is_l1_wedged() => {
+                eprintln!(
+                    "nested: NOTE: the nested test host wedged; running the scenarios again in a \
+                     fresh L1 (attempt {attempt} of {WEDGE_ATTEMPTS}). What the wedge looked \
+                     like:\n{e}"
+                );
+                result = host.run(scenarios);
+            }
+            _ => break,
         }
     }
     match result {

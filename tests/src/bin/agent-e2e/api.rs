@@ -46,7 +46,7 @@ fn api_sandbox(args: &Args, upstreams: bool) -> Check {
     let config = dir.join("vm.json");
     let vm = serde_json::json!({
         "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
-        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "machine-config": {"vcpu_count": crate::GUEST_VCPUS, "mem_size_mib": 256},
         "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
         // A NIC that allows nothing yet; the policy is changed at run time below.
         "egress-policy": {"rules": []},

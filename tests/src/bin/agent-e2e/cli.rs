@@ -24,7 +24,8 @@ fn run_cmd(args: &Args, name: &str) -> Command {
         .arg(&args.initrd)
         .arg("--console")
         .arg(args.work_dir.join(format!("cli-{name}.console")))
-        .args(["--vcpus", "2", "--mem-mib", "256"]);
+        .args(["--vcpus", &crate::GUEST_VCPUS.to_string()])
+        .args(["--mem-mib", "256"]);
     cmd
 }
 

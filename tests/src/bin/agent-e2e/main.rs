@@ -162,6 +162,13 @@ fn main() {
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 
+/// vCPUs of every guest the checks boot. One: L1 has a single CPU, and with two-vCPU guests the
+/// emulation froze in most runs (the "wedge"), QEMU's monitor showing the guest spinning at one
+/// kernel address with interrupts enabled, as a vCPU waiting on its descheduled sibling would
+/// (an IPI or lock wait that only the sibling can end). Multi-vCPU snapshots are tested on this
+/// machine's KVM (tests/tests/snapshot.rs).
+pub const GUEST_VCPUS: u32 = 1;
+
 /// The main guest's memory (the network checks scan all of it for a leaked secret).
 const MAIN_MEM_MIB: u32 = 512;
 

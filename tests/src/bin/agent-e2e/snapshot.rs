@@ -262,7 +262,7 @@ fn boot_and_snapshot(
     let config = dir.join("vm.json");
     let mut vm = serde_json::json!({
         "boot-source": {"kernel_image_path": args.kernel, "initrd_path": args.initrd},
-        "machine-config": {"vcpu_count": 2, "mem_size_mib": 256},
+        "machine-config": {"vcpu_count": crate::GUEST_VCPUS, "mem_size_mib": 256},
         "vsock": {"guest_cid": 3, "uds_path": dir.join("v.sock")},
     });
     if let Some(policy) = policy {
