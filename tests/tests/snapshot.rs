@@ -101,17 +101,27 @@ fn wait_after_restore(s: &Serve, outcome: &str, n: u64) {
 const NO_DRIVER_SKIP: &str =
     "after restore: skipped: the guest had not set up its vsock device when the snapshot was taken";
 
+/// Starts the counting probe in `s` (after whatever `s` was given already: a vsock device, an
+/// egress policy) on `vcpus` vCPUs with `mem_mib` of memory, and lets it count to 3.
+fn start_counting(s: &Serve, vcpus: u8, mem_mib: u64) {
+    s.ok(
+        "PUT",
+        "/machine-config",
+        &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": mem_mib}).to_string(),
+    );
+    let boot =
+        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
+    s.ok("PUT", "/boot-source", &boot.to_string());
+    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
+    s.wait_console("PROBE count 3\n");
+}
+
 /// Boots the counting probe on `vcpus` vCPUs (the probe runs on the first; the others wait for
 /// an INIT-SIPI that never comes, so their MP state is saved and restored as such), with a vsock
 /// device when `vsock` is given; lets it count to 3,
 /// pauses it and snapshots it into `files`; returns the serve (still paused) and the console.
 fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> Serve {
     let s = Serve::start();
-    s.ok(
-        "PUT",
-        "/machine-config",
-        &serde_json::json!({"vcpu_count": vcpus, "mem_size_mib": 64}).to_string(),
-    );
     if let Some(uds) = vsock {
         s.ok(
             "PUT",
@@ -119,11 +129,7 @@ fn boot_and_snapshot(files: &SnapshotFiles, vcpus: u8, vsock: Option<&Path>) -> 
             &serde_json::json!({"guest_cid": 3, "uds_path": uds}).to_string(),
         );
     }
-    let boot =
-        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
-    s.ok("PUT", "/boot-source", &boot.to_string());
-    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    s.wait_console("PROBE count 3\n");
+    start_counting(&s, vcpus, 64);
 
     let create = serde_json::json!({
         "snapshot_path": files.state(),
@@ -361,22 +367,6 @@ fn one_snapshot_restores_twice_and_the_copies_run_independently() {
     assert_eq!(std::fs::read(files.mem()).unwrap(), mem);
 }
 
-/// Starts the counting probe on one vCPU with `mem_mib` of memory in `s` (after whatever `s` was
-/// given already, e.g. an egress policy), lets it count to 3 and pauses it.
-fn start_counting_and_pause(s: &Serve, mem_mib: u64) {
-    s.ok(
-        "PUT",
-        "/machine-config",
-        &serde_json::json!({"vcpu_count": 1, "mem_size_mib": mem_mib}).to_string(),
-    );
-    let boot =
-        serde_json::json!({"kernel_image_path": probe_elf(), "boot_args": "probe.mode=count"});
-    s.ok("PUT", "/boot-source", &boot.to_string());
-    s.ok("PUT", "/actions", r#"{"action_type": "InstanceStart"}"#);
-    s.wait_console("PROBE count 3\n");
-    s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
-}
-
 /// The egress policy the NIC tests give (the probe drives no NIC; only its presence matters).
 const NIC_POLICY: &str = r#"{"rules": [{"id": "web", "cidr": "192.0.2.0/24", "ports": [80]}]}"#;
 
@@ -388,7 +378,8 @@ fn a_snapshot_with_a_nic_restores_only_with_an_egress_policy_and_counts_on() {
     let files = SnapshotFiles::new();
     let original = Serve::start();
     original.ok("PUT", "/egress/policy", NIC_POLICY);
-    start_counting_and_pause(&original, 64);
+    start_counting(&original, 1, 64);
+    original.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
     let create = serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()});
     original.ok("PUT", "/snapshot/create", &create.to_string());
     let (_out, original_dir) = original.terminate();
@@ -495,7 +486,8 @@ fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() 
     for delay_ms in [0u64, 2, 8, 25, 80] {
         let files = SnapshotFiles::new();
         let s = Serve::start();
-        start_counting_and_pause(&s, 512);
+        start_counting(&s, 1, 512);
+        s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
         let create =
             serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()})
                 .to_string();
