@@ -473,17 +473,36 @@ fn a_snapshot_with_a_nic_restores_only_with_an_egress_policy_and_counts_on() {
     assert_eq!(no_nic.state(), "Not started");
 }
 
+/// A digest of a file's bytes (to tell two versions of a snapshot file apart).
+fn digest(path: &Path) -> u64 {
+    use std::hash::Hasher;
+    use std::io::Read;
+    let mut file = std::fs::File::open(path).unwrap();
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).unwrap();
+        if n == 0 {
+            return hasher.finish();
+        }
+        hasher.write(&buf[..n]);
+    }
+}
+
 /// A VMM killed (SIGKILL) while it overwrites a snapshot, at several moments of the write:
 /// what is left at the snapshot's paths is a complete pair that restores and counts on, or a
 /// memory file without a state file, which a load refuses by name; never a state file beside a
 /// memory file it was not written with. Leftover temporary files never have the snapshot's names.
+/// Which of those a kill gives depends on the moment; the assertions hold for every one.
 #[test]
 fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() {
     if !require_kvm() {
         return;
     }
     let mut outcomes = Vec::new();
-    for delay_ms in [0u64, 2, 8, 25, 80] {
+    // Kills at fractions of the time the first (same-sized) snapshot took to write, so they
+    // land before, during and after the overwrite's renames.
+    for percent in [0u64, 30, 60, 90, 110, 150] {
         let files = SnapshotFiles::new();
         let s = Serve::start();
         start_counting(&s, 1, 512);
@@ -491,7 +510,10 @@ fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() 
         let create =
             serde_json::json!({"snapshot_path": files.state(), "mem_file_path": files.mem()})
                 .to_string();
+        let started = std::time::Instant::now();
         s.ok("PUT", "/snapshot/create", &create);
+        let delay_ms = started.elapsed().as_millis() as u64 * percent / 100;
+        let earlier = (digest(&files.state()), digest(&files.mem()));
         s.ok("PATCH", "/vm", r#"{"state": "Resumed"}"#);
         s.wait_console("PROBE count 6\n");
         s.ok("PATCH", "/vm", r#"{"state": "Paused"}"#);
@@ -523,6 +545,26 @@ fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() 
         let restore = Serve::start();
         let load = load_body(&files.state(), &files.mem(), true);
         if files.state().exists() {
+            // The guest counted on between the two snapshots, so the new pair differs from the
+            // earlier one in both files: the state file is the earlier one exactly when the
+            // memory file is.
+            let same_state = digest(&files.state()) == earlier.0;
+            let same_memory = digest(&files.mem()) == earlier.1;
+            assert_eq!(
+                same_state,
+                same_memory,
+                "killed after {delay_ms} ms: the state file is {} the memory file {}",
+                if same_state {
+                    "the earlier one, but"
+                } else {
+                    "the new one, but"
+                },
+                if same_memory {
+                    "is the earlier one"
+                } else {
+                    "is not the earlier one"
+                }
+            );
             restore.ok("PUT", "/snapshot/load", &load);
             let after = restore.wait_console("PROBE count");
             let counted = counts(&restore.wait_console(&format!(
@@ -530,7 +572,8 @@ fn a_vmm_killed_while_writing_a_snapshot_leaves_a_whole_pair_or_no_state_file() 
                 counts(&after).first().copied().unwrap_or(0) + 2
             )));
             assert_consecutive(&counted, "restored after a killed overwrite");
-            outcomes.push(format!("{delay_ms} ms: whole pair"));
+            let which = if same_state { "earlier" } else { "new" };
+            outcomes.push(format!("{delay_ms} ms: the whole {which} pair"));
         } else {
             restore.refused("PUT", "/snapshot/load", &load, 400, "snapshot_path");
             assert_eq!(restore.state(), "Not started");
